@@ -1,0 +1,5 @@
+"""`python -m sovereign` runs the CLI."""
+
+from sovereign.cli import main
+
+main()

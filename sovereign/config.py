@@ -1,0 +1,72 @@
+"""Settings: every knob sovereign reads from the environment, built once and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
+
+def _describe(text: str, env: str) -> dict[str, str]:
+    """Field metadata: the environment variable and what it means (shown by `sovereign env`)."""
+    return {"env": env, "help": text}
+
+
+def _default_home() -> Path:
+    """The platform's per-user data directory, e.g. ~/.local/share/sovereign on Linux."""
+    import platformdirs  # imported here so that merely importing config stays cheap
+
+    return Path(platformdirs.user_data_dir("sovereign", appauthor=False))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything sovereign reads from its environment."""
+
+    home: Path = field(metadata=_describe("Root of the model store and user catalog.", "SOVEREIGN_HOME"))
+    hf_endpoint: str = field(
+        default=DEFAULT_HF_ENDPOINT,
+        metadata=_describe("Hugging Face endpoint tried first (the standard huggingface-hub variable).", "HF_ENDPOINT"),
+    )
+    hf_mirrors: tuple[str, ...] = field(
+        default=(),
+        metadata=_describe("Comma-separated Hugging Face mirrors tried in order after HF_ENDPOINT.", "SOVEREIGN_HF_MIRRORS"),
+    )
+    hf_token: str | None = field(
+        default=None, metadata=_describe("Token for gated or private Hugging Face repositories.", "HF_TOKEN")
+    )
+    allow_http: bool = field(
+        default=False,
+        metadata=_describe("Allow plain-http model URLs beyond loopback (1/true).", "SOVEREIGN_ALLOW_HTTP"),
+    )
+    min_free_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=_describe("Free space a pull must leave on the store's disk, in bytes.", "SOVEREIGN_MIN_FREE_BYTES"),
+    )
+
+    @property
+    def user_catalog(self) -> Path:
+        """The user's own models.toml, which extends and overrides the built-in catalog."""
+        return self.home / "models.toml"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Build settings from environment variables (os.environ unless given)."""
+        env = os.environ if environ is None else environ
+        home = env.get("SOVEREIGN_HOME")
+        mirrors = tuple(m.strip().rstrip("/") for m in env.get("SOVEREIGN_HF_MIRRORS", "").split(",") if m.strip())
+        return cls(
+            home=Path(home).expanduser() if home else _default_home(),
+            hf_endpoint=(env.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/"),
+            hf_mirrors=mirrors,
+            hf_token=env.get("HF_TOKEN") or None,
+            allow_http=env.get("SOVEREIGN_ALLOW_HTTP", "").lower() in {"1", "true", "yes"},
+            min_free_bytes=int(env.get("SOVEREIGN_MIN_FREE_BYTES", 256 * 1024 * 1024)),
+        )
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str]]:
+        """(environment variable, help text) for every setting."""
+        return [(f.metadata["env"], f.metadata["help"]) for f in fields(cls)]

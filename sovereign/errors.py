@@ -1,0 +1,81 @@
+"""The one exception tree of sovereign.
+
+Every error a user can cause or meet carries a message (what is wrong) and a hint
+(what to do about it). The CLI renders both as one line; the HTTP layer maps each
+class to a status code and OpenAI's error envelope.
+
+    SovereignError
+    ├── InvalidReference      a model reference or name that cannot be parsed or escapes the store
+    ├── CatalogError          a models.toml that cannot be read
+    ├── ModelNotFound         a name that is neither in the catalog nor in the store
+    ├── StoreError            the store on disk is damaged or cannot be written
+    └── PullError             a pull that did not produce a model
+        ├── SourceUnavailable a source that could not be reached or does not have the file
+        ├── AccessDenied      a source that refused us (gated repository, bad token)
+        ├── IntegrityError    bytes whose sha256 or size is not what was promised
+        ├── NotGGUF           a file that is not a GGUF model
+        ├── InsufficientDisk  not enough free space for the download
+        └── AllSourcesFailed  every source of a pull failed; carries each failure
+"""
+
+from __future__ import annotations
+
+
+class SovereignError(Exception):
+    """Base of every error sovereign raises on purpose."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class InvalidReference(SovereignError):
+    """A model reference or name that cannot be parsed or would escape the store."""
+
+
+class CatalogError(SovereignError):
+    """A models.toml that cannot be read or is malformed."""
+
+
+class ModelNotFound(SovereignError):
+    """A model name that is neither in the catalog nor in the store."""
+
+
+class StoreError(SovereignError):
+    """The model store on disk is damaged or cannot be written."""
+
+
+class PullError(SovereignError):
+    """A pull that did not produce a usable model."""
+
+
+class SourceUnavailable(PullError):
+    """A source that could not be reached or does not have the file."""
+
+
+class AccessDenied(PullError):
+    """A source that refused access (gated repository, missing or wrong token)."""
+
+
+class IntegrityError(PullError):
+    """Downloaded bytes whose sha256 or size is not what was promised."""
+
+
+class NotGGUF(PullError):
+    """A file that is not a GGUF model."""
+
+
+class InsufficientDisk(PullError):
+    """Not enough free disk space for a download."""
+
+
+class AllSourcesFailed(PullError):
+    """Every source of a pull failed; `failures` holds each source's error in order."""
+
+    def __init__(self, message: str, hint: str | None, failures: list[tuple[str, PullError]]) -> None:
+        super().__init__(message, hint)
+        self.failures = failures

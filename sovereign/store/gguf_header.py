@@ -1,0 +1,172 @@
+"""Read the facts sovereign shows about a model from GGUF headers, without touching the weights.
+
+Why not gguf.GGUFReader: it parses every key/value array eagerly; on Gemma 3 (262k-token
+vocabulary) that costs ~13 s of CPU just to learn the architecture. This reader streams the
+header, skips arrays it does not need, and reads tensor infos only to count parameters.
+Enums and key names come from the `gguf` package so they track llama.cpp.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from gguf.constants import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
+
+from sovereign.errors import NotGGUF
+
+MAGIC_BYTES = struct.pack("<I", GGUF_MAGIC)  # b"GGUF"
+
+_SCALARS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
+    GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
+    GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
+    GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
+}
+# Arrays we keep (small); every other array is skipped without decoding.
+_KEEP_ARRAYS = {Keys.Tokenizer.CHAT_TEMPLATE, "general.tags", "general.languages"}
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """Facts from a model's GGUF header(s)."""
+
+    architecture: str | None
+    name: str | None
+    parameters: int
+    size_label: str | None
+    quantization: str | None
+    context_length: int | None
+    chat_template: str | None
+    license: str | None
+    split_count: int
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the GGUF carries its own chat template."""
+        return bool(self.chat_template)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the template itself is left out; it can be long)."""
+        data = asdict(self)
+        data.pop("chat_template")
+        data["has_chat_template"] = self.has_chat_template
+        return data
+
+
+class _Stream:
+    """Little- or big-endian primitive reads over a binary file."""
+
+    def __init__(self, handle: BinaryIO, endian: str) -> None:
+        self.handle, self.endian = handle, endian
+
+    def unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        data = self.handle.read(size)
+        if len(data) != size:
+            raise EOFError
+        return struct.unpack(self.endian + fmt, data)[0]
+
+    def string(self) -> str:
+        length = self.unpack("Q")
+        data = self.handle.read(length)
+        if len(data) != length:
+            raise EOFError
+        return data.decode("utf-8", errors="replace")
+
+    def skip_string(self) -> None:
+        self.handle.seek(self.unpack("Q"), 1)
+
+    def value(self, vtype: GGUFValueType, keep: bool) -> Any:
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype == GGUFValueType.ARRAY:
+            item_type, count = GGUFValueType(self.unpack("I")), self.unpack("Q")
+            if keep:
+                return [self.value(item_type, True) for _ in range(count)]
+            if item_type in _SCALARS:
+                self.handle.seek(struct.calcsize(_SCALARS[item_type]) * count, 1)
+            else:
+                for _ in range(count):
+                    self.value(item_type, False)
+            return None
+        return self.unpack(_SCALARS[vtype])
+
+
+def _read_one(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """(metadata, [(n_elements, ggml_type)]) of one GGUF file."""
+    with path.open("rb") as handle:
+        if handle.read(4) != MAGIC_BYTES:
+            raise NotGGUF(f"{path.name} is not a GGUF file (bad magic bytes)", "pull a .gguf model file")
+        version_bytes = handle.read(4)
+        endian = "<" if struct.unpack("<I", version_bytes)[0] < 0x10000 else ">"
+        stream = _Stream(handle, endian)
+        try:
+            tensor_count, kv_count = stream.unpack("Q"), stream.unpack("Q")
+            metadata: dict[str, Any] = {}
+            for _ in range(kv_count):
+                key = stream.string()
+                value = stream.value(GGUFValueType(stream.unpack("I")), key in _KEEP_ARRAYS)
+                if value is not None:
+                    metadata[key] = value
+            tensors = []
+            for _ in range(tensor_count):
+                stream.skip_string()
+                dims = [stream.unpack("Q") for _ in range(stream.unpack("I"))]
+                ggml_type = stream.unpack("I")
+                stream.unpack("Q")  # data offset
+                elements = 1
+                for dim in dims:
+                    elements *= dim
+                tensors.append((elements, ggml_type))
+        except (EOFError, ValueError, struct.error) as exc:
+            raise NotGGUF(f"{path.name} has a truncated or corrupt GGUF header ({type(exc).__name__})", "pull the model again") from None
+    return metadata, tensors
+
+
+def _quantization(metadata: dict[str, Any], tensors: list[tuple[int, int]]) -> str | None:
+    file_type = metadata.get(Keys.General.FILE_TYPE)
+    if file_type is not None:
+        try:
+            return LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+        except ValueError:
+            pass
+    # No file type: name the quantization that holds the most weights.
+    by_type: Counter[int] = Counter()
+    for elements, ggml_type in tensors:
+        by_type[ggml_type] += elements
+    if not by_type:
+        return None
+    ggml_type = by_type.most_common(1)[0][0]
+    try:
+        return GGMLQuantizationType(ggml_type).name if ggml_type in GGML_QUANT_SIZES else None
+    except ValueError:
+        return None
+
+
+def read_gguf_info(paths: list[Path]) -> GGUFInfo:
+    """Facts about a model stored in one GGUF file or a list of split files (first split first)."""
+    metadata, tensors = _read_one(paths[0])
+    for extra in paths[1:]:
+        tensors += _read_one(extra)[1]
+    arch = metadata.get(Keys.General.ARCHITECTURE)
+    return GGUFInfo(
+        architecture=arch,
+        name=metadata.get(Keys.General.NAME),
+        parameters=sum(elements for elements, _ in tensors),
+        size_label=metadata.get(Keys.General.SIZE_LABEL),
+        quantization=_quantization(metadata, tensors),
+        context_length=metadata.get(f"{arch}.context_length") if arch else None,
+        chat_template=metadata.get(Keys.Tokenizer.CHAT_TEMPLATE),
+        license=metadata.get(Keys.General.LICENSE),
+        split_count=int(metadata.get(Keys.Split.LLM_KV_SPLIT_COUNT, 1)),
+    )
+
+
+def has_gguf_magic(path: Path) -> bool:
+    """Whether a file starts with the GGUF magic bytes."""
+    with path.open("rb") as handle:
+        return handle.read(4) == MAGIC_BYTES

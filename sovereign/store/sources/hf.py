@@ -1,0 +1,167 @@
+"""Hugging Face repositories through huggingface-hub, across HF_ENDPOINT and mirrors in order.
+
+The listing (`model_info(files_metadata=True)`) gives each file's size and LFS sha256, so every
+Hugging Face pull is verified even when the catalog knows no hash. Transfers go through
+`hf_hub_download` into a staging folder keyed by repository, not endpoint: a download cut on one
+mirror resumes from another.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sovereign.errors import AccessDenied, InsufficientDisk, PullError, SourceUnavailable
+from sovereign.refs import HfRef
+from sovereign.store.files import ensure_free_space, verify_file
+from sovereign.store.progress import PullReporter
+from sovereign.store.sources.base import SHARD_PATTERN, FetchContext, Fetched, FetchedFile, shard_siblings
+
+
+class _ProgressBridge:
+    """Stands in for tqdm inside huggingface-hub and forwards byte counts to our reporter."""
+
+    reporter: PullReporter  # set on the per-pull subclass
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._closed = False
+        self.reporter.begin(f"downloading {kwargs.get('desc', '')}", kwargs.get("total"), kwargs.get("initial") or 0)
+
+    def update(self, n: float | None = 1) -> None:
+        self.reporter.advance(int(n or 0))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.reporter.end()
+
+    def __enter__(self) -> _ProgressBridge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None  # set_description, refresh, ...: nothing to draw
+
+
+def _bridge_for(reporter: PullReporter) -> type:
+    return type("SovereignProgress", (_ProgressBridge,), {"reporter": reporter})
+
+
+@contextmanager
+def _hub_errors(endpoint: str, repo: str) -> Iterator[None]:
+    """Turn huggingface-hub and transport exceptions into our typed errors (by class, never text)."""
+    import httpx2
+    from huggingface_hub import errors as hub
+
+    try:
+        yield
+    except hub.GatedRepoError:
+        raise AccessDenied(
+            f"{repo} is gated on {endpoint} and needs an access token",
+            f"accept its license at {endpoint}/{repo} and set HF_TOKEN to a token with access",
+        ) from None
+    except hub.RepositoryNotFoundError:
+        raise SourceUnavailable(f"{endpoint} has no repository {repo}", "check the name; private repositories also need HF_TOKEN") from None
+    except hub.RevisionNotFoundError:
+        raise SourceUnavailable(f"{endpoint} has no such revision of {repo}", "check the revision") from None
+    except hub.EntryNotFoundError:  # also LocalEntryNotFoundError: offline with nothing cached
+        raise SourceUnavailable(f"{endpoint} could not serve the file from {repo}", "check the network or try another mirror") from None
+    except hub.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        if status in (401, 403):
+            raise AccessDenied(f"{endpoint} refused access to {repo} (HTTP {status})", "set HF_TOKEN to a token with access") from None
+        raise SourceUnavailable(f"{endpoint} answered HTTP {status} for {repo}", "try again later or use another mirror") from None
+    except (httpx2.HTTPError, OSError) as exc:
+        raise SourceUnavailable(f"cannot reach {endpoint} ({type(exc).__name__})", "check the network, or add a mirror with --mirror") from None
+
+
+def choose_files(names: list[str], ref: HfRef) -> list[str]:
+    """The repository files that make up the requested model, split 1 first."""
+    if ref.filename:
+        if ref.filename not in names:
+            raise SourceUnavailable(f"{ref.repo} has no file {ref.filename}", "check the file name (it is case-sensitive)")
+        return shard_siblings(names, ref.filename)
+    quant = ref.quant or "Q4_K_M"
+    pattern = re.compile(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9_])", re.IGNORECASE)
+    ggufs = [n for n in names if n.endswith(".gguf") and "mmproj" not in n.lower()]
+    matches = [n for n in ggufs if pattern.search(n)]
+    firsts = [n for n in matches if not (m := SHARD_PATTERN.match(Path(n).name)) or m["index"] == "00001"]
+    if not firsts:
+        listing = ", ".join(Path(n).name for n in ggufs[:8]) or "no GGUF files"
+        raise SourceUnavailable(f"{ref.repo} has no {quant} GGUF (it has: {listing})", f"pick a quantization, e.g. hf.co/{ref.repo}:Q8_0")
+    if len(firsts) > 1:
+        raise SourceUnavailable(f"{ref.repo} has several {quant} files: {', '.join(firsts)}", f"name one: hf.co/{ref.repo}/FILE.gguf")
+    return shard_siblings(names, firsts[0])
+
+
+class HfSource:
+    """A model in a Hugging Face repository, tried on every configured endpoint in order."""
+
+    kind = "hf"
+
+    def __init__(self, ref: HfRef) -> None:
+        self.ref = ref
+
+    def describe(self) -> str:
+        """The hf.co reference."""
+        return str(self.ref)
+
+    def endpoints(self, ctx: FetchContext) -> list[str]:
+        """--mirror first, then HF_ENDPOINT (or huggingface.co), then SOVEREIGN_HF_MIRRORS."""
+        ordered = [*ctx.mirrors, ctx.settings.hf_endpoint, *ctx.settings.hf_mirrors]
+        return list(dict.fromkeys(e.rstrip("/") for e in ordered))
+
+    def fetch(self, ctx: FetchContext) -> Fetched:
+        """Fetch from the first endpoint that works; raise the most useful failure otherwise."""
+        endpoints = self.endpoints(ctx)
+        failures: list[PullError] = []
+        for index, endpoint in enumerate(endpoints):
+            try:
+                return self._fetch_from(endpoint, ctx)
+            except InsufficientDisk:
+                raise
+            except PullError as exc:
+                failures.append(exc)
+                if index + 1 < len(endpoints):
+                    ctx.reporter.status(f"{exc.message}; trying {endpoints[index + 1]}")
+        denied = [f for f in failures if isinstance(f, AccessDenied)]
+        if denied:
+            raise denied[0]
+        if len(failures) == 1:
+            raise failures[0]
+        raise type(failures[-1])("; ".join(f.message for f in failures), failures[-1].hint)
+
+    def _fetch_from(self, endpoint: str, ctx: FetchContext) -> Fetched:
+        from huggingface_hub import HfApi, hf_hub_download
+
+        token = ctx.settings.hf_token
+        with _hub_errors(endpoint, self.ref.repo):
+            info = HfApi(endpoint=endpoint, token=token).model_info(self.ref.repo, revision=self.ref.revision, files_metadata=True)
+        siblings = {s.rfilename: s for s in info.siblings or []}
+        names = choose_files(list(siblings), self.ref)
+        missing = [n for n in names if n not in siblings]
+        if missing:
+            raise SourceUnavailable(f"{self.ref.repo} lacks split files {', '.join(missing)}", "the upload is incomplete; try another source")
+        staging = ctx.store.partial_path(f"hf:{self.ref.repo}@{self.ref.revision}")
+        ensure_free_space(staging, sum(siblings[n].size or 0 for n in names), ctx.settings.min_free_bytes)
+        ctx.reporter.status(f"fetching {len(names)} file(s) from {endpoint}/{self.ref.repo}")
+        fetched = []
+        for name in names:
+            sibling = siblings[name]
+            catalog_sha = ctx.expected.sha256 if len(names) == 1 else None
+            expected_sha = catalog_sha or (sibling.lfs.sha256 if sibling.lfs else None)
+            with _hub_errors(endpoint, self.ref.repo):
+                path = Path(
+                    hf_hub_download(
+                        self.ref.repo, name, revision=self.ref.revision, local_dir=staging,
+                        endpoint=endpoint, token=token, tqdm_class=_bridge_for(ctx.reporter),
+                    )
+                )
+            sha = verify_file(path, expected_sha, sibling.size, ctx.reporter, f"{endpoint}/{self.ref.repo}/{name}")
+            fetched.append(FetchedFile(path, Path(name).name, path.stat().st_size, sha, expected_sha is not None))
+        return Fetched(fetched, f"from {endpoint}", cleanup=[staging])

@@ -1,0 +1,72 @@
+"""Local files and folders: registered in place (default) or copied into the store (--copy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sovereign.errors import InvalidReference, SourceUnavailable
+from sovereign.refs import LocalRef
+from sovereign.store.files import CHUNK, ensure_free_space, verify_file
+from sovereign.store.gguf_header import has_gguf_magic
+from sovereign.errors import NotGGUF
+from sovereign.store.sources.base import SHARD_PATTERN, FetchContext, Fetched, FetchedFile, shard_siblings
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The files of the one model at path: a file, its split set, or the single model in a folder."""
+    if path.is_file():
+        names = [p.name for p in path.parent.iterdir()]
+        return [path.parent / n for n in shard_siblings(names, path.name)]
+    candidates = sorted(p for p in path.glob("*.gguf") if "mmproj" not in p.name.lower())
+    firsts = [p for p in candidates if not SHARD_PATTERN.match(p.name) or SHARD_PATTERN.match(p.name)["index"] == "00001"]
+    if len(firsts) != 1:
+        found = ", ".join(p.name for p in firsts) or "no .gguf files"
+        raise InvalidReference(f"{path} holds {len(firsts)} models ({found})", "name the .gguf file to use")
+    return _model_files(firsts[0])
+
+
+class LocalSource:
+    """A GGUF file or folder on this machine."""
+
+    kind = "local"
+
+    def __init__(self, ref: LocalRef) -> None:
+        self.path = ref.path.resolve()
+
+    def describe(self) -> str:
+        """The absolute path."""
+        return str(self.path)
+
+    def fetch(self, ctx: FetchContext) -> Fetched:
+        """Check the files and register them in place, or copy them into staging with --copy."""
+        if not self.path.exists():
+            raise SourceUnavailable(f"no such file or folder: {self.path}", "check the path")
+        files = _model_files(self.path)
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise SourceUnavailable(f"split files missing next to {files[0].name}: {', '.join(missing)}", "put every split of the model in one folder")
+        for file in files:
+            if not has_gguf_magic(file):
+                raise NotGGUF(f"{file} is not a GGUF file", "point at a .gguf model file")
+        if not ctx.copy_local:
+            return Fetched([FetchedFile(f, f.name, f.stat().st_size, None, False, in_place=True) for f in files], "registered in place")
+        return self._copy(ctx, files)
+
+    def _copy(self, ctx: FetchContext, files: list[Path]) -> Fetched:
+        staging = ctx.store.partial_path(f"local:{self.path}")
+        ensure_free_space(staging, sum(f.stat().st_size for f in files), ctx.settings.min_free_bytes)
+        fetched = []
+        for file in files:
+            target = staging / file.name
+            ctx.reporter.begin(f"copying {file.name}", file.stat().st_size)
+            try:
+                with file.open("rb") as src, target.open("wb") as dst:
+                    while block := src.read(CHUNK):
+                        dst.write(block)
+                        ctx.reporter.advance(len(block))
+            finally:
+                ctx.reporter.end()
+            expected = ctx.expected.sha256 if len(files) == 1 else None
+            sha = verify_file(target, expected, None, ctx.reporter, str(file))
+            fetched.append(FetchedFile(target, file.name, target.stat().st_size, sha, bool(expected)))
+        return Fetched(fetched, "copied into the store", cleanup=[staging])

@@ -1,0 +1,171 @@
+"""The model store on disk: manifests by name, content-addressed blobs, partial downloads, locks.
+
+    $SOVEREIGN_HOME/
+      manifests/<name parts>/<tag>.json   one per name; written last, atomically
+      blobs/sha256-<hex>                  model files, shared by every name that uses them
+      partial/<key>/                      downloads in progress (resumed by the next pull)
+      shards/<digest>/<original names>    links that give split GGUFs the names llama.cpp expects
+      locks/                              file locks (pulls, garbage collection)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock
+
+from sovereign.errors import ModelNotFound, StoreError
+from sovereign.refs import ModelName
+from sovereign.store.manifest import Manifest, ModelFile
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Store:
+    """Manifests and blobs under one home folder."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.manifests_dir = home / "manifests"
+        self.blobs_dir = home / "blobs"
+        self.partial_dir = home / "partial"
+        self.shards_dir = home / "shards"
+        self.locks_dir = home / "locks"
+
+    # -- paths and locks ---------------------------------------------------------------------
+
+    def manifest_path(self, name: ModelName) -> Path:
+        """The manifest file of a name, guaranteed to lie inside the manifests folder."""
+        path = (self.manifests_dir / name.relative_path).resolve()
+        if not path.is_relative_to(self.manifests_dir.resolve()):
+            raise StoreError(f"'{name}' would escape the store", "use a plain name such as gemma3:270m")
+        return path
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the blob with this 'sha256:<hex>' digest lives."""
+        return self.blobs_dir / digest.replace(":", "-")
+
+    def partial_path(self, key: str) -> Path:
+        """A stable working folder for one download, kept across interrupted pulls."""
+        path = self.partial_dir / hashlib.sha256(key.encode()).hexdigest()[:32]
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def lock(self, key: str) -> FileLock:
+        """A cross-process lock for key (a model name, a download, or 'gc')."""
+        self.locks_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.locks_dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock"))
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, name: ModelName) -> Manifest | None:
+        """The manifest of a name, or None if it was never pulled."""
+        path = self.manifest_path(name)
+        try:
+            return Manifest.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"the manifest of '{name}' is damaged ({exc})", f"run `sovereign rm {name}` and pull it again") from None
+
+    def require(self, name: ModelName) -> Manifest:
+        """The manifest of a pulled name, or ModelNotFound with the command that fixes it."""
+        manifest = self.get(name)
+        if manifest is None:
+            raise ModelNotFound(f"model '{name}' is not pulled", f"run `sovereign pull {name}` first")
+        return manifest
+
+    def list(self) -> list[Manifest]:
+        """Every complete model in the store, by name (damaged manifests are skipped)."""
+        manifests = []
+        for path in sorted(self.manifests_dir.rglob("*.json")) if self.manifests_dir.is_dir() else []:
+            try:
+                manifests.append(Manifest.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return sorted(manifests, key=lambda m: m.name)
+
+    def file_paths(self, manifest: Manifest) -> list[Path]:
+        """The on-disk paths of a model's files, in order."""
+        return [Path(f.path) if f.path else self.blob_path(f.digest or "") for f in manifest.files]
+
+    def model_path(self, manifest: Manifest) -> Path:
+        """The path to hand llama.cpp: the file itself, or the first split under its original name."""
+        paths = self.file_paths(manifest)
+        if len(paths) == 1 or all(f.in_place for f in manifest.files):
+            return paths[0]
+        # llama.cpp finds split 2..N next to split 1 by name, so give blobs their names back.
+        folder = self.shards_dir / (manifest.files[0].digest or "local").replace(":", "-")
+        folder.mkdir(parents=True, exist_ok=True)
+        for model_file, target in zip(manifest.files, paths):
+            link = folder / Path(model_file.filename).name
+            if not link.exists():
+                link.symlink_to(target)
+        return folder / Path(manifest.files[0].filename).name
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def place_blob(self, source: Path, sha256: str) -> ModelFile:
+        """Move a verified file into the blob store (or drop it if the blob is already there)."""
+        digest = f"sha256:{sha256}"
+        target = self.blob_path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        size = source.stat().st_size
+        if target.exists() and target.stat().st_size == size:
+            source.unlink()
+        else:
+            os.replace(source, target)
+        return ModelFile(filename=source.name, size=size, digest=digest)
+
+    def save(self, name: ModelName, manifest: Manifest) -> None:
+        """Publish a manifest: from this moment the model appears in `list`."""
+        atomic_write_text(self.manifest_path(name), manifest.dumps())
+
+    @contextmanager
+    def gc_lock(self) -> Iterator[None]:
+        """Held while blobs are committed or collected, so collection never races a commit."""
+        with self.lock("gc"):
+            yield
+
+    def remove(self, name: ModelName) -> tuple[Manifest, list[str]]:
+        """Delete a name; free its blobs unless another name still uses them."""
+        with self.gc_lock():
+            manifest = self.require(name)
+            self.manifest_path(name).unlink()
+            self._prune_empty_dirs(self.manifest_path(name).parent)
+            still_used = set().union(*(m.digests for m in self.list()))
+            freed = sorted(manifest.digests - still_used)
+            for digest in freed:
+                self.blob_path(digest).unlink(missing_ok=True)
+                shutil.rmtree(self.shards_dir / digest.replace(":", "-"), ignore_errors=True)
+        return manifest, freed
+
+    def _prune_empty_dirs(self, folder: Path) -> None:
+        root = self.manifests_dir.resolve()
+        while folder.resolve() != root and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+
+    def write_partial_meta(self, folder: Path, data: dict[str, object]) -> None:
+        """Remember what a partial download is for (shown when resuming)."""
+        atomic_write_text(folder / "meta.json", json.dumps(data, indent=2))
