@@ -42,9 +42,7 @@ def verify_file(path: Path, expected_sha256: str | None, expected_size: int | No
     if expected_size is not None and size != expected_size:
         path.unlink()
         raise IntegrityError(f"{origin} gave {size} bytes, expected {expected_size}; the file was discarded", "pull again, or try another source with --mirror")
-    if not has_gguf_magic(path):
-        path.unlink()
-        raise NotGGUF(f"{origin} is not a GGUF file; it was discarded", "point at a .gguf model file")
+    # A promised hash is checked first: when it fails, that is the truer message than "not GGUF".
     actual = sha256_file(path, reporter)
     if expected_sha256 and actual != expected_sha256:
         path.unlink()
@@ -52,6 +50,9 @@ def verify_file(path: Path, expected_sha256: str | None, expected_size: int | No
             f"sha256 mismatch for {origin}: expected {expected_sha256[:12]}…, got {actual[:12]}…; the file was discarded and nothing was registered",
             "the source served corrupt or different bytes; pull again or use another source",
         )
+    if not has_gguf_magic(path):
+        path.unlink()
+        raise NotGGUF(f"{origin} is not a GGUF file; it was discarded", "point at a .gguf model file")
     return actual
 
 

@@ -13,7 +13,6 @@ from sovereign.errors import AccessDenied, NotGGUF, SourceUnavailable
 from sovereign.store.gguf_header import MAGIC_BYTES
 from sovereign.store.progress import PullReporter
 
-CHUNK = 1024 * 1024
 RETRIES = 5
 TIMEOUT = httpx.Timeout(connect=15.0, read=60.0, write=60.0, pool=15.0)
 
@@ -103,14 +102,18 @@ def _download_once(
         reporter.begin(f"downloading {dest.name}", total, offset)
         try:
             with dest.open("ab" if offset else "wb") as handle:
-                first = offset == 0
-                for block in response.iter_bytes(CHUNK):
-                    if first and len(block) >= 4:
-                        first = False
-                        if not block.startswith(MAGIC_BYTES):
-                            raise NotGGUF(f"{url} does not serve a GGUF file", "point at a .gguf model file")
+                checked = offset > 0
+                # Write each network read as it arrives (no re-chunking), so a cut loses nothing.
+                for block in response.iter_bytes():
                     handle.write(block)
                     reporter.advance(len(block))
+                    if not checked and handle.tell() >= len(MAGIC_BYTES):
+                        checked = True
+                        handle.flush()
+                        with dest.open("rb") as head:
+                            magic = head.read(len(MAGIC_BYTES))
+                        if magic != MAGIC_BYTES:
+                            raise NotGGUF(f"{url} does not serve a GGUF file", "point at a .gguf model file")
         except NotGGUF:
             dest.unlink(missing_ok=True)
             raise

@@ -1,9 +1,11 @@
 """Hugging Face repositories through huggingface-hub, across HF_ENDPOINT and mirrors in order.
 
-The listing (`model_info(files_metadata=True)`) gives each file's size and LFS sha256, so every
-Hugging Face pull is verified even when the catalog knows no hash. Transfers go through
-`hf_hub_download` into a staging folder keyed by repository, not endpoint: a download cut on one
-mirror resumes from another.
+huggingface-hub lists the repository (`model_info(files_metadata=True)` gives each file's size
+and LFS sha256, so every Hugging Face pull is verified even when the catalog knows no hash),
+builds the download URLs and the auth headers (HF_TOKEN), and its exceptions tell gated from
+missing. The bytes go through our resumable downloader: huggingface-hub 2.x deletes its partial
+file when a transfer fails, so a Ctrl-C would start over. Staging is keyed by repository, not
+endpoint, so a download cut on one mirror resumes from the next.
 """
 
 from __future__ import annotations
@@ -12,44 +14,12 @@ import re
 from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from sovereign.errors import AccessDenied, InsufficientDisk, PullError, SourceUnavailable
 from sovereign.refs import HfRef
 from sovereign.store.files import ensure_free_space, verify_file
-from sovereign.store.progress import PullReporter
+from sovereign.store.http_download import download
 from sovereign.store.sources.base import SHARD_PATTERN, FetchContext, Fetched, FetchedFile, shard_siblings
-
-
-class _ProgressBridge:
-    """Stands in for tqdm inside huggingface-hub and forwards byte counts to our reporter."""
-
-    reporter: PullReporter  # set on the per-pull subclass
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._closed = False
-        self.reporter.begin(f"downloading {kwargs.get('desc', '')}", kwargs.get("total"), kwargs.get("initial") or 0)
-
-    def update(self, n: float | None = 1) -> None:
-        self.reporter.advance(int(n or 0))
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.reporter.end()
-
-    def __enter__(self) -> _ProgressBridge:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None  # set_description, refresh, ...: nothing to draw
-
-
-def _bridge_for(reporter: PullReporter) -> type:
-    return type("SovereignProgress", (_ProgressBridge,), {"reporter": reporter})
 
 
 @contextmanager
@@ -69,7 +39,7 @@ def _hub_errors(endpoint: str, repo: str) -> Iterator[None]:
         raise SourceUnavailable(f"{endpoint} has no repository {repo}", "check the name; private repositories also need HF_TOKEN") from None
     except hub.RevisionNotFoundError:
         raise SourceUnavailable(f"{endpoint} has no such revision of {repo}", "check the revision") from None
-    except hub.EntryNotFoundError:  # also LocalEntryNotFoundError: offline with nothing cached
+    except hub.EntryNotFoundError:
         raise SourceUnavailable(f"{endpoint} could not serve the file from {repo}", "check the network or try another mirror") from None
     except hub.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
@@ -137,7 +107,8 @@ class HfSource:
         raise type(failures[-1])("; ".join(f.message for f in failures), failures[-1].hint)
 
     def _fetch_from(self, endpoint: str, ctx: FetchContext) -> Fetched:
-        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub import HfApi, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
 
         token = ctx.settings.hf_token
         with _hub_errors(endpoint, self.ref.repo):
@@ -150,18 +121,22 @@ class HfSource:
         staging = ctx.store.partial_path(f"hf:{self.ref.repo}@{self.ref.revision}")
         ensure_free_space(staging, sum(siblings[n].size or 0 for n in names), ctx.settings.min_free_bytes)
         ctx.reporter.status(f"fetching {len(names)} file(s) from {endpoint}/{self.ref.repo}")
+        headers = build_hf_headers(token=token, library_name="sovereign")
         fetched = []
         for name in names:
             sibling = siblings[name]
             catalog_sha = ctx.expected.sha256 if len(names) == 1 else None
             expected_sha = catalog_sha or (sibling.lfs.sha256 if sibling.lfs else None)
-            with _hub_errors(endpoint, self.ref.repo):
-                path = Path(
-                    hf_hub_download(
-                        self.ref.repo, name, revision=self.ref.revision, local_dir=staging,
-                        endpoint=endpoint, token=token, tqdm_class=_bridge_for(ctx.reporter),
-                    )
-                )
-            sha = verify_file(path, expected_sha, sibling.size, ctx.reporter, f"{endpoint}/{self.ref.repo}/{name}")
-            fetched.append(FetchedFile(path, Path(name).name, path.stat().st_size, sha, expected_sha is not None))
+            target = staging / Path(name).name
+            url = hf_hub_url(self.ref.repo, name, revision=self.ref.revision, endpoint=endpoint)
+            try:
+                download(url, target, ctx.reporter, headers=headers,
+                         check_space=lambda remaining: ensure_free_space(staging, remaining, ctx.settings.min_free_bytes))
+            except AccessDenied:
+                raise AccessDenied(
+                    f"{self.ref.repo} is gated or private on {endpoint} and needs an access token",
+                    f"accept its license at {endpoint}/{self.ref.repo} and set HF_TOKEN to a token with access",
+                ) from None
+            sha = verify_file(target, expected_sha, sibling.size, ctx.reporter, f"{endpoint}/{self.ref.repo}/{name}")
+            fetched.append(FetchedFile(target, target.name, target.stat().st_size, sha, expected_sha is not None))
         return Fetched(fetched, f"from {endpoint}", cleanup=[staging])

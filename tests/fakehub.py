@@ -1,0 +1,190 @@
+"""A small stand-in for the Hugging Face Hub on loopback, speaking the endpoints huggingface-hub calls.
+
+    GET  /api/models/{owner}/{repo}[/revision/{rev}]   model info with siblings (size, LFS sha256)
+    HEAD /{owner}/{repo}/resolve/{rev}/{path}          file metadata (ETag, size, commit)
+    GET  /{owner}/{repo}/resolve/{rev}/{path}          file bytes, honouring Range
+
+Knobs per repository let tests cut transfers, corrupt bytes, gate access and slow things down.
+Every request is recorded so tests can assert on Range headers and byte counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlparse
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@dataclass
+class FakeRepo:
+    """Files of one repository and how the hub misbehaves when serving them."""
+
+    files: dict[str, bytes]
+    gated_token: str | None = None  # when set, downloads need `Authorization: Bearer <token>`
+    corrupt: bool = False  # serve bytes that do not match the advertised sha256
+    cut_after: int | None = None  # first `cuts` GETs stop after this many body bytes
+    cuts: int = 0
+    bytes_per_second: float | None = None  # throttle, for interrupt tests
+
+
+@dataclass
+class Request:
+    """One request the hub saw."""
+
+    method: str
+    path: str
+    range: str | None
+    authorization: str | None
+    body_bytes: int = 0
+
+
+@dataclass
+class FakeHub:
+    """The hub's state: repositories and the request log."""
+
+    repos: dict[str, FakeRepo] = field(default_factory=dict)
+    log: list[Request] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def downloads(self, filename: str) -> list[Request]:
+        """GET requests for a file's bytes."""
+        return [r for r in self.log if r.method == "GET" and "/resolve/" in r.path and r.path.endswith(filename)]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: FakeHub
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:  # keep test output quiet
+        pass
+
+    def _record(self) -> Request:
+        request = Request(self.command, unquote(urlparse(self.path).path), self.headers.get("Range"), self.headers.get("Authorization"))
+        with self.hub.lock:
+            self.hub.log.append(request)
+        return request
+
+    def _json(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, status: int, code: str | None, message: str) -> None:
+        headers = {"X-Error-Message": message}
+        if code:
+            headers["X-Error-Code"] = code
+        self._json(status, {"error": message}, headers)
+
+    def do_GET(self) -> None:  # noqa: N802
+        request = self._record()
+        parts = request.path.strip("/").split("/")
+        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+            return self._model_info("/".join(parts[2:4]))
+        if len(parts) >= 5 and parts[2] == "resolve":
+            return self._file("/".join(parts[:2]), "/".join(parts[4:]), request)
+        self._error(404, None, "not found")
+
+    do_HEAD = do_GET
+
+    def _model_info(self, repo_id: str) -> None:
+        repo = self.hub.repos.get(repo_id)
+        if repo is None:
+            return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
+        siblings = [
+            {"rfilename": name, "size": len(data), "blobId": _sha(data)[:40], "lfs": {"sha256": _sha(data), "size": len(data), "pointerSize": 134}}
+            for name, data in sorted(repo.files.items())
+        ]
+        self._json(200, {"id": repo_id, "modelId": repo_id, "sha": COMMIT, "private": False, "gated": "manual" if repo.gated_token else False, "siblings": siblings})
+
+    def _file(self, repo_id: str, filename: str, request: Request) -> None:
+        repo = self.hub.repos.get(repo_id)
+        if repo is None:
+            return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
+        if repo.gated_token and self.headers.get("Authorization") != f"Bearer {repo.gated_token}":
+            return self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it and be authenticated to access it.")
+        data = repo.files.get(filename)
+        if data is None:
+            return self._error(404, "EntryNotFound", f"{filename} does not exist")
+        etag = _sha(data)
+        served = data[:-64] + bytes(b ^ 0xFF for b in data[-64:]) if repo.corrupt else data
+        start = 0
+        if request.range and request.range.startswith("bytes="):
+            start = int(request.range[len("bytes="):].split("-")[0] or 0)
+        status = 206 if start else 200
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("ETag", f'"{etag}"')
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("Accept-Ranges", "bytes")
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        self._send_body(repo, served[start:], request)
+
+    def _send_body(self, repo: FakeRepo, body: bytes, request: Request) -> None:
+        limit = len(body)
+        with self.hub.lock:
+            if repo.cuts > 0 and repo.cut_after is not None:
+                repo.cuts -= 1
+                limit = min(limit, repo.cut_after)
+        step = 64 * 1024
+        try:
+            for offset in range(0, limit, step):
+                chunk = body[offset:min(offset + step, limit)]
+                self.wfile.write(chunk)
+                request.body_bytes += len(chunk)
+                if repo.bytes_per_second:
+                    time.sleep(len(chunk) / repo.bytes_per_second)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        if limit < len(body):
+            self.close_connection = True  # the client sees a body shorter than Content-Length
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that hang up mid-transfer are part of the tests, not errors worth printing."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass
+
+
+class FakeHubServer:
+    """Runs a FakeHub on a free loopback port in a background thread."""
+
+    def __init__(self, hub: FakeHub | None = None) -> None:
+        self.hub = hub or FakeHub()
+        handler = type("Handler", (_Handler,), {"hub": self.hub})
+        self.server = _QuietServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The endpoint to put in HF_ENDPOINT."""
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FakeHubServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
