@@ -8,11 +8,12 @@ Enums and key names come from the `gguf` package so they track llama.cpp.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from gguf.constants import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
 
@@ -58,27 +59,28 @@ class GGUFInfo:
 
 
 class _Stream:
-    """Little- or big-endian primitive reads over a binary file."""
+    """Little- or big-endian primitive reads over a memory-mapped file (no seeks, no copies)."""
 
-    def __init__(self, handle: BinaryIO, endian: str) -> None:
-        self.handle, self.endian = handle, endian
+    def __init__(self, buffer: mmap.mmap, endian: str, position: int) -> None:
+        self.buffer, self.endian, self.position = buffer, endian, position
 
     def unpack(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        data = self.handle.read(size)
-        if len(data) != size:
-            raise EOFError
-        return struct.unpack(self.endian + fmt, data)[0]
+        value = struct.unpack_from(self.endian + fmt, self.buffer, self.position)[0]
+        self.position += struct.calcsize(fmt)
+        return value
 
     def string(self) -> str:
         length = self.unpack("Q")
-        data = self.handle.read(length)
-        if len(data) != length:
+        end = self.position + length
+        if end > len(self.buffer):
             raise EOFError
-        return data.decode("utf-8", errors="replace")
+        text = self.buffer[self.position:end].decode("utf-8", errors="replace")
+        self.position = end
+        return text
 
     def skip_string(self) -> None:
-        self.handle.seek(self.unpack("Q"), 1)
+        length = self.unpack("Q")  # advances position first; `position += unpack()` would lose that
+        self.position += length
 
     def value(self, vtype: GGUFValueType, keep: bool) -> Any:
         if vtype == GGUFValueType.STRING:
@@ -88,7 +90,10 @@ class _Stream:
             if keep:
                 return [self.value(item_type, True) for _ in range(count)]
             if item_type in _SCALARS:
-                self.handle.seek(struct.calcsize(_SCALARS[item_type]) * count, 1)
+                self.position += struct.calcsize(_SCALARS[item_type]) * count
+            elif item_type == GGUFValueType.STRING:
+                for _ in range(count):  # a 262k-token vocabulary: only the length prefixes are read
+                    self.skip_string()
             else:
                 for _ in range(count):
                     self.value(item_type, False)
@@ -102,28 +107,31 @@ def _read_one(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
         if handle.read(4) != MAGIC_BYTES:
             raise NotGGUF(f"{path.name} is not a GGUF file (bad magic bytes)", "pull a .gguf model file")
         version_bytes = handle.read(4)
+        if len(version_bytes) < 4:
+            raise NotGGUF(f"{path.name} has a truncated or corrupt GGUF header (EOFError)", "pull the model again")
         endian = "<" if struct.unpack("<I", version_bytes)[0] < 0x10000 else ">"
-        stream = _Stream(handle, endian)
-        try:
-            tensor_count, kv_count = stream.unpack("Q"), stream.unpack("Q")
-            metadata: dict[str, Any] = {}
-            for _ in range(kv_count):
-                key = stream.string()
-                value = stream.value(GGUFValueType(stream.unpack("I")), key in _KEEP_ARRAYS)
-                if value is not None:
-                    metadata[key] = value
-            tensors = []
-            for _ in range(tensor_count):
-                stream.skip_string()
-                dims = [stream.unpack("Q") for _ in range(stream.unpack("I"))]
-                ggml_type = stream.unpack("I")
-                stream.unpack("Q")  # data offset
-                elements = 1
-                for dim in dims:
-                    elements *= dim
-                tensors.append((elements, ggml_type))
-        except (EOFError, ValueError, struct.error) as exc:
-            raise NotGGUF(f"{path.name} has a truncated or corrupt GGUF header ({type(exc).__name__})", "pull the model again") from None
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+            stream = _Stream(buffer, endian, 8)
+            try:
+                tensor_count, kv_count = stream.unpack("Q"), stream.unpack("Q")
+                metadata: dict[str, Any] = {}
+                for _ in range(kv_count):
+                    key = stream.string()
+                    value = stream.value(GGUFValueType(stream.unpack("I")), key in _KEEP_ARRAYS)
+                    if value is not None:
+                        metadata[key] = value
+                tensors = []
+                for _ in range(tensor_count):
+                    stream.skip_string()
+                    dims = [stream.unpack("Q") for _ in range(stream.unpack("I"))]
+                    ggml_type = stream.unpack("I")
+                    stream.unpack("Q")  # data offset
+                    elements = 1
+                    for dim in dims:
+                        elements *= dim
+                    tensors.append((elements, ggml_type))
+            except (EOFError, ValueError, struct.error) as exc:
+                raise NotGGUF(f"{path.name} has a truncated or corrupt GGUF header ({type(exc).__name__})", "pull the model again") from None
     return metadata, tensors
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -57,15 +58,17 @@ def download(
     headers: dict[str, str] | None = None,
     check_space: Callable[[int], None] | None = None,
     client: httpx.Client | None = None,
-) -> None:
-    """Download url into dest, resuming from dest's current size; retry broken transfers."""
+) -> str:
+    """Download url into dest, resuming from dest's current size; retry broken transfers.
+
+    Returns the sha256 of the whole file, computed as the bytes arrive (no second read).
+    """
     owned = client is None
     client = client or httpx.Client(timeout=TIMEOUT, follow_redirects=True)
     try:
         for attempt in range(RETRIES + 1):
             try:
-                _download_once(client, url, dest, reporter, dict(headers or {}), check_space)
-                return
+                return _download_once(client, url, dest, reporter, dict(headers or {}), check_space)
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout) as exc:
                 if attempt == RETRIES:
                     raise SourceUnavailable(f"the transfer from {url} kept breaking ({type(exc).__name__})", "run the same pull again to resume") from None
@@ -76,11 +79,23 @@ def download(
     finally:
         if owned:
             client.close()
+    raise AssertionError("unreachable")
+
+
+def _hash_prefix(path: Path, length: int) -> hashlib._Hash:
+    """A sha256 object fed with the first `length` bytes of path (the part a resume keeps)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        remaining = length
+        while remaining and (block := handle.read(min(remaining, 8 * 1024 * 1024))):
+            digest.update(block)
+            remaining -= len(block)
+    return digest
 
 
 def _download_once(
     client: httpx.Client, url: str, dest: Path, reporter: PullReporter, headers: dict[str, str], check_space: Callable[[int], None] | None
-) -> None:
+) -> str:
     validator = _Validator(dest)
     offset = dest.stat().st_size if dest.exists() else 0
     if offset:
@@ -89,7 +104,7 @@ def _download_once(
             headers["If-Range"] = previous
     with client.stream("GET", url, headers=headers) as response:
         if response.status_code == 416 and offset:
-            return  # we already hold every byte; the caller's checks decide whether they are right
+            return _hash_prefix(dest, offset).hexdigest()  # we hold every byte; the caller checks them
         _raise_for_status(response, url)
         if response.status_code != 206:
             offset = 0  # the server ignored the Range (or the file changed): start over
@@ -99,6 +114,7 @@ def _download_once(
         validator.save(response)
         if offset:
             reporter.status(f"resuming at {offset:,} of {total:,} bytes" if total else f"resuming at {offset:,} bytes")
+        digest = _hash_prefix(dest, offset) if offset else hashlib.sha256()
         reporter.begin(f"downloading {dest.name}", total, offset)
         try:
             with dest.open("ab" if offset else "wb") as handle:
@@ -106,6 +122,7 @@ def _download_once(
                 # Write each network read as it arrives (no re-chunking), so a cut loses nothing.
                 for block in response.iter_bytes():
                     handle.write(block)
+                    digest.update(block)
                     reporter.advance(len(block))
                     if not checked and handle.tell() >= len(MAGIC_BYTES):
                         checked = True
@@ -119,3 +136,4 @@ def _download_once(
             raise
         finally:
             reporter.end()
+    return digest.hexdigest()

@@ -130,13 +130,13 @@ class HfSource:
             target = staging / Path(name).name
             url = hf_hub_url(self.ref.repo, name, revision=self.ref.revision, endpoint=endpoint)
             try:
-                download(url, target, ctx.reporter, headers=headers,
+                actual = download(url, target, ctx.reporter, headers=headers,
                          check_space=lambda remaining: ensure_free_space(staging, remaining, ctx.settings.min_free_bytes))
             except AccessDenied:
                 raise AccessDenied(
                     f"{self.ref.repo} is gated or private on {endpoint} and needs an access token",
                     f"accept its license at {endpoint}/{self.ref.repo} and set HF_TOKEN to a token with access",
                 ) from None
-            sha = verify_file(target, expected_sha, sibling.size, ctx.reporter, f"{endpoint}/{self.ref.repo}/{name}")
+            sha = verify_file(target, expected_sha, sibling.size, ctx.reporter, f"{endpoint}/{self.ref.repo}/{name}", actual)
             fetched.append(FetchedFile(target, target.name, target.stat().st_size, sha, expected_sha is not None))
         return Fetched(fetched, f"from {endpoint}", cleanup=[staging])

@@ -48,11 +48,11 @@ class UrlSource:
         staging = ctx.store.partial_path(f"url:{ctx.expected.sha256 or self.url}")
         target = staging / self.filename
         ensure_free_space(staging, ctx.expected.size or 0, ctx.settings.min_free_bytes)
-        download(
+        actual = download(
             self.url,
             target,
             ctx.reporter,
             check_space=lambda remaining: ensure_free_space(staging, remaining, ctx.settings.min_free_bytes),
         )
-        sha = verify_file(target, ctx.expected.sha256, ctx.expected.size, ctx.reporter, self.url)
+        sha = verify_file(target, ctx.expected.sha256, ctx.expected.size, ctx.reporter, self.url, actual)
         return Fetched([FetchedFile(target, self.filename, target.stat().st_size, sha, bool(ctx.expected.sha256))], cleanup=[staging])
