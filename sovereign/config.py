@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from sovereign.errors import SovereignError
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 
@@ -19,6 +22,16 @@ def _default_home() -> Path:
     import platformdirs  # imported here so that merely importing config stays cheap
 
     return Path(platformdirs.user_data_dir("sovereign", appauthor=False))
+
+
+def _int_setting(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SovereignError(f"{name}={raw!r} is not a whole number", f"set {name} to a number of bytes or unset it") from None
 
 
 @dataclass(frozen=True)
@@ -52,7 +65,7 @@ class Settings:
         return self.home / "models.toml"
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from environment variables (os.environ unless given)."""
         env = os.environ if environ is None else environ
         home = env.get("SOVEREIGN_HOME")
@@ -63,7 +76,7 @@ class Settings:
             hf_mirrors=mirrors,
             hf_token=env.get("HF_TOKEN") or None,
             allow_http=env.get("SOVEREIGN_ALLOW_HTTP", "").lower() in {"1", "true", "yes"},
-            min_free_bytes=int(env.get("SOVEREIGN_MIN_FREE_BYTES", 256 * 1024 * 1024)),
+            min_free_bytes=_int_setting(env, "SOVEREIGN_MIN_FREE_BYTES", 256 * 1024 * 1024),
         )
 
     @classmethod

