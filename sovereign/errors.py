@@ -14,6 +14,7 @@ class to a status code and OpenAI's error envelope.
         ├── AccessDenied      a source that refused us (gated repository, bad token)
         ├── IntegrityError    bytes whose sha256 or size is not what was promised
         ├── NotGGUF           a file that is not a GGUF model
+        ├── InsecureSource    a source refused by policy (plain http beyond loopback)
         ├── InsufficientDisk  not enough free space for the download
         └── AllSourcesFailed  every source of a pull failed; carries each failure
 """
@@ -67,6 +68,10 @@ class IntegrityError(PullError):
 
 class NotGGUF(PullError):
     """A file that is not a GGUF model."""
+
+
+class InsecureSource(PullError):
+    """A source refused by policy: plain http beyond loopback, or a scheme other than http(s)."""
 
 
 class InsufficientDisk(PullError):

@@ -49,6 +49,7 @@ class FakeHub:
     """The hub's state: repositories and the request log."""
 
     repos: dict[str, FakeRepo] = field(default_factory=dict)
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> Location (302)
     log: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -93,6 +94,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         request = self._record()
+        if request.path.startswith("/portal/"):  # a captive portal: 200 and HTML for everything
+            body = b"<html><body>Please log in to continue</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            return None
+        if request.path in self.hub.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.hub.redirects[request.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         parts = request.path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             return self._model_info("/".join(parts[2:4]))

@@ -94,6 +94,16 @@ def test_mirror_option_is_tried_first(hub: FakeHubServer, tmp_path: Path, monkey
     assert result.manifest.source.detail == f"from {hub.url}"
 
 
+def test_plain_http_mirror_beyond_loopback_is_skipped_and_a_broken_hub_falls_through(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _serve(hub, tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://192.0.2.1")  # TEST-NET-1: refused before any connection
+    # A "mirror" answering HTML-ish garbage for the listing (a captive portal) must not stop the pull.
+    portal = f"{hub.url}/portal"
+    monkeypatch.setenv("SOVEREIGN_HF_MIRRORS", f"{portal},{hub.url}")
+    result = pull_in_process(f"hf.co/{REPO}:Q4_K_M")
+    assert result.manifest.source.detail == f"from {hub.url}"
+
+
 def test_every_mirror_blocked_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_ENDPOINT", _dead_endpoint())
     monkeypatch.setenv("SOVEREIGN_HF_MIRRORS", _dead_endpoint())

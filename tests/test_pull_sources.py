@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereign.errors import AllSourcesFailed, IntegrityError, InvalidReference, NotGGUF, SourceUnavailable
+from sovereign.errors import AllSourcesFailed, InsecureSource, IntegrityError, InvalidReference, NotGGUF, SourceUnavailable
 from sovereign.refs import parse_name
 from sovereign.store import PullOptions, Store
 from tests.conftest import pull_in_process, write_gguf
@@ -37,8 +37,16 @@ def test_direct_url_resumes_after_a_cut(hub: FakeHubServer, tmp_path: Path) -> N
 
 
 def test_plain_http_beyond_loopback_is_refused() -> None:
-    with pytest.raises(InvalidReference, match="refusing plain http"):
+    with pytest.raises(InsecureSource, match="refusing plain http to models.example.com"):
         pull_in_process("http://models.example.com/x.gguf")
+
+
+def test_a_redirect_to_plain_http_beyond_loopback_is_refused(hub: FakeHubServer, tmp_path: Path, isolated_home: Path) -> None:
+    _url(hub, tmp_path)
+    hub.hub.redirects["/web/files/resolve/main/moved.gguf"] = "http://192.0.2.1/x.gguf"  # TEST-NET-1: never contacted
+    with pytest.raises(InsecureSource, match="192.0.2.1"):
+        pull_in_process(f"{hub.url}/web/files/resolve/main/moved.gguf")
+    assert Store(isolated_home).list() == []
 
 
 def test_url_that_is_not_gguf_is_refused_early(hub: FakeHubServer, tmp_path: Path, isolated_home: Path) -> None:

@@ -61,6 +61,14 @@ def verify_file(
     return actual
 
 
+def partial_size(path: Path) -> int:
+    """Bytes of a download already on disk (0 if none), which a resume will not fetch again."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def ensure_free_space(folder: Path, needed: int, reserve: int) -> None:
     """Refuse a download that would not fit on folder's disk (keeping `reserve` bytes free)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,21 +1,59 @@
-"""A resumable HTTP(S) download into a partial file: Range requests, If-Range, retries, progress."""
+"""A resumable HTTP(S) download into a partial file: Range requests, If-Range, retries, progress.
+
+Plain http is refused on every hop, redirects included, unless the host is loopback or the user
+allowed it: a model fetched over plain http could be swapped in transit.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from sovereign.errors import AccessDenied, NotGGUF, SourceUnavailable
+from sovereign.errors import AccessDenied, InsecureSource, NotGGUF, SourceUnavailable
 from sovereign.store.gguf_header import MAGIC_BYTES
 from sovereign.store.progress import PullReporter
 
 RETRIES = 5
 TIMEOUT = httpx.Timeout(connect=15.0, read=60.0, write=60.0, pool=15.0)
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host names this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(url: httpx.URL | str, allow_http: bool) -> None:
+    """Refuse schemes other than https, and http beyond loopback unless allowed."""
+    url = httpx.URL(str(url))
+    if url.scheme == "https" or (url.scheme == "http" and (allow_http or is_loopback(url.host))):
+        return
+    what = "plain http" if url.scheme == "http" else f"{url.scheme}://"
+    raise InsecureSource(
+        f"refusing {what} to {url.host}: the model could be tampered with in transit",
+        "use https, or set SOVEREIGN_ALLOW_HTTP=1 if you trust this network",
+    )
+
+
+def make_client(allow_http: bool) -> httpx.Client:
+    """An httpx client that applies check_transport to every request, redirect hops included."""
+    return httpx.Client(
+        timeout=TIMEOUT,
+        follow_redirects=True,
+        event_hooks={"request": [lambda request: check_transport(request.url, allow_http)]},
+    )
 
 
 class _Validator:
@@ -27,7 +65,7 @@ class _Validator:
     def load(self) -> str | None:
         try:
             return json.loads(self.path.read_text()).get("validator")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             return None
 
     def save(self, response: httpx.Response) -> None:
@@ -43,43 +81,11 @@ def _raise_for_status(response: httpx.Response, url: str) -> None:
 
 
 def _total_size(response: httpx.Response, offset: int) -> int | None:
-    content_range = response.headers.get("content-range", "")
-    if "/" in content_range and content_range.rsplit("/", 1)[1].isdigit():
-        return int(content_range.rsplit("/", 1)[1])
+    match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+    if match and match[3] != "*":
+        return int(match[3])
     length = response.headers.get("content-length")
     return offset + int(length) if length and length.isdigit() else None
-
-
-def download(
-    url: str,
-    dest: Path,
-    reporter: PullReporter,
-    *,
-    headers: dict[str, str] | None = None,
-    check_space: Callable[[int], None] | None = None,
-    client: httpx.Client | None = None,
-) -> str:
-    """Download url into dest, resuming from dest's current size; retry broken transfers.
-
-    Returns the sha256 of the whole file, computed as the bytes arrive (no second read).
-    """
-    owned = client is None
-    client = client or httpx.Client(timeout=TIMEOUT, follow_redirects=True)
-    try:
-        for attempt in range(RETRIES + 1):
-            try:
-                return _download_once(client, url, dest, reporter, dict(headers or {}), check_space)
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout) as exc:
-                if attempt == RETRIES:
-                    raise SourceUnavailable(f"the transfer from {url} kept breaking ({type(exc).__name__})", "run the same pull again to resume") from None
-                reporter.status(f"transfer interrupted ({type(exc).__name__}); resuming")
-                time.sleep(min(2**attempt, 10) * 0.25)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                raise SourceUnavailable(f"cannot reach {httpx.URL(url).host} ({type(exc).__name__})", "check the network, or try another source") from None
-    finally:
-        if owned:
-            client.close()
-    raise AssertionError("unreachable")
 
 
 def _hash_prefix(path: Path, length: int) -> hashlib._Hash:
@@ -93,21 +99,61 @@ def _hash_prefix(path: Path, length: int) -> hashlib._Hash:
     return digest
 
 
+def download(
+    url: str,
+    dest: Path,
+    reporter: PullReporter,
+    *,
+    allow_http: bool = False,
+    headers: dict[str, str] | None = None,
+    check_space: Callable[[int], None] | None = None,
+) -> str:
+    """Download url into dest, resuming from dest's current size; retry broken transfers.
+
+    Returns the sha256 of the whole file, computed as the bytes arrive (no second read).
+    """
+    check_transport(url, allow_http)
+    host = httpx.URL(url).host
+    with make_client(allow_http) as client:
+        for attempt in range(RETRIES + 1):
+            try:
+                return _download_once(client, url, dest, reporter, dict(headers or {}), check_space)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout, httpx.WriteError, httpx.WriteTimeout) as exc:
+                if attempt == RETRIES:
+                    raise SourceUnavailable(f"the transfer from {host} kept breaking ({type(exc).__name__})", "run the same pull again to resume") from None
+                reporter.status(f"transfer interrupted ({type(exc).__name__}); resuming")
+                time.sleep(min(2**attempt, 10) * 0.25)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError) as exc:
+                raise SourceUnavailable(f"cannot reach {host} ({type(exc).__name__})", "check the network, or try another source") from None
+            except httpx.HTTPError as exc:  # redirect loops, odd protocols, bad encodings: this source is unusable
+                raise SourceUnavailable(f"{host} failed: {type(exc).__name__}", "try another source") from None
+    raise AssertionError("unreachable")
+
+
 def _download_once(
     client: httpx.Client, url: str, dest: Path, reporter: PullReporter, headers: dict[str, str], check_space: Callable[[int], None] | None
 ) -> str:
     validator = _Validator(dest)
+    previous = validator.load()
     offset = dest.stat().st_size if dest.exists() else 0
+    if offset and not previous:
+        offset = 0  # nothing proves the remote file is unchanged: splicing could corrupt it
+    # Identity encoding: the byte offsets on disk must be the server's byte offsets.
+    headers["Accept-Encoding"] = "identity"
     if offset:
         headers["Range"] = f"bytes={offset}-"
-        if previous := validator.load():
-            headers["If-Range"] = previous
+        headers["If-Range"] = previous or ""
     with client.stream("GET", url, headers=headers) as response:
         if response.status_code == 416 and offset:
-            return _hash_prefix(dest, offset).hexdigest()  # we hold every byte; the caller checks them
+            match = re.match(r"^bytes \*/(\d+)$", response.headers.get("content-range", ""))
+            if match and int(match[1]) == offset:
+                return _hash_prefix(dest, offset).hexdigest()  # we already hold every byte
+            dest.unlink()
+            raise httpx.RemoteProtocolError("the remote file changed size; starting over")
         _raise_for_status(response, url)
-        if response.status_code != 206:
-            offset = 0  # the server ignored the Range (or the file changed): start over
+        match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+        if response.status_code != 206 or not match or int(match[1]) != offset:
+            offset = 0  # the server ignored the Range, or the file changed: start over
         total = _total_size(response, offset)
         if check_space and total is not None:
             check_space(total - offset)
@@ -117,10 +163,12 @@ def _download_once(
         digest = _hash_prefix(dest, offset) if offset else hashlib.sha256()
         reporter.begin(f"downloading {dest.name}", total, offset)
         try:
-            with dest.open("ab" if offset else "wb") as handle:
+            with dest.open("r+b" if offset else "wb") as handle:
+                handle.seek(offset)
+                handle.truncate()
                 checked = offset > 0
                 # Write each network read as it arrives (no re-chunking), so a cut loses nothing.
-                for block in response.iter_bytes():
+                for block in response.iter_raw():
                     handle.write(block)
                     digest.update(block)
                     reporter.advance(len(block))
@@ -136,4 +184,6 @@ def _download_once(
             raise
         finally:
             reporter.end()
+    if total is not None and dest.stat().st_size != total:
+        raise httpx.RemoteProtocolError(f"got {dest.stat().st_size} of {total} bytes")
     return digest.hexdigest()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from sovereign.errors import AccessDenied, InsufficientDisk, PullError, SourceUnavailable
 from sovereign.refs import HfRef
-from sovereign.store.files import ensure_free_space, verify_file
-from sovereign.store.http_download import download
+from sovereign.store.files import ensure_free_space, partial_size, verify_file
+from sovereign.store.http_download import check_transport, download
 from sovereign.store.sources.base import SHARD_PATTERN, FetchContext, Fetched, FetchedFile, shard_siblings
 
 
@@ -48,6 +48,8 @@ def _hub_errors(endpoint: str, repo: str) -> Iterator[None]:
         raise SourceUnavailable(f"{endpoint} answered HTTP {status} for {repo}", "try again later or use another mirror") from None
     except (httpx2.HTTPError, OSError) as exc:
         raise SourceUnavailable(f"cannot reach {endpoint} ({type(exc).__name__})", "check the network, or add a mirror with --mirror") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # e.g. a captive portal's HTML instead of JSON
+        raise SourceUnavailable(f"{endpoint} did not answer like a Hugging Face hub ({type(exc).__name__})", "check the endpoint URL, or try another mirror") from None
 
 
 def choose_files(names: list[str], ref: HfRef) -> list[str]:
@@ -110,33 +112,40 @@ class HfSource:
         from huggingface_hub import HfApi, hf_hub_url
         from huggingface_hub.utils import build_hf_headers
 
+        check_transport(endpoint, ctx.settings.allow_http)  # the listing's hashes are only as safe as its transport
         token = ctx.settings.hf_token
         with _hub_errors(endpoint, self.ref.repo):
             info = HfApi(endpoint=endpoint, token=token).model_info(self.ref.repo, revision=self.ref.revision, files_metadata=True)
-        siblings = {s.rfilename: s for s in info.siblings or []}
+        try:
+            siblings = {s.rfilename: (int(s.size or 0), s.lfs.sha256 if s.lfs else None) for s in info.siblings or []}
+        except (AttributeError, TypeError, ValueError):
+            raise SourceUnavailable(f"{endpoint} sent a malformed listing for {self.ref.repo}", "try another mirror") from None
         names = choose_files(list(siblings), self.ref)
         missing = [n for n in names if n not in siblings]
         if missing:
             raise SourceUnavailable(f"{self.ref.repo} lacks split files {', '.join(missing)}", "the upload is incomplete; try another source")
-        staging = ctx.store.partial_path(f"hf:{self.ref.repo}@{self.ref.revision}")
-        ensure_free_space(staging, sum(siblings[n].size or 0 for n in names), ctx.settings.min_free_bytes)
+        # One staging folder per file (keyed by repository path, not endpoint): pulls of other files
+        # of the same repository never touch it, and a cut on one mirror resumes on the next.
+        stagings = {n: ctx.store.partial_path(f"hf:{self.ref.repo}@{self.ref.revision}/{n}") for n in names}
+        targets = {n: stagings[n] / Path(n).name for n in names}
+        first = stagings[names[0]]
+        ensure_free_space(first, sum(siblings[n][0] - partial_size(targets[n]) for n in names), ctx.settings.min_free_bytes)
         ctx.reporter.status(f"fetching {len(names)} file(s) from {endpoint}/{self.ref.repo}")
         headers = build_hf_headers(token=token, library_name="sovereign")
         fetched = []
         for name in names:
-            sibling = siblings[name]
-            catalog_sha = ctx.expected.sha256 if len(names) == 1 else None
-            expected_sha = catalog_sha or (sibling.lfs.sha256 if sibling.lfs else None)
-            target = staging / Path(name).name
+            size, lfs_sha = siblings[name]
+            expected_sha = (ctx.expected.sha256 if len(names) == 1 else None) or lfs_sha
+            target = targets[name]
             url = hf_hub_url(self.ref.repo, name, revision=self.ref.revision, endpoint=endpoint)
             try:
-                actual = download(url, target, ctx.reporter, headers=headers,
-                         check_space=lambda remaining: ensure_free_space(staging, remaining, ctx.settings.min_free_bytes))
+                actual = download(url, target, ctx.reporter, allow_http=ctx.settings.allow_http, headers=headers,
+                                  check_space=lambda remaining: ensure_free_space(first, remaining, ctx.settings.min_free_bytes))
             except AccessDenied:
                 raise AccessDenied(
                     f"{self.ref.repo} is gated or private on {endpoint} and needs an access token",
                     f"accept its license at {endpoint}/{self.ref.repo} and set HF_TOKEN to a token with access",
                 ) from None
-            sha = verify_file(target, expected_sha, sibling.size, ctx.reporter, f"{endpoint}/{self.ref.repo}/{name}", actual)
+            sha = verify_file(target, expected_sha, size or None, ctx.reporter, f"{endpoint}/{self.ref.repo}/{name}", actual)
             fetched.append(FetchedFile(target, target.name, target.stat().st_size, sha, expected_sha is not None))
-        return Fetched(fetched, f"from {endpoint}", cleanup=[staging])
+        return Fetched(fetched, f"from {endpoint}", cleanup=list(stagings.values()))
