@@ -58,15 +58,16 @@ def parse_name(text: str, default_tag: str = DEFAULT_TAG) -> ModelName:
     if not sep:
         base, tag = text, default_tag
     parts = tuple(base.split("/"))
-    if not base or not tag or any(not _COMPONENT.match(p) for p in (*parts, tag)):
+    # A part ending in ".json" would collide with a tag's manifest file of the same folder.
+    if not base or not tag or any(not _COMPONENT.match(p) or p.endswith(".json") for p in (*parts, tag)):
         raise _escape_error(text)
     return ModelName(parts, tag)
 
 
 def sanitize_tag(text: str) -> str:
     """Turn a file stem into a valid tag or name part (unknown characters become '-')."""
-    cleaned = re.sub(r"[^A-Za-z0-9._+-]", "-", text).lstrip(".-") or "model"
-    return cleaned
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]", "-", text)
+    return re.sub(r"^[^A-Za-z0-9_]+", "", cleaned).removesuffix(".json") or "model"
 
 
 @dataclass(frozen=True)

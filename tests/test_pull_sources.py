@@ -121,3 +121,19 @@ def test_all_sources_failing_lists_each(hub: FakeHubServer, isolated_home: Path)
     with pytest.raises(AllSourcesFailed) as caught:
         pull_in_process("test:gone")
     assert len(caught.value.failures) == 2
+
+
+def test_a_name_holding_another_source_is_not_silently_reused(tmp_path: Path) -> None:
+    first = write_gguf(tmp_path / "q4" / "model.gguf")
+    second = write_gguf(tmp_path / "q8" / "model.gguf", seed=1)
+    pull_in_process(str(first))
+    with pytest.raises(InvalidReference, match="already holds a model from"):
+        pull_in_process(str(second))
+    assert pull_in_process(str(second), options=PullOptions(name="model:q8")).manifest.name == "model:q8"
+
+
+def test_catalog_sha256_applies_to_local_sources_in_place(tiny_gguf: Path, isolated_home: Path) -> None:
+    _user_catalog(isolated_home, f'[models."loc:v1"]\nsha256 = "{"0" * 64}"\nsources = ["{tiny_gguf}"]\n')
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        pull_in_process("loc:v1")
+    assert tiny_gguf.exists(), "a user's own file is never deleted"

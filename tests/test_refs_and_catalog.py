@@ -89,3 +89,10 @@ def test_malformed_catalog_names_file_line_and_problem(settings: Settings, isola
     path.write_text('[models."a:b"]\nsources = ["gemma3:270m"]\n')
     with pytest.raises(CatalogError, match="sources"):
         load_catalog(settings)
+
+
+def test_derived_names_are_always_valid_names() -> None:
+    assert str(LocalRef(Path("/m/+plus.gguf")).default_name()) == "plus:latest"
+    assert str(UrlRef("https://h/x/--Odd Name.json.gguf").default_name()) == "odd-name:latest"
+    with pytest.raises(InvalidReference):
+        parse_name("a/b.json:c")

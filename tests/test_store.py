@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereign.errors import InsufficientDisk, ModelNotFound, NotGGUF
+from sovereign.errors import InsufficientDisk, ModelNotFound, NotGGUF, StoreError
 from sovereign.refs import parse_name
 from sovereign.store import PullOptions, Store
 from sovereign.store.gguf_header import read_gguf_info
@@ -54,3 +54,26 @@ def test_refuses_a_download_that_does_not_fit(hub: FakeHubServer, tmp_path: Path
         pull_in_process("hf.co/acme/m-GGUF:Q4_K_M")
     assert hub.hub.downloads("m-Q4_K_M.gguf") == [], "nothing is downloaded when it cannot fit"
     assert Store(isolated_home).list() == []
+
+
+def test_damaged_or_newer_manifests_never_lose_blobs_or_reach_outside(tiny_gguf: Path, tmp_path: Path, isolated_home: Path) -> None:
+    store = Store(isolated_home)
+    one = pull_in_process(str(tiny_gguf), options=PullOptions(copy_local=True, name="one:a")).manifest
+    pull_in_process(str(tiny_gguf), options=PullOptions(copy_local=True, name="two:a"))
+    # A newer sovereign wrote "two" with a schema this one cannot read: its blob must survive `rm one:a`.
+    two_path = isolated_home / "manifests" / "two" / "a.json"
+    two_path.write_text(two_path.read_text().replace('"schema": 1', '"schema": 2'))
+    (isolated_home / "manifests" / "zz").mkdir()
+    (isolated_home / "manifests" / "zz" / "x.json").write_text("[]")
+    assert [m.name for m in store.list()] == ["one:a"]
+    _, freed = store.remove(parse_name("one:a"))
+    assert freed == [] and store.blob_path(one.files[0].digest or "").exists()
+    # A manifest whose digest is a path elsewhere is treated as damaged, never followed.
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    evil = isolated_home / "manifests" / "ev" / "a.json"
+    evil.parent.mkdir()
+    evil.write_text(two_path.read_text().replace('"schema": 2', '"schema": 1').replace(one.files[0].digest or "", str(victim)))
+    with pytest.raises(StoreError, match="damaged"):
+        store.remove(parse_name("ev:a"))
+    assert victim.read_text() == "keep me"

@@ -120,19 +120,36 @@ def _read_one(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
                     value = stream.value(GGUFValueType(stream.unpack("I")), key in _KEEP_ARRAYS)
                     if value is not None:
                         metadata[key] = value
-                tensors = []
+                tensors, data_end = [], 0
                 for _ in range(tensor_count):
                     stream.skip_string()
                     dims = [stream.unpack("Q") for _ in range(stream.unpack("I"))]
                     ggml_type = stream.unpack("I")
-                    stream.unpack("Q")  # data offset
+                    offset = stream.unpack("Q")
                     elements = 1
                     for dim in dims:
                         elements *= dim
                     tensors.append((elements, ggml_type))
+                    data_end = max(data_end, offset + _tensor_bytes(elements, ggml_type))
+                alignment = int(metadata.get(Keys.General.ALIGNMENT, 32)) or 32
+                data_start = -(-stream.position // alignment) * alignment
             except (EOFError, ValueError, struct.error) as exc:
                 raise NotGGUF(f"{path.name} has a truncated or corrupt GGUF header ({type(exc).__name__})", "pull the model again") from None
+    if data_start + data_end > path.stat().st_size:
+        raise NotGGUF(
+            f"{path.name} is truncated: its tensors need {data_start + data_end:,} bytes, the file has {path.stat().st_size:,}",
+            "pull the model again",
+        )
     return metadata, tensors
+
+
+def _tensor_bytes(elements: int, ggml_type: int) -> int:
+    """Bytes a tensor occupies (0 for types this gguf version does not know)."""
+    try:
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        return 0
+    return elements // block_size * type_size
 
 
 def _quantization(metadata: dict[str, Any], tensors: list[tuple[int, int]]) -> str | None:

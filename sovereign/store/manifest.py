@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 1
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,15 @@ class Manifest:
     def loads(cls, text: str) -> Manifest:
         """Parse manifest text (raises ValueError/KeyError/TypeError when damaged)."""
         data = json.loads(text)
-        if data.get("schema") != SCHEMA_VERSION:
-            raise ValueError(f"unsupported manifest schema {data.get('schema')!r}")
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
+            raise ValueError("not a manifest of schema 1")
+        files = tuple(ModelFile(**f) for f in data["files"])
+        # A digest becomes a path under blobs/ and is deleted by rm: accept nothing but a digest.
+        if not files or any(not (f.digest and DIGEST.match(f.digest)) and not (f.path and f.digest is None) for f in files):
+            raise ValueError("a file entry has neither a valid digest nor an in-place path")
         return cls(
             name=data["name"],
-            files=tuple(ModelFile(**f) for f in data["files"]),
+            files=files,
             source=SourceRecord(**data["source"]),
             gguf=dict(data["gguf"]),
             pulled_at=data["pulled_at"],

@@ -10,7 +10,7 @@ from filelock import Timeout
 
 from sovereign.catalog import Catalog, ModelSpec
 from sovereign.config import Settings
-from sovereign.errors import AllSourcesFailed, InsufficientDisk, ModelNotFound, PullError
+from sovereign.errors import AllSourcesFailed, InsufficientDisk, InvalidReference, ModelNotFound, PullError
 from sovereign.refs import CatalogRef, ModelName, SourceRef, parse_name, parse_reference
 from sovereign.store.gguf_header import read_gguf_info
 from sovereign.store.manifest import Manifest, ModelFile, SourceRecord
@@ -78,6 +78,11 @@ def pull(
     try:
         existing = store.get(plan.name)
         if existing and not options.force and all(p.exists() for p in store.file_paths(existing)):
+            if plan.spec is None and existing.source.reference not in {make_source(s).describe() for s in plan.sources}:
+                raise InvalidReference(
+                    f"'{plan.name}' already holds a model from {existing.source.reference}",
+                    "choose another name with --name, or `sovereign rm` it first",
+                )
             return PullResult(existing, existing.source.reference, already_present=True)
         return _pull_locked(plan, settings, store, reporter, options)
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,7 +24,9 @@ from filelock import FileLock
 
 from sovereign.errors import ModelNotFound, StoreError
 from sovereign.refs import ModelName
-from sovereign.store.manifest import Manifest, ModelFile
+from sovereign.store.manifest import DIGEST, Manifest, ModelFile
+
+_ANY_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -63,6 +66,8 @@ class Store:
 
     def blob_path(self, digest: str) -> Path:
         """Where the blob with this 'sha256:<hex>' digest lives."""
+        if not DIGEST.match(digest):
+            raise StoreError(f"'{digest}' is not a sha256 digest", "the store is damaged; pull the model again")
         return self.blobs_dir / digest.replace(":", "-")
 
     def partial_path(self, key: str) -> Path:
@@ -85,7 +90,7 @@ class Store:
             return Manifest.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(f"the manifest of '{name}' is damaged ({exc})", f"run `sovereign rm {name}` and pull it again") from None
 
     def require(self, name: ModelName) -> Manifest:
@@ -101,7 +106,7 @@ class Store:
         for path in sorted(self.manifests_dir.rglob("*.json")) if self.manifests_dir.is_dir() else []:
             try:
                 manifests.append(Manifest.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
         return sorted(manifests, key=lambda m: m.name)
 
@@ -134,6 +139,9 @@ class Store:
         if target.exists() and target.stat().st_size == size:
             source.unlink()
         else:
+            # The bytes must be on disk before the manifest that points at them is published.
+            with source.open("rb") as handle:
+                os.fsync(handle.fileno())
             os.replace(source, target)
         return ModelFile(filename=source.name, size=size, digest=digest)
 
@@ -147,13 +155,26 @@ class Store:
         with self.lock("gc"):
             yield
 
+    def _referenced_digests(self) -> set[str]:
+        """Every digest any manifest mentions, read as text so a damaged or newer manifest still counts."""
+        found: set[str] = set()
+        for path in self.manifests_dir.rglob("*.json") if self.manifests_dir.is_dir() else []:
+            found.update(_ANY_DIGEST.findall(path.read_text(encoding="utf-8", errors="replace")))
+        return found
+
     def remove(self, name: ModelName) -> tuple[Manifest, list[str]]:
         """Delete a name; free its blobs unless another name still uses them."""
+        path = self.manifest_path(name)
         with self.gc_lock():
-            manifest = self.require(name)
-            self.manifest_path(name).unlink()
-            self._prune_empty_dirs(self.manifest_path(name).parent)
-            still_used = set().union(*(m.digests for m in self.list()))
+            try:
+                manifest = self.require(name)
+            except StoreError:
+                path.unlink()  # a damaged manifest can still be removed; its blobs wait for a later rm
+                self._prune_empty_dirs(path.parent)
+                raise StoreError(f"removed the damaged manifest of '{name}'; its files were kept", "pull the model again if you need it") from None
+            path.unlink()
+            self._prune_empty_dirs(path.parent)
+            still_used = self._referenced_digests()
             freed = sorted(manifest.digests - still_used)
             for digest in freed:
                 self.blob_path(digest).unlink(missing_ok=True)

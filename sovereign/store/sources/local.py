@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sovereign.errors import InvalidReference, SourceUnavailable
+from sovereign.errors import IntegrityError, InvalidReference, NotGGUF, SourceUnavailable
 from sovereign.refs import LocalRef
-from sovereign.store.files import CHUNK, ensure_free_space, verify_file
+from sovereign.store.files import CHUNK, ensure_free_space, sha256_file, verify_file
 from sovereign.store.gguf_header import has_gguf_magic
-from sovereign.errors import NotGGUF
 from sovereign.store.sources.base import SHARD_PATTERN, FetchContext, Fetched, FetchedFile, shard_siblings
 
 
@@ -49,8 +48,21 @@ class LocalSource:
             if not has_gguf_magic(file):
                 raise NotGGUF(f"{file} is not a GGUF file", "point at a .gguf model file")
         if not ctx.copy_local:
-            return Fetched([FetchedFile(f, f.name, f.stat().st_size, None, False, in_place=True) for f in files], "registered in place")
+            return Fetched([self._in_place(f, ctx, single=len(files) == 1) for f in files], "registered in place")
         return self._copy(ctx, files)
+
+    def _in_place(self, file: Path, ctx: FetchContext, single: bool) -> FetchedFile:
+        """Register a file where it is; check it against the catalog's promises (never deleting it)."""
+        size = file.stat().st_size
+        expected = ctx.expected if single else type(ctx.expected)()
+        if expected.size is not None and size != expected.size:
+            raise IntegrityError(f"{file} has {size} bytes, the catalog expects {expected.size}", "point at the right file")
+        if expected.sha256:
+            actual = sha256_file(file, ctx.reporter)
+            if actual != expected.sha256:
+                raise IntegrityError(f"sha256 mismatch for {file}: expected {expected.sha256[:12]}…, got {actual[:12]}…", "point at the right file")
+            return FetchedFile(file, file.name, size, actual, True, in_place=True)
+        return FetchedFile(file, file.name, size, None, False, in_place=True)
 
     def _copy(self, ctx: FetchContext, files: list[Path]) -> Fetched:
         staging = ctx.store.partial_path(f"local:{self.path}")
@@ -67,6 +79,6 @@ class LocalSource:
             finally:
                 ctx.reporter.end()
             expected = ctx.expected.sha256 if len(files) == 1 else None
-            sha = verify_file(target, expected, None, ctx.reporter, str(file))
+            sha = verify_file(target, expected, ctx.expected.size if len(files) == 1 else None, ctx.reporter, str(file))
             fetched.append(FetchedFile(target, file.name, target.stat().st_size, sha, bool(expected)))
         return Fetched(fetched, "copied into the store", cleanup=[staging])

