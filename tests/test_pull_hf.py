@@ -87,11 +87,13 @@ def test_falls_back_to_the_next_mirror_when_one_is_blocked(hub: FakeHubServer, t
     assert result.manifest.source.detail == f"from {hub.url}"
 
 
-def test_mirror_option_is_tried_first(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mirror_option_is_tried_first_and_never_sees_the_token(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _serve(hub, tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", _dead_endpoint())
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
     result = pull_in_process(f"hf.co/{REPO}:Q4_K_M", options=PullOptions(mirrors=(hub.url,)))
     assert result.manifest.source.detail == f"from {hub.url}"
+    assert hub.hub.log and all(r.authorization is None for r in hub.hub.log)
 
 
 def test_plain_http_mirror_beyond_loopback_is_skipped_and_a_broken_hub_falls_through(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -113,7 +113,9 @@ class HfSource:
         from huggingface_hub.utils import build_hf_headers
 
         check_transport(endpoint, ctx.settings.allow_http)  # the listing's hashes are only as safe as its transport
-        token = ctx.settings.hf_token
+        # The token goes to HF_ENDPOINT only: a third-party mirror never sees the user's credentials.
+        # (False tells huggingface-hub not to fall back to a cached token either.)
+        token: str | bool | None = ctx.settings.hf_token if endpoint == ctx.settings.hf_endpoint else False
         with _hub_errors(endpoint, self.ref.repo):
             info = HfApi(endpoint=endpoint, token=token).model_info(self.ref.repo, revision=self.ref.revision, files_metadata=True)
         try:
