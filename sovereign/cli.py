@@ -15,7 +15,7 @@ from rich.console import Console
 from sovereign.catalog import Catalog, load_catalog
 from sovereign.config import Settings
 from sovereign.errors import SovereignError
-from sovereign.refs import parse_name
+from sovereign.refs import ModelName, parse_name
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -69,7 +69,7 @@ class Core:
             self._catalog = load_catalog(self.settings)
         return self._catalog
 
-    def resolve_name(self, text: str) -> Any:
+    def resolve_name(self, text: str) -> ModelName:
         """A store name, following catalog aliases."""
         name = parse_name(text)
         return self.catalog.canonical(name) if self.store.get(name) is None else name
