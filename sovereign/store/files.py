@@ -22,8 +22,8 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
-def sha256_file(path: Path, reporter: PullReporter, label: str = "verifying") -> str:
-    """The sha256 hex digest of a file, reporting bytes hashed."""
+def sha256_of(path: Path, reporter: PullReporter, label: str = "verifying") -> hashlib._Hash:
+    """A sha256 object fed with the whole file (a resumed download keeps updating it), reporting bytes hashed."""
     digest = hashlib.sha256()
     reporter.begin(f"{label} {path.name}", path.stat().st_size)
     try:
@@ -33,7 +33,12 @@ def sha256_file(path: Path, reporter: PullReporter, label: str = "verifying") ->
                 reporter.advance(len(block))
     finally:
         reporter.end()
-    return digest.hexdigest()
+    return digest
+
+
+def sha256_file(path: Path, reporter: PullReporter, label: str = "verifying") -> str:
+    """The sha256 hex digest of a file, reporting bytes hashed."""
+    return sha256_of(path, reporter, label).hexdigest()
 
 
 def verify_file(

@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 
 from sovereign.errors import AccessDenied, InsecureSource, NotGGUF, SourceUnavailable
+from sovereign.store.files import sha256_of
 from sovereign.store.gguf_header import MAGIC_BYTES
-from sovereign.store.progress import PullReporter
+from sovereign.store.progress import NullReporter, PullReporter
 
 RETRIES = 5
 TIMEOUT = httpx.Timeout(connect=15.0, read=60.0, write=60.0, pool=15.0)
@@ -88,17 +89,6 @@ def _total_size(response: httpx.Response, offset: int) -> int | None:
     return offset + int(length) if length and length.isdigit() else None
 
 
-def _hash_prefix(path: Path, length: int) -> hashlib._Hash:
-    """A sha256 object fed with the first `length` bytes of path (the part a resume keeps)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        remaining = length
-        while remaining and (block := handle.read(min(remaining, 8 * 1024 * 1024))):
-            digest.update(block)
-            remaining -= len(block)
-    return digest
-
-
 def download(
     url: str,
     dest: Path,
@@ -136,18 +126,18 @@ def _download_once(
     validator = _Validator(dest)
     previous = validator.load()
     offset = dest.stat().st_size if dest.exists() else 0
-    if offset and not previous:
-        offset = 0  # nothing proves the remote file is unchanged: splicing could corrupt it
     # Identity encoding: the byte offsets on disk must be the server's byte offsets.
     headers["Accept-Encoding"] = "identity"
-    if offset:
+    if offset and previous:
         headers["Range"] = f"bytes={offset}-"
-        headers["If-Range"] = previous or ""
+        headers["If-Range"] = previous
+    else:
+        offset = 0  # nothing proves the remote file is unchanged: splicing could corrupt it
     with client.stream("GET", url, headers=headers) as response:
         if response.status_code == 416 and offset:
             match = re.match(r"^bytes \*/(\d+)$", response.headers.get("content-range", ""))
             if match and int(match[1]) == offset:
-                return _hash_prefix(dest, offset).hexdigest()  # we already hold every byte
+                return sha256_of(dest, NullReporter()).hexdigest()  # we already hold every byte
             dest.unlink()
             raise httpx.RemoteProtocolError("the remote file changed size; starting over")
         _raise_for_status(response, url)
@@ -160,25 +150,23 @@ def _download_once(
         validator.save(response)
         if offset:
             reporter.status(f"resuming at {offset:,} of {total:,} bytes" if total else f"resuming at {offset:,} bytes")
-        digest = _hash_prefix(dest, offset) if offset else hashlib.sha256()
+        # The resumed part is the whole partial file: hash it once, then keep feeding new bytes.
+        digest = sha256_of(dest, NullReporter()) if offset else hashlib.sha256()
         reporter.begin(f"downloading {dest.name}", total, offset)
         try:
             with dest.open("r+b" if offset else "wb") as handle:
                 handle.seek(offset)
                 handle.truncate()
-                checked = offset > 0
+                head = b"" if offset == 0 else MAGIC_BYTES  # a resumed file was checked when it began
                 # Write each network read as it arrives (no re-chunking), so a cut loses nothing.
                 for block in response.iter_raw():
+                    if len(head) < len(MAGIC_BYTES):
+                        head += block[: len(MAGIC_BYTES) - len(head)]
+                        if not MAGIC_BYTES.startswith(head):
+                            raise NotGGUF(f"{url} does not serve a GGUF file", "point at a .gguf model file")
                     handle.write(block)
                     digest.update(block)
                     reporter.advance(len(block))
-                    if not checked and handle.tell() >= len(MAGIC_BYTES):
-                        checked = True
-                        handle.flush()
-                        with dest.open("rb") as head:
-                            magic = head.read(len(MAGIC_BYTES))
-                        if magic != MAGIC_BYTES:
-                            raise NotGGUF(f"{url} does not serve a GGUF file", "point at a .gguf model file")
         except NotGGUF:
             dest.unlink(missing_ok=True)
             raise

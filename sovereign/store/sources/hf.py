@@ -4,8 +4,8 @@ huggingface-hub lists the repository (`model_info(files_metadata=True)` gives ea
 and LFS sha256, so every Hugging Face pull is verified even when the catalog knows no hash),
 builds the download URLs and the auth headers (HF_TOKEN), and its exceptions tell gated from
 missing. The bytes go through our resumable downloader: huggingface-hub 2.x deletes its partial
-file when a transfer fails, so a Ctrl-C would start over. Staging is keyed by repository, not
-endpoint, so a download cut on one mirror resumes from the next.
+file when a transfer fails, so a Ctrl-C would start over. Staging is keyed by repository file,
+not endpoint, so a download cut on one mirror resumes from the next.
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ class HfSource:
         # of the same repository never touch it, and a cut on one mirror resumes on the next.
         stagings = {n: ctx.store.partial_path(f"hf:{self.ref.repo}@{self.ref.revision}/{n}") for n in names}
         targets = {n: stagings[n] / Path(n).name for n in names}
-        first = stagings[names[0]]
-        ensure_free_space(first, sum(siblings[n][0] - partial_size(targets[n]) for n in names), ctx.settings.min_free_bytes)
+        # The listing gives every size, so one check up front covers the whole (possibly split) model.
+        ensure_free_space(stagings[names[0]], sum(siblings[n][0] - partial_size(targets[n]) for n in names), ctx.settings.min_free_bytes)
         ctx.reporter.status(f"fetching {len(names)} file(s) from {endpoint}/{self.ref.repo}")
         headers = build_hf_headers(token=token, library_name="sovereign")
         fetched = []
@@ -141,8 +141,7 @@ class HfSource:
             target = targets[name]
             url = hf_hub_url(self.ref.repo, name, revision=self.ref.revision, endpoint=endpoint)
             try:
-                actual = download(url, target, ctx.reporter, allow_http=ctx.settings.allow_http, headers=headers,
-                                  check_space=lambda remaining: ensure_free_space(first, remaining, ctx.settings.min_free_bytes))
+                actual = download(url, target, ctx.reporter, allow_http=ctx.settings.allow_http, headers=headers)
             except AccessDenied:
                 raise AccessDenied(
                     f"{self.ref.repo} is gated or private on {endpoint} and needs an access token",

