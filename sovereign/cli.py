@@ -161,7 +161,86 @@ def catalog(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for
         out.print(catalog_table(cat))
 
 
+def _engine_options(ctx: int | None, gpu_layers: int | None, threads: int | None, max_models: int, keep_alive: str) -> Any:
+    from sovereign.launch import EngineOptions, parse_keep_alive
+
+    return EngineOptions(ctx=ctx, gpu_layers=gpu_layers, threads=threads, max_models=max_models, keep_alive=parse_keep_alive(keep_alive))
+
+
+CtxOption = Annotated[int | None, typer.Option("--ctx", help="Context length in tokens (default: the model's, capped by free memory).")]
+GpuLayersOption = Annotated[int | None, typer.Option("--gpu-layers", help="Layers to offload to the GPU (default: as many as fit; 0 for CPU only).")]
+ThreadsOption = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: the number of physical cores).")]
+
+
+@app.command()
+@friendly_errors
+def serve(
+    models: Annotated[list[str] | None, typer.Argument(help="Models to load at start (default: the catalog's default). Others load on demand.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes the server to your network.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default 11800).")] = None,
+    api_key: Annotated[list[str], typer.Option("--api-key", envvar="SOVEREIGN_API_KEY", help="Require this key (Authorization: Bearer or x-api-key); repeatable.")] = [],  # noqa: B006
+    cors_origin: Annotated[list[str], typer.Option("--cors-origin", help="Allow browser requests from this origin (repeatable; '*' for any).")] = [],  # noqa: B006
+    ctx: CtxOption = None,
+    gpu_layers: GpuLayersOption = None,
+    threads: ThreadsOption = None,
+    keep_alive: Annotated[str, typer.Option("--keep-alive", help="Unload a model idle this long (30s, 5m, 1h; -1 never). Models named here stay loaded.")] = "5m",
+    max_models: Annotated[int, typer.Option("--max-models", help="Models kept loaded at once; the least recently used is unloaded.")] = 1,
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API."""
+    import uvicorn
+
+    from sovereign.launch import DEFAULT_PORT, build_pool, check_port_free, ensure_pulled
+    from sovereign.server.app import ServerOptions, create_app
+
+    core = Core()
+    port = DEFAULT_PORT if port is None else port
+    options = _engine_options(ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive)
+    check_port_free(host, port)
+    names = [ensure_pulled(m, core.settings, core.store, core.catalog, err) for m in models or [str(core.catalog.default)]]
+    pool = build_pool(core.store, core.catalog, options)
+    server_app = create_app(pool, ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names)))
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine can use it", highlight=False)
+    shown = f"[{host}]" if ":" in host else host
+    err.print(f"[green]✓[/] serving {', '.join(names)} at [bold]http://{shown}:{port}/v1[/] (OpenAI base_url; Ctrl-C stops)", highlight=False)
+    uvicorn.run(server_app, host=host, port=port, log_level=os.environ.get("SOVEREIGN_LOG_LEVEL", "warning").lower(), access_log=False)
+
+
+@app.command()
+@friendly_errors
+def run(
+    model: Annotated[str, typer.Argument(help="A pulled model or a catalog name (pulled first if missing).")],
+    prompt: Annotated[str | None, typer.Argument(help="Answer this and exit; without it, chat interactively (or read stdin when piped).")] = None,
+    system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
+    temperature: Annotated[float, typer.Option(min=0, max=2)] = 0.8,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Stop each answer after this many tokens.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed, for repeatable answers.")] = None,
+    ctx: CtxOption = None,
+    gpu_layers: GpuLayersOption = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Chat with a model in the terminal, or answer one prompt."""
+    from sovereign.chat_repl import run_interactive, run_once
+    from sovereign.engine import SamplingParams
+    from sovereign.launch import build_pool, ensure_pulled
+
+    core = Core()
+    name = ensure_pulled(model, core.settings, core.store, core.catalog, err)
+    pool = build_pool(core.store, core.catalog, _engine_options(ctx, gpu_layers, threads, 1, "-1"))
+    sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if prompt is not None:
+        run_once(pool, name, prompt, sampling, system)
+    else:
+        run_interactive(pool, name, sampling, system, err)
+
+
 def main() -> None:
     """Console-script entry point."""
-    logging.basicConfig(level=os.environ.get("SOVEREIGN_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr)
+    level = os.environ.get("SOVEREIGN_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(level=level, stream=sys.stderr)
+    if logging.getLevelName(level) not in (logging.DEBUG, logging.INFO):
+        # llama.cpp's own chatter (tensor loading, cache sizes) only when asked for.
+        logging.getLogger("sovereign.llama_cpp").setLevel(logging.CRITICAL)
     app()

@@ -17,6 +17,10 @@ class to a status code and OpenAI's error envelope.
         ├── InsecureSource    a source refused by policy (plain http beyond loopback)
         ├── InsufficientDisk  not enough free space for the download
         └── AllSourcesFailed  every source of a pull failed; carries each failure
+    └── EngineError           inference could not run
+        ├── ModelLoadError    a model file llama.cpp cannot load (corrupt, too big for memory)
+        ├── InvalidRequest    a request the engine cannot honour (bad schema, bad parameter)
+        └── ContextLengthExceeded  a prompt longer than the model's context
 """
 
 from __future__ import annotations
@@ -84,3 +88,31 @@ class AllSourcesFailed(PullError):
     def __init__(self, message: str, hint: str | None, failures: list[tuple[str, PullError]]) -> None:
         super().__init__(message, hint)
         self.failures = failures
+
+
+class EngineError(SovereignError):
+    """Inference could not run."""
+
+
+class ModelLoadError(EngineError):
+    """A model that llama.cpp could not load: a corrupt file, or not enough memory."""
+
+
+class InvalidRequest(EngineError):
+    """A request the engine cannot honour; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.param = param
+
+
+class ContextLengthExceeded(EngineError):
+    """A prompt that does not fit in the model's context window."""
+
+    def __init__(self, prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"this model's context is {n_ctx} tokens, but the prompt has {prompt_tokens} tokens",
+            "shorten the prompt or start the server with a larger --ctx",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.n_ctx = n_ctx

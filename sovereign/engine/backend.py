@@ -1,0 +1,354 @@
+"""The only module that talks to llama.cpp: load a model, tokenize, decode, sample, embed.
+
+Everything here is synchronous and single-threaded per model: one runner thread owns a
+LlamaBackend and calls it. llama-cpp-python's low-level bindings are used directly (its
+high-level `Llama` class keeps whole-vocabulary score arrays per position, which costs
+gigabytes for a 262k-token vocabulary when logprobs are wanted).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sovereign.engine import resources
+from sovereign.engine.requests import SamplingParams, TokenLogprob
+from sovereign.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError
+
+log = logging.getLogger(__name__)
+llama_log = logging.getLogger("sovereign.llama_cpp")
+
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_log_callback = None
+EMBEDDING_CTX = 2048  # kept referenced: llama.cpp holds a raw pointer to it
+
+
+def route_llama_logs() -> None:
+    """Send llama.cpp's log lines to Python logging instead of raw stderr, so a server's output stays readable."""
+    global _log_callback
+    import llama_cpp
+
+    if _log_callback is not None:
+        return
+    last = [logging.INFO]
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        last[0] = _GGML_LEVELS.get(level, last[0])
+        if llama_log.isEnabledFor(last[0]):
+            llama_log.log(last[0], text.decode("utf-8", "replace").rstrip("\n"))
+
+    _log_callback = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model; None means choose automatically."""
+
+    n_ctx: int | None = None
+    n_gpu_layers: int | None = None
+    n_threads: int | None = None
+    n_batch: int = 512
+    preferred_ctx: int | None = None  # the catalog's suggestion, used when n_ctx is None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token."""
+
+    token: int
+    piece: bytes
+    logprob: TokenLogprob | None
+    end_of_generation: bool  # an end-of-turn / end-of-sequence token (its piece is not shown)
+
+
+class LlamaBackend:
+    """A loaded model and its context, driven by one thread."""
+
+    def __init__(self, path: Path, options: LoadOptions) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        route_llama_logs()
+        self._llama = llama_cpp
+        self.path = path
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_mmap = True
+        # A first, CPU-only look at the model's shape decides the context and GPU split.
+        n_gpu_layers = options.n_gpu_layers
+        try:
+            probe_params = llama_cpp.llama_model_default_params()
+            probe_params.n_gpu_layers = 0
+            probe_params.vocab_only = True
+            probe = _internals.LlamaModel(path_model=str(path), params=probe_params, verbose=True)
+        except (ValueError, OSError) as exc:
+            raise ModelLoadError(f"llama.cpp could not read {path.name}: {exc}", "the file may be corrupt: pull it again with --force") from None
+        metadata = probe.metadata()
+        probe.close()
+        arch = metadata.get("general.architecture", "")
+        self.n_ctx_train = int(metadata.get(f"{arch}.context_length", 0) or 4096)
+        n_layers = int(metadata.get(f"{arch}.block_count", 0) or 0)
+        kv_per_token = _kv_bytes_per_token(metadata, arch, n_layers)
+        self.n_ctx = options.n_ctx or resources.default_context(self.n_ctx_train, options.preferred_ctx, kv_per_token)
+        model_bytes = sum(p.stat().st_size for p in _model_files(path))
+        if n_gpu_layers is None:
+            n_gpu_layers = resources.auto_gpu_layers(model_bytes, n_layers, kv_per_token * self.n_ctx)
+        model_params.n_gpu_layers = n_gpu_layers
+        self.n_gpu_layers = min(n_gpu_layers, n_layers + 1) if n_gpu_layers >= 0 else n_layers + 1
+        self.n_layers = n_layers
+        try:
+            self.model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=True)
+        except (ValueError, OSError) as exc:
+            raise ModelLoadError(f"llama.cpp could not load {path.name}: {exc}", "the file may be corrupt (pull it again with --force) or too big for this machine's memory") from None
+        self.metadata = self.model.metadata()
+        self.vocab = self.model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_threads = options.n_threads or resources.physical_cores()
+        self.n_batch = options.n_batch
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = self.n_ctx
+        ctx_params.n_batch = self.n_batch
+        ctx_params.n_ubatch = self.n_batch
+        ctx_params.n_seq_max = 1
+        ctx_params.n_threads = self.n_threads
+        ctx_params.n_threads_batch = self.n_threads
+        ctx_params.no_perf = True
+        try:
+            self.ctx = _internals.LlamaContext(model=self.model, params=ctx_params, verbose=True)
+        except ValueError:
+            self.model.close()
+            raise ModelLoadError(
+                f"llama.cpp could not allocate a {self.n_ctx}-token context for {path.name}",
+                "not enough memory: start the server with a smaller --ctx",
+            ) from None
+        self.n_ctx = self.ctx.n_ctx()
+        self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._embedding_ctx: object | None = None
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self._piece_buffer = ctypes.create_string_buffer(256)
+        log.info(
+            "loaded %s: ctx %d (trained %d), %d threads, %d/%d layers on GPU",
+            path.name, self.n_ctx, self.n_ctx_train, self.n_threads, self.n_gpu_layers if model_params.n_gpu_layers else 0, n_layers + 1,
+        )
+
+    # --- vocabulary -----------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        """Token ids for text; `special` lets control-token text (e.g. <end_of_turn>) become control tokens."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buffer = (self._llama.llama_token * capacity)()
+        count = self._llama.llama_tokenize(self.vocab, data, len(data), buffer, capacity, False, special)
+        if count < 0:
+            capacity = -count
+            buffer = (self._llama.llama_token * capacity)()
+            count = self._llama.llama_tokenize(self.vocab, data, len(data), buffer, capacity, False, special)
+        return list(buffer[:count])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes a token stands for (control tokens are empty unless `special`)."""
+        size = self._llama.llama_token_to_piece(self.vocab, token, self._piece_buffer, len(self._piece_buffer), 0, special)
+        if size < 0:
+            buffer = ctypes.create_string_buffer(-size)
+            size = self._llama.llama_token_to_piece(self.vocab, token, buffer, -size, 0, special)
+            return buffer.raw[:size]
+        return self._piece_buffer.raw[:size]
+
+    def token_text(self, token: int) -> str:
+        """A token as text, control tokens spelled out (for logprobs)."""
+        return self.piece(token, special=True).decode("utf-8", "replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        """End-of-turn or end-of-sequence: the model says it is done."""
+        return bool(self._llama.llama_vocab_is_eog(self.vocab, token))
+
+    def end_of_generation_tokens(self) -> list[int]:
+        """Every end-of-generation token in the vocabulary (to ban them for ignore_eos)."""
+        return [t for t in range(self.n_vocab) if self._llama.llama_vocab_is_eog(self.vocab, t)]
+
+    def with_bos(self, tokens: list[int]) -> list[int]:
+        """Prepend BOS when the model wants one and the prompt lacks it."""
+        if self.add_bos and self.bos >= 0 and (not tokens or tokens[0] != self.bos):
+            return [self.bos, *tokens]
+        return tokens
+
+    # --- generation -----------------------------------------------------------------
+
+    def check_fits(self, prompt_tokens: int) -> None:
+        """Refuse a prompt that leaves no room to generate a single token."""
+        if prompt_tokens >= self.n_ctx:
+            raise ContextLengthExceeded(prompt_tokens, self.n_ctx)
+
+    def generate(self, prompt: list[int], params: SamplingParams, cancelled: Callable[[], bool]) -> Iterator[Step]:
+        """Decode the prompt, then sample tokens until end of generation, the budget, or the context's end."""
+        self.check_fits(len(prompt))
+        sampler = self._sampler(params)
+        try:
+            self.ctx.kv_cache_clear()
+            for start in range(0, len(prompt), self.n_batch):
+                if cancelled():
+                    return
+                self._decode(prompt[start : start + self.n_batch], start)
+            position = len(prompt)
+            budget = self.n_ctx - position
+            if params.max_tokens is not None:
+                budget = min(budget, params.max_tokens)
+            for _ in range(budget):
+                if cancelled():
+                    return
+                logprob_row = self._logprob_row() if params.logprobs is not None else None
+                token = self._llama.llama_sampler_sample(sampler.sampler, self.ctx.ctx, -1)
+                end = self.is_end_of_generation(token)
+                yield Step(token, b"" if end else self.piece(token), self._logprob(logprob_row, token, params.logprobs), end)
+                if end:
+                    return
+                self._decode([token], position)
+                position += 1
+        finally:
+            sampler.close()
+
+    def _decode(self, tokens: list[int], start: int) -> None:
+        """Run tokens through the model at positions start…, keeping logits for the last one."""
+        self._batch.set_batch(tokens, start, logits_all=False)
+        status = self._llama.llama_decode(self.ctx.ctx, self._batch.batch)
+        if status != 0:
+            raise ModelLoadError(f"llama.cpp failed to decode (status {status})", "the context may be full or memory short: try a smaller --ctx")
+
+    def _sampler(self, params: SamplingParams):  # -> _internals.LlamaSampler
+        """A llama.cpp sampler chain in llama-server's order: bias, penalties, grammar, truncation, temperature, draw."""
+        from llama_cpp import _internals
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        sampler = _internals.LlamaSampler()
+        bias = dict(params.logit_bias)
+        if params.ignore_eos:
+            bias.update({t: float("-inf") for t in self.end_of_generation_tokens()})
+        for token in bias:
+            if not 0 <= token < self.n_vocab:
+                raise InvalidRequest(f"logit_bias names token {token}, outside this model's vocabulary of {self.n_vocab}", "logit_bias")
+        if bias:
+            sampler.add_logit_bias(self.n_vocab, bias)
+        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            sampler.add_penalties(self.n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
+        if params.grammar:
+            grammar_sampler = self._llama.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
+            if not grammar_sampler:
+                sampler.close()
+                raise InvalidRequest("the output constraint could not be compiled to a grammar", "response_format")
+            self._llama.llama_sampler_chain_add(sampler.sampler, grammar_sampler)
+        if params.temperature <= 0:
+            sampler.add_greedy()
+            return sampler
+        if params.top_k > 0:
+            sampler.add_top_k(params.top_k)
+        if params.top_p < 1.0:
+            sampler.add_top_p(params.top_p, 1)
+        if params.min_p > 0:
+            sampler.add_min_p(params.min_p, 1)
+        sampler.add_temp(params.temperature)
+        sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
+        return sampler
+
+    def _logprob_row(self) -> np.ndarray:
+        """Log-softmax of the last position's logits (the model's own distribution, before sampling)."""
+        pointer = self._llama.llama_get_logits_ith(self.ctx.ctx, -1)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float64)
+        shifted = logits - logits.max()
+        return shifted - np.log(np.exp(shifted).sum())
+
+    def _logprob(self, row: np.ndarray | None, token: int, top_n: int | None) -> TokenLogprob | None:
+        if row is None:
+            return None
+        top: list[tuple[str, list[int], float]] = []
+        if top_n:
+            best = np.argpartition(row, -top_n)[-top_n:]
+            for alt in sorted(best, key=lambda t: -row[t]):
+                raw = self.piece(int(alt), special=True)
+                top.append((raw.decode("utf-8", "replace"), list(raw), float(row[alt])))
+        raw = self.piece(token, special=True)
+        return TokenLogprob(raw.decode("utf-8", "replace"), list(raw), float(row[token]), top)
+
+    # --- embeddings -----------------------------------------------------------------
+
+    def embed(self, text: str) -> tuple[list[float], int]:
+        """A mean-pooled, L2-normalised embedding of text, and its token count."""
+        context = self._embedding_context()
+        tokens = self.with_bos(self.tokenize(text, special=False))
+        if len(tokens) > context.n_ctx():
+            raise ContextLengthExceeded(len(tokens), context.n_ctx())
+        if not tokens:
+            raise InvalidRequest("cannot embed an empty string", "input")
+        context.kv_cache_clear()
+        from llama_cpp import _internals
+
+        batch = _internals.LlamaBatch(n_tokens=len(tokens), embd=0, n_seq_max=1, verbose=False)
+        try:
+            batch.set_batch(tokens, 0, logits_all=True)
+            if self._llama.llama_decode(context.ctx, batch.batch) != 0:
+                raise ModelLoadError("llama.cpp failed to compute the embedding", None)
+            pointer = self._llama.llama_get_embeddings_seq(context.ctx, 0)
+            vector = np.ctypeslib.as_array(pointer, shape=(self._llama.llama_model_n_embd(self.model.model),)).astype(np.float64)
+        finally:
+            batch.close()
+        norm = float(np.linalg.norm(vector)) or 1.0
+        return (vector / norm).tolist(), len(tokens)
+
+    def _embedding_context(self):  # -> _internals.LlamaContext
+        """A second context for embeddings (mean pooling), made on first use."""
+        if self._embedding_ctx is None:
+            from llama_cpp import _internals
+
+            params = self._llama.llama_context_default_params()
+            # The output buffer is n_ubatch x vocabulary floats: keep it small (262k-token vocabularies exist).
+            params.n_ctx = min(self.n_ctx, EMBEDDING_CTX)
+            params.n_batch = params.n_ctx
+            params.n_ubatch = min(params.n_ctx, 512)
+            params.n_seq_max = 1
+            params.n_threads = params.n_threads_batch = self.n_threads
+            params.embeddings = True
+            params.pooling_type = self._llama.LLAMA_POOLING_TYPE_MEAN
+            params.no_perf = True
+            self._embedding_ctx = _internals.LlamaContext(model=self.model, params=params, verbose=True)
+        return self._embedding_ctx  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Free the contexts and the model (in that order)."""
+        for resource in (self._embedding_ctx, self._batch, self.ctx, self.model):
+            if resource is not None:
+                resource.close()  # type: ignore[attr-defined]
+        self._embedding_ctx = None
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The file and, for a split GGUF, its sibling shards."""
+    if "-00001-of-" in path.name:
+        stem = path.name.split("-00001-of-")[0]
+        return sorted(path.parent.glob(f"{stem}-*-of-*.gguf"))
+    return [path]
+
+
+def _kv_bytes_per_token(metadata: dict[str, str], arch: str, n_layers: int) -> int:
+    """f16 K and V bytes per token of context, from the GGUF's attention shape."""
+
+    def number(key: str, default: int = 0) -> int:
+        try:
+            return int(metadata.get(f"{arch}.{key}", default))
+        except ValueError:
+            return default  # per-layer arrays: fall back to the first figure we know
+
+    heads = number("attention.head_count", 1) or 1
+    kv_heads = number("attention.head_count_kv", heads) or heads
+    embd = number("embedding_length", 0)
+    key_length = number("attention.key_length", embd // heads if embd else 128)
+    value_length = number("attention.value_length", key_length)
+    return n_layers * kv_heads * (key_length + value_length) * 2

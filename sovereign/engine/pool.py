@@ -1,0 +1,166 @@
+"""Which models are loaded: load on demand, keep at most N (least recently used goes), unload when idle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from sovereign.catalog import Catalog, ModelSpec
+from sovereign.engine.backend import LlamaBackend, LoadOptions
+from sovereign.engine.chat_template import FALLBACK_STOPS, FALLBACK_TEMPLATE, ChatTemplate
+from sovereign.engine.runner import SerialRunner
+from sovereign.errors import InvalidReference, ModelNotFound
+from sovereign.refs import ModelName, parse_name
+from sovereign.store import Store
+from sovereign.store.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve: its runner (thread + llama.cpp state), chat template and stop strings."""
+
+    name: str
+    manifest: Manifest
+    runner: SerialRunner
+    template: ChatTemplate
+    stops: tuple[str, ...]
+    pinned: bool = False  # named on the command line: never unloaded for idleness
+
+    @property
+    def backend(self) -> LlamaBackend:
+        return self.runner.backend
+
+
+@dataclass
+class PoolOptions:
+    """Limits for the pool and how each model is loaded."""
+
+    load: LoadOptions = field(default_factory=LoadOptions)
+    max_models: int = 1
+    keep_alive: float | None = 300.0  # seconds idle before unloading; None keeps models forever
+
+
+class ModelPool:
+    """Loaded models by store name, guarded so that one name is loaded once."""
+
+    def __init__(self, store: Store, catalog: Catalog, options: PoolOptions) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.options = options
+        self._loaded: dict[str, LoadedModel] = {}
+        self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # --- names ----------------------------------------------------------------------
+
+    def resolve(self, text: str) -> Manifest:
+        """The pulled model a request names (catalog aliases followed), or ModelNotFound."""
+        try:
+            name = parse_name(text)
+        except InvalidReference:
+            raise ModelNotFound(f"the model {text!r} does not exist", "GET /v1/models lists the pulled models") from None
+        manifest = self.store.get(name) or self.store.get(self.catalog.canonical(name))
+        if manifest is None:
+            raise ModelNotFound(f"the model {text!r} does not exist or is not pulled", f"pull it first: sovereign pull {text}")
+        return manifest
+
+    def spec_for(self, manifest: Manifest) -> ModelSpec | None:
+        """The catalog entry the model was pulled as, if any."""
+        return self.catalog.get(parse_name(manifest.name))
+
+    @property
+    def loaded(self) -> dict[str, LoadedModel]:
+        return dict(self._loaded)
+
+    @property
+    def loading(self) -> list[str]:
+        return list(self._loading)
+
+    # --- loading ----------------------------------------------------------------------
+
+    async def get(self, text: str, *, pin: bool = False) -> LoadedModel:
+        """The loaded model for a name, loading it (once, however many requests ask) if needed."""
+        manifest = self.resolve(text)
+        model = self._loaded.get(manifest.name)
+        if model is not None:
+            model.runner.last_used = time.monotonic()
+            model.pinned = model.pinned or pin
+            return model
+        task = self._loading.get(manifest.name)
+        if task is None:
+            task = asyncio.create_task(self._load(manifest, pin))
+            self._loading[manifest.name] = task
+            task.add_done_callback(lambda _t, key=manifest.name: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, manifest: Manifest, pin: bool) -> LoadedModel:
+        await self._make_room()
+        spec = self.spec_for(manifest)
+        options = self.options.load
+        if options.n_ctx is None and spec and spec.context_length:
+            options = LoadOptions(**{**options.__dict__, "preferred_ctx": spec.context_length})
+        path = self.store.model_path(manifest)
+        backend = await asyncio.to_thread(LlamaBackend, path, options)
+        template, stops = self._template_for(backend, spec)
+        model = LoadedModel(manifest.name, manifest, SerialRunner(backend), template, stops, pinned=pin)
+        self._loaded[manifest.name] = model
+        self._start_reaper()
+        return model
+
+    def _template_for(self, backend: LlamaBackend, spec: ModelSpec | None) -> tuple[ChatTemplate, tuple[str, ...]]:
+        """The catalog's template override, else the GGUF's own, else a plain transcript."""
+        bos = backend.token_text(backend.bos) if backend.bos >= 0 else ""
+        eos_id = backend._llama.llama_vocab_eos(backend.vocab)
+        eos = backend.token_text(eos_id) if eos_id >= 0 else ""
+        stops = tuple(spec.stop) if spec else ()
+        if spec and spec.chat_template:
+            return ChatTemplate(spec.chat_template, bos_token=bos, eos_token=eos, origin="catalog"), stops
+        own = backend.metadata.get("tokenizer.chat_template")
+        if own:
+            return ChatTemplate(own, bos_token=bos, eos_token=eos, origin="gguf"), stops
+        log.warning("%s has no chat template: using a plain transcript format", backend.path.name)
+        return ChatTemplate(FALLBACK_TEMPLATE, bos_token=bos, eos_token=eos, origin="fallback"), stops + FALLBACK_STOPS
+
+    async def _make_room(self) -> None:
+        """Unload least recently used idle models until one more fits under max_models."""
+        while len(self._loaded) >= max(1, self.options.max_models):
+            idle = [m for m in self._loaded.values() if m.runner.active == 0]
+            if not idle:
+                log.warning("all %d loaded models are busy: loading one more than --max-models", len(self._loaded))
+                return
+            victim = min(idle, key=lambda m: m.runner.last_used)
+            await self.unload(victim.name)
+
+    async def unload(self, name: str) -> None:
+        """Free a loaded model (waits for its queued work)."""
+        model = self._loaded.pop(name, None)
+        if model is not None:
+            log.info("unloading %s", name)
+            await asyncio.to_thread(model.runner.close)
+
+    # --- keep-alive -------------------------------------------------------------------
+
+    def _start_reaper(self) -> None:
+        if self.options.keep_alive is not None and (self._reaper is None or self._reaper.done()):
+            self._reaper = asyncio.create_task(self._reap())
+
+    async def _reap(self) -> None:
+        """Unload models idle for longer than keep_alive."""
+        keep_alive = self.options.keep_alive or 0.0
+        while self._loaded:
+            await asyncio.sleep(min(5.0, max(0.2, keep_alive / 4)))
+            now = time.monotonic()
+            for model in list(self._loaded.values()):
+                if not model.pinned and model.runner.active == 0 and now - model.runner.last_used >= keep_alive:
+                    await self.unload(model.name)
+
+    async def close(self) -> None:
+        """Unload everything."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for name in list(self._loaded):
+            await self.unload(name)

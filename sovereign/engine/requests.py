@@ -1,0 +1,121 @@
+"""What goes into the engine (requests, sampling parameters) and what comes out (events).
+
+The server builds these from HTTP bodies and consumes the events; nothing here knows
+about HTTP or about llama.cpp, so the scheduler behind the engine can change freely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token. Defaults follow llama-server's, which suit small local models."""
+
+    max_tokens: int | None = None  # None: until end of turn or the context is full
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None  # None: a fresh random seed per request
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: no logprobs; N: the chosen token's plus the N most likely
+    ignore_eos: bool = False  # keep generating past end-of-turn (benchmarks)
+    grammar: str | None = None  # GBNF the output must match
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """OpenAI's tool_choice: 'auto', 'none', 'required', or one named function."""
+
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    function: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A conversation to continue. `messages` use OpenAI's shape (role, content, tool_calls…)."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    sampling: SamplingParams = SamplingParams()
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: ToolChoice = ToolChoice()
+    json_schema: dict[str, Any] | None = None  # response_format json_schema
+    json_object: bool = False  # response_format json_object
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """Raw text (or token ids) to continue, with no chat template."""
+
+    model: str
+    prompt: str | list[int]
+    sampling: SamplingParams = SamplingParams()
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token, its log-probability, and the most likely alternatives."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: list[tuple[str, list[int], float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A parsed function call: `arguments` is the JSON text the model produced."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts for one generation."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of generated text (never split inside a UTF-8 character or a stop string)."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ToolCallsEvent:
+    """The tool calls the model made, parsed, once they are complete."""
+
+    calls: list[ToolCall]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of every stream."""
+
+    reason: FinishReason
+    usage: Usage
+
+
+Event = TextDelta | ToolCallsEvent | Finished

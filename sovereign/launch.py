@@ -1,0 +1,84 @@
+"""Glue shared by `serve` and `run`: make sure models are pulled, parse durations, build the pool."""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from sovereign.catalog import Catalog
+from sovereign.config import Settings
+from sovereign.engine import ModelPool, PoolOptions
+from sovereign.engine.backend import LoadOptions
+from sovereign.errors import ModelNotFound, SovereignError
+from sovereign.refs import parse_name
+from sovereign.store import Store
+
+DEFAULT_PORT = 11800  # clear of Ollama (11434), llama-server (8080), LM Studio (1234), vLLM (8000)
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+
+
+def parse_keep_alive(text: str) -> float | None:
+    """Seconds a model may sit idle: '5m', '30s', '1h', '0' (unload at once); '-1' or 'forever' keeps it."""
+    text = text.strip().lower()
+    if text in ("-1", "forever", "inf", "never"):
+        return None
+    match = _DURATION.match(text)
+    if not match:
+        raise SovereignError(f"--keep-alive {text!r} is not a duration", "use e.g. 30s, 5m, 1h, 0, or -1 to keep models loaded")
+    value = float(match.group(1))
+    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+
+
+def ensure_pulled(name: str, settings: Settings, store: Store, catalog: Catalog, console: Console) -> str:
+    """The store name for `name`, pulling it first (with progress) when the catalog knows it but the store lacks it."""
+    model = parse_name(name)
+    for candidate in (model, catalog.canonical(model)):
+        manifest = store.get(candidate)
+        if manifest is not None:
+            return manifest.name
+    if catalog.get(catalog.canonical(model)) is None:
+        raise ModelNotFound(f"{name} is not pulled and not in the catalog", f"pull it first (sovereign pull {name}) or see `sovereign catalog`")
+    from sovereign.cli_render import RichPullReporter
+    from sovereign.store import pull as pull_model
+
+    console.print(f"[dim]{name} is not pulled yet: pulling it first[/]", highlight=False)
+    with RichPullReporter(console) as reporter:
+        result = pull_model(name, settings=settings, catalog=catalog, store=store, reporter=reporter)
+    return result.manifest.name
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail with one clear line, before loading anything, if the address is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SovereignError(f"cannot listen on {host}:{port}: {exc.strerror}", "another server is using that port: pick another with --port") from None
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The engine knobs `serve` and `run` share."""
+
+    ctx: int | None = None
+    gpu_layers: int | None = None
+    threads: int | None = None
+    max_models: int = 1
+    keep_alive: float | None = 300.0
+
+    def validate(self) -> None:
+        for flag, value, low in (("--ctx", self.ctx, 16), ("--threads", self.threads, 1), ("--max-models", self.max_models, 1)):
+            if value is not None and value < low:
+                raise SovereignError(f"{flag} must be at least {low}, got {value}", None)
+
+
+def build_pool(store: Store, catalog: Catalog, options: EngineOptions) -> ModelPool:
+    """A model pool configured from the command line."""
+    options.validate()
+    load = LoadOptions(n_ctx=options.ctx, n_gpu_layers=options.gpu_layers, n_threads=options.threads)
+    return ModelPool(store, catalog, PoolOptions(load=load, max_models=options.max_models, keep_alive=options.keep_alive))

@@ -1,0 +1,96 @@
+"""The FastAPI application: built by a factory from an engine and options, with no module globals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from sovereign import __version__
+from sovereign.engine import Engine, ModelPool
+from sovereign.server import errors, openai_routes
+from sovereign.server.errors import APIError
+
+log = logging.getLogger(__name__)
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What `sovereign serve` decides about the HTTP side."""
+
+    api_keys: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    preload: tuple[str, ...] = ()  # models to load at start-up (and keep loaded)
+
+
+def create_app(pool: ModelPool, options: ServerOptions) -> FastAPI:
+    """An app serving the pool's models through the engine interface."""
+    engine = Engine(pool)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.startup = asyncio.create_task(_preload(pool, options.preload, app))
+        try:
+            yield
+        finally:
+            app.state.startup.cancel()
+            await pool.close()
+
+    app = FastAPI(title="sovereign", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.pool = pool
+    app.state.startup_error = None
+    errors.install(app)
+    if options.api_keys:
+        _require_api_key(app, options.api_keys)
+    if options.cors_origins:
+        # Added last so that it wraps everything, preflight and 401s included.
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["*"], allow_headers=["*"])
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        loading = pool.loading or not app.state.startup.done()
+        body = {"status": "loading" if loading else "ok", "models": sorted(pool.loaded), "loading": pool.loading}
+        if app.state.startup_error:
+            body["error"] = app.state.startup_error
+        return JSONResponse(body, status_code=503 if loading else 200)
+
+    app.include_router(openai_routes.router)
+    return app
+
+
+async def _preload(pool: ModelPool, names: tuple[str, ...], app: FastAPI) -> None:
+    """Load the command line's models in the background, so /health can say 'loading' meanwhile."""
+    for name in names:
+        try:
+            await pool.get(name, pin=True)
+        except Exception as exc:  # the server stays up; requests will report the same error
+            app.state.startup_error = f"{name}: {exc}"
+            log.error("could not load %s: %s", name, exc)
+
+
+def _require_api_key(app: FastAPI, keys: tuple[str, ...]) -> None:
+    """Every path but /health needs `Authorization: Bearer KEY` or `x-api-key: KEY`."""
+    encoded = [k.encode() for k in keys]
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.url.path in PUBLIC_PATHS or request.method == "OPTIONS":
+            return await call_next(request)
+        given = request.headers.get("x-api-key", "")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            given = token.strip()
+        # compare_digest against every key: no early exit that leaks which key matched
+        if not given or not any([secrets.compare_digest(given.encode(), key) for key in encoded]):
+            message = "You didn't provide an API key." if not given else "Incorrect API key provided."
+            return APIError(401, message + " Pass it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.", code="invalid_api_key").response()
+        return await call_next(request)

@@ -1,0 +1,98 @@
+"""OpenAI's error envelope, and the mapping from our exceptions and FastAPI's to it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from sovereign.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, ModelNotFound, SovereignError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's envelope."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def from_exception(exc: BaseException) -> APIError:
+    """The API error for anything a request can raise."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ModelNotFound):
+        return APIError(404, f"{exc.message}; {exc.hint}" if exc.hint else exc.message, param="model", code="model_not_found")
+    if isinstance(exc, ContextLengthExceeded):
+        return APIError(
+            400,
+            f"This model's maximum context length is {exc.n_ctx} tokens. However, your messages resulted in {exc.prompt_tokens} tokens. Please reduce the length of the messages.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if isinstance(exc, InvalidRequest):
+        return APIError(400, exc.message, param=exc.param, code="invalid_value")
+    if isinstance(exc, ModelLoadError):
+        return APIError(500, f"The model could not be loaded: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), type="server_error", code="model_load_failed")
+    if isinstance(exc, SovereignError):
+        return APIError(500, str(exc), type="server_error")
+    log.exception("unexpected error while serving a request", exc_info=exc)
+    return APIError(500, "The server had an error while processing your request.", type="server_error")
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    """FastAPI's 422 list, as OpenAI's 400 naming the first offending field."""
+    first = exc.errors()[0] if exc.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, "We could not parse the JSON body of your request. The request body must be valid JSON.", code="invalid_json")
+    if kind == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {location[-1] if location else param}", param=param, code="unknown_parameter")
+    if kind == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if kind == "model_attributes_type" and not location:
+        return APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code="invalid_type" if kind.endswith("_type") else "invalid_value")
+
+
+def install(app: FastAPI) -> None:
+    """Answer every error in the envelope; the server keeps serving."""
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def on_http(_request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(APIError)
+    async def on_api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(SovereignError)
+    async def on_ours(_request: Request, exc: SovereignError) -> JSONResponse:
+        return from_exception(exc).response()
+
+    @app.exception_handler(Exception)
+    async def on_anything(_request: Request, exc: Exception) -> JSONResponse:
+        return from_exception(exc).response()

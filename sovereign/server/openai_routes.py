@@ -1,0 +1,298 @@
+"""OpenAI-compatible endpoints: models, chat completions, completions, embeddings."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from sovereign.engine import Engine, Finished, Generation, TextDelta, ToolCallsEvent
+from sovereign.engine.requests import Event
+from sovereign.errors import ModelNotFound
+from sovereign.server import openai_convert as convert
+from sovereign.server.errors import APIError, from_exception
+from sovereign.server.schemas import ChatCompletionBody, CompletionBody, EmbeddingBody
+
+router = APIRouter()
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+async def _start_all(engine: Engine, requests: list[Any]) -> list[Generation]:
+    """Submit every choice; if one is refused, cancel those already queued and raise."""
+    generations: list[Generation] = []
+    try:
+        for request in requests:
+            generations.append(await engine.submit(request))
+    except BaseException:
+        for generation in generations:
+            await generation.cancel()
+        raise
+    return generations
+
+
+async def _collect(generations: list[Generation]) -> list[convert.ChoiceResult]:
+    """Run every choice to its end."""
+
+    async def one(generation: Generation) -> convert.ChoiceResult:
+        result = convert.ChoiceResult()
+        async for event in generation:
+            result.add(event)
+        return result
+
+    try:
+        return list(await asyncio.gather(*(one(g) for g in generations)))
+    finally:
+        for generation in generations:
+            await generation.cancel()
+
+
+async def _interleave(generations: list[Generation]) -> AsyncIterator[tuple[int, Event]]:
+    """Events of several choices as they come, tagged with the choice index."""
+    if len(generations) == 1:
+        async for event in generations[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for event in generation:
+                await queue.put((index, event))
+            await queue.put((index, None))
+        except Exception as exc:
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _event_stream(chunks: AsyncIterator[bytes], generations: list[Generation]) -> StreamingResponse:
+    """An SSE response that cancels the generations if the client goes away, and reports late errors in-band."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Exception as exc:  # headers are sent: the error travels as an event, as OpenAI does
+            yield _sse(from_exception(exc).body())
+        finally:
+            for generation in generations:
+                await generation.cancel()
+        yield _sse("[DONE]")
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# --- models -------------------------------------------------------------------------
+
+
+def _model_json(request: Request, manifest: Any) -> dict[str, Any]:
+    loaded = request.app.state.pool.loaded
+    created = int(time.mktime(time.strptime(manifest.pulled_at[:19], "%Y-%m-%dT%H:%M:%S"))) if manifest.pulled_at else 0
+    return {
+        "id": manifest.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "sovereign",
+        "size": manifest.size,
+        "architecture": manifest.gguf.get("architecture"),
+        "quantization": manifest.gguf.get("quantization"),
+        "parameters": manifest.gguf.get("parameters"),
+        "context_length": loaded[manifest.name].backend.n_ctx if manifest.name in loaded else manifest.gguf.get("context_length"),
+        "loaded": manifest.name in loaded,
+    }
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_json(request, m) for m in request.app.state.pool.store.list()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+    try:
+        manifest = request.app.state.pool.resolve(model_id)
+    except ModelNotFound as exc:
+        raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found") from exc
+    return _model_json(request, manifest)
+
+
+# --- chat completions ---------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(request: Request, body: ChatCompletionBody) -> JSONResponse | StreamingResponse:
+    engine = _engine(request)
+    requests = [convert.chat_request_from(body, i) for i in range(body.n)]
+    model_name = request.app.state.pool.resolve(body.model).name
+    generations = await _start_all(engine, requests)
+    completion_id = convert.new_id("chatcmpl")
+    if not body.stream:
+        results = await _collect(generations)
+        return JSONResponse(convert.chat_completion_json(completion_id, model_name, results, body.logprobs))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return _event_stream(_chat_chunks(generations, completion_id, model_name, body.logprobs, include_usage), generations)
+
+
+async def _chat_chunks(generations: list[Generation], completion_id: str, model: str, want_logprobs: bool, include_usage: bool) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    usage = [None] * len(generations)
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
+        return _sse(convert.chat_chunk_json(completion_id, model, created, index, delta, finish, logprobs, include_usage))
+
+    for index in range(len(generations)):
+        yield chunk(index, {"role": "assistant", "content": "", "refusal": None})
+    async for index, event in _interleave(generations):
+        if isinstance(event, TextDelta):
+            yield chunk(index, {"content": event.text}, logprobs=event.logprobs if want_logprobs else None)
+        elif isinstance(event, ToolCallsEvent):
+            for call_index, call in enumerate(event.calls):
+                # Name first, then arguments: the shape the SDK's stream helpers reassemble.
+                yield chunk(index, {"tool_calls": [{"index": call_index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]})
+                yield chunk(index, {"tool_calls": [{"index": call_index, "function": {"arguments": call.arguments}}]})
+        elif isinstance(event, Finished):
+            usage[index] = event.usage  # type: ignore[call-overload]
+            yield chunk(index, {}, event.reason)
+    if include_usage:
+        prompt = usage[0].prompt_tokens if usage[0] else 0  # type: ignore[attr-defined]
+        completion = sum(u.completion_tokens for u in usage if u)  # type: ignore[attr-defined]
+        yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": "sovereign", "choices": [], "usage": convert.usage_json(prompt, completion)})
+
+
+# --- text completions ---------------------------------------------------------------
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(request: Request, body: CompletionBody) -> JSONResponse | StreamingResponse:
+    engine = _engine(request)
+    model_name = request.app.state.pool.resolve(body.model).name
+    pairs = convert.completion_requests_from(body)
+    generations = await _start_all(engine, [r for _p, r in pairs])
+    completion_id = convert.new_id("cmpl")
+    echoes = [await _echo_text(request, prompt, body) for prompt, _r in pairs]
+    if not body.stream:
+        results = await _collect(generations)
+        choices = []
+        for index, result in enumerate(results):
+            choices.append({
+                "index": index,
+                "text": echoes[index] + result.text,
+                "logprobs": convert.completion_logprobs_json(result.logprobs, len(echoes[index])) if body.logprobs is not None else None,
+                "finish_reason": result.finish_reason,
+            })
+        prompt_tokens = sum(r.usage.prompt_tokens for i, r in enumerate(results) if i % body.n == 0)
+        return JSONResponse({
+            "id": completion_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            "usage": convert.usage_json(prompt_tokens, sum(r.usage.completion_tokens for r in results)),
+            "system_fingerprint": "sovereign",
+        })
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return _event_stream(_completion_chunks(generations, completion_id, model_name, echoes, body, include_usage), generations)
+
+
+async def _echo_text(request: Request, prompt: str | list[int], body: CompletionBody) -> str:
+    """The prompt as text when echo is asked for."""
+    if not body.echo:
+        return ""
+    if isinstance(prompt, str):
+        return prompt
+    model = await request.app.state.pool.get(body.model)
+    return b"".join(model.backend.piece(t, special=True) for t in prompt).decode("utf-8", "replace")
+
+
+async def _completion_chunks(generations: list[Generation], completion_id: str, model: str, echoes: list[str], body: CompletionBody, include_usage: bool) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    usage: list[Any] = [None] * len(generations)
+    offsets = [len(e) for e in echoes]
+
+    def chunk(index: int, text: str, finish: str | None, logprobs: Any) -> bytes:
+        payload: dict[str, Any] = {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        }
+        if include_usage:
+            payload["usage"] = None
+        return _sse(payload)
+
+    for index, echo in enumerate(echoes):
+        if echo:
+            yield chunk(index, echo, None, None)
+    async for index, event in _interleave(generations):
+        if isinstance(event, TextDelta):
+            logprobs = convert.completion_logprobs_json(event.logprobs, offsets[index]) if body.logprobs is not None else None
+            offsets[index] += len(event.text)
+            yield chunk(index, event.text, None, logprobs)
+        elif isinstance(event, Finished):
+            usage[index] = event.usage
+            yield chunk(index, "", event.reason, None)
+    if include_usage:
+        prompt = sum(u.prompt_tokens for i, u in enumerate(usage) if u and i % body.n == 0)
+        completion = sum(u.completion_tokens for u in usage if u)
+        yield _sse({"id": completion_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": convert.usage_json(prompt, completion)})
+
+
+# --- embeddings -------------------------------------------------------------------------
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
+    pool = request.app.state.pool
+    manifest = pool.resolve(body.model)
+    inputs = [body.input] if isinstance(body.input, str) or (body.input and isinstance(body.input[0], int)) else list(body.input)
+    if not inputs:
+        raise APIError(400, "input must not be empty.", param="input", code="invalid_value")
+    model = await pool.get(body.model)
+    texts: list[str] = []
+    for index, item in enumerate(inputs):
+        if isinstance(item, list):  # token ids: embed the text they spell
+            if any(not 0 <= t < model.backend.n_vocab for t in item):
+                raise APIError(400, f"input[{index}] has a token id outside the vocabulary.", param="input", code="invalid_value")
+            item = b"".join(model.backend.piece(t) for t in item).decode("utf-8", "replace")
+        if not item:
+            raise APIError(400, f"input[{index}] is empty.", param="input", code="invalid_value")
+        texts.append(item)
+    vectors, tokens = await _engine(request).embed(body.model, texts)
+    if body.dimensions is not None and body.dimensions != len(vectors[0]):
+        raise APIError(400, f"This model's embeddings have {len(vectors[0])} dimensions; dimensions={body.dimensions} is not supported.", param="dimensions", code="invalid_value")
+    data = []
+    for index, vector in enumerate(vectors):
+        encoded: Any = vector
+        if body.encoding_format == "base64":
+            encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    return {"object": "list", "data": data, "model": manifest.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
