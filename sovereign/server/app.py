@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from sovereign import __version__
 from sovereign.engine import Engine, ModelPool
-from sovereign.server import errors, openai_routes
+from sovereign.server import errors, extra_routes, openai_routes
 from sovereign.server.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def create_app(pool: ModelPool, options: ServerOptions) -> FastAPI:
     app.state.engine = engine
     app.state.pool = pool
     app.state.startup_error = None
+    app.state.default_models = options.preload
     errors.install(app)
     if options.api_keys:
         _require_api_key(app, options.api_keys)
@@ -64,6 +65,7 @@ def create_app(pool: ModelPool, options: ServerOptions) -> FastAPI:
         return JSONResponse(body, status_code=503 if loading else 200)
 
     app.include_router(openai_routes.router)
+    app.include_router(extra_routes.router)
     return app
 
 

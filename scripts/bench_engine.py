@@ -1,0 +1,85 @@
+"""Engine speed without HTTP: load time, layers on the GPU, prompt and decode tokens/s.
+
+    python scripts/bench_engine.py MODEL.gguf [--gpu-layers N] [--threads N] [--tokens 128]
+
+Prints one JSON object. Use it to prove the GPU path (auto offload) and to compare CPU and GPU
+runs of the same model on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+from sovereign.engine.backend import LlamaBackend, LoadOptions
+from sovereign.engine.requests import SamplingParams
+
+OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+
+
+class _Capture(logging.Handler):
+    """Keeps llama.cpp's log lines so we can report what it says it offloaded."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--gpu-layers", type=int, default=None, help="default: automatic")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ctx", type=int, default=4096)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+
+    capture = _Capture()
+    llama_log = logging.getLogger("sovereign.llama_cpp")
+    llama_log.setLevel(logging.DEBUG)
+    llama_log.addHandler(capture)
+    llama_log.propagate = False
+
+    started = time.perf_counter()
+    backend = LlamaBackend(args.model, LoadOptions(n_ctx=args.ctx, n_gpu_layers=args.gpu_layers, n_threads=args.threads))
+    load_s = time.perf_counter() - started
+    offloaded = next((m.groups() for line in capture.lines if (m := OFFLOADED.search(line))), None)
+
+    prompt = backend.with_bos(backend.tokenize("The history of the sea " * 200, special=False))[: args.prompt_tokens]
+    params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
+    prompt_rates, decode_rates = [], []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        steps = backend.generate(prompt, params, lambda: False)
+        next(steps)  # the prompt is processed before the first token comes out
+        first = time.perf_counter()
+        count = 1 + sum(1 for _ in steps)
+        end = time.perf_counter()
+        prompt_rates.append(len(prompt) / (first - start))
+        decode_rates.append((count - 1) / (end - first))
+    backend.close()
+    print(json.dumps({
+        "model": args.model.name,
+        "load_s": round(load_s, 2),
+        "gpu_layers_requested": "auto" if args.gpu_layers is None else args.gpu_layers,
+        "gpu_layers_used": backend.n_gpu_layers,
+        "llama_cpp_offloaded": f"{offloaded[0]}/{offloaded[1]}" if offloaded else None,
+        "threads": backend.n_threads,
+        "prompt_tokens": len(prompt),
+        "prompt_tok_s": round(max(prompt_rates), 1),
+        "decode_tokens": args.tokens,
+        "decode_tok_s": round(max(decode_rates), 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
