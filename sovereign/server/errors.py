@@ -70,7 +70,7 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if kind == "model_attributes_type" and not location:
         return APIError(400, "The request body must be a JSON object.", code="invalid_json")
-    return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code="invalid_type" if kind.endswith("_type") else "invalid_value")
+    return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code="invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value")
 
 
 def install(app: FastAPI) -> None:

@@ -1,0 +1,57 @@
+"""Run the README's `sovereign serve` until it answers, then stop it (CI cannot wait for Ctrl-C).
+
+    python scripts/ci_serve_check.py sovereign serve [ARGS...]
+
+Exits 0 once /health is ok and one chat completion came back; non-zero (with the server's
+output) if it never gets there.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+URL = "http://127.0.0.1:11800"
+READY_TIMEOUT_S = 900  # the first run pulls the default model
+
+
+def _get(path: str, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(URL + path, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, {}
+
+
+def main() -> int:
+    server = subprocess.Popen(sys.argv[1:])
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                print(f"ci_serve_check: the server exited with {server.returncode}", file=sys.stderr)
+                return 1
+            try:
+                status, health = _get("/health")
+            except OSError:
+                status, health = 0, {}
+            if status == 200:
+                model = health["models"][0]
+                status, reply = _get("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
+                print(f"ci_serve_check: {model} answered {status}: {json.dumps(reply)[:200]}")
+                return 0 if status == 200 and reply.get("choices") else 1
+            time.sleep(0.5)
+        print("ci_serve_check: the server never became ready", file=sys.stderr)
+        return 1
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

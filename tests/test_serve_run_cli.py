@@ -1,0 +1,103 @@
+"""`sovereign run` and `sovereign serve` as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from sovereign.refs import parse_name
+from sovereign.store import Store
+from tests.conftest import GEMMA, assert_clean_error, run_cli
+from tests.servers import ServerProcess, sovereign_command
+
+
+def test_run_prints_a_streamed_answer_repeatably(real_model_home: Path) -> None:
+    env = {"SOVEREIGN_HOME": str(real_model_home)}
+    first = run_cli("run", GEMMA, "Tell me about the sea.", "--max-tokens", "12", "--seed", "5", env=env)
+    again = run_cli("run", GEMMA, "Tell me about the sea.", "--max-tokens", "12", "--seed", "5", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "Traceback" not in first.stderr and first.stdout.strip()
+    assert first.stdout == again.stdout
+
+
+def test_run_reads_a_piped_prompt(real_model_home: Path) -> None:
+    environment = {**os.environ, "SOVEREIGN_HOME": str(real_model_home)}
+    result = subprocess.run([*sovereign_command(), "run", GEMMA, "--max-tokens", "4"], input="Hello", env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_run_unknown_model_is_one_clean_line() -> None:
+    assert_clean_error(run_cli("run", "nosuch:model", "hi"), "nosuch:model", "pull")
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"waited for {marker!r}, got {seen!r}"
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_interactive_chat_keeps_history_and_obeys_commands(real_model_home: Path) -> None:
+    controller, terminal = pty.openpty()
+    environment = {**os.environ, "SOVEREIGN_HOME": str(real_model_home), "TERM": "dumb"}
+    process = subprocess.Popen([*sovereign_command(), "run", GEMMA, "--max-tokens", "6", "--seed", "1"], stdin=terminal, stdout=terminal, stderr=terminal, env=environment)
+    os.close(terminal)
+    try:
+        banner = _read_until(controller, b">>> ")
+        assert b"/bye" in banner
+        os.write(controller, b"Hello there\n")
+        _read_until(controller, b">>> ")
+        os.write(controller, b"/clear\n")
+        assert b"cleared" in _read_until(controller, b">>> ")
+        os.write(controller, b"/nonsense\n")
+        assert b"unknown command" in _read_until(controller, b">>> ")
+        os.write(controller, b"/bye\n")
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(controller)
+
+
+def test_serve_refuses_a_port_in_use_and_bad_options(real_model_home: Path) -> None:
+    env = {"SOVEREIGN_HOME": str(real_model_home)}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert_clean_error(run_cli("serve", GEMMA, "--port", port, env=env), "cannot listen", "--port")
+    assert_clean_error(run_cli("serve", GEMMA, "--keep-alive", "soon", env=env), "--keep-alive")
+    assert_clean_error(run_cli("serve", GEMMA, "--ctx", "0", env=env), "--ctx")
+    assert_clean_error(run_cli("serve", "nosuch:model", env=env), "nosuch:model")
+
+
+def test_serve_without_a_model_pulls_the_default_first(real_model_home: Path, isolated_home: Path) -> None:
+    # A user catalog whose default comes from a local file stands in for the network.
+    store = Store(real_model_home)
+    source = store.model_path(store.require(parse_name(GEMMA)))
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "models.toml").write_text(f'default = "mine:latest"\n\n[models."mine:latest"]\nsources = ["{source}"]\ntemplate = "gemma3"\n')
+    with ServerProcess(isolated_home) as running:
+        assert "pulling it first" in running.log()
+        health = httpx.get(f"{running.url}/health").json()
+        assert health["models"] == ["mine:latest"]
+        reply = httpx.post(f"{running.base_url}/chat/completions", json={"model": "mine:latest", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, timeout=60)
+        assert reply.status_code == 200
