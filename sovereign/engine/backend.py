@@ -103,7 +103,11 @@ class LlamaBackend:
         if n_gpu_layers is None:
             n_gpu_layers = resources.auto_gpu_layers(model_bytes, n_layers, kv_per_token * self.n_ctx)
         model_params.n_gpu_layers = n_gpu_layers
-        self.n_gpu_layers = min(n_gpu_layers, n_layers + 1) if n_gpu_layers >= 0 else n_layers + 1
+        # What llama.cpp will really offload: nothing on a CPU-only build; -1 means every layer.
+        if not llama_cpp.llama_supports_gpu_offload():
+            self.n_gpu_layers = 0
+        else:
+            self.n_gpu_layers = n_layers + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layers + 1)
         self.n_layers = n_layers
         try:
             self.model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=True)
@@ -138,7 +142,7 @@ class LlamaBackend:
         self._piece_buffer = ctypes.create_string_buffer(256)
         log.info(
             "loaded %s: ctx %d (trained %d), %d threads, %d/%d layers on GPU",
-            path.name, self.n_ctx, self.n_ctx_train, self.n_threads, self.n_gpu_layers if model_params.n_gpu_layers else 0, n_layers + 1,
+            path.name, self.n_ctx, self.n_ctx_train, self.n_threads, self.n_gpu_layers, n_layers + 1,
         )
 
     # --- vocabulary -----------------------------------------------------------------

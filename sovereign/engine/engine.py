@@ -48,7 +48,10 @@ class Generation:
     async def cancel(self) -> None:
         """Stop generating (also safe after the stream has ended, or before it was read)."""
         self._tokens.cancel()
-        await self._events.aclose()
+        try:
+            await self._events.aclose()
+        except RuntimeError:
+            pass  # still being iterated by a task that is itself being cancelled: the token stream is stopped anyway
 
 
 @dataclass(frozen=True)

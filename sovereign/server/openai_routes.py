@@ -7,6 +7,7 @@ import base64
 import json
 import struct
 import time
+from datetime import datetime
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -115,7 +116,10 @@ def _event_stream(chunks: AsyncIterator[bytes], generations: list[Generation]) -
 
 def _model_json(request: Request, manifest: Any) -> dict[str, Any]:
     loaded = request.app.state.pool.loaded
-    created = int(time.mktime(time.strptime(manifest.pulled_at[:19], "%Y-%m-%dT%H:%M:%S"))) if manifest.pulled_at else 0
+    try:
+        created = int(datetime.fromisoformat(manifest.pulled_at).timestamp())
+    except (TypeError, ValueError):
+        created = 0
     return {
         "id": manifest.name,
         "object": "model",
