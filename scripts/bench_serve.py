@@ -106,7 +106,7 @@ def main() -> None:
             wait_ready(url, process)
         banned = [t["id"] for t in httpx.post(f"{servers['sovereign']}/tokenize", json={"content": "<eos><end_of_turn>", "with_pieces": True}).json()["tokens"]]
         results: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
-        for name, url in servers.items():  # warm-up: first-request costs stay out of the figures
+        for url in servers.values():  # warm-up: first-request costs stay out of the figures
             one_stream(url, args.model, 8, banned)
         for _ in range(args.runs):
             for name, url in servers.items():

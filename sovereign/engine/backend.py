@@ -231,7 +231,6 @@ class LlamaBackend:
     def _sampler(self, params: SamplingParams, prompt: list[int]):  # -> _internals.LlamaSampler
         """A llama.cpp sampler chain in llama-server's order: bias, penalties, grammar, truncation, temperature, draw."""
         from llama_cpp import _internals
-        from llama_cpp.llama_grammar import LlamaGrammar
 
         sampler = _internals.LlamaSampler()
         bias = dict(params.logit_bias)

@@ -12,7 +12,7 @@ from sovereign.engine.backend import LlamaBackend, LoadOptions
 from sovereign.engine.chat_template import FALLBACK_STOPS, FALLBACK_TEMPLATE, ChatTemplate
 from sovereign.engine.runner import SerialRunner
 from sovereign.errors import InvalidReference, ModelNotFound
-from sovereign.refs import ModelName, parse_name
+from sovereign.refs import parse_name
 from sovereign.store import Store
 from sovereign.store.manifest import Manifest
 
