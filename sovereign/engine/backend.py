@@ -9,6 +9,7 @@ gigabytes for a 262k-token vocabulary when logprobs are wanted).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -19,7 +20,8 @@ import numpy as np
 
 from sovereign.engine import resources
 from sovereign.engine.requests import SamplingParams, TokenLogprob
-from sovereign.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError
+from sovereign.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, NotGGUF
+from sovereign.store.gguf_header import read_gguf_metadata
 
 log = logging.getLogger(__name__)
 llama_log = logging.getLogger("sovereign.llama_cpp")
@@ -83,17 +85,12 @@ class LlamaBackend:
         self.path = path
         model_params = llama_cpp.llama_model_default_params()
         model_params.use_mmap = True
-        # A first, CPU-only look at the model's shape decides the context and GPU split.
+        # The header's shape (read without loading anything) decides the context and GPU split.
         n_gpu_layers = options.n_gpu_layers
         try:
-            probe_params = llama_cpp.llama_model_default_params()
-            probe_params.n_gpu_layers = 0
-            probe_params.vocab_only = True
-            probe = _internals.LlamaModel(path_model=str(path), params=probe_params, verbose=True)
-        except (ValueError, OSError) as exc:
+            metadata = read_gguf_metadata(path)
+        except (NotGGUF, OSError) as exc:
             raise ModelLoadError(f"llama.cpp could not read {path.name}: {exc}", "the file may be corrupt: pull it again with --force") from None
-        metadata = probe.metadata()
-        probe.close()
         arch = metadata.get("general.architecture", "")
         self.n_ctx_train = int(metadata.get(f"{arch}.context_length", 0) or 4096)
         n_layers = int(metadata.get(f"{arch}.block_count", 0) or 0)
@@ -138,6 +135,7 @@ class LlamaBackend:
         self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._embedding_ctx: object | None = None
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self._piece_buffer = ctypes.create_string_buffer(256)
         log.info(
@@ -176,8 +174,9 @@ class LlamaBackend:
         """End-of-turn or end-of-sequence: the model says it is done."""
         return bool(self._llama.llama_vocab_is_eog(self.vocab, token))
 
+    @functools.cached_property
     def end_of_generation_tokens(self) -> list[int]:
-        """Every end-of-generation token in the vocabulary (to ban them for ignore_eos)."""
+        """Every end-of-generation token in the vocabulary (to ban them for ignore_eos); one scan per model."""
         return [t for t in range(self.n_vocab) if self._llama.llama_vocab_is_eog(self.vocab, t)]
 
     def with_bos(self, tokens: list[int]) -> list[int]:
@@ -235,7 +234,7 @@ class LlamaBackend:
         sampler = _internals.LlamaSampler()
         bias = dict(params.logit_bias)
         if params.ignore_eos:
-            bias.update({t: float("-inf") for t in self.end_of_generation_tokens()})
+            bias.update({t: float("-inf") for t in self.end_of_generation_tokens})
         for token in bias:
             if not 0 <= token < self.n_vocab:
                 raise InvalidRequest(f"logit_bias names token {token}, outside this model's vocabulary of {self.n_vocab}", "logit_bias")

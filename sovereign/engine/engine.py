@@ -38,7 +38,8 @@ Request = ChatRequest | CompletionRequest
 class Generation:
     """One submitted request: iterate it for events; `cancel()` stops it and frees its model."""
 
-    def __init__(self, events: AsyncGenerator[Event, None], tokens: TokenStream) -> None:
+    def __init__(self, model: str, events: AsyncGenerator[Event, None], tokens: TokenStream) -> None:
+        self.model = model  # the store name of the model serving it (aliases resolved)
         self._events = events
         self._tokens = tokens
 
@@ -75,7 +76,7 @@ class Engine:
         """Queue a request and return its event stream; a bad request raises here, before any event."""
         prepared = await self._prepare(request)
         stream = prepared.model.runner.stream(prepared.prompt, prepared.sampling)
-        return Generation(self._events(prepared, stream), stream)
+        return Generation(prepared.model.name, self._events(prepared, stream), stream)
 
     async def embed(self, model_name: str, texts: list[str]) -> tuple[list[list[float]], int]:
         """Normalised embeddings for each text, and the total tokens read."""
@@ -87,11 +88,6 @@ class Engine:
             vectors.append(vector)
             total += count
         return vectors, total
-
-    async def count_tokens(self, request: Request) -> int:
-        """Prompt tokens a request would use (with its chat template applied)."""
-        prepared = await self._prepare(request)
-        return len(prepared.prompt)
 
     # --- preparation --------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sovereign.catalog import Catalog, ModelSpec
 from sovereign.engine.backend import LlamaBackend, LoadOptions
@@ -84,12 +84,19 @@ class ModelPool:
 
     async def get(self, text: str, *, pin: bool = False) -> LoadedModel:
         """The loaded model for a name, loading it (once, however many requests ask) if needed."""
-        manifest = self.resolve(text)
-        model = self._loaded.get(manifest.name)
-        if model is not None:
-            model.runner.last_used = time.monotonic()
-            model.pinned = model.pinned or pin
-            return model
+        # A loaded model asked for by its own name needs no trip to the store.
+        model = self._loaded.get(text)
+        if model is None:
+            manifest = self.resolve(text)
+            model = self._loaded.get(manifest.name)
+            if model is None:
+                return await self._load_once(manifest, pin)
+        model.runner.last_used = time.monotonic()
+        model.pinned = model.pinned or pin
+        return model
+
+    async def _load_once(self, manifest: Manifest, pin: bool) -> LoadedModel:
+        """Load a model, joining a load of the same name already under way."""
         task = self._loading.get(manifest.name)
         if task is None:
             task = asyncio.create_task(self._load(manifest, pin))
@@ -102,7 +109,7 @@ class ModelPool:
         spec = self.spec_for(manifest)
         options = self.options.load
         if options.n_ctx is None and spec and spec.context_length:
-            options = LoadOptions(**{**options.__dict__, "preferred_ctx": spec.context_length})
+            options = replace(options, preferred_ctx=spec.context_length)
         path = self.store.model_path(manifest)
         backend = await asyncio.to_thread(LlamaBackend, path, options)
         template, stops = self._template_for(backend, spec)
@@ -114,8 +121,7 @@ class ModelPool:
     def _template_for(self, backend: LlamaBackend, spec: ModelSpec | None) -> tuple[ChatTemplate, tuple[str, ...]]:
         """The catalog's template override, else the GGUF's own, else a plain transcript."""
         bos = backend.token_text(backend.bos) if backend.bos >= 0 else ""
-        eos_id = backend._llama.llama_vocab_eos(backend.vocab)
-        eos = backend.token_text(eos_id) if eos_id >= 0 else ""
+        eos = backend.token_text(backend.eos) if backend.eos >= 0 else ""
         stops = tuple(spec.stop) if spec else ()
         if spec and spec.chat_template:
             return ChatTemplate(spec.chat_template, bos_token=bos, eos_token=eos, origin="catalog"), stops

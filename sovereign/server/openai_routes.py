@@ -155,8 +155,8 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
 async def chat_completions(request: Request, body: ChatCompletionBody) -> JSONResponse | StreamingResponse:
     engine = _engine(request)
     requests = [convert.chat_request_from(body, i) for i in range(body.n)]
-    model_name = request.app.state.pool.resolve(body.model).name
     generations = await _start_all(engine, requests)
+    model_name = generations[0].model
     completion_id = convert.new_id("chatcmpl")
     if not body.stream:
         results = await _collect(generations)
@@ -197,9 +197,9 @@ async def _chat_chunks(generations: list[Generation], completion_id: str, model:
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request, body: CompletionBody) -> JSONResponse | StreamingResponse:
     engine = _engine(request)
-    model_name = request.app.state.pool.resolve(body.model).name
     pairs = convert.completion_requests_from(body)
     generations = await _start_all(engine, [r for _p, r in pairs])
+    model_name = generations[0].model
     completion_id = convert.new_id("cmpl")
     echoes = [await _echo_text(request, prompt, body) for prompt, _r in pairs]
     if not body.stream:
@@ -276,7 +276,6 @@ async def _completion_chunks(generations: list[Generation], completion_id: str, 
 @router.post("/v1/embeddings")
 async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
     pool = request.app.state.pool
-    manifest = pool.resolve(body.model)
     inputs = [body.input] if isinstance(body.input, str) or (body.input and isinstance(body.input[0], int)) else list(body.input)
     if not inputs:
         raise APIError(400, "input must not be empty.", param="input", code="invalid_value")
@@ -290,7 +289,7 @@ async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
         if not item:
             raise APIError(400, f"input[{index}] is empty.", param="input", code="invalid_value")
         texts.append(item)
-    vectors, tokens = await _engine(request).embed(body.model, texts)
+    vectors, tokens = await _engine(request).embed(model.name, texts)
     if body.dimensions is not None and body.dimensions != len(vectors[0]):
         raise APIError(400, f"This model's embeddings have {len(vectors[0])} dimensions; dimensions={body.dimensions} is not supported.", param="dimensions", code="invalid_value")
     data = []
@@ -299,4 +298,4 @@ async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
         if body.encoding_format == "base64":
             encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
         data.append({"object": "embedding", "index": index, "embedding": encoded})
-    return {"object": "list", "data": data, "model": manifest.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {"object": "list", "data": data, "model": model.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

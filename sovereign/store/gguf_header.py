@@ -172,6 +172,11 @@ def _quantization(metadata: dict[str, Any], tensors: list[tuple[int, int]]) -> s
         return None
 
 
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """A GGUF file's scalar key/values (large arrays such as the vocabulary are skipped)."""
+    return _read_one(path)[0]
+
+
 def read_gguf_info(paths: list[Path]) -> GGUFInfo:
     """Facts about a model stored in one GGUF file or a list of split files (first split first)."""
     metadata, tensors = _read_one(paths[0])
