@@ -9,6 +9,7 @@ runs of the same model on one machine.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import re
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from sovereign.engine.backend import LlamaBackend, LoadOptions
 from sovereign.engine.requests import SamplingParams
+from sovereign.engine.scheduler import BatchScheduler
+from sovereign.engine.stats import RequestStats
 
 OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 
@@ -50,23 +53,22 @@ def main() -> None:
     llama_log.propagate = False
 
     started = time.perf_counter()
-    backend = LlamaBackend(args.model, LoadOptions(n_ctx=args.ctx, n_gpu_layers=args.gpu_layers, n_threads=args.threads))
+    backend = LlamaBackend(args.model, LoadOptions(n_ctx=args.ctx, n_gpu_layers=args.gpu_layers, n_threads=args.threads, n_parallel=1))
     load_s = time.perf_counter() - started
     offloaded = next((m.groups() for line in capture.lines if (m := OFFLOADED.search(line))), None)
 
-    prompt = backend.with_bos(backend.tokenize("The history of the sea " * 200, special=False))[: args.prompt_tokens]
     params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
     prompt_rates, decode_rates = [], []
-    for _ in range(args.runs):
-        start = time.perf_counter()
-        steps = backend.generate(prompt, params, lambda: False)
-        next(steps)  # the prompt is processed before the first token comes out
-        first = time.perf_counter()
-        count = 1 + sum(1 for _ in steps)
-        end = time.perf_counter()
-        prompt_rates.append(len(prompt) / (first - start))
-        decode_rates.append((count - 1) / (end - first))
-    backend.close()
+    scheduler = BatchScheduler(backend)
+    for run in range(args.runs):
+        # A different first word each run, so the prefix cache cannot skip the prompt.
+        text = f"Run {run}: " + "The history of the sea " * 200
+        prompt = backend.with_bos(backend.tokenize(text, special=False))[: args.prompt_tokens]
+        stats = asyncio.run(_generate(scheduler, prompt, params))
+        assert stats.started is not None and stats.first_token is not None and stats.finished is not None
+        prompt_rates.append(len(prompt) / (stats.first_token - stats.started))
+        decode_rates.append((stats.generated_tokens - 1) / (stats.finished - stats.first_token))
+    scheduler.close()
     print(json.dumps({
         "model": args.model.name,
         "load_s": round(load_s, 2),
@@ -74,11 +76,19 @@ def main() -> None:
         "gpu_layers_used": backend.n_gpu_layers,
         "llama_cpp_offloaded": f"{offloaded[0]}/{offloaded[1]}" if offloaded else None,
         "threads": backend.n_threads,
-        "prompt_tokens": len(prompt),
+        "prompt_tokens": args.prompt_tokens,
         "prompt_tok_s": round(max(prompt_rates), 1),
         "decode_tokens": args.tokens,
         "decode_tok_s": round(max(decode_rates), 1),
     }))
+
+
+async def _generate(scheduler: BatchScheduler, prompt: list[int], params: SamplingParams) -> RequestStats:
+    """Run one request to its end; its stats hold the timings."""
+    stream = scheduler.stream(prompt, params, RequestStats("bench", len(prompt)))
+    async for _step in stream:
+        pass
+    return stream.stats
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from sovereign.catalog import Catalog, load_catalog
-from sovereign.config import Settings
+from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT, Settings
 from sovereign.errors import SovereignError
 from sovereign.refs import ModelName, parse_name
 
@@ -161,13 +161,13 @@ def catalog(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for
         out.print(catalog_table(cat))
 
 
-def _engine_options(ctx: int | None, gpu_layers: int | None, threads: int | None, max_models: int, keep_alive: str) -> Any:
+def _engine_options(ctx: int | None, gpu_layers: int | None, threads: int | None, max_models: int, keep_alive: str, **serving: Any) -> Any:
     from sovereign.launch import EngineOptions, parse_keep_alive
 
-    return EngineOptions(ctx=ctx, gpu_layers=gpu_layers, threads=threads, max_models=max_models, keep_alive=parse_keep_alive(keep_alive))
+    return EngineOptions(ctx=ctx, gpu_layers=gpu_layers, threads=threads, max_models=max_models, keep_alive=parse_keep_alive(keep_alive), **serving)
 
 
-CtxOption = Annotated[int | None, typer.Option("--ctx", help="Context length in tokens (default: the model's, capped by free memory).")]
+CtxOption = Annotated[int | None, typer.Option("--ctx", help="Context length of each request in tokens (default: the model's, capped by free memory).")]
 GpuLayersOption = Annotated[int | None, typer.Option("--gpu-layers", help="Layers to offload to the GPU (default: as many as fit; 0 for CPU only).")]
 ThreadsOption = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: the number of physical cores).")]
 
@@ -185,6 +185,9 @@ def serve(
     threads: ThreadsOption = None,
     keep_alive: Annotated[str, typer.Option("--keep-alive", help="Unload a model idle this long (30s, 5m, 1h; -1 never). Models named here stay loaded.")] = "5m",
     max_models: Annotated[int, typer.Option("--max-models", help="Models kept loaded at once; the least recently used is unloaded.")] = 1,
+    parallel: Annotated[int | None, typer.Option("--parallel", help="Requests each model serves at once, batched together (default: up to 4, as memory for --ctx per request allows).")] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a free slot; beyond them the server answers 503 with Retry-After.")] = DEFAULT_MAX_QUEUE,
+    timeout: Annotated[float, typer.Option("--timeout", help="Stop a request after this many seconds, queueing included (0: no limit).")] = DEFAULT_TIMEOUT,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API."""
     import uvicorn
@@ -194,7 +197,8 @@ def serve(
 
     core = Core()
     port = DEFAULT_PORT if port is None else port
-    options = _engine_options(ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive)
+    serving = {"parallel": parallel, "max_queue": max_queue, "timeout": timeout or None}
+    options = _engine_options(ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive, **serving)
     check_port_free(host, port)
     names = [ensure_pulled(m, core.settings, core.store, core.catalog, err) for m in models or [str(core.catalog.default)]]
     pool = build_pool(core.store, core.catalog, options)
@@ -203,6 +207,7 @@ def serve(
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine can use it", highlight=False)
     shown = f"[{host}]" if ":" in host else host
     err.print(f"[green]✓[/] serving {', '.join(names)} at [bold]http://{shown}:{port}/v1[/] (OpenAI base_url; Ctrl-C stops)", highlight=False)
+    _log_requests()
     uvicorn.run(server_app, host=host, port=port, log_level=os.environ.get("SOVEREIGN_LOG_LEVEL", "warning").lower(), access_log=False)
 
 
@@ -226,7 +231,7 @@ def run(
 
     core = Core()
     name = ensure_pulled(model, core.settings, core.store, core.catalog, err)
-    pool = build_pool(core.store, core.catalog, _engine_options(ctx, gpu_layers, threads, 1, "-1"))
+    pool = build_pool(core.store, core.catalog, _engine_options(ctx, gpu_layers, threads, 1, "-1", parallel=1, timeout=None))
     sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -234,6 +239,18 @@ def run(
         run_once(pool, name, prompt, sampling, system)
     else:
         run_interactive(pool, name, sampling, system, err)
+
+
+def _log_requests() -> None:
+    """A server logs one line per request (uvicorn's access log is off: ours carries the timings too)."""
+    if os.environ.get("SOVEREIGN_LOG_LEVEL", "").upper() in ("ERROR", "CRITICAL"):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    requests = logging.getLogger("sovereign.requests")
+    requests.addHandler(handler)
+    requests.setLevel(min(requests.getEffectiveLevel(), logging.INFO))
+    requests.propagate = False
 
 
 def main() -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 from sovereign.errors import SovereignError
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+DEFAULT_MAX_QUEUE = 512  # requests waiting for a slot before 503, as Ollama's OLLAMA_MAX_QUEUE
+DEFAULT_TIMEOUT = 600.0  # seconds per request: the OpenAI and Anthropic SDKs give up (and retry) after this long anyway
 
 
 def _describe(text: str, env: str) -> dict[str, str]:

@@ -116,3 +116,23 @@ class ContextLengthExceeded(EngineError):
         )
         self.prompt_tokens = prompt_tokens
         self.n_ctx = n_ctx
+
+
+class ServerBusy(EngineError):
+    """Every slot is busy and the waiting queue is full: try again after `retry_after` seconds."""
+
+    def __init__(self, queued: int, retry_after: int) -> None:
+        super().__init__(
+            f"the server is busy: every slot is generating and {queued} requests are already waiting",
+            f"retry after {retry_after} s, or start the server with a larger --max-queue or --parallel",
+        )
+        self.queued = queued
+        self.retry_after = retry_after
+
+
+class RequestTimedOut(EngineError):
+    """A request ran past the server's per-request time limit and was stopped."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(f"the request did not finish within the server's {limit:g} s limit and was stopped", "ask for fewer tokens, or start the server with a larger --timeout")
+        self.limit = limit

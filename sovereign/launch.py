@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from sovereign.catalog import Catalog
-from sovereign.config import Settings
+from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT, Settings
 from sovereign.engine import ModelPool, PoolOptions
 from sovereign.engine.backend import LoadOptions
 from sovereign.errors import ModelNotFound, SovereignError
@@ -18,6 +18,7 @@ from sovereign.store import Store
 
 DEFAULT_PORT = 11800  # clear of Ollama (11434), llama-server (8080), LM Studio (1234), vLLM (8000)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
 def parse_keep_alive(text: str) -> float | None:
@@ -70,15 +71,24 @@ class EngineOptions:
     threads: int | None = None
     max_models: int = 1
     keep_alive: float | None = 300.0
+    parallel: int | None = None
+    max_queue: int = DEFAULT_MAX_QUEUE
+    timeout: float | None = DEFAULT_TIMEOUT
 
     def validate(self) -> None:
-        for flag, value, low in (("--ctx", self.ctx, 16), ("--threads", self.threads, 1), ("--max-models", self.max_models, 1)):
+        checks = (("--ctx", self.ctx, 16), ("--threads", self.threads, 1), ("--max-models", self.max_models, 1), ("--parallel", self.parallel, 1), ("--max-queue", self.max_queue, 0))
+        for flag, value, low in checks:
             if value is not None and value < low:
                 raise SovereignError(f"{flag} must be at least {low}, got {value}", None)
+        if self.parallel is not None and self.parallel > MAX_PARALLEL:
+            raise SovereignError(f"--parallel must be at most {MAX_PARALLEL}, got {self.parallel}", None)
+        if self.timeout is not None and self.timeout <= 0:
+            raise SovereignError(f"--timeout must be positive (or 0 for none), got {self.timeout:g}", None)
 
 
 def build_pool(store: Store, catalog: Catalog, options: EngineOptions) -> ModelPool:
     """A model pool configured from the command line."""
     options.validate()
-    load = LoadOptions(n_ctx=options.ctx, n_gpu_layers=options.gpu_layers, n_threads=options.threads)
-    return ModelPool(store, catalog, PoolOptions(load=load, max_models=options.max_models, keep_alive=options.keep_alive))
+    load = LoadOptions(n_ctx=options.ctx, n_gpu_layers=options.gpu_layers, n_threads=options.threads, n_parallel=options.parallel)
+    pool_options = PoolOptions(load=load, max_models=options.max_models, keep_alive=options.keep_alive, max_queue=options.max_queue, request_timeout=options.timeout)
+    return ModelPool(store, catalog, pool_options)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import threading
 import time
 from pathlib import Path
 
@@ -173,3 +175,35 @@ def test_keep_alive_durations() -> None:
     assert parse_keep_alive("0") == 0 and parse_keep_alive("-1") is None and parse_keep_alive("forever") is None
     with pytest.raises(Exception, match="not a duration"):
         parse_keep_alive("soon")
+
+
+def test_a_sequence_is_unaffected_by_what_its_neighbours_say(real_model_home: Path) -> None:
+    """No cross-talk: same batch shapes, different neighbours, and one greedy sequence's tokens do not change."""
+    from sovereign.engine.backend import LlamaBackend, LoadOptions
+    from sovereign.engine.scheduler import BatchScheduler
+    from sovereign.engine.stats import RequestStats
+
+    path = Store(real_model_home).model_path(Store(real_model_home).require(parse(GEMMA)))
+    greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+
+    async def run(neighbours: list[list[int]]) -> list[list[int]]:
+        scheduler = BatchScheduler(LlamaBackend(path, LoadOptions(n_ctx=512, n_threads=2, n_parallel=4)))
+        try:
+            # Hold the scheduler's thread so that all four requests are admitted in the same step.
+            gate = threading.Event()
+            held = asyncio.ensure_future(scheduler.call(gate.wait))
+            await asyncio.sleep(0.05)
+            prompts = [subject, *neighbours]
+            streams = [scheduler.stream(p, greedy, RequestStats(GEMMA, len(p))) for p in prompts]
+            gate.set()
+            await held
+            return [[step.token async for step in stream] for stream in streams]
+        finally:
+            scheduler.close()
+
+    rng = random.Random(5)
+    subject = [2, *(rng.randrange(1000, 20000) for _ in range(11))]
+    first = asyncio.run(run([[2, *(rng.randrange(1000, 20000) for _ in range(11))] for _ in range(3)]))
+    second = asyncio.run(run([[2, *(rng.randrange(1000, 20000) for _ in range(11))] for _ in range(3)]))
+    assert first[0] == second[0]
+    assert len({tuple(tokens) for tokens in first + second[1:]}) >= 4, "the neighbours really said different things"

@@ -86,6 +86,9 @@ def test_serve_refuses_a_port_in_use_and_bad_options(real_model_home: Path) -> N
         assert_clean_error(run_cli("serve", GEMMA, "--port", port, env=env), "cannot listen", "--port")
     assert_clean_error(run_cli("serve", GEMMA, "--keep-alive", "soon", env=env), "--keep-alive")
     assert_clean_error(run_cli("serve", GEMMA, "--ctx", "0", env=env), "--ctx")
+    assert_clean_error(run_cli("serve", GEMMA, "--parallel", "0", env=env), "--parallel")
+    assert_clean_error(run_cli("serve", GEMMA, "--max-queue", "-1", env=env), "--max-queue")
+    assert_clean_error(run_cli("serve", GEMMA, "--timeout", "-5", env=env), "--timeout")
     assert_clean_error(run_cli("serve", "nosuch:model", env=env), "nosuch:model")
 
 

@@ -1,9 +1,11 @@
-"""The only module that talks to llama.cpp: load a model, tokenize, decode, sample, embed.
+"""The only module that talks to llama.cpp: load a model, tokenize, decode batches, sample, embed.
 
-Everything here is synchronous and single-threaded per model: one runner thread owns a
-LlamaBackend and calls it. llama-cpp-python's low-level bindings are used directly (its
-high-level `Llama` class keeps whole-vocabulary score arrays per position, which costs
-gigabytes for a 262k-token vocabulary when logprobs are wanted).
+Everything here is synchronous: one scheduler thread owns a LlamaBackend's context and calls
+it (tokenizing touches only the vocabulary and is safe from other threads). The context holds
+`n_parallel` sequences in one unified KV cache, so a single llama_decode advances them all.
+llama-cpp-python's low-level bindings are used directly (its high-level `Llama` class keeps
+whole-vocabulary score arrays per position, which costs gigabytes for a 262k-token vocabulary
+when logprobs are wanted, and it has no multi-sequence API).
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import ctypes
 import functools
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 from pathlib import Path
 
 import numpy as np
 
 from sovereign.engine import resources
 from sovereign.engine.requests import SamplingParams, TokenLogprob
-from sovereign.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, NotGGUF
+from sovereign.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelLoadError, NotGGUF
 from sovereign.store.gguf_header import read_gguf_metadata
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,10 @@ llama_log = logging.getLogger("sovereign.llama_cpp")
 # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line
 _GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _log_callback = None
-EMBEDDING_CTX = 2048  # kept referenced: llama.cpp holds a raw pointer to it
+EMBEDDING_CTX = 2048
+
+if TYPE_CHECKING:
+    from llama_cpp._internals import LlamaSampler as Sampler
 
 
 def route_llama_logs() -> None:
@@ -61,6 +67,7 @@ class LoadOptions:
     n_threads: int | None = None
     n_batch: int = 512
     preferred_ctx: int | None = None  # the catalog's suggestion, used when n_ctx is None
+    n_parallel: int | None = None  # sequences decoded together (slots); None: as many as memory allows, up to 4
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,20 @@ class Step:
     end_of_generation: bool  # an end-of-turn / end-of-sequence token (its piece is not shown)
 
 
+class BatchEntry(NamedTuple):
+    """One token of a multi-sequence batch."""
+
+    token: int
+    position: int
+    sequence: int
+    wants_logits: bool
+
+
 class LlamaBackend:
-    """A loaded model and its context, driven by one thread."""
+    """A loaded model and its context, driven by one thread.
+
+    `n_ctx` is the context of one sequence (one request); the KV cache holds n_ctx x n_parallel tokens.
+    """
 
     def __init__(self, path: Path, options: LoadOptions) -> None:
         import llama_cpp
@@ -96,9 +115,10 @@ class LlamaBackend:
         n_layers = int(metadata.get(f"{arch}.block_count", 0) or 0)
         kv_per_token = _kv_bytes_per_token(metadata, arch, n_layers)
         self.n_ctx = options.n_ctx or resources.default_context(self.n_ctx_train, options.preferred_ctx, kv_per_token)
+        self.n_parallel = options.n_parallel or resources.default_parallel(self.n_ctx, kv_per_token)
         model_bytes = sum(p.stat().st_size for p in _model_files(path))
         if n_gpu_layers is None:
-            n_gpu_layers = resources.auto_gpu_layers(model_bytes, n_layers, kv_per_token * self.n_ctx)
+            n_gpu_layers = resources.auto_gpu_layers(model_bytes, n_layers, kv_per_token * self.n_ctx * self.n_parallel)
         model_params.n_gpu_layers = n_gpu_layers
         # What llama.cpp will really offload: nothing on a CPU-only build; -1 means every layer.
         if not llama_cpp.llama_supports_gpu_offload():
@@ -116,10 +136,16 @@ class LlamaBackend:
         self.n_threads = options.n_threads or resources.physical_cores()
         self.n_batch = options.n_batch
         ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = self.n_ctx
+        ctx_params.n_ctx = self.n_ctx * self.n_parallel
         ctx_params.n_batch = self.n_batch
         ctx_params.n_ubatch = self.n_batch
-        ctx_params.n_seq_max = 1
+        ctx_params.n_seq_max = self.n_parallel
+        # One KV buffer for all sequences: a mixed batch (new prompts + one token per running stream) is
+        # decoded in a single pass, and a shared prefix can be copied between sequences without a copy of
+        # the data. Per-sequence streams would split such a batch into one pass per sequence run.
+        ctx_params.kv_unified = True
+        # Keep the sliding-window layers' cache whole, so a cached prefix can be cut anywhere and reused.
+        ctx_params.swa_full = True
         ctx_params.n_threads = self.n_threads
         ctx_params.n_threads_batch = self.n_threads
         ctx_params.no_perf = True
@@ -128,10 +154,11 @@ class LlamaBackend:
         except ValueError:
             self.model.close()
             raise ModelLoadError(
-                f"llama.cpp could not allocate a {self.n_ctx}-token context for {path.name}",
-                "not enough memory: start the server with a smaller --ctx",
+                f"llama.cpp could not allocate a {self.n_ctx}-token context x {self.n_parallel} slots for {path.name}",
+                "not enough memory: start the server with a smaller --ctx or --parallel",
             ) from None
-        self.n_ctx = self.ctx.n_ctx()
+        self.n_ctx = self.ctx.n_ctx() // self.n_parallel
+        self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._embedding_ctx: object | None = None
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
@@ -139,8 +166,8 @@ class LlamaBackend:
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self._piece_buffer = ctypes.create_string_buffer(256)
         log.info(
-            "loaded %s: ctx %d (trained %d), %d threads, %d/%d layers on GPU",
-            path.name, self.n_ctx, self.n_ctx_train, self.n_threads, self.n_gpu_layers, n_layers + 1,
+            "loaded %s: ctx %d x %d slots (trained %d), %d threads, %d/%d layers on GPU",
+            path.name, self.n_ctx, self.n_parallel, self.n_ctx_train, self.n_threads, self.n_gpu_layers, n_layers + 1,
         )
 
     # --- vocabulary -----------------------------------------------------------------
@@ -192,43 +219,51 @@ class LlamaBackend:
         if prompt_tokens >= self.n_ctx:
             raise ContextLengthExceeded(prompt_tokens, self.n_ctx)
 
-    def generate(self, prompt: list[int], params: SamplingParams, cancelled: Callable[[], bool]) -> Iterator[Step]:
-        """Decode the prompt, then sample tokens until end of generation, the budget, or the context's end."""
-        self.check_fits(len(prompt))
-        sampler = self._sampler(params, prompt)
-        try:
-            self.ctx.kv_cache_clear()
-            for start in range(0, len(prompt), self.n_batch):
-                if cancelled():
-                    return
-                self._decode(prompt[start : start + self.n_batch], start)
-            position = len(prompt)
-            budget = self.n_ctx - position
-            if params.max_tokens is not None:
-                budget = min(budget, params.max_tokens)
-            for _ in range(budget):
-                if cancelled():
-                    return
-                logprob_row = self._logprob_row() if params.logprobs is not None else None
-                token = self._llama.llama_sampler_sample(sampler.sampler, self.ctx.ctx, -1)
-                end = self.is_end_of_generation(token)
-                yield Step(token, b"" if end else self.piece(token), self._logprob(logprob_row, token, params.logprobs), end)
-                if end:
-                    return
-                self._decode([token], position)
-                position += 1
-        finally:
-            sampler.close()
-
-    def _decode(self, tokens: list[int], start: int) -> None:
-        """Run tokens through the model at positions start…, keeping logits for the last one."""
-        self._batch.set_batch(tokens, start, logits_all=False)
-        status = self._llama.llama_decode(self.ctx.ctx, self._batch.batch)
+    def decode(self, entries: Sequence[BatchEntry]) -> None:
+        """Run one batch of tokens (any mix of sequences) through the model."""
+        batch = self._batch.batch
+        for index, (token, position, sequence, wants_logits) in enumerate(entries):
+            batch.token[index] = token
+            batch.pos[index] = position
+            batch.n_seq_id[index] = 1
+            batch.seq_id[index][0] = sequence
+            batch.logits[index] = wants_logits
+        batch.n_tokens = len(entries)
+        status = self._llama.llama_decode(self.ctx.ctx, batch)
         if status != 0:
-            raise ModelLoadError(f"llama.cpp failed to decode (status {status})", "the context may be full or memory short: try a smaller --ctx")
+            raise EngineError(f"llama.cpp failed to decode a batch (status {status})", "the KV cache may be full: try a smaller --parallel or --ctx")
 
-    def _sampler(self, params: SamplingParams, prompt: list[int]):  # -> _internals.LlamaSampler
-        """A llama.cpp sampler chain in llama-server's order: bias, penalties, grammar, truncation, temperature, draw."""
+    def sample(self, sampler: Sampler, index: int) -> int:
+        """Draw the next token from the logits at batch index `index` (the chain also records it)."""
+        return self._llama.llama_sampler_sample(sampler.sampler, self.ctx.ctx, index)
+
+    def forget(self, sequence: int, start: int = -1) -> bool:
+        """Drop a sequence's cached tokens from position `start` on (all of them by default)."""
+        return bool(self._llama.llama_memory_seq_rm(self.memory, sequence, start, -1))
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Make `target` hold the first `length` cached tokens of `source` (shared cells, no data copied)."""
+        self._llama.llama_memory_seq_rm(self.memory, target, -1, -1)
+        self._llama.llama_memory_seq_cp(self.memory, source, target, 0, length)
+
+    def first_position(self, sequence: int) -> int:
+        """The lowest position a sequence still holds (-1 when empty); > 0 means its start was evicted."""
+        return int(self._llama.llama_memory_seq_pos_min(self.memory, sequence))
+
+    def clear_memory(self) -> None:
+        """Forget every sequence."""
+        self._llama.llama_memory_clear(self.memory, True)
+
+    def step(self, token: int, logprob_row: np.ndarray | None, top_n: int | None) -> Step:
+        """The Step for a sampled token."""
+        end = self.is_end_of_generation(token)
+        return Step(token, b"" if end else self.piece(token), self._logprob(logprob_row, token, top_n), end)
+
+    def sampler(self, params: SamplingParams, prompt: list[int]) -> Sampler:
+        """A request's own sampler chain, in llama-server's order: bias, penalties, grammar, truncation, temperature, draw.
+
+        The caller owns it and must close() it.
+        """
         from llama_cpp import _internals
 
         sampler = _internals.LlamaSampler()
@@ -266,9 +301,9 @@ class LlamaBackend:
         sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
         return sampler
 
-    def _logprob_row(self) -> np.ndarray:
-        """Log-softmax of the last position's logits (the model's own distribution, before sampling)."""
-        pointer = self._llama.llama_get_logits_ith(self.ctx.ctx, -1)
+    def logprob_row(self, index: int) -> np.ndarray:
+        """Log-softmax of the logits at batch index `index` (the model's own distribution, before sampling)."""
+        pointer = self._llama.llama_get_logits_ith(self.ctx.ctx, index)
         logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float64)
         shifted = logits - logits.max()
         return shifted - np.log(np.exp(shifted).sum())

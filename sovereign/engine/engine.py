@@ -1,8 +1,8 @@
 """The engine's one interface: submit a request, consume its events, cancel.
 
-The server knows only this module. Below it, a pool of loaded models and one runner per
-model (a thread today, a continuous-batching scheduler later) produce tokens; here they
-become text (UTF-8 safe, stop strings cut) and parsed tool calls.
+The server knows only this module. Below it, a pool of loaded models and one continuous-
+batching scheduler per model produce tokens; here they become text (UTF-8 safe, stop
+strings cut) and parsed tool calls.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from sovereign.engine.requests import (
     ToolCallsEvent,
     Usage,
 )
-from sovereign.engine.runner import TokenStream
+from sovereign.engine.stats import RequestStats, request_stats
+from sovereign.engine.stream import TokenStream
 from sovereign.errors import InvalidRequest
 
 Request = ChatRequest | CompletionRequest
@@ -43,8 +44,17 @@ class Generation:
         self._events = events
         self._tokens = tokens
 
+    @property
+    def stats(self) -> RequestStats:
+        """Token counts and timings so far."""
+        return self._tokens.stats
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._events
+
+    def stop(self) -> None:
+        """Stop generating at the next decode step; whoever iterates the events sees them end."""
+        self._tokens.cancel()
 
     async def cancel(self) -> None:
         """Stop generating (also safe after the stream has ended, or before it was read)."""
@@ -75,7 +85,11 @@ class Engine:
     async def submit(self, request: Request) -> Generation:
         """Queue a request and return its event stream; a bad request raises here, before any event."""
         prepared = await self._prepare(request)
-        stream = prepared.model.runner.stream(prepared.prompt, prepared.sampling)
+        stats = RequestStats(prepared.model.name, len(prepared.prompt))
+        stream = prepared.model.scheduler.stream(prepared.prompt, prepared.sampling, stats)
+        observed = request_stats.get()
+        if observed is not None:
+            observed.append(stats)
         return Generation(prepared.model.name, self._events(prepared, stream), stream)
 
     async def embed(self, model_name: str, texts: list[str]) -> tuple[list[list[float]], int]:
@@ -84,7 +98,7 @@ class Engine:
         vectors: list[list[float]] = []
         total = 0
         for text in texts:
-            vector, count = await model.runner.call(model.backend.embed, text)
+            vector, count = await model.scheduler.call(model.backend.embed, text)
             vectors.append(vector)
             total += count
         return vectors, total
@@ -93,7 +107,7 @@ class Engine:
 
     async def _prepare(self, request: Request) -> _Prepared:
         model = await self.pool.get(request.model)
-        with model.runner.hold():
+        with model.scheduler.hold():
             if isinstance(request, CompletionRequest):
                 prompt = await asyncio.to_thread(self._completion_prompt, model, request.prompt)
                 return _Prepared(model, prompt, self._with_stops(model, request.sampling), "none", [])
@@ -177,7 +191,9 @@ class Engine:
                 reason = "tool_calls"
             elif buffered.held_text:
                 yield TextDelta(buffered.held_text, buffered.held_logprobs)
-            yield Finished(reason, Usage(len(prepared.prompt), completion_tokens))
+            if not stream.cancelled:  # a client that hung up has no finish reason
+                stream.stats.finish_reason = reason
+            yield Finished(reason, Usage(len(prepared.prompt), completion_tokens, stream.stats.cached_tokens))
         finally:
             stream.cancel()
 

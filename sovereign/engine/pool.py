@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 from sovereign.catalog import Catalog, ModelSpec
 from sovereign.engine.backend import LlamaBackend, LoadOptions
 from sovereign.engine.chat_template import FALLBACK_STOPS, FALLBACK_TEMPLATE, ChatTemplate
-from sovereign.engine.runner import SerialRunner
+from sovereign.config import DEFAULT_MAX_QUEUE
+from sovereign.engine.scheduler import BatchScheduler
 from sovereign.errors import InvalidReference, ModelNotFound
 from sovereign.refs import parse_name
 from sovereign.store import Store
@@ -21,18 +22,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
-    """A model ready to serve: its runner (thread + llama.cpp state), chat template and stop strings."""
+    """A model ready to serve: its scheduler (thread + llama.cpp state), chat template and stop strings."""
 
     name: str
     manifest: Manifest
-    runner: SerialRunner
+    scheduler: BatchScheduler
     template: ChatTemplate
     stops: tuple[str, ...]
     pinned: bool = False  # named on the command line: never unloaded for idleness
 
     @property
     def backend(self) -> LlamaBackend:
-        return self.runner.backend
+        return self.scheduler.backend
 
 
 @dataclass
@@ -42,6 +43,8 @@ class PoolOptions:
     load: LoadOptions = field(default_factory=LoadOptions)
     max_models: int = 1
     keep_alive: float | None = 300.0  # seconds idle before unloading; None keeps models forever
+    max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for a slot before new ones get ServerBusy
+    request_timeout: float | None = None  # seconds from submission before a request is stopped
 
 
 class ModelPool:
@@ -91,7 +94,7 @@ class ModelPool:
             model = self._loaded.get(manifest.name)
             if model is None:
                 return await self._load_once(manifest, pin)
-        model.runner.last_used = time.monotonic()
+        model.scheduler.last_used = time.monotonic()
         model.pinned = model.pinned or pin
         return model
 
@@ -113,7 +116,7 @@ class ModelPool:
         path = self.store.model_path(manifest)
         backend = await asyncio.to_thread(LlamaBackend, path, options)
         template, stops = self._template_for(backend, spec)
-        model = LoadedModel(manifest.name, manifest, SerialRunner(backend), template, stops, pinned=pin)
+        model = LoadedModel(manifest.name, manifest, BatchScheduler(backend, max_queue=self.options.max_queue, timeout=self.options.request_timeout), template, stops, pinned=pin)
         self._loaded[manifest.name] = model
         self._start_reaper()
         return model
@@ -134,11 +137,11 @@ class ModelPool:
     async def _make_room(self) -> None:
         """Unload least recently used idle models until one more fits under max_models."""
         while len(self._loaded) >= max(1, self.options.max_models):
-            idle = [m for m in self._loaded.values() if m.runner.active == 0]
+            idle = [m for m in self._loaded.values() if m.scheduler.active == 0]
             if not idle:
                 log.warning("all %d loaded models are busy: loading one more than --max-models", len(self._loaded))
                 return
-            victim = min(idle, key=lambda m: m.runner.last_used)
+            victim = min(idle, key=lambda m: m.scheduler.last_used)
             await self.unload(victim.name)
 
     async def unload(self, name: str) -> None:
@@ -146,7 +149,7 @@ class ModelPool:
         model = self._loaded.pop(name, None)
         if model is not None:
             log.info("unloading %s", name)
-            await asyncio.to_thread(model.runner.close)
+            await asyncio.to_thread(model.scheduler.close)
 
     # --- keep-alive -------------------------------------------------------------------
 
@@ -161,7 +164,7 @@ class ModelPool:
             await asyncio.sleep(min(5.0, max(0.2, keep_alive / 4)))
             now = time.monotonic()
             for model in list(self._loaded.values()):
-                if not model.pinned and model.runner.active == 0 and now - model.runner.last_used >= keep_alive:
+                if not model.pinned and model.scheduler.active == 0 and now - model.scheduler.last_used >= keep_alive:
                     await self.unload(model.name)
 
     async def close(self) -> None:

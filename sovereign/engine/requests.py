@@ -89,6 +89,7 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused rather than recomputed
 
     @property
     def total_tokens(self) -> int:

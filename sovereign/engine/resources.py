@@ -12,6 +12,8 @@ log = logging.getLogger(__name__)
 
 # KV cache may take at most this share of the memory that is free when a model loads.
 KV_MEMORY_SHARE = 0.25
+# llama-server's automatic slot count: past it, a CPU's decode throughput barely grows while each slot costs a KV cache.
+DEFAULT_MAX_PARALLEL = 4
 # Never default below this many tokens of context, whatever memory says (the load then fails clearly).
 MIN_DEFAULT_CTX = 2048
 # Headroom kept free on a GPU for compute buffers and other processes.
@@ -118,3 +120,11 @@ def default_context(trained: int, preferred: int | None, kv_bytes_per_token: int
             log.warning("capping context at %d tokens to fit in memory (the model supports %d)", fits, trained)
             ctx = max(min(MIN_DEFAULT_CTX, trained), fits)
     return max(256, ctx // 256 * 256) if ctx >= 256 else ctx
+
+
+def default_parallel(ctx: int, kv_bytes_per_token: int, ceiling: int = DEFAULT_MAX_PARALLEL) -> int:
+    """How many requests to serve at once: as many ctx-sized KV caches as fit in the KV share of memory, 1 to ceiling."""
+    free = available_memory()
+    if not free or kv_bytes_per_token <= 0:
+        return 1
+    return max(1, min(ceiling, int(free * KV_MEMORY_SHARE // (ctx * kv_bytes_per_token))))

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from sovereign import __version__
 from sovereign.engine import Engine, ModelPool
 from sovereign.server import errors, extra_routes, openai_routes
+from sovereign.server.observability import METRICS_CONTENT_TYPE, Metrics, RequestObserver
 from sovereign.server.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,14 @@ def create_app(pool: ModelPool, options: ServerOptions) -> FastAPI:
     if options.api_keys:
         _require_api_key(app, options.api_keys)
     if options.cors_origins:
-        # Added last so that it wraps everything, preflight and 401s included.
+        # Added after the key check so that it wraps it: preflight and 401s get CORS headers too.
         app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["*"], allow_headers=["*"])
+    metrics = Metrics(pool)
+    app.add_middleware(RequestObserver, metrics=metrics)  # outermost: sees every request's final status and timing
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/health")
     async def health() -> JSONResponse:

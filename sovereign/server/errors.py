@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from sovereign.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, ModelNotFound, SovereignError
+from sovereign.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, ModelNotFound, RequestTimedOut, ServerBusy, SovereignError
 
 log = logging.getLogger(__name__)
 
@@ -18,19 +18,29 @@ log = logging.getLogger(__name__)
 class APIError(Exception):
     """An error answered in OpenAI's envelope."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def from_exception(exc: BaseException) -> APIError:
@@ -48,6 +58,16 @@ def from_exception(exc: BaseException) -> APIError:
         )
     if isinstance(exc, InvalidRequest):
         return APIError(400, exc.message, param=exc.param, code="invalid_value")
+    if isinstance(exc, ServerBusy):
+        return APIError(
+            503,
+            f"The server is overloaded: every slot is busy and {exc.queued} requests are waiting. Retry after {exc.retry_after} seconds.",
+            type="server_error",
+            code="server_overloaded",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, RequestTimedOut):
+        return APIError(504, f"The request timed out: it did not finish within the server's {exc.limit:g} s limit.", type="server_error", code="timeout")
     if isinstance(exc, ModelLoadError):
         return APIError(500, f"The model could not be loaded: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), type="server_error", code="model_load_failed")
     if isinstance(exc, SovereignError):

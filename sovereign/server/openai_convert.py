@@ -149,8 +149,17 @@ class ChoiceResult:
             self.usage = event.usage
 
 
-def usage_json(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+def usage_json(usages: list[Usage | None], choices_per_prompt: int) -> dict[str, Any]:
+    """OpenAI's usage: each distinct prompt counted once (its n choices share it), every choice's completion."""
+    prompts = [u for i, u in enumerate(usages) if u is not None and i % choices_per_prompt == 0]
+    prompt_tokens = sum(u.prompt_tokens for u in prompts)
+    completion_tokens = sum(u.completion_tokens for u in usages if u is not None)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in prompts)},
+    }
 
 
 def chat_logprobs_json(logprobs: list[TokenLogprob]) -> dict[str, Any]:
@@ -187,14 +196,13 @@ def chat_completion_json(completion_id: str, model: str, results: list[ChoiceRes
             "logprobs": chat_logprobs_json(result.logprobs) if want_logprobs else None,
             "finish_reason": result.finish_reason,
         })
-    prompt_tokens = results[0].usage.prompt_tokens if results else 0
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": usage_json(prompt_tokens, sum(r.usage.completion_tokens for r in results)),
+        "usage": usage_json([r.usage for r in results], len(results)),
         "system_fingerprint": "sovereign",
     }
 

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from sovereign.engine import Engine, Finished, Generation, TextDelta, ToolCallsEvent
+from sovereign.engine import Engine, Finished, Generation, TextDelta, ToolCallsEvent, Usage
 from sovereign.engine.requests import Event
 from sovereign.errors import ModelNotFound
 from sovereign.server import openai_convert as convert
@@ -46,8 +46,8 @@ async def _start_all(engine: Engine, requests: list[Any]) -> list[Generation]:
     return generations
 
 
-async def _collect(generations: list[Generation]) -> list[convert.ChoiceResult]:
-    """Run every choice to its end."""
+async def _collect(request: Request, generations: list[Generation]) -> list[convert.ChoiceResult]:
+    """Run every choice to its end, or stop them all as soon as the client hangs up."""
 
     async def one(generation: Generation) -> convert.ChoiceResult:
         result = convert.ChoiceResult()
@@ -55,11 +55,21 @@ async def _collect(generations: list[Generation]) -> list[convert.ChoiceResult]:
             result.add(event)
         return result
 
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, generations))
     try:
         return list(await asyncio.gather(*(one(g) for g in generations)))
     finally:
+        watcher.cancel()
         for generation in generations:
             await generation.cancel()
+
+
+async def _cancel_on_disconnect(request: Request, generations: list[Generation]) -> None:
+    """Wait for the client to go away (the body is already read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    for generation in generations:
+        generation.stop()
 
 
 async def _interleave(generations: list[Generation]) -> AsyncIterator[tuple[int, Event]]:
@@ -159,7 +169,7 @@ async def chat_completions(request: Request, body: ChatCompletionBody) -> JSONRe
     model_name = generations[0].model
     completion_id = convert.new_id("chatcmpl")
     if not body.stream:
-        results = await _collect(generations)
+        results = await _collect(request, generations)
         return JSONResponse(convert.chat_completion_json(completion_id, model_name, results, body.logprobs))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return _event_stream(_chat_chunks(generations, completion_id, model_name, body.logprobs, include_usage), generations)
@@ -167,7 +177,7 @@ async def chat_completions(request: Request, body: ChatCompletionBody) -> JSONRe
 
 async def _chat_chunks(generations: list[Generation], completion_id: str, model: str, want_logprobs: bool, include_usage: bool) -> AsyncIterator[bytes]:
     created = int(time.time())
-    usage = [None] * len(generations)
+    usage: list[Usage | None] = [None] * len(generations)
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
         return _sse(convert.chat_chunk_json(completion_id, model, created, index, delta, finish, logprobs, include_usage))
@@ -183,12 +193,10 @@ async def _chat_chunks(generations: list[Generation], completion_id: str, model:
                 yield chunk(index, {"tool_calls": [{"index": call_index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]})
                 yield chunk(index, {"tool_calls": [{"index": call_index, "function": {"arguments": call.arguments}}]})
         elif isinstance(event, Finished):
-            usage[index] = event.usage  # type: ignore[call-overload]
+            usage[index] = event.usage
             yield chunk(index, {}, event.reason)
     if include_usage:
-        prompt = usage[0].prompt_tokens if usage[0] else 0  # type: ignore[attr-defined]
-        completion = sum(u.completion_tokens for u in usage if u)  # type: ignore[attr-defined]
-        yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": "sovereign", "choices": [], "usage": convert.usage_json(prompt, completion)})
+        yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": "sovereign", "choices": [], "usage": convert.usage_json(usage, len(usage))})
 
 
 # --- text completions ---------------------------------------------------------------
@@ -203,7 +211,7 @@ async def completions(request: Request, body: CompletionBody) -> JSONResponse | 
     completion_id = convert.new_id("cmpl")
     echoes = [await _echo_text(request, prompt, body) for prompt, _r in pairs]
     if not body.stream:
-        results = await _collect(generations)
+        results = await _collect(request, generations)
         choices = []
         for index, result in enumerate(results):
             choices.append({
@@ -212,14 +220,13 @@ async def completions(request: Request, body: CompletionBody) -> JSONResponse | 
                 "logprobs": convert.completion_logprobs_json(result.logprobs, len(echoes[index])) if body.logprobs is not None else None,
                 "finish_reason": result.finish_reason,
             })
-        prompt_tokens = sum(r.usage.prompt_tokens for i, r in enumerate(results) if i % body.n == 0)
         return JSONResponse({
             "id": completion_id,
             "object": "text_completion",
             "created": int(time.time()),
             "model": model_name,
             "choices": choices,
-            "usage": convert.usage_json(prompt_tokens, sum(r.usage.completion_tokens for r in results)),
+            "usage": convert.usage_json([r.usage for r in results], body.n),
             "system_fingerprint": "sovereign",
         })
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -238,7 +245,7 @@ async def _echo_text(request: Request, prompt: str | list[int], body: Completion
 
 async def _completion_chunks(generations: list[Generation], completion_id: str, model: str, echoes: list[str], body: CompletionBody, include_usage: bool) -> AsyncIterator[bytes]:
     created = int(time.time())
-    usage: list[Any] = [None] * len(generations)
+    usage: list[Usage | None] = [None] * len(generations)
     offsets = [len(e) for e in echoes]
 
     def chunk(index: int, text: str, finish: str | None, logprobs: Any) -> bytes:
@@ -265,9 +272,7 @@ async def _completion_chunks(generations: list[Generation], completion_id: str, 
             usage[index] = event.usage
             yield chunk(index, "", event.reason, None)
     if include_usage:
-        prompt = sum(u.prompt_tokens for i, u in enumerate(usage) if u and i % body.n == 0)
-        completion = sum(u.completion_tokens for u in usage if u)
-        yield _sse({"id": completion_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": convert.usage_json(prompt, completion)})
+        yield _sse({"id": completion_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": convert.usage_json(usage, body.n)})
 
 
 # --- embeddings -------------------------------------------------------------------------

@@ -1,0 +1,393 @@
+"""Continuous batching: N slots share one llama.cpp context, and one thread decodes them together.
+
+Every decode step carries one token for each slot that is generating, plus a chunk of the
+prompt of slots still reading theirs; waiting requests take a free slot between steps. A slot
+keeps its KV cache after its request ends, and a new prompt that starts with the same tokens
+reuses them: the free slot sharing the longest prefix is chosen, and a longer prefix held by
+another slot is shared into it, so a chat's next turn reads only its new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sovereign.config import DEFAULT_MAX_QUEUE
+from sovereign.engine.backend import BatchEntry, LlamaBackend
+from sovereign.engine.requests import SamplingParams
+from sovereign.engine.stats import RequestStats
+from sovereign.engine.stream import TokenStream
+from sovereign.errors import EngineError, RequestTimedOut, ServerBusy
+
+if TYPE_CHECKING:
+    from sovereign.engine.backend import Sampler
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# While other slots are generating, a new prompt is read this many tokens per step, so their
+# streams keep flowing (a 512-token chunk costs a running stream about 1.3 s on two CPU cores).
+PREFILL_CHUNK_WHILE_DECODING = 256
+# Sharing another slot's prefix costs a cache walk: only worth it for a real head start.
+MIN_PREFIX_TO_SHARE = 16
+RATE_WINDOW_SECONDS = 10.0
+
+
+@dataclass(eq=False)
+class _Job:
+    """A request from submission to its last token."""
+
+    prompt: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    stream: TokenStream
+    loop: asyncio.AbstractEventLoop
+    budget: int  # tokens it may generate: max_tokens, or what is left of the context
+    deadline: float | None
+    last_token_at: float = 0.0
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One sequence of the shared KV cache and the request using it, if any."""
+
+    sequence: int
+    cached: list[int] = field(default_factory=list)  # tokens this sequence holds in the KV cache, by position
+    job: _Job | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
+    next_token: int | None = None  # sampled, to be decoded in the next step
+    logits_index: int | None = None  # where this slot's logits sit in the batch just decoded
+    admitted: int = 0  # admission order: prompts are read first come, first served
+    last_used: float = 0.0
+
+
+class BatchScheduler:
+    """Owns a backend; serves many generations at once through llama.cpp's multi-sequence batches."""
+
+    def __init__(self, backend: LlamaBackend, *, max_queue: int = DEFAULT_MAX_QUEUE, timeout: float | None = None) -> None:
+        self.backend = backend
+        self.max_queue = max_queue
+        self.timeout = timeout
+        self.active = 0  # requests queued, running or being prepared (the pool does not evict a busy model)
+        self.last_used = time.monotonic()
+        self._slots = [_Slot(i) for i in range(backend.n_parallel)]
+        self._waiting: deque[_Job] = deque()
+        self._calls: list[Callable[[], None]] = []
+        self._wake = threading.Condition()
+        self._closing = False
+        self._admissions = 0
+        self._recent_steps: deque[tuple[float, float, int]] = deque()  # (end, seconds, tokens sampled)
+        self._recent_durations: deque[float] = deque(maxlen=32)
+        self._thread = threading.Thread(target=self._run, name=f"scheduler:{backend.path.name}", daemon=True)
+        self._thread.start()
+
+    # --- the event loop's side ----------------------------------------------------------
+
+    def stream(self, prompt: list[int], params: SamplingParams, stats: RequestStats) -> TokenStream:
+        """Queue a generation; its tokens arrive on the returned stream. Raises ServerBusy when the queue is full."""
+        loop = asyncio.get_running_loop()
+        self.backend.check_fits(len(prompt))
+        with self._wake:
+            if self._closing:
+                raise EngineError("this model was unloaded; ask again to reload it")
+            if len(self._waiting) + self.busy_slots >= len(self._slots) + self.max_queue:
+                raise ServerBusy(len(self._waiting), self._retry_after())
+        sampler = self.backend.sampler(params, prompt)  # raises InvalidRequest for a bad grammar or bias
+        budget = self.backend.n_ctx - len(prompt)
+        if params.max_tokens is not None:
+            budget = min(budget, params.max_tokens)
+        stream = TokenStream(loop, stats)
+        deadline = stats.submitted + self.timeout if self.timeout else None
+        with self._wake:
+            self._waiting.append(_Job(prompt, params, sampler, stream, loop, budget, deadline))
+            self.active += 1
+            self._wake.notify()
+        return stream
+
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run function(*args) on the scheduler's thread between decode steps (it owns llama.cpp) and await it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = function(*args)
+            except Exception as exc:
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+            finally:
+                loop.call_soon_threadsafe(self._release)
+
+        with self._wake:
+            if self._closing:
+                raise EngineError("this model was unloaded; ask again to reload it")
+            self.active += 1
+            self._calls.append(job)
+            self._wake.notify()
+        return await future
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Count the caller as active (so the pool won't unload the model) while it prepares a request."""
+        self.active += 1
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self.active -= 1
+        self.last_used = time.monotonic()
+
+    def close(self) -> None:
+        """Fail whatever is still queued or running, stop the thread, free the model."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        self.backend.close()
+
+    # --- figures for metrics ----------------------------------------------------------
+
+    @property
+    def n_slots(self) -> int:
+        return len(self._slots)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(1 for slot in self._slots if slot.job is not None)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    def decode_rate(self) -> float:
+        """Tokens generated per second of decoding, over the last few seconds (0 when idle)."""
+        horizon = time.monotonic() - RATE_WINDOW_SECONDS
+        steps = [(seconds, tokens) for end, seconds, tokens in list(self._recent_steps) if end >= horizon]
+        busy = sum(seconds for seconds, _ in steps)
+        return sum(tokens for _, tokens in steps) / busy if busy > 0 else 0.0
+
+    def _retry_after(self) -> int:
+        """Seconds until a queue place is likely free: a request's usual duration shared over the slots."""
+        durations = list(self._recent_durations)
+        mean = sum(durations) / len(durations) if durations else 1.0
+        return max(1, math.ceil(mean / len(self._slots)))
+
+    # --- the scheduler's thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._closing or self._calls or self._waiting or self.busy_slots):
+                    self._wake.wait()
+                calls, self._calls = self._calls, []
+                closing = self._closing
+            for call in calls:
+                call()
+            if closing:
+                break
+            try:
+                self._step()
+            except Exception as exc:  # never lose the thread: fail the requests in flight and carry on
+                log.exception("a decode step failed; failing the requests in it")
+                self._fail_everything(exc)
+        self._fail_everything(EngineError("the model was unloaded while this request waited"))
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        self._retire(now)
+        self._admit(now)
+        entries = self._gather()
+        if not entries:
+            return
+        started = time.monotonic()
+        self.backend.decode(entries)
+        ended = time.monotonic()
+        sampled = self._sample(ended)
+        if sampled:
+            self._recent_steps.append((ended, ended - started, sampled))
+            while self._recent_steps and self._recent_steps[0][0] < ended - RATE_WINDOW_SECONDS:
+                self._recent_steps.popleft()
+
+    def _retire(self, now: float) -> None:
+        """Free the slots of cancelled and timed-out requests; drop such requests from the queue."""
+        for slot in self._slots:
+            job = slot.job
+            if job is None:
+                continue
+            if job.stream.cancelled:
+                self._finish(slot, now)
+            elif job.deadline is not None and now > job.deadline:
+                self._finish(slot, now, RequestTimedOut(self.timeout or 0.0))
+        with self._wake:
+            if not any(job.stream.cancelled or (job.deadline is not None and now > job.deadline) for job in self._waiting):
+                return
+            kept: deque[_Job] = deque()
+            for job in self._waiting:
+                if job.stream.cancelled:
+                    self._end_job(job, now)
+                elif job.deadline is not None and now > job.deadline:
+                    self._end_job(job, now, RequestTimedOut(self.timeout or 0.0))
+                else:
+                    kept.append(job)
+            self._waiting = kept
+
+    def _admit(self, now: float) -> None:
+        """Give waiting requests the free slots, in arrival order."""
+        while True:
+            free = [slot for slot in self._slots if slot.job is None]
+            if not free:
+                return
+            with self._wake:
+                if not self._waiting:
+                    return
+                job = self._waiting.popleft()
+            self._start(job, free, now)
+
+    def _start(self, job: _Job, free: list[_Slot], now: float) -> None:
+        """Put a job in the free slot whose cache serves it best, and work out what it must still read."""
+        prompt = job.prompt
+        shared_by = {s.sequence: _common_prefix(s.cached, prompt) for s in self._slots}
+        # Longest shared prefix first; with none to reuse, the least recently used slot (keep warm caches warm).
+        slot = max(free, key=lambda s: (shared_by[s.sequence], -s.last_used))
+        shared = shared_by[slot.sequence]
+        donor = max((s for s in self._slots if s is not slot), key=lambda s: shared_by[s.sequence], default=None)
+        if donor is not None and shared_by[donor.sequence] >= shared + MIN_PREFIX_TO_SHARE:
+            shared = shared_by[donor.sequence]
+            self.backend.copy_prefix(donor.sequence, slot.sequence, shared)
+            slot.cached = donor.cached[:shared]
+        # At least the prompt's last token is decoded again: its logits give the first new token.
+        keep = min(shared, len(prompt) - 1)
+        if keep <= 0 or not self.backend.forget(slot.sequence, keep) or self.backend.first_position(slot.sequence) > 0:
+            self.backend.forget(slot.sequence)
+            keep = 0
+        slot.cached = slot.cached[:keep]
+        slot.pending = prompt[keep:]
+        slot.job = job
+        self._admissions += 1
+        slot.admitted = self._admissions
+        job.stream.stats.started = now
+        job.stream.stats.cached_tokens = keep
+
+    def _gather(self) -> list[BatchEntry]:
+        """This step's batch: each generating slot's next token, then prompt chunks, oldest request first."""
+        entries: list[BatchEntry] = []
+        for slot in self._slots:
+            if slot.job is not None and slot.next_token is not None:
+                slot.logits_index = len(entries)
+                entries.append(BatchEntry(slot.next_token, len(slot.cached), slot.sequence, True))
+                slot.cached.append(slot.next_token)
+                slot.next_token = None
+        room = self.backend.n_batch - len(entries)
+        if entries:
+            room = min(room, PREFILL_CHUNK_WHILE_DECODING)
+        for slot in sorted((s for s in self._slots if s.job is not None and s.pending), key=lambda s: s.admitted):
+            if room <= 0:
+                break
+            chunk = slot.pending[:room]
+            last = len(chunk) == len(slot.pending)
+            base = len(slot.cached)
+            entries.extend(BatchEntry(token, base + offset, slot.sequence, False) for offset, token in enumerate(chunk))
+            if last:
+                entries[-1] = entries[-1]._replace(wants_logits=True)
+                slot.logits_index = len(entries) - 1
+            slot.cached.extend(chunk)
+            del slot.pending[: len(chunk)]
+            room -= len(chunk)
+        return entries
+
+    def _sample(self, now: float) -> int:
+        """Draw each ready slot's next token and hand it to its stream; returns how many were drawn."""
+        drawn = 0
+        for slot in self._slots:
+            index, slot.logits_index = slot.logits_index, None
+            job = slot.job
+            if index is None or job is None:
+                continue
+            if job.stream.cancelled:
+                self._finish(slot, now)
+                continue
+            params = job.params
+            row = self.backend.logprob_row(index) if params.logprobs is not None else None
+            token = self.backend.sample(job.sampler, index)
+            step = self.backend.step(token, row, params.logprobs)
+            stats = job.stream.stats
+            if stats.first_token is None:
+                stats.first_token = now
+            else:
+                stats.token_gaps.append(now - job.last_token_at)
+            job.last_token_at = now
+            job.stream.push(step)
+            drawn += 1
+            if step.end_of_generation:
+                self._finish(slot, now)
+                continue
+            stats.generated_tokens += 1
+            if stats.generated_tokens >= job.budget:
+                self._finish(slot, now)
+            else:
+                slot.next_token = token
+        return drawn
+
+    def _finish(self, slot: _Slot, now: float, error: BaseException | None = None) -> None:
+        """End a slot's request; the slot keeps its KV cache for the next prompt that shares it."""
+        job = slot.job
+        slot.job = None
+        slot.pending = []
+        slot.next_token = None
+        slot.logits_index = None
+        slot.last_used = now
+        if job is not None:
+            self._recent_durations.append(now - job.stream.stats.submitted)
+            self._end_job(job, now, error)
+
+    def _end_job(self, job: _Job, now: float, error: BaseException | None = None) -> None:
+        job.sampler.close()
+        job.stream.stats.finished = now
+        job.stream.end(error)
+        with contextlib.suppress(RuntimeError):  # the event loop is already closed: nothing to count any more
+            job.loop.call_soon_threadsafe(self._release)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        """End every running and waiting request with `error`, and start the cache afresh."""
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.job is not None:
+                self._finish(slot, now, error)
+            slot.cached = []
+        with self._wake:
+            waiting, self._waiting = self._waiting, deque()
+        for job in waiting:
+            self._end_job(job, now, error)
+        with contextlib.suppress(Exception):
+            self.backend.clear_memory()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two lists share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i + 64 <= n and a[i : i + 64] == b[i : i + 64]:  # slices compare in C: whole chunks first
+        i += 64
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,115 @@
+"""Prometheus metrics at /metrics and one log line per request, both fed by one ASGI middleware."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sovereign.engine import ModelPool
+from sovereign.engine.stats import RequestStats, request_stats
+
+request_log = logging.getLogger("sovereign.requests")
+QUIET_PATHS = frozenset({"/health", "/metrics"})  # polled by machines: logged at debug level only
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The server's Prometheus registry: request counters here, slot and queue gauges read from the pool."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("sovereign_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r)
+        self.duration = Histogram("sovereign_request_duration_seconds", "HTTP request time, to the last byte.", ["endpoint"], buckets=DURATION_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("sovereign_prompt_tokens", "Prompt tokens of finished generations.", ["model"], registry=r)
+        self.cached_tokens = Counter("sovereign_prompt_tokens_cached", "Prompt tokens reused from the KV cache.", ["model"], registry=r)
+        self.generated_tokens = Counter("sovereign_generated_tokens", "Tokens generated.", ["model"], registry=r)
+        self.ttft = Histogram("sovereign_time_to_first_token_seconds", "From submission to the first token.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("sovereign_inter_token_latency_seconds", "Between consecutive tokens of a generation.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_SchedulerGauges(pool))
+
+    def observe_request(self, endpoint: str, status: int, seconds: float, generations: list[RequestStats]) -> None:
+        """Count one finished HTTP request and the generations it ran."""
+        self.requests.labels(endpoint, str(status)).inc()
+        self.duration.labels(endpoint).observe(seconds)
+        for stats in generations:
+            self.prompt_tokens.labels(stats.model).inc(stats.prompt_tokens)
+            self.cached_tokens.labels(stats.model).inc(stats.cached_tokens)
+            self.generated_tokens.labels(stats.model).inc(stats.generated_tokens)
+            if (ttft := stats.ttft_seconds) is not None:
+                self.ttft.labels(stats.model).observe(ttft)
+            itl = self.itl.labels(stats.model)
+            for gap in stats.token_gaps:
+                itl.observe(gap)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _SchedulerGauges:
+    """Queue depth, busy slots and decode speed of each loaded model, read at scrape time."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        queued = GaugeMetricFamily("sovereign_queue_depth", "Requests waiting for a free slot.", labels=["model"])
+        busy = GaugeMetricFamily("sovereign_slots_busy", "Slots serving a request.", labels=["model"])
+        slots = GaugeMetricFamily("sovereign_slots", "Slots (requests served at once).", labels=["model"])
+        rate = GaugeMetricFamily("sovereign_decode_tokens_per_second", "Tokens generated per second of decoding, last 10 s.", labels=["model"])
+        for name, model in self._pool.loaded.items():
+            scheduler = model.scheduler
+            queued.add_metric([name], scheduler.queued)
+            busy.add_metric([name], scheduler.busy_slots)
+            slots.add_metric([name], scheduler.n_slots)
+            rate.add_metric([name], scheduler.decode_rate())
+        yield from (queued, busy, slots, rate)
+
+
+class RequestObserver:
+    """ASGI middleware: times each request to its last byte, then logs it and feeds the metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500  # what the client sees if the app fails before starting a response
+        generations: list[RequestStats] = []
+        token = request_stats.set(generations)
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            request_stats.reset(token)
+            seconds = time.monotonic() - started
+            endpoint = _endpoint(scope)
+            self.metrics.observe_request(endpoint, status, seconds, generations)
+            level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
+            if request_log.isEnabledFor(level):
+                detail = "; ".join(stats.describe() for stats in generations)
+                request_log.log(level, "%s %s %d %.3fs%s", scope["method"], scope["path"], status, seconds, f" {detail}" if detail else "")
+
+
+def _endpoint(scope: Scope) -> str:
+    """The route's path template (bounded label values), or 'unmatched' for 404s."""
+    route: Any = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"

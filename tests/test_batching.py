@@ -1,0 +1,170 @@
+"""Continuous batching on real servers: overlap, prefix reuse, disconnects, backpressure, timeouts, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import AsyncOpenAI, OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import GEMMA
+from tests.servers import ServerProcess
+
+LONG = {"max_tokens": 4000, "ignore_eos": True}  # far longer than any test waits for
+
+
+@pytest.fixture(scope="module")
+def wide(real_model_home: Path) -> Iterator[ServerProcess]:
+    """A server with 8 slots."""
+    with ServerProcess(real_model_home, GEMMA, "--parallel", "8", "--ctx", "2048") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def narrow(real_model_home: Path) -> Iterator[ServerProcess]:
+    """One slot, one queue place and a 4-second limit: easy to fill and to time out."""
+    with ServerProcess(real_model_home, GEMMA, "--parallel", "1", "--max-queue", "1", "--timeout", "4") as running:
+        yield running
+
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    """One sample's value from /metrics (0 when absent)."""
+    text = httpx.get(f"{server.url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def wait_until_idle(server: ServerProcess, within: float) -> float:
+    """Seconds until no slot is busy; fails after `within`."""
+    started = time.monotonic()
+    while metric(server, "sovereign_slots_busy", model=GEMMA) > 0:
+        assert time.monotonic() - started < within, "a slot stayed busy"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_eight_streams_generate_at_the_same_time(wide: ServerProcess) -> None:
+    client = AsyncOpenAI(base_url=wide.base_url, api_key="unused", max_retries=0)
+    topics = ["rivers", "mountains", "bread", "trains", "owls", "copper", "tides", "violins"]
+
+    async def one(topic: str) -> tuple[float, float, int]:
+        stream = await client.chat.completions.create(
+            model=GEMMA, messages=[{"role": "user", "content": f"Tell me about {topic}."}], max_tokens=48, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+        first = last = 0.0
+        tokens = 0
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                last = time.monotonic()
+                first = first or last
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return first, last, tokens
+
+    async def all_of_them() -> list[tuple[float, float, int]]:
+        return await asyncio.gather(*(one(t) for t in topics))
+
+    results = asyncio.run(all_of_them())
+    assert all(tokens == 48 for _, _, tokens in results)
+    # Every stream had its first token before any stream had its last: all eight ran at once.
+    assert max(first for first, _, _ in results) < min(last for _, last, _ in results)
+    assert metric(wide, "sovereign_slots", model=GEMMA) == 8
+
+
+def test_next_chat_turn_reads_only_its_new_tokens(wide: ServerProcess) -> None:
+    client = OpenAI(base_url=wide.base_url, api_key="unused", max_retries=0)
+    history = [
+        {"role": "system", "content": "You are a patient guide to the history of ships. " * 40},
+        {"role": "user", "content": "Who built the first steamships?"},
+    ]
+    first = client.chat.completions.create(model=GEMMA, messages=history, max_tokens=12, temperature=0)
+    assert first.usage.prompt_tokens > 400
+    assert first.usage.prompt_tokens_details.cached_tokens < 10  # nothing of this history was seen before
+    for question in ("And the first iron ones?", "Which sailed fastest?"):
+        previous = first.usage.prompt_tokens
+        history += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": question}]
+        first = client.chat.completions.create(model=GEMMA, messages=history, max_tokens=12, temperature=0)
+        cached = first.usage.prompt_tokens_details.cached_tokens
+        # The whole earlier conversation comes from the KV cache; only the new turn is read.
+        assert cached >= previous, (cached, previous)
+        assert first.usage.prompt_tokens - cached < 60
+    assert metric(wide, "sovereign_prompt_tokens_cached_total", model=GEMMA) >= cached
+
+
+def test_a_client_that_leaves_a_stream_frees_its_slot(wide: ServerProcess) -> None:
+    body = {"model": GEMMA, "prompt": "Once upon a time", "stream": True, **LONG}
+    with httpx.stream("POST", f"{wide.base_url}/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert metric(wide, "sovereign_slots_busy", model=GEMMA) == 1
+    assert wait_until_idle(wide, within=2.0) < 2.0
+
+
+def test_a_client_that_leaves_a_plain_request_frees_its_slot(wide: ServerProcess) -> None:
+    body = {"model": GEMMA, "prompt": "Once upon a time", **LONG}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{wide.base_url}/completions", json=body, timeout=1.5)
+    assert wait_until_idle(wide, within=2.0) < 2.0
+
+
+def test_metrics_are_prometheus_text(wide: ServerProcess) -> None:
+    response = httpx.get(f"{wide.url}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert metric(wide, "sovereign_requests_total", endpoint="/v1/chat/completions", status="200") >= 8
+    assert metric(wide, "sovereign_time_to_first_token_seconds_count", model=GEMMA) >= 8
+    assert metric(wide, "sovereign_inter_token_latency_seconds_count", model=GEMMA) >= 8 * 47
+    assert metric(wide, "sovereign_generated_tokens_total", model=GEMMA) >= 8 * 48
+    assert metric(wide, "sovereign_prompt_tokens_total", model=GEMMA) > 0
+    assert metric(wide, "sovereign_queue_depth", model=GEMMA) == 0
+    assert metric(wide, "sovereign_decode_tokens_per_second", model=GEMMA) >= 0
+    assert metric(wide, "sovereign_requests_total", endpoint="unmatched", status="404") == 0
+    httpx.get(f"{wide.url}/no/such/path")
+    assert metric(wide, "sovereign_requests_total", endpoint="unmatched", status="404") == 1
+
+
+def test_request_log_has_one_line_per_request_with_timings(wide: ServerProcess) -> None:
+    lines = [line for line in wide.log().splitlines() if "POST /v1/chat/completions 200" in line]
+    assert len(lines) >= 8
+    assert all("ttft=" in line and "prompt=" in line and "generated=" in line for line in lines)
+
+
+def test_a_full_queue_answers_503_with_retry_after(narrow: ServerProcess) -> None:
+    url = f"{narrow.base_url}/completions"
+    with httpx.stream("POST", url, json={"model": GEMMA, "prompt": "One", "stream": True, **LONG}, timeout=30) as running:
+        lines = running.iter_lines()  # kept: dropping the iterator would close the stream
+        next(lines)  # the only slot is generating
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(httpx.post, url, json={"model": GEMMA, "prompt": "Two", **LONG}, timeout=30)
+            deadline = time.monotonic() + 3
+            while metric(narrow, "sovereign_queue_depth", model=GEMMA) < 1:
+                assert time.monotonic() < deadline, "the second request was never queued"
+                time.sleep(0.02)
+            refused = httpx.post(url, json={"model": GEMMA, "prompt": "Three", "max_tokens": 1}, timeout=30)
+            assert waiting.result().status_code == 504  # it waited, then ran into the 4 s limit
+    assert refused.status_code == 503
+    assert int(refused.headers["retry-after"]) >= 1
+    error = refused.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "server_overloaded" and "retry after" in error["message"].lower()
+    wait_until_idle(narrow, within=5.0)
+    # The server keeps serving once there is room.
+    assert httpx.post(url, json={"model": GEMMA, "prompt": "Four", "max_tokens": 2}, timeout=30).status_code == 200
+
+
+def test_a_request_past_the_time_limit_is_stopped_with_504(narrow: ServerProcess) -> None:
+    started = time.monotonic()
+    response = httpx.post(f"{narrow.base_url}/completions", json={"model": GEMMA, "prompt": "Once", **LONG}, timeout=60)
+    assert 4 <= time.monotonic() - started < 10
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "timeout"
+    assert wait_until_idle(narrow, within=1.0) < 1.0
