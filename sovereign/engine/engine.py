@@ -44,11 +44,6 @@ class Generation:
         self._events = events
         self._tokens = tokens
 
-    @property
-    def stats(self) -> RequestStats:
-        """Token counts and timings so far."""
-        return self._tokens.stats
-
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._events
 

@@ -222,25 +222,24 @@ class BatchScheduler:
     def _retire(self, now: float) -> None:
         """Free the slots of cancelled and timed-out requests; drop such requests from the queue."""
         for slot in self._slots:
-            job = slot.job
-            if job is None:
+            if slot.job is None:
                 continue
-            if job.stream.cancelled:
-                self._finish(slot, now)
-            elif job.deadline is not None and now > job.deadline:
-                self._finish(slot, now, RequestTimedOut(self.timeout or 0.0))
+            if (error := self._overdue(slot.job, now)) is not None or slot.job.stream.cancelled:
+                self._finish(slot, now, error)
         with self._wake:
-            if not any(job.stream.cancelled or (job.deadline is not None and now > job.deadline) for job in self._waiting):
-                return
             kept: deque[_Job] = deque()
             for job in self._waiting:
-                if job.stream.cancelled:
-                    self._end_job(job, now)
-                elif job.deadline is not None and now > job.deadline:
-                    self._end_job(job, now, RequestTimedOut(self.timeout or 0.0))
+                if (error := self._overdue(job, now)) is not None or job.stream.cancelled:
+                    self._end_job(job, now, error)
                 else:
                     kept.append(job)
             self._waiting = kept
+
+    def _overdue(self, job: _Job, now: float) -> RequestTimedOut | None:
+        """The error for a request past its deadline; None if it has time left or its client is gone anyway."""
+        if job.stream.cancelled or job.deadline is None or now <= job.deadline:
+            return None
+        return RequestTimedOut(self.timeout or 0.0)
 
     def _admit(self, now: float) -> None:
         """Give waiting requests the free slots, in arrival order."""
@@ -297,9 +296,9 @@ class BatchScheduler:
             chunk = slot.pending[:room]
             last = len(chunk) == len(slot.pending)
             base = len(slot.cached)
-            entries.extend(BatchEntry(token, base + offset, slot.sequence, False) for offset, token in enumerate(chunk))
+            # Only the prompt's very last token needs logits: they give the first generated token.
+            entries.extend(BatchEntry(token, base + offset, slot.sequence, last and offset == len(chunk) - 1) for offset, token in enumerate(chunk))
             if last:
-                entries[-1] = entries[-1]._replace(wants_logits=True)
                 slot.logits_index = len(entries) - 1
             slot.cached.extend(chunk)
             del slot.pending[: len(chunk)]
