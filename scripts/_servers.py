@@ -7,7 +7,6 @@ which all three servers spell the same way.
 from __future__ import annotations
 
 import ctypes
-import json
 import socket
 import subprocess
 import sys
@@ -106,19 +105,6 @@ def completion_body(model: str, prompt: str, tokens: int, banned: Sequence[int])
         "model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
         "stream_options": {"include_usage": True}, "ignore_eos": True, "logit_bias": {str(t): -100 for t in banned},
     }
-
-
-def stream_event(line: str) -> dict[str, Any] | None:
-    """The JSON of one server-sent `data:` line, or None for other lines and the final [DONE]."""
-    if not line.startswith("data: ") or line == "data: [DONE]":
-        return None
-    return json.loads(line[6:])
-
-
-def event_text(event: dict[str, Any]) -> str:
-    """The text a streamed completion chunk carries ('' for usage-only and empty chunks)."""
-    choices = event.get("choices") or []
-    return (choices[0].get("text") or "") if choices else ""
 
 
 def sovereign_command(model: str, threads: int, ctx: int, parallel: int | None = None) -> list[str]:

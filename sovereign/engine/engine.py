@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -195,10 +194,10 @@ class Engine:
 
 def _grammar_for_schema(schema: dict[str, Any], param: str) -> str:
     """GBNF that admits exactly the JSON documents a schema allows."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    from sovereign.engine.json_grammar import json_schema_to_gbnf
 
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return json_schema_to_gbnf(schema)
     except Exception as exc:  # the converter raises bare Exceptions and asserts on schemas it cannot handle
         raise InvalidRequest(f"the JSON schema cannot be enforced: {exc or type(exc).__name__}", param) from None
 

@@ -68,34 +68,76 @@ class GpuMemory:
     total: int
 
 
-def gpu_memory() -> GpuMemory | None:
-    """Ask ggml's device registry for GPU memory; None when this build has no GPU backend."""
+@dataclass(frozen=True)
+class Device:
+    """A compute device as ggml's registry lists it."""
+
+    name: str  # e.g. "CUDA0", "CPU"
+    description: str  # e.g. "NVIDIA H100 80GB HBM3"
+    kind: str  # "cpu", "gpu", "igpu" or "accel"
+    free: int
+    total: int
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind in ("gpu", "igpu")
+
+
+_DEVICE_KINDS = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}  # enum ggml_backend_dev_type
+
+
+def devices() -> list[Device]:
+    """Every device ggml's registry knows in this llama.cpp build (the CPU included); [] if it cannot say."""
     try:
-        import llama_cpp
         from llama_cpp._ggml import libggml  # the ggml library llama-cpp-python already loaded
 
-        if not llama_cpp.llama_supports_gpu_offload():
-            return None
-        libggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-        libggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-        libggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-        libggml.ggml_backend_dev_type.restype = ctypes.c_int
-        libggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-        libggml.ggml_backend_dev_memory.restype = None
-        libggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
-        free = total = 0
+        pointer, size = ctypes.c_void_p, ctypes.c_size_t
+        signatures = {
+            "ggml_backend_dev_count": (size, []),
+            "ggml_backend_dev_get": (pointer, [size]),
+            "ggml_backend_dev_name": (ctypes.c_char_p, [pointer]),
+            "ggml_backend_dev_description": (ctypes.c_char_p, [pointer]),
+            "ggml_backend_dev_type": (ctypes.c_int, [pointer]),
+            "ggml_backend_dev_memory": (None, [pointer, ctypes.POINTER(size), ctypes.POINTER(size)]),
+        }
+        for name, (restype, argtypes) in signatures.items():  # libggml ships without ctypes signatures
+            function = getattr(libggml, name)
+            function.restype, function.argtypes = restype, argtypes
+        found = []
         for index in range(libggml.ggml_backend_dev_count()):
             device = libggml.ggml_backend_dev_get(index)
-            if libggml.ggml_backend_dev_type(device) != 1:  # GGML_BACKEND_DEVICE_TYPE_GPU
-                continue
-            dev_free, dev_total = ctypes.c_size_t(), ctypes.c_size_t()
-            libggml.ggml_backend_dev_memory(device, ctypes.byref(dev_free), ctypes.byref(dev_total))
-            free += dev_free.value
-            total += dev_total.value
-        return GpuMemory(free, total) if total else None
+            free, total = size(), size()
+            libggml.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
+            found.append(Device(
+                (libggml.ggml_backend_dev_name(device) or b"").decode(errors="replace"),
+                (libggml.ggml_backend_dev_description(device) or b"").decode(errors="replace").strip(),
+                _DEVICE_KINDS.get(libggml.ggml_backend_dev_type(device), "other"),
+                free.value,
+                total.value,
+            ))
+        return found
     except (ImportError, AttributeError, OSError) as exc:
-        log.debug("no GPU memory figures: %s", exc)
+        log.debug("no device list from ggml: %s", exc)
+        return []
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU."""
+    try:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    except (ImportError, AttributeError, OSError):
+        return False
+
+
+def gpu_memory() -> GpuMemory | None:
+    """Free and total memory over the GPUs llama.cpp can use; None when this build has no GPU backend."""
+    if not gpu_offload_supported():
         return None
+    gpus = [device for device in devices() if device.kind == "gpu"]
+    total = sum(device.total for device in gpus)
+    return GpuMemory(sum(device.free for device in gpus), total) if total else None
 
 
 def auto_gpu_layers(model_bytes: int, n_layers: int, kv_bytes: int) -> int:

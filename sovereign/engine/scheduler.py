@@ -257,8 +257,10 @@ class BatchScheduler:
         """Put a job in the free slot whose cache serves it best, and work out what it must still read."""
         prompt = job.prompt
         shared_by = {s.sequence: _common_prefix(s.cached, prompt) for s in self._slots}
-        # Longest shared prefix first; with none to reuse, the least recently used slot (keep warm caches warm).
-        slot = max(free, key=lambda s: (shared_by[s.sequence], -s.last_used))
+        # Longest shared prefix first. Among equals, the slot that served it last: a repeated request then
+        # lands on the very KV cells it used before, so seeded sampling repeats (cell order changes rounding).
+        # With nothing to reuse, the least recently used slot, which keeps the warm caches warm.
+        slot = max(free, key=lambda s: (shared_by[s.sequence], s.last_used if shared_by[s.sequence] else -s.last_used))
         shared = shared_by[slot.sequence]
         donor = max((s for s in self._slots if s is not slot), key=lambda s: shared_by[s.sequence], default=None)
         if donor is not None and shared_by[donor.sequence] >= shared + MIN_PREFIX_TO_SHARE:

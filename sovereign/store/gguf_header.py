@@ -200,3 +200,22 @@ def has_gguf_magic(path: Path) -> bool:
     """Whether a file starts with the GGUF magic bytes."""
     with path.open("rb") as handle:
         return handle.read(4) == MAGIC_BYTES
+
+
+def kv_bytes_per_token(metadata: dict[str, Any]) -> int:
+    """f16 K and V bytes per token of context, from a GGUF's attention shape."""
+    arch = metadata.get(Keys.General.ARCHITECTURE, "")
+
+    def number(key: str, default: int = 0) -> int:
+        try:
+            return int(metadata.get(f"{arch}.{key}", default))
+        except (TypeError, ValueError):
+            return default  # per-layer arrays: fall back to the first figure we know
+
+    n_layers = number("block_count", 0)
+    heads = number("attention.head_count", 1) or 1
+    kv_heads = number("attention.head_count_kv", heads) or heads
+    embd = number("embedding_length", 0)
+    key_length = number("attention.key_length", embd // heads if embd else 128)
+    value_length = number("attention.value_length", key_length)
+    return n_layers * kv_heads * (key_length + value_length) * 2

@@ -1,0 +1,252 @@
+"""`sovereign bench` and `sovereign fit`: parse options, run sovereign.bench, render tables, JSON or CSV."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sovereign.bench import fit as fitting
+from sovereign.bench.hardware import Hardware
+from sovereign.bench.model_bench import ModelBenchResult, Sweep, run_sweep
+from sovereign.bench.serve_bench import LevelReport, load_prompts, pick_model, request_bodies, run_level, summarize
+from sovereign.catalog import Catalog
+from sovereign.cli_render import dump_json, format_params
+from sovereign.config import Settings
+from sovereign.errors import BenchError, ModelNotFound
+from sovereign.refs import parse_name
+from sovereign.store import Store
+from sovereign.store.files import human_bytes
+from sovereign.store.gguf_header import has_gguf_magic
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+
+
+def int_list(text: str, option: str, minimum: int = 0) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4), as llama-bench takes its sweeps."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise BenchError(f"{option} takes whole numbers separated by commas, not '{text}'", f"for example {option} 1,2,4") from None
+    if not values or any(v < minimum for v in values):
+        raise BenchError(f"{option} needs numbers of at least {minimum}, got '{text}'", f"for example {option} {max(minimum, 1)},{max(minimum, 1) * 2}")
+    return values
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """'16GB', '16G', '16GiB' -> bytes (binary units: memory is sold in GiB whatever the label says)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise BenchError(f"{option} takes a size such as 16GB or 512MB, not '{text}'", f"for example {option} 16GB")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** "_KMGT".index(unit or "_"))
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+
+
+# --- hardware -------------------------------------------------------------------------------
+
+
+def hardware_table(hardware: Hardware) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("machine", f"{hardware.system} (fingerprint {hardware.fingerprint})")
+    table.add_row("CPU", f"{hardware.cpu}: {hardware.physical_cores} physical cores, {hardware.logical_cores} logical")
+    table.add_row("CPU features", " ".join(hardware.cpu_features) or "-")
+    table.add_row("llama.cpp uses", " ".join(hardware.build_features) or "-")
+    available = human_bytes(hardware.memory_available) if hardware.memory_available else "?"
+    table.add_row("memory", f"{human_bytes(hardware.memory_total)} total, {available} available")
+    if hardware.gpus:
+        for gpu in hardware.gpus:
+            table.add_row("GPU", f"{gpu.description or gpu.name}: {human_bytes(gpu.memory_total)} ({human_bytes(gpu.memory_free)} free)")
+    else:
+        table.add_row("GPU", "none that this llama.cpp build can use")
+    table.add_row("GPU offload", "yes" if hardware.gpu_offload else "no (a CPU-only llama.cpp build)")
+    if hardware.bandwidth:
+        table.add_row("memory bandwidth", f"{hardware.bandwidth / 1e9:.1f} GB/s measured (reads, {hardware.physical_cores} threads)")
+    return table
+
+
+# --- model bench ------------------------------------------------------------------------------
+
+
+def model_path(reference: str, settings: Settings, store: Store, catalog: Catalog) -> tuple[Path, str]:
+    """The GGUF to benchmark: a file path as given, or a pulled model's file."""
+    as_path = Path(reference).expanduser()
+    if as_path.is_file() and has_gguf_magic(as_path):
+        return as_path, as_path.name
+    name = parse_name(reference)
+    manifest = store.get(name) or store.get(catalog.canonical(name))
+    if manifest is None:
+        raise ModelNotFound(f"{reference} is not pulled", f"pull it first: sovereign pull {reference}")
+    return store.model_path(manifest), str(manifest.name)
+
+
+def run_model_bench(path: Path, label: str, sweep: Sweep, hardware: Hardware, console: Console) -> list[ModelBenchResult]:
+    with _progress(console) as progress:
+        task = progress.add_task(f"benchmarking {label}", total=sweep.count)
+        results = []
+        for result in run_sweep(
+            path, label, sweep, bandwidth=hardware.bandwidth, gpu_offload=hardware.gpu_offload,
+            on_start=lambda text: progress.update(task, description=text),
+        ):
+            results.append(result)
+            progress.advance(task)
+    return results
+
+
+def model_table(results: list[ModelBenchResult]) -> Table:
+    table = Table(title=f"{results[0].model}: {results[0].description}, {human_bytes(results[0].model_bytes)}, {format_params(results[0].model_params)} parameters" if results else None)
+    for column in ("test", "threads", "batch", "GPU layers", "t/s", "vs. bandwidth", "load", "peak memory"):
+        table.add_column(column, justify="left" if column in ("test", "vs. bandwidth") else "right")
+    for r in results:
+        if r.bandwidth_ceiling:
+            versus = f"{r.share_of_ceiling:.0%} of the {r.bandwidth_ceiling:.0f} tok/s ceiling"
+        else:
+            versus = "compute-bound" if r.n_prompt else "GPU (not measured)"
+        table.add_row(
+            r.test, str(r.threads), str(r.n_batch), str(r.n_gpu_layers), f"{r.tokens_per_second:.2f} ± {r.stddev:.2f}", versus,
+            f"{r.load_seconds:.2f}s", human_bytes(r.peak_memory) if r.peak_memory else "-",
+        )
+    return table
+
+
+def bandwidth_sentence(result: ModelBenchResult, hardware: Hardware) -> str | None:
+    """'71 tok/s = 74% of the 96 tok/s that 23 GB/s allows for 235 MiB of weights'."""
+    if not result.bandwidth_ceiling or not hardware.bandwidth:
+        return None
+    return (
+        f"{result.test} -t {result.threads}: {result.tokens_per_second:.0f} tok/s = {result.share_of_ceiling:.0%} of the {result.bandwidth_ceiling:.0f} tok/s "
+        f"that {hardware.bandwidth / 1e9:.0f} GB/s allows for {human_bytes(result.model_bytes)} of weights"
+    )
+
+
+# --- serving load test ------------------------------------------------------------------------
+
+
+def run_serve_bench(
+    url: str, model: str | None, concurrency: tuple[int, ...], requests: int | None, output_tokens: int, prompt_words: int | None,
+    prompts_file: Path | None, api_key: str | None, console: Console,
+) -> tuple[str, list[LevelReport]]:
+    url = url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    prompts = load_prompts(prompts_file)
+    model = model or pick_model(url, headers)
+    reports = []
+    with _progress(console) as progress:
+        # One warm-up request first: the model may still be loading, which belongs to no level.
+        warm = progress.add_task("warming up", total=1)
+        (sample,), _ = asyncio.run(run_level(url, request_bodies(model, prompts, 1, 8, None, "warm-up"), 1, headers=headers))
+        if sample.error:
+            raise BenchError(f"the warm-up request to {url} failed: {sample.error}", "check --url, --model and --api-key")
+        progress.remove_task(warm)
+        for level in concurrency:
+            count = requests or max(8, 4 * level)
+            task = progress.add_task(f"concurrency {level}", total=count)
+            bodies = request_bodies(model, prompts, count, output_tokens, prompt_words, f"c{level}")
+            samples, duration = asyncio.run(run_level(url, bodies, level, headers=headers, on_done=lambda _s, t=task: progress.advance(t)))
+            reports.append(summarize(level, samples, duration))
+            progress.remove_task(task)
+    return model, reports
+
+
+def serve_table(url: str, model: str, reports: list[LevelReport]) -> Table:
+    """vllm bench serve's figures, one column per concurrency level."""
+    table = Table(title=f"{model} at {url}")
+    table.add_column("concurrency", style="bold")
+    for report in reports:
+        table.add_column(str(report.concurrency), justify="right")
+    table.add_row("requests (failed)", *(f"{r.requests} ({r.failed})" if r.failed else str(r.requests) for r in reports))
+    table.add_row("request throughput", *(f"{r.request_throughput:.2f} req/s" for r in reports))
+    table.add_row("output throughput", *(f"{r.output_throughput:.1f} tok/s" for r in reports))
+    labels = {"ttft": "time to first token", "tpot": "time per output token", "itl": "inter-token latency", "e2el": "end-to-end latency"}
+    for metric, label in labels.items():
+        for q in ("p50", "p90", "p99"):
+            table.add_row(f"{label} {q}", *(_ms(r.latency[metric][q]) for r in reports))
+    return table
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}ms"
+
+
+# --- fit ------------------------------------------------------------------------------------
+
+
+def fit_table(verdicts: list[fitting.Verdict], budget: fitting.Budget, best: fitting.Verdict | None) -> Table:
+    gpu = f", {human_bytes(budget.gpu_memory)} GPU" if budget.gpu_memory else ""
+    bandwidth = f", {budget.bandwidth / 1e9:.1f} GB/s" if budget.bandwidth else ""
+    table = Table(title=f"{human_bytes(budget.memory)} RAM available{gpu}{bandwidth}")
+    for column in ("model", "quant", "params", "weights", "ctx", "needs", "runs on", "expected tok/s"):
+        table.add_column(column, justify="left" if column in ("model", "quant", "runs on") else "right")
+    for v in sorted(verdicts, key=lambda v: v.needed):
+        c = v.candidate
+        expected = "-" if v.expected_tok_s is None else f"{v.expected_tok_s:.1f}"
+        where = v.where or "does not fit"
+        style = "bold green" if v is best else ("dim" if not v.fits else None)
+        table.add_row(
+            c.name, c.quantization or "-", format_params(c.params), ("" if c.size_exact else "≈") + human_bytes(c.size), str(c.context),
+            human_bytes(v.needed), where, expected, style=style,
+        )
+    return table
+
+
+def verdict_json(v: fitting.Verdict) -> dict[str, Any]:
+    c = v.candidate
+    return {
+        "model": c.name, "quantization": c.quantization, "params": c.params, "weights_bytes": c.size, "weights_exact": c.size_exact,
+        "context": c.context, "kv_bytes_per_token": c.kv_bytes_per_token, "source": c.source, "needed_bytes": v.needed,
+        "fits": v.fits, "runs_on": v.where, "ceiling_tok_s": v.ceiling_tok_s, "expected_tok_s": v.expected_tok_s, "interactive": v.fits and v.interactive,
+    }
+
+
+# --- shared output ----------------------------------------------------------------------------
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """Rows of flat figures as CSV (nested values are written as JSON)."""
+    buffer = io.StringIO()
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: dump_json(v).strip() if isinstance(v, (dict, list, tuple)) else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def flat_level(report: LevelReport) -> dict[str, Any]:
+    """A level report with its latency figures spread into columns (ttft_p50_s, ...)."""
+    row = {k: v for k, v in report.to_json().items() if k not in ("latency", "errors")}
+    for metric, figures in report.latency.items():
+        row.update({f"{metric}_{q}_s": value for q, value in figures.items()})
+    row["errors"] = "; ".join(report.errors)
+    return row
+
+
+def history_table(runs: list[dict[str, Any]], current: str) -> Table:
+    table = Table(title="benchmark history (this machine in bold)")
+    for column in ("when", "machine", "CPU", "kind", "target", "figures"):
+        table.add_column(column)
+    for run in runs:
+        hardware = run.get("hardware") or {}
+        figures = []
+        for result in run.get("results", []):
+            if run["kind"] == "model":
+                figures.append(f"{result.get('test')} t{result.get('threads')}: {result.get('tokens_per_second', 0):.1f}")
+            elif run["kind"] == "serve":
+                figures.append(f"c{result.get('concurrency')}: {result.get('output_throughput', 0):.1f} tok/s")
+        if run["kind"] == "hardware" and hardware.get("bandwidth_gb_s"):
+            figures.append(f"{hardware['bandwidth_gb_s']} GB/s")
+        style = "bold" if run.get("fingerprint") == current else None
+        table.add_row(run.get("time", "?"), run.get("fingerprint", "?"), hardware.get("cpu", "?"), run["kind"], run.get("target") or "-", ", ".join(figures), style=style)
+    return table
