@@ -264,84 +264,19 @@ def bench(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")] = False,
     show_history: Annotated[bool, typer.Option("--history", help="Show earlier runs, on this machine and others, and exit.")] = False,
     save: Annotated[bool, typer.Option("--save/--no-save", help="Keep the results in the benchmark history.")] = True,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw tokens/s against threads (MODEL) or concurrency (--url) into this .png.")] = None,
 ) -> None:
     """Benchmark this machine, a model (like llama-bench) or a server (like vllm bench serve)."""
-    from sovereign import cli_bench as b
-    from sovereign.bench import history
-    from sovereign.bench.hardware import detect
-    from sovereign.bench.model_bench import Sweep
-    from sovereign.engine.resources import physical_cores
-    from sovereign.errors import BenchError
+    from sovereign import cli_bench
 
+    options = cli_bench.BenchOptions(
+        model=model, url=url, threads=threads, n_prompt=n_prompt, n_gen=n_gen, batch_size=batch_size, gpu_layers=gpu_layers,
+        repetitions=repetitions, concurrency=concurrency, requests=requests, output_tokens=output_tokens, prompt_words=prompt_words,
+        prompts=prompts, served_model=served_model, api_key=api_key, as_json=as_json, as_csv=as_csv, show_history=show_history,
+        save=save, plot=plot,
+    )
     core = Core()
-    if as_json and as_csv:
-        raise BenchError("--json and --csv cannot be used together", "pick one output format")
-    # Every list is checked up front, whichever mode runs, so a typo never passes silently.
-    sweep_lists = {
-        "threads": b.int_list(threads, "-t", minimum=1) if threads else (physical_cores(),),
-        "n_prompt": b.int_list(n_prompt, "-p"),
-        "n_gen": b.int_list(n_gen, "-n"),
-        "n_batch": b.int_list(batch_size, "-b", minimum=1),
-    }
-    levels = b.int_list(concurrency, "--concurrency", minimum=1)
-    if model and url:
-        raise BenchError("give either a MODEL to benchmark or --url of a server, not both", "sovereign bench MODEL, or sovereign bench --url URL")
-    if show_history:
-        runs = history.load(core.settings.home)
-        if as_json:
-            out.print_json(data=runs)
-        elif as_csv:
-            sys.stdout.write(b.to_csv([{k: v for k, v in r.items() if k != "hardware"} for r in runs]))
-        elif not runs:
-            err.print(f"no benchmark runs saved yet in {history.history_path(core.settings.home)}", highlight=False)
-        else:
-            out.print(b.history_table(runs, detect(measure=False).fingerprint))
-        return
-    if url:
-        hardware = detect(measure=False)
-        served, reports = b.run_serve_bench(url, served_model, levels, requests, output_tokens, prompt_words, prompts, api_key, err)
-        rows = [r.to_json() for r in reports]
-        if save:
-            history.save(core.settings.home, "serve", hardware, rows, target=f"{served} at {url}")
-        if as_json:
-            out.print_json(data={"url": url, "model": served, "levels": rows})
-        elif as_csv:
-            sys.stdout.write(b.to_csv([b.flat_level(r) for r in reports]))
-        else:
-            out.print(b.serve_table(url, served, reports))
-        return
-    if model is None:
-        with err.status("measuring memory bandwidth"):
-            hardware = detect()
-        if save:
-            history.save(core.settings.home, "hardware", hardware, [])
-        if as_json:
-            out.print_json(data=hardware.to_json())
-        elif as_csv:
-            sys.stdout.write(b.to_csv([hardware.to_json()]))
-        else:
-            out.print(b.hardware_table(hardware))
-        return
-    path, label = b.model_path(model, core.settings, core.store, core.catalog)
-    with err.status("measuring memory bandwidth"):
-        hardware = detect()
-    default_ngl = "99" if hardware.gpu_offload else "0"
-    sweep = Sweep(**sweep_lists, n_gpu_layers=b.int_list(gpu_layers or default_ngl, "-ngl"), repetitions=repetitions)
-    if not sweep.specs():
-        raise BenchError("nothing to run: -p and -n are both 0", "give -p 512 and/or -n 128")
-    results = b.run_model_bench(path, label, sweep, hardware, err)
-    rows = [r.to_json() for r in results]
-    if save:
-        history.save(core.settings.home, "model", hardware, rows, target=label)
-    if as_json:
-        out.print_json(data=rows)
-    elif as_csv:
-        sys.stdout.write(b.to_csv([{k: v for k, v in row.items() if k != "samples"} for row in rows]))
-    else:
-        out.print(b.model_table(results))
-        for result in results:
-            if sentence := b.bandwidth_sentence(result, hardware):
-                out.print(sentence, highlight=False)
+    cli_bench.bench(options, core.settings, core.store, core.catalog, out, err)
 
 
 @app.command()
@@ -351,48 +286,14 @@ def fit(
     memory: Annotated[str | None, typer.Option("--memory", help="Plan for this much RAM instead of what is available now (e.g. 16GB).")] = None,
     gpu_memory: Annotated[str | None, typer.Option("--gpu-memory", help="Plan for this much GPU memory (e.g. 24GB; default: what the GPUs have free).")] = None,
     bandwidth: Annotated[float | None, typer.Option("--bandwidth", min=0.1, help="Memory bandwidth in GB/s (default: this machine's, measured).")] = None,
+    remote: Annotated[bool, typer.Option("--remote", help="Read exact sizes from the GGUF headers at the models' sources (HTTP Range requests), before the catalog's figures.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Which catalog models this machine can run, how fast, and the best one to chat with."""
-    from sovereign import cli_bench as b
-    from sovereign.bench import fit as fitting
-    from sovereign.bench import history
-    from sovereign.bench.hardware import detect
+    from sovereign import cli_bench
 
     core = Core()
-    hardware = detect(measure=False)
-    measured = history.latest_hardware(core.settings.home, hardware.fingerprint)
-    if bandwidth is None and measured is None:
-        with err.status("measuring memory bandwidth"):
-            hardware = detect()
-        history.save(core.settings.home, "hardware", hardware, [])
-    speed = bandwidth * 1e9 if bandwidth else (measured.bandwidth if measured else hardware.bandwidth)
-    efficiency = history.measured_efficiency(core.settings.home, hardware.fingerprint) or fitting.DEFAULT_EFFICIENCY
-    budget = fitting.Budget(
-        memory=b.parse_bytes(memory, "--memory") if memory else (hardware.memory_available or hardware.memory_total),
-        gpu_memory=b.parse_bytes(gpu_memory, "--gpu-memory") if gpu_memory else sum(g.memory_free for g in hardware.gpus),
-        bandwidth=speed,
-        efficiency=efficiency,
-    )
-    found, unknown = fitting.candidates(core.catalog, core.store, ctx)
-    verdicts = [fitting.assess(c, budget) for c in found]
-    best = fitting.recommend(verdicts)
-    if as_json:
-        out.print_json(data={
-            "budget": {"memory_bytes": budget.memory, "gpu_memory_bytes": budget.gpu_memory, "bandwidth_bytes_per_s": budget.bandwidth, "efficiency": budget.efficiency},
-            "models": [b.verdict_json(v) for v in verdicts], "unknown": unknown, "recommended": best.candidate.name if best else None,
-        })
-        return
-    out.print(b.fit_table(verdicts, budget, best))
-    source = "measured on this machine" if history.measured_efficiency(core.settings.home, hardware.fingerprint) else "typical; run `sovereign bench MODEL` to measure it"
-    out.print(f"[dim]expected tok/s = bandwidth / weights x {budget.efficiency:.0%} ({source}); ≈ marks sizes estimated from parameters[/]", highlight=False)
-    if unknown:
-        out.print(f"[dim]no size or shape known for: {', '.join(unknown)}[/]", highlight=False)
-    if best:
-        speed_text = "on the GPU" if best.where == "GPU" else f"at about {best.expected_tok_s:.0f} tok/s"
-        out.print(f"[bold green]recommended:[/] {best.candidate.name}, the largest model this machine runs interactively ({speed_text}): sovereign pull {best.candidate.name}", highlight=False)
-    else:
-        out.print(f"[yellow]no catalog model reaches {fitting.INTERACTIVE_TOK_S:.0f} tok/s here[/]: the smallest that fits will be slow", highlight=False)
+    cli_bench.fit(core.settings, core.store, core.catalog, out, err, ctx=ctx, memory=memory, gpu_memory=gpu_memory, bandwidth=bandwidth, remote=remote, as_json=as_json)
 
 
 def _log_requests() -> None:

@@ -1,4 +1,4 @@
-"""`sovereign bench` and `sovereign fit`: parse options, run sovereign.bench, render tables, JSON or CSV."""
+"""`sovereign bench` and `sovereign fit`: check options, run sovereign.bench, render tables, JSON or CSV."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import asyncio
 import csv
 import io
 import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +16,172 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sovereign.bench import fit as fitting
-from sovereign.bench.hardware import Hardware
+from sovereign.bench import history
+from sovereign.bench.hardware import Hardware, detect
 from sovereign.bench.model_bench import ModelBenchResult, Sweep, run_sweep
 from sovereign.bench.serve_bench import LevelReport, load_prompts, pick_model, request_bodies, run_level, summarize
 from sovereign.catalog import Catalog
 from sovereign.cli_render import dump_json, format_params
 from sovereign.config import Settings
+from sovereign.engine.resources import physical_cores
 from sovereign.errors import BenchError, ModelNotFound
 from sovereign.refs import parse_name
 from sovereign.store import Store
 from sovereign.store.files import human_bytes
 from sovereign.store.gguf_header import has_gguf_magic
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """`sovereign bench`'s command line, as given."""
+
+    model: str | None
+    url: str | None
+    threads: str | None
+    n_prompt: str
+    n_gen: str
+    batch_size: str
+    gpu_layers: str | None
+    repetitions: int
+    concurrency: str
+    requests: int | None
+    output_tokens: int
+    prompt_words: int | None
+    prompts: Path | None
+    served_model: str | None
+    api_key: str | None
+    as_json: bool
+    as_csv: bool
+    show_history: bool
+    save: bool
+    plot: Path | None
+
+
+def bench(options: BenchOptions, settings: Settings, store: Store, catalog: Catalog, out: Console, err: Console) -> None:
+    """Run the mode the options ask for: history, a server load test, a model sweep, or the hardware report."""
+    if options.as_json and options.as_csv:
+        raise BenchError("--json and --csv cannot be used together", "pick one output format")
+    if options.model and options.url:
+        raise BenchError("give either a MODEL to benchmark or --url of a server, not both", "sovereign bench MODEL, or sovereign bench --url URL")
+    # Every list is checked up front, whichever mode runs, so a typo never passes silently.
+    sweep_lists = {
+        "threads": int_list(options.threads, "-t", minimum=1) if options.threads else (physical_cores(),),
+        "n_prompt": int_list(options.n_prompt, "-p"),
+        "n_gen": int_list(options.n_gen, "-n"),
+        "n_batch": int_list(options.batch_size, "-b", minimum=1),
+    }
+    levels = int_list(options.concurrency, "--concurrency", minimum=1)
+    if options.plot:
+        from sovereign.bench.plot import require_matplotlib
+
+        require_matplotlib()  # before a long run, not after it
+    if options.show_history:
+        _show_history(settings.home, options, out, err)
+    elif options.url:
+        _bench_server(options, levels, settings.home, out, err)
+    elif options.model is None:
+        with err.status("measuring memory bandwidth"):
+            hardware = detect()
+        if options.save:
+            history.save(settings.home, "hardware", hardware, [])
+        _emit(out, options, hardware.to_json(), [hardware.to_json()], lambda: hardware_table(hardware))
+    else:
+        path, label = model_path(options.model, settings, store, catalog)
+        with err.status("measuring memory bandwidth"):
+            hardware = detect()
+        default_ngl = "99" if hardware.gpu_offload else "0"
+        sweep = Sweep(**sweep_lists, n_gpu_layers=int_list(options.gpu_layers or default_ngl, "-ngl"), repetitions=options.repetitions)
+        if not sweep.specs():
+            raise BenchError("nothing to run: -p and -n are both 0", "give -p 512 and/or -n 128")
+        results = run_model_bench(path, label, sweep, hardware, err)
+        rows = [r.to_json() for r in results]
+        if options.plot:
+            from sovereign.bench.plot import plot_model
+
+            plot_model(results, options.plot)
+        if options.save:
+            history.save(settings.home, "model", hardware, rows, target=label)
+        _emit(out, options, rows, [{k: v for k, v in row.items() if k != "samples"} for row in rows], lambda: model_table(results))
+        if not (options.as_json or options.as_csv):
+            for result in results:
+                if sentence := bandwidth_sentence(result, hardware):
+                    out.print(sentence, highlight=False)
+
+
+def _emit(out: Console, options: BenchOptions, data: Any, csv_rows: list[dict[str, Any]], table: Any) -> None:
+    """JSON, CSV or the Rich table (built only when shown)."""
+    if options.as_json:
+        out.print_json(data=data)
+    elif options.as_csv:
+        sys.stdout.write(to_csv(csv_rows))
+    else:
+        out.print(table())
+
+
+def _show_history(home: Path, options: BenchOptions, out: Console, err: Console) -> None:
+    runs = history.load(home)
+    if not runs and not (options.as_json or options.as_csv):
+        err.print(f"no benchmark runs saved yet in {history.history_path(home)}", highlight=False)
+        return
+    csv_rows = [{k: v for k, v in run.items() if k != "hardware"} for run in runs]
+    _emit(out, options, runs, csv_rows, lambda: history_table(runs, detect(measure=False).fingerprint))
+
+
+def _bench_server(options: BenchOptions, levels: tuple[int, ...], home: Path, out: Console, err: Console) -> None:
+    assert options.url is not None
+    hardware = detect(measure=False)
+    served, reports = run_serve_bench(
+        options.url, options.served_model, levels, options.requests, options.output_tokens, options.prompt_words, options.prompts, options.api_key, err,
+    )
+    rows = [r.to_json() for r in reports]
+    if options.plot:
+        from sovereign.bench.plot import plot_serving
+
+        plot_serving(reports, f"{served} at {options.url}", options.plot)
+    if options.save:
+        history.save(home, "serve", hardware, rows, target=f"{served} at {options.url}")
+    data = {"url": options.url, "model": served, "levels": rows}
+    _emit(out, options, data, [flat_level(r) for r in reports], lambda: serve_table(options.url or "", served, reports))
+
+
+def fit(
+    settings: Settings, store: Store, catalog: Catalog, out: Console, err: Console, *,
+    ctx: int | None, memory: str | None, gpu_memory: str | None, bandwidth: float | None, remote: bool, as_json: bool,
+) -> None:
+    """Place every catalog model on this machine (or the one described) and recommend one."""
+    hardware = detect(measure=False)
+    measured = history.latest_hardware(settings.home, hardware.fingerprint)
+    if bandwidth is None and measured is None:
+        with err.status("measuring memory bandwidth"):
+            hardware = detect()
+        history.save(settings.home, "hardware", hardware, [])
+    speed = bandwidth * 1e9 if bandwidth else (measured.bandwidth if measured else hardware.bandwidth)
+    efficiency = history.measured_efficiency(settings.home, hardware.fingerprint)
+    budget = fitting.Budget(
+        memory=parse_bytes(memory, "--memory") if memory else (hardware.memory_available or hardware.memory_total),
+        gpu_memory=parse_bytes(gpu_memory, "--gpu-memory") if gpu_memory else sum(g.memory_free for g in hardware.gpus),
+        bandwidth=speed,
+        efficiency=efficiency or fitting.DEFAULT_EFFICIENCY,
+    )
+    found, unknown = fitting.candidates(catalog, store, ctx, settings=settings, remote=remote)
+    verdicts = [fitting.assess(c, budget) for c in found]
+    best = fitting.recommend(verdicts)
+    if as_json:
+        out.print_json(data={
+            "budget": {"memory_bytes": budget.memory, "gpu_memory_bytes": budget.gpu_memory, "bandwidth_bytes_per_s": budget.bandwidth, "efficiency": budget.efficiency},
+            "models": [verdict_json(v) for v in verdicts], "unknown": unknown, "recommended": best.candidate.name if best else None,
+        })
+        return
+    out.print(fit_table(verdicts, budget, best))
+    source = "measured on this machine" if efficiency else "typical; run `sovereign bench MODEL` to measure it"
+    out.print(f"[dim]expected tok/s = bandwidth / weights x {budget.efficiency:.0%} ({source}); ≈ marks sizes estimated from parameters[/]", highlight=False)
+    if unknown:
+        out.print(f"[dim]no size or shape known for: {', '.join(unknown)}[/]", highlight=False)
+    if best:
+        speed_text = "on the GPU" if best.where == "GPU" else f"at about {best.expected_tok_s:.0f} tok/s"
+        out.print(f"[bold green]recommended:[/] {best.candidate.name}, the largest model this machine runs interactively ({speed_text}): sovereign pull {best.candidate.name}", highlight=False)
+    else:
+        out.print(f"[yellow]no catalog model reaches {fitting.INTERACTIVE_TOK_S:.0f} tok/s here[/]: the smallest that fits will be slow", highlight=False)
+
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
 

@@ -2,7 +2,7 @@
 
     GET  /api/models/{owner}/{repo}[/revision/{rev}]   model info with siblings (size, LFS sha256)
     HEAD /{owner}/{repo}/resolve/{rev}/{path}          file metadata (ETag, size, commit)
-    GET  /{owner}/{repo}/resolve/{rev}/{path}          file bytes, honouring Range
+    GET  /{owner}/{repo}/resolve/{rev}/{path}          file bytes, honouring Range (bytes=a- and bytes=a-b)
 
 Knobs per repository let tests cut transfers, corrupt bytes, gate access and slow things down.
 Every request is recorded so tests can assert on Range headers and byte counts.
@@ -139,21 +139,23 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", f"{filename} does not exist")
         etag = _sha(data)
         served = data[:-64] + bytes(b ^ 0xFF for b in data[-64:]) if repo.corrupt else data
-        start = 0
+        start, end = 0, len(data)  # end: one past the last byte served
         if request.range and request.range.startswith("bytes="):
-            start = int(request.range[len("bytes="):].split("-")[0] or 0)
-        status = 206 if start else 200
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data) - start))
+            first, _, last = request.range[len("bytes="):].partition("-")
+            start = int(first or 0)
+            end = min(end, int(last) + 1) if last else end
+        ranged = bool(start) or end < len(data)
+        self.send_response(206 if ranged else 200)
+        self.send_header("Content-Length", str(end - start))
         self.send_header("ETag", f'"{etag}"')
         self.send_header("X-Repo-Commit", COMMIT)
         self.send_header("Accept-Ranges", "bytes")
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.end_headers()
         if self.command == "HEAD":
             return
-        self._send_body(repo, served[start:], request)
+        self._send_body(repo, served[start:end], request)
 
     def _send_body(self, repo: FakeRepo, body: bytes, request: Request) -> None:
         limit = len(body)

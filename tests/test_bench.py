@@ -8,13 +8,16 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGUFWriter, LlamaFileType
 
 from sovereign.bench.fit import Budget, Candidate, assess, recommend
 from sovereign.bench.serve_bench import Sample, summarize
 from sovereign.refs import parse_name
 from sovereign.store import Store
 from tests.conftest import GEMMA, assert_clean_error, run_cli
+from tests.fakehub import FakeHubServer, FakeRepo
 from tests.servers import ServerProcess
 
 GiB = 2**30
@@ -65,9 +68,14 @@ def test_model_bench_sweeps_threads_and_reports_pp_and_tg(gemma_file: Path) -> N
     assert rows[0]["tokens_per_second"] > rows[1]["tokens_per_second"]
 
 
-def test_model_bench_table_csv_and_history(gemma_file: Path) -> None:
-    table = run_cli("bench", str(gemma_file), "-p", "16", "-n", "4", "-r", "1")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_bench_table_plot_csv_and_history(gemma_file: Path, tmp_path: Path) -> None:
+    picture = tmp_path / "threads.png"
+    table = run_cli("bench", str(gemma_file), "-p", "16", "-n", "4", "-r", "1", "-t", "1,2", "--plot", str(picture))
     assert table.returncode == 0, table.stderr
+    assert picture.read_bytes().startswith(PNG_MAGIC) and picture.stat().st_size > 10_000
     assert "tg4" in table.stdout and "pp16" in table.stdout and "tok/s ceiling" in table.stdout
     assert "of the" in table.stdout and "GB/s allows for" in table.stdout
     result = run_cli("bench", str(gemma_file), "-p", "0", "-n", "4", "-r", "1", "--csv")
@@ -79,12 +87,12 @@ def test_model_bench_table_csv_and_history(gemma_file: Path) -> None:
     runs = json.loads(history.stdout)
     assert [run["kind"] for run in runs] == ["model", "model"]
     assert runs[0]["fingerprint"] == runs[1]["fingerprint"] == runs[0]["hardware"]["fingerprint"]
-    assert runs[1]["results"][0]["test"] == "tg4"
+    assert runs[1]["results"][0]["test"] == "tg4" and len(runs[0]["results"]) == 4
     shown = run_cli("bench", "--history")
     assert shown.returncode == 0 and "tg4 t" in shown.stdout
 
 
-def test_serving_load_test_against_a_real_server(server: ServerProcess) -> None:
+def test_serving_load_test_against_a_real_server(server: ServerProcess, tmp_path: Path) -> None:
     result = run_cli("bench", "--url", server.url, "--model", GEMMA, "--concurrency", "1,2", "--requests", "4", "--output-tokens", "8", "--json", "--no-save")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -98,8 +106,10 @@ def test_serving_load_test_against_a_real_server(server: ServerProcess) -> None:
             figures = level["latency"][metric]
             assert sane(figures["p50"]) and figures["p50"] <= figures["p90"] <= figures["p99"]
         assert level["latency"]["ttft"]["p50"] < level["latency"]["e2el"]["p50"]
-    table = run_cli("bench", "--url", f"{server.base_url}", "--model", GEMMA, "--concurrency", "2", "--requests", "2", "--output-tokens", "4", "--no-save")
-    assert table.returncode == 0 and "time to first token p50" in table.stdout
+    picture = tmp_path / "concurrency.png"
+    table = run_cli("bench", "--url", f"{server.base_url}", "--model", GEMMA, "--concurrency", "1,2", "--requests", "2", "--output-tokens", "4", "--no-save", "--plot", str(picture))
+    assert table.returncode == 0, table.stderr
+    assert "time to first token p50" in table.stdout and picture.read_bytes().startswith(PNG_MAGIC)
 
 
 def test_failed_requests_are_counted_never_hidden() -> None:
@@ -150,3 +160,34 @@ def test_fit_prefers_the_gpu_and_recommends_the_biggest_interactive_model() -> N
     assert recommend(on_gpu) is on_gpu[1]
     tight = Budget(memory=1 * GiB, bandwidth=50e9)
     assert not assess(large, tight).fits and recommend([assess(large, tight)]) is None
+
+
+def test_fit_reads_a_remote_header_through_range_requests(hub: FakeHubServer, tmp_path: Path, isolated_home: Path) -> None:
+    path = tmp_path / "remote.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(8)
+    writer.add_head_count(8)
+    writer.add_head_count_kv(2)
+    writer.add_embedding_length(512)
+    writer.add_context_length(4096)
+    writer.add_file_type(LlamaFileType.ALL_F32)
+    writer.add_token_list([f"token-{i:06d}" for i in range(150_000)])  # a 3 MB header: more than the first read
+    writer.add_tensor("blk.0.weight", np.zeros((4096, 1024), dtype=np.float32))  # 16 MiB of weights
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = path.read_bytes()
+    hub.hub.repos["acme/remote-GGUF"] = FakeRepo(files={"remote.gguf": data})
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "models.toml").write_text('[models."remote:test"]\nsources = ["hf.co/acme/remote-GGUF/remote.gguf"]\ncontext_length = 2048\n')
+
+    result = run_cli("fit", "--json", "--memory", "8GB", "--bandwidth", "10", env={"HF_ENDPOINT": hub.url})
+    assert result.returncode == 0, result.stderr
+    (model,) = [m for m in json.loads(result.stdout)["models"] if m["model"] == "remote:test"]
+    assert model["source"] == "remote header" and model["weights_exact"]
+    assert model["weights_bytes"] == len(data)
+    assert model["kv_bytes_per_token"] == 8 * 2 * (64 + 64) * 2 and model["params"] == 4096 * 1024
+    fetched = hub.hub.downloads("remote.gguf")
+    assert fetched and all(r.range for r in fetched)
+    assert sum(r.body_bytes for r in fetched) < len(data) / 2  # the header, not the weights

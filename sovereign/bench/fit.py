@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sovereign.catalog import Catalog, ModelSpec
+from sovereign.config import Settings
+from sovereign.errors import SovereignError
 from sovereign.store import Store
 from sovereign.store.gguf_header import kv_bytes_per_token, read_gguf_info, read_gguf_metadata
-from sovereign.errors import SovereignError
+from sovereign.store.remote_header import read_remote
 
 # Average bits per weight of llama.cpp's quantizations (llama-quantize's own table), for sizes not yet known.
 BITS_PER_WEIGHT = {
@@ -38,7 +40,7 @@ class Candidate:
     size_exact: bool  # False: estimated from parameters x bits per weight
     kv_bytes_per_token: int
     context: int
-    source: str  # "file" (the pulled GGUF's header) or "catalog"
+    source: str  # "file" (the pulled GGUF's header), "catalog" or "remote header"
 
 
 @dataclass(frozen=True)
@@ -87,16 +89,41 @@ def recommend(verdicts: list[Verdict]) -> Verdict | None:
     return max(usable, key=lambda v: (v.candidate.params or 0, v.candidate.size), default=None)
 
 
-def candidates(catalog: Catalog, store: Store, context: int | None = None) -> tuple[list[Candidate], list[str]]:
-    """Every catalog entry with known figures (the pulled file's header first, then the catalog); and the names without."""
+def candidates(
+    catalog: Catalog, store: Store, context: int | None = None, *, settings: Settings | None = None, remote: bool = False,
+) -> tuple[list[Candidate], list[str]]:
+    """Every catalog entry with known figures, and the names without.
+
+    Figures come from the pulled file's header; else the catalog's shape; else (or first, with
+    `remote`) the header of the file at the entry's sources, read over HTTP Range requests.
+    """
     found, unknown = [], []
     for spec in catalog.specs.values():
-        candidate = _from_file(spec, store, context) or _from_catalog(spec, context)
+        candidate = _from_file(spec, store, context)
+        if candidate is None and remote and settings is not None:
+            candidate = _from_source(spec, settings, context)
+        candidate = candidate or _from_catalog(spec, context)
+        if candidate is None and not remote and settings is not None:
+            candidate = _from_source(spec, settings, context)
         if candidate is None:
             unknown.append(str(spec.name))
         else:
             found.append(candidate)
     return found, unknown
+
+
+def _from_source(spec: ModelSpec, settings: Settings, context: int | None) -> Candidate | None:
+    """The first of the entry's sources whose GGUF header can be read over the network."""
+    for source in spec.sources:
+        try:
+            model = read_remote(source, settings)
+        except SovereignError:
+            continue
+        if model is not None:
+            params = model.parameters or (spec.shape.params if spec.shape else None)
+            quantization = model.quantization or (spec.shape.quantization if spec.shape else None)
+            return Candidate(str(spec.name), quantization, params, model.size, True, model.kv_bytes_per_token, _context(spec, context), "remote header")
+    return None
 
 
 def _context(spec: ModelSpec, context: int | None) -> int:

@@ -167,12 +167,8 @@ def build_features() -> tuple[str, ...]:
 
 def total_memory() -> int:
     """Bytes of physical memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    if (total := resources.proc_kib("/proc/meminfo", "MemTotal")) is not None:
+        return total
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

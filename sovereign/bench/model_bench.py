@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sovereign.engine.llama_bench import BenchModel, TestSpec, mean_and_stddev
+from sovereign.engine.resources import proc_kib
 
 DEFAULT_REPETITIONS = 3
 DEFAULT_N_PROMPT = (512,)
@@ -132,11 +133,7 @@ def reset_peak_memory() -> None:
 
 def peak_memory() -> int | None:
     """The process's peak resident bytes since the last reset."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    if (peak := proc_kib("/proc/self/status", "VmHWM")) is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere

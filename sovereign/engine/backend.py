@@ -1,4 +1,6 @@
-"""The only module that talks to llama.cpp: load a model, tokenize, decode batches, sample, embed.
+"""The module that serves through llama.cpp: load a model, tokenize, decode batches, sample, embed.
+
+(llama_bench.py also drives llama.cpp, for benchmarks only; resources.py asks it about devices.)
 
 Everything here is synchronous: one scheduler thread owns a LlamaBackend's context and calls
 it (tokenizing touches only the vocabulary and is safe from other threads). The context holds

@@ -46,14 +46,21 @@ def physical_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation without swapping, if the OS says."""
+def proc_kib(path: str, key: str) -> int | None:
+    """A "Key:   123 kB" figure of a Linux /proc file, in bytes; None where there is none."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation without swapping, if the OS says."""
+    if (available := proc_kib("/proc/meminfo", "MemAvailable")) is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

@@ -59,9 +59,9 @@ class GGUFInfo:
 
 
 class _Stream:
-    """Little- or big-endian primitive reads over a memory-mapped file (no seeks, no copies)."""
+    """Little- or big-endian primitive reads over a memory-mapped file or bytes (no seeks, no copies)."""
 
-    def __init__(self, buffer: mmap.mmap, endian: str, position: int) -> None:
+    def __init__(self, buffer: Any, endian: str, position: int) -> None:
         self.buffer, self.endian, self.position = buffer, endian, position
 
     def unpack(self, fmt: str) -> Any:
@@ -101,43 +101,66 @@ class _Stream:
         return self.unpack(_SCALARS[vtype])
 
 
+class NeedMoreBytes(Exception):
+    """The buffer ends inside the header: read further into the file and parse again."""
+
+
+def parse_header(buffer: Any, name: str) -> tuple[dict[str, Any], list[tuple[int, int]], int]:
+    """(metadata, [(n_elements, ggml_type)], bytes the tensors need from the header's start) of a GGUF.
+
+    `buffer` is the whole file (memory-mapped) or a prefix of it; a prefix that ends inside the
+    header raises NeedMoreBytes.
+    """
+    if len(buffer) < 8:
+        raise NeedMoreBytes
+    if bytes(buffer[:4]) != MAGIC_BYTES:
+        raise NotGGUF(f"{name} is not a GGUF file (bad magic bytes)", "pull a .gguf model file")
+    endian = "<" if struct.unpack_from("<I", buffer, 4)[0] < 0x10000 else ">"
+    stream = _Stream(buffer, endian, 8)
+    try:
+        tensor_count, kv_count = stream.unpack("Q"), stream.unpack("Q")
+        metadata: dict[str, Any] = {}
+        for _ in range(kv_count):
+            key = stream.string()
+            value = stream.value(GGUFValueType(stream.unpack("I")), key in _KEEP_ARRAYS)
+            if value is not None:
+                metadata[key] = value
+        tensors, data_end = [], 0
+        for _ in range(tensor_count):
+            stream.skip_string()
+            dims = [stream.unpack("Q") for _ in range(stream.unpack("I"))]
+            ggml_type = stream.unpack("I")
+            offset = stream.unpack("Q")
+            elements = 1
+            for dim in dims:
+                elements *= dim
+            tensors.append((elements, ggml_type))
+            data_end = max(data_end, offset + _tensor_bytes(elements, ggml_type))
+        if stream.position > len(buffer):  # skipped arrays can step past the end without reading it
+            raise EOFError
+        alignment = int(metadata.get(Keys.General.ALIGNMENT, 32)) or 32
+        data_start = -(-stream.position // alignment) * alignment
+    except (EOFError, struct.error):
+        raise NeedMoreBytes from None
+    except ValueError as exc:  # an unknown value type: corrupt, however many bytes follow
+        raise NotGGUF(f"{name} has a corrupt GGUF header ({exc})", "pull the model again") from None
+    return metadata, tensors, data_start + data_end
+
+
 def _read_one(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
     """(metadata, [(n_elements, ggml_type)]) of one GGUF file."""
     with path.open("rb") as handle:
         if handle.read(4) != MAGIC_BYTES:
             raise NotGGUF(f"{path.name} is not a GGUF file (bad magic bytes)", "pull a .gguf model file")
-        version_bytes = handle.read(4)
-        if len(version_bytes) < 4:
-            raise NotGGUF(f"{path.name} has a truncated or corrupt GGUF header (EOFError)", "pull the model again")
-        endian = "<" if struct.unpack("<I", version_bytes)[0] < 0x10000 else ">"
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-            stream = _Stream(buffer, endian, 8)
-            try:
-                tensor_count, kv_count = stream.unpack("Q"), stream.unpack("Q")
-                metadata: dict[str, Any] = {}
-                for _ in range(kv_count):
-                    key = stream.string()
-                    value = stream.value(GGUFValueType(stream.unpack("I")), key in _KEEP_ARRAYS)
-                    if value is not None:
-                        metadata[key] = value
-                tensors, data_end = [], 0
-                for _ in range(tensor_count):
-                    stream.skip_string()
-                    dims = [stream.unpack("Q") for _ in range(stream.unpack("I"))]
-                    ggml_type = stream.unpack("I")
-                    offset = stream.unpack("Q")
-                    elements = 1
-                    for dim in dims:
-                        elements *= dim
-                    tensors.append((elements, ggml_type))
-                    data_end = max(data_end, offset + _tensor_bytes(elements, ggml_type))
-                alignment = int(metadata.get(Keys.General.ALIGNMENT, 32)) or 32
-                data_start = -(-stream.position // alignment) * alignment
-            except (EOFError, ValueError, struct.error) as exc:
-                raise NotGGUF(f"{path.name} has a truncated or corrupt GGUF header ({type(exc).__name__})", "pull the model again") from None
-    if data_start + data_end > path.stat().st_size:
+        handle.seek(0)
+        try:
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+                metadata, tensors, needed = parse_header(buffer, path.name)
+        except NeedMoreBytes:
+            raise NotGGUF(f"{path.name} has a truncated or corrupt GGUF header (EOFError)", "pull the model again") from None
+    if needed > path.stat().st_size:
         raise NotGGUF(
-            f"{path.name} is truncated: its tensors need {data_start + data_end:,} bytes, the file has {path.stat().st_size:,}",
+            f"{path.name} is truncated: its tensors need {needed:,} bytes, the file has {path.stat().st_size:,}",
             "pull the model again",
         )
     return metadata, tensors
@@ -152,7 +175,7 @@ def _tensor_bytes(elements: int, ggml_type: int) -> int:
     return elements // block_size * type_size
 
 
-def _quantization(metadata: dict[str, Any], tensors: list[tuple[int, int]]) -> str | None:
+def quantization_of(metadata: dict[str, Any], tensors: list[tuple[int, int]]) -> str | None:
     file_type = metadata.get(Keys.General.FILE_TYPE)
     if file_type is not None:
         try:
@@ -188,7 +211,7 @@ def read_gguf_info(paths: list[Path]) -> GGUFInfo:
         name=metadata.get(Keys.General.NAME),
         parameters=sum(elements for elements, _ in tensors),
         size_label=metadata.get(Keys.General.SIZE_LABEL),
-        quantization=_quantization(metadata, tensors),
+        quantization=quantization_of(metadata, tensors),
         context_length=metadata.get(f"{arch}.context_length") if arch else None,
         chat_template=metadata.get(Keys.Tokenizer.CHAT_TEMPLATE),
         license=metadata.get(Keys.General.LICENSE),
