@@ -152,14 +152,14 @@ def test_bad_logit_bias_and_schema_are_invalid_requests(real_model_home: Path) -
 
 def test_text_assembler_cuts_stop_strings_across_pieces_and_keeps_utf8_whole() -> None:
     assembler = _TextAssembler(("STOP",))
-    assert assembler.feed(b"abcST") == ("abc", False)
-    assert assembler.feed(b"OPdef") == ("", True)
+    assert assembler.feed(b"abcST") == ("abc", None)
+    assert assembler.feed(b"OPdef") == ("", "STOP")
     assembler = _TextAssembler(())
     snowman = "☃".encode()
-    assert assembler.feed(snowman[:2]) == ("", False)
-    assert assembler.feed(snowman[2:]) == ("☃", False)
+    assert assembler.feed(snowman[:2]) == ("", None)
+    assert assembler.feed(snowman[2:]) == ("☃", None)
     partial = _TextAssembler(("STOP",))
-    assert partial.feed(b"xST") == ("x", False)
+    assert partial.feed(b"xST") == ("x", None)
     assert partial.flush() == "ST", "a held-back prefix that never became a stop is real text"
 
 

@@ -38,8 +38,9 @@ Request = ChatRequest | CompletionRequest
 class Generation:
     """One submitted request: iterate it for events; `cancel()` stops it and frees its model."""
 
-    def __init__(self, model: str, events: AsyncGenerator[Event, None], tokens: TokenStream) -> None:
+    def __init__(self, model: str, events: AsyncGenerator[Event, None], tokens: TokenStream, prompt_tokens: int = 0) -> None:
         self.model = model  # the store name of the model serving it (aliases resolved)
+        self.prompt_tokens = prompt_tokens
         self._events = events
         self._tokens = tokens
 
@@ -84,7 +85,11 @@ class Engine:
         observed = request_stats.get()
         if observed is not None:
             observed.append(stats)
-        return Generation(prepared.model.name, self._events(prepared, stream), stream)
+        return Generation(prepared.model.name, self._events(prepared, stream), stream, len(prepared.prompt))
+
+    async def count_tokens(self, request: ChatRequest) -> int:
+        """The prompt tokens a chat request reads (template, tools and all), without generating."""
+        return len((await self._prepare(request)).prompt)
 
     async def embed(self, model_name: str, texts: list[str]) -> tuple[list[list[float]], int]:
         """Normalised embeddings for each text, and the total tokens read."""
@@ -163,6 +168,7 @@ class Engine:
         buffered = _ToolBuffer(prepared.tool_mode)
         completion_tokens = 0
         reason: FinishReason = "length"
+        stopped: str | None = None
         try:
             async for step in stream:
                 if step.end_of_generation:
@@ -187,7 +193,7 @@ class Engine:
                 yield TextDelta(buffered.held_text, buffered.held_logprobs)
             if not stream.cancelled:  # a client that hung up has no finish reason
                 stream.stats.finish_reason = reason
-            yield Finished(reason, Usage(len(prepared.prompt), completion_tokens, stream.stats.cached_tokens))
+            yield Finished(reason, Usage(len(prepared.prompt), completion_tokens, stream.stats.cached_tokens), stopped if reason == "stop" else None)
         finally:
             stream.cancel()
 
@@ -210,17 +216,18 @@ class _TextAssembler:
         self._stops = [s for s in stops if s]
         self._pending = ""
 
-    def feed(self, piece: bytes) -> tuple[str, bool]:
-        """Text safe to emit now, and whether a stop string was reached (the stop itself is dropped)."""
+    def feed(self, piece: bytes) -> tuple[str, str | None]:
+        """Text safe to emit now, and the stop string reached if one was (the stop itself is dropped)."""
         self._pending += self._decoder.decode(piece)
-        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
         if hits:
-            out, self._pending = self._pending[: min(hits)], ""
-            return out, True
+            index, stop = min(hits, key=lambda hit: hit[0])  # the earliest; among equals, the first listed
+            out, self._pending = self._pending[:index], ""
+            return out, stop
         hold = max((n for s in self._stops for n in range(min(len(s) - 1, len(self._pending)), 0, -1) if self._pending.endswith(s[:n])), default=0)
         cut = len(self._pending) - hold
         out, self._pending = self._pending[:cut], self._pending[cut:]
-        return out, False
+        return out, None
 
     def flush(self) -> str:
         """What is left at the end (a held-back partial stop string is real text after all)."""

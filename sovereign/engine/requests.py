@@ -117,6 +117,7 @@ class Finished:
 
     reason: FinishReason
     usage: Usage
+    stop_sequence: str | None = None  # the stop string that ended the text, when one did
 
 
 Event = TextDelta | ToolCallsEvent | Finished

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from sovereign import __version__
 from sovereign.engine import Engine, ModelPool
-from sovereign.server import errors, extra_routes, openai_routes
+from sovereign.server import anthropic_routes, errors, extra_routes, openai_routes, responses_routes
 from sovereign.server.observability import METRICS_CONTENT_TYPE, Metrics, RequestObserver
 from sovereign.server.errors import APIError
 
@@ -72,6 +72,8 @@ def create_app(pool: ModelPool, options: ServerOptions) -> FastAPI:
         return JSONResponse(body, status_code=503 if loading else 200)
 
     app.include_router(openai_routes.router)
+    app.include_router(anthropic_routes.router)
+    app.include_router(responses_routes.router)
     app.include_router(extra_routes.router)
     return app
 
@@ -101,5 +103,6 @@ def _require_api_key(app: FastAPI, keys: tuple[str, ...]) -> None:
         # compare_digest against every key: no early exit that leaks which key matched
         if not given or not any([secrets.compare_digest(given.encode(), key) for key in encoded]):
             message = "You didn't provide an API key." if not given else "Incorrect API key provided."
-            return APIError(401, message + " Pass it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.", code="invalid_api_key").response()
+            error = APIError(401, message + " Pass it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.", code="invalid_api_key")
+            return error.response_for(request.url.path)
         return await call_next(request)

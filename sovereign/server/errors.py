@@ -1,4 +1,4 @@
-"""OpenAI's error envelope, and the mapping from our exceptions and FastAPI's to it."""
+"""The APIs' error envelopes (OpenAI's; Anthropic's under /v1/messages), and the mapping from our exceptions to them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ from starlette.exceptions import HTTPException
 from sovereign.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, ModelNotFound, RequestTimedOut, ServerBusy, SovereignError
 
 log = logging.getLogger(__name__)
+
+# Anthropic's error types by status; 503 (every slot busy) becomes its 529 overloaded_error.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error",
+}
+
+
+def speaks_anthropic(path: str) -> bool:
+    """Whether a path belongs to the Anthropic Messages API, whose clients expect its envelope."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 class APIError(Exception):
@@ -41,6 +52,20 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    @property
+    def anthropic_status(self) -> int:
+        return 529 if self.code == "server_overloaded" else self.status
+
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = _ANTHROPIC_TYPES.get(self.anthropic_status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response_for(self, path: str) -> JSONResponse:
+        """This error in the envelope of the API that `path` belongs to."""
+        if speaks_anthropic(path):
+            return JSONResponse(self.anthropic_body(), status_code=self.anthropic_status, headers=self.headers)
+        return self.response()
 
 
 def from_exception(exc: BaseException) -> APIError:
@@ -97,22 +122,22 @@ def install(app: FastAPI) -> None:
     """Answer every error in the envelope; the server keeps serving."""
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response_for(request.url.path)
 
     @app.exception_handler(HTTPException)
-    async def on_http(_request: Request, exc: HTTPException) -> JSONResponse:
+    async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        return APIError(exc.status_code, str(exc.detail), code=code).response_for(request.url.path)
 
     @app.exception_handler(APIError)
-    async def on_api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response_for(request.url.path)
 
     @app.exception_handler(SovereignError)
-    async def on_ours(_request: Request, exc: SovereignError) -> JSONResponse:
-        return from_exception(exc).response()
+    async def on_ours(request: Request, exc: SovereignError) -> JSONResponse:
+        return from_exception(exc).response_for(request.url.path)
 
     @app.exception_handler(Exception)
-    async def on_anything(_request: Request, exc: Exception) -> JSONResponse:
-        return from_exception(exc).response()
+    async def on_anything(request: Request, exc: Exception) -> JSONResponse:
+        return from_exception(exc).response_for(request.url.path)

@@ -137,6 +137,7 @@ class ChoiceResult:
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: str = "stop"
     usage: Usage = field(default_factory=lambda: Usage(0, 0))
+    finished: Finished | None = None  # the last event itself (it also says which stop string ended the text)
 
     def add(self, event: Event) -> None:
         if isinstance(event, TextDelta):
@@ -147,6 +148,7 @@ class ChoiceResult:
         elif isinstance(event, Finished):
             self.finish_reason = event.reason
             self.usage = event.usage
+            self.finished = event
 
 
 def usage_json(usages: list[Usage | None], choices_per_prompt: int) -> dict[str, Any]:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import struct
 import time
-from datetime import datetime
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,18 +18,15 @@ from sovereign.engine.requests import Event
 from sovereign.errors import ModelNotFound
 from sovereign.server import openai_convert as convert
 from sovereign.server.errors import APIError, from_exception
+from sovereign.server.running import collect
 from sovereign.server.schemas import ChatCompletionBody, CompletionBody, EmbeddingBody
+from sovereign.server.sse import data_event as _sse
 
 router = APIRouter()
 
 
 def _engine(request: Request) -> Engine:
     return request.app.state.engine
-
-
-def _sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
 
 
 async def _start_all(engine: Engine, requests: list[Any]) -> list[Generation]:
@@ -44,32 +40,6 @@ async def _start_all(engine: Engine, requests: list[Any]) -> list[Generation]:
             await generation.cancel()
         raise
     return generations
-
-
-async def _collect(request: Request, generations: list[Generation]) -> list[convert.ChoiceResult]:
-    """Run every choice to its end, or stop them all as soon as the client hangs up."""
-
-    async def one(generation: Generation) -> convert.ChoiceResult:
-        result = convert.ChoiceResult()
-        async for event in generation:
-            result.add(event)
-        return result
-
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, generations))
-    try:
-        return list(await asyncio.gather(*(one(g) for g in generations)))
-    finally:
-        watcher.cancel()
-        for generation in generations:
-            await generation.cancel()
-
-
-async def _cancel_on_disconnect(request: Request, generations: list[Generation]) -> None:
-    """Wait for the client to go away (the body is already read, so the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    for generation in generations:
-        generation.stop()
 
 
 async def _interleave(generations: list[Generation]) -> AsyncIterator[tuple[int, Event]]:
@@ -169,7 +139,7 @@ async def chat_completions(request: Request, body: ChatCompletionBody) -> JSONRe
     model_name = generations[0].model
     completion_id = convert.new_id("chatcmpl")
     if not body.stream:
-        results = await _collect(request, generations)
+        results = await collect(request, generations)
         return JSONResponse(convert.chat_completion_json(completion_id, model_name, results, body.logprobs))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return _event_stream(_chat_chunks(generations, completion_id, model_name, body.logprobs, include_usage), generations)
@@ -211,7 +181,7 @@ async def completions(request: Request, body: CompletionBody) -> JSONResponse | 
     completion_id = convert.new_id("cmpl")
     echoes = [await _echo_text(request, prompt, body) for prompt, _r in pairs]
     if not body.stream:
-        results = await _collect(request, generations)
+        results = await collect(request, generations)
         choices = []
         for index, result in enumerate(results):
             choices.append({

@@ -133,3 +133,63 @@ class EmbeddingBody(_Strict):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+
+
+# --- the Responses API (stateless) ------------------------------------------------------
+
+
+class ResponsesFunctionTool(_Strict):
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesTextFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponsesText(_Strict):
+    format: ResponsesTextFormat | None = None
+    verbosity: str | None = None
+
+
+class NamedFunction(_Strict):
+    type: Literal["function"]
+    name: str
+
+
+class ResponsesBody(_Strict):
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    text: ResponsesText | None = None
+    tools: list[dict[str, Any]] | None = None  # function tools; built-in ones (web_search, ...) are refused by name
+    tool_choice: Literal["auto", "none", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool | None = None
+    stream: bool = False
+    previous_response_id: str | None = None  # refused: nothing is stored
+    conversation: Any = None  # refused likewise
+    background: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    seed: int | None = None
+    ignore_eos: bool = False  # sovereign's extension, as on the other endpoints
+    # Accepted and ignored: they shape OpenAI's service or its reasoning models, not a local model's output.
+    truncation: str | None = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+    stream_options: dict[str, Any] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    top_logprobs: int | None = None

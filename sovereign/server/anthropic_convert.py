@@ -1,0 +1,217 @@
+"""Between Anthropic's Messages JSON and the engine: bodies to chat requests, events to messages and SSE events."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sovereign.engine import ChatRequest, Finished, SamplingParams, TextDelta, ToolCall, ToolCallsEvent, ToolChoice, Usage
+from sovereign.engine.requests import Event
+from sovereign.server.anthropic_schemas import (
+    CountTokensBody,
+    DocumentBlock,
+    ImageBlock,
+    MessagesBody,
+    TextBlock,
+    ThinkingBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    _Conversation,
+)
+from sovereign.server.errors import APIError
+from sovereign.server.sse import named_event as sse
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def chat_request_from(body: MessagesBody | CountTokensBody) -> ChatRequest:
+    """The engine request for a Messages body (count_tokens bodies get default sampling)."""
+    messages = _messages(body)
+    tools = _tools(body)
+    choice = _tool_choice(body, bool(tools))
+    json_schema = _output_schema(body)
+    if json_schema is not None and tools and choice.mode in ("required", "function"):
+        raise APIError(400, "A forced tool call cannot be combined with output_config.format.", param="output_config")
+    sampling = SamplingParams()
+    if isinstance(body, MessagesBody):
+        sampling = SamplingParams(
+            max_tokens=body.max_tokens,
+            temperature=sampling.temperature if body.temperature is None else body.temperature,
+            top_p=sampling.top_p if body.top_p is None else body.top_p,
+            top_k=sampling.top_k if body.top_k is None else body.top_k,
+            stop=tuple(s for s in body.stop_sequences or () if s),
+            ignore_eos=body.ignore_eos,
+        )
+    return ChatRequest(body.model, messages, sampling, tools, choice, json_schema)
+
+
+def _messages(body: _Conversation) -> list[dict[str, Any]]:
+    """Anthropic's system + messages as the engine's OpenAI-shaped messages."""
+    out: list[dict[str, Any]] = []
+    if body.system:
+        system = body.system if isinstance(body.system, str) else "\n".join(block.text for block in body.system)
+        out.append({"role": "system", "content": system})
+    for index, message in enumerate(body.messages):
+        if isinstance(message.content, str):
+            out.append({"role": message.role, "content": message.content})
+            continue
+        texts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        for part_index, block in enumerate(message.content):
+            where = f"messages.{index}.content.{part_index}"
+            if isinstance(block, TextBlock):
+                texts.append(block.text)
+            elif isinstance(block, ImageBlock | DocumentBlock):
+                raise APIError(400, f"{where}: this model reads text only; {block.type} blocks are not supported.", param=where)
+            elif isinstance(block, ToolUseBlock):
+                if message.role != "assistant":
+                    raise APIError(400, f"{where}: tool_use blocks belong to assistant messages.", param=where)
+                calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": json.dumps(block.input)}})
+            elif isinstance(block, ToolResultBlock):
+                if message.role != "user":
+                    raise APIError(400, f"{where}: tool_result blocks belong to user messages.", param=where)
+                result = _tool_result_text(block, where)
+                out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": f"Error: {result}" if block.is_error else result})
+            elif isinstance(block, ThinkingBlock):
+                continue
+        if texts or calls:
+            item: dict[str, Any] = {"role": message.role, "content": "\n".join(texts)}
+            if calls:
+                item["tool_calls"] = calls
+            out.append(item)
+    return out
+
+
+def _tool_result_text(block: ToolResultBlock, where: str) -> str:
+    if block.content is None or isinstance(block.content, str):
+        return block.content or ""
+    texts = []
+    for part in block.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, f"{where}: tool results may hold text only; got {part.get('type')!r}.", param=where)
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _tools(body: _Conversation) -> list[dict[str, Any]]:
+    tools = []
+    for index, tool in enumerate(body.tools or []):
+        if tool.type not in (None, "custom"):
+            raise APIError(400, f"tools.{index}: server tool {tool.type!r} is not available here; define it as a custom tool.", param=f"tools.{index}.type")
+        function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
+        if tool.description:
+            function["description"] = tool.description
+        tools.append({"type": "function", "function": function})
+    return tools
+
+
+def _tool_choice(body: _Conversation, has_tools: bool) -> ToolChoice:
+    choice = body.tool_choice
+    if choice is None:
+        return ToolChoice("auto" if has_tools else "none")
+    if choice.type == "none":
+        return ToolChoice("none")
+    if not has_tools:
+        raise APIError(400, f"tool_choice {choice.type!r} needs tools.", param="tool_choice")
+    if choice.type == "tool":
+        names = {tool.name for tool in body.tools or []}
+        if not choice.name or choice.name not in names:
+            raise APIError(400, f"tool_choice names {choice.name!r}, which is not among the tools.", param="tool_choice.name")
+        return ToolChoice("function", choice.name)
+    return ToolChoice("required" if choice.type == "any" else "auto")
+
+
+def _output_schema(body: _Conversation) -> dict[str, Any] | None:
+    output_format = (body.output_config or {}).get("format")
+    if output_format is None:
+        return None
+    if not isinstance(output_format, dict) or output_format.get("type") != "json_schema" or not isinstance(output_format.get("schema"), dict):
+        raise APIError(400, "output_config.format must be {\"type\": \"json_schema\", \"schema\": {...}}.", param="output_config.format")
+    return output_format["schema"]
+
+
+# --- responses --------------------------------------------------------------------------
+
+
+def stop_reason(finished: Finished, user_stops: list[str] | None) -> tuple[str, str | None]:
+    """Anthropic's stop_reason and stop_sequence for how a generation ended."""
+    if finished.reason == "tool_calls":
+        return "tool_use", None
+    if finished.reason == "length":
+        return "max_tokens", None
+    if finished.stop_sequence is not None and finished.stop_sequence in (user_stops or []):
+        return "stop_sequence", finished.stop_sequence
+    return "end_turn", None  # the model's own end of turn (or a stop string of the model's template)
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "output_tokens": usage.completion_tokens,
+        "cache_read_input_tokens": usage.cached_tokens,
+        "cache_creation_input_tokens": 0,
+    }
+
+
+def tool_use_block(call: ToolCall) -> dict[str, Any]:
+    try:
+        arguments = json.loads(call.arguments or "{}")
+    except json.JSONDecodeError:
+        arguments = {}
+    return {"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name, "input": arguments if isinstance(arguments, dict) else {}}
+
+
+def message_json(message_id: str, model: str, text: str, calls: list[ToolCall], finished: Finished, user_stops: list[str] | None) -> dict[str, Any]:
+    """A whole Message."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
+    content += [tool_use_block(call) for call in calls]
+    reason, sequence = stop_reason(finished, user_stops)
+    return {
+        "id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
+        "stop_reason": reason, "stop_sequence": sequence, "usage": usage_json(finished.usage),
+    }
+
+
+async def stream_events(message_id: str, model: str, prompt_tokens: int, events: AsyncIterator[Event], user_stops: list[str] | None) -> AsyncIterator[bytes]:
+    """Anthropic's event sequence: message_start, blocks (start, ping after the first, deltas, stop), message_delta, message_stop."""
+    start = {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None, "stop_sequence": None}
+    yield sse({"type": "message_start", "message": {**start, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
+    blocks = 0
+    text_open = False
+
+    def open_block(block: dict[str, Any]) -> list[bytes]:
+        frames = [sse({"type": "content_block_start", "index": blocks, "content_block": block})]
+        return frames + [sse({"type": "ping"})] if blocks == 0 else frames
+
+    async for event in events:
+        if isinstance(event, TextDelta) and event.text:
+            if not text_open:
+                for frame in open_block({"type": "text", "text": ""}):
+                    yield frame
+                text_open = True
+            yield sse({"type": "content_block_delta", "index": blocks, "delta": {"type": "text_delta", "text": event.text}})
+        elif isinstance(event, ToolCallsEvent):
+            if text_open:
+                yield sse({"type": "content_block_stop", "index": blocks})
+                blocks, text_open = blocks + 1, False
+            for call in event.calls:
+                block = tool_use_block(call)
+                for frame in open_block({**block, "input": {}}):
+                    yield frame
+                yield sse({"type": "content_block_delta", "index": blocks, "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}})
+                yield sse({"type": "content_block_stop", "index": blocks})
+                blocks += 1
+        elif isinstance(event, Finished):
+            if not text_open and blocks == 0:  # an empty answer is still one (empty) text block
+                for frame in open_block({"type": "text", "text": ""}):
+                    yield frame
+                text_open = True
+            if text_open:
+                yield sse({"type": "content_block_stop", "index": blocks})
+            reason, sequence = stop_reason(event, user_stops)
+            yield sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage_json(event.usage)})
+            yield sse({"type": "message_stop"})
