@@ -149,6 +149,9 @@ def test_errors_use_anthropics_envelope(client: anthropic.Anthropic, server: Ser
         response = httpx.post(f"{server.url}/v1/messages", json=body, timeout=60)
         assert response.status_code == 400, (body, response.text)
         assert response.json()["type"] == "error" and response.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.InternalServerError) as broken:  # the session's store holds a model that cannot load
+        client.messages.create(model="broken:model", max_tokens=2, messages=HELLO)
+    assert broken.value.status_code == 500 and broken.value.body["error"]["type"] == "api_error"
     assert client.messages.create(model=GEMMA, max_tokens=2, messages=HELLO).content  # the server keeps serving
 
 
