@@ -141,12 +141,12 @@ def test_tools_schemas_and_embeddings_are_served_among_running_streams(wide: Ser
 
 def test_memory_stays_flat_over_rounds_of_eight_requests(wide: ServerProcess) -> None:
     async def round_of_eight(round_number: int) -> None:
-        client = AsyncOpenAI(base_url=wide.base_url, api_key="unused", max_retries=0)  # one per event loop
-        # Different prompts each round, so every round writes new KV cells rather than reusing a cached prefix.
-        await asyncio.gather(*(
-            client.completions.create(model=GEMMA, prompt=f"Round {round_number}, story {i}: " + "the tide came in. " * 20, max_tokens=48, extra_body={"ignore_eos": True})
-            for i in range(8)
-        ))
+        async with AsyncOpenAI(base_url=wide.base_url, api_key="unused", max_retries=0) as client:  # one per event loop
+            # Different prompts each round, so every round writes new KV cells rather than reusing a cached prefix.
+            await asyncio.gather(*(
+                client.completions.create(model=GEMMA, prompt=f"Round {round_number}, story {i}: " + "the tide came in. " * 20, max_tokens=48, extra_body={"ignore_eos": True})
+                for i in range(8)
+            ))
 
     asyncio.run(round_of_eight(0))
     settled = resident_bytes(wide)
