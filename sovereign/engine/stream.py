@@ -58,10 +58,14 @@ _mailboxes_lock = threading.Lock()
 
 
 def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    """The loop's shared mailbox (a stream's own, for a loop type that cannot be weakly referenced)."""
     with _mailboxes_lock:
-        box = _mailboxes.get(loop)
-        if box is None:
-            box = _mailboxes[loop] = _Mailbox(loop)
+        try:
+            box = _mailboxes.get(loop)
+            if box is None:
+                box = _mailboxes[loop] = _Mailbox(loop)
+        except TypeError:
+            box = _Mailbox(loop)
         return box
 
 
