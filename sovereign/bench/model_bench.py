@@ -7,10 +7,9 @@ against the ceiling that measured memory bandwidth puts on it.
 
 from __future__ import annotations
 
-import resource
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +70,6 @@ class ModelBenchResult:
     peak_memory: int | None  # the process's peak resident bytes while this model was loaded
     bandwidth_ceiling: float | None = None  # tok/s that memory bandwidth allows (generation tests on the CPU)
     backend: str = "CPU"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def share_of_ceiling(self) -> float | None:
@@ -79,7 +77,6 @@ class ModelBenchResult:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data.pop("extra")
         data["share_of_bandwidth_ceiling"] = round(self.share_of_ceiling, 4) if self.share_of_ceiling else None
         return data
 
@@ -135,5 +132,9 @@ def peak_memory() -> int | None:
     """The process's peak resident bytes since the last reset."""
     if (peak := proc_kib("/proc/self/status", "VmHWM")) is not None:
         return peak
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
