@@ -37,7 +37,8 @@ from typing import Any
 
 from _servers import completion_body, end_of_generation_tokens, llama_cpp_python_command, llama_server_command, model_file, running, sovereign_command
 
-from sovereign.bench.serve_bench import PROMPTS, Sample, percentile, run_level
+from sovereign.bench.serve_bench import PROMPTS, Sample, run_level
+from sovereign.bench.serve_bench import summarize as level_report
 
 OURS, LLAMA_SERVER, LLAMA_CPP_PYTHON = "sovereign", "llama-server", "llama-cpp-python"
 
@@ -61,16 +62,13 @@ TARGETS = (
 )
 
 def summarize(samples: list[Sample], wall_s: float) -> dict[str, Any]:
-    """A level's figures for one server: throughput, latency percentiles, failures."""
-    good = [s for s in samples if s.error is None]
-    ttfts = [s.ttft_s for s in good if s.ttft_s is not None]
-    gaps = [gap for s in good for gap in s.gaps_s]
-    tokens = sum(s.tokens for s in good)
+    """A level's figures for one server (the `sovereign bench --url` report, flattened): throughput, latency percentiles, failures."""
+    report = level_report(0, samples, wall_s)
+    ttft, itl = report.latency["ttft"], report.latency["itl"]
     return {
-        "tok_s": tokens / wall_s, "wall_s": wall_s, "tokens": tokens, "requests": len(samples), "failed": len(samples) - len(good),
-        "ttft_p50_s": percentile(ttfts, 50), "ttft_p90_s": percentile(ttfts, 90),
-        "itl_p50_s": percentile(gaps, 50), "itl_p90_s": percentile(gaps, 90),
-        "errors": sorted({s.error for s in samples if s.error is not None}),
+        "tok_s": report.output_throughput, "wall_s": wall_s, "tokens": report.output_tokens, "requests": report.requests, "failed": report.failed,
+        "ttft_p50_s": ttft["p50"], "ttft_p90_s": ttft["p90"], "itl_p50_s": itl["p50"], "itl_p90_s": itl["p90"],
+        "errors": report.errors,
         "samples": [{k: v for k, v in asdict(s).items() if k != "gaps_s"} for s in samples],
     }
 

@@ -30,6 +30,7 @@ from sovereign.store import Store
 from sovereign.store.files import human_bytes
 from sovereign.store.gguf_header import has_gguf_magic
 
+
 @dataclass(frozen=True)
 class BenchOptions:
     """`sovereign bench`'s command line, as given."""
@@ -85,7 +86,7 @@ def bench(options: BenchOptions, settings: Settings, store: Store, catalog: Cata
             history.save(settings.home, "hardware", hardware, [])
         _emit(out, options, hardware.to_json(), [hardware.to_json()], lambda: hardware_table(hardware))
     else:
-        path, label = model_path(options.model, settings, store, catalog)
+        path, label = model_path(options.model, store, catalog)
         with err.status("measuring memory bandwidth"):
             hardware = detect()
         default_ngl = "99" if hardware.gpu_offload else "0"
@@ -149,13 +150,14 @@ def fit(
 ) -> None:
     """Place every catalog model on this machine (or the one described) and recommend one."""
     hardware = detect(measure=False)
-    measured = history.latest_hardware(settings.home, hardware.fingerprint)
+    runs = history.load(settings.home)
+    measured = history.latest_hardware(runs, hardware.fingerprint)
     if bandwidth is None and measured is None:
         with err.status("measuring memory bandwidth"):
             hardware = detect()
         history.save(settings.home, "hardware", hardware, [])
     speed = bandwidth * 1e9 if bandwidth else (measured.bandwidth if measured else hardware.bandwidth)
-    efficiency = history.measured_efficiency(settings.home, hardware.fingerprint)
+    efficiency = history.measured_efficiency(runs, hardware.fingerprint)
     budget = fitting.Budget(
         memory=parse_bytes(memory, "--memory") if memory else (hardware.memory_available or hardware.memory_total),
         gpu_memory=parse_bytes(gpu_memory, "--gpu-memory") if gpu_memory else sum(g.memory_free for g in hardware.gpus),
@@ -237,13 +239,13 @@ def hardware_table(hardware: Hardware) -> Table:
 # --- model bench ------------------------------------------------------------------------------
 
 
-def model_path(reference: str, settings: Settings, store: Store, catalog: Catalog) -> tuple[Path, str]:
+def model_path(reference: str, store: Store, catalog: Catalog) -> tuple[Path, str]:
     """The GGUF to benchmark: a file path as given, or a pulled model's file."""
     as_path = Path(reference).expanduser()
     if as_path.is_file() and has_gguf_magic(as_path):
         return as_path, as_path.name
     name = parse_name(reference)
-    manifest = store.get(name) or store.get(catalog.canonical(name))
+    manifest = store.get_first(name, catalog.canonical(name))
     if manifest is None:
         raise ModelNotFound(f"{reference} is not pulled", f"pull it first: sovereign pull {reference}")
     return store.model_path(manifest), str(manifest.name)

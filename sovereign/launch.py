@@ -36,10 +36,8 @@ def parse_keep_alive(text: str) -> float | None:
 def ensure_pulled(name: str, settings: Settings, store: Store, catalog: Catalog, console: Console) -> str:
     """The store name for `name`, pulling it first (with progress) when the catalog knows it but the store lacks it."""
     model = parse_name(name)
-    for candidate in (model, catalog.canonical(model)):
-        manifest = store.get(candidate)
-        if manifest is not None:
-            return manifest.name
+    if (manifest := store.get_first(model, catalog.canonical(model))) is not None:
+        return manifest.name
     if catalog.get(catalog.canonical(model)) is None:
         raise ModelNotFound(f"{name} is not pulled and not in the catalog", f"pull it first (sovereign pull {name}) or see `sovereign catalog`")
     from sovereign.cli_render import RichPullReporter

@@ -144,7 +144,8 @@ def cpu_features() -> tuple[str, ...]:
             flags.update(flag for flag, key in (("asimddp", "FEAT_DotProd"), ("i8mm", "FEAT_I8MM")) if _sysctl(f"hw.optional.arm.{key}") == "1")
         else:
             flags.update(_sysctl("machdep.cpu.features").lower().split() + _sysctl("machdep.cpu.leaf7_features").lower().split())
-            flags.update({"pni"} if "sse3" in flags else set())
+            if "sse3" in flags:
+                flags.add("pni")  # Linux's name for SSE3, which the table uses
     names = {**_X86_FEATURES, **_ARM_FEATURES}
     return tuple(dict.fromkeys(names[flag] for flag in names if flag in flags))
 

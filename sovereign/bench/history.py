@@ -55,11 +55,11 @@ def load(home: Path) -> list[dict[str, Any]]:
     return runs
 
 
-def measured_efficiency(home: Path, fingerprint: str) -> float | None:
+def measured_efficiency(runs: list[dict[str, Any]], fingerprint: str) -> float | None:
     """The mean share of the bandwidth ceiling that generation tests reached on this machine, if any ran."""
     shares = [
         result["share_of_bandwidth_ceiling"]
-        for run in load(home)
+        for run in runs
         if run.get("kind") == "model" and run.get("fingerprint") == fingerprint
         for result in run.get("results", [])
         if isinstance(result, dict) and result.get("share_of_bandwidth_ceiling")
@@ -67,9 +67,9 @@ def measured_efficiency(home: Path, fingerprint: str) -> float | None:
     return statistics.fmean(shares) if shares else None
 
 
-def latest_hardware(home: Path, fingerprint: str | None = None) -> Hardware | None:
+def latest_hardware(runs: list[dict[str, Any]], fingerprint: str | None = None) -> Hardware | None:
     """The most recent hardware report with a measured bandwidth (of this machine, if a fingerprint is given)."""
-    for run in reversed(load(home)):
+    for run in reversed(runs):
         data = run.get("hardware") or {}
         if data.get("bandwidth") and (fingerprint is None or run.get("fingerprint") == fingerprint):
             try:

@@ -88,7 +88,6 @@ def run_sweep(
     *,
     bandwidth: float | None,
     gpu_offload: bool,
-    on_result: Callable[[ModelBenchResult], None] | None = None,
     on_start: Callable[[str], None] | None = None,
 ) -> Iterator[ModelBenchResult]:
     """Run every test of the sweep on the model at `path`, yielding results as they come."""
@@ -113,8 +112,6 @@ def run_sweep(
                     load_seconds=model.load_seconds, peak_memory=peak_memory(), bandwidth_ceiling=ceiling,
                     backend="GPU" if on_gpu else "CPU",
                 )
-                if on_result:
-                    on_result(result)
                 yield result
         finally:
             model.close()

@@ -66,7 +66,7 @@ class ModelPool:
             name = parse_name(text)
         except InvalidReference:
             raise ModelNotFound(f"the model {text!r} does not exist", "GET /v1/models lists the pulled models") from None
-        manifest = self.store.get(name) or self.store.get(self.catalog.canonical(name))
+        manifest = self.store.get_first(name, self.catalog.canonical(name))
         if manifest is None:
             raise ModelNotFound(f"the model {text!r} does not exist or is not pulled", f"pull it first: sovereign pull {text}")
         return manifest

@@ -17,6 +17,14 @@ _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 CALL_OPENINGS = ("{", "[", "<tool_call>", "```")
 
 
+def function_tool(name: str, description: str | None, parameters: dict[str, Any]) -> dict[str, Any]:
+    """A tool in the engine's (OpenAI chat) shape, from the parts every API's tool definition has."""
+    function: dict[str, Any] = {"name": name, "parameters": parameters}
+    if description:
+        function["description"] = description
+    return {"type": "function", "function": function}
+
+
 def functions_of(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The `function` objects of OpenAI tools, checked for the fields we rely on."""
     functions = []

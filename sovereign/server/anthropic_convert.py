@@ -9,6 +9,7 @@ from typing import Any
 
 from sovereign.engine import ChatRequest, Finished, SamplingParams, TextDelta, ToolCall, ToolCallsEvent, ToolChoice, Usage
 from sovereign.engine.requests import Event
+from sovereign.engine.tools import function_tool
 from sovereign.server.anthropic_schemas import (
     CountTokensBody,
     DocumentBlock,
@@ -102,10 +103,7 @@ def _tools(body: _Conversation) -> list[dict[str, Any]]:
     for index, tool in enumerate(body.tools or []):
         if tool.type not in (None, "custom"):
             raise APIError(400, f"tools.{index}: server tool {tool.type!r} is not available here; define it as a custom tool.", param=f"tools.{index}.type")
-        function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
-        if tool.description:
-            function["description"] = tool.description
-        tools.append({"type": "function", "function": function})
+        tools.append(function_tool(tool.name, tool.description, tool.input_schema))
     return tools
 
 
@@ -118,10 +116,7 @@ def _tool_choice(body: _Conversation, has_tools: bool) -> ToolChoice:
     if not has_tools:
         raise APIError(400, f"tool_choice {choice.type!r} needs tools.", param="tool_choice")
     if choice.type == "tool":
-        names = {tool.name for tool in body.tools or []}
-        if not choice.name or choice.name not in names:
-            raise APIError(400, f"tool_choice names {choice.name!r}, which is not among the tools.", param="tool_choice.name")
-        return ToolChoice("function", choice.name)
+        return ToolChoice("function", choice.name)  # the engine refuses a name that is not among the tools
     return ToolChoice("required" if choice.type == "any" else "auto")
 
 

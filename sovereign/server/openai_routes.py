@@ -17,8 +17,8 @@ from sovereign.engine import Engine, Finished, Generation, TextDelta, ToolCallsE
 from sovereign.engine.requests import Event
 from sovereign.errors import ModelNotFound
 from sovereign.server import openai_convert as convert
-from sovereign.server.errors import APIError, from_exception
-from sovereign.server.running import collect
+from sovereign.server.errors import APIError
+from sovereign.server.running import collect, event_stream
 from sovereign.server.schemas import ChatCompletionBody, CompletionBody, EmbeddingBody
 from sovereign.server.sse import data_event as _sse
 
@@ -74,21 +74,9 @@ async def _interleave(generations: list[Generation]) -> AsyncIterator[tuple[int,
             task.cancel()
 
 
-def _event_stream(chunks: AsyncIterator[bytes], generations: list[Generation]) -> StreamingResponse:
-    """An SSE response that cancels the generations if the client goes away, and reports late errors in-band."""
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except Exception as exc:  # headers are sent: the error travels as an event, as OpenAI does
-            yield _sse(from_exception(exc).body())
-        finally:
-            for generation in generations:
-                await generation.cancel()
-        yield _sse("[DONE]")
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def _error_event(error: APIError) -> bytes:
+    """A failure after the headers are sent travels as an event, as OpenAI does."""
+    return _sse(error.body())
 
 
 # --- models -------------------------------------------------------------------------
@@ -142,7 +130,7 @@ async def chat_completions(request: Request, body: ChatCompletionBody) -> JSONRe
         results = await collect(request, generations)
         return JSONResponse(convert.chat_completion_json(completion_id, model_name, results, body.logprobs))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return _event_stream(_chat_chunks(generations, completion_id, model_name, body.logprobs, include_usage), generations)
+    return event_stream(_chat_chunks(generations, completion_id, model_name, body.logprobs, include_usage), generations, error_frame=_error_event, last=_sse("[DONE]"))
 
 
 async def _chat_chunks(generations: list[Generation], completion_id: str, model: str, want_logprobs: bool, include_usage: bool) -> AsyncIterator[bytes]:
@@ -200,7 +188,7 @@ async def completions(request: Request, body: CompletionBody) -> JSONResponse | 
             "system_fingerprint": "sovereign",
         })
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return _event_stream(_completion_chunks(generations, completion_id, model_name, echoes, body, include_usage), generations)
+    return event_stream(_completion_chunks(generations, completion_id, model_name, echoes, body, include_usage), generations, error_frame=_error_event, last=_sse("[DONE]"))
 
 
 async def _echo_text(request: Request, prompt: str | list[int], body: CompletionBody) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from sovereign.engine import ChatRequest, Finished, SamplingParams, TextDelta, ToolCall, ToolCallsEvent, ToolChoice, Usage
 from sovereign.engine.requests import Event
+from sovereign.engine.tools import function_tool
 from sovereign.server.errors import APIError, from_exception
 from sovereign.server.schemas import NamedFunction, ResponsesBody, ResponsesFunctionTool
 from sovereign.server.sse import named_event as sse
@@ -102,10 +103,7 @@ def _tools(body: ResponsesBody) -> list[dict[str, Any]]:
             tool = ResponsesFunctionTool.model_validate(raw)
         except ValueError as exc:
             raise APIError(400, f"tools.{index} is not a valid function tool: {exc}", param=f"tools.{index}", code="invalid_value") from None
-        function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters or {"type": "object", "properties": {}}}
-        if tool.description:
-            function["description"] = tool.description
-        tools.append({"type": "function", "function": function})
+        tools.append(function_tool(tool.name, tool.description, tool.parameters or {"type": "object", "properties": {}}))
     return tools
 
 
@@ -116,9 +114,7 @@ def _tool_choice(body: ResponsesBody, has_tools: bool) -> ToolChoice:
     if choice != "none" and not has_tools:
         raise APIError(400, "tool_choice is set but no tools were given.", param="tool_choice", code="invalid_value")
     if isinstance(choice, NamedFunction):
-        if choice.name not in {t.get("name") for t in body.tools or []}:
-            raise APIError(400, f"tool_choice names {choice.name!r}, which is not among the tools.", param="tool_choice.name", code="invalid_value")
-        return ToolChoice("function", choice.name)
+        return ToolChoice("function", choice.name)  # the engine refuses a name that is not among the tools
     return ToolChoice(choice)
 
 

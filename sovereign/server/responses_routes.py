@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from sovereign.engine import Engine, Finished, Generation
+from sovereign.engine import Engine, Finished
 from sovereign.server import responses_convert as convert
-from sovereign.server.running import collect
+from sovereign.server.running import collect, event_stream
 from sovereign.server.schemas import ResponsesBody
 
 router = APIRouter()
@@ -25,13 +24,4 @@ async def create_response(request: Request, body: ResponsesBody) -> JSONResponse
         finished = result.finished or Finished("cancelled", result.usage)
         return JSONResponse(convert.response_json(shell, result.text, result.tool_calls, finished))
     frames = convert.stream_events(shell, aiter(generation))
-    return StreamingResponse(_cancelled_at_end(frames, generation), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def _cancelled_at_end(frames: AsyncIterator[bytes], generation: Generation) -> AsyncIterator[bytes]:
-    """Pass the frames through; stop generating when the client leaves or the stream ends."""
-    try:
-        async for frame in frames:
-            yield frame
-    finally:
-        await generation.cancel()
+    return event_stream(frames, [generation])  # stream_events reports failures itself, as response.failed

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from sovereign.engine import Generation
 from sovereign.server import openai_convert as convert
+from sovereign.server.errors import APIError, from_exception
 
 
 async def collect(request: Request, generations: list[Generation]) -> list[convert.ChoiceResult]:
@@ -34,3 +37,29 @@ async def cancel_on_disconnect(request: Request, generations: list[Generation]) 
         pass
     for generation in generations:
         generation.stop()
+
+
+def event_stream(
+    frames: AsyncIterator[bytes], generations: list[Generation], *, error_frame: Callable[[APIError], bytes] | None = None, last: bytes = b"",
+) -> StreamingResponse:
+    """A server-sent-events response that stops its generations when it ends or the client goes away.
+
+    Once the status line is out, an error can only travel in-band: `error_frame` renders it in the
+    API's own form; `last` closes every stream that was not cut off (OpenAI's `[DONE]`).
+    """
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for frame in frames:
+                yield frame
+        except Exception as exc:
+            if error_frame is None:
+                raise
+            yield error_frame(from_exception(exc))
+        finally:
+            for generation in generations:
+                await generation.cancel()
+        if last:
+            yield last
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -74,17 +74,24 @@ class _Validator:
         self.path.write_text(json.dumps({"validator": validator}))
 
 
-def _raise_for_status(response: httpx.Response, url: str) -> None:
+def raise_for_status(response: httpx.Response, url: str) -> None:
+    """Access refused and other HTTP errors as our typed errors."""
     if response.status_code in (401, 403):
         raise AccessDenied(f"{url} refused access (HTTP {response.status_code})", "check the URL or its credentials")
     if response.status_code >= 400:
         raise SourceUnavailable(f"{url} answered HTTP {response.status_code}", "check the URL, or try another source")
 
 
-def _total_size(response: httpx.Response, offset: int) -> int | None:
+def content_range_total(response: httpx.Response) -> int | None:
+    """The file's full size as a 206 answer's Content-Range states it (None for '*' or none)."""
     match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
-    if match and match[3] != "*":
-        return int(match[3])
+    return int(match[3]) if match and match[3] != "*" else None
+
+
+def total_size(response: httpx.Response, offset: int) -> int | None:
+    """The full size of the file a response (starting at `offset`) belongs to, if the headers say."""
+    if (total := content_range_total(response)) is not None:
+        return total
     length = response.headers.get("content-length")
     return offset + int(length) if length and length.isdigit() else None
 
@@ -140,11 +147,11 @@ def _download_once(
                 return sha256_of(dest, NullReporter()).hexdigest()  # we already hold every byte
             dest.unlink()
             raise httpx.RemoteProtocolError("the remote file changed size; starting over")
-        _raise_for_status(response, url)
+        raise_for_status(response, url)
         match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
         if response.status_code != 206 or not match or int(match[1]) != offset:
             offset = 0  # the server ignored the Range, or the file changed: start over
-        total = _total_size(response, offset)
+        total = total_size(response, offset)
         if check_space and total is not None:
             check_space(total - offset)
         validator.save(response)

@@ -17,7 +17,7 @@ from sovereign.config import Settings
 from sovereign.errors import PullError, SourceUnavailable
 from sovereign.refs import HfRef, SourceRef, UrlRef
 from sovereign.store.gguf_header import NeedMoreBytes, kv_bytes_per_token, parse_header, quantization_of
-from sovereign.store.http_download import check_transport, make_client
+from sovereign.store.http_download import content_range_total, make_client, raise_for_status, total_size
 
 FIRST_READ = 2 * 2**20
 LARGEST_READ = 64 * 2**20
@@ -55,22 +55,20 @@ def _model(metadata: dict[str, Any], tensors: list[tuple[int, int]], size: int) 
 
 
 def _read_hf(ref: HfRef, endpoint: str, settings: Settings) -> RemoteModel:
-    from huggingface_hub import HfApi, hf_hub_url
+    from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
-    from sovereign.store.sources.hf import _hub_errors, choose_files
+    from sovereign.store.sources.hf import choose_files, list_repository
 
-    check_transport(endpoint, settings.allow_http)
-    token: str | bool | None = settings.hf_token if endpoint == settings.hf_endpoint else False  # never a mirror
-    with _hub_errors(endpoint, ref.repo):
-        info = HfApi(endpoint=endpoint, token=token).model_info(ref.repo, revision=ref.revision, files_metadata=True)
-    sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
-    names = choose_files(list(sizes), ref)
+    listing, token = list_repository(ref, endpoint, settings)
+    names = choose_files(list(listing), ref)
+    if missing := [n for n in names if n not in listing]:
+        raise SourceUnavailable(f"{ref.repo} lacks split files {', '.join(missing)}", "the upload is incomplete; try another source")
     url = hf_hub_url(ref.repo, names[0], revision=ref.revision, endpoint=endpoint)
     metadata, tensors, _ = _read_header(url, build_hf_headers(token=token, library_name="sovereign"), settings.allow_http)
     # The first split's header holds the shape; its tensors are only that split's share of the weights.
     parameters = sum(elements for elements, _ in tensors) if len(names) == 1 else 0
-    return RemoteModel(metadata, quantization_of(metadata, tensors), parameters, sum(sizes[n] for n in names), kv_bytes_per_token(metadata))
+    return RemoteModel(metadata, quantization_of(metadata, tensors), parameters, sum(listing[n][0] for n in names), kv_bytes_per_token(metadata))
 
 
 def _read_header(url: str, headers: dict[str, str], allow_http: bool) -> tuple[dict[str, Any], list[tuple[int, int]], int]:
@@ -84,13 +82,12 @@ def _read_header(url: str, headers: dict[str, str], allow_http: bool) -> tuple[d
             request_headers = {**headers, "Range": f"bytes={len(buffer)}-{wanted - 1}", "Accept-Encoding": "identity"}
             try:
                 with client.stream("GET", url, headers=request_headers) as response:
-                    if response.status_code not in (200, 206):
-                        raise SourceUnavailable(f"{url} answered HTTP {response.status_code}", "check the URL")
-                    if response.status_code == 200:  # the server ignored Range: read the start of the whole file
+                    raise_for_status(response, url)
+                    if response.status_code == 206:
+                        total = content_range_total(response) or total
+                    else:  # the server ignored Range: read the start of the whole file
                         buffer.clear()
-                        total = int(response.headers.get("content-length") or 0) or None
-                    else:
-                        total = int(response.headers.get("content-range", "/0").rsplit("/", 1)[-1] or 0) or total
+                        total = total_size(response, 0)
                     for chunk in response.iter_bytes():
                         buffer += chunk
                         if len(buffer) >= wanted:

@@ -93,6 +93,13 @@ class Store:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(f"the manifest of '{name}' is damaged ({exc})", f"run `sovereign rm {name}` and pull it again") from None
 
+    def get_first(self, *names: ModelName) -> Manifest | None:
+        """The manifest of the first of these names that is pulled (a name, then what its alias points at)."""
+        for name in names:
+            if (manifest := self.get(name)) is not None:
+                return manifest
+        return None
+
     def require(self, name: ModelName) -> Manifest:
         """The manifest of a pulled name, or ModelNotFound with the command that fixes it."""
         manifest = self.get(name)

@@ -11,10 +11,11 @@ not endpoint, so a download cut on one mirror resumes from the next.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from sovereign.config import Settings
 from sovereign.errors import AccessDenied, InsufficientDisk, PullError, SourceUnavailable
 from sovereign.refs import HfRef
 from sovereign.store.files import ensure_free_space, partial_size, verify_file
@@ -71,6 +72,22 @@ def choose_files(names: list[str], ref: HfRef) -> list[str]:
     return shard_siblings(names, firsts[0])
 
 
+def list_repository(ref: HfRef, endpoint: str, settings: Settings) -> tuple[dict[str, tuple[int, str | None]], str | bool | None]:
+    """Each file of the repository with its size and LFS sha256, and the token to send this endpoint."""
+    from huggingface_hub import HfApi
+
+    check_transport(endpoint, settings.allow_http)  # the listing's hashes are only as safe as its transport
+    # The token goes to HF_ENDPOINT only: a third-party mirror never sees the user's credentials.
+    # (False tells huggingface-hub not to fall back to a cached token either.)
+    token: str | bool | None = settings.hf_token if endpoint == settings.hf_endpoint else False
+    with _hub_errors(endpoint, ref.repo):
+        info = HfApi(endpoint=endpoint, token=token).model_info(ref.repo, revision=ref.revision, files_metadata=True)
+    try:
+        return {s.rfilename: (int(s.size or 0), s.lfs.sha256 if s.lfs else None) for s in info.siblings or []}, token
+    except (AttributeError, TypeError, ValueError):
+        raise SourceUnavailable(f"{endpoint} sent a malformed listing for {ref.repo}", "try another mirror") from None
+
+
 class HfSource:
     """A model in a Hugging Face repository, tried on every configured endpoint in order."""
 
@@ -109,19 +126,10 @@ class HfSource:
         raise type(failures[-1])("; ".join(f.message for f in failures), failures[-1].hint)
 
     def _fetch_from(self, endpoint: str, ctx: FetchContext) -> Fetched:
-        from huggingface_hub import HfApi, hf_hub_url
+        from huggingface_hub import hf_hub_url
         from huggingface_hub.utils import build_hf_headers
 
-        check_transport(endpoint, ctx.settings.allow_http)  # the listing's hashes are only as safe as its transport
-        # The token goes to HF_ENDPOINT only: a third-party mirror never sees the user's credentials.
-        # (False tells huggingface-hub not to fall back to a cached token either.)
-        token: str | bool | None = ctx.settings.hf_token if endpoint == ctx.settings.hf_endpoint else False
-        with _hub_errors(endpoint, self.ref.repo):
-            info = HfApi(endpoint=endpoint, token=token).model_info(self.ref.repo, revision=self.ref.revision, files_metadata=True)
-        try:
-            siblings = {s.rfilename: (int(s.size or 0), s.lfs.sha256 if s.lfs else None) for s in info.siblings or []}
-        except (AttributeError, TypeError, ValueError):
-            raise SourceUnavailable(f"{endpoint} sent a malformed listing for {self.ref.repo}", "try another mirror") from None
+        siblings, token = list_repository(self.ref, endpoint, ctx.settings)
         names = choose_files(list(siblings), self.ref)
         missing = [n for n in names if n not in siblings]
         if missing:
