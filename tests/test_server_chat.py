@@ -213,7 +213,8 @@ def test_json_schema_output_matches_the_schema(client: OpenAI) -> None:
 
 
 def test_tool_choice_required_forces_a_valid_call(client: OpenAI) -> None:
-    response = chat(client, max_tokens=60, messages=[{"role": "user", "content": "Hello there"}], tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required")
+    # Seeded: a random draw can spin out a long string argument and hit max_tokens before the call closes.
+    response = chat(client, max_tokens=60, seed=3, messages=[{"role": "user", "content": "Hello there"}], tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required")
     choice = response.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -225,14 +226,14 @@ def test_tool_choice_required_forces_a_valid_call(client: OpenAI) -> None:
 
 def test_named_tool_choice_forces_that_function(client: OpenAI) -> None:
     for name in ("get_time", "get_weather"):
-        response = chat(client, max_tokens=60, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice={"type": "function", "function": {"name": name}})
+        response = chat(client, max_tokens=60, seed=3, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice={"type": "function", "function": {"name": name}})
         (call,) = response.choices[0].message.tool_calls
         assert call.function.name == name
         json.loads(call.function.arguments)
 
 
 def test_streamed_tool_call_is_reassembled_by_the_sdk(client: OpenAI) -> None:
-    with client.chat.completions.stream(model=GEMMA, messages=HELLO, max_tokens=60, tools=[WEATHER_TOOL], tool_choice="required") as stream:
+    with client.chat.completions.stream(model=GEMMA, messages=HELLO, max_tokens=60, seed=3, tools=[WEATHER_TOOL], tool_choice="required") as stream:
         for _event in stream:
             pass
         final = stream.get_final_completion()
