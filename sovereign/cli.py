@@ -151,6 +151,23 @@ def rm(names: Annotated[list[str], typer.Argument(help="Models to remove.")]) ->
 
 @app.command()
 @friendly_errors
+def prune() -> None:
+    """Delete partial downloads and model files that no name uses any more."""
+    from sovereign.store.files import human_bytes
+
+    result = Core().store.prune()
+    if result.kept_running:
+        err.print("[yellow]a pull is running:[/] partial downloads were kept", highlight=False)
+    elif result.partial_files:
+        err.print(f"[green]✓[/] deleted partial downloads: {result.partial_files} file(s), {human_bytes(result.partial_bytes)}", highlight=False)
+    if result.blobs:
+        err.print(f"[green]✓[/] deleted {result.blobs} unused model file(s), {human_bytes(result.blob_bytes)}", highlight=False)
+    total = result.partial_bytes + result.blob_bytes
+    err.print(f"freed {human_bytes(total)}" if total else "nothing to prune", highlight=False)
+
+
+@app.command()
+@friendly_errors
 def catalog(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
     """List the models the catalog knows by short name."""
     from sovereign.cli_render import catalog_table, dump_json
@@ -189,21 +206,26 @@ def serve(
     parallel: Annotated[int | None, typer.Option("--parallel", help="Requests each model serves at once, batched together (default: up to 4, as memory for --ctx per request allows).")] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a free slot; beyond them the server answers 503 with Retry-After.")] = DEFAULT_MAX_QUEUE,
     timeout: Annotated[float, typer.Option("--timeout", help="Stop a request after this many seconds, queueing included (0: no limit).")] = DEFAULT_TIMEOUT,
+    allowed_hosts: Annotated[str | None, typer.Option("--allowed-hosts", help="Host names to answer besides this machine's, comma-separated ('*.example.com' for subdomains, '*' for any; default: any when --host is not loopback).")] = None,
+    max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted (e.g. 32MiB, 100MB); larger ones get 413.")] = "32MiB",
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API."""
     import uvicorn
 
+    from sovereign.engine import Engine
     from sovereign.launch import DEFAULT_PORT, build_pool, check_port_free, ensure_pulled
     from sovereign.server.app import ServerOptions, create_app
+    from sovereign.server.guards import allowed_hosts_for, parse_size
 
     core = Core()
     port = DEFAULT_PORT if port is None else port
+    hosts, body_limit = allowed_hosts_for(host, allowed_hosts), parse_size(max_body)  # bad values fail before any loading
     serving = {"parallel": parallel, "max_queue": max_queue, "timeout": timeout or None}
     options = _engine_options(ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive, **serving)
     check_port_free(host, port)
     names = [ensure_pulled(m, core.settings, core.store, core.catalog, err) for m in models or [str(core.catalog.default)]]
     pool = build_pool(core.store, core.catalog, options)
-    server_app = create_app(pool, ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names)))
+    server_app = create_app(Engine(pool), ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names), allowed_hosts=hosts, max_body=body_limit))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine can use it", highlight=False)
     shown = f"[{host}]" if ":" in host else host

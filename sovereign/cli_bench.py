@@ -23,6 +23,7 @@ from sovereign.bench.serve_bench import LevelReport, load_prompts, pick_model, r
 from sovereign.catalog import Catalog
 from sovereign.cli_render import dump_json, format_params
 from sovereign.config import Settings
+from sovereign.engine.kernel_probe import kernel_choice
 from sovereign.engine.resources import physical_cores
 from sovereign.errors import BenchError, ModelNotFound
 from sovereign.refs import parse_name
@@ -81,19 +82,22 @@ def bench(options: BenchOptions, settings: Settings, store: Store, catalog: Cata
         _bench_server(options, levels, settings.home, out, err)
     elif options.model is None:
         with err.status("measuring memory bandwidth"):
-            hardware = detect()
+            hardware = detect(home=settings.home, extra_buffers=settings.extra_buffers)
         if options.save:
             history.save(settings.home, "hardware", hardware, [])
         _emit(out, options, hardware.to_json(), [hardware.to_json()], lambda: hardware_table(hardware))
     else:
         path, label = model_path(options.model, store, catalog)
+        # The same kernels the server would use: proven in a child process first (once per build and CPU).
+        with err.status("checking llama.cpp's CPU kernels"):
+            kernels = kernel_choice(settings.home, path, settings.extra_buffers)
         with err.status("measuring memory bandwidth"):
-            hardware = detect()
+            hardware = detect(home=settings.home, extra_buffers=settings.extra_buffers)
         default_ngl = "99" if hardware.gpu_offload else "0"
         sweep = Sweep(**sweep_lists, n_gpu_layers=int_list(options.gpu_layers or default_ngl, "-ngl"), repetitions=options.repetitions)
         if not sweep.specs():
             raise BenchError("nothing to run: -p and -n are both 0", "give -p 512 and/or -n 128")
-        results = run_model_bench(path, label, sweep, hardware, err)
+        results = run_model_bench(path, label, sweep, hardware, err, kernels.use_extra_bufts)
         rows = [r.to_json() for r in results]
         if options.plot:
             from sovereign.bench.plot import plot_model
@@ -223,6 +227,8 @@ def hardware_table(hardware: Hardware) -> Table:
     table.add_row("CPU", f"{hardware.cpu}: {hardware.physical_cores} physical cores, {hardware.logical_cores} logical")
     table.add_row("CPU features", " ".join(hardware.cpu_features) or "-")
     table.add_row("llama.cpp uses", " ".join(hardware.build_features) or "-")
+    if hardware.kernels:
+        table.add_row("kernels", hardware.kernels)
     available = human_bytes(hardware.memory_available) if hardware.memory_available else "?"
     table.add_row("memory", f"{human_bytes(hardware.memory_total)} total, {available} available")
     if hardware.gpus:
@@ -251,12 +257,12 @@ def model_path(reference: str, store: Store, catalog: Catalog) -> tuple[Path, st
     return store.model_path(manifest), str(manifest.name)
 
 
-def run_model_bench(path: Path, label: str, sweep: Sweep, hardware: Hardware, console: Console) -> list[ModelBenchResult]:
+def run_model_bench(path: Path, label: str, sweep: Sweep, hardware: Hardware, console: Console, use_extra_bufts: bool = True) -> list[ModelBenchResult]:
     with _progress(console) as progress:
         task = progress.add_task(f"benchmarking {label}", total=sweep.count)
         results = []
         for result in run_sweep(
-            path, label, sweep, bandwidth=hardware.bandwidth, gpu_offload=hardware.gpu_offload,
+            path, label, sweep, bandwidth=hardware.bandwidth, gpu_offload=hardware.gpu_offload, use_extra_bufts=use_extra_bufts,
             on_start=lambda text: progress.update(task, description=text),
         ):
             results.append(result)

@@ -36,6 +36,14 @@ def _int_setting(env: Mapping[str, str], name: str, default: int) -> int:
         raise SovereignError(f"{name}={raw!r} is not a whole number", f"set {name} to a number of bytes or unset it") from None
 
 
+def _extra_buffers(env: Mapping[str, str]) -> str:
+    """SOVEREIGN_EXTRA_BUFFERS, checked here so that a typo fails at start, not at the first model load."""
+    value = (env.get("SOVEREIGN_EXTRA_BUFFERS") or "auto").strip().lower()
+    if value not in ("auto", "on", "off"):
+        raise SovereignError(f"SOVEREIGN_EXTRA_BUFFERS={value!r} is not one of auto, on, off", "unset it, or set it to auto")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything sovereign reads from its environment."""
@@ -60,6 +68,13 @@ class Settings:
         default=256 * 1024 * 1024,
         metadata=_describe("Free space a pull must leave on the store's disk, in bytes.", "SOVEREIGN_MIN_FREE_BYTES"),
     )
+    extra_buffers: str = field(
+        default="auto",
+        metadata=_describe(
+            "Expert override for llama.cpp's repacked CPU kernels: auto (proved once per machine, off if they crash), on or off.",
+            "SOVEREIGN_EXTRA_BUFFERS",
+        ),
+    )
 
     @property
     def user_catalog(self) -> Path:
@@ -79,6 +94,7 @@ class Settings:
             hf_token=env.get("HF_TOKEN") or None,
             allow_http=env.get("SOVEREIGN_ALLOW_HTTP", "").lower() in {"1", "true", "yes"},
             min_free_bytes=_int_setting(env, "SOVEREIGN_MIN_FREE_BYTES", 256 * 1024 * 1024),
+            extra_buffers=_extra_buffers(env),
         )
 
     @classmethod

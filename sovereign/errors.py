@@ -19,6 +19,7 @@ class to a status code and OpenAI's error envelope.
         └── AllSourcesFailed  every source of a pull failed; carries each failure
     └── EngineError           inference could not run
         ├── ModelLoadError    a model file llama.cpp cannot load (corrupt, too big for memory)
+        ├── ModelCrashed      a model's process died (a signal) while serving
         ├── InvalidRequest    a request the engine cannot honour (bad schema, bad parameter)
         └── ContextLengthExceeded  a prompt longer than the model's context
 """
@@ -100,6 +101,24 @@ class EngineError(SovereignError):
 
 class ModelLoadError(EngineError):
     """A model that llama.cpp could not load: a corrupt file, or not enough memory."""
+
+
+class ModelCrashed(EngineError):
+    """A model's process died while serving; `signal` names how (SIGSEGV, SIGILL, SIGABRT…)."""
+
+    def __init__(self, model: str, signal: str) -> None:
+        super().__init__(f"the model {model} crashed ({signal}) while serving this request", "send it again: the model is reloaded")
+        self.model = model
+        self.signal = signal
+
+    @staticmethod
+    def advice(signal: str) -> str:
+        """What a user can try after a crash of this kind."""
+        if signal == "SIGILL":
+            return "This CPU refused an instruction of llama.cpp's kernels: try SOVEREIGN_EXTRA_BUFFERS=off."
+        if signal in ("SIGKILL", "exit status -9"):
+            return "It was killed, often by the out-of-memory killer: try a smaller --ctx or --parallel."
+        return "If it happens again, try a smaller --ctx or --parallel and report it with the model and request."
 
 
 class InvalidRequest(EngineError):

@@ -18,6 +18,12 @@ from sovereign.errors import InvalidReference
 DEFAULT_TAG = "latest"
 DEFAULT_QUANT = "Q4_K_M"
 HF_PREFIXES = ("hf.co/", "huggingface.co/")
+# Bounded, as Docker bounds its references: a part stays well below the file system's 255-byte file
+# names (a tag becomes `<tag>.json`), and the longest Hugging Face name (hf.co/OWNER/REPO:TAG at
+# 96 + 96 + 128 characters) still fits.
+MAX_NAME_LENGTH = 350
+MAX_PART_LENGTH = 128
+_HF_PART_LENGTH = 96  # Hugging Face's own limit on an owner or repository name
 
 # One path component of a name or tag: no separators, no leading dot, so nothing can climb
 # out of the manifests folder whatever the name.
@@ -54,6 +60,12 @@ def _escape_error(text: str) -> InvalidReference:
 def parse_name(text: str, default_tag: str = DEFAULT_TAG) -> ModelName:
     """Parse and validate a store name such as `gemma3:270m`; the tag defaults to `latest`."""
     text = text.strip()
+    if len(text) > MAX_NAME_LENGTH or any(len(part) > MAX_PART_LENGTH for part in re.split("[/:]", text)):
+        shown = text if len(text) <= 60 else f"{text[:40]}…{text[-12:]}"
+        raise InvalidReference(
+            f"'{shown}' is not a valid model name: it is {len(text)} characters long",
+            f"names have at most {MAX_NAME_LENGTH} characters, and at most {MAX_PART_LENGTH} between '/' and ':'",
+        )
     base, sep, tag = text.rpartition(":")
     if not sep:
         base, tag = text, default_tag
@@ -67,7 +79,7 @@ def parse_name(text: str, default_tag: str = DEFAULT_TAG) -> ModelName:
 def sanitize_tag(text: str) -> str:
     """Turn a file stem into a valid tag or name part (unknown characters become '-')."""
     cleaned = re.sub(r"[^A-Za-z0-9._+-]", "-", text)
-    return re.sub(r"^[^A-Za-z0-9_]+", "", cleaned).removesuffix(".json") or "model"
+    return re.sub(r"^[^A-Za-z0-9_]+", "", cleaned).removesuffix(".json")[:MAX_PART_LENGTH] or "model"
 
 
 @dataclass(frozen=True)
@@ -156,7 +168,7 @@ def _parse_hf(text: str, rest: str) -> HfRef:
         raise InvalidReference(f"'{text}' names no repository", "write hf.co/OWNER/REPO[:QUANT] or hf.co/OWNER/REPO/FILE.gguf")
     owner, repo_and_tag, *file_parts = segments
     repo, _, quant = repo_and_tag.partition(":")
-    if not _HF_REPO_PART.match(owner) or not _HF_REPO_PART.match(repo):
+    if not _HF_REPO_PART.match(owner) or not _HF_REPO_PART.match(repo) or max(len(owner), len(repo)) > _HF_PART_LENGTH:
         raise InvalidReference(f"'{text}' is not a valid Hugging Face repository", "write hf.co/OWNER/REPO[:QUANT]")
     if file_parts:
         if quant:

@@ -198,31 +198,46 @@ def test_keep_alive_durations() -> None:
 
 def test_a_sequence_is_unaffected_by_what_its_neighbours_say(real_model_home: Path) -> None:
     """No cross-talk: same batch shapes, different neighbours, and one greedy sequence's tokens do not change."""
-    from sovereign.engine.backend import LlamaBackend, LoadOptions
+    from sovereign.engine.backend import LlamaBackend, LoadOptions, Step
     from sovereign.engine.scheduler import BatchScheduler
     from sovereign.engine.stats import RequestStats
 
     path = Store(real_model_home).model_path(Store(real_model_home).require(parse(GEMMA)))
     greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 
-    async def run(neighbours: list[list[int]]) -> list[list[int]]:
+    class Collect:
+        """A sink that keeps the token ids (the scheduler's side of a generation)."""
+
+        def __init__(self, prompt: list[int]) -> None:
+            self.stats = RequestStats(GEMMA, len(prompt))
+            self.cancelled = False
+            self.tokens: list[int] = []
+            self.done = threading.Event()
+
+        def push(self, step: Step) -> None:
+            self.tokens.append(step.token)
+
+        def end(self, error: BaseException | None = None) -> None:
+            self.done.set()
+
+    def run(neighbours: list[list[int]]) -> list[list[int]]:
         scheduler = BatchScheduler(LlamaBackend(path, LoadOptions(n_ctx=512, n_threads=2, n_parallel=4)))
         try:
             # Hold the scheduler's thread so that all four requests are admitted in the same step.
             gate = threading.Event()
-            held = asyncio.ensure_future(scheduler.call(gate.wait))
-            await asyncio.sleep(0.05)
-            prompts = [subject, *neighbours]
-            streams = [scheduler.stream(p, greedy, RequestStats(GEMMA, len(p))) for p in prompts]
+            scheduler.run_between_steps(gate.wait)
+            sinks = [Collect(p) for p in [subject, *neighbours]]
+            for prompt, sink in zip([subject, *neighbours], sinks, strict=True):
+                scheduler.enqueue(prompt, greedy, sink)
             gate.set()
-            await held
-            return [[step.token async for step in stream] for stream in streams]
+            assert all(sink.done.wait(60) for sink in sinks)
+            return [sink.tokens for sink in sinks]
         finally:
             scheduler.close()
 
     rng = random.Random(5)
     subject = [2, *(rng.randrange(1000, 20000) for _ in range(11))]
-    first = asyncio.run(run([[2, *(rng.randrange(1000, 20000) for _ in range(11))] for _ in range(3)]))
-    second = asyncio.run(run([[2, *(rng.randrange(1000, 20000) for _ in range(11))] for _ in range(3)]))
+    first = run([[2, *(rng.randrange(1000, 20000) for _ in range(11))] for _ in range(3)])
+    second = run([[2, *(rng.randrange(1000, 20000) for _ in range(11))] for _ in range(3)])
     assert first[0] == second[0]
     assert len({tuple(tokens) for tokens in first + second[1:]}) >= 4, "the neighbours really said different things"

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sovereign.engine import resources
+from sovereign.engine import kernel_probe, resources
 
 # /proc/cpuinfo flag -> the name llama.cpp's build options and system info use.
 _X86_FEATURES = {
@@ -58,6 +58,7 @@ class Hardware:
     gpus: tuple[Gpu, ...] = ()
     gpu_offload: bool = False  # whether this llama.cpp build can offload to a GPU
     bandwidth: float | None = None  # measured bytes per second of memory reads
+    kernels: str | None = None  # whether llama.cpp's fast CPU kernels run here, e.g. "fast (verified)"
     measured_at: float = field(default_factory=time.time)
 
     @property
@@ -86,8 +87,8 @@ class Hardware:
         return cls(**known)
 
 
-def detect(*, measure: bool = True) -> Hardware:
-    """Describe this machine; with `measure`, also time its memory bandwidth (about a second)."""
+def detect(*, measure: bool = True, home: Path | None = None, extra_buffers: str = "auto") -> Hardware:
+    """Describe this machine; with `measure`, also time its memory bandwidth (about a second); with `home`, its kernels verdict."""
     devices = resources.devices()
     gpus = tuple(Gpu(d.name, d.description, d.total, d.free) for d in devices if d.is_gpu)
     cpu_device = next((d.description for d in devices if d.kind == "cpu"), "")
@@ -103,6 +104,7 @@ def detect(*, measure: bool = True) -> Hardware:
         gpus=gpus,
         gpu_offload=resources.gpu_offload_supported(),
         bandwidth=measure_bandwidth() if measure else None,
+        kernels=kernel_probe.kernel_status(home, extra_buffers) if home else None,
     )
 
 

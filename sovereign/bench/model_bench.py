@@ -70,6 +70,7 @@ class ModelBenchResult:
     peak_memory: int | None  # the process's peak resident bytes while this model was loaded
     bandwidth_ceiling: float | None = None  # tok/s that memory bandwidth allows (generation tests on the CPU)
     backend: str = "CPU"
+    use_extra_bufts: bool = True  # llama-bench's --repack: False where this CPU's fast kernels crash
 
     @property
     def share_of_ceiling(self) -> float | None:
@@ -88,6 +89,7 @@ def run_sweep(
     *,
     bandwidth: float | None,
     gpu_offload: bool,
+    use_extra_bufts: bool = True,
     on_start: Callable[[str], None] | None = None,
 ) -> Iterator[ModelBenchResult]:
     """Run every test of the sweep on the model at `path`, yielding results as they come."""
@@ -95,7 +97,7 @@ def run_sweep(
         reset_peak_memory()
         if on_start:
             on_start(f"loading {label} (-ngl {n_gpu_layers})")
-        model = BenchModel(path, n_gpu_layers)
+        model = BenchModel(path, n_gpu_layers, use_extra_bufts)
         on_gpu = gpu_offload and n_gpu_layers != 0
         try:
             for spec in sweep.specs():
@@ -110,7 +112,7 @@ def run_sweep(
                     threads=spec.threads, n_batch=spec.n_batch, n_ubatch=spec.n_ubatch, n_gpu_layers=n_gpu_layers,
                     tokens_per_second=mean, stddev=stddev, samples=rates, model_bytes=model.size, model_params=model.parameters,
                     load_seconds=model.load_seconds, peak_memory=peak_memory(), bandwidth_ceiling=ceiling,
-                    backend="GPU" if on_gpu else "CPU",
+                    backend="GPU" if on_gpu else "CPU", use_extra_bufts=use_extra_bufts,
                 )
                 yield result
         finally:

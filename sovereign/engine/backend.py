@@ -70,6 +70,9 @@ class LoadOptions:
     n_batch: int = 512
     preferred_ctx: int | None = None  # the catalog's suggestion, used when n_ctx is None
     n_parallel: int | None = None  # sequences decoded together (slots); None: as many as memory allows, up to 4
+    # llama.cpp's extra buffer types (weights repacked for AMX/AVX-512/NEON kernels); False is llama-bench's
+    # --repack 0, for a CPU whose fast kernels crash (see kernel_probe).
+    use_extra_bufts: bool = True
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class LlamaBackend:
         self.path = path
         model_params = llama_cpp.llama_model_default_params()
         model_params.use_mmap = True
+        model_params.use_extra_bufts = options.use_extra_bufts
         # The header's shape (read without loading anything) decides the context and GPU split.
         n_gpu_layers = options.n_gpu_layers
         try:
@@ -193,7 +197,6 @@ class LlamaBackend:
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
-        self._piece_buffer = ctypes.create_string_buffer(256)
         log.info(
             "loaded %s: ctx %d x %d slots (trained %d), %d threads, %d/%d layers on GPU",
             path.name, self.n_ctx, self.n_parallel, self.n_ctx_train, self.n_threads, self.n_gpu_layers, n_layers + 1,
@@ -215,12 +218,13 @@ class LlamaBackend:
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
         """The bytes a token stands for (control tokens are empty unless `special`)."""
-        size = self._llama.llama_token_to_piece(self.vocab, token, self._piece_buffer, len(self._piece_buffer), 0, special)
+        # A buffer per call: several threads ask for pieces, and ctypes lets go of the GIL while llama.cpp writes.
+        buffer = ctypes.create_string_buffer(64)
+        size = self._llama.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, special)
         if size < 0:
             buffer = ctypes.create_string_buffer(-size)
             size = self._llama.llama_token_to_piece(self.vocab, token, buffer, -size, 0, special)
-            return buffer.raw[:size]
-        return self._piece_buffer.raw[:size]
+        return buffer.raw[:size]
 
     def token_text(self, token: int) -> str:
         """A token as text, control tokens spelled out (for logprobs)."""

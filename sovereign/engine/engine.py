@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from sovereign.engine import tools as tool_calls
+from sovereign.engine import wire
+from sovereign.engine.api import ModelInfo, ModelLoad
 from sovereign.engine.chat_template import Segment
 from sovereign.engine.pool import LoadedModel, ModelPool
 from sovereign.engine.requests import (
@@ -30,7 +32,8 @@ from sovereign.engine.requests import (
 )
 from sovereign.engine.stats import RequestStats, request_stats
 from sovereign.engine.stream import TokenStream
-from sovereign.errors import InvalidRequest
+from sovereign.errors import ContextLengthExceeded, InvalidRequest
+from sovereign.store.manifest import Manifest
 
 Request = ChatRequest | CompletionRequest
 
@@ -38,22 +41,22 @@ Request = ChatRequest | CompletionRequest
 class Generation:
     """One submitted request: iterate it for events; `cancel()` stops it and frees its model."""
 
-    def __init__(self, model: str, events: AsyncGenerator[Event, None], tokens: TokenStream, prompt_tokens: int = 0) -> None:
+    def __init__(self, model: str, events: AsyncGenerator[Event, None], stop: Callable[[], None], prompt_tokens: int = 0) -> None:
         self.model = model  # the store name of the model serving it (aliases resolved)
         self.prompt_tokens = prompt_tokens
         self._events = events
-        self._tokens = tokens
+        self._stop = stop
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._events
 
     def stop(self) -> None:
         """Stop generating at the next decode step; whoever iterates the events sees them end."""
-        self._tokens.cancel()
+        self._stop()
 
     async def cancel(self) -> None:
         """Stop generating (also safe after the stream has ended, or before it was read)."""
-        self._tokens.cancel()
+        self._stop()
         try:
             await self._events.aclose()
         except RuntimeError:
@@ -72,7 +75,7 @@ class _Prepared:
 
 
 class Engine:
-    """Turns requests into event streams over the models in a pool."""
+    """Turns requests into event streams over the models in a pool; the server's only way to a model."""
 
     def __init__(self, pool: ModelPool) -> None:
         self.pool = pool
@@ -81,58 +84,129 @@ class Engine:
         """Queue a request and return its event stream; a bad request raises here, before any event."""
         prepared = await self._prepare(request)
         stats = RequestStats(prepared.model.name, len(prepared.prompt))
-        stream = prepared.model.scheduler.stream(prepared.prompt, prepared.sampling, stats)
+        stream = await prepared.model.process.submit(prepared.prompt, prepared.sampling, stats)
         observed = request_stats.get()
         if observed is not None:
             observed.append(stats)
-        return Generation(prepared.model.name, self._events(prepared, stream), stream, len(prepared.prompt))
+        return Generation(prepared.model.name, self._events(prepared, stream), stream.cancel, len(prepared.prompt))
 
     async def count_tokens(self, request: ChatRequest) -> int:
         """The prompt tokens a chat request reads (template, tools and all), without generating."""
         return len((await self._prepare(request)).prompt)
 
-    async def embed(self, model_name: str, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Normalised embeddings for each text, and the total tokens read."""
+    async def embed(self, model_name: str, inputs: list[str | list[int]]) -> tuple[str, list[list[float]], int]:
+        """The serving model's name, a normalised embedding for each input (text or token ids), and the tokens read."""
         model = await self.pool.get(model_name)
         vectors: list[list[float]] = []
         total = 0
-        for text in texts:
-            vector, count = await model.scheduler.call(model.backend.embed, text)
+        for index, item in enumerate(inputs):
+            if isinstance(item, list):  # token ids: embed the text they spell
+                item = (await self._pieces(model, item, special=False, param=f"input[{index}]")).decode("utf-8", "replace")
+            if not item:
+                raise InvalidRequest(f"input[{index}] is empty", "input")
+            vector, count = await model.process.call("embed", item)
             vectors.append(vector)
             total += count
-        return vectors, total
+        return model.name, vectors, total
+
+    async def tokenize(self, model_name: str, text: str, *, special: bool, add_bos: bool = False) -> list[int]:
+        """Token ids for text; `special` lets control-token text become control tokens."""
+        model = await self.pool.get(model_name)
+        tokens: list[int] = (await model.process.call("tokenize", [[text, special]]))[0]
+        return model.facts.with_bos(tokens) if add_bos else tokens
+
+    async def token_texts(self, model_name: str, tokens: list[int]) -> list[str]:
+        """Each token as text, control tokens spelled out."""
+        model = await self.pool.get(model_name)
+        _check_vocabulary(model, tokens, "tokens")
+        pieces = wire.pieces_from_wire(await model.process.call("pieces", tokens, True))
+        return [piece.decode("utf-8", "replace") for piece in pieces]
+
+    async def detokenize(self, model_name: str, tokens: list[int], *, special: bool = False) -> str:
+        """The text token ids spell (control tokens included only when `special`)."""
+        model = await self.pool.get(model_name)
+        return (await self._pieces(model, tokens, special=special, param="tokens")).decode("utf-8", "replace")
+
+    # --- models -------------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        """Every pulled model."""
+        return [self._info(manifest) for manifest in self.pool.store.list()]
+
+    def model(self, name: str) -> ModelInfo:
+        """One pulled model by name or alias; ModelNotFound if there is none."""
+        return self._info(self.pool.resolve(name))
+
+    def loads(self) -> list[ModelLoad]:
+        """How busy each loaded model is."""
+        return [
+            ModelLoad(name, model.process.n_slots, model.process.busy_slots, model.process.queued, model.process.decode_rate())
+            for name, model in self.pool.loaded.items()
+        ]
+
+    @property
+    def loaded_names(self) -> list[str]:
+        return sorted(self.pool.loaded)
+
+    @property
+    def loading_names(self) -> list[str]:
+        return self.pool.loading
+
+    async def preload(self, name: str) -> None:
+        """Load a model now and keep it loaded."""
+        await self.pool.get(name, pin=True)
+
+    async def close(self) -> None:
+        """Unload every model."""
+        await self.pool.close()
+
+    def _info(self, manifest: Manifest) -> ModelInfo:
+        loaded = self.pool.loaded.get(manifest.name)
+        gguf = manifest.gguf
+        context = loaded.facts.n_ctx if loaded else gguf.get("context_length")
+        return ModelInfo(manifest.name, manifest.pulled_at, manifest.size, gguf.get("architecture"), gguf.get("quantization"), gguf.get("parameters"), context, loaded is not None)
+
+    async def _pieces(self, model: LoadedModel, tokens: list[int], *, special: bool, param: str) -> bytes:
+        _check_vocabulary(model, tokens, param)
+        if not tokens:
+            return b""
+        return b"".join(wire.pieces_from_wire(await model.process.call("pieces", tokens, special)))
 
     # --- preparation --------------------------------------------------------------
 
     async def _prepare(self, request: Request) -> _Prepared:
         model = await self.pool.get(request.model)
-        with model.scheduler.hold():
+        with model.process.hold():
             if isinstance(request, CompletionRequest):
-                prompt = await asyncio.to_thread(self._completion_prompt, model, request.prompt)
+                prompt = await self._completion_prompt(model, request.prompt)
                 return _Prepared(model, prompt, self._with_stops(model, request.sampling), "none", [])
-            return await asyncio.to_thread(self._prepare_chat, model, request)
+            return await self._prepare_chat(model, request)
 
-    def _completion_prompt(self, model: LoadedModel, prompt: str | list[int]) -> list[int]:
-        backend = model.backend
+    async def _completion_prompt(self, model: LoadedModel, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
-            bad = next((t for t in prompt if not 0 <= t < backend.n_vocab), None)
-            if bad is not None:
-                raise InvalidRequest(f"prompt token {bad} is outside this model's vocabulary of {backend.n_vocab}", "prompt")
+            _check_vocabulary(model, prompt, "prompt")
             tokens = list(prompt)
         else:
             # A raw completion prompt is the caller's own text, control tokens included (as llama-server does).
-            tokens = backend.tokenize(prompt, special=True)
-        tokens = backend.with_bos(tokens)
-        backend.check_fits(len(tokens))
+            tokens = (await model.process.call("tokenize", [[prompt, True]]))[0]
+        tokens = model.facts.with_bos(tokens)
+        _check_fits(model, len(tokens))
         return tokens
 
-    def _prepare_chat(self, model: LoadedModel, request: ChatRequest) -> _Prepared:
+    async def _prepare_chat(self, model: LoadedModel, request: ChatRequest) -> _Prepared:
+        segments, sampling, tool_mode, active_tools = await asyncio.to_thread(self._render_chat, model, request)
+        # Template text may hold control tokens; message contents are plain text, always.
+        pieces = await model.process.call("tokenize", [[segment.text, segment.trusted] for segment in segments])
+        prompt = model.facts.with_bos([token for piece in pieces for token in piece])
+        _check_fits(model, len(prompt))
+        return _Prepared(model, prompt, sampling, tool_mode, active_tools)
+
+    def _render_chat(self, model: LoadedModel, request: ChatRequest) -> tuple[list[Segment], SamplingParams, str, list[dict[str, Any]]]:
+        """The prompt's segments and the decoding rules (grammars compiled here, off the event loop)."""
         template = model.template
         active_tools = request.tools if request.tool_choice.mode != "none" else []
         messages = tool_calls.as_template_messages(request.messages, active_tools, native=template.supports_tools)
         segments = template.render(messages, tools=active_tools if template.supports_tools else None)
-        prompt = model.backend.with_bos(self._tokenize_segments(model, segments))
-        model.backend.check_fits(len(prompt))
         sampling = self._with_stops(model, request.sampling)
         tool_mode = "none"
         if request.json_schema is not None:
@@ -146,15 +220,7 @@ class Engine:
                 tool_mode = "forced"
             else:
                 tool_mode = "auto"
-        return _Prepared(model, prompt, sampling, tool_mode, active_tools)
-
-    @staticmethod
-    def _tokenize_segments(model: LoadedModel, segments: list[Segment]) -> list[int]:
-        """Template text may hold control tokens; message contents are plain text, always."""
-        tokens: list[int] = []
-        for segment in segments:
-            tokens.extend(model.backend.tokenize(segment.text, special=segment.trusted))
-        return tokens
+        return segments, sampling, tool_mode, active_tools
 
     @staticmethod
     def _with_stops(model: LoadedModel, sampling: SamplingParams) -> SamplingParams:
@@ -196,6 +262,20 @@ class Engine:
             yield Finished(reason, Usage(len(prepared.prompt), completion_tokens, stream.stats.cached_tokens), stopped if reason == "stop" else None)
         finally:
             stream.cancel()
+
+
+def _check_vocabulary(model: LoadedModel, tokens: list[int], param: str) -> None:
+    """Refuse token ids outside the model's vocabulary."""
+    n_vocab = model.facts.n_vocab
+    bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"{param} has token {bad}, outside this model's vocabulary of {n_vocab}", param)
+
+
+def _check_fits(model: LoadedModel, prompt_tokens: int) -> None:
+    """Refuse a prompt that leaves no room to generate a single token."""
+    if prompt_tokens >= model.facts.n_ctx:
+        raise ContextLengthExceeded(prompt_tokens, model.facts.n_ctx)
 
 
 def _grammar_for_schema(schema: dict[str, Any], param: str) -> str:

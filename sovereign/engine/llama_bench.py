@@ -40,9 +40,12 @@ class TestSpec:
 
 
 class BenchModel:
-    """A model loaded for benchmarking with a given number of GPU layers; runs tests on fresh contexts."""
+    """A model loaded for benchmarking with a given number of GPU layers; runs tests on fresh contexts.
 
-    def __init__(self, path: Path, n_gpu_layers: int) -> None:
+    `use_extra_bufts` is llama-bench's --repack: the caller passes what kernel_probe.kernel_choice decided.
+    """
+
+    def __init__(self, path: Path, n_gpu_layers: int, use_extra_bufts: bool = True) -> None:
         import llama_cpp
 
         route_llama_logs()
@@ -52,6 +55,8 @@ class BenchModel:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = True
+        params.use_extra_bufts = use_extra_bufts
+        self.use_extra_bufts = use_extra_bufts
         started = time.perf_counter()
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         self.load_seconds = time.perf_counter() - started

@@ -1,17 +1,23 @@
-"""Which models are loaded: load on demand, keep at most N (least recently used goes), unload when idle."""
+"""Which models are loaded: load on demand, keep at most N (least recently used goes), unload when idle.
+
+Each loaded model lives in a process of its own (engine/process.py): unloading ends that process,
+and a crashed one is dropped from the pool so that the next request loads it afresh.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from sovereign.catalog import Catalog, ModelSpec
-from sovereign.engine.backend import LlamaBackend, LoadOptions
+from sovereign.engine.backend import LoadOptions
 from sovereign.engine.chat_template import FALLBACK_STOPS, FALLBACK_TEMPLATE, ChatTemplate
 from sovereign.config import DEFAULT_MAX_QUEUE
-from sovereign.engine.scheduler import BatchScheduler
+from sovereign.engine.process import ModelFacts, ModelProcess
 from sovereign.errors import InvalidReference, ModelNotFound
 from sovereign.refs import parse_name
 from sovereign.store import Store
@@ -22,18 +28,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
-    """A model ready to serve: its scheduler (thread + llama.cpp state), chat template and stop strings."""
+    """A model ready to serve: its process (scheduler + llama.cpp state), chat template and stop strings."""
 
     name: str
     manifest: Manifest
-    scheduler: BatchScheduler
+    process: ModelProcess
     template: ChatTemplate
     stops: tuple[str, ...]
     pinned: bool = False  # named on the command line: never unloaded for idleness
 
     @property
-    def backend(self) -> LlamaBackend:
-        return self.scheduler.backend
+    def facts(self) -> ModelFacts:
+        return self.process.facts
 
 
 @dataclass
@@ -94,7 +100,7 @@ class ModelPool:
             model = self._loaded.get(manifest.name)
             if model is None:
                 return await self._load_once(manifest, pin)
-        model.scheduler.last_used = time.monotonic()
+        model.process.last_used = time.monotonic()
         model.pinned = model.pinned or pin
         return model
 
@@ -114,42 +120,55 @@ class ModelPool:
         if options.n_ctx is None and spec and spec.context_length:
             options = replace(options, preferred_ctx=spec.context_length)
         path = self.store.model_path(manifest)
-        backend = await asyncio.to_thread(LlamaBackend, path, options)
-        template, stops = self._template_for(backend, spec)
-        model = LoadedModel(manifest.name, manifest, BatchScheduler(backend, max_queue=self.options.max_queue, timeout=self.options.request_timeout), template, stops, pinned=pin)
+        process = await ModelProcess.start(manifest.name, path, options, max_queue=self.options.max_queue, timeout=self.options.request_timeout)
+        try:
+            template, stops = self._template_for(process.facts, path, spec)
+        except BaseException:
+            await asyncio.to_thread(process.close)  # a template that cannot compile must not leave the model loaded
+            raise
+        model = LoadedModel(manifest.name, manifest, process, template, stops, pinned=pin)
+        process.on_exit = self._forget_crashed
         self._loaded[manifest.name] = model
         self._start_reaper()
         return model
 
-    def _template_for(self, backend: LlamaBackend, spec: ModelSpec | None) -> tuple[ChatTemplate, tuple[str, ...]]:
+    def _forget_crashed(self, process: ModelProcess, crash: str | None) -> None:
+        """Called on the process's reader thread when it ends: a crashed model leaves the pool at once."""
+        if crash is None:
+            return
+        model = self._loaded.get(process.name)
+        if model is not None and model.process is process:
+            self._loaded.pop(process.name, None)
+            threading.Thread(target=process.close, daemon=True).start()  # reaps the child and its socket
+
+    def _template_for(self, facts: ModelFacts, path: Path, spec: ModelSpec | None) -> tuple[ChatTemplate, tuple[str, ...]]:
         """The catalog's template override, else the GGUF's own, else a plain transcript."""
-        bos = backend.token_text(backend.bos) if backend.bos >= 0 else ""
-        eos = backend.token_text(backend.eos) if backend.eos >= 0 else ""
+        bos, eos = facts.bos_text, facts.eos_text
         stops = tuple(spec.stop) if spec else ()
         if spec and spec.chat_template:
             return ChatTemplate(spec.chat_template, bos_token=bos, eos_token=eos, origin="catalog"), stops
-        own = backend.metadata.get("tokenizer.chat_template")
+        own = facts.metadata.get("tokenizer.chat_template")
         if own:
             return ChatTemplate(own, bos_token=bos, eos_token=eos, origin="gguf"), stops
-        log.warning("%s has no chat template: using a plain transcript format", backend.path.name)
+        log.warning("%s has no chat template: using a plain transcript format", path.name)
         return ChatTemplate(FALLBACK_TEMPLATE, bos_token=bos, eos_token=eos, origin="fallback"), stops + FALLBACK_STOPS
 
     async def _make_room(self) -> None:
         """Unload least recently used idle models until one more fits under max_models."""
         while len(self._loaded) >= max(1, self.options.max_models):
-            idle = [m for m in self._loaded.values() if m.scheduler.active == 0]
+            idle = [m for m in self._loaded.values() if m.process.active == 0]
             if not idle:
                 log.warning("all %d loaded models are busy: loading one more than --max-models", len(self._loaded))
                 return
-            victim = min(idle, key=lambda m: m.scheduler.last_used)
+            victim = min(idle, key=lambda m: m.process.last_used)
             await self.unload(victim.name)
 
     async def unload(self, name: str) -> None:
-        """Free a loaded model (waits for its queued work)."""
+        """Free a loaded model: its process ends (failing what it still runs), and with it all its memory."""
         model = self._loaded.pop(name, None)
         if model is not None:
             log.info("unloading %s", name)
-            await asyncio.to_thread(model.scheduler.close)
+            await asyncio.to_thread(model.process.close)
 
     # --- keep-alive -------------------------------------------------------------------
 
@@ -164,7 +183,7 @@ class ModelPool:
             await asyncio.sleep(min(5.0, max(0.2, keep_alive / 4)))
             now = time.monotonic()
             for model in list(self._loaded.values()):
-                if not model.pinned and model.scheduler.active == 0 and now - model.scheduler.last_used >= keep_alive:
+                if not model.pinned and model.process.active == 0 and now - model.process.last_used >= keep_alive:
                     await self.unload(model.name)
 
     async def close(self) -> None:

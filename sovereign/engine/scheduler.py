@@ -9,29 +9,26 @@ another slot is shared into it, so a chat's next turn reads only its new tokens.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Protocol
 
 from sovereign.config import DEFAULT_MAX_QUEUE
-from sovereign.engine.backend import BatchEntry, LlamaBackend
+from sovereign.engine.backend import BatchEntry, LlamaBackend, Step
 from sovereign.engine.requests import SamplingParams
 from sovereign.engine.stats import RequestStats
-from sovereign.engine.stream import TokenStream
 from sovereign.errors import EngineError, RequestTimedOut, ServerBusy
 
 if TYPE_CHECKING:
     from sovereign.engine.backend import Sampler
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # While other slots are generating, a new prompt is read this many tokens per step, so their
 # streams keep flowing (a 512-token chunk costs a running stream about 1.3 s on two CPU cores).
@@ -41,6 +38,19 @@ MIN_PREFIX_TO_SHARE = 16
 RATE_WINDOW_SECONDS = 10.0
 
 
+class TokenSink(Protocol):
+    """Where a generation's tokens go: called on the scheduler's thread."""
+
+    stats: RequestStats
+
+    @property
+    def cancelled(self) -> bool: ...
+
+    def push(self, step: Step) -> None: ...
+
+    def end(self, error: BaseException | None = None) -> None: ...
+
+
 @dataclass(eq=False)
 class _Job:
     """A request from submission to its last token."""
@@ -48,8 +58,7 @@ class _Job:
     prompt: list[int]
     params: SamplingParams
     sampler: Sampler
-    stream: TokenStream
-    loop: asyncio.AbstractEventLoop
+    stream: TokenSink
     budget: int  # tokens it may generate: max_tokens, or what is left of the context
     deadline: float | None
     last_token_at: float = 0.0
@@ -72,12 +81,11 @@ class _Slot:
 class BatchScheduler:
     """Owns a backend; serves many generations at once through llama.cpp's multi-sequence batches."""
 
-    def __init__(self, backend: LlamaBackend, *, max_queue: int = DEFAULT_MAX_QUEUE, timeout: float | None = None) -> None:
+    def __init__(self, backend: LlamaBackend, *, max_queue: int = DEFAULT_MAX_QUEUE, timeout: float | None = None, after_step: Callable[[], None] | None = None) -> None:
         self.backend = backend
         self.max_queue = max_queue
         self.timeout = timeout
-        self.active = 0  # requests queued, running or being prepared (the pool does not evict a busy model)
-        self.last_used = time.monotonic()
+        self._after_step = after_step or (lambda: None)  # the worker sends one message per step from here
         self._slots = [_Slot(i) for i in range(backend.n_parallel)]
         self._waiting: deque[_Job] = deque()
         self._calls: list[Callable[[], None]] = []
@@ -89,11 +97,10 @@ class BatchScheduler:
         self._thread = threading.Thread(target=self._run, name=f"scheduler:{backend.path.name}", daemon=True)
         self._thread.start()
 
-    # --- the event loop's side ----------------------------------------------------------
+    # --- other threads' side ------------------------------------------------------------
 
-    def stream(self, prompt: list[int], params: SamplingParams, stats: RequestStats) -> TokenStream:
-        """Queue a generation; its tokens arrive on the returned stream. Raises ServerBusy when the queue is full."""
-        loop = asyncio.get_running_loop()
+    def enqueue(self, prompt: list[int], params: SamplingParams, sink: TokenSink) -> None:
+        """Queue a generation whose tokens go to `sink`. Raises ServerBusy when the queue is full, InvalidRequest for bad rules."""
         self.backend.check_fits(len(prompt))
         with self._wake:
             if self._closing:
@@ -104,49 +111,18 @@ class BatchScheduler:
         budget = self.backend.n_ctx - len(prompt)
         if params.max_tokens is not None:
             budget = min(budget, params.max_tokens)
-        stream = TokenStream(loop, stats)
-        deadline = stats.submitted + self.timeout if self.timeout else None
+        deadline = sink.stats.submitted + self.timeout if self.timeout else None
         with self._wake:
-            self._waiting.append(_Job(prompt, params, sampler, stream, loop, budget, deadline))
-            self.active += 1
+            self._waiting.append(_Job(prompt, params, sampler, sink, budget, deadline))
             self._wake.notify()
-        return stream
 
-    async def call(self, function: Callable[..., T], *args: Any) -> T:
-        """Run function(*args) on the scheduler's thread between decode steps (it owns llama.cpp) and await it."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-
-        def job() -> None:
-            try:
-                result = function(*args)
-            except Exception as exc:
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
-            finally:
-                loop.call_soon_threadsafe(self._release)
-
+    def run_between_steps(self, job: Callable[[], None]) -> None:
+        """Run job() on the scheduler's thread (which owns llama.cpp) before its next decode step."""
         with self._wake:
             if self._closing:
                 raise EngineError("this model was unloaded; ask again to reload it")
-            self.active += 1
             self._calls.append(job)
             self._wake.notify()
-        return await future
-
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        """Count the caller as active (so the pool won't unload the model) while it prepares a request."""
-        self.active += 1
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        self.active -= 1
-        self.last_used = time.monotonic()
 
     def close(self) -> None:
         """Fail whatever is still queued or running, stop the thread, free the model."""
@@ -201,7 +177,9 @@ class BatchScheduler:
             except Exception as exc:  # never lose the thread: fail the requests in flight and carry on
                 log.exception("a decode step failed; failing the requests in it")
                 self._fail_everything(exc)
+            self._after_step()
         self._fail_everything(EngineError("the model was unloaded while this request waited"))
+        self._after_step()
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -356,8 +334,6 @@ class BatchScheduler:
         job.sampler.close()
         job.stream.stats.finished = now
         job.stream.end(error)
-        with contextlib.suppress(RuntimeError):  # the event loop is already closed: nothing to count any more
-            job.loop.call_soon_threadsafe(self._release)
 
     def _fail_everything(self, error: BaseException) -> None:
         """End every running and waiting request with `error`, and start the cache afresh."""
@@ -383,12 +359,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -1,11 +1,12 @@
-"""The bridge from the scheduler's thread to asyncio: a generation's tokens as an async iterator."""
+"""The bridge from a model process's reader thread to asyncio: a generation's tokens as an async iterator."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from sovereign.engine.backend import Step
@@ -72,28 +73,44 @@ def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
 class TokenStream:
     """Steps of one generation, delivered to the event loop; `cancel()` stops it before the next decode step."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, stats: RequestStats) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stats: RequestStats, on_cancel: Callable[[], None] | None = None) -> None:
         self.stats = stats
         self._mailbox = _mailbox(loop)
         self._queue: asyncio.Queue[Step | _End] = asyncio.Queue()
         self._cancelled = threading.Event()
+        self._on_cancel = on_cancel
+        self._last_token_at = 0.0
 
     def cancel(self) -> None:
-        """Ask the scheduler to stop generating and free the slot (safe from any thread, any number of times)."""
+        """Ask the model to stop generating and free the slot (safe from any thread, any number of times)."""
+        if self._cancelled.is_set():
+            return
         self._cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    # --- called from the scheduler's thread -------------------------------------------
+    # --- called from the thread that receives the tokens ------------------------------
 
     def push(self, step: Step) -> None:
-        """Deliver one token."""
+        """Deliver one token, noting when it came for the request's timings."""
+        now = time.monotonic()
+        stats = self.stats
+        if stats.first_token is None:
+            stats.first_token = now
+        else:
+            stats.token_gaps.append(now - self._last_token_at)
+        self._last_token_at = now
+        if not step.end_of_generation:
+            stats.generated_tokens += 1
         self._put(step)
 
     def end(self, error: BaseException | None = None) -> None:
         """Deliver the end of the stream, or the error that ended it."""
+        self.stats.finished = time.monotonic()
         self._put(_End(error))
 
     def _put(self, item: Step | _End) -> None:

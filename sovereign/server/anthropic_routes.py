@@ -7,23 +7,20 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from sovereign.engine import Engine, Finished
+from sovereign.engine import Finished
 from sovereign.server import anthropic_convert as convert
 from sovereign.server.anthropic_schemas import CountTokensBody, MessagesBody
+from sovereign.server.state import engine
 from sovereign.server.running import collect, event_stream
 from sovereign.server.sse import named_event
 
 router = APIRouter()
 
 
-def _engine(request: Request) -> Engine:
-    return request.app.state.engine
-
-
 @router.post("/v1/messages", response_model=None)
 async def create_message(request: Request, body: MessagesBody) -> JSONResponse | StreamingResponse:
     chat = convert.chat_request_from(body)
-    generation = await _engine(request).submit(chat)
+    generation = await engine(request).submit(chat)
     message_id = convert.new_id("msg")
     if not body.stream:
         (result,) = await collect(request, [generation])
@@ -36,4 +33,4 @@ async def create_message(request: Request, body: MessagesBody) -> JSONResponse |
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request, body: CountTokensBody) -> dict[str, Any]:
-    return {"input_tokens": await _engine(request).count_tokens(convert.chat_request_from(body))}
+    return {"input_tokens": await engine(request).count_tokens(convert.chat_request_from(body))}

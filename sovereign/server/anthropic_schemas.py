@@ -12,8 +12,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sovereign.server.schemas import ValidText
 
-class _Strict(BaseModel):
+
+class _Strict(ValidText):
+    """Unknown fields refused; lone surrogates refused anywhere inside, the open blocks it holds included."""
+
     model_config = ConfigDict(extra="forbid")
 
 

@@ -14,10 +14,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from sovereign import __version__
-from sovereign.engine import Engine, ModelPool
+from sovereign.engine.api import EngineAPI
 from sovereign.server import anthropic_routes, errors, extra_routes, openai_routes, responses_routes
+from sovereign.server.state import ServerState, attach
 from sovereign.server.observability import METRICS_CONTENT_TYPE, Metrics, RequestObserver
 from sovereign.server.errors import APIError
+from sovereign.server.guards import DEFAULT_MAX_BODY, BodyLimit, HostGuard
 
 log = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset({"/health"})
@@ -30,33 +32,35 @@ class ServerOptions:
     api_keys: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     preload: tuple[str, ...] = ()  # models to load at start-up (and keep loaded)
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted beyond this machine's own ("*": any)
+    max_body: int = DEFAULT_MAX_BODY  # bytes; a larger request body is answered 413
 
 
-def create_app(pool: ModelPool, options: ServerOptions) -> FastAPI:
-    """An app serving the pool's models through the engine interface."""
-    engine = Engine(pool)
+def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
+    """An app serving the engine's models (the real Engine, or a test double)."""
+    state = ServerState(engine, default_models=options.preload)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.startup = asyncio.create_task(_preload(pool, options.preload, app))
+        state.startup = asyncio.create_task(_preload(state, options.preload))
         try:
             yield
         finally:
-            app.state.startup.cancel()
-            await pool.close()
+            state.startup.cancel()
+            await engine.close()
 
     app = FastAPI(title="sovereign", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
-    app.state.pool = pool
-    app.state.startup_error = None
-    app.state.default_models = options.preload
+    attach(app, state)
     errors.install(app)
     if options.api_keys:
         _require_api_key(app, options.api_keys)
     if options.cors_origins:
         # Added after the key check so that it wraps it: preflight and 401s get CORS headers too.
         app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["*"], allow_headers=["*"])
-    metrics = Metrics(pool)
+    # Outside the key check and CORS: a foreign Host or Origin, or an oversized body, goes no further.
+    app.add_middleware(BodyLimit, limit=options.max_body)
+    app.add_middleware(HostGuard, allowed_hosts=options.allowed_hosts, cors_origins=options.cors_origins)
+    metrics = Metrics(engine)
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: sees every request's final status and timing
 
     @app.get("/metrics")
@@ -65,10 +69,10 @@ def create_app(pool: ModelPool, options: ServerOptions) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        loading = pool.loading or not app.state.startup.done()
-        body = {"status": "loading" if loading else "ok", "models": sorted(pool.loaded), "loading": pool.loading}
-        if app.state.startup_error:
-            body["error"] = app.state.startup_error
+        loading = bool(engine.loading_names) or state.starting
+        body = {"status": "loading" if loading else "ok", "models": engine.loaded_names, "loading": engine.loading_names}
+        if state.startup_error:
+            body["error"] = state.startup_error
         return JSONResponse(body, status_code=503 if loading else 200)
 
     app.include_router(openai_routes.router)
@@ -78,13 +82,13 @@ def create_app(pool: ModelPool, options: ServerOptions) -> FastAPI:
     return app
 
 
-async def _preload(pool: ModelPool, names: tuple[str, ...], app: FastAPI) -> None:
+async def _preload(state: ServerState, names: tuple[str, ...]) -> None:
     """Load the command line's models in the background, so /health can say 'loading' meanwhile."""
     for name in names:
         try:
-            await pool.get(name, pin=True)
+            await state.engine.preload(name)
         except Exception as exc:  # the server stays up; requests will report the same error
-            app.state.startup_error = f"{name}: {exc}"
+            state.startup_error = f"{name}: {exc}"
             log.error("could not load %s: %s", name, exc)
 
 

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from sovereign.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, ModelNotFound, RequestTimedOut, ServerBusy, SovereignError
+from sovereign.errors import ContextLengthExceeded, InvalidReference, InvalidRequest, ModelCrashed, ModelLoadError, ModelNotFound, RequestTimedOut, ServerBusy, SovereignError
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,17 @@ def from_exception(exc: BaseException) -> APIError:
         )
     if isinstance(exc, RequestTimedOut):
         return APIError(504, f"The request timed out: it did not finish within the server's {exc.limit:g} s limit.", type="server_error", code="timeout")
+    if isinstance(exc, ModelCrashed):
+        return APIError(500, f"The model {exc.model} crashed ({exc.signal}) while serving this request; send it again to reload the model.", type="server_error", code="model_crashed")
     if isinstance(exc, ModelLoadError):
         return APIError(500, f"The model could not be loaded: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), type="server_error", code="model_load_failed")
+    if isinstance(exc, InvalidReference):  # a malformed model name names no model
+        return APIError(404, f"The model does not exist: {exc.message}.", param="model", code="model_not_found")
     if isinstance(exc, SovereignError):
         return APIError(500, str(exc), type="server_error")
+    if isinstance(exc, UnicodeError):
+        # Only request text reaches an encoder: text the schemas let through is still the client's fault.
+        return APIError(400, "The request holds text that is not valid Unicode (a lone UTF-16 surrogate such as \\ud800?).", code="invalid_value")
     log.exception("unexpected error while serving a request", exc_info=exc)
     return APIError(500, "The server had an error while processing your request.", type="server_error")
 
@@ -115,6 +122,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if kind == "model_attributes_type" and not location:
         return APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    if kind == "lone_surrogate":
+        where = ".".join(part for part in (param, first.get("ctx", {}).get("where")) if part) or None
+        return APIError(400, f"Invalid value for '{where}': {first.get('msg')}.", param=where, code="invalid_value")
     return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code="invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value")
 
 
@@ -127,7 +137,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code).response_for(request.url.path)
 
     @app.exception_handler(APIError)

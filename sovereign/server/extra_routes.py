@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from sovereign.server.errors import APIError
 from sovereign.server.schemas import _Strict
+from sovereign.server.state import engine, model_name
 
 router = APIRouter()
 
@@ -26,28 +26,16 @@ class DetokenizeBody(_Strict):
     model: str | None = None
 
 
-def _model_name(request: Request, given: str | None) -> str:
-    name = given or next(iter(request.app.state.default_models), None)
-    if name is None:
-        raise APIError(400, "Name a model.", param="model", code="missing_required_parameter")
-    return name
-
-
 @router.post("/tokenize")
 async def tokenize(request: Request, body: TokenizeBody) -> dict[str, Any]:
-    model = await request.app.state.pool.get(_model_name(request, body.model))
-    tokens = model.backend.tokenize(body.content, special=body.parse_special)
-    if body.add_special:
-        tokens = model.backend.with_bos(tokens)
+    model = model_name(request, body.model)
+    tokens = await engine(request).tokenize(model, body.content, special=body.parse_special, add_bos=body.add_special)
     if body.with_pieces:
-        return {"tokens": [{"id": t, "piece": model.backend.token_text(t)} for t in tokens]}
+        pieces = await engine(request).token_texts(model, tokens)
+        return {"tokens": [{"id": t, "piece": piece} for t, piece in zip(tokens, pieces, strict=True)]}
     return {"tokens": tokens}
 
 
 @router.post("/detokenize")
 async def detokenize(request: Request, body: DetokenizeBody) -> dict[str, Any]:
-    model = await request.app.state.pool.get(_model_name(request, body.model))
-    bad = next((t for t in body.tokens if not 0 <= t < model.backend.n_vocab), None)
-    if bad is not None:
-        raise APIError(400, f"Token {bad} is outside this model's vocabulary of {model.backend.n_vocab}.", param="tokens", code="invalid_value")
-    return {"content": b"".join(model.backend.piece(t) for t in body.tokens).decode("utf-8", "replace")}
+    return {"content": await engine(request).detokenize(model_name(request, body.model), body.tokens)}

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sovereign.engine import ModelPool
+from sovereign.engine.api import EngineAPI
 from sovereign.engine.stats import RequestStats, request_stats
 
 request_log = logging.getLogger("sovereign.requests")
@@ -22,9 +22,9 @@ METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    """The server's Prometheus registry: request counters here, slot and queue gauges read from the pool."""
+    """The server's Prometheus registry: request counters here, slot and queue gauges read from the engine."""
 
-    def __init__(self, pool: ModelPool) -> None:
+    def __init__(self, engine: EngineAPI) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("sovereign_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r)
@@ -34,7 +34,7 @@ class Metrics:
         self.generated_tokens = Counter("sovereign_generated_tokens", "Tokens generated.", ["model"], registry=r)
         self.ttft = Histogram("sovereign_time_to_first_token_seconds", "From submission to the first token.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("sovereign_inter_token_latency_seconds", "Between consecutive tokens of a generation.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        r.register(_SchedulerGauges(pool))
+        r.register(_SchedulerGauges(engine))
 
     def observe_request(self, endpoint: str, status: int, seconds: float, generations: list[RequestStats]) -> None:
         """Count one finished HTTP request and the generations it ran."""
@@ -57,20 +57,19 @@ class Metrics:
 class _SchedulerGauges:
     """Queue depth, busy slots and decode speed of each loaded model, read at scrape time."""
 
-    def __init__(self, pool: ModelPool) -> None:
-        self._pool = pool
+    def __init__(self, engine: EngineAPI) -> None:
+        self._engine = engine
 
     def collect(self) -> Iterator[Metric]:
         queued = GaugeMetricFamily("sovereign_queue_depth", "Requests waiting for a free slot.", labels=["model"])
         busy = GaugeMetricFamily("sovereign_slots_busy", "Slots serving a request.", labels=["model"])
         slots = GaugeMetricFamily("sovereign_slots", "Slots (requests served at once).", labels=["model"])
         rate = GaugeMetricFamily("sovereign_decode_tokens_per_second", "Tokens generated per second of decoding, last 10 s.", labels=["model"])
-        for name, model in self._pool.loaded.items():
-            scheduler = model.scheduler
-            queued.add_metric([name], scheduler.queued)
-            busy.add_metric([name], scheduler.busy_slots)
-            slots.add_metric([name], scheduler.n_slots)
-            rate.add_metric([name], scheduler.decode_rate())
+        for load in self._engine.loads():
+            queued.add_metric([load.name], load.queued)
+            busy.add_metric([load.name], load.busy_slots)
+            slots.add_metric([load.name], load.slots)
+            rate.add_metric([load.name], load.decode_rate)
         yield from (queued, busy, slots, rate)
 
 

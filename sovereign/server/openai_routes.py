@@ -13,7 +13,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from sovereign.engine import Engine, Finished, Generation, TextDelta, ToolCallsEvent, Usage
+from sovereign.engine import Finished, Generation, TextDelta, ToolCallsEvent, Usage
+from sovereign.engine.api import EngineAPI, ModelInfo
 from sovereign.engine.requests import Event
 from sovereign.errors import ModelNotFound
 from sovereign.server import openai_convert as convert
@@ -21,15 +22,12 @@ from sovereign.server.errors import APIError
 from sovereign.server.running import collect, event_stream
 from sovereign.server.schemas import ChatCompletionBody, CompletionBody, EmbeddingBody
 from sovereign.server.sse import data_event as _sse
+from sovereign.server.state import engine as _engine
 
 router = APIRouter()
 
 
-def _engine(request: Request) -> Engine:
-    return request.app.state.engine
-
-
-async def _start_all(engine: Engine, requests: list[Any]) -> list[Generation]:
+async def _start_all(engine: EngineAPI, requests: list[Any]) -> list[Generation]:
     """Submit every choice; if one is refused, cancel those already queued and raise."""
     generations: list[Generation] = []
     try:
@@ -82,38 +80,37 @@ def _error_event(error: APIError) -> bytes:
 # --- models -------------------------------------------------------------------------
 
 
-def _model_json(request: Request, manifest: Any) -> dict[str, Any]:
-    loaded = request.app.state.pool.loaded
+def _model_json(model: ModelInfo) -> dict[str, Any]:
     try:
-        created = int(datetime.fromisoformat(manifest.pulled_at).timestamp())
+        created = int(datetime.fromisoformat(model.pulled_at).timestamp()) if model.pulled_at else 0
     except (TypeError, ValueError):
         created = 0
     return {
-        "id": manifest.name,
+        "id": model.name,
         "object": "model",
         "created": created,
         "owned_by": "sovereign",
-        "size": manifest.size,
-        "architecture": manifest.gguf.get("architecture"),
-        "quantization": manifest.gguf.get("quantization"),
-        "parameters": manifest.gguf.get("parameters"),
-        "context_length": loaded[manifest.name].backend.n_ctx if manifest.name in loaded else manifest.gguf.get("context_length"),
-        "loaded": manifest.name in loaded,
+        "size": model.size,
+        "architecture": model.architecture,
+        "quantization": model.quantization,
+        "parameters": model.parameters,
+        "context_length": model.context_length,
+        "loaded": model.loaded,
     }
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_json(request, m) for m in request.app.state.pool.store.list()]}
+    return {"object": "list", "data": [_model_json(m) for m in _engine(request).models()]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     try:
-        manifest = request.app.state.pool.resolve(model_id)
+        model = _engine(request).model(model_id)
     except ModelNotFound as exc:
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found") from exc
-    return _model_json(request, manifest)
+    return _model_json(model)
 
 
 # --- chat completions ---------------------------------------------------------------
@@ -167,7 +164,7 @@ async def completions(request: Request, body: CompletionBody) -> JSONResponse | 
     generations = await _start_all(engine, [r for _p, r in pairs])
     model_name = generations[0].model
     completion_id = convert.new_id("cmpl")
-    echoes = [await _echo_text(request, prompt, body) for prompt, _r in pairs]
+    echoes = [await _echo_text(engine, prompt, body) for prompt, _r in pairs]
     if not body.stream:
         results = await collect(request, generations)
         choices = []
@@ -191,14 +188,13 @@ async def completions(request: Request, body: CompletionBody) -> JSONResponse | 
     return event_stream(_completion_chunks(generations, completion_id, model_name, echoes, body, include_usage), generations, error_frame=_error_event, last=_sse("[DONE]"))
 
 
-async def _echo_text(request: Request, prompt: str | list[int], body: CompletionBody) -> str:
+async def _echo_text(engine: EngineAPI, prompt: str | list[int], body: CompletionBody) -> str:
     """The prompt as text when echo is asked for."""
     if not body.echo:
         return ""
     if isinstance(prompt, str):
         return prompt
-    model = await request.app.state.pool.get(body.model)
-    return b"".join(model.backend.piece(t, special=True) for t in prompt).decode("utf-8", "replace")
+    return await engine.detokenize(body.model, prompt, special=True)
 
 
 async def _completion_chunks(generations: list[Generation], completion_id: str, model: str, echoes: list[str], body: CompletionBody, include_usage: bool) -> AsyncIterator[bytes]:
@@ -238,21 +234,10 @@ async def _completion_chunks(generations: list[Generation], completion_id: str, 
 
 @router.post("/v1/embeddings")
 async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
-    pool = request.app.state.pool
     inputs = [body.input] if isinstance(body.input, str) or (body.input and isinstance(body.input[0], int)) else list(body.input)
     if not inputs:
         raise APIError(400, "input must not be empty.", param="input", code="invalid_value")
-    model = await pool.get(body.model)
-    texts: list[str] = []
-    for index, item in enumerate(inputs):
-        if isinstance(item, list):  # token ids: embed the text they spell
-            if any(not 0 <= t < model.backend.n_vocab for t in item):
-                raise APIError(400, f"input[{index}] has a token id outside the vocabulary.", param="input", code="invalid_value")
-            item = b"".join(model.backend.piece(t) for t in item).decode("utf-8", "replace")
-        if not item:
-            raise APIError(400, f"input[{index}] is empty.", param="input", code="invalid_value")
-        texts.append(item)
-    vectors, tokens = await _engine(request).embed(model.name, texts)
+    model_name, vectors, tokens = await _engine(request).embed(body.model, inputs)
     if body.dimensions is not None and body.dimensions != len(vectors[0]):
         raise APIError(400, f"This model's embeddings have {len(vectors[0])} dimensions; dimensions={body.dimensions} is not supported.", param="dimensions", code="invalid_value")
     data = []
@@ -261,4 +246,4 @@ async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
         if body.encoding_format == "base64":
             encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
         data.append({"object": "embedding", "index": index, "embedding": encoded})
-    return {"object": "list", "data": data, "model": model.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {"object": "list", "data": data, "model": model_name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

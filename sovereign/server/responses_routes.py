@@ -6,8 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from sovereign.engine import Engine, Finished
+from sovereign.engine import Finished
 from sovereign.server import responses_convert as convert
+from sovereign.server.state import engine
 from sovereign.server.running import collect, event_stream
 from sovereign.server.schemas import ResponsesBody
 
@@ -16,8 +17,7 @@ router = APIRouter()
 
 @router.post("/v1/responses", response_model=None)
 async def create_response(request: Request, body: ResponsesBody) -> JSONResponse | StreamingResponse:
-    engine: Engine = request.app.state.engine
-    generation = await engine.submit(convert.chat_request_from(body))
+    generation = await engine(request).submit(convert.chat_request_from(body))
     shell = convert.ResponseShell(body, generation.model)
     if not body.stream:
         (result,) = await collect(request, [generation])

@@ -2,12 +2,55 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+# A lone UTF-16 surrogate: valid in JSON's \uXXXX escapes, not in Unicode, so no tokenizer can take it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class _Strict(BaseModel):
+def _has_surrogate(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def find_lone_surrogate(data: Any) -> str | None:
+    """The dotted location ('messages.0.content') of the first string in parsed JSON that holds a lone surrogate, or None."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
+    while stack:  # iterative: JSON nested deeper than Python's recursion limit must not crash the check
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _has_surrogate(value):
+                return ".".join(path)
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                # A key is named escaped: the error message must itself be valid UTF-8.
+                shown = key.encode("utf-8", "backslashreplace").decode() if isinstance(key, str) else str(key)
+                if isinstance(key, str) and _has_surrogate(key):
+                    return ".".join((*path, shown))
+                stack.append((item, (*path, shown)))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, str(index))) for index, item in reversed(list(enumerate(value))))
+    return None
+
+
+class ValidText(BaseModel):
+    """Refuses, at parse time and naming the field, text that is not valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        where = find_lone_surrogate(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "lone_surrogate", "the text holds a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode", {"where": where}
+            )
+        return data
+
+
+class _Strict(ValidText):
     model_config = ConfigDict(extra="forbid")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 from pathlib import Path
@@ -11,6 +12,20 @@ from sovereign.store.gguf_header import has_gguf_magic
 from sovereign.store.progress import PullReporter
 
 CHUNK = 1024 * 1024
+SIDECAR_SUFFIX = ".http.json"  # what the downloader remembers next to a partial file (its ETag), to resume safely
+
+
+def sidecar_path(path: Path) -> Path:
+    """The file next to a partial download that records its HTTP validator."""
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def discard(path: Path) -> None:
+    """Delete a refused download with its sidecar, and its staging folder once that is empty."""
+    path.unlink(missing_ok=True)
+    sidecar_path(path).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: other files of the same model are still resumable
+        path.parent.rmdir()
 
 
 def human_bytes(count: float) -> str:
@@ -50,18 +65,18 @@ def verify_file(
     """
     size = path.stat().st_size
     if expected_size is not None and size != expected_size:
-        path.unlink()
+        discard(path)
         raise IntegrityError(f"{origin} gave {size} bytes, expected {expected_size}; the file was discarded", "pull again, or try another source with --mirror")
     # A promised hash is checked first: when it fails, that is the truer message than "not GGUF".
     actual = actual_sha256 or sha256_file(path, reporter)
     if expected_sha256 and actual != expected_sha256:
-        path.unlink()
+        discard(path)
         raise IntegrityError(
             f"sha256 mismatch for {origin}: expected {expected_sha256[:12]}…, got {actual[:12]}…; the file was discarded and nothing was registered",
             "the source served corrupt or different bytes; pull again or use another source",
         )
     if not has_gguf_magic(path):
-        path.unlink()
+        discard(path)
         raise NotGGUF(f"{origin} is not a GGUF file; it was discarded", "point at a .gguf model file")
     return actual
 

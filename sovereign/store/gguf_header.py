@@ -205,6 +205,8 @@ def read_gguf_info(paths: list[Path]) -> GGUFInfo:
     metadata, tensors = _read_one(paths[0])
     for extra in paths[1:]:
         tensors += _read_one(extra)[1]
+    if not tensors:  # (a first split may hold none, as gguf-split --no-tensor-first-split makes it; the model may not)
+        raise NotGGUF(f"{paths[0].name} holds no tensors: it is a GGUF header without model weights", "point at the model's full .gguf file")
     arch = metadata.get(Keys.General.ARCHITECTURE)
     return GGUFInfo(
         architecture=arch,

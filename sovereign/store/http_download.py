@@ -6,6 +6,7 @@ allowed it: a model fetched over plain http could be swapped in transit.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import json
@@ -16,14 +17,18 @@ from pathlib import Path
 
 import httpx
 
-from sovereign.errors import AccessDenied, InsecureSource, NotGGUF, SourceUnavailable
-from sovereign.store.files import sha256_of
+from sovereign.errors import AccessDenied, InsecureSource, InsufficientDisk, NotGGUF, SourceUnavailable
+from sovereign.store.files import discard, human_bytes, sha256_of, sidecar_path
 from sovereign.store.gguf_header import MAGIC_BYTES
 from sovereign.store.progress import NullReporter, PullReporter
 
 RETRIES = 5
 TIMEOUT = httpx.Timeout(connect=15.0, read=60.0, write=60.0, pool=15.0)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+# Free space is checked again every this many bytes written: other programs fill disks too, and a
+# server that sends no Content-Length gives no size to check up front.
+SPACE_CHECK_INTERVAL = 64 * 1024 * 1024
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def is_loopback(host: str) -> bool:
@@ -61,7 +66,7 @@ class _Validator:
     """The ETag / Last-Modified of a partial file, so a changed remote file restarts the download."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path.with_name(path.name + ".http.json")
+        self.path = sidecar_path(path)
 
     def load(self) -> str | None:
         try:
@@ -152,8 +157,8 @@ def _download_once(
         if response.status_code != 206 or not match or int(match[1]) != offset:
             offset = 0  # the server ignored the Range, or the file changed: start over
         total = total_size(response, offset)
-        if check_space and total is not None:
-            check_space(total - offset)
+        if check_space:
+            check_space(total - offset if total is not None else SPACE_CHECK_INTERVAL)
         validator.save(response)
         if offset:
             reporter.status(f"resuming at {offset:,} of {total:,} bytes" if total else f"resuming at {offset:,} bytes")
@@ -165,6 +170,7 @@ def _download_once(
                 handle.seek(offset)
                 handle.truncate()
                 head = b"" if offset == 0 else MAGIC_BYTES  # a resumed file was checked when it began
+                written, next_check = offset, offset + SPACE_CHECK_INTERVAL
                 # Write each network read as it arrives (no re-chunking), so a cut loses nothing.
                 for block in response.iter_raw():
                     if len(head) < len(MAGIC_BYTES):
@@ -174,9 +180,18 @@ def _download_once(
                     handle.write(block)
                     digest.update(block)
                     reporter.advance(len(block))
+                    written += len(block)
+                    if check_space and written >= next_check:
+                        check_space(total - written if total is not None else SPACE_CHECK_INTERVAL)
+                        next_check = written + SPACE_CHECK_INTERVAL
         except NotGGUF:
-            dest.unlink(missing_ok=True)
+            discard(dest)
             raise
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            held = dest.stat().st_size if dest.exists() else 0
+            raise InsufficientDisk(f"the disk filled up while downloading {dest.name} ({human_bytes(held)} downloaded)", "free some space, or set SOVEREIGN_HOME to a bigger disk") from None
         finally:
             reporter.end()
     if total is not None and dest.stat().st_size != total:

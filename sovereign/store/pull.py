@@ -12,6 +12,7 @@ from sovereign.catalog import Catalog, ModelSpec
 from sovereign.config import Settings
 from sovereign.errors import AllSourcesFailed, InsufficientDisk, InvalidReference, ModelNotFound, PullError
 from sovereign.refs import CatalogRef, ModelName, SourceRef, parse_name, parse_reference
+from sovereign.store.files import discard, human_bytes
 from sovereign.store.gguf_header import read_gguf_info
 from sovereign.store.manifest import Manifest, ModelFile, SourceRecord
 from sovereign.store.progress import PullReporter
@@ -84,9 +85,24 @@ def pull(
                     "choose another name with --name, or `sovereign rm` it first",
                 )
             return PullResult(existing, existing.source.reference, already_present=True)
-        return _pull_locked(plan, settings, store, reporter, options)
+        with store.pulling():
+            return _pull_locked(plan, settings, store, reporter, options)
+    except InsufficientDisk as exc:
+        raise _with_partial_hint(exc, store, reference) from None
     finally:
         lock.release()
+
+
+def _with_partial_hint(exc: InsufficientDisk, store: Store, reference: str) -> InsufficientDisk:
+    """The disk is full and partial downloads hold part of it: say how much, and the two ways out."""
+    _, held = store.partial_usage()
+    if not held:
+        return exc
+    return InsufficientDisk(
+        exc.message,
+        f"partial downloads keep {human_bytes(held)} in {store.partial_dir}; free some space and run "
+        f"`sovereign pull {reference}` again to resume, or `sovereign prune` to delete them",
+    )
 
 
 def _pull_locked(plan: PullPlan, settings: Settings, store: Store, reporter: PullReporter, options: PullOptions) -> PullResult:
@@ -121,7 +137,7 @@ def _commit(plan: PullPlan, store: Store, kind: str, reference: str, fetched: Fe
     except PullError:
         for file in fetched.files:
             if not file.in_place:
-                file.path.unlink(missing_ok=True)
+                discard(file.path)
         raise
     with store.gc_lock():
         files = []

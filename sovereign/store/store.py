@@ -14,13 +14,15 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from sovereign.errors import ModelNotFound, StoreError
 from sovereign.refs import ModelName
@@ -42,6 +44,25 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What `prune` deleted, and whether a running pull kept its partial downloads."""
+
+    partial_files: int = 0
+    partial_bytes: int = 0
+    blobs: int = 0
+    blob_bytes: int = 0
+    kept_running: bool = False
+
+
+def _tree_size(path: Path) -> tuple[int, int]:
+    """(files, bytes) under a folder, or of one file."""
+    if not path.is_dir():
+        return (1, path.stat().st_size) if path.exists() else (0, 0)
+    sizes = [p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    return len(sizes), sum(sizes)
 
 
 class Store:
@@ -193,6 +214,60 @@ class Store:
         while folder.resolve() != root and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
             folder = folder.parent
+
+    # -- partial downloads and pruning ------------------------------------------------------
+
+    def partial_usage(self) -> tuple[int, int]:
+        """(files, bytes) that partial downloads hold on disk."""
+        return _tree_size(self.partial_dir)
+
+    @contextmanager
+    def pulling(self) -> Iterator[None]:
+        """Held for a whole pull: while any pull holds it, `prune` keeps every partial download."""
+        markers = self.locks_dir / "pulls"
+        markers.mkdir(parents=True, exist_ok=True)
+        marker = FileLock(markers / f"{os.getpid()}-{secrets.token_hex(4)}.lock")
+        with self.lock("prune"):  # so a pull starts either before prune looks, or after it is done
+            marker.acquire()
+        try:
+            yield
+        finally:
+            marker.release()
+            Path(marker.lock_file).unlink(missing_ok=True)
+
+    def _pull_running(self) -> bool:
+        """Whether another process (or this one) is pulling; markers left by a crash are removed."""
+        running = False
+        for path in (self.locks_dir / "pulls").glob("*.lock") if (self.locks_dir / "pulls").is_dir() else []:
+            marker = FileLock(path)
+            try:
+                marker.acquire(timeout=0)
+            except Timeout:
+                running = True
+                continue
+            marker.release()
+            path.unlink(missing_ok=True)
+        return running
+
+    def prune(self) -> PruneResult:
+        """Delete partial downloads (unless a pull is running) and blobs no manifest mentions."""
+        partial_files = partial_bytes = 0
+        with self.lock("prune"), self.gc_lock():
+            kept_running = self._pull_running()
+            if not kept_running and self.partial_dir.is_dir():
+                partial_files, partial_bytes = self.partial_usage()
+                shutil.rmtree(self.partial_dir)
+            still_used = self._referenced_digests()
+            blobs = blob_bytes = 0
+            for blob in sorted(self.blobs_dir.glob("sha256-*")) if self.blobs_dir.is_dir() else []:
+                digest = blob.name.replace("-", ":", 1)
+                if digest in still_used:
+                    continue
+                blob_bytes += blob.stat().st_size
+                blobs += 1
+                blob.unlink()
+                shutil.rmtree(self.shards_dir / blob.name, ignore_errors=True)
+        return PruneResult(partial_files, partial_bytes, blobs, blob_bytes, kept_running)
 
     def write_partial_meta(self, folder: Path, data: dict[str, object]) -> None:
         """Remember what a partial download is for (shown when resuming)."""

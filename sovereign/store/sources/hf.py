@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 from sovereign.config import Settings
 from sovereign.errors import AccessDenied, InsufficientDisk, PullError, SourceUnavailable
 from sovereign.refs import HfRef
@@ -23,10 +25,25 @@ from sovereign.store.http_download import check_transport, download
 from sovereign.store.sources.base import SHARD_PATTERN, FetchContext, Fetched, FetchedFile, shard_siblings
 
 
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The transport errors of whichever HTTP library this huggingface-hub runs on.
+
+    2.x uses httpx2, 1.x httpx, 0.x requests (whose errors are OSErrors): catching each one that is
+    installed keeps a pull working with every release that pyproject.toml allows.
+    """
+    errors: list[type[Exception]] = [OSError, httpx.HTTPError]
+    try:
+        import httpx2
+    except ImportError:
+        pass
+    else:
+        errors.append(httpx2.HTTPError)
+    return tuple(errors)
+
+
 @contextmanager
 def _hub_errors(endpoint: str, repo: str) -> Iterator[None]:
     """Turn huggingface-hub and transport exceptions into our typed errors (by class, never text)."""
-    import httpx2
     from huggingface_hub import errors as hub
 
     try:
@@ -47,7 +64,7 @@ def _hub_errors(endpoint: str, repo: str) -> Iterator[None]:
         if status in (401, 403):
             raise AccessDenied(f"{endpoint} refused access to {repo} (HTTP {status})", "set HF_TOKEN to a token with access") from None
         raise SourceUnavailable(f"{endpoint} answered HTTP {status} for {repo}", "try again later or use another mirror") from None
-    except (httpx2.HTTPError, OSError) as exc:
+    except _transport_errors() as exc:
         raise SourceUnavailable(f"cannot reach {endpoint} ({type(exc).__name__})", "check the network, or add a mirror with --mirror") from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # e.g. a captive portal's HTML instead of JSON
         raise SourceUnavailable(f"{endpoint} did not answer like a Hugging Face hub ({type(exc).__name__})", "check the endpoint URL, or try another mirror") from None
@@ -142,6 +159,10 @@ class HfSource:
         ensure_free_space(stagings[names[0]], sum(siblings[n][0] - partial_size(targets[n]) for n in names), ctx.settings.min_free_bytes)
         ctx.reporter.status(f"fetching {len(names)} file(s) from {endpoint}/{self.ref.repo}")
         headers = build_hf_headers(token=token, library_name="sovereign")
+
+        def check_space(remaining: int) -> None:  # checked again as bytes arrive: other programs fill disks too
+            ensure_free_space(stagings[names[0]], remaining, ctx.settings.min_free_bytes)
+
         fetched = []
         for name in names:
             size, lfs_sha = siblings[name]
@@ -149,7 +170,7 @@ class HfSource:
             target = targets[name]
             url = hf_hub_url(self.ref.repo, name, revision=self.ref.revision, endpoint=endpoint)
             try:
-                actual = download(url, target, ctx.reporter, allow_http=ctx.settings.allow_http, headers=headers)
+                actual = download(url, target, ctx.reporter, allow_http=ctx.settings.allow_http, headers=headers, check_space=check_space)
             except AccessDenied:
                 raise AccessDenied(
                     f"{self.ref.repo} is gated or private on {endpoint} and needs an access token",

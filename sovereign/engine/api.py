@@ -1,0 +1,67 @@
+"""The engine's interface as the server sees it: the real Engine and the tests' fake both provide it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sovereign.engine.engine import Generation
+    from sovereign.engine.requests import ChatRequest, CompletionRequest
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A pulled model as /v1/models shows it."""
+
+    name: str
+    pulled_at: str | None
+    size: int
+    architecture: str | None
+    quantization: str | None
+    parameters: int | None
+    context_length: int | None  # the loaded context when loaded, else the trained one
+    loaded: bool
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """How busy a loaded model is, for /metrics."""
+
+    name: str
+    slots: int
+    busy_slots: int
+    queued: int
+    decode_rate: float
+
+
+class EngineAPI(Protocol):
+    """Everything the HTTP server may ask of the models."""
+
+    async def submit(self, request: ChatRequest | CompletionRequest) -> Generation: ...
+
+    async def count_tokens(self, request: ChatRequest) -> int: ...
+
+    async def embed(self, model_name: str, inputs: list[str | list[int]]) -> tuple[str, list[list[float]], int]: ...
+
+    async def tokenize(self, model_name: str, text: str, *, special: bool, add_bos: bool = False) -> list[int]: ...
+
+    async def token_texts(self, model_name: str, tokens: list[int]) -> list[str]: ...
+
+    async def detokenize(self, model_name: str, tokens: list[int], *, special: bool = False) -> str: ...
+
+    def models(self) -> list[ModelInfo]: ...
+
+    def model(self, name: str) -> ModelInfo: ...
+
+    def loads(self) -> list[ModelLoad]: ...
+
+    @property
+    def loaded_names(self) -> list[str]: ...
+
+    @property
+    def loading_names(self) -> list[str]: ...
+
+    async def preload(self, name: str) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,151 @@
+"""What the server and a model's process say to each other: length-prefixed JSON frames over a socket.
+
+JSON, not pickle: a frame is data, never code, whichever side wrote it. Token pieces are bytes
+that may split a UTF-8 character, so they travel as latin-1 text (one char per byte).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+from dataclasses import asdict
+from typing import Any, BinaryIO
+
+from sovereign.engine.backend import LoadOptions, Step
+from sovereign.engine.requests import SamplingParams, TokenLogprob
+from sovereign.errors import (
+    ContextLengthExceeded,
+    EngineError,
+    InvalidRequest,
+    ModelLoadError,
+    RequestTimedOut,
+    ServerBusy,
+    SovereignError,
+)
+
+_LENGTH = struct.Struct("!I")
+MAX_FRAME_BYTES = 1 << 30
+
+
+class FrameWriter:
+    """Sends frames on a socket; safe from any thread (one frame at a time)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send one message; raises OSError when the other side is gone."""
+        data = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+        with self._lock:
+            self._sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def read_frame(stream: BinaryIO) -> dict[str, Any] | None:
+    """The next message, or None when the other side has closed the connection."""
+    header = stream.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        return None
+    (length,) = _LENGTH.unpack(header)
+    if length > MAX_FRAME_BYTES:
+        raise EngineError(f"a {length}-byte frame from a model's process is too large")
+    data = stream.read(length)
+    if len(data) < length:
+        return None
+    message: dict[str, Any] = json.loads(data.decode("utf-8", "surrogatepass"))
+    return message
+
+
+# --- values -------------------------------------------------------------------------------
+
+
+def params_to_wire(params: SamplingParams) -> dict[str, Any]:
+    """Sampling parameters as JSON (logit_bias keys become strings)."""
+    data = asdict(params)
+    data["stop"] = list(params.stop)
+    data["logit_bias"] = {str(token): bias for token, bias in params.logit_bias.items()}
+    return data
+
+
+def params_from_wire(data: dict[str, Any]) -> SamplingParams:
+    """The inverse of params_to_wire."""
+    return SamplingParams(**{**data, "stop": tuple(data["stop"]), "logit_bias": {int(t): float(b) for t, b in data["logit_bias"].items()}})
+
+
+def load_options_to_wire(options: LoadOptions) -> dict[str, Any]:
+    """How to load a model, as JSON."""
+    return asdict(options)
+
+
+def load_options_from_wire(data: dict[str, Any]) -> LoadOptions:
+    """The inverse of load_options_to_wire."""
+    return LoadOptions(**data)
+
+
+def _bytes_to_wire(raw: bytes) -> str:
+    return raw.decode("latin-1")
+
+
+def _bytes_from_wire(text: str) -> bytes:
+    return text.encode("latin-1")
+
+
+def step_to_wire(step: Step) -> list[Any]:
+    """One generated token: [token, piece, end_of_generation, logprob or null]."""
+    logprob = None
+    if step.logprob is not None:
+        lp = step.logprob
+        logprob = [lp.token, lp.bytes, lp.logprob, [list(alt) for alt in lp.top]]
+    return [step.token, _bytes_to_wire(step.piece), step.end_of_generation, logprob]
+
+
+def step_from_wire(data: list[Any]) -> Step:
+    """The inverse of step_to_wire."""
+    token, piece, end, logprob = data
+    decoded = None
+    if logprob is not None:
+        text, raw, value, top = logprob
+        decoded = TokenLogprob(text, raw, value, [(t, r, v) for t, r, v in top])
+    return Step(token, _bytes_from_wire(piece), decoded, end)
+
+
+def pieces_to_wire(pieces: list[bytes]) -> list[str]:
+    """Token pieces (raw bytes) as JSON strings."""
+    return [_bytes_to_wire(p) for p in pieces]
+
+
+def pieces_from_wire(pieces: list[str]) -> list[bytes]:
+    """The inverse of pieces_to_wire."""
+    return [_bytes_from_wire(p) for p in pieces]
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def error_to_wire(exc: BaseException) -> dict[str, Any]:
+    """An exception as JSON: our own errors keep their class and fields, anything else becomes an EngineError."""
+    data: dict[str, Any] = {"kind": type(exc).__name__, "message": getattr(exc, "message", str(exc) or type(exc).__name__), "hint": getattr(exc, "hint", None)}
+    for name in ("param", "prompt_tokens", "n_ctx", "queued", "retry_after", "limit"):
+        if hasattr(exc, name):
+            data[name] = getattr(exc, name)
+    if not isinstance(exc, SovereignError):
+        data["kind"] = "EngineError"
+    return data
+
+
+def error_from_wire(data: dict[str, Any]) -> SovereignError:
+    """The inverse of error_to_wire."""
+    kind = data.get("kind")
+    if kind == "InvalidRequest":
+        return InvalidRequest(data["message"], data.get("param"), data.get("hint"))
+    if kind == "ContextLengthExceeded":
+        return ContextLengthExceeded(data["prompt_tokens"], data["n_ctx"])
+    if kind == "ServerBusy":
+        return ServerBusy(data["queued"], data["retry_after"])
+    if kind == "RequestTimedOut":
+        return RequestTimedOut(data["limit"])
+    if kind == "ModelLoadError":
+        return ModelLoadError(data["message"], data.get("hint"))
+    return EngineError(data["message"], data.get("hint"))

@@ -1,0 +1,240 @@
+"""A model's own process: loads one model, runs its batching scheduler, answers the server over a socket.
+
+Started by `ModelProcess` as `python -m sovereign.engine.worker FD`. A crash in llama.cpp here
+(SIGILL, SIGSEGV, an abort) ends only this process; the server sees the socket close and fails
+this model's requests alone. Unloading a model is this process exiting, so all its memory goes.
+
+Messages in: load (first), submit, cancel, call, close. Out: ready or failed (once), accepted or
+refused (per submit), reply (per call), and one `steps` message per decode step carrying every
+stream's new tokens and ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from sovereign.engine import wire
+from sovereign.engine.backend import LlamaBackend, Step
+from sovereign.engine.scheduler import BatchScheduler
+from sovereign.engine.stats import RequestStats
+from sovereign.errors import InvalidRequest, SovereignError
+
+log = logging.getLogger(__name__)
+# Vocabulary work and request preparation (grammar compilation) run here, off the socket reader.
+HELPER_THREADS = 2
+
+
+class _Sink:
+    """One generation's tokens, queued for the next `steps` message."""
+
+    def __init__(self, request_id: int, worker: Worker) -> None:
+        self.id = request_id
+        self.stats = RequestStats("", 0)
+        self._worker = worker
+        self._cancelled = threading.Event()
+        self._announced = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def push(self, step: Step) -> None:
+        if not self._announced:  # the cache reuse and queue wait, known once a slot took the request
+            self._announced = True
+            self._worker.post(["a", self.id, self.stats.cached_tokens, self.stats.queued_seconds or 0.0])
+        self._worker.post(["t", self.id, wire.step_to_wire(step)])
+
+    def end(self, error: BaseException | None = None) -> None:
+        self._worker.forget(self.id)
+        self._worker.post(["e", self.id, None if error is None else wire.error_to_wire(error), self.stats.cached_tokens, self.stats.queued_seconds or 0.0])
+
+
+class Worker:
+    """Serves one loaded model to the server at the other end of a socket."""
+
+    def __init__(self, backend: LlamaBackend, writer: wire.FrameWriter, *, max_queue: int, timeout: float | None) -> None:
+        self.backend = backend
+        self._writer = writer
+        self._outbox: list[list[Any]] = []
+        self._outbox_lock = threading.Lock()
+        self._sinks: dict[int, _Sink] = {}
+        self._helpers = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="worker")
+        self.scheduler = BatchScheduler(backend, max_queue=max_queue, timeout=timeout, after_step=self.flush)
+
+    # --- the scheduler's side -------------------------------------------------------
+
+    def post(self, item: list[Any]) -> None:
+        """Queue an item for the next `steps` message."""
+        with self._outbox_lock:
+            self._outbox.append(item)
+
+    def forget(self, request_id: int) -> None:
+        self._sinks.pop(request_id, None)
+
+    def flush(self) -> None:
+        """Send what this step produced as one message, with the figures /metrics shows."""
+        with self._outbox_lock:
+            items, self._outbox = self._outbox, []
+        if items:
+            scheduler = self.scheduler
+            self._send({"op": "steps", "items": items, "busy": scheduler.busy_slots, "queued": scheduler.queued, "rate": scheduler.decode_rate()})
+
+    # --- the socket's side --------------------------------------------------------
+
+    def handle(self, message: dict[str, Any]) -> bool:
+        """Act on one message from the server; False once it asks this process to end."""
+        op = message.get("op")
+        if op == "cancel":
+            sink = self._sinks.get(message["id"])
+            if sink is not None:
+                sink.cancel()
+        elif op == "submit":
+            self._helpers.submit(self._submit, message)
+        elif op == "call":
+            self._helpers.submit(self._call, message)
+        elif op == "close":
+            return False
+        return True
+
+    def _submit(self, message: dict[str, Any]) -> None:
+        request_id = message["id"]
+        sink = _Sink(request_id, self)
+        self._sinks[request_id] = sink
+        try:
+            self.scheduler.enqueue(message["prompt"], wire.params_from_wire(message["params"]), sink)
+        except Exception as exc:  # a refusal, sent back as the typed error it is
+            self._sinks.pop(request_id, None)
+            if not isinstance(exc, SovereignError):
+                log.exception("could not queue a request")
+            self._send({"op": "refused", "id": request_id, "error": wire.error_to_wire(exc)})
+        else:
+            self._send({"op": "accepted", "id": request_id})
+
+    def _call(self, message: dict[str, Any]) -> None:
+        call_id = message["id"]
+        try:
+            result = self._run_call(message["method"], message.get("args", []))
+        except Exception as exc:
+            if not isinstance(exc, SovereignError):
+                log.exception("a %s call failed", message.get("method"))
+            self._send({"op": "reply", "id": call_id, "error": wire.error_to_wire(exc)})
+        else:
+            self._send({"op": "reply", "id": call_id, "result": result})
+
+    def _run_call(self, method: str, args: list[Any]) -> Any:
+        backend = self.backend
+        if method == "tokenize":  # [[text, special], ...] -> one token list per text
+            return [backend.tokenize(text, special=special) for text, special in args[0]]
+        if method == "pieces":  # token ids, special -> each token's bytes
+            return wire.pieces_to_wire([backend.piece(token, special=args[1]) for token in args[0]])
+        if method == "embed":  # needs the scheduler's thread: it owns the contexts
+            return self._on_scheduler_thread(lambda: backend.embed(args[0]))
+        raise InvalidRequest(f"unknown call {method!r}")
+
+    def _on_scheduler_thread(self, function: Callable[[], Any]) -> Any:
+        done = threading.Event()
+        outcome: list[Any] = [None, None]
+
+        def job() -> None:
+            try:
+                outcome[0] = function()
+            except BaseException as exc:  # handed back to the caller's thread
+                outcome[1] = exc
+            finally:
+                done.set()
+
+        self.scheduler.run_between_steps(job)
+        done.wait()
+        if outcome[1] is not None:
+            raise outcome[1]
+        return outcome[0]
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self._writer.send(message)
+        except OSError:  # the server is gone; the socket reader will see it and end this process
+            pass
+
+    def close(self) -> None:
+        """Stop decoding (failing what is left) and free the model."""
+        self.scheduler.close()
+        self._helpers.shutdown(wait=False, cancel_futures=True)
+
+
+def facts(backend: LlamaBackend) -> dict[str, Any]:
+    """What the server needs to know about the loaded model (it never touches llama.cpp itself)."""
+    return {
+        "pid": os.getpid(),
+        "n_ctx": backend.n_ctx,
+        "n_ctx_train": backend.n_ctx_train,
+        "n_vocab": backend.n_vocab,
+        "n_parallel": backend.n_parallel,
+        "n_layers": backend.n_layers,
+        "n_gpu_layers": backend.n_gpu_layers,
+        "n_threads": backend.n_threads,
+        "bos": backend.bos,
+        "eos": backend.eos,
+        "add_bos": backend.add_bos,
+        "bos_text": backend.token_text(backend.bos) if backend.bos >= 0 else "",
+        "eos_text": backend.token_text(backend.eos) if backend.eos >= 0 else "",
+        "metadata": {key: value for key, value in backend.metadata.items() if isinstance(value, str)},
+    }
+
+
+def _configure_logging() -> None:
+    """The same log level as the server (inherited through SOVEREIGN_LOG_LEVEL), on the same stderr."""
+    level = os.environ.get("SOVEREIGN_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s:%(name)s:%(message)s")
+    if logging.getLevelName(level) not in (logging.DEBUG, logging.INFO):
+        logging.getLogger("sovereign.llama_cpp").setLevel(logging.CRITICAL)
+
+
+def serve(sock: socket.socket) -> int:
+    """Load the model the first message names, then serve until the server closes the socket or says close."""
+    reader = sock.makefile("rb")
+    writer = wire.FrameWriter(sock)
+    first = wire.read_frame(reader)
+    if first is None or first.get("op") != "load":
+        return 2
+    started = time.monotonic()
+    try:
+        backend = LlamaBackend(Path(first["path"]), wire.load_options_from_wire(first["options"]))
+    except Exception as exc:
+        writer.send({"op": "failed", "error": wire.error_to_wire(exc)})
+        return 1
+    worker = Worker(backend, writer, max_queue=first["max_queue"], timeout=first.get("timeout"))
+    writer.send({"op": "ready", "facts": facts(backend), "load_seconds": time.monotonic() - started})
+    try:
+        while (message := wire.read_frame(reader)) is not None and worker.handle(message):
+            pass
+    finally:
+        worker.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: the socket's file descriptor is the only argument."""
+    _configure_logging()
+    sock = socket.socket(fileno=int(argv[0]))
+    try:
+        return serve(sock)
+    finally:
+        sock.close()
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    sys.stderr.flush()
+    os._exit(code)  # no waiting on helper threads still tokenizing for a server that has gone

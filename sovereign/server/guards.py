@@ -1,0 +1,217 @@
+"""Guards in front of every route: which Host and Origin may call the server, and how large a body may be.
+
+Both are pure ASGI middleware. The Host check stops DNS rebinding: a web page on attacker.example
+whose name is made to resolve to 127.0.0.1 reaches a loopback server with `Host: attacker.example`,
+so a server bound to loopback answers only names of this machine (Ollama's rules). The Origin check
+stops any web page from driving the server from a browser unless `--cors-origin` names it. The body
+limit answers 413 from Content-Length before a byte is read, and counts chunked bodies as they come,
+so an oversized body never reaches the JSON parser.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sovereign.errors import SovereignError
+from sovereign.server.errors import APIError
+
+DEFAULT_MAX_BODY = 32 * 1024 * 1024  # far above any prompt a local model's context holds (1M tokens ≈ 4 MiB)
+# Names that always mean this machine: no one outside can make them resolve elsewhere (Ollama's list).
+_LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+# Desktop apps and editor webviews on this machine send these origins (as Ollama allows them).
+_APP_SCHEMES = frozenset({"app", "file", "tauri", "vscode-webview", "vscode-file"})
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, option: str = "--max-body") -> int:
+    """'32MiB', '64MB', '1G' or a plain number of bytes -> bytes (binary units)."""
+    match = _SIZE.match(text)
+    if not match or float(match[1]) <= 0:
+        raise SovereignError(f"{option} takes a size such as 32MiB or 100MB, not '{text}'", f"for example {option} 64MiB")
+    return int(float(match[1]) * 1024 ** "_KMGT".index(match[2].upper() or "_"))
+
+
+def is_loopback_bind(host: str) -> bool:
+    """Whether a --host address listens on this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts_for(bind_host: str, given: str | None) -> tuple[str, ...]:
+    """The Host names to accept beyond this machine's: --allowed-hosts, else all when bound beyond loopback."""
+    if given is None:
+        return () if is_loopback_bind(bind_host) else ("*",)
+    return tuple(entry.strip().lower() for entry in given.split(",") if entry.strip())
+
+
+def hostname_of(value: str) -> str:
+    """The name in a Host header (or an --allowed-hosts entry): lower-case, no port, no brackets, no trailing dot."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value[1:]
+    if value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def _local_address(name: str, *, loopback_only: bool) -> bool | None:
+    """For an IP literal, whether it is this machine's (or a private network's); None for a name."""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return None
+    if loopback_only:
+        return address.is_loopback
+    return address.is_loopback or address.is_private or address.is_unspecified or address.is_link_local
+
+
+def is_local_host(name: str) -> bool:
+    """Whether a Host name can only mean this machine: a local or private IP literal, localhost, our hostname, *.localhost, *.local, *.internal."""
+    if (local := _local_address(name, loopback_only=False)) is not None:
+        return local
+    return name in ("", "localhost", socket.gethostname().lower()) or name.endswith(_LOCAL_SUFFIXES)
+
+
+def _matches(name: str, entries: Iterable[str]) -> bool:
+    for entry in entries:
+        if entry == "*":
+            return True
+        if entry.startswith(("*.", ".")):
+            suffix = entry.lstrip("*")
+            if name.endswith(suffix) or name == suffix[1:]:
+                return True
+        elif name == hostname_of(entry):
+            return True
+    return False
+
+
+def _header(scope: Scope, key: bytes) -> str | None:
+    for name, value in scope["headers"]:
+        if name == key:
+            return value.decode("latin-1")
+    return None
+
+
+class HostGuard:
+    """Refuse (403) a Host that is not this machine's or allowed, and a browser Origin that is neither loopback nor a --cors-origin."""
+
+    def __init__(self, app: ASGIApp, *, allowed_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.allowed_hosts = tuple(h.lower() for h in allowed_hosts)
+        self.any_origin = "*" in cors_origins
+        self.cors_origins = frozenset(o.lower().rstrip("/") for o in cors_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = _header(scope, b"host") or ""
+        name = hostname_of(host)
+        if not (is_local_host(name) or _matches(name, self.allowed_hosts)):
+            error = APIError(
+                403,
+                f"Host '{host}' is not allowed: this server answers only requests addressed to this machine, as a guard "
+                f"against DNS rebinding. Start it with --allowed-hosts {name or 'NAME'} to accept that name.",
+                code="host_not_allowed",
+            )
+            await error.response_for(scope["path"])(scope, receive, send)
+            return
+        origin = _header(scope, b"origin")
+        if origin is not None and not self._origin_allowed(origin, host):
+            error = APIError(
+                403,
+                f"Origin '{origin}' is not allowed: web pages may call this server only from this machine or from an "
+                "origin the server was started with (--cors-origin ORIGIN).",
+                code="origin_not_allowed",
+            )
+            await error.response_for(scope["path"])(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        normalized = origin.strip().lower().rstrip("/")
+        if self.any_origin or normalized in self.cors_origins:
+            return True
+        if normalized == "null":  # sandboxed frames and opaque origins: anyone can be "null"
+            return False
+        try:
+            parts = urlsplit(normalized)
+            hostname = parts.hostname or ""
+        except ValueError:
+            return False
+        if parts.scheme in _APP_SCHEMES:
+            return True
+        if parts.netloc == host.strip().lower():  # same origin as the (already checked) Host
+            return True
+        if parts.scheme not in ("http", "https"):
+            return False
+        local = _local_address(hostname, loopback_only=True)
+        return local if local is not None else hostname == "localhost" or hostname.endswith(".localhost")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from receive() once a streamed body passes the limit; FastAPI re-raises it to our 413 handler."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, _too_large_message(limit))
+
+
+def _too_large_message(limit: int) -> str:
+    size = f"{limit / 1024 / 1024:g} MiB" if limit >= 1024 * 1024 else f"{limit} bytes"
+    return f"The request body is larger than this server's limit of {size}. Send less, or start the server with a larger --max-body."
+
+
+class BodyLimit:
+    """Answer 413 to a body over `limit` bytes: at once from Content-Length, or as soon as a streamed body passes it."""
+
+    def __init__(self, app: ASGIApp, *, limit: int = DEFAULT_MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.limit:
+            # Answered before reading: uvicorn then skips the body (and never sends `100 Continue`).
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        async def noting(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, noting)
+        except BodyTooLarge:
+            # Read outside FastAPI's handlers (a middleware, say): answer here if nothing was sent yet.
+            if not started:
+                await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = APIError(413, _too_large_message(self.limit), code="request_too_large")
+        await error.response_for(scope["path"])(scope, receive, send)
