@@ -107,9 +107,14 @@ def completion_body(model: str, prompt: str, tokens: int, banned: Sequence[int])
     }
 
 
-def sovereign_command(model: str, threads: int, ctx: int, parallel: int | None = None) -> list[str]:
-    """`sovereign serve` on the CPU; --parallel only when asked, since older builds lack it."""
-    command = [sys.executable, "-m", "sovereign", "serve", model, "--threads", str(threads), "--ctx", str(ctx), "--gpu-layers", "0"]
+def sovereign_command(model: str, threads: int, ctx: int, parallel: int | None = None, *, checkout: Path | None = None, extra_buffers: str = "auto") -> list[str]:
+    """`sovereign serve` on the CPU; --parallel only when asked, since older builds lack it.
+
+    `checkout` runs the package from another source tree (an earlier commit, to compare against);
+    `extra_buffers` sets SOVEREIGN_EXTRA_BUFFERS (off = llama.cpp's safe kernels, llama-server's --no-repack).
+    """
+    environment = [f"SOVEREIGN_EXTRA_BUFFERS={extra_buffers}"] + ([f"PYTHONPATH={checkout}"] if checkout else [])
+    command = ["env", *environment, sys.executable, "-m", "sovereign", "serve", model, "--threads", str(threads), "--ctx", str(ctx), "--gpu-layers", "0"]
     return [*command, "--parallel", str(parallel)] if parallel is not None else command
 
 
@@ -125,9 +130,9 @@ def llama_cpp_python_command(python: str, path: Path, alias: str, threads: int, 
     ]
 
 
-def llama_server_command(binary: str, path: Path, alias: str, threads: int, ctx: int, parallel: int) -> list[str]:
+def llama_server_command(binary: str, path: Path, alias: str, threads: int, ctx: int, parallel: int, *, repack: bool = True) -> list[str]:
     """llama.cpp's llama-server with `parallel` slots of `ctx` tokens each (its -c is split across slots)."""
     return [
         binary, "-m", str(path), "--alias", alias, "--host", "127.0.0.1", "-t", str(threads), "-tb", str(threads),
-        "-c", str(ctx * parallel), "-np", str(parallel), "-ngl", "0", "--no-webui",
+        "-c", str(ctx * parallel), "-np", str(parallel), "-ngl", "0", "--no-webui", *([] if repack else ["--no-repack"]),
     ]

@@ -9,14 +9,14 @@ runs of the same model on one machine.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import re
+import threading
 import time
 from pathlib import Path
 
-from sovereign.engine.backend import LlamaBackend, LoadOptions
+from sovereign.engine.backend import LlamaBackend, LoadOptions, Step
 from sovereign.engine.requests import SamplingParams
 from sovereign.engine.scheduler import BatchScheduler
 from sovereign.engine.stats import RequestStats
@@ -64,7 +64,7 @@ def main() -> None:
         # A different first word each run, so the prefix cache cannot skip the prompt.
         text = f"Run {run}: " + "The history of the sea " * 200
         prompt = backend.with_bos(backend.tokenize(text, special=False))[: args.prompt_tokens]
-        stats = asyncio.run(_generate(scheduler, prompt, params))
+        stats = _generate(scheduler, prompt, params)
         assert stats.started is not None and stats.first_token is not None and stats.finished is not None
         prompt_rates.append(len(prompt) / (stats.first_token - stats.started))
         decode_rates.append((stats.generated_tokens - 1) / (stats.finished - stats.first_token))
@@ -83,12 +83,28 @@ def main() -> None:
     }))
 
 
-async def _generate(scheduler: BatchScheduler, prompt: list[int], params: SamplingParams) -> RequestStats:
-    """Run one request to its end; its stats hold the timings."""
-    stream = scheduler.stream(prompt, params, RequestStats("bench", len(prompt)))
-    async for _step in stream:
+class _Sink:
+    """Waits for one generation's end; the scheduler fills in its timings."""
+
+    cancelled = False
+
+    def __init__(self, prompt: list[int]) -> None:
+        self.stats = RequestStats("bench", len(prompt))
+        self.done = threading.Event()
+
+    def push(self, step: Step) -> None:
         pass
-    return stream.stats
+
+    def end(self, error: BaseException | None = None) -> None:
+        self.done.set()
+
+
+def _generate(scheduler: BatchScheduler, prompt: list[int], params: SamplingParams) -> RequestStats:
+    """Run one request to its end (the scheduler in this process, as a model's process runs it); its stats hold the timings."""
+    sink = _Sink(prompt)
+    scheduler.enqueue(prompt, params, sink)
+    sink.done.wait()
+    return sink.stats
 
 
 if __name__ == "__main__":

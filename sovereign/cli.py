@@ -224,7 +224,7 @@ def serve(
     options = _engine_options(ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive, **serving)
     check_port_free(host, port)
     names = [ensure_pulled(m, core.settings, core.store, core.catalog, err) for m in models or [str(core.catalog.default)]]
-    pool = build_pool(core.store, core.catalog, options)
+    pool = build_pool(core.store, core.catalog, options, core.settings)
     server_app = create_app(Engine(pool), ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names), allowed_hosts=hosts, max_body=body_limit))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine can use it", highlight=False)
@@ -254,7 +254,7 @@ def run(
 
     core = Core()
     name = ensure_pulled(model, core.settings, core.store, core.catalog, err)
-    pool = build_pool(core.store, core.catalog, _engine_options(ctx, gpu_layers, threads, 1, "-1", parallel=1, timeout=None))
+    pool = build_pool(core.store, core.catalog, _engine_options(ctx, gpu_layers, threads, 1, "-1", parallel=1, timeout=None), core.settings)
     sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()

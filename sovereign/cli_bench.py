@@ -23,7 +23,7 @@ from sovereign.bench.serve_bench import LevelReport, load_prompts, pick_model, r
 from sovereign.catalog import Catalog
 from sovereign.cli_render import dump_json, format_params
 from sovereign.config import Settings
-from sovereign.engine.kernel_probe import kernel_choice
+from sovereign.engine.kernel_probe import kernel_choice, kernel_status
 from sovereign.engine.resources import physical_cores
 from sovereign.errors import BenchError, ModelNotFound
 from sovereign.refs import parse_name
@@ -89,8 +89,10 @@ def bench(options: BenchOptions, settings: Settings, store: Store, catalog: Cata
     else:
         path, label = model_path(options.model, store, catalog)
         # The same kernels the server would use: proven in a child process first (once per build and CPU).
-        with err.status("checking llama.cpp's CPU kernels"):
-            kernels = kernel_choice(settings.home, path, settings.extra_buffers)
+        # No spinner: the verdict's warning is a log line, which a live spinner would garble.
+        if kernel_status(settings.home, settings.extra_buffers) == "not yet probed":
+            err.print("[dim]checking llama.cpp's CPU kernels on this machine (once per llama.cpp build)[/]", highlight=False)
+        kernels = kernel_choice(settings.home, path, settings.extra_buffers)
         with err.status("measuring memory bandwidth"):
             hardware = detect(home=settings.home, extra_buffers=settings.extra_buffers)
         default_ngl = "99" if hardware.gpu_offload else "0"

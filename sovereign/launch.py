@@ -84,9 +84,12 @@ class EngineOptions:
             raise SovereignError(f"--timeout must be positive (or 0 for none), got {self.timeout:g}", None)
 
 
-def build_pool(store: Store, catalog: Catalog, options: EngineOptions) -> ModelPool:
+def build_pool(store: Store, catalog: Catalog, options: EngineOptions, settings: Settings) -> ModelPool:
     """A model pool configured from the command line."""
     options.validate()
     load = LoadOptions(n_ctx=options.ctx, n_gpu_layers=options.gpu_layers, n_threads=options.threads, n_parallel=options.parallel)
-    pool_options = PoolOptions(load=load, max_models=options.max_models, keep_alive=options.keep_alive, max_queue=options.max_queue, request_timeout=options.timeout)
+    pool_options = PoolOptions(
+        load=load, max_models=options.max_models, keep_alive=options.keep_alive, max_queue=options.max_queue,
+        request_timeout=options.timeout, kernel_home=settings.home, extra_buffers=settings.extra_buffers,
+    )
     return ModelPool(store, catalog, pool_options)

@@ -137,3 +137,15 @@ def test_catalog_sha256_applies_to_local_sources_in_place(tiny_gguf: Path, isola
     with pytest.raises(IntegrityError, match="sha256 mismatch"):
         pull_in_process("loc:v1")
     assert tiny_gguf.exists(), "a user's own file is never deleted"
+
+
+def test_refused_downloads_leave_nothing_in_partial(hub: FakeHubServer, tmp_path: Path, isolated_home: Path) -> None:
+    """Not GGUF, or not the promised bytes: the file, its .http.json and its staging folder all go."""
+    _url(hub, tmp_path)
+    with pytest.raises(NotGGUF):
+        pull_in_process(f"{hub.url}/web/files/resolve/main/notes.gguf")
+    assert list((isolated_home / "partial").rglob("*")) == []
+    hub.hub.repos["web/files"].corrupt = True
+    with pytest.raises(IntegrityError):
+        pull_in_process("hf.co/web/files/My-Model-Q4_K_M.gguf", environ={"HF_ENDPOINT": hub.url})
+    assert list((isolated_home / "partial").rglob("*")) == []

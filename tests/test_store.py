@@ -1,18 +1,24 @@
-"""The store: shared blobs, rm and garbage collection, GGUF facts, disk-space refusal."""
+"""The store: shared blobs, rm, prune and garbage collection, GGUF facts, disk-space refusal."""
 
 from __future__ import annotations
 
 import shutil
+import threading
 from collections import namedtuple
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGUFWriter
 
 from sovereign.errors import InsufficientDisk, ModelNotFound, NotGGUF, StoreError
 from sovereign.refs import parse_name
-from sovereign.store import PullOptions, Store
+from sovereign.store import PullOptions, Store, http_download
 from sovereign.store.gguf_header import read_gguf_info
-from tests.conftest import pull_in_process, write_gguf
+from sovereign.store.store import PruneResult
+from tests.conftest import assert_clean_error, pull_in_process, run_cli, write_gguf
 from tests.fakehub import FakeHubServer, FakeRepo
 
 
@@ -77,3 +83,132 @@ def test_damaged_or_newer_manifests_never_lose_blobs_or_reach_outside(tiny_gguf:
     with pytest.raises(StoreError, match="damaged"):
         store.remove(parse_name("ev:a"))
     assert victim.read_text() == "keep me"
+
+
+# --- disk space, partial downloads and prune (issue 12) ------------------------------------
+
+
+class _NoLengthHandler(BaseHTTPRequestHandler):
+    """Serves `payload` as HTTP/1.0 with no Content-Length: the size is known only at the end."""
+
+    payload = b""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        for offset in range(0, len(self.payload), 256 * 1024):
+            self.wfile.write(self.payload[offset:offset + 256 * 1024])
+
+
+@pytest.fixture
+def no_length_server(tmp_path: Path) -> Iterator[str]:
+    """A loopback URL for a 4 MiB GGUF sent without Content-Length."""
+    handler = type("Handler", (_NoLengthHandler,), {"payload": write_gguf(tmp_path / "src.gguf", megabytes=4).read_bytes()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/files/big-model.gguf"
+    server.shutdown()
+    server.server_close()
+
+
+def _disk_that_fills_with(partial: Path, monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """A disk with `free` bytes before the download, losing what the partial files take."""
+    usage = namedtuple("usage", "total used free")
+
+    def disk_usage(_path: object) -> object:
+        held = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file()) if partial.is_dir() else 0
+        return usage(10**12, 10**12 - free + held, free - held)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+
+
+def test_free_space_is_checked_as_bytes_arrive_without_content_length(
+    no_length_server: str, monkeypatch: pytest.MonkeyPatch, isolated_home: Path
+) -> None:
+    monkeypatch.setattr(http_download, "SPACE_CHECK_INTERVAL", 1024 * 1024)
+    monkeypatch.setenv("SOVEREIGN_MIN_FREE_BYTES", str(2 * 1024 * 1024))
+    _disk_that_fills_with(isolated_home / "partial", monkeypatch, free=5 * 1024 * 1024)  # room for ~2 MiB of a 4 MiB file
+    with pytest.raises(InsufficientDisk) as error:
+        pull_in_process(no_length_server)
+    held = sum(p.stat().st_size for p in (isolated_home / "partial").rglob("*.gguf"))
+    assert 1024 * 1024 <= held < 4 * 1024 * 1024, "stopped part-way, keeping what arrived for a resume"
+    # The hint says what the partial download holds and both ways out.
+    assert "partial downloads keep" in (error.value.hint or "") and str(isolated_home / "partial") in (error.value.hint or "")
+    assert f"sovereign pull {no_length_server}" in (error.value.hint or "") and "sovereign prune" in (error.value.hint or "")
+    assert Store(isolated_home).list() == []
+
+
+def test_disk_full_hint_names_the_partial_download_and_prune_frees_it(
+    no_length_server: str, monkeypatch: pytest.MonkeyPatch, isolated_home: Path
+) -> None:
+    monkeypatch.setattr(http_download, "SPACE_CHECK_INTERVAL", 1024 * 1024)
+    with monkeypatch.context() as disk:
+        _disk_that_fills_with(isolated_home / "partial", disk, free=256 * 1024 * 1024 + 3 * 1024 * 1024)
+        with pytest.raises(InsufficientDisk):
+            pull_in_process(no_length_server)
+    assert list((isolated_home / "partial").rglob("*.gguf"))
+    # The CLI (its own process: a real disk, but a reserve no disk has) says it in one line.
+    result = run_cli("pull", no_length_server, env={"SOVEREIGN_MIN_FREE_BYTES": str(10**18)})
+    assert_clean_error(result, "not enough disk space", "partial downloads keep", "sovereign prune")
+    pruned = run_cli("prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "deleted partial downloads" in pruned.stderr and "freed" in pruned.stderr
+    assert not (isolated_home / "partial").exists()
+
+
+def test_prune_deletes_unused_blobs_and_keeps_used_ones_and_running_pulls(tiny_gguf: Path, isolated_home: Path) -> None:
+    store = Store(isolated_home)
+    kept = pull_in_process(str(tiny_gguf), options=PullOptions(copy_local=True, name="kept:a")).manifest
+    orphan = isolated_home / "blobs" / ("sha256-" + "ab" * 32)
+    orphan.write_bytes(b"x" * 1000)
+    (isolated_home / "shards" / orphan.name).mkdir(parents=True)
+    leftover = store.partial_path("url:https://example.com/x.gguf") / "x.gguf"
+    leftover.write_bytes(b"GGUF" + b"\0" * 500)
+    with store.pulling():  # another pull is writing: its partial download must survive
+        during = store.prune()
+    assert during.kept_running and during.partial_bytes == 0 and leftover.exists()
+    assert during.blobs == 1 and during.blob_bytes == 1000 and not orphan.exists() and not (isolated_home / "shards" / orphan.name).exists()
+    assert store.blob_path(kept.files[0].digest or "").exists(), "a blob a manifest uses is never pruned"
+    after = store.prune()
+    assert not after.kept_running and after.partial_files == 1 and after.partial_bytes == 504 and not leftover.exists()
+    assert store.require(parse_name("kept:a")) and store.prune() == PruneResult()
+
+
+def test_prune_with_nothing_to_do(isolated_home: Path) -> None:
+    result = run_cli("prune")
+    assert result.returncode == 0 and "nothing to prune" in result.stderr
+
+
+# --- header-only GGUFs ------------------------------------------------------------------------
+
+
+def _header_only(path: Path, *, tensors: bool) -> Path:
+    """A GGUF whose header is valid but whose weights are missing (tensor infos without data, or no tensors at all)."""
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_context_length(2048)
+    if tensors:
+        writer.add_tensor("blk.0.weight", np.ones((256, 1024), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    if tensors:
+        writer.write_ti_data_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(("tensors", "padding", "message"), [(True, 0, "truncated"), (True, 4096, "truncated"), (False, 0, "no weights"), (False, 64, "no weights")])
+def test_a_gguf_header_without_weights_is_not_a_model(tensors: bool, padding: int, message: str, tmp_path: Path, isolated_home: Path) -> None:
+    path = _header_only(tmp_path / "hollow.gguf", tensors=tensors)
+    path.write_bytes(path.read_bytes() + b"\0" * padding)
+    with pytest.raises(NotGGUF, match=message):
+        read_gguf_info([path])
+    for options in (PullOptions(), PullOptions(copy_local=True)):
+        with pytest.raises(NotGGUF, match=message):
+            pull_in_process(str(path), options=options)
+    assert Store(isolated_home).list() == []
+    assert not [p for p in (isolated_home / "partial").rglob("*") if p.is_file()], "the refused copy is not left behind"

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sovereign.engine import resources
+from sovereign.engine.grammar_sampler import GrammarSampler
 from sovereign.engine.requests import SamplingParams, TokenLogprob
 from sovereign.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelLoadError, NotGGUF
 from sovereign.store.gguf_header import kv_bytes_per_token, read_gguf_metadata
@@ -108,8 +109,21 @@ class GreedySampler:
         """Nothing to free (llama.cpp samplers need closing; this keeps the same surface)."""
 
 
-# What draws a request's tokens: llama.cpp's sampler chain, or the argmax for plain greedy decoding.
-Sampler: TypeAlias = "LlamaSampler | GreedySampler"
+# What draws a request's tokens: llama.cpp's sampler chain, the argmax for plain greedy decoding, or the
+# grammar-checking sampler for an output format.
+Sampler: TypeAlias = "LlamaSampler | GreedySampler | GrammarSampler"
+
+
+def _add_draw(sampler: LlamaSampler, params: SamplingParams) -> None:
+    """Truncation, temperature and the random draw, in llama-server's order."""
+    if params.top_k > 0:
+        sampler.add_top_k(params.top_k)
+    if params.top_p < 1.0:
+        sampler.add_top_p(params.top_p, 1)
+    if params.min_p > 0:
+        sampler.add_min_p(params.min_p, 1)
+    sampler.add_temp(params.temperature)
+    sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
 
 
 class BatchEntry(NamedTuple):
@@ -267,8 +281,11 @@ class LlamaBackend:
             raise EngineError(f"llama.cpp failed to decode a batch (status {status})", "the KV cache may be full: try a smaller --parallel or --ctx")
 
     def sample(self, sampler: Sampler, index: int) -> int:
-        """Draw the next token from the logits at batch index `index` (the chain also records it)."""
-        if isinstance(sampler, GreedySampler):
+        """Draw the next token from the logits at batch index `index` (the chain also records it).
+
+        With a grammar, InvalidRequest when nothing may follow (see GrammarSampler): it ends that request only.
+        """
+        if isinstance(sampler, (GreedySampler, GrammarSampler)):
             return sampler.pick(self._logits(index))
         return self._llama.llama_sampler_sample(sampler.sampler, self.ctx.ctx, index)
 
@@ -307,41 +324,55 @@ class LlamaBackend:
         from llama_cpp import _internals
 
         bias = dict(params.logit_bias)
-        if params.ignore_eos:
+        # With an output format the grammar decides where the output ends: banning the end would leave a
+        # finished document with nothing it may add (llama.cpp aborted there).
+        if params.ignore_eos and not params.grammar:
             bias.update({t: float("-inf") for t in self.end_of_generation_tokens})
         for token in bias:
             if not 0 <= token < self.n_vocab:
                 raise InvalidRequest(f"logit_bias names token {token}, outside this model's vocabulary of {self.n_vocab}", "logit_bias")
         penalised = params.repeat_penalty != 1.0 or bool(params.frequency_penalty) or bool(params.presence_penalty)
-        if params.temperature <= 0 and not penalised and not params.grammar:
+        if params.grammar:
+            return self._grammar_sampler(params, bias, prompt if penalised else None)
+        if params.temperature <= 0 and not penalised:
             return GreedySampler(bias)
         sampler = _internals.LlamaSampler()
         if bias:
             sampler.add_logit_bias(self.n_vocab, bias)
         if penalised:
-            penalties = self._llama.llama_sampler_init_penalties(self.n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
-            # As llama-server does, the prompt's last tokens count as already said (only this sampler sees them:
-            # a grammar must not).
-            for token in prompt[-params.repeat_last_n :]:
-                self._llama.llama_sampler_accept(penalties, token)
-            self._llama.llama_sampler_chain_add(sampler.sampler, penalties)
-        if params.grammar:
-            grammar_sampler = self._llama.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
-            if not grammar_sampler:
-                sampler.close()
-                raise InvalidRequest("the output constraint could not be compiled to a grammar", "response_format")
-            self._llama.llama_sampler_chain_add(sampler.sampler, grammar_sampler)
+            self._llama.llama_sampler_chain_add(sampler.sampler, self._penalties(params, prompt))
         if params.temperature <= 0:
             sampler.add_greedy()
             return sampler
-        if params.top_k > 0:
-            sampler.add_top_k(params.top_k)
-        if params.top_p < 1.0:
-            sampler.add_top_p(params.top_p, 1)
-        if params.min_p > 0:
-            sampler.add_min_p(params.min_p, 1)
-        sampler.add_temp(params.temperature)
-        sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
+        _add_draw(sampler, params)
+        return sampler
+
+    def _penalties(self, params: SamplingParams, prompt: list[int]) -> ctypes.c_void_p:
+        """llama.cpp's repetition penalties, having seen the prompt's last tokens (as llama-server does; a grammar must not)."""
+        penalties = self._llama.llama_sampler_init_penalties(self.n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
+        for token in prompt[-params.repeat_last_n :]:
+            self._llama.llama_sampler_accept(penalties, token)
+        return penalties
+
+    def _grammar_sampler(self, params: SamplingParams, bias: dict[int, float], prompt: list[int] | None) -> GrammarSampler:
+        """A GrammarSampler for params.grammar; InvalidRequest when it does not compile or the bias bans all it allows."""
+        from llama_cpp import _internals
+
+        assert params.grammar is not None
+        grammar = self._llama.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
+        if not grammar:
+            raise InvalidRequest("the output constraint could not be compiled to a grammar", "response_format")
+        tail = None
+        if params.temperature > 0:
+            tail = _internals.LlamaSampler()
+            _add_draw(tail, params)
+        ends = sorted(self.end_of_generation_tokens, key=lambda t: t != self.eos)  # the model's own EOS first
+        penalties = self._penalties(params, prompt) if prompt is not None else None
+        sampler = GrammarSampler(self._llama, grammar, n_vocab=self.n_vocab, bias=bias, end_of_generation=ends, penalties=penalties, tail=tail, top_k=params.top_k, min_p=params.min_p)
+        # A bias that bans everything the grammar allows at the start: a 400 now, not an error mid-stream.
+        if any(value == float("-inf") for value in bias.values()) and not sampler.allows_anything(np.zeros(self.n_vocab, dtype=np.float32)):
+            sampler.close()
+            raise InvalidRequest("logit_bias bans every token the output format allows at the start", "logit_bias")
         return sampler
 
     def logprob_row(self, index: int) -> np.ndarray:

@@ -145,6 +145,28 @@ def kernel_choice(home: Path, model_path: Path, override: str = "auto", *, timeo
     return _announce(_probe_locked(path, machine, model_path, timeout))
 
 
+def record_crash(home: Path, signal_name: str, model_path: Path, override: str = "auto") -> KernelChoice | None:
+    """A model's process died by SIGILL while serving with the fast kernels: remember them as unsafe here.
+
+    The probe proves the kernels its model used; a model of other quantization types may reach
+    repacked kernels it never ran. The next load of any model then takes the safe kernels.
+    """
+    if signal_name != "SIGILL" or override != "auto":
+        return None
+    machine = current_machine()
+    path = verdict_path(home, machine)
+    previous = read_verdict(path)
+    if previous is not None and not previous.fast_ok:
+        return None
+    best, fallback = machine.instruction_sets
+    verdict = Verdict(
+        fast_ok=False, signal=signal_name, instruction_set=best, fallback=fallback, build=machine.build,
+        cpu=machine.cpu, model=model_path.name, seconds=0.0, checked_at=time.time(),
+    )
+    write_verdict(path, verdict)
+    return _announce(KernelChoice(False, verdict.note(), None))
+
+
 def kernel_status(home: Path, override: str = "auto") -> str:
     """The kernels verdict in a few words: "fast (verified)", "safe: AMX kernels crashed (SIGILL) on this machine", "not yet probed"."""
     check_override(override)
@@ -193,13 +215,14 @@ def _judge(outcome: ProbeOutcome, path: Path, machine: Machine, model_path: Path
         # The model itself does not load: the real load will say why; the kernels are judged another time.
         log.debug("kernel probe: %s did not load:\n%s", model_path.name, outcome.stderr_tail)
         return KernelChoice(True, None, outcome.seconds)
+    if outcome.returncode != 0:
+        log.debug("kernel probe output:\n%s", outcome.stderr_tail)
     crashed = outcome.signal in CRASH_SIGNALS
     if outcome.returncode != 0 and not crashed:
         if outcome.returncode is None:
             reason = f"the probe ran past {timeout:g} s"
         else:
             reason = f"the probe ended with {outcome.signal or f'exit status {outcome.returncode}'}"
-        log.debug("kernel probe output:\n%s", outcome.stderr_tail)
         return _inconclusive(reason, outcome.seconds)
     best, fallback = machine.instruction_sets
     verdict = Verdict(
@@ -310,7 +333,9 @@ def exercise(model_path: Path, threads: int) -> None:
     """Load a model with the extra buffer types on (the default) and decode a prompt batch, then single tokens."""
     import llama_cpp
 
-    llama_cpp.llama_backend_init()
+    from sovereign.engine.backend import route_llama_logs
+
+    route_llama_logs()  # llama.cpp's warnings and errors only (through logging), for the parent's debug log
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = 0  # the CPU's kernels are on trial, whatever a GPU would take over
     params.use_mmap = True

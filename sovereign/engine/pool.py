@@ -7,6 +7,7 @@ and a crashed one is dropped from the pool so that the next request loads it afr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from sovereign.catalog import Catalog, ModelSpec
 from sovereign.engine.backend import LoadOptions
 from sovereign.engine.chat_template import FALLBACK_STOPS, FALLBACK_TEMPLATE, ChatTemplate
 from sovereign.config import DEFAULT_MAX_QUEUE
+from sovereign.engine.kernel_probe import kernel_choice, record_crash
 from sovereign.engine.process import ModelFacts, ModelProcess
 from sovereign.errors import InvalidReference, ModelNotFound
 from sovereign.refs import parse_name
@@ -51,6 +53,8 @@ class PoolOptions:
     keep_alive: float | None = 300.0  # seconds idle before unloading; None keeps models forever
     max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for a slot before new ones get ServerBusy
     request_timeout: float | None = None  # seconds from submission before a request is stopped
+    kernel_home: Path | None = None  # where the CPU-kernel verdict is kept; None: load without probing (tests)
+    extra_buffers: str = "auto"  # SOVEREIGN_EXTRA_BUFFERS: auto (probe once), on, off
 
 
 class ModelPool:
@@ -61,6 +65,7 @@ class ModelPool:
         self.catalog = catalog
         self.options = options
         self._loaded: dict[str, LoadedModel] = {}
+        self._pinned_crashed: set[str] = set()  # pinned models that crashed: pinned again when reloaded
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._reaper: asyncio.Task[None] | None = None
 
@@ -120,25 +125,41 @@ class ModelPool:
         if options.n_ctx is None and spec and spec.context_length:
             options = replace(options, preferred_ctx=spec.context_length)
         path = self.store.model_path(manifest)
+        if spec and spec.chat_template:  # a catalog template that cannot compile fails before anything loads
+            ChatTemplate(spec.chat_template, origin="catalog")
+        if self.options.kernel_home is not None:  # fast kernels only once a child process has survived them
+            choice = await asyncio.to_thread(kernel_choice, self.options.kernel_home, path, self.options.extra_buffers)
+            options = replace(options, use_extra_bufts=choice.use_extra_bufts)
         process = await ModelProcess.start(manifest.name, path, options, max_queue=self.options.max_queue, timeout=self.options.request_timeout)
         try:
             template, stops = self._template_for(process.facts, path, spec)
         except BaseException:
             await asyncio.to_thread(process.close)  # a template that cannot compile must not leave the model loaded
             raise
-        model = LoadedModel(manifest.name, manifest, process, template, stops, pinned=pin)
-        process.on_exit = self._forget_crashed
+        model = LoadedModel(manifest.name, manifest, process, template, stops, pinned=pin or manifest.name in self._pinned_crashed)
+        self._pinned_crashed.discard(manifest.name)
+        loop = asyncio.get_running_loop()
+
+        def on_exit(ended: ModelProcess, crash: str | None) -> None:  # on the process's reader thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is going away anyway
+                loop.call_soon_threadsafe(self._forget_crashed, ended, crash)
+
+        process.on_exit = on_exit
         self._loaded[manifest.name] = model
         self._start_reaper()
         return model
 
     def _forget_crashed(self, process: ModelProcess, crash: str | None) -> None:
-        """Called on the process's reader thread when it ends: a crashed model leaves the pool at once."""
+        """A crashed model leaves the pool at once, so the next request loads it afresh."""
         if crash is None:
             return
         model = self._loaded.get(process.name)
         if model is not None and model.process is process:
             self._loaded.pop(process.name, None)
+            if model.pinned:
+                self._pinned_crashed.add(model.name)
+            if self.options.kernel_home is not None and process.options.use_extra_bufts:
+                record_crash(self.options.kernel_home, crash, process.path, self.options.extra_buffers)
             threading.Thread(target=process.close, daemon=True).start()  # reaps the child and its socket
 
     def _template_for(self, facts: ModelFacts, path: Path, spec: ModelSpec | None) -> tuple[ChatTemplate, tuple[str, ...]]:

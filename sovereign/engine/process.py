@@ -81,8 +81,10 @@ def signal_name(returncode: int | None) -> str:
 class ModelProcess:
     """One loaded model, living in a child process of its own."""
 
-    def __init__(self, name: str, child: subprocess.Popen[bytes], sock: socket.socket, facts: ModelFacts) -> None:
+    def __init__(self, name: str, path: Path, options: LoadOptions, child: subprocess.Popen[bytes], sock: socket.socket, facts: ModelFacts) -> None:
         self.name = name
+        self.path = path
+        self.options = options  # how it was loaded (the kernels among them)
         self.facts = facts
         self.on_exit: Callable[[ModelProcess, str | None], None] | None = None  # the pool's hook: (process, crash signal or None)
         self.last_used = time.monotonic()
@@ -134,7 +136,7 @@ class ModelProcess:
             child.wait()
             raise ModelLoadError(f"llama.cpp crashed ({signal_name(child.returncode)}) while loading {path.name}", "the file may be corrupt (pull it again with --force), or this llama.cpp build cannot run it on this machine")
         log.info("%s: process %d ready in %.2fs", name, answer["facts"]["pid"], answer.get("load_seconds", 0.0))
-        return cls(name, child, ours, ModelFacts(**answer["facts"]))
+        return cls(name, path, options, child, ours, ModelFacts(**answer["facts"]))
 
     # --- requests -------------------------------------------------------------------
 

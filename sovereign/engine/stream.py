@@ -86,6 +86,8 @@ class TokenStream:
         if self._cancelled.is_set():
             return
         self._cancelled.set()
+        if self.stats.finished is None:  # the reader stopped here (a stop string, an end token, a hang-up)
+            self.stats.finished = time.monotonic()
         if self._on_cancel is not None:
             self._on_cancel()
 
@@ -104,13 +106,16 @@ class TokenStream:
         else:
             stats.token_gaps.append(now - self._last_token_at)
         self._last_token_at = now
-        if not step.end_of_generation:
+        if step.end_of_generation:
+            stats.finished = now
+        else:
             stats.generated_tokens += 1
         self._put(step)
 
     def end(self, error: BaseException | None = None) -> None:
         """Deliver the end of the stream, or the error that ended it."""
-        self.stats.finished = time.monotonic()
+        if self.stats.finished is None:
+            self.stats.finished = time.monotonic()
         self._put(_End(error))
 
     def _put(self, item: Step | _End) -> None:

@@ -101,6 +101,8 @@ class Worker:
             if sink is not None:
                 sink.cancel()
         elif op == "submit":
+            # Known at once, so that a cancel arriving while it is being prepared still finds it.
+            self._sinks[message["id"]] = _Sink(message["id"], self)
             self._helpers.submit(self._submit, message)
         elif op == "call":
             self._helpers.submit(self._call, message)
@@ -110,8 +112,7 @@ class Worker:
 
     def _submit(self, message: dict[str, Any]) -> None:
         request_id = message["id"]
-        sink = _Sink(request_id, self)
-        self._sinks[request_id] = sink
+        sink = self._sinks.get(request_id) or _Sink(request_id, self)
         try:
             self.scheduler.enqueue(message["prompt"], wire.params_from_wire(message["params"]), sink)
         except Exception as exc:  # a refusal, sent back as the typed error it is

@@ -144,7 +144,8 @@ def parse_header(buffer: Any, name: str) -> tuple[dict[str, Any], list[tuple[int
         raise NeedMoreBytes from None
     except ValueError as exc:  # an unknown value type: corrupt, however many bytes follow
         raise NotGGUF(f"{name} has a corrupt GGUF header ({exc})", "pull the model again") from None
-    return metadata, tensors, data_start + data_end
+    # With no tensors there is no data section to pad to: the header is the whole file.
+    return metadata, tensors, data_start + data_end if tensors else stream.position
 
 
 def _read_one(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
@@ -205,8 +206,9 @@ def read_gguf_info(paths: list[Path]) -> GGUFInfo:
     metadata, tensors = _read_one(paths[0])
     for extra in paths[1:]:
         tensors += _read_one(extra)[1]
-    if not tensors:  # (a first split may hold none, as gguf-split --no-tensor-first-split makes it; the model may not)
-        raise NotGGUF(f"{paths[0].name} holds no tensors: it is a GGUF header without model weights", "point at the model's full .gguf file")
+    # A first split may hold no tensors (gguf-split --no-tensor-first-split); the model as a whole may not.
+    if not any(elements for elements, _ in tensors):
+        raise NotGGUF(f"{paths[0].name} holds no weights: it is a GGUF header without a model", "point at the model's full .gguf file")
     arch = metadata.get(Keys.General.ARCHITECTURE)
     return GGUFInfo(
         architecture=arch,
