@@ -26,6 +26,13 @@ ORIGINAL_ENVIRONMENT = dict(os.environ)
 ISOLATED_VARIABLES = ("HF_TOKEN", "HF_ENDPOINT", "SOVEREIGN_HF_MIRRORS", "HF_HUB_OFFLINE", "SOVEREIGN_ALLOW_HTTP", "SOVEREIGN_MIN_FREE_BYTES")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs the real model (directly or through a server), so `-m "not real_model"` runs the fast rest."""
+    for item in items:
+        if "real_model_home" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_model)
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own empty store and Hugging Face cache, and no stray tokens."""

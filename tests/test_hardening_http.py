@@ -140,10 +140,34 @@ def test_a_streamed_body_is_counted_as_it_arrives() -> None:
     assert _call(_app(), "POST", "/v1/chat/completions", content=small(), headers={"Content-Type": "application/json"}).json() == {"size": 8}
 
 
+def test_the_limit_holds_behind_the_api_key_check() -> None:
+    """The key check is a BaseHTTPMiddleware, whose task group would turn an exception from receive() into a 400."""
+    from sovereign.server.app import ServerOptions, create_app
+    from tests.fake_engine import FakeEngine
+
+    app = create_app(FakeEngine(), ServerOptions(preload=("fake:model",), api_keys=("k",), max_body=1000))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(50):
+            yield b"x" * 100
+
+    headers = {"Authorization": "Bearer k", "x-api-key": "k", "Content-Type": "application/json"}
+    _openai_error(_call(app, "POST", "/v1/chat/completions", content=chunks(), headers=headers), 413, "request_too_large")
+    assert _call(app, "POST", "/v1/messages", content=chunks(), headers=headers).json()["error"]["type"] == "request_too_large"
+    small = {"model": "fake:model", "messages": [{"role": "user", "content": "hi"}]}
+    assert _call(app, "POST", "/v1/chat/completions", json=small, headers=headers).status_code == 200
+
+
+def test_an_open_host_still_refuses_a_rebound_pages_origin() -> None:
+    """Bound beyond loopback every Host passes, but a page on attacker.example still cannot drive the server from a browser."""
+    headers = {"Host": "attacker.example:11800", "Origin": "http://attacker.example:11800"}
+    _openai_error(_call(_app(allowed_hosts=("*",)), "POST", "/v1/chat/completions", json={}, headers=headers), 403, "origin_not_allowed")
+
+
 def test_sizes_parse() -> None:
     assert parse_size("32MiB") == 32 * 1024 * 1024 and parse_size("100MB") == 100 * 1024 * 1024 and parse_size("1g") == 1024**3
     assert parse_size("4096") == 4096
-    for bad in ("", "lots", "-1", "0", "12 parsecs"):
+    for bad in ("", "lots", "-1", "0", "0.5", "12 parsecs"):
         with pytest.raises(SovereignError, match="--max-body"):
             parse_size(bad)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import threading
 from collections import namedtuple
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -212,3 +214,42 @@ def test_a_gguf_header_without_weights_is_not_a_model(tensors: bool, padding: in
             pull_in_process(str(path), options=options)
     assert Store(isolated_home).list() == []
     assert not [p for p in (isolated_home / "partial").rglob("*") if p.is_file()], "the refused copy is not left behind"
+
+
+class _FillingFile:
+    """A file handle on a disk that fills up after `room` bytes."""
+
+    def __init__(self, handle: Any, room: int) -> None:
+        self.handle, self.room = handle, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.handle.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+    def __enter__(self) -> _FillingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
+
+
+def test_a_disk_that_fills_mid_download_is_insufficient_disk_not_a_crash(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path
+) -> None:
+    data = write_gguf(tmp_path / "m.gguf", megabytes=2).read_bytes()
+    hub.hub.repos["acme/m-GGUF"] = FakeRepo(files={"m-Q4_K_M.gguf": data})
+    real_open = Path.open
+
+    def open_on_small_disk(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        handle = real_open(self, mode, *args, **kwargs)
+        return _FillingFile(handle, 1024 * 1024) if mode in ("wb", "r+b") and "partial" in self.parts else handle
+
+    monkeypatch.setattr(Path, "open", open_on_small_disk)
+    with pytest.raises(InsufficientDisk, match="disk filled up") as error:
+        pull_in_process("hf.co/acme/m-GGUF:Q4_K_M", environ={"HF_ENDPOINT": hub.url})
+    assert "sovereign prune" in (error.value.hint or "") and "sovereign pull hf.co/acme/m-GGUF:Q4_K_M" in (error.value.hint or "")

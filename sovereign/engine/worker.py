@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -227,6 +228,9 @@ def serve(sock: socket.socket) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry point: the socket's file descriptor is the only argument."""
+    # Ctrl-C reaches the whole process group: the server decides when this process ends (it says close,
+    # or its socket closes when it dies).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _configure_logging()
     sock = socket.socket(fileno=int(argv[0]))
     try:

@@ -16,7 +16,6 @@ import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sovereign.errors import SovereignError
@@ -33,9 +32,10 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 def parse_size(text: str, option: str = "--max-body") -> int:
     """'32MiB', '64MB', '1G' or a plain number of bytes -> bytes (binary units)."""
     match = _SIZE.match(text)
-    if not match or float(match[1]) <= 0:
+    size = int(float(match[1]) * 1024 ** "_KMGT".index(match[2].upper() or "_")) if match else 0
+    if size < 1:
         raise SovereignError(f"{option} takes a size such as 32MiB or 100MB, not '{text}'", f"for example {option} 64MiB")
-    return int(float(match[1]) * 1024 ** "_KMGT".index(match[2].upper() or "_"))
+    return size
 
 
 def is_loopback_bind(host: str) -> bool:
@@ -128,7 +128,7 @@ class HostGuard:
             await error.response_for(scope["path"])(scope, receive, send)
             return
         origin = _header(scope, b"origin")
-        if origin is not None and not self._origin_allowed(origin, host):
+        if origin is not None and not self._origin_allowed(origin):
             error = APIError(
                 403,
                 f"Origin '{origin}' is not allowed: web pages may call this server only from this machine or from an "
@@ -139,7 +139,7 @@ class HostGuard:
             return
         await self.app(scope, receive, send)
 
-    def _origin_allowed(self, origin: str, host: str) -> bool:
+    def _origin_allowed(self, origin: str) -> bool:
         normalized = origin.strip().lower().rstrip("/")
         if self.any_origin or normalized in self.cors_origins:
             return True
@@ -152,19 +152,10 @@ class HostGuard:
             return False
         if parts.scheme in _APP_SCHEMES:
             return True
-        if parts.netloc == host.strip().lower():  # same origin as the (already checked) Host
-            return True
         if parts.scheme not in ("http", "https"):
             return False
         local = _local_address(hostname, loopback_only=True)
         return local if local is not None else hostname == "localhost" or hostname.endswith(".localhost")
-
-
-class BodyTooLarge(HTTPException):
-    """Raised from receive() once a streamed body passes the limit; FastAPI re-raises it to our 413 handler."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, _too_large_message(limit))
 
 
 def _too_large_message(limit: int) -> str:
@@ -189,28 +180,34 @@ class BodyLimit:
             await self._refuse(scope, receive, send)
             return
         received = 0
-        started = False
+        started = over = answered = False
 
         async def counted() -> Message:
-            nonlocal received
+            nonlocal received, over, answered
+            if over:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise BodyTooLarge(self.limit)
+                    # Answer here rather than raise: an exception from receive() reaches FastAPI wrapped
+                    # (by BaseHTTPMiddleware's task group) and would come out as a 400. The app is then
+                    # told the client left, and whatever it still sends is dropped.
+                    over = True
+                    if not started:
+                        answered = True
+                        await self._refuse(scope, receive, send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def noting(message: Message) -> None:
             nonlocal started
+            if answered:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, counted, noting)
-        except BodyTooLarge:
-            # Read outside FastAPI's handlers (a middleware, say): answer here if nothing was sent yet.
-            if not started:
-                await self._refuse(scope, receive, send)
+        await self.app(scope, counted, noting)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = APIError(413, _too_large_message(self.limit), code="request_too_large")
