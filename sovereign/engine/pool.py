@@ -99,15 +99,20 @@ class ModelPool:
     async def get(self, text: str, *, pin: bool = False) -> LoadedModel:
         """The loaded model for a name, loading it (once, however many requests ask) if needed."""
         # A loaded model asked for by its own name needs no trip to the store.
-        model = self._loaded.get(text)
+        model = self._alive(text)
         if model is None:
             manifest = self.resolve(text)
-            model = self._loaded.get(manifest.name)
+            model = self._alive(manifest.name)
             if model is None:
                 return await self._load_once(manifest, pin)
         model.process.last_used = time.monotonic()
         model.pinned = model.pinned or pin
         return model
+
+    def _alive(self, name: str) -> LoadedModel | None:
+        """A loaded model whose process still runs (one that just died is about to leave the pool)."""
+        model = self._loaded.get(name)
+        return model if model is not None and model.process.alive else None
 
     async def _load_once(self, manifest: Manifest, pin: bool) -> LoadedModel:
         """Load a model, joining a load of the same name already under way."""
@@ -136,7 +141,9 @@ class ModelPool:
         except BaseException:
             await asyncio.to_thread(process.close)  # a template that cannot compile must not leave the model loaded
             raise
-        model = LoadedModel(manifest.name, manifest, process, template, stops, pinned=pin or manifest.name in self._pinned_crashed)
+        crashed = self._loaded.get(manifest.name)  # a dead predecessor not yet dropped
+        pinned = pin or manifest.name in self._pinned_crashed or (crashed is not None and crashed.pinned)
+        model = LoadedModel(manifest.name, manifest, process, template, stops, pinned=pinned)
         self._pinned_crashed.discard(manifest.name)
         loop = asyncio.get_running_loop()
 
@@ -153,14 +160,14 @@ class ModelPool:
         """A crashed model leaves the pool at once, so the next request loads it afresh."""
         if crash is None:
             return
+        threading.Thread(target=process.close, daemon=True).start()  # reaps the child and its socket
         model = self._loaded.get(process.name)
         if model is not None and model.process is process:
             self._loaded.pop(process.name, None)
             if model.pinned:
                 self._pinned_crashed.add(model.name)
-            if self.options.kernel_home is not None and process.options.use_extra_bufts:
-                record_crash(self.options.kernel_home, crash, process.path, self.options.extra_buffers)
-            threading.Thread(target=process.close, daemon=True).start()  # reaps the child and its socket
+        if self.options.kernel_home is not None and process.options.use_extra_bufts:
+            record_crash(self.options.kernel_home, crash, process.path, self.options.extra_buffers)
 
     def _template_for(self, facts: ModelFacts, path: Path, spec: ModelSpec | None) -> tuple[ChatTemplate, tuple[str, ...]]:
         """The catalog's template override, else the GGUF's own, else a plain transcript."""
@@ -208,8 +215,12 @@ class ModelPool:
                     await self.unload(model.name)
 
     async def close(self) -> None:
-        """Unload everything."""
+        """Unload everything, stopping loads under way."""
         if self._reaper is not None:
             self._reaper.cancel()
+        loads = list(self._loading.values())
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
         for name in list(self._loaded):
             await self.unload(name)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import queue
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sovereign.engine import wire
 from sovereign.engine.backend import LoadOptions
@@ -81,7 +82,7 @@ def signal_name(returncode: int | None) -> str:
 class ModelProcess:
     """One loaded model, living in a child process of its own."""
 
-    def __init__(self, name: str, path: Path, options: LoadOptions, child: subprocess.Popen[bytes], sock: socket.socket, facts: ModelFacts) -> None:
+    def __init__(self, name: str, path: Path, options: LoadOptions, child: subprocess.Popen[bytes], sock: socket.socket, reader: BinaryIO, facts: ModelFacts) -> None:
         self.name = name
         self.path = path
         self.options = options  # how it was loaded (the kernels among them)
@@ -92,7 +93,8 @@ class ModelProcess:
         self._child = child
         self._sock = sock
         self._writer = wire.FrameWriter(sock)
-        self._reader = sock.makefile("rb")
+        self._reader = reader
+        self._outgoing: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()  # None: no more to send
         self._ids = itertools.count(1)
         self._streams: dict[int, TokenStream] = {}
         self._pending: dict[int, _Pending] = {}
@@ -103,18 +105,19 @@ class ModelProcess:
         self._queued = 0
         self._rate = 0.0
         self._rate_at = 0.0
-        self._thread = threading.Thread(target=self._read, name=f"model:{name}", daemon=True)
-        self._thread.start()
+        self._reading = threading.Thread(target=self._read, name=f"model:{name}:read", daemon=True)
+        self._writing = threading.Thread(target=self._write, name=f"model:{name}:write", daemon=True)
+        self._reading.start()
+        self._writing.start()
 
     # --- starting -------------------------------------------------------------------
 
     @classmethod
     async def start(cls, name: str, path: Path, options: LoadOptions, *, max_queue: int, timeout: float | None) -> ModelProcess:
-        """Start a process that loads the model; returns once it is ready, raises ModelLoadError if it cannot load."""
-        return await asyncio.to_thread(cls._start, name, path, options, max_queue, timeout)
+        """Start a process that loads the model; returns once it is ready, raises ModelLoadError if it cannot load.
 
-    @classmethod
-    def _start(cls, name: str, path: Path, options: LoadOptions, max_queue: int, timeout: float | None) -> ModelProcess:
+        Cancelled (the server shutting down mid-load), it kills the half-loaded process.
+        """
         ours, theirs = socket.socketpair()
         try:
             child = subprocess.Popen([sys.executable, "-m", "sovereign.engine.worker", str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
@@ -123,20 +126,25 @@ class ModelProcess:
             raise ModelLoadError(f"could not start a process for {name}: {exc.strerror}", None) from None
         finally:
             theirs.close()
+        reader = ours.makefile("rb")
+        load = {"op": "load", "path": str(path), "options": wire.load_options_to_wire(options), "max_queue": max_queue, "timeout": timeout}
         try:
-            wire.FrameWriter(ours).send({"op": "load", "path": str(path), "options": wire.load_options_to_wire(options), "max_queue": max_queue, "timeout": timeout})
-            answer = wire.read_frame(ours.makefile("rb"))
-        except OSError:
-            answer = None
-        if answer is None or answer.get("op") != "ready":
-            ours.close()
-            if answer is not None and answer.get("op") == "failed":
-                child.wait()
-                raise wire.error_from_wire(answer["error"])
+            answer = await asyncio.to_thread(_handshake, ours, reader, load)
+        except BaseException:
+            child.kill()  # its end of the socket closes, so the handshake thread returns too
             child.wait()
+            reader.close()
+            ours.close()
+            raise
+        if answer is None or answer.get("op") != "ready":
+            reader.close()
+            ours.close()
+            await asyncio.to_thread(child.wait)
+            if answer is not None and answer.get("op") == "failed":
+                raise wire.error_from_wire(answer["error"])
             raise ModelLoadError(f"llama.cpp crashed ({signal_name(child.returncode)}) while loading {path.name}", "the file may be corrupt (pull it again with --force), or this llama.cpp build cannot run it on this machine")
         log.info("%s: process %d ready in %.2fs", name, answer["facts"]["pid"], answer.get("load_seconds", 0.0))
-        return cls(name, path, options, child, ours, ModelFacts(**answer["facts"]))
+        return cls(name, path, options, child, ours, reader, ModelFacts(**answer["facts"]))
 
     # --- requests -------------------------------------------------------------------
 
@@ -148,8 +156,8 @@ class ModelProcess:
         future = self._expect(request_id, loop)
         with self._lock:
             self._streams[request_id] = stream
-        self._send({"op": "submit", "id": request_id, "prompt": prompt, "params": wire.params_to_wire(params)})
         try:
+            self._send({"op": "submit", "id": request_id, "prompt": prompt, "params": wire.params_to_wire(params)})
             await future
         except BaseException:
             with self._lock:
@@ -161,9 +169,14 @@ class ModelProcess:
     async def call(self, method: str, *args: Any) -> Any:
         """Run one of the worker's calls (tokenize, pieces, embed) and return its result."""
         call_id = next(self._ids)
-        future = self._expect(call_id, asyncio.get_running_loop())
-        self._send({"op": "call", "id": call_id, "method": method, "args": list(args)})
         with self.hold():
+            future = self._expect(call_id, asyncio.get_running_loop())
+            try:
+                self._send({"op": "call", "id": call_id, "method": method, "args": list(args)})
+            except BaseException:
+                with self._lock:
+                    self._pending.pop(call_id, None)
+                raise
             return await future
 
     @property
@@ -190,16 +203,24 @@ class ModelProcess:
         return future
 
     def _send(self, message: dict[str, Any]) -> None:
+        """Queue a message for the writer thread (the event loop never waits on the socket)."""
         if self._dead is not None:
             raise self._dead
-        try:
-            self._writer.send(message)
-        except OSError:
-            raise self._dead or EngineError(f"{self.name}'s process is gone", "ask again to reload it") from None
+        self._outgoing.put(message)
 
     def _send_quietly(self, message: dict[str, Any]) -> None:
-        with contextlib.suppress(OSError, EngineError):
+        with contextlib.suppress(EngineError):
             self._send(message)
+
+    def _write(self) -> None:
+        """The writer thread: frames go out in the order they were queued, so a cancel never overtakes its submit."""
+        while (message := self._outgoing.get()) is not None:
+            try:
+                self._writer.send(message)
+            except OSError:
+                return  # the process is gone: the reader sees it and fails what is pending
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)  # the worker ends when its socket says no more
 
     # --- figures for metrics ----------------------------------------------------------
 
@@ -229,8 +250,9 @@ class ModelProcess:
         try:
             while (message := wire.read_frame(self._reader)) is not None:
                 self._dispatch(message)
-        except (OSError, ValueError) as exc:
-            log.debug("reading from %s's process failed: %s", self.name, exc)
+        except Exception:  # a frame that makes no sense: the process cannot be trusted any more
+            log.exception("%s's process sent something unreadable: stopping it", self.name)
+            self._child.kill()
         self._child.wait()
         crash = None if self._closing else signal_name(self._child.returncode)
         error: EngineError = ModelCrashed(self.name, crash) if crash else EngineError("the model was unloaded while this request ran", "ask again to reload it")
@@ -238,6 +260,7 @@ class ModelProcess:
             self._dead = error
             streams, self._streams = self._streams, {}
             pending, self._pending = self._pending, {}
+        self._outgoing.put(None)  # ends the writer thread
         for stream in streams.values():
             stream.end(error)
         for waiting in pending.values():
@@ -284,18 +307,28 @@ class ModelProcess:
     # --- stopping ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Ask the process to finish (failing what is still running) and wait for it to exit; blocking."""
+        """End the process (failing what it still runs) and wait for it to exit; blocking."""
         self._closing = True
-        with contextlib.suppress(OSError):
-            self._writer.send({"op": "close"})
+        self._outgoing.put(None)  # after what is already queued, the writer closes our side: the worker sees EOF and exits
         try:
             self._child.wait(CLOSE_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
             log.warning("%s's process did not exit in %.0fs: killing it", self.name, CLOSE_GRACE_SECONDS)
             self._child.kill()
             self._child.wait()
-        self._thread.join(CLOSE_GRACE_SECONDS)
+        self._reading.join(CLOSE_GRACE_SECONDS)
+        self._writing.join(CLOSE_GRACE_SECONDS)
+        self._reader.close()
         self._sock.close()
+
+
+def _handshake(sock: socket.socket, reader: BinaryIO, load: dict[str, Any]) -> dict[str, Any] | None:
+    """Send the load message and wait for the worker's answer (None if it died first)."""
+    try:
+        wire.FrameWriter(sock).send(load)
+        return wire.read_frame(reader)
+    except (OSError, ValueError):
+        return None
 
 
 def _settle_threadsafe(waiting: _Pending, result: Any, error: BaseException | None) -> None:

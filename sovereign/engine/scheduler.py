@@ -93,6 +93,8 @@ class BatchScheduler:
         self._closing = False
         self._admissions = 0
         self._recent_steps: deque[tuple[float, float, int]] = deque()  # (end, seconds, tokens sampled)
+        self._recent_seconds = 0.0  # running sums over _recent_steps: the rate is read after every step
+        self._recent_tokens = 0
         self._recent_durations: deque[float] = deque(maxlen=32)
         self._thread = threading.Thread(target=self._run, name=f"scheduler:{backend.path.name}", daemon=True)
         self._thread.start()
@@ -124,12 +126,16 @@ class BatchScheduler:
             self._calls.append(job)
             self._wake.notify()
 
-    def close(self) -> None:
-        """Fail whatever is still queued or running, stop the thread, free the model."""
+    def stop(self) -> None:
+        """Fail whatever is still queued or running and stop the thread (the model stays loaded)."""
         with self._wake:
             self._closing = True
             self._wake.notify()
         self._thread.join()
+
+    def close(self) -> None:
+        """Stop, then free the model."""
+        self.stop()
         self.backend.close()
 
     # --- figures for metrics ----------------------------------------------------------
@@ -147,11 +153,15 @@ class BatchScheduler:
         return len(self._waiting)
 
     def decode_rate(self) -> float:
-        """Tokens generated per second of decoding, over the last few seconds (0 when idle)."""
-        horizon = time.monotonic() - RATE_WINDOW_SECONDS
-        steps = [(seconds, tokens) for end, seconds, tokens in list(self._recent_steps) if end >= horizon]
-        busy = sum(seconds for seconds, _ in steps)
-        return sum(tokens for _, tokens in steps) / busy if busy > 0 else 0.0
+        """Tokens generated per second of decoding, over the last few seconds (0 when idle); the scheduler's thread only."""
+        self._forget_steps_before(time.monotonic() - RATE_WINDOW_SECONDS)
+        return self._recent_tokens / self._recent_seconds if self._recent_seconds > 0 else 0.0
+
+    def _forget_steps_before(self, horizon: float) -> None:
+        while self._recent_steps and self._recent_steps[0][0] < horizon:
+            _end, seconds, tokens = self._recent_steps.popleft()
+            self._recent_seconds -= seconds
+            self._recent_tokens -= tokens
 
     def _retry_after(self) -> int:
         """Seconds until a queue place is likely free: a request's usual duration shared over the slots."""
@@ -194,8 +204,9 @@ class BatchScheduler:
         sampled = self._sample(ended)
         if sampled:
             self._recent_steps.append((ended, ended - started, sampled))
-            while self._recent_steps and self._recent_steps[0][0] < ended - RATE_WINDOW_SECONDS:
-                self._recent_steps.popleft()
+            self._recent_seconds += ended - started
+            self._recent_tokens += sampled
+            self._forget_steps_before(ended - RATE_WINDOW_SECONDS)
 
     def _retire(self, now: float) -> None:
         """Free the slots of cancelled and timed-out requests; drop such requests from the queue."""

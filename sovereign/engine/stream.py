@@ -98,7 +98,10 @@ class TokenStream:
     # --- called from the thread that receives the tokens ------------------------------
 
     def push(self, step: Step) -> None:
-        """Deliver one token, noting when it came for the request's timings."""
+        """Deliver one token, noting when it came for the request's timings (not once the reader has stopped)."""
+        if self._cancelled.is_set():  # a step already under way when the cancel landed: not part of the answer
+            self._put(step)
+            return
         now = time.monotonic()
         stats = self.stats
         if stats.first_token is None:

@@ -4,9 +4,9 @@ Started by `ModelProcess` as `python -m sovereign.engine.worker FD`. A crash in 
 (SIGILL, SIGSEGV, an abort) ends only this process; the server sees the socket close and fails
 this model's requests alone. Unloading a model is this process exiting, so all its memory goes.
 
-Messages in: load (first), submit, cancel, call, close. Out: ready or failed (once), accepted or
-refused (per submit), reply (per call), and one `steps` message per decode step carrying every
-stream's new tokens and ends.
+Messages in: load (first), submit, cancel, call; the end of the socket means "unload". Out: ready
+or failed (once), accepted or refused (per submit), reply (per call), and one `steps` message per
+decode step carrying every stream's new tokens and ends.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,8 +69,12 @@ class Worker:
         self._writer = writer
         self._outbox: list[list[Any]] = []
         self._outbox_lock = threading.Lock()
+        self._reported = (0, 0)  # (busy, queued) as last sent
         self._sinks: dict[int, _Sink] = {}
-        self._helpers = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="worker")
+        # Submits are prepared (grammar compiled) one at a time, so they join the queue in arrival order;
+        # tokenizing and detokenizing run beside them.
+        self._admission = ThreadPoolExecutor(1, thread_name_prefix="admit")
+        self._helpers = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="vocab")
         self.scheduler = BatchScheduler(backend, max_queue=max_queue, timeout=timeout, after_step=self.flush)
 
     # --- the scheduler's side -------------------------------------------------------
@@ -85,17 +88,23 @@ class Worker:
         self._sinks.pop(request_id, None)
 
     def flush(self) -> None:
-        """Send what this step produced as one message, with the figures /metrics shows."""
-        with self._outbox_lock:
-            items, self._outbox = self._outbox, []
-        if items:
+        """Send what this step produced as one message, with the figures /metrics shows (also when only they changed)."""
+        try:
+            with self._outbox_lock:
+                items, self._outbox = self._outbox, []
             scheduler = self.scheduler
-            self._send({"op": "steps", "items": items, "busy": scheduler.busy_slots, "queued": scheduler.queued, "rate": scheduler.decode_rate()})
+            figures = (scheduler.busy_slots, scheduler.queued)
+            if items or figures != self._reported:
+                self._reported = figures
+                self._send({"op": "steps", "items": items, "busy": figures[0], "queued": figures[1], "rate": scheduler.decode_rate()})
+        except Exception:  # the scheduler's thread must not die quietly: the server would wait forever
+            log.exception("could not report a decode step")
+            os._exit(70)
 
     # --- the socket's side --------------------------------------------------------
 
-    def handle(self, message: dict[str, Any]) -> bool:
-        """Act on one message from the server; False once it asks this process to end."""
+    def handle(self, message: dict[str, Any]) -> None:
+        """Act on one message from the server."""
         op = message.get("op")
         if op == "cancel":
             sink = self._sinks.get(message["id"])
@@ -104,12 +113,11 @@ class Worker:
         elif op == "submit":
             # Known at once, so that a cancel arriving while it is being prepared still finds it.
             self._sinks[message["id"]] = _Sink(message["id"], self)
-            self._helpers.submit(self._submit, message)
+            self._admission.submit(self._submit, message)
+        elif op == "call" and message.get("method") == "embed":
+            self._embed(message)
         elif op == "call":
             self._helpers.submit(self._call, message)
-        elif op == "close":
-            return False
-        return True
 
     def _submit(self, message: dict[str, Any]) -> None:
         request_id = message["id"]
@@ -118,50 +126,49 @@ class Worker:
             self.scheduler.enqueue(message["prompt"], wire.params_from_wire(message["params"]), sink)
         except Exception as exc:  # a refusal, sent back as the typed error it is
             self._sinks.pop(request_id, None)
-            if not isinstance(exc, SovereignError):
-                log.exception("could not queue a request")
-            self._send({"op": "refused", "id": request_id, "error": wire.error_to_wire(exc)})
+            self._reply(message, error=exc, op="refused")
         else:
             self._send({"op": "accepted", "id": request_id})
 
     def _call(self, message: dict[str, Any]) -> None:
-        call_id = message["id"]
         try:
-            result = self._run_call(message["method"], message.get("args", []))
+            result = self._vocabulary_call(message["method"], message.get("args", []))
         except Exception as exc:
-            if not isinstance(exc, SovereignError):
-                log.exception("a %s call failed", message.get("method"))
-            self._send({"op": "reply", "id": call_id, "error": wire.error_to_wire(exc)})
+            self._reply(message, error=exc)
         else:
-            self._send({"op": "reply", "id": call_id, "result": result})
+            self._reply(message, result=result)
 
-    def _run_call(self, method: str, args: list[Any]) -> Any:
+    def _vocabulary_call(self, method: str, args: list[Any]) -> Any:
         backend = self.backend
         if method == "tokenize":  # [[text, special], ...] -> one token list per text
             return [backend.tokenize(text, special=special) for text, special in args[0]]
         if method == "pieces":  # token ids, special -> each token's bytes
             return wire.pieces_to_wire([backend.piece(token, special=args[1]) for token in args[0]])
-        if method == "embed":  # needs the scheduler's thread: it owns the contexts
-            return self._on_scheduler_thread(lambda: backend.embed(args[0]))
         raise InvalidRequest(f"unknown call {method!r}")
 
-    def _on_scheduler_thread(self, function: Callable[[], Any]) -> Any:
-        done = threading.Event()
-        outcome: list[Any] = [None, None]
+    def _embed(self, message: dict[str, Any]) -> None:
+        """Embeddings need the scheduler's thread (it owns the contexts); the reply is sent from there."""
 
         def job() -> None:
             try:
-                outcome[0] = function()
-            except BaseException as exc:  # handed back to the caller's thread
-                outcome[1] = exc
-            finally:
-                done.set()
+                result = self.backend.embed(message["args"][0])
+            except Exception as exc:
+                self._reply(message, error=exc)
+            else:
+                self._reply(message, result=result)
 
-        self.scheduler.run_between_steps(job)
-        done.wait()
-        if outcome[1] is not None:
-            raise outcome[1]
-        return outcome[0]
+        try:
+            self.scheduler.run_between_steps(job)
+        except Exception as exc:  # closing
+            self._reply(message, error=exc)
+
+    def _reply(self, message: dict[str, Any], *, result: Any = None, error: BaseException | None = None, op: str = "reply") -> None:
+        if error is None:
+            self._send({"op": op, "id": message["id"], "result": result})
+            return
+        if not isinstance(error, SovereignError):
+            log.exception("a %s failed", message.get("method") or message.get("op"), exc_info=error)
+        self._send({"op": op, "id": message["id"], "error": wire.error_to_wire(error)})
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
@@ -170,9 +177,11 @@ class Worker:
             pass
 
     def close(self) -> None:
-        """Stop decoding (failing what is left) and free the model."""
-        self.scheduler.close()
-        self._helpers.shutdown(wait=False, cancel_futures=True)
+        """Stop decoding (failing what is left), let the helpers finish, then free the model."""
+        self.scheduler.stop()
+        self._admission.shutdown(wait=True, cancel_futures=True)
+        self._helpers.shutdown(wait=True, cancel_futures=True)
+        self.backend.close()
 
 
 def facts(backend: LlamaBackend) -> dict[str, Any]:
@@ -219,8 +228,8 @@ def serve(sock: socket.socket) -> int:
     worker = Worker(backend, writer, max_queue=first["max_queue"], timeout=first.get("timeout"))
     writer.send({"op": "ready", "facts": facts(backend), "load_seconds": time.monotonic() - started})
     try:
-        while (message := wire.read_frame(reader)) is not None and worker.handle(message):
-            pass
+        while (message := wire.read_frame(reader)) is not None:  # EOF: the server has unloaded this model, or died
+            worker.handle(message)
     finally:
         worker.close()
     return 0
