@@ -19,6 +19,7 @@ class to a status code and OpenAI's error envelope.
         └── AllSourcesFailed  every source of a pull failed; carries each failure
     └── EngineError           inference could not run
         ├── ModelLoadError    a model file llama.cpp cannot load (corrupt, too big for memory)
+        │   └── BadChatTemplate  a model whose chat template (its own or the catalog's) does not compile
         ├── ModelCrashed      a model's process died (a signal) while serving
         ├── InvalidRequest    a request the engine cannot honour (bad schema, bad parameter)
         └── ContextLengthExceeded  a prompt longer than the model's context
@@ -101,6 +102,10 @@ class EngineError(SovereignError):
 
 class ModelLoadError(EngineError):
     """A model that llama.cpp could not load: a corrupt file, or not enough memory."""
+
+
+class BadChatTemplate(ModelLoadError):
+    """A model whose chat template, its own or the catalog's, does not compile; the hint says where to fix it."""
 
 
 class ModelCrashed(EngineError):

@@ -25,6 +25,7 @@ import numpy as np
 
 from sovereign.engine import resources
 from sovereign.engine.grammar_sampler import GrammarSampler
+from sovereign.engine.tokenizer_cuts import PIECE_BYTES, TokenizerCuts
 from sovereign.engine.requests import SamplingParams, TokenLogprob
 from sovereign.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelLoadError, NotGGUF
 from sovereign.store.gguf_header import kv_bytes_per_token, read_gguf_metadata
@@ -219,8 +220,30 @@ class LlamaBackend:
     # --- vocabulary -----------------------------------------------------------------
 
     def tokenize(self, text: str, *, special: bool) -> list[int]:
-        """Token ids for text; `special` lets control-token text (e.g. <end_of_turn>) become control tokens."""
+        """Token ids for text; `special` lets control-token text (e.g. <end_of_turn>) become control tokens.
+
+        ContextLengthExceeded, before any work, for text too long to fit in a context whatever its tokens.
+        """
         data = text.encode("utf-8")
+        if len(data) <= PIECE_BYTES:
+            return self._tokenize_bytes(data, special)
+        cuts = self._tokenizer_cuts
+        if len(data) > self.n_ctx * cuts.longest_token:  # not even in its longest tokens would it fit
+            raise ContextLengthExceeded(-(-len(data) // cuts.longest_token), self.n_ctx)
+        # In pieces, cut where llama.cpp's own splitting would: its splitting is quadratic (tokenizer_cuts.py).
+        cutter = cuts.special if special else cuts.plain
+        tokens: list[int] = []
+        for piece in cutter.pieces(data) if cutter else [data]:
+            tokens += self._tokenize_bytes(piece, special)
+        return tokens
+
+    @functools.cached_property
+    def _tokenizer_cuts(self) -> TokenizerCuts:
+        """Where long texts may be cut (one scan of the vocabulary, on the first long text)."""
+        return TokenizerCuts.of(self._llama, self.vocab, self.n_vocab)
+
+    def _tokenize_bytes(self, data: bytes, special: bool) -> list[int]:
+        """One llama_tokenize call (no BOS: with_bos adds it)."""
         capacity = len(data) + 8
         buffer = (self._llama.llama_token * capacity)()
         count = self._llama.llama_tokenize(self.vocab, data, len(data), buffer, capacity, False, special)

@@ -210,9 +210,9 @@ class Engine:
         sampling = self._with_stops(model, request.sampling)
         tool_mode = "none"
         if request.json_schema is not None:
-            sampling = replace(sampling, grammar=_grammar_for_schema(request.json_schema, "response_format"))
+            sampling = replace(sampling, grammar=_grammar_for_schema(request.json_schema, request.format_param))
         elif request.json_object:
-            sampling = replace(sampling, grammar=_grammar_for_schema({"type": "object"}, "response_format"))
+            sampling = replace(sampling, grammar=_grammar_for_schema({"type": "object"}, request.format_param))
         if active_tools:
             if request.tool_choice.mode in ("required", "function"):
                 schema = tool_calls.forced_call_schema(active_tools, request.tool_choice)
@@ -279,13 +279,20 @@ def _check_fits(model: LoadedModel, prompt_tokens: int) -> None:
 
 
 def _grammar_for_schema(schema: dict[str, Any], param: str) -> str:
-    """GBNF that admits exactly the JSON documents a schema allows."""
-    from sovereign.engine.json_grammar import json_schema_to_gbnf
+    """GBNF that admits exactly the JSON documents a schema allows; InvalidRequest naming `param` when it cannot.
+
+    Schemas beyond json_grammar's budget are refused before anything is built from them.
+    """
+    from sovereign.engine.json_grammar import SchemaTooComplex, json_schema_to_gbnf
 
     try:
         return json_schema_to_gbnf(schema)
+    except SchemaTooComplex as exc:
+        raise InvalidRequest(f"the JSON schema is too complex to enforce: {exc}", param) from None
+    except RecursionError:
+        raise InvalidRequest("the JSON schema cannot be enforced: it nests too deeply", param) from None
     except Exception as exc:  # the converter raises bare Exceptions and asserts on schemas it cannot handle
-        raise InvalidRequest(f"the JSON schema cannot be enforced: {exc or type(exc).__name__}", param) from None
+        raise InvalidRequest(f"the JSON schema cannot be enforced: {str(exc) or type(exc).__name__}", param) from None
 
 
 class _TextAssembler:

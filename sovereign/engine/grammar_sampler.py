@@ -7,11 +7,14 @@ happen when every candidate is banned (logit_bias, ignore_eos) and the chain dra
 And it checks the grammar against every token of the vocabulary at every step: 30-100 ms for a
 262k-token vocabulary, seconds for a grammar with many open alternatives.
 
-So this sampler drives the grammar itself: it checks the most likely tokens first (an exact
-method: the greedy choice is the best valid token, and top-k sampling only ever sees the k best
-valid ones), draws only among tokens the grammar accepts, ends cleanly with an end-of-generation
-token when the grammar is complete and everything else is banned, raises InvalidRequest when
-nothing at all is allowed, and gives up (InvalidRequest) past a time budget per token.
+So this sampler drives the grammar itself: it checks the most likely tokens first and stops as
+soon as the draw cannot use more (greedy takes the best valid token, top-k only ever sees the k
+best valid ones, min-p drops whatever lies that far below the best; only with min-p and top-p both
+on can top-p's normalisation differ slightly from checking everything), draws only among tokens
+the grammar accepts, ends cleanly with an end-of-generation token when the grammar is complete and
+everything else is banned, raises InvalidRequest when nothing at all is allowed, and gives up
+(InvalidRequest) past a time budget per token. Measured on gemma3:270m: a few milliseconds per
+token where the whole-vocabulary check cost 30-130 ms (6 s for a 1,000-value enum).
 """
 
 from __future__ import annotations

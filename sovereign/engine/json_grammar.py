@@ -5,7 +5,7 @@ llama-cpp-python's SchemaConverter turns `{"type": "integer", "minimum": 0, "max
 the bounds; this does the same by spelling the range out digit by digit, as a regex for a
 numeric range would.
 
-Three more departures, each because the original can take a server down:
+More departures, the first three because the original can take a server down:
 - Repetitions (minLength/maxLength, minItems/maxItems, `{m,n}` in patterns) use GBNF's own `{m,n}`.
   The original nests one optional group per repetition, `(c (c (c)?)?)?`: llama.cpp's parser
   recurses once per level (a segfault near 20,000) and refuses more than ~1,000 levels anyway,
@@ -14,6 +14,8 @@ Three more departures, each because the original can take a server down:
   value is a parse that llama.cpp checks against every token of the vocabulary (a 1,000-value
   enum cost 6 s per token on a 262k-token vocabulary).
 - Before anything is built, `check_budget` refuses schemas beyond the limits below, naming where.
+- Strings hold no raw control characters (JSON forbids them; the original let them through), and
+  constants keep their JSON escapes (the original let GBNF read `\\n` in a value as a line break).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def check_budget(schema: Any) -> None:
     while pending:
         node, path, depth = pending.pop()
         if depth > MAX_DEPTH:
-            raise SchemaTooComplex(f"the schema nests deeper than {MAX_DEPTH} levels at {path or '/'}")
+            where = path if len(path) <= 120 else f"{path[:60]}…{path[-60:]}"
+            raise SchemaTooComplex(f"the schema nests deeper than {MAX_DEPTH} levels at {where}")
         if isinstance(node, list):
             pending.extend((item, f"{path}/{index}", depth + 1) for index, item in enumerate(node))
             continue
@@ -82,7 +85,7 @@ def check_budget(schema: Any) -> None:
 
 
 def _check_count(value: float, where: str) -> None:
-    if value != int(value) or value < 0:
+    if not math.isfinite(value) or value != int(value) or value < 0:
         raise SchemaTooComplex(f"{where} must be a whole number of at least 0, not {value}")
     if value > MAX_REPEAT:
         raise SchemaTooComplex(f"{where} is {int(value)}, more than the {MAX_REPEAT} this server can enforce (leave it out for no limit)")
@@ -140,12 +143,20 @@ def _up_to(term: str, count: int) -> str:
     return f"({short} | {full})"
 
 
-def _with_our_repetition(function: Callable[..., Any]) -> Callable[..., Any]:
-    """One of SchemaConverter's methods, with _repetition in place of the module's _build_repetition.
+# JSON forbids raw control characters in strings, and the original's `char` lets them through (a model then
+# writes a line break inside a string and the document does not parse): llama.cpp's C++ rule instead.
+_PRIMITIVES = {
+    **llama_grammar.PRIMITIVE_RULES,
+    "char": llama_grammar.BuiltinRule(r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])', []),
+}
+
+
+def _rebound(function: Callable[..., Any]) -> Callable[..., Any]:
+    """One of SchemaConverter's methods, seeing our _repetition and `char` rule in place of the module's.
 
     The same code under other globals (its nested functions inherit them), so llama_grammar itself is untouched.
     """
-    namespace = {**vars(llama_grammar), "_build_repetition": _repetition}
+    namespace = {**vars(llama_grammar), "_build_repetition": _repetition, "PRIMITIVE_RULES": _PRIMITIVES}
     return types.FunctionType(function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__)
 
 
@@ -161,8 +172,9 @@ _LITERAL_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\
 class _BoundedSchemaConverter(SchemaConverter):
     """SchemaConverter that enforces integer bounds, repeats with {m,n}, and builds enums as tries."""
 
-    _visit_original = _with_our_repetition(SchemaConverter.visit)
-    _visit_pattern = _with_our_repetition(SchemaConverter._visit_pattern)
+    _visit_original = _rebound(SchemaConverter.visit)
+    _visit_pattern = _rebound(SchemaConverter._visit_pattern)
+    _add_primitive = _rebound(SchemaConverter._add_primitive)
 
     def visit(self, schema: dict[str, Any], name: str) -> str:
         rule_name = f"{name}-" if name in RESERVED_NAMES else (name or "root")

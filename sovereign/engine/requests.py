@@ -53,6 +53,7 @@ class ChatRequest:
     tool_choice: ToolChoice = ToolChoice()
     json_schema: dict[str, Any] | None = None  # response_format json_schema
     json_object: bool = False  # response_format json_object
+    format_param: str = "response_format"  # where the API took the output format from (named in errors)
 
 
 @dataclass(frozen=True)

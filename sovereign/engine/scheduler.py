@@ -23,7 +23,7 @@ from sovereign.config import DEFAULT_MAX_QUEUE
 from sovereign.engine.backend import BatchEntry, LlamaBackend, Step
 from sovereign.engine.requests import SamplingParams
 from sovereign.engine.stats import RequestStats
-from sovereign.errors import EngineError, RequestTimedOut, ServerBusy
+from sovereign.errors import EngineError, InvalidRequest, RequestTimedOut, ServerBusy
 
 if TYPE_CHECKING:
     from sovereign.engine.backend import Sampler
@@ -309,7 +309,11 @@ class BatchScheduler:
                 continue
             params = job.params
             row = self.backend.logprob_row(index) if params.logprobs is not None else None
-            token = self.backend.sample(job.sampler, index)
+            try:
+                token = self.backend.sample(job.sampler, index)
+            except InvalidRequest as exc:  # its output format can go no further (bias against grammar, time budget): it alone ends
+                self._finish(slot, now, exc)
+                continue
             step = self.backend.step(token, row, params.logprobs)
             stats = job.stream.stats
             if stats.first_token is None:

@@ -47,7 +47,7 @@ def chat_request_from(body: MessagesBody | CountTokensBody) -> ChatRequest:
             stop=tuple(s for s in body.stop_sequences or () if s),
             ignore_eos=body.ignore_eos,
         )
-    return ChatRequest(body.model, messages, sampling, tools, choice, json_schema)
+    return ChatRequest(body.model, messages, sampling, tools, choice, json_schema, format_param="output_config.format")
 
 
 def _messages(body: _Conversation) -> list[dict[str, Any]]:

@@ -45,7 +45,7 @@ def chat_request_from(body: ResponsesBody) -> ChatRequest:
         seed=body.seed,
         ignore_eos=body.ignore_eos,
     )
-    return ChatRequest(body.model, messages, sampling, tools, choice, json_schema, json_object)
+    return ChatRequest(body.model, messages, sampling, tools, choice, json_schema, json_object, format_param="text.format")
 
 
 def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
