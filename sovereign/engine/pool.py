@@ -7,9 +7,7 @@ and a crashed one is dropped from the pool so that the next request loads it afr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -66,6 +64,7 @@ class ModelPool:
         self.options = options
         self._loaded: dict[str, LoadedModel] = {}
         self._pinned_crashed: set[str] = set()  # pinned models that crashed: pinned again when reloaded
+        self._closing: set[asyncio.Future[None]] = set()  # crashed processes' sockets being closed
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._reaper: asyncio.Task[None] | None = None
 
@@ -139,19 +138,13 @@ class ModelPool:
         try:
             template, stops = self._template_for(process.facts, path, spec)
         except BaseException:
-            await asyncio.to_thread(process.close)  # a template that cannot compile must not leave the model loaded
+            await process.close()  # a template that cannot compile must not leave the model loaded
             raise
         crashed = self._loaded.get(manifest.name)  # a dead predecessor not yet dropped
         pinned = pin or manifest.name in self._pinned_crashed or (crashed is not None and crashed.pinned)
         model = LoadedModel(manifest.name, manifest, process, template, stops, pinned=pinned)
         self._pinned_crashed.discard(manifest.name)
-        loop = asyncio.get_running_loop()
-
-        def on_exit(ended: ModelProcess, crash: str | None) -> None:  # on the process's reader thread
-            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is going away anyway
-                loop.call_soon_threadsafe(self._forget_crashed, ended, crash)
-
-        process.on_exit = on_exit
+        process.on_exit = self._forget_crashed
         self._loaded[manifest.name] = model
         self._start_reaper()
         return model
@@ -160,7 +153,9 @@ class ModelPool:
         """A crashed model leaves the pool at once, so the next request loads it afresh."""
         if crash is None:
             return
-        threading.Thread(target=process.close, daemon=True).start()  # reaps the child and its socket
+        closing = asyncio.ensure_future(process.close())  # closes its socket (the child is reaped already)
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
         model = self._loaded.get(process.name)
         if model is not None and model.process is process:
             self._loaded.pop(process.name, None)
@@ -196,7 +191,7 @@ class ModelPool:
         model = self._loaded.pop(name, None)
         if model is not None:
             log.info("unloading %s", name)
-            await asyncio.to_thread(model.process.close)
+            await model.process.close()
 
     # --- keep-alive -------------------------------------------------------------------
 

@@ -1,11 +1,10 @@
-"""The bridge from a model process's reader thread to asyncio: a generation's tokens as an async iterator."""
+"""A generation's tokens as an async iterator, fed on the event loop as the model's process reports them."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -18,64 +17,11 @@ class _End:
     error: BaseException | None = None
 
 
-class _Mailbox:
-    """Items for the streams of one event loop, handed over with one wake-up of the loop per batch.
-
-    A decode step yields a token for every running stream at once. Waking the event loop once per
-    token would, on a machine whose cores all run llama.cpp's threads, preempt one of them per
-    token and stall the step at its next barrier; one wake-up per step costs an eighth of that at
-    eight streams. Items stay in posting order, so a stream's end never overtakes its last token.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._items: list[tuple[asyncio.Queue[Step | _End], Step | _End]] = []
-        self._lock = threading.Lock()
-
-    def post(self, queue: asyncio.Queue[Step | _End], item: Step | _End) -> None:
-        """Called on the scheduler's thread; raises RuntimeError when the loop is closed."""
-        if self._loop.is_closed():  # a drain scheduled before it closed will never run
-            raise RuntimeError("the event loop is closed")
-        with self._lock:
-            self._items.append((queue, item))
-            if len(self._items) > 1:
-                return  # a drain is already on its way
-        try:
-            self._loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:
-            with self._lock:
-                self._items.clear()
-            raise
-
-    def _drain(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        for queue, item in items:
-            queue.put_nowait(item)
-
-
-_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
-_mailboxes_lock = threading.Lock()
-
-
-def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
-    """The loop's shared mailbox (a stream's own, for a loop type that cannot be weakly referenced)."""
-    with _mailboxes_lock:
-        try:
-            box = _mailboxes.get(loop)
-            if box is None:
-                box = _mailboxes[loop] = _Mailbox(loop)
-        except TypeError:
-            box = _Mailbox(loop)
-        return box
-
-
 class TokenStream:
     """Steps of one generation, delivered to the event loop; `cancel()` stops it before the next decode step."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, stats: RequestStats, on_cancel: Callable[[], None] | None = None) -> None:
+    def __init__(self, stats: RequestStats, on_cancel: Callable[[], None] | None = None) -> None:
         self.stats = stats
-        self._mailbox = _mailbox(loop)
         self._queue: asyncio.Queue[Step | _End] = asyncio.Queue()
         self._cancelled = threading.Event()
         self._on_cancel = on_cancel
@@ -95,7 +41,7 @@ class TokenStream:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    # --- called from the thread that receives the tokens ------------------------------
+    # --- called on the event loop, as the model's process reports ----------------------
 
     def push(self, step: Step) -> None:
         """Deliver one token, noting when it came for the request's timings (not once the reader has stopped)."""
@@ -122,10 +68,7 @@ class TokenStream:
         self._put(_End(error))
 
     def _put(self, item: Step | _End) -> None:
-        try:
-            self._mailbox.post(self._queue, item)
-        except RuntimeError:  # the event loop is gone (server shutting down): stop generating
-            self._cancelled.set()
+        self._queue.put_nowait(item)
 
     # --- read on the event loop ---------------------------------------------------------
 

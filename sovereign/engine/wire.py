@@ -11,7 +11,7 @@ import socket
 import struct
 import threading
 from dataclasses import asdict
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 from sovereign.engine.backend import LoadOptions, Step
 from sovereign.engine.requests import SamplingParams, TokenLogprob
@@ -29,8 +29,19 @@ _LENGTH = struct.Struct("!I")
 MAX_FRAME_BYTES = 1 << 30
 
 
+def encode_frame(message: dict[str, Any]) -> bytes:
+    """One message as a frame: its length, then its JSON."""
+    data = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return _LENGTH.pack(len(data)) + data
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(data.decode("utf-8", "surrogatepass"))
+    return message
+
+
 class FrameWriter:
-    """Sends frames on a socket; safe from any thread (one frame at a time)."""
+    """Sends frames on a blocking socket; safe from any thread (one frame at a time)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -38,12 +49,38 @@ class FrameWriter:
 
     def send(self, message: dict[str, Any]) -> None:
         """Send one message; raises OSError when the other side is gone."""
-        data = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+        frame = encode_frame(message)
         with self._lock:
-            self._sock.sendall(_LENGTH.pack(len(data)) + data)
+            self._sock.sendall(frame)
 
 
-def read_frame(stream: BinaryIO) -> dict[str, Any] | None:
+class FrameDecoder:
+    """Cuts a byte stream (as a non-blocking socket delivers it) into messages."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """The messages completed by these bytes; raises ValueError or EngineError for a stream that makes no sense."""
+        self._buffer += data
+        messages = []
+        while len(self._buffer) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buffer)
+            if length > MAX_FRAME_BYTES:
+                raise EngineError(f"a {length}-byte frame from a model's process is too large")
+            end = _LENGTH.size + length
+            if len(self._buffer) < end:
+                break
+            messages.append(_decode(bytes(self._buffer[_LENGTH.size : end])))
+            del self._buffer[:end]
+        return messages
+
+
+class _Readable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+
+def read_frame(stream: _Readable) -> dict[str, Any] | None:
     """The next message, or None when the other side has closed the connection."""
     header = stream.read(_LENGTH.size)
     if len(header) < _LENGTH.size:
@@ -54,8 +91,7 @@ def read_frame(stream: BinaryIO) -> dict[str, Any] | None:
     data = stream.read(length)
     if len(data) < length:
         return None
-    message: dict[str, Any] = json.loads(data.decode("utf-8", "surrogatepass"))
-    return message
+    return _decode(data)
 
 
 # --- values -------------------------------------------------------------------------------
