@@ -16,7 +16,9 @@ import threading
 import time
 from pathlib import Path
 
+from sovereign.config import Settings
 from sovereign.engine.backend import LlamaBackend, LoadOptions, Step
+from sovereign.engine.kernel_probe import kernel_choice
 from sovereign.engine.requests import SamplingParams
 from sovereign.engine.scheduler import BatchScheduler
 from sovereign.engine.stats import RequestStats
@@ -52,8 +54,11 @@ def main() -> None:
     llama_log.addHandler(capture)
     llama_log.propagate = False
 
+    # The kernels `serve` would use here: proven in a child process first (a CPU may refuse the fast ones).
+    use_extra_bufts = kernel_choice(Settings.from_env().home, args.model).use_extra_bufts
     started = time.perf_counter()
-    backend = LlamaBackend(args.model, LoadOptions(n_ctx=args.ctx, n_gpu_layers=args.gpu_layers, n_threads=args.threads, n_parallel=1))
+    options = LoadOptions(n_ctx=args.ctx, n_gpu_layers=args.gpu_layers, n_threads=args.threads, n_parallel=1, use_extra_bufts=use_extra_bufts)
+    backend = LlamaBackend(args.model, options)
     load_s = time.perf_counter() - started
     offloaded = next((m.groups() for line in capture.lines if (m := OFFLOADED.search(line))), None)
 

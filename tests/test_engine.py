@@ -27,7 +27,9 @@ TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "
 
 
 def make_pool(home: Path, **options: object) -> ModelPool:
+    """A pool over a store, proving the CPU kernels (once per store) as `serve` does."""
     settings = Settings.from_env({**ORIGINAL_ENVIRONMENT, "SOVEREIGN_HOME": str(home)})
+    options.setdefault("kernel_home", home)
     return ModelPool(Store(home), load_catalog(settings), PoolOptions(**options))  # type: ignore[arg-type]
 
 
@@ -196,7 +198,7 @@ def test_keep_alive_durations() -> None:
         parse_keep_alive("soon")
 
 
-def test_a_sequence_is_unaffected_by_what_its_neighbours_say(real_model_home: Path) -> None:
+def test_a_sequence_is_unaffected_by_what_its_neighbours_say(real_model_home: Path, use_extra_bufts: bool) -> None:
     """No cross-talk: same batch shapes, different neighbours, and one greedy sequence's tokens do not change."""
     from sovereign.engine.backend import LlamaBackend, LoadOptions, Step
     from sovereign.engine.scheduler import BatchScheduler
@@ -221,7 +223,7 @@ def test_a_sequence_is_unaffected_by_what_its_neighbours_say(real_model_home: Pa
             self.done.set()
 
     def run(neighbours: list[list[int]]) -> list[list[int]]:
-        scheduler = BatchScheduler(LlamaBackend(path, LoadOptions(n_ctx=512, n_threads=2, n_parallel=4)))
+        scheduler = BatchScheduler(LlamaBackend(path, LoadOptions(n_ctx=512, n_threads=2, n_parallel=4, use_extra_bufts=use_extra_bufts)))
         try:
             # Hold the scheduler's thread so that all four requests are admitted in the same step.
             gate = threading.Event()

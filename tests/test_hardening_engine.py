@@ -134,9 +134,10 @@ def test_strings_cannot_hold_raw_control_characters() -> None:
 
 
 @pytest.fixture(scope="module")
-def backend(real_model_home: Path) -> Iterator[LlamaBackend]:
+def backend(real_model_home: Path, use_extra_bufts: bool) -> Iterator[LlamaBackend]:
     store = Store(real_model_home)
-    loaded = LlamaBackend(store.model_path(store.require(parse_name(GEMMA))), LoadOptions(n_ctx=8192, n_parallel=1, n_threads=2))
+    options = LoadOptions(n_ctx=8192, n_parallel=1, n_threads=2, use_extra_bufts=use_extra_bufts)
+    loaded = LlamaBackend(store.model_path(store.require(parse_name(GEMMA))), options)
     yield loaded
     loaded.close()
 

@@ -130,7 +130,12 @@ class ModelProcess:
         log.info("%s: process %d ready in %.2fs", name, answer["facts"]["pid"], answer.get("load_seconds", 0.0))
         process = cls(name, path, options, child, ModelFacts(**answer["facts"]))
         ours.setblocking(False)
-        transport, _protocol = await process._loop.connect_accepted_socket(lambda: _Connection(process), ours)
+        try:
+            transport, _protocol = await process._loop.connect_accepted_socket(lambda: _Connection(process), ours)
+        except BaseException:
+            child.kill()
+            ours.close()
+            raise
         process._transport = transport  # type: ignore[assignment]
         return process
 
