@@ -1,8 +1,9 @@
-"""The engine's one interface: submit a request, consume its events, cancel.
+"""The engine's one interface: submit a request, consume its events, cancel; tokenize, embed, list models.
 
-The server knows only this module. Below it, a pool of loaded models and one continuous-
-batching scheduler per model produce tokens; here they become text (UTF-8 safe, stop
-strings cut) and parsed tool calls.
+The server knows only this module (through api.EngineAPI). Below it, a pool of models, each in a
+process of its own running a continuous-batching scheduler, produce tokens; here they become text
+(UTF-8 safe, stop strings cut) and parsed tool calls. Chat templates are rendered here, in the
+server's process; tokenizing happens in the model's.
 """
 
 from __future__ import annotations

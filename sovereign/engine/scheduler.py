@@ -5,6 +5,9 @@ prompt of slots still reading theirs; waiting requests take a free slot between 
 keeps its KV cache after its request ends, and a new prompt that starts with the same tokens
 reuses them: the free slot sharing the longest prefix is chosen, and a longer prefix held by
 another slot is shared into it, so a chat's next turn reads only its new tokens.
+
+It runs inside a model's own process (worker.py) and knows nothing of asyncio: each generation's
+tokens go to a TokenSink, and the worker sends what a step produced as one message.
 """
 
 from __future__ import annotations
