@@ -204,3 +204,54 @@ def test_a_crash_mid_answer_is_the_apis_own_error(fake_server: InProcessServer) 
     responses = sse(fake_server, "/v1/responses", {"model": "crashing:model", "input": "hello there"})
     assert json.loads(responses[-1][1])["type"] == "response.failed"
     assert httpx.get(f"{fake_server.url}/health").json()["status"] == "ok"
+
+
+# --- reasoning, on every API ----------------------------------------------------------------
+
+THINK = [{"role": "user", "content": "think hard"}]
+THOUGHT = "Thinking about think hard."
+
+
+def test_reasoning_content_in_chat_completions(openai_client: OpenAI, fake_server: InProcessServer) -> None:
+    completion = openai_client.chat.completions.create(model="fake:model", messages=THINK)  # type: ignore[arg-type]
+    message = completion.choices[0].message
+    assert message.content == "You said: think hard"
+    assert message.model_extra is not None and message.model_extra["reasoning_content"] == THOUGHT
+    frames = sse(fake_server, "/v1/chat/completions", {"model": "fake:model", "messages": THINK})
+    deltas = [json.loads(data)["choices"][0]["delta"] for _, data in frames[:-1]]
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    assert reasoning == THOUGHT
+    first_content = next(i for i, d in enumerate(deltas) if d.get("content"))
+    assert all("reasoning_content" not in d for d in deltas[first_content:]), "reasoning comes before the answer"
+
+
+def test_thinking_blocks_in_messages(anthropic_client: anthropic.Anthropic, fake_server: InProcessServer) -> None:
+    message = anthropic_client.messages.create(model="fake:model", max_tokens=50, messages=THINK)  # type: ignore[arg-type]
+    thinking, text = message.content
+    assert thinking.type == "thinking" and thinking.thinking == THOUGHT
+    assert text.type == "text" and text.text == "You said: think hard"
+    with anthropic_client.messages.stream(model="fake:model", max_tokens=50, messages=THINK) as stream:  # type: ignore[arg-type]
+        final = stream.get_final_message()
+    assert [block.type for block in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == THOUGHT  # type: ignore[union-attr]
+    frames = sse(fake_server, "/v1/messages", {"model": "fake:model", "max_tokens": 50, "messages": THINK})
+    kinds = [(name, json.loads(data).get("delta", {}).get("type") or json.loads(data).get("content_block", {}).get("type")) for name, data in frames]
+    assert kinds[:3] == [("message_start", None), ("content_block_start", "thinking"), ("ping", None)]
+    assert ("content_block_start", "text") in kinds
+    starts = [i for i, (name, _) in enumerate(kinds) if name == "content_block_start"]
+    assert kinds[starts[1] - 1] == ("content_block_stop", None), "the thinking block closes before the text opens"
+
+
+def test_reasoning_item_in_responses(openai_client: OpenAI, fake_server: InProcessServer) -> None:
+    response = openai_client.responses.create(model="fake:model", input="think hard")
+    reasoning, message = response.output
+    assert reasoning.type == "reasoning" and reasoning.summary[0].text == THOUGHT  # type: ignore[union-attr]
+    assert message.type == "message" and response.output_text == "You said: think hard"
+    with openai_client.responses.stream(model="fake:model", input="think hard") as stream:
+        final = stream.get_final_response()
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    frames = sse(fake_server, "/v1/responses", {"model": "fake:model", "input": "think hard"})
+    kinds = [json.loads(data)["type"] for _, data in frames]
+    deltas = "".join(json.loads(data)["delta"] for _, data in frames if json.loads(data)["type"] == "response.reasoning_summary_text.delta")
+    assert deltas == THOUGHT
+    assert kinds.index("response.reasoning_summary_text.done") < kinds.index("response.output_text.delta")

@@ -106,6 +106,13 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ReasoningDelta:
+    """A piece of the model's reasoning (its <think> block or analysis channel), kept apart from the answer."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class ToolCallsEvent:
     """The tool calls the model made, parsed, once they are complete."""
 
@@ -121,4 +128,4 @@ class Finished:
     stop_sequence: str | None = None  # the stop string that ended the text, when one did
 
 
-Event = TextDelta | ToolCallsEvent | Finished
+Event = TextDelta | ReasoningDelta | ToolCallsEvent | Finished

@@ -7,7 +7,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sovereign.engine import ChatRequest, Finished, SamplingParams, TextDelta, ToolCall, ToolCallsEvent, ToolChoice, Usage
+from sovereign.engine import ChatRequest, Finished, ReasoningDelta, SamplingParams, TextDelta, ToolCall, ToolCallsEvent, ToolChoice, Usage
 from sovereign.engine.requests import Event
 from sovereign.engine.tools import function_tool
 from sovereign.server.anthropic_schemas import (
@@ -160,9 +160,15 @@ def tool_use_block(call: ToolCall) -> dict[str, Any]:
     return {"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name, "input": arguments if isinstance(arguments, dict) else {}}
 
 
-def message_json(message_id: str, model: str, text: str, calls: list[ToolCall], finished: Finished, user_stops: list[str] | None) -> dict[str, Any]:
-    """A whole Message."""
-    content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
+def thinking_block(text: str) -> dict[str, Any]:
+    """The model's reasoning as Anthropic's thinking block (local models sign nothing: the signature is empty)."""
+    return {"type": "thinking", "thinking": text, "signature": ""}
+
+
+def message_json(message_id: str, model: str, text: str, calls: list[ToolCall], finished: Finished, user_stops: list[str] | None, reasoning: str = "") -> dict[str, Any]:
+    """A whole Message: thinking first, then the text, then the tool calls, as Anthropic orders them."""
+    content: list[dict[str, Any]] = [thinking_block(reasoning)] if reasoning else []
+    content += [{"type": "text", "text": text}] if text or not calls else []
     content += [tool_use_block(call) for call in calls]
     reason, sequence = stop_reason(finished, user_stops)
     return {
@@ -175,24 +181,39 @@ async def stream_events(message_id: str, model: str, prompt_tokens: int, events:
     """Anthropic's event sequence: message_start, blocks (start, ping after the first, deltas, stop), message_delta, message_stop."""
     start = {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None, "stop_sequence": None}
     yield sse({"type": "message_start", "message": {**start, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
-    blocks = 0
-    text_open = False
+    blocks = 0  # blocks started so far; the open one, if any, is the last
+    open_kind: str | None = None  # "thinking" or "text" while such a block is open
 
     def open_block(block: dict[str, Any]) -> list[bytes]:
         frames = [sse({"type": "content_block_start", "index": blocks, "content_block": block})]
         return frames + [sse({"type": "ping"})] if blocks == 0 else frames
 
+    def switch_to(kind: str | None) -> list[bytes]:
+        """Close the open block unless it is of this kind, then open one of this kind (None: just close)."""
+        nonlocal blocks, open_kind
+        frames: list[bytes] = []
+        if open_kind == kind:
+            return frames
+        if open_kind is not None:
+            frames.append(sse({"type": "content_block_stop", "index": blocks}))
+            blocks, open_kind = blocks + 1, None
+        if kind is not None:
+            frames += open_block(thinking_block("") if kind == "thinking" else {"type": "text", "text": ""})
+            open_kind = kind
+        return frames
+
     async for event in events:
-        if isinstance(event, TextDelta) and event.text:
-            if not text_open:
-                for frame in open_block({"type": "text", "text": ""}):
-                    yield frame
-                text_open = True
+        if isinstance(event, ReasoningDelta) and event.text:
+            for frame in switch_to("thinking"):
+                yield frame
+            yield sse({"type": "content_block_delta", "index": blocks, "delta": {"type": "thinking_delta", "thinking": event.text}})
+        elif isinstance(event, TextDelta) and event.text:
+            for frame in switch_to("text"):
+                yield frame
             yield sse({"type": "content_block_delta", "index": blocks, "delta": {"type": "text_delta", "text": event.text}})
         elif isinstance(event, ToolCallsEvent):
-            if text_open:
-                yield sse({"type": "content_block_stop", "index": blocks})
-                blocks, text_open = blocks + 1, False
+            for frame in switch_to(None):
+                yield frame
             for call in event.calls:
                 block = tool_use_block(call)
                 for frame in open_block({**block, "input": {}}):
@@ -201,12 +222,11 @@ async def stream_events(message_id: str, model: str, prompt_tokens: int, events:
                 yield sse({"type": "content_block_stop", "index": blocks})
                 blocks += 1
         elif isinstance(event, Finished):
-            if not text_open and blocks == 0:  # an empty answer is still one (empty) text block
-                for frame in open_block({"type": "text", "text": ""}):
+            if open_kind is None and blocks == 0:  # an empty answer is still one (empty) text block
+                for frame in switch_to("text"):
                     yield frame
-                text_open = True
-            if text_open:
-                yield sse({"type": "content_block_stop", "index": blocks})
+            for frame in switch_to(None):
+                yield frame
             reason, sequence = stop_reason(event, user_stops)
             yield sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage_json(event.usage)})
             yield sse({"type": "message_stop"})

@@ -25,7 +25,7 @@ async def create_message(request: Request, body: MessagesBody) -> JSONResponse |
     if not body.stream:
         (result,) = await collect(request, [generation])
         finished = result.finished or Finished("cancelled", result.usage)
-        return JSONResponse(convert.message_json(message_id, generation.model, result.text, result.tool_calls, finished, body.stop_sequences))
+        return JSONResponse(convert.message_json(message_id, generation.model, result.text, result.tool_calls, finished, body.stop_sequences, result.reasoning))
     events = convert.stream_events(message_id, generation.model, generation.prompt_tokens, aiter(generation), body.stop_sequences)
     # An error once the status line is out travels as Anthropic's `error` event.
     return event_stream(events, [generation], error_frame=lambda error: named_event(error.anthropic_body()))

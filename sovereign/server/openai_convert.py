@@ -11,6 +11,7 @@ from sovereign.engine import (
     ChatRequest,
     CompletionRequest,
     Finished,
+    ReasoningDelta,
     SamplingParams,
     TextDelta,
     TokenLogprob,
@@ -133,6 +134,7 @@ class ChoiceResult:
     """Everything one choice produced."""
 
     text: str = ""
+    reasoning: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: str = "stop"
@@ -143,6 +145,8 @@ class ChoiceResult:
         if isinstance(event, TextDelta):
             self.text += event.text
             self.logprobs.extend(event.logprobs)
+        elif isinstance(event, ReasoningDelta):
+            self.reasoning += event.text
         elif isinstance(event, ToolCallsEvent):
             self.tool_calls.extend(event.calls)
         elif isinstance(event, Finished):
@@ -190,6 +194,8 @@ def chat_completion_json(completion_id: str, model: str, results: list[ChoiceRes
     choices = []
     for index, result in enumerate(results):
         message: dict[str, Any] = {"role": "assistant", "content": result.text if result.text or not result.tool_calls else None, "refusal": None}
+        if result.reasoning:  # llama-server's and DeepSeek's field; the OpenAI SDK keeps unknown fields
+            message["reasoning_content"] = result.reasoning
         if result.tool_calls:
             message["tool_calls"] = tool_calls_json(result.tool_calls)
         choices.append({

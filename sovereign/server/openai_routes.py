@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from sovereign.engine import Finished, Generation, TextDelta, ToolCallsEvent, Usage
+from sovereign.engine import Finished, Generation, ReasoningDelta, TextDelta, ToolCallsEvent, Usage
 from sovereign.engine.api import EngineAPI, ModelInfo
 from sovereign.engine.requests import Event
 from sovereign.errors import ModelNotFound
@@ -142,6 +142,8 @@ async def _chat_chunks(generations: list[Generation], completion_id: str, model:
     async for index, event in _interleave(generations):
         if isinstance(event, TextDelta):
             yield chunk(index, {"content": event.text}, logprobs=event.logprobs if want_logprobs else None)
+        elif isinstance(event, ReasoningDelta):
+            yield chunk(index, {"reasoning_content": event.text})
         elif isinstance(event, ToolCallsEvent):
             for call_index, call in enumerate(event.calls):
                 # Name first, then arguments: the shape the SDK's stream helpers reassemble.

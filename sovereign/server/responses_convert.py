@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sovereign.engine import ChatRequest, Finished, SamplingParams, TextDelta, ToolCall, ToolCallsEvent, ToolChoice, Usage
+from sovereign.engine import ChatRequest, Finished, ReasoningDelta, SamplingParams, TextDelta, ToolCall, ToolCallsEvent, ToolChoice, Usage
 from sovereign.engine.requests import Event
 from sovereign.engine.tools import function_tool
 from sovereign.server.errors import APIError, from_exception
@@ -186,9 +186,15 @@ class ResponseShell:
         }
 
 
-def output_items(text: str, calls: list[ToolCall]) -> list[dict[str, Any]]:
-    """A finished answer's output: the message (when there is text, or nothing else), then the function calls."""
-    items = [message_item(new_id("msg"), text, "completed")] if text or not calls else []
+def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
+    """The model's reasoning as a reasoning item: its text in full (nothing is summarised locally)."""
+    return {"type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": text}] if text else [], "status": "completed"}
+
+
+def output_items(text: str, calls: list[ToolCall], reasoning: str = "") -> list[dict[str, Any]]:
+    """A finished answer's output: its reasoning, the message (when there is text, or nothing else), then the function calls."""
+    items = [reasoning_item(new_id("rs"), reasoning)] if reasoning else []
+    items += [message_item(new_id("msg"), text, "completed")] if text or not calls else []
     return items + [call_item(call) for call in calls]
 
 
@@ -198,6 +204,8 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
     output: list[dict[str, Any]] = []
     message: dict[str, Any] | None = None  # the message item being streamed
     text = ""
+    thought: dict[str, Any] | None = None  # the reasoning item being streamed
+    reasoning = ""
 
     def frame(kind: str, **fields: Any) -> bytes:
         nonlocal sequence
@@ -229,11 +237,42 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
         message = None
         return frames
 
+    def open_reasoning() -> list[bytes]:
+        nonlocal thought
+        thought = {"type": "reasoning", "id": new_id("rs"), "summary": [], "status": "in_progress"}
+        return [
+            frame("response.output_item.added", output_index=len(output), item=thought),
+            frame("response.reasoning_summary_part.added", item_id=thought["id"], output_index=len(output), summary_index=0, part={"type": "summary_text", "text": ""}),
+        ]
+
+    def close_reasoning() -> list[bytes]:
+        nonlocal thought
+        assert thought is not None
+        done = reasoning_item(thought["id"], reasoning)
+        index = len(output)
+        frames = [
+            frame("response.reasoning_summary_text.done", item_id=done["id"], output_index=index, summary_index=0, text=reasoning),
+            frame("response.reasoning_summary_part.done", item_id=done["id"], output_index=index, summary_index=0, part={"type": "summary_text", "text": reasoning}),
+            frame("response.output_item.done", output_index=index, item=done),
+        ]
+        output.append(done)
+        thought = None
+        return frames
+
     yield frame("response.created", response=shell.json("in_progress", []))
     yield frame("response.in_progress", response=shell.json("in_progress", []))
     try:
         async for event in events:
-            if isinstance(event, TextDelta) and event.text:
+            if not isinstance(event, ReasoningDelta) and thought is not None:  # reasoning comes first and ends before the answer
+                for chunk in close_reasoning():
+                    yield chunk
+            if isinstance(event, ReasoningDelta) and event.text:
+                if thought is None:
+                    for chunk in open_reasoning():
+                        yield chunk
+                reasoning += event.text
+                yield frame("response.reasoning_summary_text.delta", item_id=thought["id"], output_index=len(output), summary_index=0, delta=event.text)  # type: ignore[index]
+            elif isinstance(event, TextDelta) and event.text:
                 if message is None:
                     for chunk in open_message():
                         yield chunk
@@ -253,7 +292,7 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
                     yield frame("response.output_item.done", output_index=index, item=done)
                     output.append(done)
             elif isinstance(event, Finished):
-                if message is None and not output:  # an empty answer is still one (empty) message
+                if message is None and not any(item["type"] != "reasoning" for item in output):  # an empty answer is still one (empty) message
                     for chunk in open_message():
                         yield chunk
                 if message is not None:
@@ -267,5 +306,5 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
         yield frame("response.failed", response=failed)
 
 
-def response_json(shell: ResponseShell, text: str, calls: list[ToolCall], finished: Finished) -> dict[str, Any]:
-    return shell.json("completed", output_items(text, calls), finished)
+def response_json(shell: ResponseShell, text: str, calls: list[ToolCall], finished: Finished, reasoning: str = "") -> dict[str, Any]:
+    return shell.json("completed", output_items(text, calls, reasoning), finished)

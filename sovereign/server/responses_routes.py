@@ -22,6 +22,6 @@ async def create_response(request: Request, body: ResponsesBody) -> JSONResponse
     if not body.stream:
         (result,) = await collect(request, [generation])
         finished = result.finished or Finished("cancelled", result.usage)
-        return JSONResponse(convert.response_json(shell, result.text, result.tool_calls, finished))
+        return JSONResponse(convert.response_json(shell, result.text, result.tool_calls, finished, result.reasoning))
     frames = convert.stream_events(shell, aiter(generation))
     return event_stream(frames, [generation])  # stream_events reports failures itself, as response.failed
