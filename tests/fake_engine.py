@@ -5,6 +5,7 @@ a pure function of the request, so tests can state exactly what the wire must ca
 - the text is "You said: " + the last user message, one word per token;
 - max_tokens cuts it (finish "length"); a stop string cuts it (finish "stop");
 - a forced tool choice calls the named (or first) tool with {"echo": <last user text>};
+- a last user message starting with "think" is first reasoned about: "Thinking about <text>." as reasoning;
 - a model named "crashing:model" fails mid-stream with ModelCrashed after two tokens;
 - "busy:model" refuses with ServerBusy, "missing:model" does not exist.
 """
@@ -17,7 +18,7 @@ import zlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from sovereign.engine import ChatRequest, CompletionRequest, Finished, Generation, TextDelta, ToolCall, ToolCallsEvent, Usage
+from sovereign.engine import ChatRequest, CompletionRequest, Finished, Generation, ReasoningDelta, TextDelta, ToolCall, ToolCallsEvent, Usage
 from sovereign.engine.api import ModelInfo, ModelLoad
 from sovereign.engine.requests import Event, FinishReason
 from sovereign.errors import InvalidRequest, ModelCrashed, ModelNotFound, ServerBusy
@@ -39,6 +40,12 @@ def _last_user_text(request: ChatRequest | CompletionRequest) -> str:
 def scripted_words(request: ChatRequest | CompletionRequest) -> list[str]:
     """The tokens the fake answers with, before any limit."""
     words = f"You said: {_last_user_text(request)}".split(" ")
+    return [word if index == 0 else f" {word}" for index, word in enumerate(words)]
+
+
+def scripted_reasoning(request: ChatRequest | CompletionRequest) -> list[str]:
+    """The reasoning the fake writes before answering a message that starts with "think"."""
+    words = f"Thinking about {_last_user_text(request)}.".split(" ")
     return [word if index == 0 else f" {word}" for index, word in enumerate(words)]
 
 
@@ -74,6 +81,9 @@ class FakeEngine:
             yield ToolCallsEvent([ToolCall(f"call_{zlib.crc32(arguments.encode()):08x}", name, arguments)])
             yield Finished("tool_calls", Usage(usage_prompt, 5))
             return
+        if _last_user_text(request).startswith("think"):
+            for word in scripted_reasoning(request):
+                yield ReasoningDelta(word)
         words = scripted_words(request)
         reason: FinishReason = "stop"
         stop_hit: str | None = None
