@@ -27,8 +27,13 @@ TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type"
 
 
 @pytest.fixture(scope="module")
-def fake_server() -> Iterator[InProcessServer]:
-    with InProcessServer(create_app(FakeEngine(), ServerOptions(preload=("fake:model",)))) as running:
+def fake() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture(scope="module")
+def fake_server(fake: FakeEngine) -> Iterator[InProcessServer]:
+    with InProcessServer(create_app(fake, ServerOptions(preload=("fake:model",)))) as running:
         yield running
 
 
@@ -255,3 +260,13 @@ def test_reasoning_item_in_responses(openai_client: OpenAI, fake_server: InProce
     deltas = "".join(json.loads(data)["delta"] for _, data in frames if json.loads(data)["type"] == "response.reasoning_summary_text.delta")
     assert deltas == THOUGHT
     assert kinds.index("response.reasoning_summary_text.done") < kinds.index("response.output_text.delta")
+
+
+def test_reasoning_in_history_reaches_the_template(openai_client: OpenAI, anthropic_client: anthropic.Anthropic, fake: FakeEngine) -> None:
+    """Reasoning a client hands back is the assistant message's reasoning_content, which reasoning templates read."""
+    history = [*THINK, {"role": "assistant", "content": "You said: think hard", "reasoning_content": THOUGHT}, {"role": "user", "content": "and now?"}]
+    openai_client.chat.completions.create(model="fake:model", messages=history)  # type: ignore[arg-type]
+    assert fake.requests[-1].messages[1] == {"role": "assistant", "content": "You said: think hard", "reasoning_content": THOUGHT}
+    blocks = [{"type": "thinking", "thinking": THOUGHT, "signature": ""}, {"type": "text", "text": "You said: think hard"}]
+    anthropic_client.messages.create(model="fake:model", max_tokens=20, messages=[*THINK, {"role": "assistant", "content": blocks}, {"role": "user", "content": "and now?"}])  # type: ignore[list-item]
+    assert fake.requests[-1].messages[1] == {"role": "assistant", "content": "You said: think hard", "reasoning_content": THOUGHT}

@@ -61,6 +61,7 @@ def _messages(body: _Conversation) -> list[dict[str, Any]]:
             out.append({"role": message.role, "content": message.content})
             continue
         texts: list[str] = []
+        thoughts: list[str] = []
         calls: list[dict[str, Any]] = []
         for part_index, block in enumerate(message.content):
             where = f"messages.{index}.content.{part_index}"
@@ -78,11 +79,15 @@ def _messages(body: _Conversation) -> list[dict[str, Any]]:
                 result = _tool_result_text(block, where)
                 out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": f"Error: {result}" if block.is_error else result})
             elif isinstance(block, ThinkingBlock):
-                continue
-        if texts or calls:
+                thinking = (block.model_extra or {}).get("thinking")
+                if message.role == "assistant" and isinstance(thinking, str) and thinking:
+                    thoughts.append(thinking)
+        if texts or calls or thoughts:
             item: dict[str, Any] = {"role": message.role, "content": "\n".join(texts)}
             if calls:
                 item["tool_calls"] = calls
+            if thoughts:  # handed to the template as OpenAI-compatible servers do: it decides whether history keeps it
+                item["reasoning_content"] = "\n".join(thoughts)
             out.append(item)
     return out
 

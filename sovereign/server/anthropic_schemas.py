@@ -55,7 +55,7 @@ class ToolResultBlock(_Open):
 
 
 class ThinkingBlock(_Open):
-    """Reasoning an earlier answer carried; handed back by SDKs, dropped here (these models do not think aloud)."""
+    """Reasoning an earlier answer carried, handed back by SDKs: it reaches the template as the message's reasoning_content."""
 
     type: Literal["thinking", "redacted_thinking"]
 

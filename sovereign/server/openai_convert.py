@@ -75,6 +75,9 @@ def chat_request_from(body: ChatCompletionBody, choice_index: int = 0) -> ChatRe
             item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
         if message.tool_call_id:
             item["tool_call_id"] = message.tool_call_id
+        reasoning = (message.model_extra or {}).get("reasoning_content")
+        if message.role == "assistant" and isinstance(reasoning, str) and reasoning:
+            item["reasoning_content"] = reasoning  # the field reasoning templates (Qwen 3, DeepSeek) read back
         messages.append(item)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs", code="invalid_value")
