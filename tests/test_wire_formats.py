@@ -270,3 +270,18 @@ def test_reasoning_in_history_reaches_the_template(openai_client: OpenAI, anthro
     blocks = [{"type": "thinking", "thinking": THOUGHT, "signature": ""}, {"type": "text", "text": "You said: think hard"}]
     anthropic_client.messages.create(model="fake:model", max_tokens=20, messages=[*THINK, {"role": "assistant", "content": blocks}, {"role": "user", "content": "and now?"}])  # type: ignore[list-item]
     assert fake.requests[-1].messages[1] == {"role": "assistant", "content": "You said: think hard", "reasoning_content": THOUGHT}
+
+
+def test_reasoning_controls_reach_the_request(openai_client: OpenAI, anthropic_client: anthropic.Anthropic, fake: FakeEngine) -> None:
+    openai_client.chat.completions.create(model="fake:model", messages=HELLO, reasoning_effort="none", extra_body={"chat_template_kwargs": {"custom": 1}})  # type: ignore[arg-type]
+    sent = fake.requests[-1]
+    assert sent.all_template_kwargs() == {"enable_thinking": False, "thinking": False, "custom": 1}  # type: ignore[union-attr]
+    openai_client.chat.completions.create(model="fake:model", messages=HELLO, reasoning_effort="high", extra_body={"chat_template_kwargs": {"enable_thinking": True}})  # type: ignore[arg-type]
+    assert fake.requests[-1].all_template_kwargs() == {"reasoning_effort": "high", "enable_thinking": True}  # type: ignore[union-attr]
+    anthropic_client.messages.create(model="fake:model", max_tokens=20, messages=HELLO, thinking={"type": "enabled", "budget_tokens": 1024})  # type: ignore[arg-type]
+    control = fake.requests[-1].reasoning  # type: ignore[union-attr]
+    assert control.enabled is True and control.budget_tokens == 1024
+    anthropic_client.messages.create(model="fake:model", max_tokens=20, messages=HELLO, thinking={"type": "disabled"})  # type: ignore[arg-type]
+    assert fake.requests[-1].reasoning.enabled is False  # type: ignore[union-attr]
+    openai_client.responses.create(model="fake:model", input="hi", reasoning={"effort": "low"})
+    assert fake.requests[-1].reasoning.effort == "low"  # type: ignore[union-attr]

@@ -43,6 +43,25 @@ class ToolChoice:
 
 
 @dataclass(frozen=True)
+class ReasoningControl:
+    """What a client asked of the model's reasoning; None leaves the model's own default."""
+
+    enabled: bool | None = None  # Anthropic's thinking enabled/disabled; reasoning_effort "none" disables
+    effort: str | None = None  # low, medium, high (OpenAI's reasoning_effort; gpt-oss's template reads it)
+    budget_tokens: int | None = None  # reasoning tokens before the family's end marker is forced
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The variables reasoning templates read (Qwen 3 and GLM enable_thinking, DeepSeek V3.1 thinking, gpt-oss reasoning_effort)."""
+        kwargs: dict[str, Any] = {}
+        if self.enabled is not None:
+            kwargs["enable_thinking"] = self.enabled
+            kwargs["thinking"] = self.enabled
+        if self.effort is not None:
+            kwargs["reasoning_effort"] = self.effort
+        return kwargs
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     """A conversation to continue. `messages` use OpenAI's shape (role, content, tool_calls…)."""
 
@@ -54,6 +73,12 @@ class ChatRequest:
     json_schema: dict[str, Any] | None = None  # response_format json_schema
     json_object: bool = False  # response_format json_object
     format_param: str = "response_format"  # where the API took the output format from (named in errors)
+    reasoning: ReasoningControl = ReasoningControl()
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)  # chat_template_kwargs: extra template variables, last word
+
+    def all_template_kwargs(self) -> dict[str, Any]:
+        """The template's extra variables: those the reasoning controls imply, then the client's own on top."""
+        return {**self.reasoning.template_kwargs(), **self.template_kwargs}
 
 
 @dataclass(frozen=True)

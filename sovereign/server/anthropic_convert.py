@@ -7,7 +7,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sovereign.engine import ChatRequest, Finished, ReasoningDelta, SamplingParams, TextDelta, ToolCall, ToolCallsEvent, ToolChoice, Usage
+from sovereign.engine import ChatRequest, Finished, ReasoningControl, ReasoningDelta, SamplingParams, TextDelta, ToolCall, ToolCallsEvent, ToolChoice, Usage
 from sovereign.engine.requests import Event
 from sovereign.engine.tools import function_tool
 from sovereign.server.anthropic_schemas import (
@@ -47,7 +47,16 @@ def chat_request_from(body: MessagesBody | CountTokensBody) -> ChatRequest:
             stop=tuple(s for s in body.stop_sequences or () if s),
             ignore_eos=body.ignore_eos,
         )
-    return ChatRequest(body.model, messages, sampling, tools, choice, json_schema, format_param="output_config.format")
+    return ChatRequest(body.model, messages, sampling, tools, choice, json_schema, format_param="output_config.format", reasoning=_reasoning(body))
+
+
+def _reasoning(body: _Conversation) -> ReasoningControl:
+    """Anthropic's thinking setting: enabled (with its budget) or disabled; adaptive leaves the model to decide."""
+    if body.thinking is None or body.thinking.type == "adaptive":
+        return ReasoningControl()
+    if body.thinking.type == "disabled":
+        return ReasoningControl(enabled=False)
+    return ReasoningControl(enabled=True, budget_tokens=body.thinking.budget_tokens)
 
 
 def _messages(body: _Conversation) -> list[dict[str, Any]]:

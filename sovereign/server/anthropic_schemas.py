@@ -63,6 +63,11 @@ class ThinkingBlock(_Open):
 ContentBlock = Annotated[TextBlock | ImageBlock | DocumentBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock, Field(discriminator="type")]
 
 
+class ThinkingConfig(_Open):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(default=None, ge=1)
+
+
 class MessageParam(_Strict):
     role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
@@ -90,8 +95,8 @@ class _Conversation(_Strict):
     tools: list[ToolParam] | None = None
     tool_choice: ToolChoiceParam | None = None
     output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema": ...}} is enforced; effort is ignored
+    thinking: ThinkingConfig | None = None  # enabled/disabled reaches the template; budget_tokens bounds the reasoning
     # Accepted and ignored: meaningful to Anthropic's service, not to a local model.
-    thinking: dict[str, Any] | None = None
     cache_control: dict[str, Any] | None = None
     speed: str | None = None
 

@@ -11,6 +11,7 @@ from sovereign.engine import (
     ChatRequest,
     CompletionRequest,
     Finished,
+    ReasoningControl,
     ReasoningDelta,
     SamplingParams,
     TextDelta,
@@ -66,6 +67,15 @@ def _message_text(message: Message, index: int) -> str | None:
     return "\n".join(texts)
 
 
+def reasoning_from_effort(effort: str | None) -> ReasoningControl:
+    """OpenAI's reasoning_effort: "none" turns reasoning off; the others pass to templates that read it (gpt-oss)."""
+    if effort is None:
+        return ReasoningControl()
+    if effort == "none":
+        return ReasoningControl(enabled=False)
+    return ReasoningControl(effort="low" if effort == "minimal" else effort)
+
+
 def chat_request_from(body: ChatCompletionBody, choice_index: int = 0) -> ChatRequest:
     """The engine request for one choice of a chat completion (choice i uses seed + i)."""
     messages: list[dict[str, Any]] = []
@@ -96,7 +106,10 @@ def chat_request_from(body: ChatCompletionBody, choice_index: int = 0) -> ChatRe
         json_object = body.response_format.type == "json_object"
     if tools and choice.mode in ("required", "function") and (json_schema or json_object):
         raise APIError(400, "A forced tool call cannot be combined with a JSON response_format.", param="response_format", code="invalid_value")
-    return ChatRequest(body.model, messages, sampling, tools, choice, json_schema, json_object)
+    return ChatRequest(
+        body.model, messages, sampling, tools, choice, json_schema, json_object,
+        reasoning=reasoning_from_effort(body.reasoning_effort), template_kwargs=body.chat_template_kwargs or {},
+    )
 
 
 def _tool_choice(body: ChatCompletionBody, has_tools: bool) -> ToolChoice:

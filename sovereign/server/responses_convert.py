@@ -14,6 +14,7 @@ from sovereign.engine import ChatRequest, Finished, ReasoningDelta, SamplingPara
 from sovereign.engine.requests import Event
 from sovereign.engine.tools import function_tool
 from sovereign.server.errors import APIError, from_exception
+from sovereign.server.openai_convert import reasoning_from_effort
 from sovereign.server.schemas import NamedFunction, ResponsesBody, ResponsesFunctionTool
 from sovereign.server.sse import named_event as sse
 
@@ -45,7 +46,8 @@ def chat_request_from(body: ResponsesBody) -> ChatRequest:
         seed=body.seed,
         ignore_eos=body.ignore_eos,
     )
-    return ChatRequest(body.model, messages, sampling, tools, choice, json_schema, json_object, format_param="text.format")
+    reasoning = reasoning_from_effort(body.reasoning.effort if body.reasoning else None)
+    return ChatRequest(body.model, messages, sampling, tools, choice, json_schema, json_object, format_param="text.format", reasoning=reasoning)
 
 
 def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

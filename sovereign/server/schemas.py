@@ -160,6 +160,8 @@ class ChatCompletionBody(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # llama-server's and vLLM's name: extra variables for the chat template
 
 
 class CompletionBody(_SamplingFields):
@@ -187,6 +189,12 @@ class ResponsesFunctionTool(_Strict):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+
+class ResponsesReasoning(_Strict):
+    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    summary: str | None = None
+    generate_summary: str | None = None
 
 
 class ResponsesTextFormat(_Strict):
@@ -227,9 +235,9 @@ class ResponsesBody(_Strict):
     user: str | None = None
     seed: int | None = None
     ignore_eos: bool = False  # sovereign's extension, as on the other endpoints
-    # Accepted and ignored: they shape OpenAI's service or its reasoning models, not a local model's output.
+    reasoning: ResponsesReasoning | None = None  # effort reaches the template; summaries are the whole reasoning
+    # Accepted and ignored: they shape OpenAI's service, not a local model's output.
     truncation: str | None = None
-    reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
     stream_options: dict[str, Any] | None = None
     service_tier: str | None = None
