@@ -130,6 +130,14 @@ class FakeEngine:
         self._check(model_name)
         return ([1] if add_bos else []) + list(text.encode())
 
+    async def apply_template(
+        self, model_name: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any] | None, add_generation_prompt: bool
+    ) -> str:
+        self._check(model_name)
+        turns = "".join(f"<{m.get('role')}>{m.get('content') or ''}\n" for m in messages)
+        extras = f"<tools>{json.dumps(tools)}\n" if tools else ""
+        return extras + turns + ("<assistant>" if add_generation_prompt else "")
+
     async def token_texts(self, model_name: str, tokens: list[int]) -> list[str]:
         self._check(model_name)
         return [bytes([t]).decode("latin-1") for t in tokens]

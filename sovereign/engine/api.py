@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from sovereign.engine.engine import Generation
@@ -47,6 +47,10 @@ class EngineAPI(Protocol):
     async def tokenize(self, model_name: str, text: str, *, special: bool, add_bos: bool = False) -> list[int]: ...
 
     async def token_texts(self, model_name: str, tokens: list[int]) -> list[str]: ...
+
+    async def apply_template(
+        self, model_name: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any] | None, add_generation_prompt: bool
+    ) -> str: ...
 
     async def detokenize(self, model_name: str, tokens: list[int], *, special: bool = False) -> str: ...
 

@@ -334,10 +334,10 @@ class LlamaBackend:
         """Forget every sequence."""
         self._llama.llama_memory_clear(self.memory, True)
 
-    def step(self, token: int, logprob_row: np.ndarray | None, top_n: int | None) -> Step:
-        """The Step for a sampled token."""
+    def step(self, token: int, logprob_row: np.ndarray | None, top_n: int | None, *, special: bool = False) -> Step:
+        """The Step for a sampled token (`special`: control tokens spelled out, for a format parser to read)."""
         end = self.is_end_of_generation(token)
-        return Step(token, b"" if end else self.piece(token), self._logprob(logprob_row, token, top_n), end)
+        return Step(token, b"" if end else self.piece(token, special=special), self._logprob(logprob_row, token, top_n), end)
 
     def sampler(self, params: SamplingParams, prompt: list[int]) -> Sampler:
         """A request's own sampler chain, in llama-server's order: bias, penalties, grammar, truncation, temperature, draw.

@@ -1,9 +1,15 @@
-"""Chat templates: Jinja rendered in a sandbox, with user text kept apart from template text.
+"""Chat templates: Jinja rendered in a sandbox exactly as Hugging Face renders them, with user text kept apart.
 
-A template's own text may contain control tokens (`<start_of_turn>`), which must become
-control tokens. Message contents must not: a user who types `<end_of_turn>` would forge a
-turn. So each content is swapped for a sentinel before rendering, the rendered prompt is
-split at the sentinels, and the pieces are tokenized with and without special-token parsing.
+A template's own text may contain control tokens (`<start_of_turn>`), which must become control
+tokens. Text that came from the client (message contents, reasoning, tool calls and results,
+tools, template kwargs) must not: a user who types `<end_of_turn>` would forge a turn. The
+template renders the real contents, so a template that inspects or transforms them (Qwen 3's
+`content.startswith('<tool_response>')`, DeepSeek-R1's split on `</think>`) renders exactly as
+its makers' reference renderer does. Only the control tokens inside client strings are wrapped
+in private-use markers before rendering (Hugging Face's own `mark_control_tokens` scheme): after
+rendering, a marked token becomes an untrusted segment, tokenized as plain text, and the markers
+are dropped. A template that cuts a marked token apart leaves lone markers, which are dropped too
+but still break the text, so the pieces on either side cannot join into a control token.
 
 A template comes with the model file or the catalog, not from the client, but a broken or hostile
 one must cost its request a 4xx, not the server a thread or its memory: rendering runs under a
@@ -16,19 +22,37 @@ import json
 import math
 import re
 import time
+from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from jinja2 import TemplateError
-from jinja2.runtime import Context
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension
+from jinja2.parser import Parser
+from jinja2.runtime import Context, Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.utils import Namespace
 
 from sovereign.errors import BadChatTemplate, InvalidRequest
 
-# Private-use code points: they do not occur in real text, and no template transforms them.
-_SENTINEL = re.compile("\ue000(\\d+)\ue001")
+# Private-use code points around a control token typed by the client (they are stripped from client
+# text first, so they cannot be forged). A marked token is untrusted; a lone marker is dropped.
+_START, _END = "\ue000", "\ue001"
+_MARKED = re.compile(f"{_START}([^{_START}{_END}]*){_END}|[{_START}{_END}]")
+
+# Without the vocabulary's list of control tokens, these are taken for control tokens: the
+# `<|…|>` and `<｜…｜>` shapes anywhere, and token-shaped literals of the template's own text.
+_ALWAYS_CONTROL = r"<\|[^|<>\s]{1,64}\|>|<｜[^<>｜]{1,64}｜>"
+_TOKEN_SHAPED = re.compile(r"<\|[^|<>\s]{1,64}\|>|<｜[^<>｜]{1,64}｜>|</?[A-Za-z_][\w:.▁-]{0,48}>|\[/?[A-Z][A-Z_]{1,30}\]")
+# Tags that templates write as plain text (llama.cpp's GGUFs keep them as user-defined tokens, which
+# it parses even in plain text, so marking them buys nothing), and which templates split and strip on.
+_PLAIN_TAGS = re.compile(r"</?(think|thinking|tool_call|tool_calls|tool_response|tool_responses|tools|arg_key|arg_value|function|parameter|answer|reasoning|response|seed:think|seed:tool_call|minimax:tool_call|invoke|result|output|code)>")
+# The variables render() sets itself (client kwargs may not replace them).
+_RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+# The names a message's reasoning goes by; Hugging Face fills them from one another before rendering.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 # For a model with neither its own template nor a catalog one: a plain transcript.
 FALLBACK_TEMPLATE = (
@@ -42,7 +66,7 @@ MAX_RANGE = 10_000  # items in one range()
 MAX_RANGE_ITEMS = 1_000_000  # items of all range() calls in one render
 MAX_VALUE = 16 * 2**20  # characters (or items) of one string or list built by +, * or %
 MAX_INT_BITS = 4_096  # an integer built by * or **
-MAX_OUTPUT = 16 * 2**20  # characters rendered (message contents are sentinels here, so this is template text)
+MAX_OUTPUT = 16 * 2**20  # characters rendered, message contents included
 MAX_RENDER_SECONDS = 5.0
 _FORMAT_WIDTH = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\*|\d+)?(?:\.(\*|\d+))?")
 
@@ -63,9 +87,53 @@ def _raise_exception(message: str) -> None:
     raise _TemplateRaised(message)
 
 
-def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
-    # Hugging Face's tojson: no HTML escaping, non-ASCII kept.
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+    # Hugging Face's tojson: no HTML escaping, non-ASCII kept, its options exposed.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _TemplateDict:
+    """Hugging Face's `dict` global: callable and `fromkeys`, no attribute tricks."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(Namespace):
+    """Hugging Face's `namespace`: no underscore-prefixed attributes."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's signature trick, so namespace(self=...) works
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check_name(name)
+        Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"templates cannot store underscore-prefixed attributes on a namespace: {name!r}")
+
+
+class _Generation(Extension):
+    """Hugging Face's `{% generation %}` block (it marks assistant text for training); renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Macro) -> str:
+        return str(caller())
 
 
 @dataclass
@@ -140,40 +208,134 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    # Hugging Face's environment (transformers.utils.chat_template_utils), plus the budget.
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
     env.globals["range"] = _range
     return env
+
+
+def _template_literals(env: ImmutableSandboxedEnvironment, source: str) -> list[str]:
+    """The template's literal text and string constants (where its own control tokens are written)."""
+    tree = env.parse(source)
+    literals = [node.data for node in tree.find_all(nodes.TemplateData)]
+    return literals + [node.value for node in tree.find_all(nodes.Const) if isinstance(node.value, str)]
+
+
+def _control_pattern(tokens: Iterable[str], *, guessed: bool) -> re.Pattern[str]:
+    """A regex for the control tokens, longest first (so a token wins over the tokens inside it)."""
+    alternatives = [re.escape(token) for token in sorted(set(tokens) - {""}, key=len, reverse=True)]
+    if guessed:
+        alternatives.append(_ALWAYS_CONTROL)
+    return re.compile("|".join(alternatives) or "(?!)")
+
+
+def _mark(value: Any, control: re.Pattern[str]) -> Any:
+    """Client data with each control token inside its strings wrapped in markers (dict keys left alone)."""
+    if isinstance(value, str):
+        value = value.replace(_START, "").replace(_END, "")
+        return control.sub(lambda m: f"{_START}{m.group(0)}{_END}", value)
+    if isinstance(value, dict):
+        return {key: _mark(item, control) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mark(item, control) for item in value]
+    return value
+
+
+def _alias_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Hugging Face's reasoning aliases: `reasoning_content` and `thinking` filled from whichever is set."""
+    aliased = []
+    for message in messages:
+        reasoning = next((message[key] for key in _REASONING_FIELDS if message.get(key) is not None), None) if isinstance(message, dict) else None
+        aliased.append({"thinking": reasoning, **message, "reasoning_content": reasoning} if reasoning is not None else message)
+    return aliased
+
+
+def check_kwargs(kwargs: dict[str, Any]) -> None:
+    """Template kwargs come from the client: they may add variables, not replace the conversation."""
+    reserved = sorted((_RESERVED | {"self"}) & kwargs.keys())
+    if reserved:
+        raise InvalidRequest(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
+
+
+def _segments(rendered: str, control: re.Pattern[str]) -> list[Segment]:
+    """The rendering split at the markers: marked tokens untrusted, the rest trusted, lone markers dropped.
+
+    A lone marker means the template cut a marked token: a control token right after a lone start
+    marker, or right before a lone end marker, is what is left of it, so it is untrusted too."""
+    pieces: list[tuple[str, str]] = []  # (kind, text): text | token | start | end
+    cursor = 0
+    for match in _MARKED.finditer(rendered):
+        pieces.append(("text", rendered[cursor : match.start()]))
+        pieces.append(("token", match.group(1)) if match.group(1) is not None else ("start" if match.group(0) == _START else "end", ""))
+        cursor = match.end()
+    pieces.append(("text", rendered[cursor:]))
+    segments: list[Segment] = []
+    for index, (kind, text) in enumerate(pieces):
+        if kind == "token":
+            segments.append(Segment(text, trusted=False))
+        elif kind == "text":
+            head = control.match(text) if index > 0 and pieces[index - 1][0] == "start" else None
+            if head:
+                segments.append(Segment(head.group(0), trusted=False))
+                text = text[head.end() :]
+            tail = next((m for m in control.finditer(text) if m.end() == len(text)), None) if index + 1 < len(pieces) and pieces[index + 1][0] == "end" else None
+            segments.append(Segment(text[: tail.start()] if tail else text, trusted=True))
+            if tail:
+                segments.append(Segment(tail.group(0), trusted=False))
+    return [segment for segment in segments if segment.text]
 
 
 class ChatTemplate:
     """A compiled chat template and the special-token texts it expects."""
 
-    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "", origin: str = "gguf") -> None:
+    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "", origin: str = "gguf", control_tokens: Iterable[str] | None = None) -> None:
+        """`control_tokens`: the vocabulary's control tokens; without them, token-shaped text is taken for one."""
         self.source = source
         self.origin = origin  # gguf | catalog | fallback
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.supports_tools = "tools" in source
+        env = _environment()
+        guessed = control_tokens is None
         try:
-            self._template = _environment().from_string(source)
+            self._template = env.from_string(source)
+            if control_tokens is None:
+                found = {m.group(0) for text in _template_literals(env, source) for m in _TOKEN_SHAPED.finditer(text)}
+                control_tokens = {token for token in found if not _PLAIN_TAGS.fullmatch(token)}
         except (TemplateError, RecursionError, MemoryError, ValueError) as exc:
             where = "its chat_template in models.toml" if origin == "catalog" else "a chat_template for it in models.toml"
             raise BadChatTemplate(f"the model's {origin} chat template does not compile: {exc}", f"fix {where}") from None
+        self._control = _control_pattern({*control_tokens, bos_token, eos_token}, guessed=guessed)
 
-    def render(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True) -> list[Segment]:
-        """The prompt for these messages, split into trusted template text and untrusted contents."""
-        contents: list[str] = []
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        documents: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> list[Segment]:
+        """The prompt for these messages, split into trusted template text and untrusted client text.
 
-        def hide(text: str) -> str:
-            contents.append(text)
-            return f"\ue000{len(contents) - 1}\ue001"
-
-        hidden = [{**message, "content": hide(message["content"])} if isinstance(message.get("content"), str) else message for message in messages]
-        variables = {"messages": hidden, "tools": tools or None, "add_generation_prompt": add_generation_prompt, "bos_token": self.bos_token, "eos_token": self.eos_token}
+        `kwargs` are extra template variables (a client's `chat_template_kwargs`, e.g. `enable_thinking`)."""
+        check_kwargs(kwargs)
+        mark = self._control
         try:
+            variables = {
+                "bos_token": self.bos_token,
+                "eos_token": self.eos_token,
+                **_mark(kwargs, mark),
+                "messages": _mark(_alias_reasoning(messages), mark),
+                "tools": _mark(tools or None, mark),
+                "documents": _mark(documents, mark),
+                "add_generation_prompt": add_generation_prompt,
+            }
             rendered = self._render(variables)
         except _TemplateRaised as exc:
             raise InvalidRequest(f"the model's chat template rejected the conversation: {exc}", "messages") from None
@@ -181,16 +343,14 @@ class ChatTemplate:
             raise InvalidRequest("the model's chat template recursed too deeply on these messages", "messages") from None
         except Exception as exc:  # a template is code: whatever it raises is its failure to render, not the server's
             raise InvalidRequest(f"the model's chat template could not render these messages: {exc}", "messages") from None
-        segments: list[Segment] = []
-        cursor = 0
-        for match in _SENTINEL.finditer(rendered):
-            if match.start() > cursor:
-                segments.append(Segment(rendered[cursor : match.start()], trusted=True))
-            segments.append(Segment(contents[int(match.group(1))], trusted=False))
-            cursor = match.end()
-        if cursor < len(rendered):
-            segments.append(Segment(rendered[cursor:], trusted=True))
-        return [s for s in segments if s.text]
+        return _segments(rendered, mark)
+
+    def render_text(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None
+    ) -> str:
+        """The prompt as one text, as the model's makers render it (what /apply-template shows)."""
+        check_kwargs(template_kwargs or {})
+        return "".join(segment.text for segment in self.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})))
 
     def _render(self, variables: dict[str, Any]) -> str:
         """Render within the budget: output is read as it is made, so a runaway template stops early."""

@@ -14,10 +14,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from sovereign.engine import output, wire
 from sovereign.engine import tools as tool_calls
-from sovereign.engine import wire
 from sovereign.engine.api import ModelInfo, ModelLoad
-from sovereign.engine.chat_template import Segment
+from sovereign.engine.chat_template import Segment, check_kwargs
 from sovereign.engine.pool import LoadedModel, ModelPool
 from sovereign.engine.requests import (
     ChatRequest,
@@ -26,8 +26,6 @@ from sovereign.engine.requests import (
     Finished,
     FinishReason,
     SamplingParams,
-    TextDelta,
-    TokenLogprob,
     ToolCallsEvent,
     Usage,
 )
@@ -73,13 +71,15 @@ class _Prepared:
     sampling: SamplingParams
     tool_mode: str  # none | auto | forced
     tools: list[dict[str, Any]]
+    in_reasoning: bool = False  # the prompt ends inside the reasoning block (the template opened it)
 
 
 class Engine:
     """Turns requests into event streams over the models in a pool; the server's only way to a model."""
 
-    def __init__(self, pool: ModelPool) -> None:
+    def __init__(self, pool: ModelPool, *, reasoning_format: str = "auto") -> None:
         self.pool = pool
+        self.raw_reasoning = reasoning_format == "none"  # --reasoning-format none: leave the model's text as it is
 
     async def submit(self, request: Request) -> Generation:
         """Queue a request and return its event stream; a bad request raises here, before any event."""
@@ -115,6 +115,16 @@ class Engine:
         model = await self.pool.get(model_name)
         tokens: list[int] = (await model.process.call("tokenize", [[text, special]]))[0]
         return model.facts.with_bos(tokens) if add_bos else tokens
+
+    async def apply_template(
+        self, model_name: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any] | None, add_generation_prompt: bool
+    ) -> str:
+        """The prompt text the model's chat template makes of these messages, tools and template kwargs."""
+        model = await self.pool.get(model_name)
+        template = model.template
+        messages = tool_calls.as_template_messages(messages, tools or [], native=template.supports_tools)
+        active = tools if template.supports_tools else None
+        return await asyncio.to_thread(template.render_text, messages, tools=active, add_generation_prompt=add_generation_prompt, template_kwargs=kwargs)
 
     async def token_texts(self, model_name: str, tokens: list[int]) -> list[str]:
         """Each token as text, control tokens spelled out."""
@@ -200,14 +210,17 @@ class Engine:
         pieces = await model.process.call("tokenize", [[segment.text, segment.trusted] for segment in segments])
         prompt = model.facts.with_bos([token for piece in pieces for token in piece])
         _check_fits(model, len(prompt))
-        return _Prepared(model, prompt, sampling, tool_mode, active_tools)
+        opened = model.format.reasoning is not None and "".join(s.text for s in segments[-4:]).rstrip().endswith(model.format.reasoning[0])
+        return _Prepared(model, prompt, sampling, tool_mode, active_tools, opened)
 
     def _render_chat(self, model: LoadedModel, request: ChatRequest) -> tuple[list[Segment], SamplingParams, str, list[dict[str, Any]]]:
         """The prompt's segments and the decoding rules (grammars compiled here, off the event loop)."""
         template = model.template
         active_tools = request.tools if request.tool_choice.mode != "none" else []
         messages = tool_calls.as_template_messages(request.messages, active_tools, native=template.supports_tools)
-        segments = template.render(messages, tools=active_tools if template.supports_tools else None)
+        kwargs = request.all_template_kwargs()
+        check_kwargs(kwargs)  # before they are spread: a client's "messages" or "self" must be a 400, not a TypeError
+        segments = template.render(messages, tools=active_tools if template.supports_tools else None, **kwargs)
         sampling = self._with_stops(model, request.sampling)
         tool_mode = "none"
         if request.json_schema is not None:
@@ -221,6 +234,8 @@ class Engine:
                 tool_mode = "forced"
             else:
                 tool_mode = "auto"
+        if model.format.name != "generic":  # the family's markers are control tokens: the parser must see them
+            sampling = replace(sampling, special_pieces=True)
         return segments, sampling, tool_mode, active_tools
 
     @staticmethod
@@ -232,7 +247,7 @@ class Engine:
 
     async def _events(self, prepared: _Prepared, stream: TokenStream) -> AsyncGenerator[Event, None]:
         text = _TextAssembler(prepared.sampling.stop)
-        buffered = _ToolBuffer(prepared.tool_mode)
+        reader = output.reader_for(prepared.model.format, prepared.tool_mode, prepared.tools, raw_reasoning=self.raw_reasoning, in_reasoning=prepared.in_reasoning)
         completion_tokens = 0
         reason: FinishReason = "length"
         stopped: str | None = None
@@ -243,21 +258,15 @@ class Engine:
                     break
                 completion_tokens += 1
                 piece, stopped = text.feed(step.piece)
-                delta = buffered.feed(piece, step.logprob)
-                if delta is not None:
-                    yield delta
+                for event in reader.feed(piece, step.logprob):
+                    yield event
                 if stopped:
                     reason = "stop"
                     break
-            tail = buffered.feed(text.flush(), None)
-            if tail is not None:
-                yield tail
-            calls = tool_calls.parse_calls(buffered.held_text, prepared.tools) if buffered.held_text else []
-            if calls:
-                yield ToolCallsEvent(calls)
-                reason = "tool_calls"
-            elif buffered.held_text:
-                yield TextDelta(buffered.held_text, buffered.held_logprobs)
+            for event in [*reader.feed(text.flush(), None), *reader.finish()]:
+                if isinstance(event, ToolCallsEvent):
+                    reason = "tool_calls"
+                yield event
             if not stream.cancelled:  # a client that hung up has no finish reason
                 stream.stats.finish_reason = reason
             yield Finished(reason, Usage(len(prepared.prompt), completion_tokens, stream.stats.cached_tokens), stopped if reason == "stop" else None)
@@ -321,40 +330,3 @@ class _TextAssembler:
         """What is left at the end (a held-back partial stop string is real text after all)."""
         rest, self._pending = self._pending + self._decoder.decode(b"", final=True), ""
         return rest
-
-
-class _ToolBuffer:
-    """Passes text through, except text that is (or may be) a tool call, which is held for parsing."""
-
-    def __init__(self, mode: str) -> None:
-        self._mode = mode
-        self._decided = mode != "auto"
-        self._holding = mode == "forced"
-        self.held_text = ""
-        self.held_logprobs: list[TokenLogprob] = []
-        self._pending_logprobs: list[TokenLogprob] = []
-
-    def feed(self, text: str, logprob: TokenLogprob | None) -> TextDelta | None:
-        """A delta to stream now, or None while text is held (or there is none)."""
-        if logprob is not None:
-            self._pending_logprobs.append(logprob)
-        if self._holding or not self._decided:
-            self.held_text += text
-            self.held_logprobs.extend(self._pending_logprobs)
-            self._pending_logprobs = []
-            if self._decided:
-                return None
-            lead = self.held_text.lstrip()
-            if not lead or any(len(lead) < len(o) and o.startswith(lead) for o in tool_calls.CALL_OPENINGS):
-                return None  # blank so far, or could still become "<tool_call>": wait for more
-            self._decided = True
-            self._holding = any(lead.startswith(o) for o in tool_calls.CALL_OPENINGS)
-            if self._holding:
-                return None
-            text, self.held_text = self.held_text, ""
-            logprobs, self.held_logprobs = self.held_logprobs, []
-            return TextDelta(text, logprobs) if text else None
-        if not text:
-            return None
-        logprobs, self._pending_logprobs = self._pending_logprobs, []
-        return TextDelta(text, logprobs)

@@ -16,6 +16,7 @@ from sovereign.catalog import Catalog, ModelSpec
 from sovereign.engine.backend import LoadOptions
 from sovereign.engine.chat_template import FALLBACK_STOPS, FALLBACK_TEMPLATE, ChatTemplate
 from sovereign.config import DEFAULT_MAX_QUEUE
+from sovereign.engine.formats import ChatFormat, detect
 from sovereign.engine.kernel_probe import kernel_choice, record_crash
 from sovereign.engine.process import ModelFacts, ModelProcess
 from sovereign.errors import InvalidReference, ModelNotFound
@@ -35,6 +36,7 @@ class LoadedModel:
     process: ModelProcess
     template: ChatTemplate
     stops: tuple[str, ...]
+    format: ChatFormat = field(default_factory=lambda: detect(None))  # how its answers write reasoning and tool calls
     pinned: bool = False  # named on the command line: never unloaded for idleness
 
     @property
@@ -142,7 +144,8 @@ class ModelPool:
             raise
         crashed = self._loaded.get(manifest.name)  # a dead predecessor not yet dropped
         pinned = pin or manifest.name in self._pinned_crashed or (crashed is not None and crashed.pinned)
-        model = LoadedModel(manifest.name, manifest, process, template, stops, pinned=pinned)
+        family = detect(template.source if template.origin != "fallback" else None)
+        model = LoadedModel(manifest.name, manifest, process, template, stops, family, pinned=pinned)
         self._pinned_crashed.discard(manifest.name)
         process.on_exit = self._forget_crashed
         self._loaded[manifest.name] = model

@@ -32,6 +32,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; N: the chosen token's plus the N most likely
     ignore_eos: bool = False  # keep generating past end-of-turn (benchmarks)
     grammar: str | None = None  # GBNF the output must match
+    special_pieces: bool = False  # control tokens as their text (a family's markup, e.g. <|python_tag|>), not as nothing
 
 
 @dataclass(frozen=True)

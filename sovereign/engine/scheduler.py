@@ -317,7 +317,7 @@ class BatchScheduler:
             except InvalidRequest as exc:  # its output format can go no further (bias against grammar, time budget): it alone ends
                 self._finish(slot, now, exc)
                 continue
-            step = self.backend.step(token, row, params.logprobs)
+            step = self.backend.step(token, row, params.logprobs, special=params.special_pieces)
             stats = job.stream.stats
             if stats.first_token is None:
                 stats.first_token = now

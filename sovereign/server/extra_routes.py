@@ -1,4 +1,4 @@
-"""llama-server's extensions that clients rely on: /tokenize and /detokenize."""
+"""llama-server's extensions that clients rely on: /tokenize, /detokenize and /apply-template."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ class TokenizeBody(_Strict):
     with_pieces: bool = False
 
 
+class ApplyTemplateBody(_Strict):
+    messages: list[dict[str, Any]]
+    model: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+
+
 class DetokenizeBody(_Strict):
     tokens: list[int] = Field(default_factory=list)
     model: str | None = None
@@ -39,3 +47,10 @@ async def tokenize(request: Request, body: TokenizeBody) -> dict[str, Any]:
 @router.post("/detokenize")
 async def detokenize(request: Request, body: DetokenizeBody) -> dict[str, Any]:
     return {"content": await engine(request).detokenize(model_name(request, body.model), body.tokens)}
+
+
+@router.post("/apply-template")
+async def apply_template(request: Request, body: ApplyTemplateBody) -> dict[str, Any]:
+    model = model_name(request, body.model)
+    prompt = await engine(request).apply_template(model, body.messages, body.tools, body.chat_template_kwargs, body.add_generation_prompt)
+    return {"prompt": prompt}

@@ -1,0 +1,130 @@
+"""Reading a model's answer as it streams: content, reasoning and tool calls, by the model's own format.
+
+Two readers share one surface (feed text as it comes, finish once):
+- FamilyOutput: the model family's parser (engine/formats), for templates whose family is known:
+  Qwen's `<think>` and `<tool_call>`, Llama's `<|python_tag|>`, Mistral's `[TOOL_CALLS]`, harmony…
+- PlainOutput: for the generic format (our own tool instructions), forced calls (whose grammar
+  writes bare JSON), and `--reasoning-format none`: text passes through, except an answer that
+  opens like a call, which is held and parsed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Protocol
+
+from sovereign.engine import formats
+from sovereign.engine import tools as tool_calls
+from sovereign.engine.requests import Event, ReasoningDelta, TextDelta, TokenLogprob, ToolCall, ToolCallsEvent
+
+log = logging.getLogger(__name__)
+
+
+class OutputReader(Protocol):
+    """Turns an answer's text, piece by piece, into events."""
+
+    def feed(self, text: str, logprob: TokenLogprob | None) -> list[Event]: ...
+
+    def finish(self) -> list[Event]:
+        """What is left once the answer has ended (tool calls among it)."""
+        ...
+
+
+class FamilyOutput:
+    """A family parser's events as engine events; tool calls are checked against the offered tools and sent whole at the end."""
+
+    def __init__(self, fmt: formats.ChatFormat, tools: list[dict[str, Any]], *, in_reasoning: bool) -> None:
+        self._parser = fmt.parser(tools or None, in_reasoning=in_reasoning)
+        self._offered = {f["name"] for f in tool_calls.functions_of(tools)} if tools else set()
+        self._calls: dict[int, list[str]] = {}  # index -> [id, name, arguments so far]
+        self._logprobs: list[TokenLogprob] = []
+
+    def feed(self, text: str, logprob: TokenLogprob | None) -> list[Event]:
+        if logprob is not None:
+            self._logprobs.append(logprob)
+        return self._convert(self._parser.feed(text)) if text else []
+
+    def finish(self) -> list[Event]:
+        events = self._convert(self._parser.finish())
+        calls = [call for call in (self._checked(*parts) for parts in self._calls.values()) if call is not None]
+        return events + ([ToolCallsEvent(calls)] if calls else [])
+
+    def _convert(self, parsed: list[formats.FormatEvent]) -> list[Event]:
+        events: list[Event] = []
+        for event in parsed:
+            if isinstance(event, formats.ContentDelta):
+                logprobs, self._logprobs = self._logprobs, []
+                events.append(TextDelta(event.text, logprobs))
+            elif isinstance(event, formats.ReasoningDelta):
+                events.append(ReasoningDelta(event.text))
+            elif isinstance(event, formats.ToolCallStart):
+                self._calls[event.index] = [event.id, event.name, ""]
+            elif isinstance(event, formats.ToolCallArgsDelta) and event.index in self._calls:
+                self._calls[event.index][2] += event.text
+        return events
+
+    def _checked(self, call_id: str, name: str, arguments: str) -> ToolCall | None:
+        """The call, its arguments as a JSON object's text; None for a tool not offered or arguments that are no object."""
+        if name not in self._offered:
+            log.info("the model called %r, which is not among the offered tools: dropped", name)
+            return None
+        try:
+            value = json.loads(arguments or "{}")
+        except ValueError:
+            log.info("the model's call to %r has arguments that are not JSON: dropped", name)
+            return None
+        if not isinstance(value, dict):
+            return None
+        return ToolCall(call_id, name, json.dumps(value, ensure_ascii=False))
+
+
+class PlainOutput:
+    """Passes text through, except text that is (or may be) a tool call, which is held and parsed at the end."""
+
+    def __init__(self, mode: str, tools: list[dict[str, Any]]) -> None:
+        self._tools = tools
+        self._decided = mode != "auto"
+        self._holding = mode == "forced"
+        self._held_text = ""
+        self._held_logprobs: list[TokenLogprob] = []
+        self._pending_logprobs: list[TokenLogprob] = []
+
+    def feed(self, text: str, logprob: TokenLogprob | None) -> list[Event]:
+        if logprob is not None:
+            self._pending_logprobs.append(logprob)
+        if self._holding or not self._decided:
+            self._held_text += text
+            self._held_logprobs.extend(self._pending_logprobs)
+            self._pending_logprobs = []
+            if self._decided:
+                return []
+            lead = self._held_text.lstrip()
+            if not lead or any(len(lead) < len(o) and o.startswith(lead) for o in tool_calls.CALL_OPENINGS):
+                return []  # blank so far, or could still become "<tool_call>": wait for more
+            self._decided = True
+            self._holding = any(lead.startswith(o) for o in tool_calls.CALL_OPENINGS)
+            if self._holding:
+                return []
+            text, self._held_text = self._held_text, ""
+            logprobs, self._held_logprobs = self._held_logprobs, []
+            return [TextDelta(text, logprobs)] if text else []
+        if not text:
+            return []
+        logprobs, self._pending_logprobs = self._pending_logprobs, []
+        return [TextDelta(text, logprobs)]
+
+    def finish(self) -> list[Event]:
+        if not self._held_text:
+            return []
+        calls = tool_calls.parse_calls(self._held_text, self._tools) if self._tools else []
+        if calls:
+            return [ToolCallsEvent(calls)]
+        return [TextDelta(self._held_text, self._held_logprobs)]
+
+
+def reader_for(fmt: formats.ChatFormat, tool_mode: str, tools: list[dict[str, Any]], *, raw_reasoning: bool, in_reasoning: bool) -> OutputReader:
+    """The reader for one answer: the family's parser where it applies, else plain text with held-back calls."""
+    if fmt.name == "generic" or tool_mode == "forced" or raw_reasoning:
+        return PlainOutput(tool_mode, tools)
+    return FamilyOutput(fmt, tools, in_reasoning=in_reasoning)
