@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -51,6 +52,13 @@ def friendly_errors(command: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class ReasoningFormat(str, Enum):
+    """What `serve` does with a model's reasoning."""
+
+    auto = "auto"
+    none = "none"
 
 
 class Core:
@@ -208,6 +216,7 @@ def serve(
     timeout: Annotated[float, typer.Option("--timeout", help="Stop a request after this many seconds, queueing included (0: no limit).")] = DEFAULT_TIMEOUT,
     allowed_hosts: Annotated[str | None, typer.Option("--allowed-hosts", help="Host names to answer besides this machine's, comma-separated ('*.example.com' for subdomains, '*' for any; default: any when --host is not loopback).")] = None,
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted (e.g. 32MiB, 100MB); larger ones get 413.")] = "32MiB",
+    reasoning_format: Annotated[ReasoningFormat, typer.Option("--reasoning-format", help="auto: reasoning goes to reasoning_content / thinking blocks; none: leave the model's text as it is.")] = ReasoningFormat.auto,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API."""
     import uvicorn
@@ -225,7 +234,7 @@ def serve(
     check_port_free(host, port)
     names = [ensure_pulled(m, core.settings, core.store, core.catalog, err) for m in models or [str(core.catalog.default)]]
     pool = build_pool(core.store, core.catalog, options, core.settings)
-    server_app = create_app(Engine(pool), ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names), allowed_hosts=hosts, max_body=body_limit))
+    server_app = create_app(Engine(pool, reasoning_format=reasoning_format.value), ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names), allowed_hosts=hosts, max_body=body_limit))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine can use it", highlight=False)
     shown = f"[{host}]" if ":" in host else host
