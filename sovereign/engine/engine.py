@@ -206,10 +206,11 @@ class Engine:
 
     async def _prepare_chat(self, model: LoadedModel, request: ChatRequest) -> _Prepared:
         segments, sampling, tool_mode, active_tools = await asyncio.to_thread(self._render_chat, model, request)
-        # Template text may hold control tokens; message contents are plain text, always.
+        # Template text may hold control tokens; a control token a client typed is tokenized as plain text.
         pieces = await model.process.call("tokenize", [[segment.text, segment.trusted] for segment in segments])
         prompt = model.facts.with_bos([token for piece in pieces for token in piece])
         _check_fits(model, len(prompt))
+        # A template that ends its prompt with the reasoning opener (DeepSeek-R1's "<think>\n") has the model start inside it.
         opened = model.format.reasoning is not None and "".join(s.text for s in segments[-4:]).rstrip().endswith(model.format.reasoning[0])
         return _Prepared(model, prompt, sampling, tool_mode, active_tools, opened)
 
