@@ -25,13 +25,16 @@ from sovereign.engine.stream import TokenStream
 WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
-def read(family: str, output: str, *, tools: list[dict[str, Any]] | None = None, mode: str = "auto", in_reasoning: bool = False, seed: int = 0, raw: bool = False, stop: tuple[str, ...] = ()) -> dict[str, Any]:
+def read(
+    family: str, output: str, *, tools: list[dict[str, Any]] | None = None, mode: str = "auto", in_reasoning: bool = False,
+    seed: int = 0, raw: bool = False, stop: tuple[str, ...] = (), parallel: bool = True,
+) -> dict[str, Any]:
     """Stream `output` in random 1-4 character tokens through the engine and gather what comes out."""
 
     async def run() -> list[Any]:
         engine = Engine(None, reasoning_format="none" if raw else "auto")  # type: ignore[arg-type]
         model = SimpleNamespace(format=FORMATS[family])
-        prepared = _Prepared(model, [1, 2, 3], SamplingParams(stop=stop), mode, tools or [], in_reasoning)  # type: ignore[arg-type]
+        prepared = _Prepared(model, [1, 2, 3], SamplingParams(stop=stop), mode, tools or [], in_reasoning, parallel)  # type: ignore[arg-type]
         stream = TokenStream(RequestStats("m", 3))
         rng, at = random.Random(seed), 0
         while at < len(output):
@@ -79,6 +82,12 @@ def test_hermes_tool_calls_after_text_and_reasoning(seed: int) -> None:
     assert got["reasoning"] == "I need the weather." and got["content"] == "Let me check."
     assert got["calls"] == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Lima"})]
     assert got["reason"] == "tool_calls" and "<tool_call>" not in got["content"]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    output = '<tool_call>{"name": "get_weather", "arguments": {"city": "A"}}</tool_call><tool_call>{"name": "get_weather", "arguments": {"city": "B"}}</tool_call>'
+    assert read("hermes", output, tools=WEATHER, parallel=False)["calls"] == [("get_weather", {"city": "A"})]
+    assert len(read("hermes", output, tools=WEATHER)["calls"]) == 2
 
 
 def test_llama3_python_tag_and_mistral_tool_calls() -> None:

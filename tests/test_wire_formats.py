@@ -285,3 +285,13 @@ def test_reasoning_controls_reach_the_request(openai_client: OpenAI, anthropic_c
     assert fake.requests[-1].reasoning.enabled is False  # type: ignore[union-attr]
     openai_client.responses.create(model="fake:model", input="hi", reasoning={"effort": "low"})
     assert fake.requests[-1].reasoning.effort == "low"  # type: ignore[union-attr]
+
+
+def test_parallel_tool_calls_flag_reaches_the_request(openai_client: OpenAI, anthropic_client: anthropic.Anthropic, fake: FakeEngine) -> None:
+    openai_client.chat.completions.create(model="fake:model", messages=HELLO, tools=[TOOL], parallel_tool_calls=False)  # type: ignore[arg-type,list-item]
+    assert fake.requests[-1].parallel_tool_calls is False  # type: ignore[union-attr]
+    openai_client.chat.completions.create(model="fake:model", messages=HELLO, tools=[TOOL])  # type: ignore[arg-type,list-item]
+    assert fake.requests[-1].parallel_tool_calls is True  # type: ignore[union-attr]
+    tool = {"name": "lookup", "input_schema": {"type": "object"}}
+    anthropic_client.messages.create(model="fake:model", max_tokens=20, messages=HELLO, tools=[tool], tool_choice={"type": "auto", "disable_parallel_tool_use": True})  # type: ignore[arg-type,list-item]
+    assert fake.requests[-1].parallel_tool_calls is False  # type: ignore[union-attr]

@@ -72,6 +72,7 @@ class _Prepared:
     tool_mode: str  # none | auto | forced
     tools: list[dict[str, Any]]
     in_reasoning: bool = False  # the prompt ends inside the reasoning block (the template opened it)
+    parallel_tool_calls: bool = True
 
 
 class Engine:
@@ -212,7 +213,7 @@ class Engine:
         _check_fits(model, len(prompt))
         # A template that ends its prompt with the reasoning opener (DeepSeek-R1's "<think>\n") has the model start inside it.
         opened = model.format.reasoning is not None and "".join(s.text for s in segments[-4:]).rstrip().endswith(model.format.reasoning[0])
-        return _Prepared(model, prompt, sampling, tool_mode, active_tools, opened)
+        return _Prepared(model, prompt, sampling, tool_mode, active_tools, opened, request.parallel_tool_calls)
 
     def _render_chat(self, model: LoadedModel, request: ChatRequest) -> tuple[list[Segment], SamplingParams, str, list[dict[str, Any]]]:
         """The prompt's segments and the decoding rules (grammars compiled here, off the event loop)."""
@@ -267,6 +268,8 @@ class Engine:
             for event in [*reader.feed(text.flush(), None), *reader.finish()]:
                 if isinstance(event, ToolCallsEvent):
                     reason = "tool_calls"
+                    if not prepared.parallel_tool_calls:  # parallel_tool_calls: false asks for one call at most
+                        event = ToolCallsEvent(event.calls[:1])
                 yield event
             if not stream.cancelled:  # a client that hung up has no finish reason
                 stream.stats.finish_reason = reason

@@ -75,6 +75,7 @@ class ChatRequest:
     json_object: bool = False  # response_format json_object
     format_param: str = "response_format"  # where the API took the output format from (named in errors)
     reasoning: ReasoningControl = ReasoningControl()
+    parallel_tool_calls: bool = True  # False: at most one call per answer
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)  # chat_template_kwargs: extra template variables, last word
 
     def all_template_kwargs(self) -> dict[str, Any]:

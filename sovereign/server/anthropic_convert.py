@@ -47,7 +47,11 @@ def chat_request_from(body: MessagesBody | CountTokensBody) -> ChatRequest:
             stop=tuple(s for s in body.stop_sequences or () if s),
             ignore_eos=body.ignore_eos,
         )
-    return ChatRequest(body.model, messages, sampling, tools, choice, json_schema, format_param="output_config.format", reasoning=_reasoning(body))
+    single = body.tool_choice is not None and bool(body.tool_choice.disable_parallel_tool_use)
+    return ChatRequest(
+        body.model, messages, sampling, tools, choice, json_schema, format_param="output_config.format", reasoning=_reasoning(body),
+        parallel_tool_calls=not single,
+    )
 
 
 def _reasoning(body: _Conversation) -> ReasoningControl:

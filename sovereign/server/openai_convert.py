@@ -109,6 +109,7 @@ def chat_request_from(body: ChatCompletionBody, choice_index: int = 0) -> ChatRe
     return ChatRequest(
         body.model, messages, sampling, tools, choice, json_schema, json_object,
         reasoning=reasoning_from_effort(body.reasoning_effort), template_kwargs=body.chat_template_kwargs or {},
+        parallel_tool_calls=body.parallel_tool_calls is not False,
     )
 
 

@@ -47,7 +47,10 @@ def chat_request_from(body: ResponsesBody) -> ChatRequest:
         ignore_eos=body.ignore_eos,
     )
     reasoning = reasoning_from_effort(body.reasoning.effort if body.reasoning else None)
-    return ChatRequest(body.model, messages, sampling, tools, choice, json_schema, json_object, format_param="text.format", reasoning=reasoning)
+    return ChatRequest(
+        body.model, messages, sampling, tools, choice, json_schema, json_object, format_param="text.format", reasoning=reasoning,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+    )
 
 
 def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
