@@ -6,6 +6,8 @@ a pure function of the request, so tests can state exactly what the wire must ca
 - max_tokens cuts it (finish "length"); a stop string cuts it (finish "stop");
 - a forced tool choice calls the named (or first) tool with {"echo": <last user text>};
 - a last user message starting with "think" is first reasoned about: "Thinking about <text>." as reasoning;
+- with tools offered and tool_choice auto, a message starting with "call" is answered with a call to the first
+  tool, {"echo": <text>}, streamed as the family parsers stream it (name, then the arguments in pieces);
 - a model named "crashing:model" fails mid-stream with ModelCrashed after two tokens;
 - "busy:model" refuses with ServerBusy, "missing:model" does not exist.
 """
@@ -18,7 +20,7 @@ import zlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from sovereign.engine import ChatRequest, CompletionRequest, Finished, Generation, ReasoningDelta, TextDelta, ToolCall, ToolCallsEvent, Usage
+from sovereign.engine import ChatRequest, CompletionRequest, Finished, Generation, ReasoningDelta, TextDelta, ToolCall, ToolCallDelta, ToolCallsEvent, Usage
 from sovereign.engine.api import ModelInfo, ModelLoad
 from sovereign.engine.requests import Event, FinishReason
 from sovereign.errors import InvalidRequest, ModelCrashed, ModelNotFound, ServerBusy
@@ -84,6 +86,15 @@ class FakeEngine:
         if _last_user_text(request).startswith("think"):
             for word in scripted_reasoning(request):
                 yield ReasoningDelta(word)
+        if isinstance(request, ChatRequest) and request.tools and request.tool_choice.mode == "auto" and _last_user_text(request).startswith("call"):
+            name, arguments = request.tools[0]["function"]["name"], json.dumps({"echo": _last_user_text(request)})
+            call_id = f"call_{zlib.crc32(arguments.encode()):08x}"
+            yield ToolCallDelta(0, call_id, name)
+            for start in range(0, len(arguments), 5):
+                yield ToolCallDelta(0, arguments=arguments[start : start + 5])
+            yield ToolCallsEvent([ToolCall(call_id, name, arguments)])
+            yield Finished("tool_calls", Usage(usage_prompt, 6))
+            return
         words = scripted_words(request)
         reason: FinishReason = "stop"
         stop_hit: str | None = None

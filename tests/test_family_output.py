@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sovereign.engine import Engine, Finished, ReasoningDelta, SamplingParams, TextDelta, ToolCallsEvent
+from sovereign.engine import Engine, Finished, ReasoningDelta, SamplingParams, TextDelta, ToolCallDelta, ToolCallsEvent
 from sovereign.engine.backend import Step
 from sovereign.engine.engine import _Prepared
 from sovereign.engine.formats import FORMATS
@@ -49,7 +49,15 @@ def read(
     calls = [call for event in events if isinstance(event, ToolCallsEvent) for call in event.calls]
     finished = events[-1]
     assert isinstance(finished, Finished)
+    streamed: dict[int, list[str]] = {}
+    for event in events:
+        if isinstance(event, ToolCallDelta):
+            if event.id is not None:
+                streamed[event.index] = [event.name or "", ""]
+            else:
+                streamed[event.index][1] += event.arguments
     return {
+        "streamed": [(name, json.loads(arguments)) for name, arguments in streamed.values()],
         "content": "".join(e.text for e in events if isinstance(e, TextDelta)),
         "reasoning": "".join(e.text for e in events if isinstance(e, ReasoningDelta)),
         "calls": [(c.name, json.loads(c.arguments)) for c in calls],
@@ -81,12 +89,14 @@ def test_hermes_tool_calls_after_text_and_reasoning(seed: int) -> None:
     got = read("hermes", output, tools=WEATHER, seed=seed)
     assert got["reasoning"] == "I need the weather." and got["content"] == "Let me check."
     assert got["calls"] == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Lima"})]
+    assert got["streamed"] == got["calls"], "the arguments streamed piece by piece add up to the calls"
     assert got["reason"] == "tool_calls" and "<tool_call>" not in got["content"]
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     output = '<tool_call>{"name": "get_weather", "arguments": {"city": "A"}}</tool_call><tool_call>{"name": "get_weather", "arguments": {"city": "B"}}</tool_call>'
-    assert read("hermes", output, tools=WEATHER, parallel=False)["calls"] == [("get_weather", {"city": "A"})]
+    one = read("hermes", output, tools=WEATHER, parallel=False)
+    assert one["calls"] == [("get_weather", {"city": "A"})] and one["streamed"] == one["calls"]
     assert len(read("hermes", output, tools=WEATHER)["calls"]) == 2
 
 
@@ -108,7 +118,7 @@ def test_gpt_oss_channels() -> None:
 
 def test_a_call_to_a_tool_not_offered_is_dropped() -> None:
     got = read("hermes", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', tools=WEATHER)
-    assert got["calls"] == [] and got["reason"] == "stop"
+    assert got["calls"] == [] and got["streamed"] == [] and got["reason"] == "stop"
 
 
 def test_generic_forced_and_raw_keep_the_plain_path() -> None:

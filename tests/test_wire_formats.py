@@ -295,3 +295,46 @@ def test_parallel_tool_calls_flag_reaches_the_request(openai_client: OpenAI, ant
     tool = {"name": "lookup", "input_schema": {"type": "object"}}
     anthropic_client.messages.create(model="fake:model", max_tokens=20, messages=HELLO, tools=[tool], tool_choice={"type": "auto", "disable_parallel_tool_use": True})  # type: ignore[arg-type,list-item]
     assert fake.requests[-1].parallel_tool_calls is False  # type: ignore[union-attr]
+
+
+# --- tool calls streamed as the model writes them -------------------------------------------------
+
+CALL = [{"role": "user", "content": "call me"}]
+CALL_ARGS = {"echo": "call me"}
+
+
+def test_streamed_tool_call_arguments_in_chat_completions(openai_client: OpenAI, fake_server: InProcessServer) -> None:
+    frames = sse(fake_server, "/v1/chat/completions", {"model": "fake:model", "messages": CALL, "tools": [TOOL]})
+    pieces = [c["choices"][0]["delta"].get("tool_calls") for c in (json.loads(d) for _, d in frames[:-1]) if c["choices"]]
+    pieces = [p[0] for p in pieces if p]
+    assert pieces[0]["function"] == {"name": "lookup", "arguments": ""} and pieces[0]["index"] == 0
+    assert len(pieces) > 2 and json.loads("".join(p["function"]["arguments"] for p in pieces)) == CALL_ARGS
+    with openai_client.chat.completions.stream(model="fake:model", messages=CALL, tools=[TOOL]) as stream:  # type: ignore[arg-type,list-item]
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls or []
+    assert call.function.name == "lookup" and json.loads(call.function.arguments) == CALL_ARGS
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_streamed_tool_use_input_in_messages(anthropic_client: anthropic.Anthropic, fake_server: InProcessServer) -> None:
+    tool = {"name": "lookup", "input_schema": {"type": "object", "properties": {"echo": {"type": "string"}}}}
+    body = {"model": "fake:model", "max_tokens": 50, "messages": CALL, "tools": [tool]}
+    frames = sse(fake_server, "/v1/messages", body)
+    deltas = [json.loads(d)["delta"]["partial_json"] for n, d in frames if n == "content_block_delta"]
+    assert len(deltas) > 2 and json.loads("".join(deltas)) == CALL_ARGS
+    with anthropic_client.messages.stream(model="fake:model", max_tokens=50, messages=CALL, tools=[tool]) as stream:  # type: ignore[arg-type,list-item]
+        final = stream.get_final_message()
+    (block,) = final.content
+    assert block.type == "tool_use" and block.input == CALL_ARGS and final.stop_reason == "tool_use"
+
+
+def test_streamed_function_call_in_responses(openai_client: OpenAI, fake_server: InProcessServer) -> None:
+    tool = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {"echo": {"type": "string"}}}}
+    frames = sse(fake_server, "/v1/responses", {"model": "fake:model", "input": "call me", "tools": [tool]})
+    events = [json.loads(d) for _, d in frames]
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert len(deltas) > 2 and json.loads("".join(deltas)) == CALL_ARGS
+    with openai_client.responses.stream(model="fake:model", input="call me", tools=[tool]) as stream:  # type: ignore[list-item]
+        final = stream.get_final_response()
+    (item,) = final.output
+    assert item.type == "function_call" and item.name == "lookup" and json.loads(item.arguments) == CALL_ARGS  # type: ignore[union-attr]

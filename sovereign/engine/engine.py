@@ -26,6 +26,7 @@ from sovereign.engine.requests import (
     Finished,
     FinishReason,
     SamplingParams,
+    ToolCallDelta,
     ToolCallsEvent,
     Usage,
 )
@@ -250,6 +251,7 @@ class Engine:
     async def _events(self, prepared: _Prepared, stream: TokenStream) -> AsyncGenerator[Event, None]:
         text = _TextAssembler(prepared.sampling.stop)
         reader = output.reader_for(prepared.model.format, prepared.tool_mode, prepared.tools, raw_reasoning=self.raw_reasoning, in_reasoning=prepared.in_reasoning)
+        only_one = _FirstCallOnly() if not prepared.parallel_tool_calls else None  # parallel_tool_calls: false
         completion_tokens = 0
         reason: FinishReason = "length"
         stopped: str | None = None
@@ -261,21 +263,38 @@ class Engine:
                 completion_tokens += 1
                 piece, stopped = text.feed(step.piece)
                 for event in reader.feed(piece, step.logprob):
-                    yield event
+                    if only_one is None or (event := only_one.filter(event)) is not None:
+                        yield event
                 if stopped:
                     reason = "stop"
                     break
             for event in [*reader.feed(text.flush(), None), *reader.finish()]:
+                if only_one is not None and (event := only_one.filter(event)) is None:
+                    continue
                 if isinstance(event, ToolCallsEvent):
                     reason = "tool_calls"
-                    if not prepared.parallel_tool_calls:  # parallel_tool_calls: false asks for one call at most
-                        event = ToolCallsEvent(event.calls[:1])
                 yield event
             if not stream.cancelled:  # a client that hung up has no finish reason
                 stream.stats.finish_reason = reason
             yield Finished(reason, Usage(len(prepared.prompt), completion_tokens, stream.stats.cached_tokens), stopped if reason == "stop" else None)
         finally:
             stream.cancel()
+
+
+class _FirstCallOnly:
+    """Lets through the first tool call of an answer and drops the others, streamed or whole."""
+
+    def __init__(self) -> None:
+        self._first: int | None = None
+
+    def filter(self, event: Event) -> Event | None:
+        if isinstance(event, ToolCallDelta):
+            if self._first is None and event.id is not None:
+                self._first = event.index
+            return event if event.index == self._first else None
+        if isinstance(event, ToolCallsEvent):
+            return ToolCallsEvent(event.calls[:1])
+        return event
 
 
 def _check_vocabulary(model: LoadedModel, tokens: list[int], param: str) -> None:

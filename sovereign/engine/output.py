@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from sovereign.engine import formats
 from sovereign.engine import tools as tool_calls
-from sovereign.engine.requests import Event, ReasoningDelta, TextDelta, TokenLogprob, ToolCall, ToolCallsEvent
+from sovereign.engine.requests import Event, ReasoningDelta, TextDelta, TokenLogprob, ToolCall, ToolCallDelta, ToolCallsEvent
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class OutputReader(Protocol):
 
 
 class FamilyOutput:
-    """A family parser's events as engine events; tool calls are checked against the offered tools and sent whole at the end."""
+    """A family parser's events as engine events: calls to offered tools stream as deltas, then come whole, checked, at the end."""
 
     def __init__(self, fmt: formats.ChatFormat, tools: list[dict[str, Any]], *, in_reasoning: bool) -> None:
         self._parser = fmt.parser(tools or None, in_reasoning=in_reasoning)
@@ -60,8 +60,12 @@ class FamilyOutput:
                 events.append(ReasoningDelta(event.text))
             elif isinstance(event, formats.ToolCallStart):
                 self._calls[event.index] = [event.id, event.name, ""]
+                if event.name in self._offered:
+                    events.append(ToolCallDelta(event.index, event.id, event.name))
             elif isinstance(event, formats.ToolCallArgsDelta) and event.index in self._calls:
                 self._calls[event.index][2] += event.text
+                if self._calls[event.index][1] in self._offered and event.text:
+                    events.append(ToolCallDelta(event.index, arguments=event.text))
         return events
 
     def _checked(self, call_id: str, name: str, arguments: str) -> ToolCall | None:

@@ -140,6 +140,19 @@ class ReasoningDelta:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A tool call as the model writes it: first its id and name (with empty arguments), then pieces of its arguments.
+
+    Streaming APIs forward these; the ToolCallsEvent at the end still carries every checked call whole.
+    """
+
+    index: int
+    id: str | None = None  # set on the call's first delta, with its name
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class ToolCallsEvent:
     """The tool calls the model made, parsed, once they are complete."""
 
@@ -155,4 +168,4 @@ class Finished:
     stop_sequence: str | None = None  # the stop string that ended the text, when one did
 
 
-Event = TextDelta | ReasoningDelta | ToolCallsEvent | Finished
+Event = TextDelta | ReasoningDelta | ToolCallDelta | ToolCallsEvent | Finished

@@ -7,7 +7,19 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sovereign.engine import ChatRequest, Finished, ReasoningControl, ReasoningDelta, SamplingParams, TextDelta, ToolCall, ToolCallsEvent, ToolChoice, Usage
+from sovereign.engine import (
+    ChatRequest,
+    Finished,
+    ReasoningControl,
+    ReasoningDelta,
+    SamplingParams,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallsEvent,
+    ToolChoice,
+    Usage,
+)
 from sovereign.engine.requests import Event
 from sovereign.engine.tools import function_tool
 from sovereign.server.anthropic_schemas import (
@@ -170,12 +182,17 @@ def usage_json(usage: Usage) -> dict[str, Any]:
     }
 
 
+def tool_use_id(call_id: str) -> str:
+    """Anthropic's spelling of a call id."""
+    return "toolu_" + call_id.removeprefix("call_")
+
+
 def tool_use_block(call: ToolCall) -> dict[str, Any]:
     try:
         arguments = json.loads(call.arguments or "{}")
     except json.JSONDecodeError:
         arguments = {}
-    return {"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name, "input": arguments if isinstance(arguments, dict) else {}}
+    return {"type": "tool_use", "id": tool_use_id(call.id), "name": call.name, "input": arguments if isinstance(arguments, dict) else {}}
 
 
 def thinking_block(text: str) -> dict[str, Any]:
@@ -200,24 +217,29 @@ async def stream_events(message_id: str, model: str, prompt_tokens: int, events:
     start = {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None, "stop_sequence": None}
     yield sse({"type": "message_start", "message": {**start, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
     blocks = 0  # blocks started so far; the open one, if any, is the last
-    open_kind: str | None = None  # "thinking" or "text" while such a block is open
+    open_kind: str | None = None  # "thinking", "text" or "tool" while such a block is open
+    open_call: int | None = None  # the engine's index of the call whose tool_use block is open
+    streamed: set[str] = set()  # ids of calls already streamed as blocks
 
     def open_block(block: dict[str, Any]) -> list[bytes]:
         frames = [sse({"type": "content_block_start", "index": blocks, "content_block": block})]
         return frames + [sse({"type": "ping"})] if blocks == 0 else frames
 
-    def switch_to(kind: str | None) -> list[bytes]:
-        """Close the open block unless it is of this kind, then open one of this kind (None: just close)."""
-        nonlocal blocks, open_kind
-        frames: list[bytes] = []
+    def close() -> list[bytes]:
+        nonlocal blocks, open_kind, open_call
+        if open_kind is None:
+            return []
+        frame = sse({"type": "content_block_stop", "index": blocks})
+        blocks, open_kind, open_call = blocks + 1, None, None
+        return [frame]
+
+    def switch_to(kind: str) -> list[bytes]:
+        """Close the open block unless it is of this kind, then open one of this kind."""
+        nonlocal open_kind
         if open_kind == kind:
-            return frames
-        if open_kind is not None:
-            frames.append(sse({"type": "content_block_stop", "index": blocks}))
-            blocks, open_kind = blocks + 1, None
-        if kind is not None:
-            frames += open_block(thinking_block("") if kind == "thinking" else {"type": "text", "text": ""})
-            open_kind = kind
+            return []
+        frames = close() + open_block(thinking_block("") if kind == "thinking" else {"type": "text", "text": ""})
+        open_kind = kind
         return frames
 
     async for event in events:
@@ -229,10 +251,22 @@ async def stream_events(message_id: str, model: str, prompt_tokens: int, events:
             for frame in switch_to("text"):
                 yield frame
             yield sse({"type": "content_block_delta", "index": blocks, "delta": {"type": "text_delta", "text": event.text}})
+        elif isinstance(event, ToolCallDelta):
+            if event.id is not None:  # a call begins: its own tool_use block, its input streamed as the model writes it
+                for frame in close():
+                    yield frame
+                streamed.add(event.id)
+                for frame in open_block({"type": "tool_use", "id": tool_use_id(event.id), "name": event.name, "input": {}}):
+                    yield frame
+                open_kind, open_call = "tool", event.index
+            elif open_call == event.index and event.arguments:
+                yield sse({"type": "content_block_delta", "index": blocks, "delta": {"type": "input_json_delta", "partial_json": event.arguments}})
         elif isinstance(event, ToolCallsEvent):
-            for frame in switch_to(None):
+            for frame in close():
                 yield frame
             for call in event.calls:
+                if call.id in streamed:
+                    continue
                 block = tool_use_block(call)
                 for frame in open_block({**block, "input": {}}):
                     yield frame
@@ -243,7 +277,7 @@ async def stream_events(message_id: str, model: str, prompt_tokens: int, events:
             if open_kind is None and blocks == 0:  # an empty answer is still one (empty) text block
                 for frame in switch_to("text"):
                     yield frame
-            for frame in switch_to(None):
+            for frame in close():
                 yield frame
             reason, sequence = stop_reason(event, user_stops)
             yield sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage_json(event.usage)})

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from sovereign.engine import Finished, Generation, ReasoningDelta, TextDelta, ToolCallsEvent, Usage
+from sovereign.engine import Finished, Generation, ReasoningDelta, TextDelta, ToolCallDelta, ToolCallsEvent, Usage
 from sovereign.engine.api import EngineAPI, ModelInfo
 from sovereign.engine.requests import Event
 from sovereign.errors import ModelNotFound
@@ -137,6 +137,10 @@ async def _chat_chunks(generations: list[Generation], completion_id: str, model:
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
         return _sse(convert.chat_chunk_json(completion_id, model, created, index, delta, finish, logprobs, include_usage))
 
+    # Per choice: the engine's call index -> the index the client sees, the next such index, the ids already streamed.
+    call_indexes: list[dict[int, int]] = [{} for _ in generations]
+    next_call = [0] * len(generations)
+    streamed_ids: list[set[str]] = [set() for _ in generations]
     for index in range(len(generations)):
         yield chunk(index, {"role": "assistant", "content": "", "refusal": None})
     async for index, event in _interleave(generations):
@@ -144,9 +148,21 @@ async def _chat_chunks(generations: list[Generation], completion_id: str, model:
             yield chunk(index, {"content": event.text}, logprobs=event.logprobs if want_logprobs else None)
         elif isinstance(event, ReasoningDelta):
             yield chunk(index, {"reasoning_content": event.text})
+        elif isinstance(event, ToolCallDelta):
+            # Name first, then the arguments as the model writes them: the shape the SDK's stream helpers reassemble.
+            if event.id is not None:
+                call_index = call_indexes[index][event.index] = next_call[index]
+                next_call[index] += 1
+                streamed_ids[index].add(event.id)
+                yield chunk(index, {"tool_calls": [{"index": call_index, "id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}]})
+            elif event.index in call_indexes[index]:
+                yield chunk(index, {"tool_calls": [{"index": call_indexes[index][event.index], "function": {"arguments": event.arguments}}]})
         elif isinstance(event, ToolCallsEvent):
-            for call_index, call in enumerate(event.calls):
-                # Name first, then arguments: the shape the SDK's stream helpers reassemble.
+            for call in event.calls:  # those not streamed already (answers read whole: forced calls, generic formats)
+                if call.id in streamed_ids[index]:
+                    continue
+                call_index = next_call[index]
+                next_call[index] += 1
                 yield chunk(index, {"tool_calls": [{"index": call_index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]})
                 yield chunk(index, {"tool_calls": [{"index": call_index, "function": {"arguments": call.arguments}}]})
         elif isinstance(event, Finished):

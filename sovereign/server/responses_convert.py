@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sovereign.engine import ChatRequest, Finished, ReasoningDelta, SamplingParams, TextDelta, ToolCall, ToolCallsEvent, ToolChoice, Usage
+from sovereign.engine import ChatRequest, Finished, ReasoningDelta, SamplingParams, TextDelta, ToolCall, ToolCallDelta, ToolCallsEvent, ToolChoice, Usage
 from sovereign.engine.requests import Event
 from sovereign.engine.tools import function_tool
 from sovereign.server.errors import APIError, from_exception
@@ -211,6 +211,8 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
     text = ""
     thought: dict[str, Any] | None = None  # the reasoning item being streamed
     reasoning = ""
+    calling: tuple[int, ToolCall] | None = None  # the engine's index and the call being streamed (arguments so far)
+    streamed: set[str] = set()  # ids of calls already streamed as items
 
     def frame(kind: str, **fields: Any) -> bytes:
         nonlocal sequence
@@ -264,6 +266,18 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
         thought = None
         return frames
 
+    def close_call() -> list[bytes]:
+        nonlocal calling
+        assert calling is not None
+        call, index = calling[1], len(output)
+        done = call_item(call)
+        calling = None
+        output.append(done)
+        return [
+            frame("response.function_call_arguments.done", item_id=done["id"], output_index=index, arguments=call.arguments),
+            frame("response.output_item.done", output_index=index, item=done),
+        ]
+
     yield frame("response.created", response=shell.json("in_progress", []))
     yield frame("response.in_progress", response=shell.json("in_progress", []))
     try:
@@ -271,6 +285,22 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
             if not isinstance(event, ReasoningDelta) and thought is not None:  # reasoning comes first and ends before the answer
                 for chunk in close_reasoning():
                     yield chunk
+            if calling is not None and not (isinstance(event, ToolCallDelta) and event.id is None):
+                for chunk in close_call():
+                    yield chunk
+            if isinstance(event, ToolCallDelta):
+                if event.id is not None:  # a call begins: its item, then its arguments as the model writes them
+                    if message is not None:
+                        for chunk in close_message():
+                            yield chunk
+                    calling = (event.index, ToolCall(event.id, event.name or "", ""))
+                    streamed.add(event.id)
+                    yield frame("response.output_item.added", output_index=len(output), item=call_item(calling[1], "in_progress", ""))
+                elif calling is not None and calling[0] == event.index and event.arguments:
+                    call = calling[1]
+                    calling = (event.index, ToolCall(call.id, call.name, call.arguments + event.arguments))
+                    yield frame("response.function_call_arguments.delta", item_id=call_item(call)["id"], output_index=len(output), delta=event.arguments)
+                continue
             if isinstance(event, ReasoningDelta) and event.text:
                 if thought is None:
                     for chunk in open_reasoning():
@@ -288,6 +318,8 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
                     for chunk in close_message():
                         yield chunk
                 for call in event.calls:
+                    if call.id in streamed:
+                        continue
                     index = len(output)
                     started = call_item(call, "in_progress", "")
                     yield frame("response.output_item.added", output_index=index, item=started)
