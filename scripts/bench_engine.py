@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import threading
+from collections import deque
 import time
 from pathlib import Path
 
@@ -96,6 +97,7 @@ class _Sink:
     def __init__(self, prompt: list[int]) -> None:
         self.stats = RequestStats("bench", len(prompt))
         self.done = threading.Event()
+        self.forced: deque[int] = deque()  # nothing is forced here
 
     def push(self, step: Step) -> None:
         pass

@@ -7,6 +7,7 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,7 @@ def test_a_sequence_is_unaffected_by_what_its_neighbours_say(real_model_home: Pa
         def __init__(self, prompt: list[int]) -> None:
             self.stats = RequestStats(GEMMA, len(prompt))
             self.cancelled = False
+            self.forced: deque[int] = deque()
             self.tokens: list[int] = []
             self.done = threading.Event()
 

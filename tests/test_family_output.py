@@ -27,15 +27,15 @@ WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters"
 
 def read(
     family: str, output: str, *, tools: list[dict[str, Any]] | None = None, mode: str = "auto", in_reasoning: bool = False,
-    seed: int = 0, raw: bool = False, stop: tuple[str, ...] = (), parallel: bool = True,
+    seed: int = 0, raw: bool = False, stop: tuple[str, ...] = (), parallel: bool = True, budget: int | None = None, forced: list[str] | None = None,
 ) -> dict[str, Any]:
     """Stream `output` in random 1-4 character tokens through the engine and gather what comes out."""
 
     async def run() -> list[Any]:
         engine = Engine(None, reasoning_format="none" if raw else "auto")  # type: ignore[arg-type]
         model = SimpleNamespace(format=FORMATS[family])
-        prepared = _Prepared(model, [1, 2, 3], SamplingParams(stop=stop), mode, tools or [], in_reasoning, parallel)  # type: ignore[arg-type]
-        stream = TokenStream(RequestStats("m", 3))
+        prepared = _Prepared(model, [1, 2, 3], SamplingParams(stop=stop), mode, tools or [], in_reasoning, parallel, budget)  # type: ignore[arg-type]
+        stream = TokenStream(RequestStats("m", 3), on_force=(forced if forced is not None else []).append)
         rng, at = random.Random(seed), 0
         while at < len(output):
             size = rng.randint(1, 4)
@@ -149,3 +149,14 @@ def test_template_kwargs_that_would_replace_the_conversation_are_refused() -> No
         assert error.value.param == "chat_template_kwargs"
     segments, *_ = engine._render_chat(model, ChatRequest("m", [{"role": "user", "content": "hi"}], template_kwargs={"enable_thinking": False}))  # type: ignore[arg-type]
     assert "".join(s.text for s in segments) == "hi"
+
+
+def test_a_reasoning_budget_forces_the_end_marker_once() -> None:
+    forced: list[str] = []
+    read("hermes", "<think>" + "step " * 30 + "</think>Done.", budget=5, forced=forced, seed=1)
+    assert forced == ["</think>"]
+    forced.clear()
+    read("hermes", "<think>short</think>" + "answer " * 30, budget=5, forced=forced)
+    assert forced == [], "a block that ends within budget needs nothing"
+    read("deepseek_r1", "thinking " * 30, budget=3, forced=forced, in_reasoning=True)
+    assert forced == ["</think>"], "a block the prompt opened counts from the first token"

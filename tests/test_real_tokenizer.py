@@ -130,3 +130,11 @@ def test_real_r1_tokenizer_and_template_end_to_end(server: ServerProcess) -> Non
     answer = anthropic.messages.create(model="r1:think", max_tokens=24, messages=HELLO, extra_body={"temperature": 0})  # type: ignore[arg-type]
     assert answer.content and answer.content[0].type == "thinking", answer.content
     assert answer.content[0].thinking == reasoning  # type: ignore[union-attr]
+
+    # A thinking budget: once it is spent, "</think>" is written for the model and the answer follows.
+    # Random weights almost never close the block themselves (above, 24 tokens were all reasoning).
+    budgeted = anthropic.messages.create(model="r1:think", max_tokens=40, messages=HELLO, thinking={"type": "enabled", "budget_tokens": 4}, extra_body={"temperature": 0})  # type: ignore[arg-type]
+    assert budgeted.content[0].type == "thinking", budgeted.content
+    spent = httpx.post(f"{server.url}/tokenize", json={"model": "r1:think", "content": budgeted.content[0].thinking}, timeout=30).json()["tokens"]  # type: ignore[union-attr]
+    assert len(spent) <= 4 + 1, (len(spent), budgeted.content)  # +1: a token's text may split differently on its own
+    assert [block.type for block in budgeted.content][1:] == ["text"] or budgeted.stop_reason == "end_turn", budgeted.content

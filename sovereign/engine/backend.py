@@ -312,6 +312,11 @@ class LlamaBackend:
             return sampler.pick(self._logits(index))
         return self._llama.llama_sampler_sample(sampler.sampler, self.ctx.ctx, index)
 
+    def accept(self, sampler: Sampler, token: int) -> None:
+        """Tell a sampler chain about a token it did not draw (a forced one), as a drawn one would be recorded."""
+        if not isinstance(sampler, (GreedySampler, GrammarSampler)):
+            self._llama.llama_sampler_accept(sampler.sampler, token)
+
     def _logits(self, index: int) -> np.ndarray:
         """The logits at batch index `index`, as a view of llama.cpp's buffer (valid until the next decode)."""
         pointer = self._llama.llama_get_logits_ith(self.ctx.ctx, index)

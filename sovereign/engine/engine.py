@@ -74,6 +74,7 @@ class _Prepared:
     tools: list[dict[str, Any]]
     in_reasoning: bool = False  # the prompt ends inside the reasoning block (the template opened it)
     parallel_tool_calls: bool = True
+    reasoning_budget: int | None = None  # reasoning tokens before the family's end marker is written for the model
 
 
 class Engine:
@@ -214,7 +215,8 @@ class Engine:
         _check_fits(model, len(prompt))
         # A template that ends its prompt with the reasoning opener (DeepSeek-R1's "<think>\n") has the model start inside it.
         opened = model.format.reasoning is not None and "".join(s.text for s in segments[-4:]).rstrip().endswith(model.format.reasoning[0])
-        return _Prepared(model, prompt, sampling, tool_mode, active_tools, opened, request.parallel_tool_calls)
+        budget = request.reasoning.budget_tokens if model.format.reasoning and not self.raw_reasoning else None
+        return _Prepared(model, prompt, sampling, tool_mode, active_tools, opened, request.parallel_tool_calls, budget)
 
     def _render_chat(self, model: LoadedModel, request: ChatRequest) -> tuple[list[Segment], SamplingParams, str, list[dict[str, Any]]]:
         """The prompt's segments and the decoding rules (grammars compiled here, off the event loop)."""
@@ -252,6 +254,7 @@ class Engine:
         text = _TextAssembler(prepared.sampling.stop)
         reader = output.reader_for(prepared.model.format, prepared.tool_mode, prepared.tools, raw_reasoning=self.raw_reasoning, in_reasoning=prepared.in_reasoning)
         only_one = _FirstCallOnly() if not prepared.parallel_tool_calls else None  # parallel_tool_calls: false
+        budget = _ReasoningBudget(prepared) if prepared.reasoning_budget is not None else None
         completion_tokens = 0
         reason: FinishReason = "length"
         stopped: str | None = None
@@ -265,6 +268,8 @@ class Engine:
                 for event in reader.feed(piece, step.logprob):
                     if only_one is None or (event := only_one.filter(event)) is not None:
                         yield event
+                if budget is not None and budget.spent(piece):
+                    stream.force(budget.end_marker)
                 if stopped:
                     reason = "stop"
                     break
@@ -279,6 +284,42 @@ class Engine:
             yield Finished(reason, Usage(len(prepared.prompt), completion_tokens, stream.stats.cached_tokens), stopped if reason == "stop" else None)
         finally:
             stream.cancel()
+
+
+class _ReasoningBudget:
+    """Counts the tokens of an open reasoning block; once the budget is spent, says so (once), so the end marker is forced.
+
+    It watches the raw text for the family's markers: the parser's events lag behind it (partial
+    markers and whitespace are held back), and a block must not be charged for tokens after it closed.
+    """
+
+    def __init__(self, prepared: _Prepared) -> None:
+        assert prepared.reasoning_budget is not None and prepared.model.format.reasoning is not None
+        self._start, self.end_marker = prepared.model.format.reasoning
+        self._left = prepared.reasoning_budget
+        self._open = prepared.in_reasoning
+        self._done = False  # the block has closed, or the marker was forced
+        self._tail = ""
+
+    def spent(self, piece: str) -> bool:
+        """Note one more token's text; True exactly once, when an open reasoning block has used up the budget."""
+        if self._done:
+            return False
+        self._tail = (self._tail + piece)[-(len(self._start) + len(self.end_marker) + 16) :]
+        if not self._open and self._start in self._tail:
+            self._open = True
+            self._tail = self._tail[self._tail.index(self._start) + len(self._start) :]
+            return False
+        if self._open and self.end_marker in self._tail:
+            self._done = True
+            return False
+        if not self._open:
+            return False
+        self._left -= 1
+        if self._left > 0:
+            return False
+        self._done = True
+        return True
 
 
 class _FirstCallOnly:

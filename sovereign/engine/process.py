@@ -144,7 +144,11 @@ class ModelProcess:
     async def submit(self, prompt: list[int], params: SamplingParams, stats: RequestStats) -> TokenStream:
         """Queue a generation; its tokens arrive on the returned stream. The process's refusal (busy, bad grammar) raises here."""
         request_id = next(self._ids)
-        stream = TokenStream(stats, on_cancel=lambda: self._send_quietly({"op": "cancel", "id": request_id}))
+        stream = TokenStream(
+            stats,
+            on_cancel=lambda: self._send_quietly({"op": "cancel", "id": request_id}),
+            on_force=lambda text: self._send_quietly({"op": "force", "id": request_id, "text": text}),
+        )
         future = self._expect(request_id)
         self._streams[request_id] = stream
         try:

@@ -45,6 +45,7 @@ class TokenSink(Protocol):
     """Where a generation's tokens go: called on the scheduler's thread."""
 
     stats: RequestStats
+    forced: deque[int]  # tokens to emit next instead of sampling (a reasoning budget closing the block); others append
 
     @property
     def cancelled(self) -> bool: ...
@@ -313,7 +314,7 @@ class BatchScheduler:
             params = job.params
             row = self.backend.logprob_row(index) if params.logprobs is not None else None
             try:
-                token = self.backend.sample(job.sampler, index)
+                token = self._forced(job) if job.stream.forced and not params.grammar else self.backend.sample(job.sampler, index)
             except InvalidRequest as exc:  # its output format can go no further (bias against grammar, time budget): it alone ends
                 self._finish(slot, now, exc)
                 continue
@@ -335,6 +336,12 @@ class BatchScheduler:
             else:
                 slot.next_token = token
         return drawn
+
+    def _forced(self, job: _Job) -> int:
+        """The next forced token, recorded by the sampler as if drawn (penalties see it)."""
+        token = job.stream.forced.popleft()
+        self.backend.accept(job.sampler, token)
+        return token
 
     def _finish(self, slot: _Slot, now: float, error: BaseException | None = None) -> None:
         """End a slot's request; the slot keeps its KV cache for the next prompt that shares it."""

@@ -20,8 +20,9 @@ class _End:
 class TokenStream:
     """Steps of one generation, delivered to the event loop; `cancel()` stops it before the next decode step."""
 
-    def __init__(self, stats: RequestStats, on_cancel: Callable[[], None] | None = None) -> None:
+    def __init__(self, stats: RequestStats, on_cancel: Callable[[], None] | None = None, on_force: Callable[[str], None] | None = None) -> None:
         self.stats = stats
+        self._on_force = on_force
         self._queue: asyncio.Queue[Step | _End] = asyncio.Queue()
         self._cancelled = threading.Event()
         self._on_cancel = on_cancel
@@ -40,6 +41,11 @@ class TokenStream:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    def force(self, text: str) -> None:
+        """Have the model write this text next, instead of sampling (e.g. closing a reasoning block on budget)."""
+        if self._on_force is not None and not self._cancelled.is_set():
+            self._on_force(text)
 
     # --- called on the event loop, as the model's process reports ----------------------
 

@@ -4,7 +4,7 @@ Started by `ModelProcess` as `python -m sovereign.engine.worker FD`. A crash in 
 (SIGILL, SIGSEGV, an abort) ends only this process; the server sees the socket close and fails
 this model's requests alone. Unloading a model is this process exiting, so all its memory goes.
 
-Messages in: load (first), submit, cancel, call; the end of the socket means "unload". Out: ready
+Messages in: load (first), submit, cancel, force, call; the end of the socket means "unload". Out: ready
 or failed (once), accepted or refused (per submit), reply (per call), and one `steps` message per
 decode step carrying every stream's new tokens and ends.
 """
@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class _Sink:
         self._worker = worker
         self._cancelled = threading.Event()
         self._announced = False
+        self.forced: deque[int] = deque()
 
     @property
     def cancelled(self) -> bool:
@@ -114,6 +116,10 @@ class Worker:
             # Known at once, so that a cancel arriving while it is being prepared still finds it.
             self._sinks[message["id"]] = _Sink(message["id"], self)
             self._admission.submit(self._submit, message)
+        elif op == "force":  # a short text (a reasoning end marker): tokenized here, emitted next instead of sampling
+            sink = self._sinks.get(message["id"])
+            if sink is not None:
+                sink.forced.extend(self.backend.tokenize(message["text"], special=True))
         elif op == "call" and message.get("method") == "embed":
             self._embed(message)
         elif op == "call":
