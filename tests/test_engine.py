@@ -15,7 +15,7 @@ import pytest
 from sovereign.catalog import load_catalog
 from sovereign.config import Settings
 from sovereign.engine import ChatRequest, CompletionRequest, Engine, Finished, ModelPool, PoolOptions, SamplingParams, TextDelta
-from sovereign.engine.engine import _TextAssembler
+from sovereign.engine.output import TextAssembler
 from sovereign.engine.json_grammar import integer_bounds, integer_range, json_schema_to_gbnf
 from sovereign.engine.tools import parse_calls
 from sovereign.errors import InvalidRequest
@@ -154,14 +154,14 @@ def test_bad_logit_bias_and_schema_are_invalid_requests(real_model_home: Path) -
 
 
 def test_text_assembler_cuts_stop_strings_across_pieces_and_keeps_utf8_whole() -> None:
-    assembler = _TextAssembler(("STOP",))
+    assembler = TextAssembler(("STOP",))
     assert assembler.feed(b"abcST") == ("abc", None)
     assert assembler.feed(b"OPdef") == ("", "STOP")
-    assembler = _TextAssembler(())
+    assembler = TextAssembler(())
     snowman = "☃".encode()
     assert assembler.feed(snowman[:2]) == ("", None)
     assert assembler.feed(snowman[2:]) == ("☃", None)
-    partial = _TextAssembler(("STOP",))
+    partial = TextAssembler(("STOP",))
     assert partial.feed(b"xST") == ("x", None)
     assert partial.flush() == "ST", "a held-back prefix that never became a stop is real text"
 

@@ -9,7 +9,6 @@ server's process; tokenizing happens in the model's.
 from __future__ import annotations
 
 import asyncio
-import codecs
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,7 +25,6 @@ from sovereign.engine.requests import (
     Finished,
     FinishReason,
     SamplingParams,
-    ToolCallDelta,
     ToolCallsEvent,
     Usage,
 )
@@ -251,10 +249,10 @@ class Engine:
     # --- running ------------------------------------------------------------------
 
     async def _events(self, prepared: _Prepared, stream: TokenStream) -> AsyncGenerator[Event, None]:
-        text = _TextAssembler(prepared.sampling.stop)
+        text = output.TextAssembler(prepared.sampling.stop)
         reader = output.reader_for(prepared.model.format, prepared.tool_mode, prepared.tools, raw_reasoning=self.raw_reasoning, in_reasoning=prepared.in_reasoning)
-        only_one = _FirstCallOnly() if not prepared.parallel_tool_calls else None  # parallel_tool_calls: false
-        budget = _ReasoningBudget(prepared) if prepared.reasoning_budget is not None else None
+        only_one = output.FirstCallOnly() if not prepared.parallel_tool_calls else None  # parallel_tool_calls: false
+        budget = output.ReasoningBudget(prepared.model.format, prepared.reasoning_budget, opened=prepared.in_reasoning) if prepared.reasoning_budget is not None else None
         completion_tokens = 0
         reason: FinishReason = "length"
         stopped: str | None = None
@@ -286,58 +284,6 @@ class Engine:
             stream.cancel()
 
 
-class _ReasoningBudget:
-    """Counts the tokens of an open reasoning block; once the budget is spent, says so (once), so the end marker is forced.
-
-    It watches the raw text for the family's markers: the parser's events lag behind it (partial
-    markers and whitespace are held back), and a block must not be charged for tokens after it closed.
-    """
-
-    def __init__(self, prepared: _Prepared) -> None:
-        assert prepared.reasoning_budget is not None and prepared.model.format.reasoning is not None
-        self._start, self.end_marker = prepared.model.format.reasoning
-        self._left = prepared.reasoning_budget
-        self._open = prepared.in_reasoning
-        self._done = False  # the block has closed, or the marker was forced
-        self._tail = ""
-
-    def spent(self, piece: str) -> bool:
-        """Note one more token's text; True exactly once, when an open reasoning block has used up the budget."""
-        if self._done:
-            return False
-        self._tail = (self._tail + piece)[-(len(self._start) + len(self.end_marker) + 16) :]
-        if not self._open and self._start in self._tail:
-            self._open = True
-            self._tail = self._tail[self._tail.index(self._start) + len(self._start) :]
-            return False
-        if self._open and self.end_marker in self._tail:
-            self._done = True
-            return False
-        if not self._open:
-            return False
-        self._left -= 1
-        if self._left > 0:
-            return False
-        self._done = True
-        return True
-
-
-class _FirstCallOnly:
-    """Lets through the first tool call of an answer and drops the others, streamed or whole."""
-
-    def __init__(self) -> None:
-        self._first: int | None = None
-
-    def filter(self, event: Event) -> Event | None:
-        if isinstance(event, ToolCallDelta):
-            if self._first is None and event.id is not None:
-                self._first = event.index
-            return event if event.index == self._first else None
-        if isinstance(event, ToolCallsEvent):
-            return ToolCallsEvent(event.calls[:1])
-        return event
-
-
 def _check_vocabulary(model: LoadedModel, tokens: list[int], param: str) -> None:
     """Refuse token ids outside the model's vocabulary."""
     n_vocab = model.facts.n_vocab
@@ -367,30 +313,3 @@ def _grammar_for_schema(schema: dict[str, Any], param: str) -> str:
         raise InvalidRequest("the JSON schema cannot be enforced: it nests too deeply", param) from None
     except Exception as exc:  # the converter raises bare Exceptions and asserts on schemas it cannot handle
         raise InvalidRequest(f"the JSON schema cannot be enforced: {str(exc) or type(exc).__name__}", param) from None
-
-
-class _TextAssembler:
-    """Bytes to text without splitting UTF-8 characters; holds back text that may begin a stop string."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._stops = [s for s in stops if s]
-        self._pending = ""
-
-    def feed(self, piece: bytes) -> tuple[str, str | None]:
-        """Text safe to emit now, and the stop string reached if one was (the stop itself is dropped)."""
-        self._pending += self._decoder.decode(piece)
-        hits = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
-        if hits:
-            index, stop = min(hits, key=lambda hit: hit[0])  # the earliest; among equals, the first listed
-            out, self._pending = self._pending[:index], ""
-            return out, stop
-        hold = max((n for s in self._stops for n in range(min(len(s) - 1, len(self._pending)), 0, -1) if self._pending.endswith(s[:n])), default=0)
-        cut = len(self._pending) - hold
-        out, self._pending = self._pending[:cut], self._pending[cut:]
-        return out, None
-
-    def flush(self) -> str:
-        """What is left at the end (a held-back partial stop string is real text after all)."""
-        rest, self._pending = self._pending + self._decoder.decode(b"", final=True), ""
-        return rest

@@ -1,4 +1,4 @@
-"""Reading a model's answer as it streams: content, reasoning and tool calls, by the model's own format.
+"""Reading a model's answer as it streams: text cut at stop strings, then content, reasoning and tool calls by its format.
 
 Two readers share one surface (feed text as it comes, finish once):
 - FamilyOutput: the model family's parser (engine/formats), for templates whose family is known:
@@ -10,6 +10,7 @@ Two readers share one surface (feed text as it comes, finish once):
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from typing import Any, Protocol
@@ -132,3 +133,82 @@ def reader_for(fmt: formats.ChatFormat, tool_mode: str, tools: list[dict[str, An
     if fmt.name == "generic" or tool_mode == "forced" or raw_reasoning:
         return PlainOutput(tool_mode, tools)
     return FamilyOutput(fmt, tools, in_reasoning=in_reasoning)
+
+
+class TextAssembler:
+    """Bytes to text without splitting UTF-8 characters; holds back text that may begin a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._stops = [s for s in stops if s]
+        self._pending = ""
+
+    def feed(self, piece: bytes) -> tuple[str, str | None]:
+        """Text safe to emit now, and the stop string reached if one was (the stop itself is dropped)."""
+        self._pending += self._decoder.decode(piece)
+        hits = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
+        if hits:
+            index, stop = min(hits, key=lambda hit: hit[0])  # the earliest; among equals, the first listed
+            out, self._pending = self._pending[:index], ""
+            return out, stop
+        hold = max((n for s in self._stops for n in range(min(len(s) - 1, len(self._pending)), 0, -1) if self._pending.endswith(s[:n])), default=0)
+        cut = len(self._pending) - hold
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out, None
+
+    def flush(self) -> str:
+        """What is left at the end (a held-back partial stop string is real text after all)."""
+        rest, self._pending = self._pending + self._decoder.decode(b"", final=True), ""
+        return rest
+
+
+class ReasoningBudget:
+    """Counts the tokens of an open reasoning block; once the budget is spent, says so (once), so the end marker is forced.
+
+    It watches the raw text for the family's markers: the parser's events lag behind it (partial
+    markers and whitespace are held back), and a block must not be charged for tokens after it closed.
+    """
+
+    def __init__(self, fmt: formats.ChatFormat, tokens: int, *, opened: bool) -> None:
+        assert fmt.reasoning is not None
+        self._start, self.end_marker = fmt.reasoning
+        self._left = tokens
+        self._open = opened  # the prompt opened the block
+        self._done = False  # the block has closed, or the marker was forced
+        self._tail = ""
+
+    def spent(self, piece: str) -> bool:
+        """Note one more token's text; True exactly once, when an open reasoning block has used up the budget."""
+        if self._done:
+            return False
+        self._tail = (self._tail + piece)[-(len(self._start) + len(self.end_marker) + 16) :]
+        if not self._open and self._start in self._tail:
+            self._open = True
+            self._tail = self._tail[self._tail.index(self._start) + len(self._start) :]
+            return False
+        if self._open and self.end_marker in self._tail:
+            self._done = True
+            return False
+        if not self._open:
+            return False
+        self._left -= 1
+        if self._left > 0:
+            return False
+        self._done = True
+        return True
+
+
+class FirstCallOnly:
+    """Lets through the first tool call of an answer and drops the others, streamed or whole."""
+
+    def __init__(self) -> None:
+        self._first: int | None = None
+
+    def filter(self, event: Event) -> Event | None:
+        if isinstance(event, ToolCallDelta):
+            if self._first is None and event.id is not None:
+                self._first = event.index
+            return event if event.index == self._first else None
+        if isinstance(event, ToolCallsEvent):
+            return ToolCallsEvent(event.calls[:1])
+        return event
