@@ -108,14 +108,6 @@ def detect(*, measure: bool = True, home: Path | None = None, extra_buffers: str
     )
 
 
-def _cpuinfo() -> list[tuple[str, str]]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return [(key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in text.splitlines())]
-
-
 def _sysctl(name: str) -> str:
     """A macOS/BSD sysctl value ("" where there is none)."""
     try:
@@ -126,7 +118,7 @@ def _sysctl(name: str) -> str:
 
 def cpu_model() -> str:
     """The CPU's marketing name."""
-    for key, value in _cpuinfo():
+    for key, value in resources.cpuinfo():
         if key in ("model name", "Model", "Hardware", "cpu model") and value:
             return value
     if platform.system() == "Darwin":
@@ -137,7 +129,7 @@ def cpu_model() -> str:
 def cpu_features() -> tuple[str, ...]:
     """The instruction-set extensions llama.cpp has kernels for, that this CPU reports."""
     flags: set[str] = set()
-    for key, value in _cpuinfo():
+    for key, value in resources.cpuinfo():
         if key in ("flags", "Features"):
             flags.update(value.split())
     if platform.system() == "Darwin":

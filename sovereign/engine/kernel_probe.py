@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 
+from sovereign.engine import resources
+from sovereign.engine.process import signal_name
 from sovereign.errors import EngineError, ModelLoadError, SovereignError
 
 log = logging.getLogger(__name__)
@@ -127,10 +129,7 @@ class ProbeOutcome:
         """The name of the signal that killed the child, if one did."""
         if self.returncode is None or self.returncode >= 0:
             return None
-        try:
-            return signal.Signals(-self.returncode).name
-        except ValueError:
-            return f"signal {-self.returncode}"
+        return signal_name(self.returncode)
 
 
 def kernel_choice(home: Path, model_path: Path, override: str = "auto", *, timeout: float = PROBE_TIMEOUT) -> KernelChoice:
@@ -313,14 +312,9 @@ def build_identity() -> str:
 def _cpu() -> tuple[str, frozenset[str]]:
     """The CPU's name and flags, from the first processor in /proc/cpuinfo (or what platform knows)."""
     name, flags = "", ""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    for key, _, value in (line.partition(":") for line in lines):
-        key = key.strip()
+    for key, value in resources.cpuinfo():
         if not name and key in ("model name", "Hardware", "cpu model", "Model"):
-            name = value.strip()
+            name = value
         elif not flags and key in ("flags", "Features"):
             flags = value
     return name or platform.processor() or platform.machine(), frozenset(flags.split())

@@ -22,28 +22,31 @@ GPU_HEADROOM_BYTES = 512 * 1024 * 1024
 
 def physical_cores() -> int:
     """Physical cores (hyper-threads share one core's arithmetic units, so they don't speed up decoding)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    try:
-        cores: set[tuple[str, str]] = set()
-        physical = core = ""
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "physical id":
-                physical = value
-            elif key == "core id":
-                core = value
-            elif not key and core:
-                cores.add((physical, core))
-                physical = core = ""
-        if core:
+    cores: set[tuple[str, str]] = set()
+    physical = core = ""
+    for key, value in cpuinfo():  # one record per logical CPU, records separated by blank lines
+        if key == "physical id":
+            physical = value
+        elif key == "core id":
+            core = value
+        elif not key and core:
             cores.add((physical, core))
-        if cores:
-            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else len(cores)
-            return max(1, min(len(cores), usable))
-    except OSError:
-        pass
+            physical = core = ""
+    if core:
+        cores.add((physical, core))
+    if cores:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else len(cores)
+        return max(1, min(len(cores), usable))
     return max(1, os.cpu_count() or 1)
+
+
+def cpuinfo() -> list[tuple[str, str]]:
+    """(key, value) of every line of Linux's /proc/cpuinfo, stripped; [] where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return [(key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in text.splitlines())]
 
 
 def proc_kib(path: str, key: str) -> int | None:
