@@ -57,8 +57,8 @@ class FamilyOutput:
             if isinstance(event, formats.ContentDelta):
                 logprobs, self._logprobs = self._logprobs, []
                 events.append(TextDelta(event.text, logprobs))
-            elif isinstance(event, formats.ReasoningDelta):
-                events.append(ReasoningDelta(event.text))
+            elif isinstance(event, ReasoningDelta):  # the engine's own event already
+                events.append(event)
             elif isinstance(event, formats.ToolCallStart):
                 self._calls[event.index] = [event.id, event.name, ""]
                 if event.name in self._offered:

@@ -6,17 +6,13 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+# Reasoning needs no translation on its way out: the parsers emit the engine's own event.
+from sovereign.engine.requests import ReasoningDelta
+
 
 @dataclass(frozen=True)
 class ContentDelta:
     """A piece of the answer's visible text."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class ReasoningDelta:
-    """A piece of the model's reasoning (for `reasoning_content` / `thinking`)."""
 
     text: str
 
