@@ -127,6 +127,13 @@ def _add_draw(sampler: LlamaSampler, params: SamplingParams) -> None:
     sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
 
 
+def with_bos(tokens: list[int], bos: int, add_bos: bool) -> list[int]:
+    """Prepend BOS when the model wants one and the prompt lacks it (the model's process and the server both ask)."""
+    if add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
+        return [bos, *tokens]
+    return tokens
+
+
 class BatchEntry(NamedTuple):
     """One token of a multi-sequence batch."""
 
@@ -278,9 +285,7 @@ class LlamaBackend:
 
     def with_bos(self, tokens: list[int]) -> list[int]:
         """Prepend BOS when the model wants one and the prompt lacks it."""
-        if self.add_bos and self.bos >= 0 and (not tokens or tokens[0] != self.bos):
-            return [self.bos, *tokens]
-        return tokens
+        return with_bos(tokens, self.bos, self.add_bos)
 
     # --- generation -----------------------------------------------------------------
 

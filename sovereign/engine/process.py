@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sovereign.engine import wire
-from sovereign.engine.backend import LoadOptions
+from sovereign.engine.backend import LoadOptions, with_bos
 from sovereign.engine.requests import SamplingParams
 from sovereign.engine.stats import RequestStats
 from sovereign.engine.stream import TokenStream
@@ -58,9 +58,7 @@ class ModelFacts:
 
     def with_bos(self, tokens: list[int]) -> list[int]:
         """Prepend BOS when the model wants one and the prompt lacks it."""
-        if self.add_bos and self.bos >= 0 and (not tokens or tokens[0] != self.bos):
-            return [self.bos, *tokens]
-        return tokens
+        return with_bos(tokens, self.bos, self.add_bos)
 
 
 def signal_name(returncode: int | None) -> str:
