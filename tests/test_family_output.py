@@ -121,9 +121,12 @@ def test_a_call_to_a_tool_not_offered_is_dropped() -> None:
     assert got["calls"] == [] and got["streamed"] == [] and got["reason"] == "stop"
 
 
-def test_generic_forced_and_raw_keep_the_plain_path() -> None:
-    forced = read("hermes", '{"name": "get_weather", "arguments": {"city": "Bern"}}', tools=WEATHER, mode="forced")
-    assert forced["calls"] == [("get_weather", {"city": "Bern"})]
+def test_forced_calls_read_in_the_family_syntax_generic_and_raw_keep_the_plain_path() -> None:
+    # A forced call's grammar writes the family's own syntax (call_grammar), so the family's parser reads it.
+    forced = read("hermes", '<think>ok</think><tool_call>\n{"name": "get_weather", "arguments": {"city": "Bern"}}\n</tool_call>', tools=WEATHER, mode="forced")
+    assert forced["calls"] == [("get_weather", {"city": "Bern"})] and forced["reasoning"] == "ok" and forced["content"] == ""
+    bare = read("generic", '{"name": "get_weather", "arguments": {"city": "Bern"}}', tools=WEATHER, mode="forced")
+    assert bare["calls"] == [("get_weather", {"city": "Bern"})]
     generic = read("generic", '{"name": "get_weather", "arguments": {"city": "Bern"}}', tools=WEATHER)
     assert generic["calls"] == [("get_weather", {"city": "Bern"})]
     raw = read("hermes", "<think>hmm</think>Hi", raw=True)

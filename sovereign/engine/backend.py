@@ -17,17 +17,24 @@ import functools
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, TypeAlias
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 import numpy as np
 
 from sovereign.engine import resources
 from sovereign.engine.grammar_sampler import GrammarSampler
-from sovereign.engine.tokenizer_cuts import PIECE_BYTES, TokenizerCuts
+from sovereign.engine.grammar_trigger import TriggerWatch
 from sovereign.engine.requests import SamplingParams, TokenLogprob
-from sovereign.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelLoadError, NotGGUF
+from sovereign.engine.tokenizer_cuts import PIECE_BYTES, TokenizerCuts
+from sovereign.errors import (
+    ContextLengthExceeded,
+    EngineError,
+    InvalidRequest,
+    ModelLoadError,
+    NotGGUF,
+)
 from sovereign.store.gguf_header import kv_bytes_per_token, read_gguf_metadata
 
 log = logging.getLogger(__name__)
@@ -283,6 +290,12 @@ class LlamaBackend:
         """Every end-of-generation token in the vocabulary (to ban them for ignore_eos); one scan per model."""
         return [t for t in range(self.n_vocab) if self._llama.llama_vocab_is_eog(self.vocab, t)]
 
+    @functools.cached_property
+    def control_tokens(self) -> list[str]:
+        """The text of every control token in the vocabulary (what client text must never become); one scan per model."""
+        control, attributes = self._llama.LLAMA_TOKEN_ATTR_CONTROL, self._llama.llama_vocab_get_attr
+        return [self.token_text(t) for t in range(self.n_vocab) if attributes(self.vocab, t) & control]
+
     def with_bos(self, tokens: list[int]) -> list[int]:
         """Prepend BOS when the model wants one and the prompt lacks it."""
         return with_bos(tokens, self.bos, self.add_bos)
@@ -318,9 +331,16 @@ class LlamaBackend:
         return self._llama.llama_sampler_sample(sampler.sampler, self.ctx.ctx, index)
 
     def accept(self, sampler: Sampler, token: int) -> None:
-        """Tell a sampler chain about a token it did not draw (a forced one), as a drawn one would be recorded."""
-        if not isinstance(sampler, (GreedySampler, GrammarSampler)):
+        """Tell a sampler about a token it did not draw (a forced one), as a drawn one would be recorded."""
+        if isinstance(sampler, GrammarSampler):
+            sampler.accept(token)
+        elif not isinstance(sampler, GreedySampler):
             self._llama.llama_sampler_accept(sampler.sampler, token)
+
+    @staticmethod
+    def admits(sampler: Sampler, token: int) -> bool:
+        """Whether a forced token may be written next (a grammar may refuse it; nothing else does)."""
+        return sampler.admits(token) if isinstance(sampler, GrammarSampler) else True
 
     def _logits(self, index: int) -> np.ndarray:
         """The logits at batch index `index`, as a view of llama.cpp's buffer (valid until the next decode)."""
@@ -366,7 +386,13 @@ class LlamaBackend:
                 raise InvalidRequest(f"logit_bias names token {token}, outside this model's vocabulary of {self.n_vocab}", "logit_bias")
         penalised = params.repeat_penalty != 1.0 or bool(params.frequency_penalty) or bool(params.presence_penalty)
         if params.grammar:
-            return self._grammar_sampler(params, bias, prompt if penalised else None)
+            try:
+                return self._grammar_sampler(params, bias, prompt if penalised else None)
+            except InvalidRequest:
+                if params.grammar_trigger is None:
+                    raise
+                log.warning("the tool-call grammar did not compile; this request's calls are left unconstrained")
+                return self.sampler(replace(params, grammar=None, grammar_trigger=None), prompt)
         if params.temperature <= 0 and not penalised:
             return GreedySampler(bias)
         sampler = _internals.LlamaSampler()
@@ -401,12 +427,22 @@ class LlamaBackend:
             _add_draw(tail, params)
         ends = sorted(self.end_of_generation_tokens, key=lambda t: t != self.eos)  # the model's own EOS first
         penalties = self._penalties(params, prompt) if prompt is not None else None
-        sampler = GrammarSampler(self._llama, grammar, n_vocab=self.n_vocab, bias=bias, end_of_generation=ends, penalties=penalties, tail=tail, top_k=params.top_k, min_p=params.min_p)
+        lazy = {}
+        if params.grammar_trigger is not None:  # free until a tool call opens
+            lazy = {"trigger": TriggerWatch(params.grammar_trigger), "spell": functools.partial(self.piece, special=True), "replay": self._spelling}
+        sampler = GrammarSampler(
+            self._llama, grammar, n_vocab=self.n_vocab, bias=bias, end_of_generation=ends, penalties=penalties, tail=tail, top_k=params.top_k, min_p=params.min_p, **lazy
+        )
         # A bias that bans everything the grammar allows at the start: a 400 now, not an error mid-stream.
         if any(value == float("-inf") for value in bias.values()) and not sampler.allows_anything(np.zeros(self.n_vocab, dtype=np.float32)):
             sampler.close()
             raise InvalidRequest("logit_bias bans every token the output format allows at the start", "logit_bias")
         return sampler
+
+    def _spelling(self, text: str) -> list[int] | None:
+        """Tokens whose pieces spell exactly this text (control-token text as control tokens), or None when none do."""
+        tokens = self.tokenize(text, special=True)
+        return tokens if b"".join(self.piece(t, special=True) for t in tokens) == text.encode("utf-8") else None
 
     def logprob_row(self, index: int) -> np.ndarray:
         """Log-softmax of the logits at batch index `index` (the model's own distribution, before sampling)."""

@@ -13,9 +13,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sovereign.engine import output, wire
+from sovereign.engine import formats, output, wire
 from sovereign.engine import tools as tool_calls
 from sovereign.engine.api import ModelInfo, ModelLoad
+from sovereign.engine.call_grammar import call_grammar
 from sovereign.engine.chat_template import Segment, check_kwargs
 from sovereign.engine.pool import LoadedModel, ModelPool
 from sovereign.engine.requests import (
@@ -212,7 +213,7 @@ class Engine:
         prompt = model.facts.with_bos([token for piece in pieces for token in piece])
         _check_fits(model, len(prompt))
         # A template that ends its prompt with the reasoning opener (DeepSeek-R1's "<think>\n") has the model start inside it.
-        opened = model.format.reasoning is not None and "".join(s.text for s in segments[-4:]).rstrip().endswith(model.format.reasoning[0])
+        opened = model.format.reasoning is not None and _ends_with(segments, model.format.reasoning[0])
         budget = request.reasoning.budget_tokens if model.format.reasoning and not self.raw_reasoning else None
         return _Prepared(model, prompt, sampling, tool_mode, active_tools, opened, request.parallel_tool_calls, budget)
 
@@ -231,12 +232,14 @@ class Engine:
         elif request.json_object:
             sampling = replace(sampling, grammar=_grammar_for_schema({"type": "object"}, request.format_param))
         if active_tools:
-            if request.tool_choice.mode in ("required", "function"):
-                schema = tool_calls.forced_call_schema(active_tools, request.tool_choice)
-                sampling = replace(sampling, grammar=_grammar_for_schema(schema, "tool_choice"))
-                tool_mode = "forced"
-            else:
-                tool_mode = "auto"
+            tool_mode = "forced" if request.tool_choice.mode in ("required", "function") else "auto"
+            # The calls in the family's own syntax; in auto mode only once one opens, and never over a response format.
+            if tool_mode == "forced" or sampling.grammar is None:
+                fmt = model.format if not self.raw_reasoning else formats.FORMATS["generic"]
+                in_reasoning = fmt.reasoning is not None and _ends_with(segments, fmt.reasoning[0])
+                calls = call_grammar(fmt, active_tools, request.tool_choice, parallel=request.parallel_tool_calls, in_reasoning=in_reasoning)
+                if calls is not None:
+                    sampling = replace(sampling, grammar=calls.gbnf, grammar_trigger=calls.trigger)
         if model.format.name != "generic":  # the family's markers are control tokens: the parser must see them
             sampling = replace(sampling, special_pieces=True)
         return segments, sampling, tool_mode, active_tools
@@ -282,6 +285,11 @@ class Engine:
             yield Finished(reason, Usage(len(prepared.prompt), completion_tokens, stream.stats.cached_tokens), stopped if reason == "stop" else None)
         finally:
             stream.cancel()
+
+
+def _ends_with(segments: list[Segment], marker: str) -> bool:
+    """Whether the rendered prompt ends with this marker (whitespace after it aside)."""
+    return "".join(s.text for s in segments[-4:]).rstrip().endswith(marker)
 
 
 def _check_vocabulary(model: LoadedModel, tokens: list[int], param: str) -> None:

@@ -22,10 +22,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from sovereign.engine.grammar_trigger import TriggerWatch
 from sovereign.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,9 @@ class GrammarSampler:
         tail: Any = None,  # a llama_cpp._internals.LlamaSampler drawing among valid tokens; None: greedy
         top_k: int = 0,
         min_p: float = 0.0,
+        trigger: TriggerWatch | None = None,  # set: the grammar is lazy, applying once the trigger matches
+        spell: Callable[[int], bytes] | None = None,  # a token's text, control tokens spelled out (for the trigger)
+        replay: Callable[[str], list[int] | None] | None = None,  # tokens spelling exactly this text, or None
     ) -> None:
         self._llama = llama
         self._grammar = grammar
@@ -72,6 +77,10 @@ class GrammarSampler:
         self._buffer = (llama.llama_token_data * max(CHECK_CHUNK, len(end_of_generation), 1))()
         self._view = np.ctypeslib.as_array(self._buffer)
         self._full: tuple[Any, np.ndarray] | None = None  # a whole-vocabulary array, for the penalties sampler
+        self._trigger = trigger
+        self._spell = spell
+        self._replay = replay
+        self.free = trigger is not None  # the grammar does not apply (yet, or ever: a trigger it could not take)
 
     # --- drawing ----------------------------------------------------------------------
 
@@ -79,6 +88,10 @@ class GrammarSampler:
         """Draw the next token from these logits and advance the grammar; InvalidRequest when none may follow."""
         started = time.monotonic()
         scores = self._scores(logits)
+        if self.free:
+            token = self._draw_free(scores)
+            self._accept(token)
+            return token
         ids, values = self._valid(scores, started)
         if ids.size == 0:
             token = self._end_if_complete()
@@ -89,8 +102,18 @@ class GrammarSampler:
         self._accept(token)
         return token
 
+    def admits(self, token: int) -> bool:
+        """Whether the grammar takes this token next (a forced one); anything goes while it does not apply."""
+        return self.free or self._check(np.array([token], dtype=np.int32)).size > 0
+
+    def accept(self, token: int) -> None:
+        """Record a token drawn elsewhere (a forced one, checked with admits first)."""
+        self._accept(token)
+
     def allows_anything(self, logits: np.ndarray) -> bool:
         """Whether any token (an end of generation included) may come next under these logits, without advancing."""
+        if self.free:
+            return True
         ids, _ = self._valid(self._scores(logits), time.monotonic())
         return ids.size > 0 or self._grammar_complete()
 
@@ -181,9 +204,40 @@ class GrammarSampler:
             return int(ids[0])
         return int(buffer[array.selected].id)
 
+    def _draw_free(self, scores: np.ndarray) -> int:
+        """The next token with no grammar applying: greedy, or the tail chain over the whole vocabulary."""
+        if self._tail is None:
+            return int(np.argmax(scores))
+        array, view = self._whole_vocabulary()
+        view["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        view["logit"], view["p"] = scores, 0.0
+        array.size, array.selected, array.sorted = self.n_vocab, -1, False
+        self._llama.llama_sampler_apply(self._tail.sampler, ctypes.byref(array))
+        return int(array.data[array.selected].id)
+
+    def _start_grammar(self, text: str) -> None:
+        """The trigger matched: replay the call's text so far into the grammar, or stay free if it cannot take it."""
+        self._trigger = None
+        tokens = self._replay(text) if self._replay is not None else None
+        for token in tokens or []:
+            if not self._check(np.array([token], dtype=np.int32)).size:
+                tokens = None
+                break
+            self._llama.llama_sampler_accept(self._grammar, token)
+        if tokens:
+            self.free = False
+        else:
+            log.info("a tool call opened in a form its grammar cannot take (%r); the output stays unconstrained", text[:80])
+
     def _accept(self, token: int) -> None:
         """Advance the grammar (never with an end of generation: the request ends there) and the penalties."""
-        if not np.isin(token, self._end_of_generation):
+        ending = bool(np.isin(token, self._end_of_generation))
+        if self.free:
+            if self._trigger is not None and self._spell is not None and not ending:
+                opened = self._trigger.feed(self._spell(token))
+                if opened is not None:
+                    self._start_grammar(opened)
+        elif not ending:
             self._llama.llama_sampler_accept(self._grammar, token)
         if self._penalties is not None:
             self._llama.llama_sampler_accept(self._penalties, token)

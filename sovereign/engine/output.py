@@ -3,9 +3,8 @@
 Two readers share one surface (feed text as it comes, finish once):
 - FamilyOutput: the model family's parser (engine/formats), for templates whose family is known:
   Qwen's `<think>` and `<tool_call>`, Llama's `<|python_tag|>`, Mistral's `[TOOL_CALLS]`, harmony…
-- PlainOutput: for the generic format (our own tool instructions), forced calls (whose grammar
-  writes bare JSON), and `--reasoning-format none`: text passes through, except an answer that
-  opens like a call, which is held and parsed at the end.
+- PlainOutput: for the generic format (our own tool instructions) and `--reasoning-format none`:
+  text passes through, except an answer that opens like a call, which is held and parsed at the end.
 """
 
 from __future__ import annotations
@@ -17,7 +16,15 @@ from typing import Any, Protocol
 
 from sovereign.engine import formats
 from sovereign.engine import tools as tool_calls
-from sovereign.engine.requests import Event, ReasoningDelta, TextDelta, TokenLogprob, ToolCall, ToolCallDelta, ToolCallsEvent
+from sovereign.engine.requests import (
+    Event,
+    ReasoningDelta,
+    TextDelta,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallsEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +137,7 @@ class PlainOutput:
 
 def reader_for(fmt: formats.ChatFormat, tool_mode: str, tools: list[dict[str, Any]], *, raw_reasoning: bool, in_reasoning: bool) -> OutputReader:
     """The reader for one answer: the family's parser where it applies, else plain text with held-back calls."""
-    if fmt.name == "generic" or tool_mode == "forced" or raw_reasoning:
+    if fmt.name == "generic" or raw_reasoning:
         return PlainOutput(tool_mode, tools)
     return FamilyOutput(fmt, tools, in_reasoning=in_reasoning)
 

@@ -14,6 +14,21 @@ FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 
 
 @dataclass(frozen=True)
+class GrammarTrigger:
+    """When a lazy grammar starts to apply: the output is free until a tool call opens (llama-server's lazy grammar).
+
+    The grammar then applies from where the match begins (its first group's start, if it has one),
+    the text from there on replayed into it. Reasoning is never searched: a call a model drafts
+    while thinking is not a call.
+    """
+
+    markers: tuple[str, ...] = ()  # literal openers, anywhere in the answer text
+    start_patterns: tuple[str, ...] = ()  # regular expressions that must match where the answer text begins
+    reasoning: tuple[str, str] | None = None  # the family's reasoning markers (start, end)
+    in_reasoning: bool = False  # the prompt opened the reasoning block
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token. Defaults follow llama-server's, which suit small local models."""
 
@@ -32,6 +47,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; N: the chosen token's plus the N most likely
     ignore_eos: bool = False  # keep generating past end-of-turn (benchmarks)
     grammar: str | None = None  # GBNF the output must match
+    grammar_trigger: GrammarTrigger | None = None  # set: the grammar is lazy, applying only once a call opens
     special_pieces: bool = False  # control tokens as their text (a family's markup, e.g. <|python_tag|>), not as nothing
 
 

@@ -314,7 +314,9 @@ class BatchScheduler:
             params = job.params
             row = self.backend.logprob_row(index) if params.logprobs is not None else None
             try:
-                token = self._forced(job) if job.stream.forced and not params.grammar else self.backend.sample(job.sampler, index)
+                if job.stream.forced and not self.backend.admits(job.sampler, job.stream.forced[0]):
+                    job.stream.forced.clear()  # the output format allows no such marker here (it closed the block itself)
+                token = self._forced(job) if job.stream.forced else self.backend.sample(job.sampler, index)
             except InvalidRequest as exc:  # its output format can go no further (bias against grammar, time budget): it alone ends
                 self._finish(slot, now, exc)
                 continue

@@ -1,4 +1,4 @@
-"""Function calling: describe tools to a model, force a call with a grammar, parse calls out of text."""
+"""Function calling for templates without tool support: describe tools to a model, parse calls out of its text."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import secrets
 from typing import Any
 
-from sovereign.engine.requests import ToolCall, ToolChoice
+from sovereign.engine.requests import ToolCall
 from sovereign.errors import InvalidRequest
 
 # Hermes / Qwen style, which many GGUF templates teach their models.
@@ -44,24 +44,6 @@ def instructions(tools: list[dict[str, Any]]) -> str:
         '{"name": "<function name>", "arguments": {<arguments>}} and nothing else.\n'
         "Available functions:\n" + json.dumps(described, ensure_ascii=False, indent=1)
     )
-
-
-def forced_call_schema(tools: list[dict[str, Any]], choice: ToolChoice) -> dict[str, Any]:
-    """A JSON schema that admits exactly one call to an allowed function (tool_choice required or named)."""
-    functions = functions_of(tools)
-    if choice.mode == "function":
-        functions = [f for f in functions if f["name"] == choice.function]
-        if not functions:
-            raise InvalidRequest(f"tool_choice names function {choice.function!r}, which is not among the tools", "tool_choice")
-    variants = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
-            "required": ["name", "arguments"],
-        }
-        for f in functions
-    ]
-    return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
 
 def new_call_id() -> str:

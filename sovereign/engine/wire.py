@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Any, Protocol
 
 from sovereign.engine.backend import LoadOptions, Step
-from sovereign.engine.requests import SamplingParams, TokenLogprob
+from sovereign.engine.requests import GrammarTrigger, SamplingParams, TokenLogprob
 from sovereign.errors import (
     ContextLengthExceeded,
     EngineError,
@@ -107,7 +107,13 @@ def params_to_wire(params: SamplingParams) -> dict[str, Any]:
 
 def params_from_wire(data: dict[str, Any]) -> SamplingParams:
     """The inverse of params_to_wire."""
-    return SamplingParams(**{**data, "stop": tuple(data["stop"]), "logit_bias": {int(t): float(b) for t, b in data["logit_bias"].items()}})
+    trigger = data.get("grammar_trigger")
+    if trigger is not None:
+        reasoning = trigger["reasoning"]
+        trigger = GrammarTrigger(tuple(trigger["markers"]), tuple(trigger["start_patterns"]), tuple(reasoning) if reasoning else None, trigger["in_reasoning"])  # type: ignore[arg-type]
+    return SamplingParams(
+        **{**data, "stop": tuple(data["stop"]), "logit_bias": {int(t): float(b) for t, b in data["logit_bias"].items()}, "grammar_trigger": trigger}
+    )
 
 
 def load_options_to_wire(options: LoadOptions) -> dict[str, Any]:
