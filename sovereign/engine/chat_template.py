@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from jinja2 import TemplateError, nodes
+from jinja2 import TemplateError, meta, nodes
 from jinja2.ext import Extension
 from jinja2.parser import Parser
 from jinja2.runtime import Context, Macro
@@ -227,11 +227,43 @@ def _template_literals(env: ImmutableSandboxedEnvironment, source: str) -> list[
 
 
 def _control_pattern(tokens: Iterable[str], *, guessed: bool) -> re.Pattern[str]:
-    """A regex for the control tokens, longest first (so a token wins over the tokens inside it)."""
-    alternatives = [re.escape(token) for token in sorted(set(tokens) - {""}, key=len, reverse=True)]
+    """A regex for the control tokens, the longest match first (so a token wins over the tokens inside it).
+
+    Written as a trie: Gemma 3 has 6,250 control tokens, and a flat alternation tries each of them at
+    every position of a client's text.
+    """
+    alternatives = [_trie_regex(set(tokens) - {""})]
     if guessed:
         alternatives.append(_ALWAYS_CONTROL)
-    return re.compile("|".join(alternatives) or "(?!)")
+    return re.compile("|".join(a for a in alternatives if a) or "(?!)")
+
+
+def _trie_regex(words: set[str]) -> str:
+    """A regex matching exactly these strings, the longest where several match, as nested groups (built without recursion)."""
+    root: dict[str, Any] = {}
+    for word in words:
+        node = root
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}  # the end of a word
+    # Post-order over the trie: each node's regex is built from its children's.
+    built: dict[int, str] = {}
+    pending: list[tuple[dict[str, Any], bool]] = [(root, False)]
+    while pending:
+        node, children_done = pending.pop()
+        if not children_done:
+            pending.append((node, True))
+            pending.extend((child, False) for char, child in node.items() if char)
+            continue
+        branches = [re.escape(char) + built[id(child)] for char, child in sorted(node.items()) if char]
+        ends_here = "" in node
+        if not branches:
+            built[id(node)] = ""
+        elif len(branches) == 1 and not ends_here:
+            built[id(node)] = branches[0]
+        else:
+            built[id(node)] = "(?:" + "|".join(branches) + ")" + ("?" if ends_here else "")
+    return built[id(root)]
 
 
 def _mark(value: Any, control: re.Pattern[str]) -> Any:
@@ -299,11 +331,12 @@ class ChatTemplate:
         self.origin = origin  # gguf | catalog | fallback
         self.bos_token = bos_token
         self.eos_token = eos_token
-        self.supports_tools = "tools" in source
         env = _environment()
         guessed = control_tokens is None
         try:
             self._template = env.from_string(source)
+            # The template reads the `tools` variable (not merely says the word): then it renders tools itself.
+            self.supports_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
             if control_tokens is None:
                 found = {m.group(0) for text in _template_literals(env, source) for m in _TOKEN_SHAPED.finditer(text)}
                 control_tokens = {token for token in found if not _PLAIN_TAGS.fullmatch(token)}

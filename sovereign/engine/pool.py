@@ -170,12 +170,13 @@ class ModelPool:
     def _template_for(self, facts: ModelFacts, path: Path, spec: ModelSpec | None) -> tuple[ChatTemplate, tuple[str, ...]]:
         """The catalog's template override, else the GGUF's own, else a plain transcript."""
         bos, eos = facts.bos_text, facts.eos_text
+        control = facts.control_tokens or None  # the vocabulary's own: client text never becomes one of them
         stops = tuple(spec.stop) if spec else ()
         if spec and spec.chat_template:
-            return ChatTemplate(spec.chat_template, bos_token=bos, eos_token=eos, origin="catalog"), stops
+            return ChatTemplate(spec.chat_template, bos_token=bos, eos_token=eos, origin="catalog", control_tokens=control), stops
         own = facts.metadata.get("tokenizer.chat_template")
         if own:
-            return ChatTemplate(own, bos_token=bos, eos_token=eos, origin="gguf"), stops
+            return ChatTemplate(own, bos_token=bos, eos_token=eos, origin="gguf", control_tokens=control), stops
         log.warning("%s has no chat template: using a plain transcript format", path.name)
         return ChatTemplate(FALLBACK_TEMPLATE, bos_token=bos, eos_token=eos, origin="fallback"), stops + FALLBACK_STOPS
 

@@ -55,6 +55,7 @@ class ModelFacts:
     bos_text: str
     eos_text: str
     metadata: dict[str, str] = field(default_factory=dict)
+    control_tokens: list[str] = field(default_factory=list)  # the vocabulary's, as text
 
     def with_bos(self, tokens: list[int]) -> list[int]:
         """Prepend BOS when the model wants one and the prompt lacks it."""

@@ -207,6 +207,7 @@ def facts(backend: LlamaBackend) -> dict[str, Any]:
         "bos_text": backend.token_text(backend.bos) if backend.bos >= 0 else "",
         "eos_text": backend.token_text(backend.eos) if backend.eos >= 0 else "",
         "metadata": {key: value for key, value in backend.metadata.items() if isinstance(value, str)},
+        "control_tokens": backend.control_tokens,
     }
 
 
