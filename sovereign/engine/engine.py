@@ -9,15 +9,16 @@ server's process; tokenizing happens in the model's.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sovereign.engine import formats, output, wire
+from sovereign.engine import conversation, formats, output, wire
 from sovereign.engine import tools as tool_calls
 from sovereign.engine.api import ModelInfo, ModelLoad
 from sovereign.engine.call_grammar import call_grammar
-from sovereign.engine.chat_template import Segment, check_kwargs
+from sovereign.engine.chat_template import ChatTemplate, Segment, check_kwargs
 from sovereign.engine.pool import LoadedModel, ModelPool
 from sovereign.engine.requests import (
     ChatRequest,
@@ -124,9 +125,11 @@ class Engine:
         """The prompt text the model's chat template makes of these messages, tools and template kwargs."""
         model = await self.pool.get(model_name)
         template = model.template
-        messages = tool_calls.as_template_messages(messages, tools or [], native=template.supports_tools)
+        messages = tool_calls.as_template_messages(conversation.normalize(messages), tools or [], native=template.supports_tools)
         active = tools if template.supports_tools else None
-        return await asyncio.to_thread(template.render_text, messages, tools=active, add_generation_prompt=add_generation_prompt, template_kwargs=kwargs)
+        check_kwargs(kwargs or {})
+        render = functools.partial(_render_as_allowed, template, messages, active, {**(kwargs or {}), "add_generation_prompt": add_generation_prompt})
+        return "".join(segment.text for segment in await asyncio.to_thread(render))
 
     async def token_texts(self, model_name: str, tokens: list[int]) -> list[str]:
         """Each token as text, control tokens spelled out."""
@@ -221,10 +224,10 @@ class Engine:
         """The prompt's segments and the decoding rules (grammars compiled here, off the event loop)."""
         template = model.template
         active_tools = request.tools if request.tool_choice.mode != "none" else []
-        messages = tool_calls.as_template_messages(request.messages, active_tools, native=template.supports_tools)
+        messages = tool_calls.as_template_messages(conversation.normalize(request.messages), active_tools, native=template.supports_tools)
         kwargs = request.all_template_kwargs()
         check_kwargs(kwargs)  # before they are spread: a client's "messages" or "self" must be a 400, not a TypeError
-        segments = template.render(messages, tools=active_tools if template.supports_tools else None, **kwargs)
+        segments = _render_as_allowed(template, messages, active_tools if template.supports_tools else None, kwargs)
         sampling = self._with_stops(model, request.sampling)
         tool_mode = "none"
         if request.json_schema is not None:
@@ -285,6 +288,24 @@ class Engine:
             yield Finished(reason, Usage(len(prepared.prompt), completion_tokens, stream.stats.cached_tokens), stopped if reason == "stop" else None)
         finally:
             stream.cancel()
+
+
+def _render_as_allowed(template: ChatTemplate, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any]) -> list[Segment]:
+    """The template's rendering; when it refuses the conversation's shape, again with the shape reworked as it allows."""
+    tools = tool_calls.template_tools(tools) if tools else None
+    try:
+        return template.render(messages, tools=tools, **kwargs)
+    except InvalidRequest as refusal:
+        for reshape in conversation.RESHAPES:
+            reshaped = reshape(messages)
+            if reshaped == messages:
+                continue
+            messages = reshaped
+            try:
+                return template.render(messages, tools=tools, **kwargs)
+            except InvalidRequest:
+                continue
+        raise refusal from None
 
 
 def _ends_with(segments: list[Segment], marker: str) -> bool:

@@ -36,6 +36,14 @@ def functions_of(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return functions
 
 
+def template_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tools as templates read them: every function with a description and parameters (many templates read both unguarded)."""
+    return [
+        {**tool, "function": {"description": "", "parameters": {"type": "object", "properties": {}}, **function}}
+        for tool, function in zip(tools, functions_of(tools), strict=True)
+    ]
+
+
 def instructions(tools: list[dict[str, Any]]) -> str:
     """A system-prompt paragraph teaching a template without tool support how to call ours."""
     described = [{"name": f["name"], "description": f.get("description", ""), "parameters": f.get("parameters", {})} for f in functions_of(tools)]
