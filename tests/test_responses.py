@@ -52,6 +52,8 @@ def test_max_output_tokens_makes_the_response_incomplete(client: OpenAI) -> None
     response = client.responses.create(model=GEMMA, input="Count to one hundred.", max_output_tokens=4, extra_body={"ignore_eos": True})
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     assert response.usage.output_tokens == 4
+    (message,) = response.output
+    assert message.status == "incomplete" and response.output_text  # the text so far, marked cut, as OpenAI does
 
 
 def test_stream_events_in_the_documented_order(client: OpenAI) -> None:
@@ -114,8 +116,11 @@ def test_refusals_are_clear_400s(client: OpenAI, server: ServerProcess) -> None:
     with pytest.raises(openai.BadRequestError) as image:
         client.responses.create(model=GEMMA, input=[{"role": "user", "content": [{"type": "input_image", "image_url": "https://example.com/cat.png"}]}])
     assert "text only" in image.value.message
+    # A built-in tool is dropped and reported (tests/test_responses_codex.py has the details); forcing one is refused.
+    dropped = httpx.post(f"{server.base_url}/responses", json={"model": GEMMA, "input": "Hi", "max_output_tokens": 2, "tools": [{"type": "web_search"}]})
+    assert dropped.status_code == 200 and dropped.json()["sovereign_dropped_tools"] == ["web_search"]
     with pytest.raises(openai.BadRequestError) as builtin:
-        client.responses.create(model=GEMMA, input="Hi", tools=[{"type": "web_search"}])
+        client.responses.create(model=GEMMA, input="Hi", tools=[{"type": "web_search"}], tool_choice={"type": "web_search_preview"})
     assert "web_search" in builtin.value.message
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="nope:1b", input="Hi")

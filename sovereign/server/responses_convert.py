@@ -5,9 +5,13 @@ Stateless: every request carries the whole conversation in `input`; previous_res
 
 from __future__ import annotations
 
+import logging
+import re
 import secrets
 import time
+import zlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from sovereign.engine import ChatRequest, Finished, ReasoningDelta, SamplingParams, TextDelta, ToolCall, ToolCallDelta, ToolCallsEvent, ToolChoice, Usage
@@ -19,6 +23,8 @@ from sovereign.server.schemas import NamedFunction, ResponsesBody, ResponsesFunc
 from sovereign.server.sse import named_event as sse
 
 TEXT_PARTS = ("input_text", "output_text", "text")
+
+log = logging.getLogger(__name__)
 
 
 def new_id(prefix: str) -> str:
@@ -32,9 +38,12 @@ def chat_request_from(body: ResponsesBody) -> ChatRequest:
         raise APIError(400, f"This server stores no responses or conversations, so '{param}' cannot be used: send the whole conversation in 'input'.", param=param, code="unsupported_parameter")
     if body.background:
         raise APIError(400, "Background responses need stored state, which this server does not keep.", param="background", code="unsupported_parameter")
-    messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + _messages(body.input)
-    tools = _tools(body)
-    choice = _tool_choice(body, bool(tools))
+    plan = tool_plan(body)
+    for dropped in plan.dropped:
+        log.warning("responses: dropped the built-in tool %r, which a local model cannot run", dropped)
+    messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + _messages(body.input, plan)
+    tools = plan.tools
+    choice = _tool_choice(body, plan)
     json_schema, json_object = _text_format(body)
     if tools and choice.mode in ("required", "function") and (json_schema or json_object):
         raise APIError(400, "A forced tool call cannot be combined with a JSON text.format.", param="text.format", code="invalid_value")
@@ -46,14 +55,15 @@ def chat_request_from(body: ResponsesBody) -> ChatRequest:
         seed=body.seed,
         ignore_eos=body.ignore_eos,
     )
-    reasoning = reasoning_from_effort(body.reasoning.effort if body.reasoning else None)
+    effort = body.reasoning.effort if body.reasoning else None
+    reasoning = reasoning_from_effort("high" if effort in ("xhigh", "max") else effort)
     return ChatRequest(
         body.model, messages, sampling, tools, choice, json_schema, json_object, format_param="text.format", reasoning=reasoning,
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
 
 
-def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _messages(items: str | list[dict[str, Any]], plan: ToolPlan | None = None) -> list[dict[str, Any]]:
     """Input items as the engine's OpenAI-shaped chat messages."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
@@ -69,7 +79,10 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 raise APIError(400, f"{where}.role must be user, assistant, system or developer.", param=f"{where}.role", code="invalid_value")
             out.append({"role": "system" if role == "developer" else role, "content": _text(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
-            call = {"id": str(item.get("call_id", "")), "type": "function", "function": {"name": str(item.get("name", "")), "arguments": str(item.get("arguments", "{}"))}}
+            name = str(item.get("name", ""))
+            if item.get("namespace"):  # a namespaced call, as Codex hands it back: the name the model was offered
+                name = (plan or ToolPlan()).flat_name(str(item["namespace"]), name)
+            call = {"id": str(item.get("call_id", "")), "type": "function", "function": {"name": name, "arguments": str(item.get("arguments", "{}"))}}
             if out and out[-1]["role"] == "assistant" and "tool_calls" in out[-1]:
                 out[-1]["tool_calls"].append(call)  # parallel calls of one turn
             else:
@@ -99,28 +112,122 @@ def _text(content: Any, where: str) -> str:
     return "\n".join(texts)
 
 
-def _tools(body: ResponsesBody) -> list[dict[str, Any]]:
-    tools = []
+# Tool types that are functions in all but name are handled; every other type is a tool OpenAI runs itself
+# (web_search, file_search, code_interpreter, image_generation, computer_use, remote mcp) or one with its own
+# call item (custom, local_shell, shell, apply_patch, tool_search): a local model can run none of them.
+
+
+@dataclass
+class ToolPlan:
+    """What a request's tools become: the engine's function tools, the built-ins dropped, and namespaced names."""
+
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # built-in tools left out, as "type" or "type:name"
+    namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)  # offered name -> (namespace, name)
+    offered: dict[tuple[str, str], str] = field(default_factory=dict)  # (namespace, name) -> offered name
+
+    def flat_name(self, namespace: str, name: str) -> str:
+        """The name a namespaced function is offered under: <namespace>__<name> (or joined as is when the namespace
+        ends in "_", as Codex's "mcp__server__" ones do), shortened with a checksum to fit 64 characters."""
+        known = self.offered.get((namespace, name))
+        if known is not None:
+            return known
+        flat = namespace + name if namespace.endswith("_") else f"{namespace}__{name}"
+        flat = re.sub(r"[^A-Za-z0-9_.-]", "_", flat)
+        if len(flat) > 64:
+            flat = f"{flat[:55]}_{zlib.crc32(flat.encode()):08x}"
+        return flat
+
+    def split(self, offered: str) -> tuple[str | None, str]:
+        """(namespace, name) of a called function: what the client defined, for the function_call item."""
+        return self.namespaced.get(offered, (None, offered))
+
+
+def tool_plan(body: ResponsesBody) -> ToolPlan:
+    plan = ToolPlan()
+    names: set[str] = set()
+
+    def add(tool: ResponsesFunctionTool, where: str, namespace: tuple[str, str | None] | None = None) -> None:
+        name, description = tool.name, tool.description
+        if namespace is not None:
+            name = plan.flat_name(namespace[0], tool.name)
+            plan.namespaced[name] = (namespace[0], tool.name)
+            plan.offered[(namespace[0], tool.name)] = name
+            if namespace[1]:  # the group's description is the only place some of its meaning lives
+                description = f"{namespace[1]}\n\n{description}" if description else namespace[1]
+        if name in names:
+            raise APIError(400, f"{where}: the function name {name!r} is defined twice.", param=where, code="invalid_value")
+        names.add(name)
+        plan.tools.append(function_tool(name, description, tool.parameters or {"type": "object", "properties": {}}))
+
     for index, raw in enumerate(body.tools or []):
-        if raw.get("type") != "function":
-            raise APIError(400, f"tools.{index}: built-in tool {raw.get('type')!r} is not available here; define a function tool.", param=f"tools.{index}.type", code="invalid_value")
-        try:
-            tool = ResponsesFunctionTool.model_validate(raw)
-        except ValueError as exc:
-            raise APIError(400, f"tools.{index} is not a valid function tool: {exc}", param=f"tools.{index}", code="invalid_value") from None
-        tools.append(function_tool(tool.name, tool.description, tool.parameters or {"type": "object", "properties": {}}))
-    return tools
+        where = f"tools.{index}"
+        kind = raw.get("type")
+        if not isinstance(kind, str):
+            raise APIError(400, f"{where}.type must be a string.", param=f"{where}.type", code="invalid_value")
+        if kind == "function":
+            add(_function(raw, where), where)
+        elif kind == "namespace":
+            namespace, description, members = raw.get("name"), raw.get("description"), raw.get("tools")
+            if not isinstance(namespace, str) or not namespace or not isinstance(members, list):
+                raise APIError(400, f"{where}: a namespace tool needs a name and a list of tools.", param=where, code="invalid_value")
+            if description is not None and not isinstance(description, str):
+                raise APIError(400, f"{where}.description must be a string.", param=f"{where}.description", code="invalid_type")
+            for inner, member in enumerate(members):
+                inner_where = f"{where}.tools.{inner}"
+                if not isinstance(member, dict):
+                    raise APIError(400, f"{inner_where} must be an object.", param=inner_where, code="invalid_type")
+                if member.get("type") == "function":
+                    add(_function(member, inner_where), inner_where, (namespace, description))
+                else:
+                    plan.dropped.append(_dropped_label(member, namespace))
+        else:
+            plan.dropped.append(_dropped_label(raw))
+    return plan
 
 
-def _tool_choice(body: ResponsesBody, has_tools: bool) -> ToolChoice:
-    choice = body.tool_choice
+def _function(raw: dict[str, Any], where: str) -> ResponsesFunctionTool:
+    try:
+        return ResponsesFunctionTool.model_validate(raw)
+    except ValueError as exc:
+        raise APIError(400, f"{where} is not a valid function tool: {exc}", param=where, code="invalid_value") from None
+
+
+def _dropped_label(raw: dict[str, Any], namespace: str | None = None) -> str:
+    kind, name = str(raw.get("type")), raw.get("name")
+    if not isinstance(name, str):
+        return kind
+    return f"{kind}:{namespace}.{name}" if namespace else f"{kind}:{name}"
+
+
+def _tool_choice(body: ResponsesBody, plan: ToolPlan) -> ToolChoice:
+    choice, has_tools = body.tool_choice, bool(plan.tools)
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        namespace = choice.get("namespace")  # a namespaced function, named as the client knows it
+        choice = NamedFunction(type="function", name=plan.flat_name(namespace, choice["name"]) if isinstance(namespace, str) and namespace else choice["name"])
+    if isinstance(choice, dict):  # a built-in tool forced: it was dropped, so obeying is impossible
+        kind = choice.get("type")
+        raise APIError(
+            400, f"tool_choice forces a tool of type {kind!r}, which this server does not run: only function tools are available here.",
+            param="tool_choice", code="invalid_value",
+        )
     if choice is None:
         return ToolChoice("auto" if has_tools else "none")
     if choice != "none" and not has_tools:
+        if plan.dropped:
+            raise APIError(400, f"tool_choice is {_choice_label(choice)!r} but no function tools are left: {', '.join(plan.dropped)} cannot run here.", param="tool_choice", code="invalid_value")
         raise APIError(400, "tool_choice is set but no tools were given.", param="tool_choice", code="invalid_value")
     if isinstance(choice, NamedFunction):
-        return ToolChoice("function", choice.name)  # the engine refuses a name that is not among the tools
+        name = choice.name
+        if name not in plan.namespaced and all(tool["function"]["name"] != name for tool in plan.tools):
+            inner = [offered for offered, (_, member) in plan.namespaced.items() if member == name]
+            name = inner[0] if len(inner) == 1 else name  # a namespaced function named by its own name
+        return ToolChoice("function", name)  # the engine refuses a name that is not among the tools
     return ToolChoice(choice)
+
+
+def _choice_label(choice: Any) -> str:
+    return choice.name if isinstance(choice, NamedFunction) else str(choice)
 
 
 def _text_format(body: ResponsesBody) -> tuple[dict[str, Any] | None, bool]:
@@ -149,15 +256,22 @@ def usage_json(usage: Usage) -> dict[str, Any]:
 
 
 def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []
+    """A message item; "incomplete" (cut by max_output_tokens) still carries the text written so far."""
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
-def call_item(call: ToolCall, status: str = "completed", arguments: str | None = None) -> dict[str, Any]:
-    return {
-        "type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id, "name": call.name,
+def call_item(call: ToolCall, status: str = "completed", arguments: str | None = None, plan: ToolPlan | None = None) -> dict[str, Any]:
+    """A function_call item; a namespaced function is named as the client defined it, `name` and `namespace` apart
+    (Codex routes a call by the pair, ToolName::new(namespace, name), in codex-rs/core/src/tools/router.rs)."""
+    namespace, name = plan.split(call.name) if plan is not None else (None, call.name)
+    item = {
+        "type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id, "name": name,
         "arguments": call.arguments if arguments is None else arguments, "status": status,
     }
+    if namespace is not None:
+        item["namespace"] = namespace
+    return item
 
 
 class ResponseShell:
@@ -168,13 +282,20 @@ class ResponseShell:
         self.created_at = int(time.time())
         self.body = body
         self.model = model
+        self.plan = tool_plan(body)
 
     def json(self, status: str, output: list[dict[str, Any]], finished: Finished | None = None) -> dict[str, Any]:
         body = self.body
         text_format = body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text and body.text.format else {"type": "text"}
         tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunction) else (body.tool_choice or "auto")
+        tools = []  # the tools as given, less those dropped
+        for tool in body.tools or []:
+            if tool.get("type") == "function":
+                tools.append({**tool, "parameters": tool.get("parameters"), "strict": tool.get("strict")})
+            elif tool.get("type") == "namespace":
+                tools.append({**tool, "tools": [t for t in tool.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"]})
         incomplete = finished is not None and finished.reason == "length"
-        return {
+        response = {
             "id": self.id, "object": "response", "created_at": self.created_at, "model": self.model,
             "status": "incomplete" if incomplete and status == "completed" else status,
             "output": output,
@@ -184,11 +305,14 @@ class ResponseShell:
             "temperature": body.temperature, "top_p": body.top_p,
             "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
             "tool_choice": tool_choice,
-            "tools": [{**t, "parameters": t.get("parameters"), "strict": t.get("strict")} for t in body.tools or []],
+            "tools": tools,
             "text": {"format": text_format},
             "previous_response_id": None, "store": False, "truncation": "disabled", "metadata": body.metadata or {},
             "user": body.user, "usage": usage_json(finished.usage) if finished else None,
         }
+        if self.plan.dropped:  # sovereign's extension: the Responses object has no field for warnings
+            response["sovereign_dropped_tools"] = list(self.plan.dropped)
+        return response
 
 
 def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
@@ -196,16 +320,19 @@ def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
     return {"type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": text}] if text else [], "status": "completed"}
 
 
-def output_items(text: str, calls: list[ToolCall], reasoning: str = "") -> list[dict[str, Any]]:
-    """A finished answer's output: its reasoning, the message (when there is text, or nothing else), then the function calls."""
+def output_items(text: str, calls: list[ToolCall], reasoning: str = "", plan: ToolPlan | None = None, cut: bool = False) -> list[dict[str, Any]]:
+    """A finished answer's output: its reasoning, the message (when there is text, or nothing else), then the function calls.
+
+    cut: the answer ran into max_output_tokens, so its message is "incomplete", as OpenAI marks it."""
     items = [reasoning_item(new_id("rs"), reasoning)] if reasoning else []
-    items += [message_item(new_id("msg"), text, "completed")] if text or not calls else []
-    return items + [call_item(call) for call in calls]
+    items += [message_item(new_id("msg"), text, "incomplete" if cut else "completed")] if text or not calls else []
+    return items + [call_item(call, plan=plan) for call in calls]
 
 
 async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
     """The documented sequence: created, in_progress, per item added/deltas/done, then completed (or incomplete/failed)."""
     sequence = 0
+    plan = shell.plan
     output: list[dict[str, Any]] = []
     message: dict[str, Any] | None = None  # the message item being streamed
     text = ""
@@ -229,10 +356,10 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
             frame("response.content_part.added", item_id=message["id"], output_index=len(output), content_index=0, part=part),
         ]
 
-    def close_message() -> list[bytes]:
+    def close_message(status: str = "completed") -> list[bytes]:
         nonlocal message
         assert message is not None
-        done = message_item(message["id"], text, "completed")
+        done = message_item(message["id"], text, status)
         part = done["content"][0]
         index = len(output)
         frames = [
@@ -270,7 +397,7 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
         nonlocal calling
         assert calling is not None
         call, index = calling[1], len(output)
-        done = call_item(call)
+        done = call_item(call, plan=plan)
         calling = None
         output.append(done)
         return [
@@ -295,7 +422,7 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
                             yield chunk
                     calling = (event.index, ToolCall(event.id, event.name or "", ""))
                     streamed.add(event.id)
-                    yield frame("response.output_item.added", output_index=len(output), item=call_item(calling[1], "in_progress", ""))
+                    yield frame("response.output_item.added", output_index=len(output), item=call_item(calling[1], "in_progress", "", plan))
                 elif calling is not None and calling[0] == event.index and event.arguments:
                     call = calling[1]
                     calling = (event.index, ToolCall(call.id, call.name, call.arguments + event.arguments))
@@ -321,11 +448,11 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
                     if call.id in streamed:
                         continue
                     index = len(output)
-                    started = call_item(call, "in_progress", "")
+                    started = call_item(call, "in_progress", "", plan)
                     yield frame("response.output_item.added", output_index=index, item=started)
                     yield frame("response.function_call_arguments.delta", item_id=started["id"], output_index=index, delta=call.arguments)
                     yield frame("response.function_call_arguments.done", item_id=started["id"], output_index=index, arguments=call.arguments)
-                    done = call_item(call)
+                    done = call_item(call, plan=plan)
                     yield frame("response.output_item.done", output_index=index, item=done)
                     output.append(done)
             elif isinstance(event, Finished):
@@ -333,7 +460,7 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
                     for chunk in open_message():
                         yield chunk
                 if message is not None:
-                    for chunk in close_message():
+                    for chunk in close_message("incomplete" if event.reason == "length" else "completed"):
                         yield chunk
                 final = shell.json("completed", output, event)
                 yield frame("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
@@ -344,4 +471,4 @@ async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> A
 
 
 def response_json(shell: ResponseShell, text: str, calls: list[ToolCall], finished: Finished, reasoning: str = "") -> dict[str, Any]:
-    return shell.json("completed", output_items(text, calls, reasoning), finished)
+    return shell.json("completed", output_items(text, calls, reasoning, shell.plan, finished.reason == "length"), finished)

@@ -189,12 +189,18 @@ class ResponsesFunctionTool(_Strict):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    # Codex marks tools meant to be found through its tool_search tool; tool_search is dropped here
+    # (see responses_convert), so a deferred function is simply offered like any other.
+    defer_loading: bool | None = None
 
 
 class ResponsesReasoning(_Strict):
-    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
-    summary: str | None = None
+    # Codex sends effort up to "xhigh" (and the SDK knows "max"); above "high" they reach the template as "high".
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    summary: str | None = None  # accepted; the reasoning item carries the whole reasoning, never a summary
     generate_summary: str | None = None
+    context: str | None = None  # which turns' reasoning OpenAI keeps: stateless here, so ignored
+    mode: str | None = None  # "standard"/"pro": an OpenAI service tier for reasoning, ignored
 
 
 class ResponsesTextFormat(_Strict):
@@ -206,8 +212,8 @@ class ResponsesTextFormat(_Strict):
 
 
 class ResponsesText(_Strict):
-    format: ResponsesTextFormat | None = None
-    verbosity: str | None = None
+    format: ResponsesTextFormat | None = None  # honoured: json_schema (Codex's --output-schema) is enforced by grammar
+    verbosity: str | None = None  # Codex sends low/medium/high; accepted and ignored (no local model takes it)
 
 
 class NamedFunction(_Strict):
@@ -216,31 +222,46 @@ class NamedFunction(_Strict):
 
 
 class ResponsesBody(_Strict):
-    model: str
-    input: str | list[dict[str, Any]]
-    instructions: str | None = None
+    """A Responses request. Fields marked [Codex] are those OpenAI's Codex CLI (codex-rs ResponsesApiRequest) sends."""
+
+    model: str  # [Codex] honoured
+    input: str | list[dict[str, Any]]  # [Codex] honoured: the whole conversation, every turn (Codex sends store=false)
+    instructions: str | None = None  # [Codex] honoured: becomes the first system message
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    text: ResponsesText | None = None
-    tools: list[dict[str, Any]] | None = None  # function tools; built-in ones (web_search, ...) are refused by name
-    tool_choice: Literal["auto", "none", "required"] | NamedFunction | None = None
-    parallel_tool_calls: bool | None = None
-    stream: bool = False
-    previous_response_id: str | None = None  # refused: nothing is stored
+    text: ResponsesText | None = None  # [Codex] format honoured, verbosity ignored (see ResponsesText)
+    # [Codex] function tools are offered; a `namespace` tool (Codex's multi_agent_v1 group, MCP servers) is flattened
+    # into function tools named <namespace>__<name>, and calls go back with `name` and `namespace` split again;
+    # built-in tools (web_search, image_generation, tool_search, custom, ...) are dropped with a warning and
+    # listed in the response's `sovereign_dropped_tools`.
+    tools: list[dict[str, Any]] | None = None
+    # [Codex] sends "auto". A dict forcing a built-in tool (web_search_preview, custom, mcp, ...) is refused:
+    # the tool was dropped, so obeying is impossible and ignoring it would change the answer.
+    tool_choice: Literal["auto", "none", "required"] | NamedFunction | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # [Codex] honoured
+    stream: bool = False  # [Codex] honoured (Codex always streams)
+    previous_response_id: str | None = None  # refused: nothing is stored (Codex sends it only over its websocket transport)
     conversation: Any = None  # refused likewise
     background: bool | None = None
-    store: bool | None = None
+    store: bool | None = None  # [Codex] sends false; accepted, nothing is ever stored
     metadata: dict[str, str] | None = None
     user: str | None = None
     seed: int | None = None
     ignore_eos: bool = False  # sovereign's extension, as on the other endpoints
-    reasoning: ResponsesReasoning | None = None  # effort reaches the template; summaries are the whole reasoning
+    reasoning: ResponsesReasoning | None = None  # [Codex] effort reaches the template; summaries are the whole reasoning
     # Accepted and ignored: they shape OpenAI's service, not a local model's output.
     truncation: str | None = None
+    # [Codex] sends ["reasoning.encrypted_content"]: there is no encrypted reasoning to return; reasoning
+    # items carry their text in `summary` and Codex hands them back in `input`, where they are skipped.
     include: list[str] | None = None
-    stream_options: dict[str, Any] | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
+    stream_options: dict[str, Any] | None = None  # [Codex] newer versions send it; event framing is fixed here
+    service_tier: str | None = None  # [Codex] "priority"/"flex": there is one tier locally
+    prompt_cache_key: str | None = None  # [Codex] the session id: the engine's prefix cache needs no key
     safety_identifier: str | None = None
     top_logprobs: int | None = None
+    # [Codex] client bookkeeping (installation/session/turn ids, as string pairs): never read.
+    client_metadata: dict[str, Any] | None = None
+    # [Codex] ChatGPT-backend access programs: meaningless to a local server, ignored.
+    access_programs: Any = None
+    prompt_cache_retention: str | None = None  # OpenAI's cache lifetime: ignored, like prompt_cache_key
