@@ -217,12 +217,14 @@ def serve(
     allowed_hosts: Annotated[str | None, typer.Option("--allowed-hosts", help="Host names to answer besides this machine's, comma-separated ('*.example.com' for subdomains, '*' for any; default: any when --host is not loopback).")] = None,
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted (e.g. 32MiB, 100MB); larger ones get 413.")] = "32MiB",
     reasoning_format: Annotated[ReasoningFormat, typer.Option("--reasoning-format", help="auto: reasoning goes to reasoning_content / thinking blocks; none: leave the model's text as it is.")] = ReasoningFormat.auto,
+    alias: Annotated[list[str], typer.Option("--alias", help="Answer requests for model names matching GLOB with MODEL, e.g. 'claude-*=qwen3:8b' (repeatable; first match wins). Unmapped claude-*/gpt-* names go to the first served model.")] = [],  # noqa: B006
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API."""
     import uvicorn
 
     from sovereign.engine import Engine
     from sovereign.launch import DEFAULT_PORT, build_pool, check_port_free, ensure_pulled
+    from sovereign.model_routes import ModelRoutes, parse_route
     from sovereign.server.app import ServerOptions, create_app
     from sovereign.server.guards import allowed_hosts_for, parse_size
 
@@ -232,13 +234,17 @@ def serve(
     serving = {"parallel": parallel, "max_queue": max_queue, "timeout": timeout or None}
     options = _engine_options(ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive, **serving)
     check_port_free(host, port)
+    rules = tuple(parse_route(text) for text in alias)  # a malformed rule fails before any loading
     names = [ensure_pulled(m, core.settings, core.store, core.catalog, err) for m in models or [str(core.catalog.default)]]
-    pool = build_pool(core.store, core.catalog, options, core.settings)
+    rules = tuple((pattern, ensure_pulled(target, core.settings, core.store, core.catalog, err)) for pattern, target in rules)
+    pool = build_pool(core.store, core.catalog, options, core.settings, ModelRoutes(rules, fallback=names[0]))
     server_app = create_app(Engine(pool, reasoning_format=reasoning_format.value), ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names), allowed_hosts=hosts, max_body=body_limit))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine can use it", highlight=False)
     shown = f"[{host}]" if ":" in host else host
     err.print(f"[green]✓[/] serving {', '.join(names)} at [bold]http://{shown}:{port}/v1[/] (OpenAI base_url; Ctrl-C stops)", highlight=False)
+    for pattern, target in rules:
+        err.print(f"  requests for {pattern} are answered by {target}", highlight=False)
     _log_requests()
     uvicorn.run(server_app, host=host, port=port, log_level=os.environ.get("SOVEREIGN_LOG_LEVEL", "warning").lower(), access_log=False)
 

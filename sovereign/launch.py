@@ -13,6 +13,7 @@ from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT, Settings
 from sovereign.engine import ModelPool, PoolOptions
 from sovereign.engine.backend import LoadOptions
 from sovereign.errors import ModelNotFound, SovereignError
+from sovereign.model_routes import ModelRoutes
 from sovereign.refs import parse_name
 from sovereign.store import Store
 
@@ -84,12 +85,12 @@ class EngineOptions:
             raise SovereignError(f"--timeout must be positive (or 0 for none), got {self.timeout:g}", None)
 
 
-def build_pool(store: Store, catalog: Catalog, options: EngineOptions, settings: Settings) -> ModelPool:
+def build_pool(store: Store, catalog: Catalog, options: EngineOptions, settings: Settings, routes: ModelRoutes | None = None) -> ModelPool:
     """A model pool configured from the command line."""
     options.validate()
     load = LoadOptions(n_ctx=options.ctx, n_gpu_layers=options.gpu_layers, n_threads=options.threads, n_parallel=options.parallel)
     pool_options = PoolOptions(
         load=load, max_models=options.max_models, keep_alive=options.keep_alive, max_queue=options.max_queue,
-        request_timeout=options.timeout, kernel_home=settings.home, extra_buffers=settings.extra_buffers,
+        request_timeout=options.timeout, kernel_home=settings.home, extra_buffers=settings.extra_buffers, routes=routes or ModelRoutes(),
     )
     return ModelPool(store, catalog, pool_options)

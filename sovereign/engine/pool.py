@@ -7,6 +7,7 @@ and a crashed one is dropped from the pool so that the next request loads it afr
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from sovereign.engine.formats import ChatFormat, detect
 from sovereign.engine.kernel_probe import kernel_choice, record_crash
 from sovereign.engine.process import ModelFacts, ModelProcess
 from sovereign.errors import InvalidReference, ModelNotFound
+from sovereign.model_routes import CLOSED_API_NAMES, ModelRoutes
 from sovereign.refs import parse_name
 from sovereign.store import Store
 from sovereign.store.manifest import Manifest
@@ -55,6 +57,7 @@ class PoolOptions:
     request_timeout: float | None = None  # seconds from submission before a request is stopped
     kernel_home: Path | None = None  # where the CPU-kernel verdict is kept; None: load without probing (tests)
     extra_buffers: str = "auto"  # SOVEREIGN_EXTRA_BUFFERS: auto (probe once), on, off
+    routes: ModelRoutes = field(default_factory=ModelRoutes)  # --alias rules and the closed-API fallback
 
 
 class ModelPool:
@@ -73,15 +76,27 @@ class ModelPool:
     # --- names ----------------------------------------------------------------------
 
     def resolve(self, text: str) -> Manifest:
-        """The pulled model a request names (catalog aliases followed), or ModelNotFound."""
+        """The pulled model a request names (--alias rules, then catalog aliases, then closed-API fallbacks), or ModelNotFound."""
+        routes = self.options.routes
+        mapped = routes.mapped(text)
+        manifest = self._pulled(mapped if mapped is not None else text)
+        if manifest is None and mapped is None and (fallback := routes.fallback_for(text)) is not None:
+            manifest = self._pulled(fallback)
+        if manifest is not None:
+            return manifest
+        if mapped is not None:
+            raise ModelNotFound(f"the model {text!r} maps to {mapped!r}, which is not pulled", f"pull it first: sovereign pull {mapped}")
+        if any(fnmatch.fnmatchcase(text, pattern) for pattern in CLOSED_API_NAMES):
+            raise ModelNotFound(f"the model {text!r} is a closed API's", f"map it to a local model: sovereign serve --alias '{text.split('-')[0]}-*=MODEL'")
+        raise ModelNotFound(f"the model {text!r} does not exist or is not pulled", f"pull it first: sovereign pull {text}")
+
+    def _pulled(self, text: str) -> Manifest | None:
+        """The pulled model a name (or catalog alias) stands for, if any."""
         try:
             name = parse_name(text)
         except InvalidReference:
-            raise ModelNotFound(f"the model {text!r} does not exist", "GET /v1/models lists the pulled models") from None
-        manifest = self.store.get_first(name, self.catalog.canonical(name))
-        if manifest is None:
-            raise ModelNotFound(f"the model {text!r} does not exist or is not pulled", f"pull it first: sovereign pull {text}")
-        return manifest
+            return None
+        return self.store.get_first(name, self.catalog.canonical(name))
 
     def spec_for(self, manifest: Manifest) -> ModelSpec | None:
         """The catalog entry the model was pulled as, if any."""

@@ -34,7 +34,12 @@ from sovereign.server.anthropic_schemas import (
     _Conversation,
 )
 from sovereign.server.errors import APIError
+from sovereign.server.running import with_heartbeat
 from sovereign.server.sse import named_event as sse
+
+# Seconds without an event before a `ping` goes out: Anthropic pings during long waits, and clients with an idle
+# timeout (Claude Code among them) would otherwise hang up while a long prompt is read.
+PING_SECONDS = 5.0
 
 
 def new_id(prefix: str) -> str:
@@ -212,7 +217,9 @@ def message_json(message_id: str, model: str, text: str, calls: list[ToolCall], 
     }
 
 
-async def stream_events(message_id: str, model: str, prompt_tokens: int, events: AsyncIterator[Event], user_stops: list[str] | None) -> AsyncIterator[bytes]:
+async def stream_events(
+    message_id: str, model: str, prompt_tokens: int, events: AsyncIterator[Event], user_stops: list[str] | None, *, context_management: dict[str, Any] | None = None
+) -> AsyncIterator[bytes]:
     """Anthropic's event sequence: message_start, blocks (start, ping after the first, deltas, stop), message_delta, message_stop."""
     start = {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None, "stop_sequence": None}
     yield sse({"type": "message_start", "message": {**start, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
@@ -242,8 +249,10 @@ async def stream_events(message_id: str, model: str, prompt_tokens: int, events:
         open_kind = kind
         return frames
 
-    async for event in events:
-        if isinstance(event, ReasoningDelta) and event.text:
+    async for event in with_heartbeat(events, PING_SECONDS):
+        if event is None:  # nothing for a while (the prompt is still being read): tell the client the stream is alive
+            yield sse({"type": "ping"})
+        elif isinstance(event, ReasoningDelta) and event.text:
             for frame in switch_to("thinking"):
                 yield frame
             yield sse({"type": "content_block_delta", "index": blocks, "delta": {"type": "thinking_delta", "thinking": event.text}})
@@ -280,5 +289,8 @@ async def stream_events(message_id: str, model: str, prompt_tokens: int, events:
             for frame in close():
                 yield frame
             reason, sequence = stop_reason(event, user_stops)
-            yield sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage_json(event.usage)})
+            delta: dict[str, Any] = {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage_json(event.usage)}
+            if context_management is not None:  # the context edits applied to this request's messages
+                delta["context_management"] = context_management
+            yield sse(delta)
             yield sse({"type": "message_stop"})

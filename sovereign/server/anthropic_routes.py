@@ -2,35 +2,65 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sovereign.engine import Finished
 from sovereign.server import anthropic_convert as convert
-from sovereign.server.anthropic_schemas import CountTokensBody, MessagesBody
+from sovereign.server.anthropic_schemas import CountTokensBody, MessageParam, MessagesBody
+from sovereign.server.context_editing import apply_context_edits, parse_context_management
 from sovereign.server.state import engine
 from sovereign.server.running import collect, event_stream
 from sovereign.server.sse import named_event
 
 router = APIRouter()
+Body = TypeVar("Body", MessagesBody, CountTokensBody)
 
 
 @router.post("/v1/messages", response_model=None)
 async def create_message(request: Request, body: MessagesBody) -> JSONResponse | StreamingResponse:
+    body, applied = await _edit_context(request, body)
     chat = convert.chat_request_from(body)
     generation = await engine(request).submit(chat)
     message_id = convert.new_id("msg")
+    edits = {"applied_edits": applied} if body.context_management is not None else None
     if not body.stream:
         (result,) = await collect(request, [generation])
         finished = result.finished or Finished("cancelled", result.usage)
-        return JSONResponse(convert.message_json(message_id, generation.model, result.text, result.tool_calls, finished, body.stop_sequences, result.reasoning))
-    events = convert.stream_events(message_id, generation.model, generation.prompt_tokens, aiter(generation), body.stop_sequences)
+        message = convert.message_json(message_id, generation.model, result.text, result.tool_calls, finished, body.stop_sequences, result.reasoning)
+        return JSONResponse({**message, "context_management": edits} if edits is not None else message)
+    events = convert.stream_events(message_id, generation.model, generation.prompt_tokens, aiter(generation), body.stop_sequences, context_management=edits)
     # An error once the status line is out travels as Anthropic's `error` event.
     return event_stream(events, [generation], error_frame=lambda error: named_event(error.anthropic_body()))
 
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request, body: CountTokensBody) -> dict[str, Any]:
-    return {"input_tokens": await engine(request).count_tokens(convert.chat_request_from(body))}
+    if body.context_management is None:
+        return {"input_tokens": await engine(request).count_tokens(convert.chat_request_from(body))}
+    original = await engine(request).count_tokens(convert.chat_request_from(body))
+    edited, _ = await _edit_context(request, body)
+    return {"input_tokens": await engine(request).count_tokens(convert.chat_request_from(edited)), "context_management": {"original_input_tokens": original}}
+
+
+async def _edit_context(request: Request, body: Body) -> tuple[Body, list[dict[str, Any]]]:
+    """The body with Anthropic's context edits applied to its messages, and the edits as the response reports them."""
+    if body.context_management is None:
+        return body, []
+    parse_context_management(body.context_management)  # a bad config is a 400 before any work
+    served_by = engine(request)
+    loop = asyncio.get_running_loop()
+
+    def count_tokens(messages: list[dict[str, Any]]) -> int:
+        """The prompt tokens of the conversation with these messages (tokenizing only, in the model's process)."""
+        trial = body.model_copy(update={"messages": [MessageParam.model_validate(m) for m in messages]})
+        return asyncio.run_coroutine_threadsafe(served_by.count_tokens(convert.chat_request_from(trial)), loop).result()
+
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    edited, applied = await asyncio.to_thread(apply_context_edits, messages, body.context_management, count_tokens)
+    if not applied:
+        return body, []
+    return body.model_copy(update={"messages": [MessageParam.model_validate(m) for m in edited]}), applied

@@ -96,6 +96,7 @@ class _Conversation(_Strict):
     tool_choice: ToolChoiceParam | None = None
     output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema": ...}} is enforced; effort is ignored
     thinking: ThinkingConfig | None = None  # enabled/disabled reaches the template; budget_tokens bounds the reasoning
+    context_management: dict[str, Any] | None = None  # context editing, applied before rendering (server/context_editing.py)
     # Accepted and ignored: meaningful to Anthropic's service, not to a local model.
     cache_control: dict[str, Any] | None = None
     speed: str | None = None

@@ -22,7 +22,7 @@ from sovereign.server.errors import APIError
 from sovereign.server.guards import DEFAULT_MAX_BODY, BodyLimit, HostGuard
 
 log = logging.getLogger(__name__)
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/", "/health"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root() -> JSONResponse:
+        """What answers here (Claude Code checks that its base URL is up with HEAD /)."""
+        return JSONResponse({"name": "sovereign", "version": __version__, "apis": ["/v1/chat/completions", "/v1/messages", "/v1/responses"]})
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -38,10 +38,12 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        anthropic_message: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.anthropic_message = anthropic_message or message  # where Anthropic's clients parse their own wording
         self.type = type
         self.param = param
         self.code = code
@@ -59,7 +61,7 @@ class APIError(Exception):
 
     def anthropic_body(self) -> dict[str, Any]:
         kind = _ANTHROPIC_TYPES.get(self.anthropic_status, "api_error" if self.status >= 500 else "invalid_request_error")
-        return {"type": "error", "error": {"type": kind, "message": self.message}}
+        return {"type": "error", "error": {"type": kind, "message": self.anthropic_message}}
 
     def response_for(self, path: str) -> JSONResponse:
         """This error in the envelope of the API that `path` belongs to."""
@@ -80,6 +82,8 @@ def from_exception(exc: BaseException) -> APIError:
             f"This model's maximum context length is {exc.n_ctx} tokens. However, your messages resulted in {exc.prompt_tokens} tokens. Please reduce the length of the messages.",
             param="messages",
             code="context_length_exceeded",
+            # Claude Code reads these numbers to compact its conversation and retry.
+            anthropic_message=f"prompt is too long: {exc.prompt_tokens} tokens > {exc.n_ctx} maximum",
         )
     if isinstance(exc, InvalidRequest):
         return APIError(400, exc.message, param=exc.param, code="invalid_value")

@@ -99,9 +99,25 @@ def _model_json(model: ModelInfo) -> dict[str, Any]:
     }
 
 
+def _anthropic_model_json(model: ModelInfo, model_id: str | None = None) -> dict[str, Any]:
+    """A model in Anthropic's shape; `model_id`, when an alias was asked for, is the name the client used."""
+    shown = model_id or model.name
+    display = model.name if shown == model.name else f"{model.name} (answering for {shown})"
+    return {"type": "model", "id": shown, "display_name": display, "created_at": model.pulled_at or "1970-01-01T00:00:00Z"}
+
+
+def _speaks_anthropic(request: Request) -> bool:
+    """Anthropic's SDKs send anthropic-version with every request; /v1/models then answers in their shape."""
+    return "anthropic-version" in request.headers
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_json(m) for m in _engine(request).models()]}
+    models = _engine(request).models()
+    if _speaks_anthropic(request):  # pagination (limit, after_id, before_id) is accepted: everything fits one page
+        data = [_anthropic_model_json(m) for m in models]
+        return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return {"object": "list", "data": [_model_json(m) for m in models]}
 
 
 @router.get("/v1/models/{model_id:path}")
@@ -110,7 +126,7 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
         model = _engine(request).model(model_id)
     except ModelNotFound as exc:
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found") from exc
-    return _model_json(model)
+    return _anthropic_model_json(model, model_id) if _speaks_anthropic(request) else _model_json(model)
 
 
 # --- chat completions ---------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -11,6 +12,8 @@ from fastapi.responses import StreamingResponse
 from sovereign.engine import Generation
 from sovereign.server import openai_convert as convert
 from sovereign.server.errors import APIError, from_exception
+
+T = TypeVar("T")
 
 
 async def collect(request: Request, generations: list[Generation]) -> list[convert.ChoiceResult]:
@@ -37,6 +40,26 @@ async def cancel_on_disconnect(request: Request, generations: list[Generation]) 
         pass
     for generation in generations:
         generation.stop()
+
+
+async def with_heartbeat(events: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
+    """The events, and None each time `interval` seconds pass without one (for keep-alive frames during a long prefill)."""
+    iterator = aiter(events)
+    pending: asyncio.Future[T] = asyncio.ensure_future(anext(iterator))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            yield event
+            pending = asyncio.ensure_future(anext(iterator))
+    finally:
+        pending.cancel()
 
 
 def event_stream(
