@@ -339,10 +339,11 @@ def _log_requests() -> None:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    requests = logging.getLogger("sovereign.requests")
-    requests.addHandler(handler)
-    requests.setLevel(min(requests.getEffectiveLevel(), logging.INFO))
-    requests.propagate = False
+    for name in ("sovereign.requests", "sovereign.serving"):  # the request log, and what each model was loaded with
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+        logger.propagate = False
 
 
 def main() -> None:

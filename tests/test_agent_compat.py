@@ -115,3 +115,14 @@ def test_the_pool_answers_closed_names_with_the_default_or_an_alias(real_model_h
     with pytest.raises(ModelNotFound) as unmapped:
         pool.resolve("claude-opus-4-8")
     assert "missing:1b" in str(unmapped.value)
+
+
+def test_the_default_context_has_room_for_an_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sovereign.engine import resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda: 16 * 2**30)
+    assert resources.default_context(32_768, 8_192, 20_000) == 32_768  # the catalog's 8k is raised for agents
+    assert resources.default_context(8_192, 8_192, 20_000) == 8_192  # never past what the model was trained for
+    assert resources.default_context(131_072, None, 20_000) == 131_072
+    monkeypatch.setattr(resources, "available_memory", lambda: 2**30)
+    assert resources.default_context(32_768, 8_192, 100_000) < 32_768  # memory caps it

@@ -229,3 +229,18 @@ def test_auto_tools_beyond_the_budget_stay_unconstrained_and_forced_ones_are_ref
         call_grammar(FORMATS["hermes"], huge, ToolChoice("required"), parallel=True, in_reasoning=False)
     assert raised.value.param == "tools"
 
+
+
+def test_auto_with_a_response_format_allows_calls_or_schema_text_only(backend: LlamaBackend) -> None:
+    """OpenAI applies a response format to the final text turn: the model may call, or answer in the schema, nothing else."""
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    for text, taken in [(f"<tool_call>\n{WEATHER}\n</tool_call>", True), ('{"answer": 42}', True), ("The answer is 42.", False)]:
+        grammar = call_grammar(FORMATS["hermes"], TOOLS, ToolChoice("auto"), parallel=True, in_reasoning=False, text_schema=schema)
+        assert grammar is not None and grammar.trigger is None  # not lazy: the text is held to the schema too
+        sampler = backend.sampler(SamplingParams(temperature=0, grammar=grammar.gbnf), [])
+        try:
+            assert (_feed(backend, sampler, text) is None) is taken, text
+        finally:
+            sampler.close()
+    forced = call_grammar(FORMATS["hermes"], TOOLS, ToolChoice("required"), parallel=True, in_reasoning=False, text_schema=schema)
+    assert forced is not None and '"answer"' not in forced.gbnf  # a forced call has no text turn

@@ -126,6 +126,19 @@ def test_embedding_errors(server: ServerProcess) -> None:
     assert_envelope(httpx.post(url, json={"model": GEMMA, "input": "x", "encoding_format": "int8"}), 400, param="encoding_format")
 
 
+def test_embedding_token_ids_must_be_the_models_own(server: ServerProcess) -> None:
+    """LangChain's OpenAIEmbeddings sends tiktoken's cl100k ids: read as Gemma's they would embed unrelated text."""
+    url = f"{server.base_url}/embeddings"
+    own = httpx.post(f"{server.url}/tokenize", json={"model": GEMMA, "content": "the sea at night"}).json()["tokens"]
+    by_ids = httpx.post(url, json={"model": GEMMA, "input": [own], "encoding_format": "float"}).json()["data"][0]["embedding"]
+    by_text = httpx.post(url, json={"model": GEMMA, "input": "the sea at night", "encoding_format": "float"}).json()["data"][0]["embedding"]
+    assert by_ids == pytest.approx(by_text, abs=1e-5)
+    cl100k = [1820, 9581, 520, 3814]  # "the sea at night" in tiktoken's cl100k_base
+    refused = httpx.post(url, json={"model": GEMMA, "input": [cl100k]})
+    assert_envelope(refused, 400, param="input")
+    assert "check_embedding_ctx_length=False" in refused.json()["error"]["message"]
+
+
 # --- errors --------------------------------------------------------------------------
 
 

@@ -224,6 +224,28 @@ def test_tool_choice_required_forces_a_valid_call(client: OpenAI) -> None:
     assert set(arguments) == ({"city", "unit"} if call.function.name == "get_weather" else {"zone"})
 
 
+def test_a_forced_call_cut_by_max_tokens_is_still_a_tool_call(client: OpenAI) -> None:
+    """As OpenAI answers: the call with its arguments as far as they got, and finish_reason "length"."""
+    response = chat(client, max_tokens=14, seed=3, tools=[WEATHER_TOOL], tool_choice="required")  # past the name, within the arguments
+    choice = response.choices[0]
+    assert choice.finish_reason == "length" and not choice.message.content, choice
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments.startswith("{"), call
+
+
+def test_tools_with_a_response_format_are_accepted(client: OpenAI) -> None:
+    """The OpenAI Agents SDK sends both for an agent with tools and an output type: the schema holds the text turn."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"], "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema}}
+    forced = chat(client, max_tokens=60, seed=3, tools=[WEATHER_TOOL], tool_choice="required", response_format=response_format).choices[0]
+    assert forced.finish_reason == "tool_calls" and forced.message.tool_calls[0].function.name == "get_weather"
+    auto = chat(client, max_tokens=60, seed=3, tools=[WEATHER_TOOL], tool_choice="auto", response_format=response_format).choices[0]
+    if auto.message.tool_calls:
+        assert json.loads(auto.message.tool_calls[0].function.arguments) is not None
+    else:
+        assert set(json.loads(auto.message.content)) == {"answer"}, auto.message.content
+
+
 def test_named_tool_choice_forces_that_function(client: OpenAI) -> None:
     for name in ("get_time", "get_weather"):
         response = chat(client, max_tokens=60, seed=3, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice={"type": "function", "function": {"name": name}})

@@ -226,8 +226,8 @@ def _free_xml(r: _Rules, open_: str, mid: str, close: str) -> str:
     return f'( {_lit(open_)} [^>\\n<]{{1,64}} "{mid}" {r.excluding(close)} {_lit(close)} {WS} )*'
 
 
-def _forced_root(fmt: ChatFormat, r: _Rules, calls: str, in_reasoning: bool) -> str:
-    """The whole answer when a call is required: the model's reasoning, if it reasons, then the calls."""
+def _after_reasoning(fmt: ChatFormat, r: _Rules, calls: str, in_reasoning: bool) -> str:
+    """The whole answer: the model's reasoning, if it reasons, then `calls` (the calls, or a call or a text answer)."""
     if fmt.name == "generic":
         return calls
     if fmt.name == "gpt_oss":
@@ -240,10 +240,18 @@ def _forced_root(fmt: ChatFormat, r: _Rules, calls: str, in_reasoning: bool) -> 
     return f"{thought} {calls}" if in_reasoning else f"( {_lit(start)} {thought} )? {WS} {calls}"
 
 
-def call_grammar(fmt: ChatFormat, tools: list[dict[str, Any]], choice: ToolChoice, *, parallel: bool, in_reasoning: bool) -> CallGrammar | None:
-    """The grammar for this request's calls; None when auto mode cannot constrain them (schemas beyond the budget)."""
+def call_grammar(
+    fmt: ChatFormat, tools: list[dict[str, Any]], choice: ToolChoice, *, parallel: bool, in_reasoning: bool, text_schema: dict[str, Any] | None = None
+) -> CallGrammar | None:
+    """The grammar for this request's calls; None when auto mode cannot constrain them (schemas beyond the budget).
+
+    `text_schema` (auto mode): a text answer must match it, as OpenAI applies a response format to the
+    final text turn; the grammar then applies from the first token: calls, or JSON of that schema.
+    A forced call leaves no text turn, so there it is ignored.
+    """
     forced = choice.mode in ("required", "function")
-    key = json.dumps([fmt.name, fmt.reasoning, tools, choice.mode, choice.function, parallel, in_reasoning], sort_keys=True, default=str)
+    text_schema = None if forced else text_schema
+    key = json.dumps([fmt.name, fmt.reasoning, tools, choice.mode, choice.function, parallel, in_reasoning, text_schema], sort_keys=True, default=str)
     try:
         return _cached(key, fmt, forced)
     except InvalidRequest:
@@ -259,13 +267,13 @@ def call_grammar(fmt: ChatFormat, tools: list[dict[str, Any]], choice: ToolChoic
 @functools.lru_cache(maxsize=32)
 def _cached(key: str, fmt: ChatFormat, forced: bool) -> CallGrammar:
     """call_grammar's work, remembered: an agent sends the same tools with every turn."""
-    _, _, tools, mode, function, parallel, in_reasoning = json.loads(key)
+    _, _, tools, mode, function, parallel, in_reasoning, text_schema = json.loads(key)
     functions = functions_of(tools)
     if mode == "function":
         functions = [f for f in functions if f["name"] == function]
         if not functions:
             raise InvalidRequest(f"tool_choice names function {function!r}, which is not among the tools", "tool_choice")
-    check_budget([f.get("parameters") or {} for f in functions])
+    check_budget([f.get("parameters") or {} for f in functions] + ([text_schema] if text_schema is not None else []))
     r = _Rules()
     value_close = "</arg_value>" if fmt.name == "glm45" else "</parameter>"
     described = []
@@ -280,6 +288,9 @@ def _cached(key: str, fmt: ChatFormat, forced: bool) -> CallGrammar:
         described.append(_Tool(function["name"], args, params))
     block, trigger = _family_root(fmt.name, r, described, parallel, forced)
     if forced:
-        return CallGrammar(r.grammar(_forced_root(fmt, r, block, in_reasoning)), None)
+        return CallGrammar(r.grammar(_after_reasoning(fmt, r, block, in_reasoning)), None)
+    if text_schema is not None:
+        answer = f"( {block} | {r.schema(text_schema, 'text')} )"
+        return CallGrammar(r.grammar(_after_reasoning(fmt, r, answer, in_reasoning)), None)
     trigger = GrammarTrigger(trigger.markers, trigger.start_patterns, fmt.reasoning, in_reasoning)
     return CallGrammar(r.grammar(block), trigger)

@@ -105,13 +105,30 @@ class Engine:
         total = 0
         for index, item in enumerate(inputs):
             if isinstance(item, list):  # token ids: embed the text they spell
-                item = (await self._pieces(model, item, special=False, param=f"input[{index}]")).decode("utf-8", "replace")
+                item = await self._text_of_own_tokens(model, item, index)
             if not item:
                 raise InvalidRequest(f"input[{index}] is empty", "input")
             vector, count = await model.process.call("embed", item)
             vectors.append(vector)
             total += count
         return model.name, vectors, total
+
+    async def _text_of_own_tokens(self, model: LoadedModel, tokens: list[int], index: int) -> str:
+        """The text token ids spell, when they are this model's tokenization of it; InvalidRequest otherwise.
+
+        LangChain's OpenAIEmbeddings tokenizes with tiktoken (cl100k) before sending: read as this model's
+        ids, those numbers spell unrelated text, and the vectors would be silently wrong. This model's own
+        tokens spell text that tokenizes back to them.
+        """
+        text = (await self._pieces(model, tokens, special=False, param=f"input[{index}]")).decode("utf-8", "replace")
+        again = (await model.process.call("tokenize", [[text, False]]))[0]
+        if again != tokens and model.facts.with_bos(again) != tokens:
+            raise InvalidRequest(
+                f"input[{index}] holds token ids that are not this model's tokens of any text (another tokenizer's, such as tiktoken's?): "
+                "send the text itself (LangChain's OpenAIEmbeddings does with check_embedding_ctx_length=False)",
+                "input",
+            )
+        return text
 
     async def tokenize(self, model_name: str, text: str, *, special: bool, add_bos: bool = False) -> list[int]:
         """Token ids for text; `special` lets control-token text become control tokens."""
@@ -230,19 +247,17 @@ class Engine:
         segments = _render_as_allowed(template, messages, active_tools if template.supports_tools else None, kwargs)
         sampling = self._with_stops(model, request.sampling)
         tool_mode = "none"
-        if request.json_schema is not None:
-            sampling = replace(sampling, grammar=_grammar_for_schema(request.json_schema, request.format_param))
-        elif request.json_object:
-            sampling = replace(sampling, grammar=_grammar_for_schema({"type": "object"}, request.format_param))
+        text_schema = request.json_schema if request.json_schema is not None else ({"type": "object"} if request.json_object else None)
+        if text_schema is not None:
+            sampling = replace(sampling, grammar=_grammar_for_schema(text_schema, request.format_param))
         if active_tools:
             tool_mode = "forced" if request.tool_choice.mode in ("required", "function") else "auto"
-            # The calls in the family's own syntax; in auto mode only once one opens, and never over a response format.
-            if tool_mode == "forced" or sampling.grammar is None:
-                fmt = model.format if not self.raw_reasoning else formats.FORMATS["generic"]
-                in_reasoning = fmt.reasoning is not None and _ends_with(segments, fmt.reasoning[0])
-                calls = call_grammar(fmt, active_tools, request.tool_choice, parallel=request.parallel_tool_calls, in_reasoning=in_reasoning)
-                if calls is not None:
-                    sampling = replace(sampling, grammar=calls.gbnf, grammar_trigger=calls.trigger)
+            # The calls in the family's own syntax (under auto, lazily); a response format holds the text answer.
+            fmt = model.format if not self.raw_reasoning else formats.FORMATS["generic"]
+            in_reasoning = fmt.reasoning is not None and _ends_with(segments, fmt.reasoning[0])
+            calls = call_grammar(fmt, active_tools, request.tool_choice, parallel=request.parallel_tool_calls, in_reasoning=in_reasoning, text_schema=text_schema)
+            if calls is not None:
+                sampling = replace(sampling, grammar=calls.gbnf, grammar_trigger=calls.trigger)
         if model.format.name != "generic":  # the family's markers are control tokens: the parser must see them
             sampling = replace(sampling, special_pieces=True)
         return segments, sampling, tool_mode, active_tools
@@ -277,10 +292,10 @@ class Engine:
                 if stopped:
                     reason = "stop"
                     break
-            for event in [*reader.feed(text.flush(), None), *reader.finish()]:
+            for event in [*reader.feed(text.flush(), None), *reader.finish(truncated=reason == "length")]:
                 if only_one is not None and (event := only_one.filter(event)) is None:
                     continue
-                if isinstance(event, ToolCallsEvent):
+                if isinstance(event, ToolCallsEvent) and reason != "length":  # a call cut off by max_tokens is still "length"
                     reason = "tool_calls"
                 yield event
             if not stream.cancelled:  # a client that hung up has no finish reason

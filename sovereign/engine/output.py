@@ -34,8 +34,8 @@ class OutputReader(Protocol):
 
     def feed(self, text: str, logprob: TokenLogprob | None) -> list[Event]: ...
 
-    def finish(self) -> list[Event]:
-        """What is left once the answer has ended (tool calls among it)."""
+    def finish(self, truncated: bool = False) -> list[Event]:
+        """What is left once the answer has ended (tool calls among it); `truncated`: max_tokens cut it."""
         ...
 
 
@@ -53,9 +53,9 @@ class FamilyOutput:
             self._logprobs.append(logprob)
         return self._convert(self._parser.feed(text)) if text else []
 
-    def finish(self) -> list[Event]:
+    def finish(self, truncated: bool = False) -> list[Event]:
         events = self._convert(self._parser.finish())
-        calls = [call for call in (self._checked(*parts) for parts in self._calls.values()) if call is not None]
+        calls = [call for call in (self._checked(*parts, truncated=truncated) for parts in self._calls.values()) if call is not None]
         return events + ([ToolCallsEvent(calls)] if calls else [])
 
     def _convert(self, parsed: list[formats.FormatEvent]) -> list[Event]:
@@ -76,11 +76,19 @@ class FamilyOutput:
                     events.append(ToolCallDelta(event.index, arguments=event.text))
         return events
 
-    def _checked(self, call_id: str, name: str, arguments: str) -> ToolCall | None:
-        """The call, its arguments as a JSON object's text; None for a tool not offered or arguments that are no object."""
+    def _checked(self, call_id: str, name: str, arguments: str, *, truncated: bool = False) -> ToolCall | None:
+        """The call, its arguments as a JSON object's text; None for a tool not offered or arguments that are no object.
+
+        A call cut off by max_tokens keeps its arguments as far as they got, as OpenAI returns them.
+        """
         if name not in self._offered:
             log.info("the model called %r, which is not among the offered tools: dropped", name)
             return None
+        if truncated:
+            try:
+                json.loads(arguments or "{}")
+            except ValueError:
+                return ToolCall(call_id, name, arguments)
         try:
             value = json.loads(arguments or "{}")
         except ValueError:
@@ -126,12 +134,18 @@ class PlainOutput:
         logprobs, self._pending_logprobs = self._pending_logprobs, []
         return [TextDelta(text, logprobs)]
 
-    def finish(self) -> list[Event]:
+    def finish(self, truncated: bool = False) -> list[Event]:
         if not self._held_text:
             return []
         calls = tool_calls.parse_calls(self._held_text, self._tools) if self._tools else []
         if calls:
             return [ToolCallsEvent(calls)]
+        if truncated and self._tools:  # a call cut off by max_tokens: the generic parser reads it as far as it got
+            cut = FamilyOutput(formats.FORMATS["generic"], self._tools, in_reasoning=False)
+            cut.feed(self._held_text, None)
+            partial = [event for event in cut.finish(truncated=True) if isinstance(event, ToolCallsEvent)]
+            if partial:
+                return partial
         return [TextDelta(self._held_text, self._held_logprobs)]
 
 

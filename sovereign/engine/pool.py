@@ -20,6 +20,7 @@ from sovereign.config import DEFAULT_MAX_QUEUE
 from sovereign.engine.formats import ChatFormat, detect
 from sovereign.engine.kernel_probe import kernel_choice, record_crash
 from sovereign.engine.process import ModelFacts, ModelProcess
+from sovereign.engine.resources import AGENT_CONTEXT
 from sovereign.errors import InvalidReference, ModelNotFound
 from sovereign.model_routes import CLOSED_API_NAMES, ModelRoutes
 from sovereign.refs import parse_name
@@ -27,6 +28,7 @@ from sovereign.store import Store
 from sovereign.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
+serving_log = logging.getLogger("sovereign.serving")  # what `serve` tells its user as models load (shown at INFO)
 
 
 @dataclass
@@ -58,6 +60,16 @@ class PoolOptions:
     kernel_home: Path | None = None  # where the CPU-kernel verdict is kept; None: load without probing (tests)
     extra_buffers: str = "auto"  # SOVEREIGN_EXTRA_BUFFERS: auto (probe once), on, off
     routes: ModelRoutes = field(default_factory=ModelRoutes)  # --alias rules and the closed-API fallback
+
+
+def _context_note(facts: ModelFacts, chosen: bool) -> str:
+    """The context each request gets, and whether an agent's prompt fits in it."""
+    note = f"{facts.n_ctx:,} tokens of context per request, {facts.n_parallel} at once"
+    if chosen or facts.n_ctx >= AGENT_CONTEXT:
+        return note + (" (room for an agent's prompt, such as Claude Code's ~20k tokens)" if facts.n_ctx >= AGENT_CONTEXT else "")
+    if facts.n_ctx_train < AGENT_CONTEXT:
+        return note + f" (the model was trained for {facts.n_ctx_train:,}: too few for an agent such as Claude Code)"
+    return note + f" (memory holds no more: agents such as Claude Code need ~{AGENT_CONTEXT // 1024}k; try --parallel 1)"
 
 
 class ModelPool:
@@ -165,6 +177,7 @@ class ModelPool:
         process.on_exit = self._forget_crashed
         self._loaded[manifest.name] = model
         self._start_reaper()
+        serving_log.info("%s loaded: %s", manifest.name, _context_note(process.facts, options.n_ctx is not None))
         return model
 
     def _forget_crashed(self, process: ModelProcess, crash: str | None) -> None:

@@ -16,6 +16,9 @@ KV_MEMORY_SHARE = 0.25
 DEFAULT_MAX_PARALLEL = 4
 # Never default below this many tokens of context, whatever memory says (the load then fails clearly).
 MIN_DEFAULT_CTX = 2048
+# Agents send long prompts (Claude Code's system prompt and tools are ~20k tokens): the default context
+# is at least this much, where the model was trained for it and memory holds it.
+AGENT_CONTEXT = 32768
 # Headroom kept free on a GPU for compute buffers and other processes.
 GPU_HEADROOM_BYTES = 512 * 1024 * 1024
 
@@ -163,8 +166,8 @@ def auto_gpu_layers(model_bytes: int, n_layers: int, kv_bytes: int) -> int:
 
 
 def default_context(trained: int, preferred: int | None, kv_bytes_per_token: int) -> int:
-    """The catalog's preferred context (or the trained one), capped by what memory can hold."""
-    ctx = min(trained, preferred) if preferred else trained
+    """The catalog's preferred context (at least AGENT_CONTEXT), or the trained one, capped by what memory can hold."""
+    ctx = min(trained, max(preferred, AGENT_CONTEXT)) if preferred else trained
     free = available_memory()
     if free and kv_bytes_per_token > 0:
         fits = int(free * KV_MEMORY_SHARE // kv_bytes_per_token)

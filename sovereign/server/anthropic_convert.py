@@ -52,8 +52,6 @@ def chat_request_from(body: MessagesBody | CountTokensBody) -> ChatRequest:
     tools = _tools(body)
     choice = _tool_choice(body, bool(tools))
     json_schema = _output_schema(body)
-    if json_schema is not None and tools and choice.mode in ("required", "function"):
-        raise APIError(400, "A forced tool call cannot be combined with output_config.format.", param="output_config")
     sampling = SamplingParams()
     if isinstance(body, MessagesBody):
         sampling = SamplingParams(

@@ -71,6 +71,9 @@ class ThinkingConfig(_Open):
 class MessageParam(_Strict):
     role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
+    # Claude Code's per-turn-control beta sets an effort per message; accepted and ignored, as the
+    # request-level effort is (a local model has one way of answering).
+    output_config: dict[str, Any] | None = None
 
 
 class ToolParam(_Open):

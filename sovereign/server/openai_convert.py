@@ -104,8 +104,6 @@ def chat_request_from(body: ChatCompletionBody, choice_index: int = 0) -> ChatRe
                 raise APIError(400, "response_format of type json_schema needs a json_schema object.", param="response_format.json_schema", code="missing_required_parameter")
             json_schema = body.response_format.json_schema.schema_
         json_object = body.response_format.type == "json_object"
-    if tools and choice.mode in ("required", "function") and (json_schema or json_object):
-        raise APIError(400, "A forced tool call cannot be combined with a JSON response_format.", param="response_format", code="invalid_value")
     return ChatRequest(
         body.model, messages, sampling, tools, choice, json_schema, json_object,
         reasoning=reasoning_from_effort(body.reasoning_effort), template_kwargs=body.chat_template_kwargs or {},

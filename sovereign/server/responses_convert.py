@@ -45,8 +45,6 @@ def chat_request_from(body: ResponsesBody) -> ChatRequest:
     tools = plan.tools
     choice = _tool_choice(body, plan)
     json_schema, json_object = _text_format(body)
-    if tools and choice.mode in ("required", "function") and (json_schema or json_object):
-        raise APIError(400, "A forced tool call cannot be combined with a JSON text.format.", param="text.format", code="invalid_value")
     defaults = SamplingParams()
     sampling = SamplingParams(
         max_tokens=body.max_output_tokens,
