@@ -217,13 +217,19 @@ def serve(
     allowed_hosts: Annotated[str | None, typer.Option("--allowed-hosts", help="Host names to answer besides this machine's, comma-separated ('*.example.com' for subdomains, '*' for any; default: any when --host is not loopback).")] = None,
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted (e.g. 32MiB, 100MB); larger ones get 413.")] = "32MiB",
     reasoning_format: Annotated[ReasoningFormat, typer.Option("--reasoning-format", help="auto: reasoning goes to reasoning_content / thinking blocks; none: leave the model's text as it is.")] = ReasoningFormat.auto,
-    alias: Annotated[list[str], typer.Option("--alias", help="Answer requests for model names matching GLOB with MODEL, e.g. 'claude-*=qwen3:8b' (repeatable; first match wins). Unmapped claude-*/gpt-* names go to the first served model.")] = [],  # noqa: B006
+    alias: Annotated[list[str], typer.Option("--alias", "--route", help="Answer requests for model names matching GLOB with MODEL, e.g. 'claude-*=qwen3:8b' (repeatable; first match wins); with --upstream, the local model for them when the upstream is blocked. Unmapped claude-*/gpt-* names go to the first served model.")] = [],  # noqa: B006
+    upstream: Annotated[list[str], typer.Option("--upstream", help="Send API requests to this closed API while it answers, e.g. anthropic=https://api.anthropic.com or openai=https://api.openai.com/v1 (repeatable); fall back to the local model when it is blocked.")] = [],  # noqa: B006
+    fallback: Annotated[str | None, typer.Option("--fallback", help="With --upstream: the local model for requests no --route maps (default: the first served model).")] = None,
+    upstream_timeout: Annotated[float, typer.Option("--upstream-timeout", min=0.1, help="With --upstream: seconds to connect and to the first byte before falling back.")] = 5.0,
+    upstream_retries: Annotated[int, typer.Option("--upstream-retries", min=0, help="With --upstream: retry a 5xx/429 this many times, then fall back (0: pass such answers through).")] = 0,
+    no_fallback_on: Annotated[list[str], typer.Option("--no-fallback-on", help="With --upstream: a cause that does not fall back (connect, dns, tls, timeout, 451, 403; repeatable).")] = [],  # noqa: B006
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API."""
     import uvicorn
 
     from sovereign.engine import Engine
     from sovereign.launch import DEFAULT_PORT, build_pool, check_port_free, ensure_pulled
+    from sovereign.gateway import Gateway, parse_upstream
     from sovereign.model_routes import ModelRoutes, parse_route
     from sovereign.server.app import ServerOptions, create_app
     from sovereign.server.guards import allowed_hosts_for, parse_size
@@ -234,17 +240,27 @@ def serve(
     serving = {"parallel": parallel, "max_queue": max_queue, "timeout": timeout or None}
     options = _engine_options(ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive, **serving)
     check_port_free(host, port)
-    rules = tuple(parse_route(text) for text in alias)  # a malformed rule fails before any loading
+    rules = tuple(parse_route(text) for text in alias)  # malformed values fail before any loading
+    upstreams = {up.kind: up for up in (parse_upstream(text) for text in upstream)}
+    causes = _fallback_causes(no_fallback_on)
+    # Every model a request may fall back to is pulled now: a fallback that fails for want of its model is the worst outcome.
     names = [ensure_pulled(m, core.settings, core.store, core.catalog, err) for m in models or [str(core.catalog.default)]]
     rules = tuple((pattern, ensure_pulled(target, core.settings, core.store, core.catalog, err)) for pattern, target in rules)
-    pool = build_pool(core.store, core.catalog, options, core.settings, ModelRoutes(rules, fallback=names[0]))
-    server_app = create_app(Engine(pool, reasoning_format=reasoning_format.value), ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names), allowed_hosts=hosts, max_body=body_limit))
+    default = ensure_pulled(fallback, core.settings, core.store, core.catalog, err) if fallback else names[0]
+    routes = ModelRoutes(rules, fallback=default)
+    pool = build_pool(core.store, core.catalog, options, core.settings, routes)
+    gateway = Gateway(upstreams, routes, timeout=upstream_timeout, retries=upstream_retries, causes=causes, own_keys=bool(api_key)) if upstreams else None
+    server_options = ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names), allowed_hosts=hosts, max_body=body_limit, gateway=gateway)
+    server_app = create_app(Engine(pool, reasoning_format=reasoning_format.value), server_options)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine can use it", highlight=False)
     shown = f"[{host}]" if ":" in host else host
     err.print(f"[green]✓[/] serving {', '.join(names)} at [bold]http://{shown}:{port}/v1[/] (OpenAI base_url; Ctrl-C stops)", highlight=False)
     for pattern, target in rules:
         err.print(f"  requests for {pattern} are answered by {target}", highlight=False)
+    for up in upstreams.values():
+        whose = "its key from SOVEREIGN_UPSTREAM_KEY_" + up.kind.upper() if up.key else ("no key: set SOVEREIGN_UPSTREAM_KEY_" + up.kind.upper() if api_key else "the client's own key")
+        err.print(f"  upstream {up.kind}: {up.base_url} receives every {up.kind} request for a non-local model (the whole request, with {whose}); {default} answers when it is blocked", highlight=False)
     _log_requests()
     uvicorn.run(server_app, host=host, port=port, log_level=os.environ.get("SOVEREIGN_LOG_LEVEL", "warning").lower(), access_log=False)
 
@@ -331,6 +347,17 @@ def fit(
 
     core = Core()
     cli_bench.fit(core.settings, core.store, core.catalog, out, err, ctx=ctx, memory=memory, gpu_memory=gpu_memory, bandwidth=bandwidth, remote=remote, as_json=as_json)
+
+
+def _fallback_causes(disabled: list[str]) -> frozenset[str]:
+    """The blocked-upstream causes that fall back, less those --no-fallback-on names."""
+    from sovereign.gateway import CAUSES
+    from sovereign.gateway.upstream import BadUpstream
+
+    unknown = sorted(set(disabled) - set(CAUSES))
+    if unknown:
+        raise BadUpstream(f"--no-fallback-on {', '.join(unknown)} is not a cause of falling back", f"choose from {', '.join(CAUSES)}")
+    return frozenset(CAUSES) - set(disabled)
 
 
 def _log_requests() -> None:

@@ -167,6 +167,9 @@ class FakeEngine:
         self._check(name)
         return ModelInfo(name, "2026-01-01T00:00:00+00:00", 1234, "fake", "F32", 1000, CONTEXT, name in self.loaded)
 
+    def is_local(self, name: str) -> bool:
+        return name in FAKE_MODELS
+
     def loads(self) -> list[ModelLoad]:
         return [ModelLoad(name, 4, 0, 0, 0.0) for name in sorted(self.loaded)]
 

@@ -58,6 +58,10 @@ class EngineAPI(Protocol):
 
     def model(self, name: str) -> ModelInfo: ...
 
+    def is_local(self, name: str) -> bool:
+        """Whether a name is a pulled model (or a catalog alias of one) itself, aliases and fallbacks aside."""
+        ...
+
     def loads(self) -> list[ModelLoad]: ...
 
     @property

@@ -170,6 +170,10 @@ class Engine:
         """One pulled model by name or alias; ModelNotFound if there is none."""
         return self._info(self.pool.resolve(name))
 
+    def is_local(self, name: str) -> bool:
+        """Whether a name is a pulled model (or a catalog alias of one) itself, aliases and fallbacks aside."""
+        return self.pool.pulled(name) is not None
+
     def loads(self) -> list[ModelLoad]:
         """How busy each loaded model is."""
         return [

@@ -91,9 +91,9 @@ class ModelPool:
         """The pulled model a request names (--alias rules, then catalog aliases, then closed-API fallbacks), or ModelNotFound."""
         routes = self.options.routes
         mapped = routes.mapped(text)
-        manifest = self._pulled(mapped if mapped is not None else text)
+        manifest = self.pulled(mapped if mapped is not None else text)
         if manifest is None and mapped is None and (fallback := routes.fallback_for(text)) is not None:
-            manifest = self._pulled(fallback)
+            manifest = self.pulled(fallback)
         if manifest is not None:
             return manifest
         if mapped is not None:
@@ -102,7 +102,7 @@ class ModelPool:
             raise ModelNotFound(f"the model {text!r} is a closed API's", f"map it to a local model: sovereign serve --alias '{text.split('-')[0]}-*=MODEL'")
         raise ModelNotFound(f"the model {text!r} does not exist or is not pulled", f"pull it first: sovereign pull {text}")
 
-    def _pulled(self, text: str) -> Manifest | None:
+    def pulled(self, text: str) -> Manifest | None:
         """The pulled model a name (or catalog alias) stands for, if any."""
         try:
             name = parse_name(text)

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from sovereign import __version__
 from sovereign.engine.api import EngineAPI
+from sovereign.gateway import Gateway, GatewayMiddleware
 from sovereign.server import anthropic_routes, errors, extra_routes, openai_routes, responses_routes
 from sovereign.server.state import ServerState, attach
 from sovereign.server.observability import METRICS_CONTENT_TYPE, Metrics, RequestObserver
@@ -34,6 +35,7 @@ class ServerOptions:
     preload: tuple[str, ...] = ()  # models to load at start-up (and keep loaded)
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted beyond this machine's own ("*": any)
     max_body: int = DEFAULT_MAX_BODY  # bytes; a larger request body is answered 413
+    gateway: Gateway | None = None  # --upstream: closed APIs tried first, this server's models when they are blocked
 
 
 def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
@@ -47,11 +49,15 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
             yield
         finally:
             state.startup.cancel()
+            if options.gateway is not None:
+                await options.gateway.close()
             await engine.close()
 
     app = FastAPI(title="sovereign", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     attach(app, state)
     errors.install(app)
+    if options.gateway is not None:  # innermost: behind the key check, host guard and body limit
+        app.add_middleware(GatewayMiddleware, gateway=options.gateway, engine=engine)
     if options.api_keys:
         _require_api_key(app, options.api_keys)
     if options.cors_origins:
@@ -61,6 +67,8 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
     app.add_middleware(BodyLimit, limit=options.max_body)
     app.add_middleware(HostGuard, allowed_hosts=options.allowed_hosts, cors_origins=options.cors_origins)
     metrics = Metrics(engine)
+    if options.gateway is not None:
+        options.gateway.register(metrics.registry)
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: sees every request's final status and timing
 
     @app.get("/metrics")
@@ -78,6 +86,8 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
         body = {"status": "loading" if loading else "ok", "models": engine.loaded_names, "loading": engine.loading_names}
         if state.startup_error:
             body["error"] = state.startup_error
+        if options.gateway is not None:
+            body["upstreams"] = options.gateway.health()
         return JSONResponse(body, status_code=503 if loading else 200)
 
     app.include_router(openai_routes.router)

@@ -1,0 +1,330 @@
+"""The gateway's ASGI middleware: each API request goes to its upstream, or to the local model when that one is blocked.
+
+Per request:
+- a request that names a local model, or a path no upstream serves, is answered locally;
+- otherwise, while the upstream's circuit is closed, it is forwarded (the client's own credentials,
+  or the upstream's configured key) and the answer relayed as it arrives, status and body unchanged;
+- when the upstream is blocked (refused, reset, DNS, TLS, no first byte in time, 451, 403; 5xx and
+  429 too after --upstream-retries when asked), the same request is answered by the local route of
+  the same API, its model mapped by --route / --fallback; the client only sees the
+  `x-sovereign-served-by` header (`upstream` or `local:MODEL`);
+- a stream that breaks after it began cannot be replayed: it ends with the API's error event and
+  the circuit opens, so the next request goes local at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpcore
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sovereign.engine.api import EngineAPI
+from sovereign.gateway.circuit import Circuit
+from sovereign.gateway.upstream import CAUSES, Upstream, blocked_cause, kind_of
+from sovereign.model_routes import ModelRoutes
+
+log = logging.getLogger(__name__)
+SERVED_BY = b"x-sovereign-served-by"
+BATCH_SECONDS = 0.0005  # the longest a relayed chunk waits to leave with the ones read after it
+LOCAL_NAME_SECONDS = 5.0  # how long whether a name is a pulled model is remembered (a pull takes effect this late)
+# Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), and those set anew for the upstream.
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+_CREDENTIALS = frozenset({"authorization", "x-api-key"})
+
+
+@dataclass
+class Gateway:
+    """The upstreams, how local fallbacks are chosen, and what counts as blocked."""
+
+    upstreams: dict[str, Upstream]  # by kind
+    routes: ModelRoutes  # --route rules and --fallback
+    timeout: float = 5.0  # seconds to connect and to the first byte of the answer
+    retries: int = 0  # 5xx/429 retries before falling back; 0: such answers reach the client as they are
+    causes: frozenset[str] = frozenset(CAUSES)  # the triggers left on
+    threshold: int = 3
+    probe_every: float = 30.0
+    own_keys: bool = False  # sovereign has --api-key: the client's credentials are ours, never sent upstream
+    circuits: dict[str, Circuit] = field(default_factory=dict)
+    _client: httpx.AsyncClient | None = None  # for the circuit's probes
+    _pool: httpcore.AsyncConnectionPool | None = None  # for forwarded requests: httpcore, a millisecond less per request than httpx
+
+    def __post_init__(self) -> None:
+        for kind, upstream in self.upstreams.items():
+            self.circuits[kind] = Circuit(kind, self._prober(upstream), threshold=self.threshold, probe_every=self.probe_every)
+        # Made here, registered on the server's /metrics registry by register().
+        self.served = Counter("sovereign_gateway_requests", "Gateway requests by who served them (upstream or local).", ["served_by"], registry=None)
+        self.fallbacks = Counter("sovereign_gateway_fallbacks", "Requests answered locally instead of upstream, by cause.", ["cause"], registry=None)
+        self.circuit_open = Gauge("sovereign_gateway_circuit_open", "1 while an upstream's circuit is open (requests go local).", ["upstream"], registry=None)
+        for kind, circuit in self.circuits.items():
+            self.circuit_open.labels(kind).set_function(lambda circuit=circuit: float(circuit.is_open))
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            # No read timeout: a model may think for minutes between chunks; the first byte is timed separately.
+            timeout = httpx.Timeout(connect=self.timeout, read=None, write=self.timeout, pool=self.timeout)
+            self._client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+        return self._client
+
+    @property
+    def pool(self) -> httpcore.AsyncConnectionPool:
+        if self._pool is None:
+            self._pool = httpcore.AsyncConnectionPool(max_connections=256, keepalive_expiry=60.0)
+        return self._pool
+
+    def _prober(self, upstream: Upstream) -> Callable[[], Awaitable[bool]]:
+        async def probe() -> bool:
+            response = await asyncio.wait_for(self.client.get(upstream.probe_url(), headers=upstream.auth_headers()), self.timeout)
+            return str(response.status_code) not in self.causes
+
+        return probe
+
+    def health(self) -> dict[str, Any]:
+        """What /health says about each upstream (its URL, not its key)."""
+        return {kind: {"url": up.base_url, **self.circuits[kind].state()} for kind, up in self.upstreams.items()}
+
+    def register(self, registry: CollectorRegistry) -> None:
+        """Show the gateway's counters and circuit states on the server's /metrics."""
+        for metric in (self.served, self.fallbacks, self.circuit_open):
+            registry.register(metric)
+
+    async def close(self) -> None:
+        for circuit in self.circuits.values():
+            circuit.stop()
+        if self._client is not None:
+            await self._client.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()
+
+
+class _Blocked(Exception):
+    """The upstream cannot answer; `cause` says why."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class GatewayMiddleware:
+    """ASGI middleware that sends API requests upstream, or to the app behind it (the local model)."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway, engine: EngineAPI) -> None:
+        self.app = app
+        self.gateway = gateway
+        self.engine = engine
+        self._local_names: dict[str, tuple[bool, float]] = {}  # name -> (is local, until when): the store is read once a while
+
+    def _is_local(self, name: str) -> bool:
+        """Whether a request names a local model (remembered for LOCAL_NAME_SECONDS: it reads the store)."""
+        now = time.monotonic()
+        known = self._local_names.get(name)
+        if known is None or known[1] < now:
+            if len(self._local_names) > 1024:  # names come from clients: keep the memory bounded
+                self._local_names.clear()
+            known = (self.engine.is_local(name), now + LOCAL_NAME_SECONDS)
+            self._local_names[name] = known
+        return known[0]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        kind = kind_of(scope["path"], headers)
+        upstream = self.gateway.upstreams.get(kind) if kind else None
+        if upstream is None:
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        payload = _json_object(body)
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if isinstance(model, str) and self._is_local(model):  # a local model by name never goes upstream
+            await self._local(scope, receive, body, send, model, None)
+            return
+        circuit = self.gateway.circuits[upstream.kind]
+        if circuit.is_open:
+            await self._local(scope, receive, body, send, model, "circuit_open")
+            return
+        try:
+            await self._forward(upstream, scope, headers, body, send)
+        except _Blocked as blocked:
+            circuit.record_block(blocked.cause)
+            await self._local(scope, receive, body, send, model, blocked.cause)
+
+    # --- upstream ---------------------------------------------------------------------
+
+    async def _forward(self, upstream: Upstream, scope: Scope, headers: dict[str, str], body: bytes, send: Send) -> None:
+        """Relay the upstream's answer; _Blocked before anything reached the client when it is blocked."""
+        gateway = self.gateway
+        forwarded = {k: v for k, v in headers.items() if k not in _HOP_BY_HOP}
+        if upstream.key is not None or gateway.own_keys:  # the upstream's own key replaces whatever the client sent
+            forwarded = {k: v for k, v in forwarded.items() if k not in _CREDENTIALS} | upstream.auth_headers()
+        forwarded["accept-encoding"] = "identity"  # relayed as is, and an error event can still be appended
+        url = upstream.url_for(scope["path"], scope["query_string"])
+        forwarded["host"] = urlsplit(url).netloc  # httpcore sends exactly the headers it is given
+        if body or scope["method"] not in ("GET", "HEAD"):
+            forwarded["content-length"] = str(len(body))
+        timeouts = {"connect": gateway.timeout, "read": None, "write": gateway.timeout, "pool": gateway.timeout}  # no read limit: models pause
+        for attempt in range(gateway.retries + 1):
+            request = httpcore.Request(scope["method"], url, headers=list(forwarded.items()), content=body, extensions={"timeout": timeouts})
+            response = await self._first_byte(request)
+            retryable = response.status >= 500 or response.status == 429
+            if str(response.status) in gateway.causes:
+                await response.aclose()
+                raise _Blocked(str(response.status))
+            if not (retryable and gateway.retries):
+                break
+            await response.aclose()
+            if attempt == gateway.retries:
+                raise _Blocked(str(response.status))
+        gateway.circuits[upstream.kind].record_success()
+        gateway.served.labels("upstream").inc()
+        relayed = [(k.lower(), v) for k, v in response.headers if k.lower().decode("latin-1") not in _HOP_BY_HOP - {"content-length"}]
+        await send({"type": "http.response.start", "status": response.status, "headers": [*relayed, (SERVED_BY, b"upstream")]})
+        try:
+            await _relay(response, send)
+        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException) as error:  # broke after it began: no replay
+            log.warning("upstream %s broke off mid-answer (%s)", upstream.kind, type(error).__name__)
+            gateway.circuits[upstream.kind].record_block("midstream", at_once=True)
+            await send({"type": "http.response.body", "body": _error_frame(upstream.kind, scope["path"]), "more_body": True})
+        finally:
+            await response.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _first_byte(self, request: httpcore.Request) -> httpcore.Response:
+        """The upstream's status line and headers within the timeout; _Blocked when it cannot be reached."""
+        try:
+            return await asyncio.wait_for(self.gateway.pool.handle_async_request(request), self.gateway.timeout)
+        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException, httpcore.UnsupportedProtocol, TimeoutError, OSError) as error:
+            cause = blocked_cause(error)
+            if cause is None or cause not in self.gateway.causes:
+                raise
+            raise _Blocked(cause) from None
+
+    # --- local ------------------------------------------------------------------------
+
+    async def _local(self, scope: Scope, receive: Receive, body: bytes, send: Send, model: str | None, cause: str | None) -> None:
+        """Answer with the local route of the same API, the model mapped when the request named an upstream one."""
+        local = model
+        if cause is not None:
+            self.gateway.fallbacks.labels(cause).inc()
+            log.info("upstream blocked (%s): answering locally", cause)
+            if isinstance(model, str):
+                local = self.gateway.routes.mapped(model) or self.gateway.routes.fallback or model
+                body = _with_model(body, local)
+        served = f"local:{local}" if local else "local"
+        self.gateway.served.labels("local").inc()
+        replay = _replay(body, receive)
+
+        async def send_marked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (SERVED_BY, served.encode("latin-1"))]}
+            await send(message)
+
+        await self.app(scope, replay, send_marked)
+
+
+
+async def _relay(response: httpcore.Response, send: Send) -> None:
+    """The upstream's body to the client as it arrives, each send carrying everything read since the last one.
+
+    A reader task drains the upstream while the client is being written to: under load, the many small
+    chunks one socket read brings (an SSE event each) leave in one write instead of one write apiece.
+    """
+    pending: list[bytes] = []
+    arrived = asyncio.Event()
+    finished = False
+
+    async def read() -> None:
+        nonlocal finished
+        handed_over = 0.0  # when the writer last had a turn
+        try:
+            async for chunk in response.aiter_stream():
+                pending.append(chunk)
+                arrived.set()
+                # Reading buffered data never waits, so give the writer a turn now and then (and at once
+                # for the first chunk): a batch is never held back for more than BATCH_SECONDS.
+                if time.monotonic() - handed_over > BATCH_SECONDS:
+                    await asyncio.sleep(0)
+                    handed_over = time.monotonic()
+        finally:
+            finished = True
+            arrived.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        while not (finished and not pending):
+            await arrived.wait()
+            arrived.clear()
+            if pending:
+                data = b"".join(pending)
+                pending.clear()
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        await reader  # its error, if the upstream broke off
+    finally:
+        reader.cancel()
+
+
+async def _read_body(receive: Receive) -> bytes:
+    """The whole request body (the body-size guard in front has bounded it)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive channel that hands the app this body once, then the connection's own messages (its disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(body) if body else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    """The request body with another model named."""
+    payload = _json_object(body)
+    if payload is None:
+        return body
+    return json.dumps({**payload, "model": model}).encode()
+
+
+def _error_frame(kind: str, path: str) -> bytes:
+    """The API's in-stream error event, for an upstream stream that broke off."""
+    message = "The upstream API stopped answering mid-stream; send the request again to have the local model answer it."
+    if kind == "anthropic":
+        payload = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
+    if path == "/v1/responses":
+        payload = {"type": "error", "code": "upstream_failed", "message": message, "param": None, "sequence_number": 0}
+        return f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
+    return f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': 'upstream_failed'}})}\n\n".encode()
