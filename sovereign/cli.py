@@ -115,13 +115,15 @@ def list_models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
     """List the models in the store."""
     from sovereign.cli_render import dump_json, models_table
 
-    manifests = Core().store.list()
+    store = Core().store
+    manifests = store.list()
+    statuses = {m.name: store.file_status(m) for m in manifests}  # adopted files may since be missing or changed
     if as_json:
-        out.print_json(dump_json([m.to_json() for m in manifests]))
+        out.print_json(dump_json([{**m.to_json(), "status": statuses[m.name]} for m in manifests]))
     elif not manifests:
         err.print("no models yet — try `sovereign pull gemma3:270m`")
     else:
-        out.print(models_table(manifests))
+        out.print(models_table(manifests, statuses))
 
 
 @app.command()
@@ -220,7 +222,8 @@ def serve(
     alias: Annotated[list[str], typer.Option("--alias", "--route", help="Answer requests for model names matching GLOB with MODEL, e.g. 'claude-*=qwen3:8b' (repeatable; first match wins); with --upstream, the local model for them when the upstream is blocked. Unmapped claude-*/gpt-* names go to the first served model.")] = [],  # noqa: B006
     upstream: Annotated[list[str], typer.Option("--upstream", help="Send API requests to this closed API while it answers, e.g. anthropic=https://api.anthropic.com or openai=https://api.openai.com/v1 (repeatable); fall back to the local model when it is blocked.")] = [],  # noqa: B006
     fallback: Annotated[str | None, typer.Option("--fallback", help="With --upstream: the local model for requests no --route maps (default: the first served model).")] = None,
-    upstream_timeout: Annotated[float, typer.Option("--upstream-timeout", min=0.1, help="With --upstream: seconds to connect and to the first byte before falling back.")] = 5.0,
+    upstream_timeout: Annotated[float, typer.Option("--upstream-timeout", min=0.1, help="With --upstream: seconds to connect, and to a streamed answer's first byte, before falling back.")] = 5.0,
+    upstream_answer_timeout: Annotated[float, typer.Option("--upstream-answer-timeout", min=0.1, help="With --upstream: seconds to wait for a non-streamed answer (it arrives whole) before falling back.")] = 300.0,
     upstream_retries: Annotated[int, typer.Option("--upstream-retries", min=0, help="With --upstream: retry a 5xx/429 this many times, then fall back (0: pass such answers through).")] = 0,
     no_fallback_on: Annotated[list[str], typer.Option("--no-fallback-on", help="With --upstream: a cause that does not fall back (connect, dns, tls, timeout, 451, 403; repeatable).")] = [],  # noqa: B006
 ) -> None:
@@ -249,7 +252,7 @@ def serve(
     default = ensure_pulled(fallback, core.settings, core.store, core.catalog, err) if fallback else names[0]
     routes = ModelRoutes(rules, fallback=default)
     pool = build_pool(core.store, core.catalog, options, core.settings, routes)
-    gateway = Gateway(upstreams, routes, timeout=upstream_timeout, retries=upstream_retries, causes=causes, own_keys=bool(api_key)) if upstreams else None
+    gateway = Gateway(upstreams, routes, timeout=upstream_timeout, answer_timeout=upstream_answer_timeout, retries=upstream_retries, causes=causes, own_keys=bool(api_key)) if upstreams else None
     server_options = ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names), allowed_hosts=hosts, max_body=body_limit, gateway=gateway)
     server_app = create_app(Engine(pool, reasoning_format=reasoning_format.value), server_options)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
@@ -371,6 +374,16 @@ def _log_requests() -> None:
         logger.addHandler(handler)
         logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
         logger.propagate = False
+
+
+def _register_store_commands() -> None:
+    """Commands that live in modules of their own (they import this module's helpers when they run)."""
+    from sovereign.cli_adopt import adopt
+
+    app.command("adopt")(adopt)
+
+
+_register_store_commands()
 
 
 def main() -> None:

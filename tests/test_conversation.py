@@ -77,6 +77,11 @@ def test_normalize_folds_and_merges() -> None:
     tool = normalize(SHAPES["system_after_a_tool_result"])
     assert [m["role"] for m in tool] == ["user", "assistant", "tool", "user"]
     assert tool[3]["content"] == "The file was read.\n\nwhat did it say?"
+    # Notes keep their order, and never come between a call and its result.
+    ordered = normalize([{"role": "user", "content": "A"}, {"role": "system", "content": "S1"}, {"role": "system", "content": "S2"}, {"role": "assistant", "content": "B"}])
+    assert ordered[0]["content"] == "A\n\nS1\n\nS2"
+    between = normalize([{"role": "user", "content": "go"}, {"role": "assistant", "content": "", "tool_calls": [CALL]}, {"role": "system", "content": "note"}, {"role": "tool", "tool_call_id": "call00001a", "content": "r"}])
+    assert [m["role"] for m in between] == ["user", "assistant", "tool", "user"] and between[-1]["content"] == "note"
     original = json.dumps(SHAPES)
     for shape in SHAPES.values():
         normalize(shape)

@@ -40,7 +40,7 @@ def upstream() -> Iterator[FakeUpstream]:
 def gateway(upstream: FakeUpstream) -> Gateway:
     upstreams = {"anthropic": parse_upstream(f"anthropic={upstream.url}", {}), "openai": parse_upstream(f"openai={upstream.url}/v1", {})}
     routes = ModelRoutes((("claude-*", LOCAL), ("gpt-*", LOCAL)), fallback=LOCAL)
-    return Gateway(upstreams, routes, timeout=0.5, threshold=3, probe_every=0.1)
+    return Gateway(upstreams, routes, timeout=0.5, answer_timeout=0.5, threshold=3, probe_every=0.1)
 
 
 @pytest.fixture

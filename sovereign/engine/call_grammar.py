@@ -75,7 +75,7 @@ class _Rules:
         """A rule for any text that does not contain `marker` (a string automaton, one rule per matched prefix)."""
         if marker in self._excluded:
             return self._excluded[marker]
-        base = f"not-{len(self._excluded)}"
+        base = f"call-text-without-{len(self._excluded)}"  # a prefix no schema's $defs name takes
         names = [f"{base}-{k}" for k in range(len(marker))]
         alphabet = sorted(set(marker))
         others = "[^" + "".join(f"\\u{ord(c):04X}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08X}" for c in alphabet) + "]"

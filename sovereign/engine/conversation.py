@@ -35,24 +35,31 @@ def normalize(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _fold_late_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each system message after the first turn, joined to its neighbouring user turn (or made one)."""
+    """Each system message after the first turn, joined to its neighbouring user turn (or made one), in order.
+
+    Notes wait for the next user turn while tool results or more notes come first (a note must not
+    come between a call and its result); before an assistant turn, or at the end, they join the
+    user turn before them, or become one.
+    """
     out: list[dict[str, Any]] = []
     pending: list[str] = []  # system notes waiting for the next user turn
     for position, message in enumerate(messages):
-        if message.get("role") not in SYSTEM_ROLES:
-            if message.get("role") == "user" and pending:
+        role = message.get("role")
+        if role not in SYSTEM_ROLES:
+            if role == "user" and pending:
                 message["content"] = _join(*pending, _text(message))
                 pending = []
             out.append(message)
             continue
-        note = _text(message)
+        pending.append(_text(message))
         following = messages[position + 1] if position + 1 < len(messages) else None
-        if following is not None and following.get("role") in ("user", *SYSTEM_ROLES):
-            pending.append(note)
-        elif out and out[-1].get("role") == "user" and isinstance(out[-1].get("content"), str):
-            out[-1]["content"] = _join(out[-1]["content"], note)
+        if following is not None and following.get("role") in ("user", "tool", *SYSTEM_ROLES):
+            continue  # joined to the user turn that comes, after any tool results
+        if out and out[-1].get("role") == "user" and isinstance(out[-1].get("content"), str):
+            out[-1]["content"] = _join(out[-1]["content"], *pending)
         else:
-            out.append({"role": "user", "content": note})
+            out.append({"role": "user", "content": _join(*pending)})
+        pending = []
     if pending:
         out.append({"role": "user", "content": _join(*pending)})
     return out

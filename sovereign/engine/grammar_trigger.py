@@ -25,6 +25,7 @@ class TriggerWatch:
         self._text = ""  # the answer so far
         self._answer_from: int | None = None if trigger.in_reasoning else 0  # where the searchable text begins
         self._scanned = 0  # markers were searched up to here
+        self._searched_reasoning = 0  # the reasoning's end marker was searched up to here
         self._settled = trigger.reasoning is None or trigger.in_reasoning  # whether a reasoning block can still open
 
     def feed(self, piece: bytes) -> str | None:
@@ -32,13 +33,15 @@ class TriggerWatch:
         self._text += self._decoder.decode(piece)
         if not self._find_answer():
             return None
-        answer = self._text[self._answer_from :]  # type: ignore[misc]
+        begin = self._answer_from or 0
         longest = max((len(m) for m in self._trigger.markers), default=0)
-        starts = [i for m in self._trigger.markers if (i := answer.find(m, max(0, self._scanned - longest))) >= 0]
-        self._scanned = len(answer)
+        searched_from = begin + max(0, self._scanned - longest)  # only the new text, and a marker that straddles it
+        starts = [i for m in self._trigger.markers if (i := self._text.find(m, searched_from)) >= 0]
+        self._scanned = len(self._text) - begin
         if starts:
-            return answer[min(starts) :]
-        if len(answer) <= START_WINDOW:
+            return self._text[min(starts) :]
+        if self._scanned <= START_WINDOW:
+            answer = self._text[begin:]
             for pattern in self._patterns:
                 match = pattern.match(answer)
                 if match:
@@ -50,7 +53,8 @@ class TriggerWatch:
         reasoning = self._trigger.reasoning
         if self._answer_from is None:  # inside the reasoning block: wait for its end
             assert reasoning is not None
-            end = self._text.find(reasoning[1])
+            end = self._text.find(reasoning[1], self._searched_reasoning)
+            self._searched_reasoning = max(0, len(self._text) - len(reasoning[1]) + 1)  # only new text next time
             if end < 0:
                 return False
             self._answer_from = end + len(reasoning[1])
@@ -61,6 +65,7 @@ class TriggerWatch:
             if lead.startswith(reasoning[0]):  # the model opened a reasoning block: it ends before the answer
                 self._answer_from = None
                 self._text = lead[len(reasoning[0]) :]
+                self._searched_reasoning = 0
                 return self._find_answer()
             if reasoning[0].startswith(lead):
                 return False  # blank so far, or the start of the reasoning marker

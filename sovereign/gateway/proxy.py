@@ -32,10 +32,12 @@ from sovereign.engine.api import EngineAPI
 from sovereign.gateway.circuit import Circuit
 from sovereign.gateway.upstream import CAUSES, Upstream, blocked_cause, kind_of
 from sovereign.model_routes import ModelRoutes
+from sovereign.server.errors import APIError
 
 log = logging.getLogger(__name__)
 SERVED_BY = b"x-sovereign-served-by"
 BATCH_SECONDS = 0.0005  # the longest a relayed chunk waits to leave with the ones read after it
+MAX_BUFFERED = 4 * 2**20  # bytes read ahead of a slow client before reading pauses
 LOCAL_NAME_SECONDS = 5.0  # how long whether a name is a pulled model is remembered (a pull takes effect this late)
 # Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), and those set anew for the upstream.
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
@@ -48,7 +50,8 @@ class Gateway:
 
     upstreams: dict[str, Upstream]  # by kind
     routes: ModelRoutes  # --route rules and --fallback
-    timeout: float = 5.0  # seconds to connect and to the first byte of the answer
+    timeout: float = 5.0  # seconds to connect, and to the first byte of a streamed answer
+    answer_timeout: float = 300.0  # seconds to a non-streamed answer's first byte (it comes when the whole answer is made)
     retries: int = 0  # 5xx/429 retries before falling back; 0: such answers reach the client as they are
     causes: frozenset[str] = frozenset(CAUSES)  # the triggers left on
     threshold: int = 3
@@ -107,6 +110,10 @@ class Gateway:
             await self._pool.aclose()
 
 
+class _Unreachable(Exception):
+    """The upstream failed in a way that does not fall back; answered 502."""
+
+
 class _Blocked(Exception):
     """The upstream cannot answer; `cause` says why."""
 
@@ -146,6 +153,8 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         body = await _read_body(receive)
+        if body is None:  # the client left before its request was whole: nothing to answer
+            return
         payload = _json_object(body)
         model = payload.get("model") if isinstance(payload, dict) else None
         if isinstance(model, str) and self._is_local(model):  # a local model by name never goes upstream
@@ -155,16 +164,25 @@ class GatewayMiddleware:
         if circuit.is_open:
             await self._local(scope, receive, body, send, model, "circuit_open")
             return
+        streamed = bool(payload and payload.get("stream"))
         try:
-            await self._forward(upstream, scope, headers, body, send)
+            response = await self._ask(upstream, scope, headers, body, streamed)
         except _Blocked as blocked:
             circuit.record_block(blocked.cause)
             await self._local(scope, receive, body, send, model, blocked.cause)
+            return
+        except _Unreachable as error:  # a failure whose fallback was switched off (--no-fallback-on), or a full pool
+            response_for = APIError(502, f"The upstream API could not be reached ({error}).", type="server_error", code="upstream_unreachable")
+            await response_for.response_for(scope["path"])(scope, receive, send)
+            return
+        circuit.record_success()
+        self.gateway.served.labels("upstream").inc()
+        await self._relay_answer(upstream, scope, receive, send, response)
 
     # --- upstream ---------------------------------------------------------------------
 
-    async def _forward(self, upstream: Upstream, scope: Scope, headers: dict[str, str], body: bytes, send: Send) -> None:
-        """Relay the upstream's answer; _Blocked before anything reached the client when it is blocked."""
+    async def _ask(self, upstream: Upstream, scope: Scope, headers: dict[str, str], body: bytes, streamed: bool) -> httpcore.Response:
+        """The upstream's answer, its body not yet read; _Blocked when the upstream is blocked."""
         gateway = self.gateway
         forwarded = {k: v for k, v in headers.items() if k not in _HOP_BY_HOP}
         if upstream.key is not None or gateway.own_keys:  # the upstream's own key replaces whatever the client sent
@@ -175,41 +193,58 @@ class GatewayMiddleware:
         if body or scope["method"] not in ("GET", "HEAD"):
             forwarded["content-length"] = str(len(body))
         timeouts = {"connect": gateway.timeout, "read": None, "write": gateway.timeout, "pool": gateway.timeout}  # no read limit: models pause
+        first_byte = gateway.timeout if streamed else max(gateway.timeout, gateway.answer_timeout)
         for attempt in range(gateway.retries + 1):
             request = httpcore.Request(scope["method"], url, headers=list(forwarded.items()), content=body, extensions={"timeout": timeouts})
-            response = await self._first_byte(request)
+            response = await self._first_byte(request, first_byte)
             retryable = response.status >= 500 or response.status == 429
             if str(response.status) in gateway.causes:
                 await response.aclose()
                 raise _Blocked(str(response.status))
             if not (retryable and gateway.retries):
-                break
+                return response
             await response.aclose()
             if attempt == gateway.retries:
                 raise _Blocked(str(response.status))
-        gateway.circuits[upstream.kind].record_success()
-        gateway.served.labels("upstream").inc()
-        relayed = [(k.lower(), v) for k, v in response.headers if k.lower().decode("latin-1") not in _HOP_BY_HOP - {"content-length"}]
-        await send({"type": "http.response.start", "status": response.status, "headers": [*relayed, (SERVED_BY, b"upstream")]})
-        try:
-            await _relay(response, send)
-        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException) as error:  # broke after it began: no replay
-            log.warning("upstream %s broke off mid-answer (%s)", upstream.kind, type(error).__name__)
-            gateway.circuits[upstream.kind].record_block("midstream", at_once=True)
-            await send({"type": "http.response.body", "body": _error_frame(upstream.kind, scope["path"]), "more_body": True})
-        finally:
-            await response.aclose()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        raise AssertionError("unreachable")  # the loop returns or raises
 
-    async def _first_byte(self, request: httpcore.Request) -> httpcore.Response:
-        """The upstream's status line and headers within the timeout; _Blocked when it cannot be reached."""
+    async def _first_byte(self, request: httpcore.Request, limit: float) -> httpcore.Response:
+        """The upstream's status line and headers within `limit` seconds; _Blocked when it cannot be reached."""
         try:
-            return await asyncio.wait_for(self.gateway.pool.handle_async_request(request), self.gateway.timeout)
+            return await asyncio.wait_for(self.gateway.pool.handle_async_request(request), limit)
+        except httpcore.PoolTimeout:  # our own connections are all busy: local load, not a blocked upstream
+            raise _Unreachable("every connection to it is busy") from None
         except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException, httpcore.UnsupportedProtocol, TimeoutError, OSError) as error:
-            cause = blocked_cause(error)
-            if cause is None or cause not in self.gateway.causes:
-                raise
+            cause = blocked_cause(error) or "connect"
+            if cause not in self.gateway.causes:
+                raise _Unreachable(cause) from None
             raise _Blocked(cause) from None
+
+    async def _relay_answer(self, upstream: Upstream, scope: Scope, receive: Receive, send: Send, response: httpcore.Response) -> None:
+        """Relay status, headers and body as they arrive; stop the upstream when the client hangs up."""
+        relayed = [(k.lower(), v) for k, v in response.headers if k.lower().decode("latin-1") not in _HOP_BY_HOP - {"content-length"}]
+        event_stream = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in relayed)
+        relay = asyncio.create_task(_relay(response, send))
+        watch = asyncio.create_task(_disconnected(receive))
+        try:
+            await send({"type": "http.response.start", "status": response.status, "headers": [*relayed, (SERVED_BY, b"upstream")]})
+            await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not relay.done():  # the client hung up: stop reading (and paying for) the upstream's answer
+                return
+            try:
+                relay.result()
+            except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException) as error:  # broke after it began: no replay
+                log.warning("upstream %s broke off mid-answer (%s)", upstream.kind, type(error).__name__)
+                self.gateway.circuits[upstream.kind].record_block("midstream", at_once=True)
+                if not event_stream:
+                    raise  # a plain body cut short: the connection is closed, its length tells the client
+                await send({"type": "http.response.body", "body": _error_frame(upstream.kind, scope["path"]), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            for task in (relay, watch):
+                task.cancel()
+            await asyncio.gather(relay, watch, return_exceptions=True)
+            await response.aclose()
 
     # --- local ------------------------------------------------------------------------
 
@@ -242,7 +277,7 @@ async def _relay(response: httpcore.Response, send: Send) -> None:
     chunks one socket read brings (an SSE event each) leave in one write instead of one write apiece.
     """
     pending: list[bytes] = []
-    arrived = asyncio.Event()
+    arrived, drained = asyncio.Event(), asyncio.Event()
     finished = False
 
     async def read() -> None:
@@ -252,6 +287,9 @@ async def _relay(response: httpcore.Response, send: Send) -> None:
             async for chunk in response.aiter_stream():
                 pending.append(chunk)
                 arrived.set()
+                while sum(map(len, pending)) > MAX_BUFFERED:  # a slow client: stop reading until it has caught up
+                    drained.clear()
+                    await drained.wait()
                 # Reading buffered data never waits, so give the writer a turn now and then (and at once
                 # for the first chunk): a batch is never held back for more than BATCH_SECONDS.
                 if time.monotonic() - handed_over > BATCH_SECONDS:
@@ -269,23 +307,30 @@ async def _relay(response: httpcore.Response, send: Send) -> None:
             if pending:
                 data = b"".join(pending)
                 pending.clear()
+                drained.set()
                 await send({"type": "http.response.body", "body": data, "more_body": True})
         await reader  # its error, if the upstream broke off
     finally:
         reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
-async def _read_body(receive: Receive) -> bytes:
-    """The whole request body (the body-size guard in front has bounded it)."""
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body (the body-size guard in front has bounded it); None when the client left mid-way."""
     chunks = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            return None
         chunks.append(message.get("body", b""))
         if not message.get("more_body"):
-            break
-    return b"".join(chunks)
+            return b"".join(chunks)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client hangs up (the request body is already read, so the next message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

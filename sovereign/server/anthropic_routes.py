@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -18,6 +19,7 @@ from sovereign.server.sse import named_event
 
 router = APIRouter()
 Body = TypeVar("Body", MessagesBody, CountTokensBody)
+_EDITING_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="context-editing")
 
 
 @router.post("/v1/messages", response_model=None)
@@ -60,7 +62,8 @@ async def _edit_context(request: Request, body: Body) -> tuple[Body, list[dict[s
         return asyncio.run_coroutine_threadsafe(served_by.count_tokens(convert.chat_request_from(trial)), loop).result()
 
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    edited, applied = await asyncio.to_thread(apply_context_edits, messages, body.context_management, count_tokens)
+    # Its own threads: the token counts it waits on need the default pool's, which it must never exhaust.
+    edited, applied = await loop.run_in_executor(_EDITING_THREADS, apply_context_edits, messages, body.context_management, count_tokens)
     if not applied:
         return body, []
     return body.model_copy(update={"messages": [MessageParam.model_validate(m) for m in edited]}), applied

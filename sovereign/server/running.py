@@ -60,6 +60,8 @@ async def with_heartbeat(events: AsyncIterator[T], interval: float) -> AsyncIter
             pending = asyncio.ensure_future(anext(iterator))
     finally:
         pending.cancel()
+        if hasattr(iterator, "aclose"):  # its own clean-up now, not when it is collected
+            await iterator.aclose()
 
 
 def event_stream(
