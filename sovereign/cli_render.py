@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -83,15 +84,16 @@ def _when(iso: str) -> str:
         return iso
 
 
-def models_table(manifests: list[Manifest]) -> Table:
-    """The `sovereign list` table."""
+def models_table(manifests: list[Manifest], statuses: Mapping[str, str] | None = None) -> Table:
+    """The `sovereign list` table; a model whose file is missing or changed (Store.file_status) says so after its name."""
     table = Table(show_edge=False, header_style="bold")
     for column in ("NAME", "SIZE", "QUANT", "PARAMS", "CONTEXT", "PULLED"):
         table.add_column(column, justify="right" if column in {"SIZE", "PARAMS", "CONTEXT"} else "left")
     for manifest in manifests:
         gguf = manifest.gguf
+        status = (statuses or {}).get(manifest.name, "ok")
         table.add_row(
-            manifest.name,
+            manifest.name + (f" [bold red]({status})[/]" if status != "ok" else ""),
             human_bytes(manifest.size),
             gguf.get("quantization") or "-",
             format_params(gguf.get("parameters")),

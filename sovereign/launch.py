@@ -38,6 +38,7 @@ def ensure_pulled(name: str, settings: Settings, store: Store, catalog: Catalog,
     """The store name for `name`, pulling it first (with progress) when the catalog knows it but the store lacks it."""
     model = parse_name(name)
     if (manifest := store.get_first(model, catalog.canonical(model))) is not None:
+        store.check_files(manifest)  # an adopted file deleted or changed since: refused now, in one line
         return manifest.name
     if catalog.get(catalog.canonical(model)) is None:
         raise ModelNotFound(f"{name} is not pulled and not in the catalog", f"pull it first (sovereign pull {name}) or see `sovereign catalog`")

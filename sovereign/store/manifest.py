@@ -19,6 +19,7 @@ class ModelFile:
     size: int
     digest: str | None = None  # "sha256:<hex>" for blobs
     path: str | None = None  # absolute path for files registered in place (never deleted by rm)
+    mtime_ns: int | None = None  # in-place files: the modification time seen when registered (for "changed")
 
     @property
     def in_place(self) -> bool:
@@ -61,6 +62,9 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict, with the schema version."""
         data = asdict(self)
+        for entry in data["files"]:  # left out when unknown, so blob manifests read as before
+            if entry.get("mtime_ns") is None:
+                entry.pop("mtime_ns", None)
         data["schema"] = SCHEMA_VERSION
         data["size"] = self.size
         return data

@@ -142,8 +142,42 @@ class Store:
         """The on-disk paths of a model's files, in order."""
         return [Path(f.path) if f.path else self.blob_path(f.digest or "") for f in manifest.files]
 
+    def file_status(self, manifest: Manifest) -> str:
+        """'ok', 'missing' (a file is gone) or 'changed' (a file's size, or an in-place file's mtime, is not as recorded).
+
+        Only stats the files: cheap enough for `list`. Files registered in place (pulled from a
+        local path, or adopted from another tool's store) can be deleted or rewritten behind our back.
+        """
+        status = "ok"
+        for model_file, path in zip(manifest.files, self.file_paths(manifest)):
+            try:
+                stat = path.stat()
+            except OSError:
+                return "missing"
+            if stat.st_size != model_file.size or (model_file.in_place and model_file.mtime_ns is not None and stat.st_mtime_ns != model_file.mtime_ns):
+                status = "changed"
+        return status
+
+    def check_files(self, manifest: Manifest) -> None:
+        """Raise ModelNotFound, in one line, when a model's file was deleted or changed since it was registered."""
+        status = self.file_status(manifest)
+        if status == "ok":
+            return
+        where = next((f.path for f in manifest.files if f.in_place), None)
+        what = f"its file {where}" if where else "its file in the store"
+        state = "no longer exists" if status == "missing" else "changed since it was registered"
+        if where:
+            hint = f"run `sovereign adopt` again or `sovereign rm {manifest.name}`" if manifest.source.kind == "adopt" else f"pull it again, or `sovereign rm {manifest.name}`"
+        else:
+            hint = f"run `sovereign rm {manifest.name}` and pull it again"
+        raise ModelNotFound(f"model '{manifest.name}' cannot be used: {what} {state}", hint)
+
     def model_path(self, manifest: Manifest) -> Path:
-        """The path to hand llama.cpp: the file itself, or the first split under its original name."""
+        """The path to hand llama.cpp: the file itself, or the first split under its original name.
+
+        Raises ModelNotFound when a file was deleted or changed since it was registered (see check_files).
+        """
+        self.check_files(manifest)
         paths = self.file_paths(manifest)
         if len(paths) == 1 or all(f.in_place for f in manifest.files):
             return paths[0]

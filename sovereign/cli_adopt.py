@@ -1,0 +1,70 @@
+"""`sovereign adopt`: register the models Ollama, the Hugging Face cache, LM Studio and llama.cpp already downloaded.
+
+Registered in sovereign/cli.py with `app.command()(adopt)`. Imports sovereign.cli only when it
+runs, so either module can be imported first.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+
+class StoreKind(str, Enum):
+    """The stores `adopt` can scan."""
+
+    ollama = "ollama"
+    hf = "hf"
+    lmstudio = "lmstudio"
+    llamacpp = "llamacpp"
+
+
+def adopt(
+    from_: Annotated[list[StoreKind] | None, typer.Option("--from", help="Scan only this store: ollama, hf, lmstudio or llamacpp (repeatable; default: all).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be adopted (store, name, size, path) without registering anything.")] = False,
+) -> None:
+    """Register the GGUF models other tools downloaded (Ollama, Hugging Face cache, LM Studio, llama.cpp), without copying them."""
+    from sovereign.cli import friendly_errors
+
+    friendly_errors(_adopt)([kind.value for kind in from_ or list(StoreKind)], dry_run)
+
+
+def _adopt(layouts: list[str], dry_run: bool) -> None:
+    from sovereign.cli import Core, err, out
+    from sovereign.cli_render import RichPullReporter
+    from sovereign.store.adopt import LAYOUT_LABELS, adopt as adopt_models
+    from sovereign.store.files import human_bytes
+
+    core = Core()
+    with RichPullReporter(err) as reporter:
+        report = adopt_models(core.store, layouts, dry_run=dry_run, reporter=reporter)
+    if not report.outcomes:
+        looked = "; ".join(f"{LAYOUT_LABELS[k]}: {', '.join(str(p) for p in paths)}" for k, paths in report.scanned.items())
+        err.print(f"found no GGUF models ({escape(looked)})", highlight=False, soft_wrap=True)
+        return
+    width = max(len(o.name) for o in report.outcomes)
+    for outcome in report.outcomes:
+        candidate = outcome.candidate
+        layout, path, size = candidate.layout, escape(str(candidate.files[0])), human_bytes(candidate.size)
+        if outcome.action == "would adopt":
+            out.print(f"would adopt  {escape(outcome.name):<{width}}  {layout:<8}  {size:>9}  {outcome.how:<9}  {path}", highlight=False, soft_wrap=True)
+        elif outcome.action == "adopted":
+            err.print(f"[green]✓[/] adopted [bold]{escape(outcome.name)}[/] from {LAYOUT_LABELS[layout]} ({size}, {outcome.how}): {path}", highlight=False, soft_wrap=True)
+        elif outcome.action == "present":
+            err.print(f"[dim]· {escape(outcome.name)} is {escape(outcome.reason)}: {path}[/]", highlight=False, soft_wrap=True)
+        else:
+            err.print(f"[yellow]skipped[/] {path} ({LAYOUT_LABELS[layout]}): {escape(outcome.reason)}", highlight=False, soft_wrap=True)
+        for note in outcome.notes:
+            err.print(f"  [yellow]note:[/] {escape(outcome.name)}: {escape(note)}", highlight=False, soft_wrap=True)
+    counts = {action: sum(o.action == action for o in report.outcomes) for action in ("adopted", "would adopt", "present", "skipped")}
+    done = counts["would adopt"] if dry_run else counts["adopted"]
+    links = sum(o.how == "hard link" for o in report.outcomes if o.action in ("adopted", "would adopt"))
+    verb = "would adopt" if dry_run else "adopted"
+    err.print(
+        f"{verb} {done} model(s)" + (f" ({links} hard link(s), {done - links} in place)" if done else "") + f", {counts['present']} already in the store, {counts['skipped']} skipped"
+        + (" — run without --dry-run to register them" if dry_run and done else ""),
+        highlight=False, soft_wrap=True,
+    )
