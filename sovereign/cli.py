@@ -137,7 +137,9 @@ def show(
 
     core = Core()
     manifest = core.store.require(core.resolve_name(name))
-    spec = core.catalog.get(parse_name(manifest.name))
+    from sovereign.store.bundle import spec_from_manifest
+
+    spec = core.catalog.get(parse_name(manifest.name)) or spec_from_manifest(manifest)  # an imported model carries its settings
     summary = manifest_summary(manifest, [str(p) for p in core.store.file_paths(manifest)], bool(spec and spec.chat_template))
     if as_json:
         out.print_json(dump_json(summary))
@@ -378,9 +380,12 @@ def _log_requests() -> None:
 
 def _register_store_commands() -> None:
     """Commands that live in modules of their own (they import this module's helpers when they run)."""
+    from sovereign import cli_bundle
     from sovereign.cli_adopt import adopt
 
     app.command("adopt")(adopt)
+    app.command("export")(cli_bundle.export)
+    app.command("import")(cli_bundle.import_)
 
 
 _register_store_commands()

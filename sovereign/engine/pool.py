@@ -25,6 +25,7 @@ from sovereign.errors import InvalidReference, ModelNotFound
 from sovereign.model_routes import CLOSED_API_NAMES, ModelRoutes
 from sovereign.refs import parse_name
 from sovereign.store import Store
+from sovereign.store.bundle import spec_from_manifest
 from sovereign.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ class ModelPool:
 
     def spec_for(self, manifest: Manifest) -> ModelSpec | None:
         """The catalog entry the model was pulled as, if any."""
-        return self.catalog.get(parse_name(manifest.name))
+        # A model imported from a bundle carries the settings its catalog entry had on the machine it came from.
+        return self.catalog.get(parse_name(manifest.name)) or spec_from_manifest(manifest)
 
     @property
     def loaded(self) -> dict[str, LoadedModel]:
