@@ -2,9 +2,10 @@
 
     GET  /api/models/{owner}/{repo}[/revision/{rev}]   model info with siblings (size, LFS sha256)
     HEAD /{owner}/{repo}/resolve/{rev}/{path}          file metadata (ETag, size, commit)
-    GET  /{owner}/{repo}/resolve/{rev}/{path}          file bytes, honouring Range (bytes=a- and bytes=a-b)
+    GET  /{owner}/{repo}/resolve/{rev}/{path}          file bytes, honouring Range (bytes=a- and bytes=a-b) and If-Range
 
-Knobs per repository let tests cut transfers, corrupt bytes, gate access and slow things down.
+Knobs per repository let tests cut transfers, corrupt bytes, gate access, refuse ranges and slow
+things down; `per_connection_bytes_per_second` caps every connection (as a CDN edge does).
 Every request is recorded so tests can assert on Range headers and byte counts.
 """
 
@@ -31,6 +32,8 @@ class FakeRepo:
     cut_after: int | None = None  # first `cuts` GETs stop after this many body bytes
     cuts: int = 0
     bytes_per_second: float | None = None  # throttle, for interrupt tests
+    accept_ranges: bool = True  # False: ignore Range headers and send no Accept-Ranges (always 200)
+    advertise_ranges: bool | None = None  # send Accept-Ranges regardless of accept_ranges (a server that lies)
 
 
 @dataclass
@@ -52,14 +55,28 @@ class FakeHub:
     redirects: dict[str, str] = field(default_factory=dict)  # path -> Location (302)
     log: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    per_connection_bytes_per_second: float | None = None  # cap on each connection's body bytes, all repos
+
+    def served(self, filename: str) -> int:
+        """Body bytes of a file the hub wrote to its sockets, over every request."""
+        return sum(r.body_bytes for r in self.downloads(filename))
 
     def downloads(self, filename: str) -> list[Request]:
         """GET requests for a file's bytes."""
         return [r for r in self.log if r.method == "GET" and "/resolve/" in r.path and r.path.endswith(filename)]
 
 
+_SHA_CACHE: dict[int, tuple[bytes, str]] = {}  # id -> (the bytes, kept alive so the id stays theirs; sha256)
+
+
 def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    """sha256 of a served file, computed once per bytes object: range requests come many per file."""
+    cached = _SHA_CACHE.get(id(data))
+    if cached is None or cached[0] is not data:
+        if len(_SHA_CACHE) >= 16:
+            _SHA_CACHE.clear()
+        cached = _SHA_CACHE[id(data)] = (data, hashlib.sha256(data).hexdigest())
+    return cached[1]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -140,7 +157,9 @@ class _Handler(BaseHTTPRequestHandler):
         etag = _sha(data)
         served = data[:-64] + bytes(b ^ 0xFF for b in data[-64:]) if repo.corrupt else data
         start, end = 0, len(data)  # end: one past the last byte served
-        if request.range and request.range.startswith("bytes="):
+        if_range = self.headers.get("If-Range")
+        honour_range = repo.accept_ranges and (if_range is None or if_range == f'"{etag}"')  # a stale If-Range gets the whole new file
+        if honour_range and request.range and request.range.startswith("bytes="):
             first, _, last = request.range[len("bytes="):].partition("-")
             start = int(first or 0)
             end = min(end, int(last) + 1) if last else end
@@ -149,28 +168,37 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(end - start))
         self.send_header("ETag", f'"{etag}"')
         self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("Accept-Ranges", "bytes")
+        if repo.accept_ranges if repo.advertise_ranges is None else repo.advertise_ranges:
+            self.send_header("Accept-Ranges", "bytes")
         if ranged:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.end_headers()
         if self.command == "HEAD":
             return
-        self._send_body(repo, served[start:end], request)
+        self._send_body(repo, memoryview(served)[start:end], request)
 
-    def _send_body(self, repo: FakeRepo, body: bytes, request: Request) -> None:
+    def _send_body(self, repo: FakeRepo, body: bytes | memoryview, request: Request) -> None:
         limit = len(body)
         with self.hub.lock:
             if repo.cuts > 0 and repo.cut_after is not None:
                 repo.cuts -= 1
                 limit = min(limit, repo.cut_after)
         step = 64 * 1024
+        cap = self.hub.per_connection_bytes_per_second
+        began, sent = time.monotonic(), 0  # a connection serves one request at a time: pace each body
+        view = memoryview(body)
         try:
             for offset in range(0, limit, step):
-                chunk = body[offset:min(offset + step, limit)]
+                chunk = view[offset:min(offset + step, limit)]
                 self.wfile.write(chunk)
                 request.body_bytes += len(chunk)
                 if repo.bytes_per_second:
                     time.sleep(len(chunk) / repo.bytes_per_second)
+                if cap:
+                    sent += len(chunk)
+                    ahead = began + sent / cap - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
         except (BrokenPipeError, ConnectionResetError):
             pass
         if limit < len(body):
@@ -187,8 +215,10 @@ class _QuietServer(ThreadingHTTPServer):
 class FakeHubServer:
     """Runs a FakeHub on a free loopback port in a background thread."""
 
-    def __init__(self, hub: FakeHub | None = None) -> None:
+    def __init__(self, hub: FakeHub | None = None, per_connection_bytes_per_second: float | None = None) -> None:
         self.hub = hub or FakeHub()
+        if per_connection_bytes_per_second is not None:
+            self.hub.per_connection_bytes_per_second = per_connection_bytes_per_second
         handler = type("Handler", (_Handler,), {"hub": self.hub})
         self.server = _QuietServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
