@@ -85,7 +85,8 @@ def test_other_models_keep_serving_through_a_crash(real_model_home: Path) -> Non
         pool = make_pool(real_model_home, max_models=2)
         engine = Engine(pool)
         try:
-            doomed = await engine.submit(CompletionRequest(GEMMA, "Once", SamplingParams(max_tokens=300, ignore_eos=True)))
+            # Long enough to still be running once the second model has loaded (a 32k context takes a while to set up).
+            doomed = await engine.submit(CompletionRequest(GEMMA, "Once", SamplingParams(max_tokens=3000, ignore_eos=True)))
             survivor = await engine.submit(CompletionRequest("plain:copy", "Once", SamplingParams(max_tokens=40, ignore_eos=True, temperature=0)))
             async for event in doomed:
                 if isinstance(event, TextDelta):
