@@ -90,6 +90,10 @@ def test_claude_code(clients: AgentClients, server: ServerProcess, proxy: Record
         home = tmp_path / f"claude-{name}"
         runs[name] = run_client(claude_command(clients, PROMPT, model), claude_environment(home, proxy.url), proxy, home / "work")
         dump(runs[name], f"claude-code-{name}")
+    # A second turn of the first conversation: Claude Code sends its history back, system reminders between turns included.
+    home = tmp_path / "claude-model"
+    runs["continue"] = run_client([*claude_command(clients, "and again", MODEL), "--continue"], claude_environment(home, proxy.url), proxy, home / "work")
+    dump(runs["continue"], "claude-code-continue")
     recording = {"client": "claude-code", "version": clients.versions["claude"], "runs": {name: normalise(run.exchanges) for name, run in runs.items()}}
     problems = []
     difference = check_fixture("claude-code", recording)
@@ -103,7 +107,8 @@ def test_claude_code(clients: AgentClients, server: ServerProcess, proxy: Record
         failed = run.returncode != 0 or not isinstance(result, dict) or result.get("is_error") is not False
         if failed or refusals(run.exchanges):
             note = "" if alias_supported or name != "default" else " (sovereign serve has no --alias yet: claude-* names are unknown)"
-            problems.append(f"claude -p {'with --model ' + MODEL if name == 'model' else 'without --model'} failed or was refused{note}:\n" + _report(name, run, server))
+            what = {"model": f"with --model {MODEL}", "default": "without --model", "continue": "--continue (a second turn)"}[name]
+            problems.append(f"claude -p {what} failed or was refused{note}:\n" + _report(name, run, server))
     assert not problems, f"Claude Code {clients.versions['claude']}:\n" + "\n\n".join(problems)
 
 
