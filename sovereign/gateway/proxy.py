@@ -59,7 +59,7 @@ class Gateway:
     own_keys: bool = False  # sovereign has --api-key: the client's credentials are ours, never sent upstream
     circuits: dict[str, Circuit] = field(default_factory=dict)
     _client: httpx.AsyncClient | None = None  # for the circuit's probes
-    _pool: httpcore.AsyncConnectionPool | None = None  # for forwarded requests: httpcore, a millisecond less per request than httpx
+    _pool: httpcore.AsyncConnectionPool | None = None  # for forwarded requests: httpcore directly, measured ~0.5 ms less per request than httpx
 
     def __post_init__(self) -> None:
         for kind, upstream in self.upstreams.items():
