@@ -133,7 +133,9 @@ def test_real_r1_tokenizer_and_template_end_to_end(server: ServerProcess) -> Non
     budgeted = anthropic.messages.create(model="r1:think", max_tokens=40, messages=HELLO, thinking={"type": "enabled", "budget_tokens": 4}, extra_body={"temperature": 0})  # type: ignore[arg-type]
     assert budgeted.content[0].type == "thinking", budgeted.content
     spent = httpx.post(f"{server.url}/tokenize", json={"model": "r1:think", "content": budgeted.content[0].thinking}, timeout=30).json()["tokens"]  # type: ignore[union-attr]
-    assert len(spent) <= 4 + 1, (len(spent), budgeted.content)  # +1: a token's text may split differently on its own
+    # Re-tokenized on its own, the text of 4 random tokens may take a few more (byte pieces, joins that split):
+    # the block is well under the 40 tokens the model had, so the budget closed it.
+    assert len(spent) <= 3 * 4, (len(spent), budgeted.content)
     assert [block.type for block in budgeted.content][1:] == ["text"] or budgeted.stop_reason == "end_turn", budgeted.content
 
 
