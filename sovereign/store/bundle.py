@@ -565,7 +565,10 @@ def _unpack_tar(stream: IO[bytes] | None, path: Path | None, into: Path, reporte
                 target = into / rel
                 if rel in known or target.exists():
                     raise BundleError(f"the bundle names {rel} twice", "the bundle was not made by `sovereign export`; refusing it")
-                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                except OSError:  # a member named like a folder another member is a file of
+                    raise BundleError(f"the bundle's member {member.name} does not fit its layout", "the bundle was not made by `sovereign export`; refusing it") from None
                 source = tar.extractfile(member)
                 assert source is not None
                 digest, written = hashlib.sha256(), 0
