@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpcore
-import httpx
 
 from sovereign.errors import SovereignError
 
@@ -74,16 +73,16 @@ def kind_of(path: str, headers: dict[str, str]) -> str | None:
 
 
 def blocked_cause(error: BaseException) -> str | None:
-    """Why a failed connection (httpcore's or httpx's errors) means the upstream is blocked: connect, dns, tls, timeout; or None."""
-    if isinstance(error, (TimeoutError, httpx.TimeoutException, httpcore.TimeoutException)):
+    """Why a failed connection (httpcore's errors) means the upstream is blocked: connect, dns, tls, timeout; or None."""
+    if isinstance(error, (TimeoutError, httpcore.TimeoutException)):
         return "timeout"
-    if isinstance(error, (httpx.ConnectError, httpcore.ConnectError, ssl.SSLError, ConnectionError)):
+    if isinstance(error, (httpcore.ConnectError, ssl.SSLError, ConnectionError)):
         text = str(error).lower()
         if isinstance(error, ssl.SSLError) or isinstance(error.__cause__, ssl.SSLError) or "ssl" in text or "certificate" in text:
             return "tls"
         if any(sign in text for sign in ("name or service not known", "nodename nor servname", "temporary failure in name resolution", "getaddrinfo", "no address associated")):
             return "dns"
         return "connect"
-    if isinstance(error, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
+    if isinstance(error, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
         return "connect"  # reset before the answer began
     return None
