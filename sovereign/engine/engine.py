@@ -231,24 +231,25 @@ class Engine:
         return tokens
 
     async def _prepare_chat(self, model: LoadedModel, request: ChatRequest) -> _Prepared:
-        segments, sampling, tool_mode, active_tools = await asyncio.to_thread(self._render_chat, model, request)
+        segments, sampling, tool_mode, active_tools, opened = await asyncio.to_thread(self._render_chat, model, request)
         # Template text may hold control tokens; a control token a client typed is tokenized as plain text.
         pieces = await model.process.call("tokenize", [[segment.text, segment.trusted] for segment in segments])
         prompt = model.facts.with_bos([token for piece in pieces for token in piece])
         _check_fits(model, len(prompt))
-        # A template that ends its prompt with the reasoning opener (DeepSeek-R1's "<think>\n") has the model start inside it.
-        opened = model.format.reasoning is not None and _ends_with(segments, model.format.reasoning[0])
         budget = request.reasoning.budget_tokens if model.format.reasoning and not self.raw_reasoning else None
         return _Prepared(model, prompt, sampling, tool_mode, active_tools, opened, request.parallel_tool_calls, budget)
 
-    def _render_chat(self, model: LoadedModel, request: ChatRequest) -> tuple[list[Segment], SamplingParams, str, list[dict[str, Any]]]:
-        """The prompt's segments and the decoding rules (grammars compiled here, off the event loop)."""
+    def _render_chat(self, model: LoadedModel, request: ChatRequest) -> tuple[list[Segment], SamplingParams, str, list[dict[str, Any]], bool]:
+        """The prompt's segments, the decoding rules (grammars compiled here, off the event loop), and whether the prompt opened the reasoning."""
         template = model.template
         active_tools = request.tools if request.tool_choice.mode != "none" else []
         messages = tool_calls.as_template_messages(conversation.normalize(request.messages), active_tools, native=template.supports_tools)
         kwargs = request.all_template_kwargs()
         check_kwargs(kwargs)  # before they are spread: a client's "messages" or "self" must be a 400, not a TypeError
         segments = _render_as_allowed(template, messages, active_tools if template.supports_tools else None, kwargs)
+        fmt = model.format if not self.raw_reasoning else formats.FORMATS["generic"]
+        # A template that ends its prompt with the reasoning opener (DeepSeek-R1's "<think>\n") has the model start inside it.
+        opened = fmt.reasoning is not None and _ends_with(segments, fmt.reasoning[0])
         sampling = self._with_stops(model, request.sampling)
         tool_mode = "none"
         text_schema = request.json_schema if request.json_schema is not None else ({"type": "object"} if request.json_object else None)
@@ -257,14 +258,12 @@ class Engine:
         if active_tools:
             tool_mode = "forced" if request.tool_choice.mode in ("required", "function") else "auto"
             # The calls in the family's own syntax (under auto, lazily); a response format holds the text answer.
-            fmt = model.format if not self.raw_reasoning else formats.FORMATS["generic"]
-            in_reasoning = fmt.reasoning is not None and _ends_with(segments, fmt.reasoning[0])
-            calls = call_grammar(fmt, active_tools, request.tool_choice, parallel=request.parallel_tool_calls, in_reasoning=in_reasoning, text_schema=text_schema)
+            calls = call_grammar(fmt, active_tools, request.tool_choice, parallel=request.parallel_tool_calls, in_reasoning=opened, text_schema=text_schema)
             if calls is not None:
                 sampling = replace(sampling, grammar=calls.gbnf, grammar_trigger=calls.trigger)
         if model.format.name != "generic":  # the family's markers are control tokens: the parser must see them
             sampling = replace(sampling, special_pieces=True)
-        return segments, sampling, tool_mode, active_tools
+        return segments, sampling, tool_mode, active_tools, opened
 
     @staticmethod
     def _with_stops(model: LoadedModel, sampling: SamplingParams) -> SamplingParams:
