@@ -35,9 +35,12 @@ class ModelRoutes:
 
     def fallback_for(self, name: str) -> str | None:
         """The default model, for a closed-API name that no rule maps; None for any other name."""
-        if self.fallback is None or not any(fnmatch.fnmatchcase(name, pattern) for pattern in CLOSED_API_NAMES):
-            return None
-        return self.fallback
+        return self.fallback if is_closed_api_name(name) else None
+
+
+def is_closed_api_name(name: str) -> bool:
+    """Whether only a closed API serves this model name (claude-…, gpt-…)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in CLOSED_API_NAMES)
 
 
 def parse_route(text: str, option: str = "--alias") -> tuple[str, str]:

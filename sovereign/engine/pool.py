@@ -7,7 +7,6 @@ and a crashed one is dropped from the pool so that the next request loads it afr
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -22,7 +21,7 @@ from sovereign.engine.kernel_probe import kernel_choice, record_crash
 from sovereign.engine.process import ModelFacts, ModelProcess
 from sovereign.engine.resources import AGENT_CONTEXT
 from sovereign.errors import InvalidReference, ModelNotFound
-from sovereign.model_routes import CLOSED_API_NAMES, ModelRoutes
+from sovereign.model_routes import ModelRoutes, is_closed_api_name
 from sovereign.refs import parse_name
 from sovereign.store import Store
 from sovereign.store.bundle import spec_from_manifest
@@ -99,7 +98,7 @@ class ModelPool:
             return manifest
         if mapped is not None:
             raise ModelNotFound(f"the model {text!r} maps to {mapped!r}, which is not pulled", f"pull it first: sovereign pull {mapped}")
-        if any(fnmatch.fnmatchcase(text, pattern) for pattern in CLOSED_API_NAMES):
+        if is_closed_api_name(text):
             raise ModelNotFound(f"the model {text!r} is a closed API's", f"map it to a local model: sovereign serve --alias '{text.split('-')[0]}-*=MODEL'")
         raise ModelNotFound(f"the model {text!r} does not exist or is not pulled", f"pull it first: sovereign pull {text}")
 
