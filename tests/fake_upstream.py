@@ -14,7 +14,8 @@ Endpoints (healthy mode), plain JSON or SSE when the body has "stream": true:
     GET  /v1/models                  OpenAI list with "gpt-upstream" (Anthropic's shape if anthropic-version is sent)
     POST /v1/embeddings              one 4-float vector per input (base64 when encoding_format is "base64")
 
-Model "bad-request" gets a 400 in the API's own error envelope. A streamed chat completion for
+Model "bad-request" gets a 400 in the API's own error envelope, and a request carrying the key
+FORBIDDEN_KEY a 403 (a key without the permission; the route itself is open). A streamed chat completion for
 model "bench-N" sends N content chunks as fast as possible (paced by `chunk_interval` seconds).
 
 Modes: healthy, 451, 403 (every request answered with that status), refused (the listening socket
@@ -45,6 +46,7 @@ from urllib.parse import parse_qsl, urlsplit
 MODES = ("healthy", "451", "403", "refused", "blackhole", "midstream")
 TEXT = "upstream says hi"
 PIECES = ["upstream", " says", " hi"]
+FORBIDDEN_KEY = "sk-forbidden-key"  # in healthy mode, requests with this key get a 403 permission error
 MIDSTREAM_PIECES = 2  # content chunks a "midstream" stream sends before the connection is cut
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 451: "Unavailable For Legal Reasons"}
 
@@ -305,8 +307,9 @@ class FakeUpstream:
         """Answer one request according to the mode, the path and the body."""
         path, body = request.path, request.body if isinstance(request.body, dict) else {}
         anthropic = _is_anthropic(path)
-        if self._mode in ("451", "403"):
-            status = int(self._mode)
+        keys = (request.headers.get("x-api-key"), request.headers.get("authorization", "").removeprefix("Bearer "))
+        if self._mode in ("451", "403") or FORBIDDEN_KEY in keys:
+            status = 403 if self._mode == "healthy" else int(self._mode)
             kind = ("permission_error" if anthropic else "permission_denied") if status == 403 else "unavailable_for_legal_reasons"
             return await self._send(writer, status, _error_body(path, status, kind, f"fake upstream answers {status}"))
         model = str(body.get("model", ""))

@@ -22,7 +22,7 @@ from sovereign.gateway.upstream import BadUpstream, parse_upstream
 from sovereign.model_routes import ModelRoutes
 from sovereign.server.app import ServerOptions, create_app
 from tests.fake_engine import FakeEngine
-from tests.fake_upstream import TEXT, FakeUpstream
+from tests.fake_upstream import FORBIDDEN_KEY, TEXT, FakeUpstream
 from tests.servers import InProcessServer
 
 LOCAL = "fake:model"
@@ -126,6 +126,21 @@ def test_the_circuit_opens_after_three_blocks_and_closes_when_the_upstream_answe
     assert httpx.get(server.url + "/health").json()["upstreams"]["openai"]["circuit"] == "closed"  # each upstream has its own
 
 
+def test_one_clients_forbidden_key_does_not_send_everyone_local(upstream: FakeUpstream) -> None:
+    upstreams = {"anthropic": parse_upstream(f"anthropic={upstream.url}", {})}
+    gateway = Gateway(upstreams, ModelRoutes((), fallback=LOCAL), timeout=0.5, threshold=3, probe_every=600)  # no timed probe in this test
+    with InProcessServer(create_app(FakeEngine(), ServerOptions(preload=(LOCAL,), gateway=gateway))) as server:
+        forbidden = anthropic.Anthropic(base_url=server.url, api_key=FORBIDDEN_KEY, max_retries=0, timeout=10)
+        for _ in range(3):  # a 403 falls back, as asked; three in a row open the circuit...
+            raw = forbidden.messages.with_raw_response.create(model="claude-x", max_tokens=8, messages=ASK)  # type: ignore[arg-type]
+            assert raw.headers["x-sovereign-served-by"] == f"local:{LOCAL}"
+        deadline = time.monotonic() + 5
+        while httpx.get(server.url + "/health").json()["upstreams"]["anthropic"]["circuit"] == "open":
+            assert time.monotonic() < deadline, "the route answers a keyless probe, yet the circuit stayed open"
+            time.sleep(0.02)
+        assert _ask_anthropic(server) == (TEXT, "upstream")  # ...until a probe at once shows the route itself answers
+
+
 def test_an_upstream_400_reaches_the_client_unchanged(server: InProcessServer, upstream: FakeUpstream) -> None:
     with pytest.raises(anthropic.BadRequestError) as refused:
         _anthropic(server).messages.create(model="bad-request", max_tokens=8, messages=ASK)  # type: ignore[arg-type]
@@ -184,3 +199,42 @@ def test_serve_with_an_upstream_end_to_end(real_model_home: Path, upstream: Fake
         log = server.log()
     assert f"upstream openai: {upstream.url}/v1" in log and "SOVEREIGN_UPSTREAM_KEY_OPENAI" in log  # said at start-up
     assert "sk-configured-upstream-key" not in log
+
+
+def test_each_way_of_not_answering_is_named_by_its_cause(upstream: FakeUpstream) -> None:
+    """refused -> connect, an unknown host -> dns, plain text where TLS was expected -> tls, silence -> timeout."""
+    import asyncio
+    import socket
+    import threading
+
+    from sovereign.gateway.upstream import blocked_cause
+
+    plain = socket.create_server(("127.0.0.1", 0))  # answers a TLS hello with plain HTTP, then hangs up
+
+    def answer_plainly() -> None:
+        connection, _ = plain.accept()
+        with connection:
+            connection.recv(1024)
+            connection.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+
+    threading.Thread(target=answer_plainly, daemon=True).start()
+    upstream.mode = "refused"
+    gateway = Gateway({}, ModelRoutes((), fallback=LOCAL), timeout=0.5)
+
+    async def cause_of(url: str) -> str | None:
+        try:
+            (await gateway.send("GET", url, {}, b"", 0.5)).release()
+        except Exception as error:  # noqa: BLE001 - the point is which one
+            return blocked_cause(error)
+        return "answered"
+
+    async def causes() -> list[str | None]:
+        found = [await cause_of(url) for url in (f"{upstream.url}/v1/models", "http://sovereign-test.invalid/v1/models",
+                                                 f"https://127.0.0.1:{plain.getsockname()[1]}/v1/models")]
+        upstream.mode = "blackhole"
+        found.append(await cause_of(f"{upstream.url}/v1/models"))
+        await gateway.close()
+        return found
+
+    with plain:
+        assert asyncio.run(causes()) == ["connect", "dns", "tls", "timeout"]

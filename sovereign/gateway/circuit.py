@@ -42,7 +42,9 @@ class Circuit:
         if not self.is_open and (at_once or self.failures >= self.threshold):
             self.opened_at = time.monotonic()
             log.warning("upstream %s is blocked (%s, %d in a row): answering locally until it responds again", self.name, cause, self.failures)
-            self._prober = asyncio.get_running_loop().create_task(self._wait_for_answer())
+            # A 403 or 451 answered a client's own key: it may say no to that key rather than to this route, so
+            # probe (keyless, or with the configured key) at once; a route that answers closes the circuit again.
+            self._prober = asyncio.get_running_loop().create_task(self._wait_for_answer(probe_first=cause.isdigit()))
 
     def close(self) -> None:
         """The upstream answers again."""
@@ -50,9 +52,11 @@ class Circuit:
             log.warning("upstream %s answers again: requests go to it", self.name)
         self.opened_at, self.failures = None, 0
 
-    async def _wait_for_answer(self) -> None:
+    async def _wait_for_answer(self, *, probe_first: bool) -> None:
         while self.is_open:
-            await asyncio.sleep(self.probe_every)
+            if not probe_first:
+                await asyncio.sleep(self.probe_every)
+            probe_first = False
             try:
                 answered = await self._probe()
             except Exception:  # a probe that fails in any way is a "not yet"

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import httpcore
+import aiohttp
 
 from sovereign.errors import SovereignError
 
@@ -73,16 +72,13 @@ def kind_of(path: str, headers: dict[str, str]) -> str | None:
 
 
 def blocked_cause(error: BaseException) -> str | None:
-    """Why a failed connection (httpcore's errors) means the upstream is blocked: connect, dns, tls, timeout; or None."""
-    if isinstance(error, (TimeoutError, httpcore.TimeoutException)):
+    """Why a request that got no answer (aiohttp's typed errors) means the upstream is blocked: connect, dns, tls, timeout; or None."""
+    if isinstance(error, TimeoutError):
         return "timeout"
-    if isinstance(error, (httpcore.ConnectError, ssl.SSLError, ConnectionError)):
-        text = str(error).lower()
-        if isinstance(error, ssl.SSLError) or isinstance(error.__cause__, ssl.SSLError) or "ssl" in text or "certificate" in text:
-            return "tls"
-        if any(sign in text for sign in ("name or service not known", "nodename nor servname", "temporary failure in name resolution", "getaddrinfo", "no address associated")):
-            return "dns"
-        return "connect"
-    if isinstance(error, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
-        return "connect"  # reset before the answer began
+    if isinstance(error, aiohttp.ClientConnectorDNSError):
+        return "dns"
+    if isinstance(error, (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)):
+        return "tls"
+    if isinstance(error, (aiohttp.ClientConnectionError, ConnectionError)):  # after DNS and TLS: their classes derive from it
+        return "connect"  # refused, reset or cut before the answer began
     return None
