@@ -1,19 +1,24 @@
 """What sovereign's gateway adds in front of a closed upstream: time to first token and streaming throughput.
 
-    python scripts/bench_gateway.py [--model gemma3:270m] [--runs 30] [--chunks 1000] [--interval 0] [--json]
+    python scripts/bench_gateway.py [--model gemma3:270m] [--runs 30] [--chunks 1000] [--pace-us 1000] [--json]
 
 Method. A FakeUpstream (tests/fake_upstream.py) runs in a child process, so its event loop does not
 share this process's GIL with the timing client. `sovereign serve MODEL --upstream openai=<fake>/v1`
 starts on a free port (the local model is only loaded because serving needs one; the upstream is
-healthy, so every request is forwarded). Each run is one streamed chat completion for model
-"bench-<chunks>", which the fake answers with <chunks> content chunks as fast as it can (or paced by
---interval seconds). Runs alternate direct, gateway, direct, gateway... over kept-alive httpx
-connections, after a few unmeasured warm-up runs, so machine noise hits both paths alike.
-TTFT is the time from sending the request to the first non-empty content delta; throughput is the
-content chunks the fake sent over the whole request time. Every gateway answer is checked to carry
-exactly the upstream's text, so a fallback to the local model cannot pass for a fast gateway.
-Reported: p50/p90 TTFT of both paths, added TTFT at p50 (gateway p50 - direct p50) and the
-throughput ratio (gateway p50 / direct p50), each compared against TARGETS; exit 1 on any FAIL.
+healthy, so every request is forwarded). Each run is one streamed chat completion of <chunks> content
+chunks. Runs alternate direct, gateway, direct, gateway... over kept-alive httpx connections, after a
+few unmeasured warm-up runs, so machine noise hits both paths alike. Every gateway answer is checked
+to carry exactly the upstream's text, so a fallback to the local model cannot pass for a fast gateway.
+
+Two phases, each with both figures:
+- unpaced: the fake sends its chunks as fast as it can (about 15 ms for 1,000). This is the
+  throughput test: chunks over the whole request time, gateway p50 / direct p50, target >= 0.95.
+- paced: one chunk every --pace-us microseconds (default 1000: 1,000 tokens/s, faster than any
+  model streams). This is the TTFT test: time from sending the request to the first non-empty
+  content delta, gateway p50 - direct p50, target <= 2 ms. Unpaced TTFT is printed too, but on a
+  machine with fewer than 4 cores it measures CPU contention more than the gateway: while the
+  fake floods, the fake, the gateway and this client are three busy processes.
+Exit 1 on any FAIL.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import socket
 import subprocess
 import sys
@@ -39,11 +45,11 @@ DEFAULT_MODEL = "gemma3:270m"
 WARMUP = 3
 
 
-def run_upstream(interval: float, urls: Any, stop: Any) -> None:
+def run_upstream(urls: Any, stop: Any) -> None:
     """Child process: serve a FakeUpstream until told to stop."""
     from tests.fake_upstream import FakeUpstream
 
-    with FakeUpstream(chunk_interval=interval) as up:
+    with FakeUpstream() as up:
         urls.put(up.url)
         stop.wait()
 
@@ -84,9 +90,10 @@ def wait_health(url: str, process: subprocess.Popen[bytes], log: Path, timeout: 
     raise SystemExit(f"sovereign serve not healthy after {timeout}s; log: {log}")
 
 
-def one_stream(client: httpx.Client, url: str, chunks: int) -> dict[str, float]:
-    """One streamed chat completion: TTFT and chunks/s over the whole request, with its text checked."""
-    body = {"model": f"bench-{chunks}", "stream": True, "messages": [{"role": "user", "content": "bench"}]}
+def one_stream(client: httpx.Client, url: str, chunks: int, pace_us: int) -> dict[str, float]:
+    """One streamed chat completion (chunks `pace_us` apart, 0: unpaced): TTFT and chunks/s over the whole request, with its text checked."""
+    model = f"bench-{chunks}-every-{pace_us}" if pace_us else f"bench-{chunks}"
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "bench"}]}
     pieces: list[str] = []
     first = 0.0
     start = time.perf_counter()
@@ -125,13 +132,27 @@ def summary(runs: list[dict[str, float]]) -> dict[str, float]:
             "chunks_per_s_p10": percentile(rate, 10)}
 
 
+def measure(direct_url: str, gateway_url: str, runs: int, chunks: int, pace_us: int) -> dict[str, Any]:
+    """Interleaved runs of both paths; each path's summary and the gateway's added TTFT and throughput ratio."""
+    results: dict[str, list[dict[str, float]]] = {"direct": [], "gateway": []}
+    with httpx.Client(timeout=120, trust_env=False) as direct, httpx.Client(timeout=120, trust_env=False) as through:
+        for index in range(WARMUP + runs):
+            for name, client, url in (("direct", direct, direct_url), ("gateway", through, gateway_url)):
+                run = one_stream(client, url, chunks, pace_us)
+                if index >= WARMUP:
+                    results[name].append(run)
+    direct_s, gateway_s = summary(results["direct"]), summary(results["gateway"])
+    return {"pace_us": pace_us, "direct": direct_s, "gateway": gateway_s, "added_ttft_p50_ms": gateway_s["ttft_p50_ms"] - direct_s["ttft_p50_ms"],
+            "throughput_ratio": gateway_s["chunks_per_s_p50"] / direct_s["chunks_per_s_p50"]}
+
+
 def main() -> None:
-    """Start the fake upstream and the gateway, time interleaved streams, compare against TARGETS."""
+    """Start the fake upstream and the gateway, time interleaved streams in both phases, compare against TARGETS."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help=f"local model sovereign serves (default: {DEFAULT_MODEL} when pulled)")
-    parser.add_argument("--runs", type=int, default=30, help="measured runs per path (default 30)")
+    parser.add_argument("--runs", type=int, default=30, help="measured runs per path and phase (default 30)")
     parser.add_argument("--chunks", type=int, default=1000, help="content chunks per stream (default 1000)")
-    parser.add_argument("--interval", type=float, default=0.0, help="seconds the upstream waits between chunks (default 0)")
+    parser.add_argument("--pace-us", type=int, default=1000, help="microseconds between chunks in the paced phase (default 1000)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
 
@@ -141,7 +162,7 @@ def main() -> None:
 
     context = multiprocessing.get_context("spawn")
     urls, stop = context.Queue(), context.Event()
-    upstream = context.Process(target=run_upstream, args=(args.interval, urls, stop), daemon=True)
+    upstream = context.Process(target=run_upstream, args=(urls, stop), daemon=True)
     upstream.start()
     log = Path(tempfile.mkdtemp(prefix="bench-gateway-")) / "sovereign.log"
     gateway: subprocess.Popen[bytes] | None = None
@@ -153,14 +174,8 @@ def main() -> None:
         with open(log, "wb") as out:
             gateway = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         wait_health(gateway_url, gateway, log)
-
-        results: dict[str, list[dict[str, float]]] = {"direct": [], "gateway": []}
-        with httpx.Client(timeout=120, trust_env=False) as direct, httpx.Client(timeout=120, trust_env=False) as through:
-            for index in range(WARMUP + args.runs):
-                for name, client, url in (("direct", direct, direct_url), ("gateway", through, gateway_url)):
-                    run = one_stream(client, url, args.chunks)
-                    if index >= WARMUP:
-                        results[name].append(run)
+        unpaced = measure(direct_url, gateway_url, args.runs, args.chunks, 0)
+        paced = measure(direct_url, gateway_url, args.runs, args.chunks, args.pace_us)
     finally:
         if gateway is not None:
             gateway.terminate()
@@ -172,23 +187,24 @@ def main() -> None:
         stop.set()
         upstream.join(10)
 
-    direct_s, gateway_s = summary(results["direct"]), summary(results["gateway"])
-    measured = {"added_ttft_p50_ms": gateway_s["ttft_p50_ms"] - direct_s["ttft_p50_ms"],
-                "throughput_ratio": gateway_s["chunks_per_s_p50"] / direct_s["chunks_per_s_p50"]}
-    verdicts = {"added_ttft_p50_ms": measured["added_ttft_p50_ms"] <= TARGETS["added_ttft_p50_ms"],
-                "throughput_ratio": measured["throughput_ratio"] >= TARGETS["throughput_ratio"]}
-    report = {"model": model, "runs": args.runs, "chunks": args.chunks, "interval_s": args.interval, "direct": direct_s,
-              "gateway": gateway_s, "measured": measured, "targets": TARGETS, "pass": verdicts}
+    verdicts = {"added_ttft_p50_ms": paced["added_ttft_p50_ms"] <= TARGETS["added_ttft_p50_ms"],
+                "throughput_ratio": unpaced["throughput_ratio"] >= TARGETS["throughput_ratio"]}
+    report = {"model": model, "runs": args.runs, "chunks": args.chunks, "cores": os.cpu_count(), "unpaced": unpaced, "paced": paced,
+              "targets": TARGETS, "pass": verdicts}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{args.runs} interleaved runs of {args.chunks} chunks (interval {args.interval}s), local model {model}")
-        print(f"{'path':8} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'chunks/s p50':>13}")
-        for name, stats in (("direct", direct_s), ("gateway", gateway_s)):
-            print(f"{name:8} {stats['ttft_p50_ms']:12.2f} {stats['ttft_p90_ms']:12.2f} {stats['chunks_per_s_p50']:13.0f}")
-        print(f"added TTFT p50  {measured['added_ttft_p50_ms']:7.2f} ms  (target <= {TARGETS['added_ttft_p50_ms']})  "
+        print(f"{args.runs} interleaved runs per path and phase, {args.chunks} chunks each, local model {model}, {os.cpu_count()} cores")
+        print(f"{'phase':13} {'path':8} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'chunks/s p50':>13}")
+        for phase in (unpaced, paced):
+            name = f"every {phase['pace_us']}us" if phase["pace_us"] else "unpaced"
+            for path in ("direct", "gateway"):
+                stats = phase[path]
+                print(f"{name:13} {path:8} {stats['ttft_p50_ms']:12.2f} {stats['ttft_p90_ms']:12.2f} {stats['chunks_per_s_p50']:13.0f}")
+        print(f"added TTFT p50, paced    {paced['added_ttft_p50_ms']:7.2f} ms  (target <= {TARGETS['added_ttft_p50_ms']})  "
               f"{'PASS' if verdicts['added_ttft_p50_ms'] else 'FAIL'}")
-        print(f"throughput ratio {measured['throughput_ratio']:6.3f}     (target >= {TARGETS['throughput_ratio']})  "
+        print(f"added TTFT p50, unpaced  {unpaced['added_ttft_p50_ms']:7.2f} ms  (no target: CPU contention on a small machine, see the docstring)")
+        print(f"throughput ratio, unpaced {unpaced['throughput_ratio']:6.3f}     (target >= {TARGETS['throughput_ratio']})  "
               f"{'PASS' if verdicts['throughput_ratio'] else 'FAIL'}")
     sys.exit(0 if all(verdicts.values()) else 1)
 

@@ -16,7 +16,8 @@ Endpoints (healthy mode), plain JSON or SSE when the body has "stream": true:
 
 Model "bad-request" gets a 400 in the API's own error envelope, and a request carrying the key
 FORBIDDEN_KEY a 403 (a key without the permission; the route itself is open). A streamed chat completion for
-model "bench-N" sends N content chunks as fast as possible (paced by `chunk_interval` seconds).
+model "bench-N" sends N content chunks as fast as possible (paced by `chunk_interval` seconds), and
+"bench-N-every-U" one every U microseconds, as a model streaming tokens does.
 
 Modes: healthy, 451, 403 (every request answered with that status), refused (the listening socket
 is closed and open connections dropped; the port is kept and re-listened when the mode leaves
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import socket
 import struct
 import threading
@@ -83,6 +85,12 @@ def _error_body(path: str, status: int, kind: str, message: str) -> dict[str, An
     if _is_anthropic(path):
         return {"type": "error", "error": {"type": kind, "message": message}}
     return {"error": {"message": message, "type": kind, "param": None, "code": str(status)}}
+
+
+def _bench_shape(model: str) -> tuple[int, float]:
+    """For "bench-N" or "bench-N-every-U": N chunks, U microseconds apart (in seconds; 0 when not given); (0, 0) otherwise."""
+    match = re.fullmatch(r"bench-(\d+)(?:-every-(\d+))?", model)
+    return (int(match[1]), int(match[2] or 0) / 1e6) if match else (0, 0.0)
 
 
 class FakeUpstream:
@@ -284,7 +292,7 @@ class FakeUpstream:
         await writer.drain()
         return True
 
-    async def _stream(self, writer: asyncio.StreamWriter, events: Iterator[bytes], cut_after: int | None) -> bool:
+    async def _stream(self, writer: asyncio.StreamWriter, events: Iterator[bytes], cut_after: int | None, interval: float) -> bool:
         """Write an SSE answer chunk by chunk; abort the connection after `cut_after` events when set."""
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\n"
@@ -297,8 +305,8 @@ class FakeUpstream:
                 raise _Cut
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             await writer.drain()
-            if self.chunk_interval > 0:
-                await asyncio.sleep(self.chunk_interval)
+            if interval > 0:
+                await asyncio.sleep(interval)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
@@ -332,7 +340,7 @@ class FakeUpstream:
             cut = None
             if self._mode == "midstream":
                 cut = {"/v1/messages": 3, "/v1/responses": 4, "/v1/chat/completions": 1}[path] + MIDSTREAM_PIECES
-            return await self._stream(writer, events(model, body), cut)
+            return await self._stream(writer, events(model, body), cut, _bench_shape(model)[1] or self.chunk_interval)
         return await self._send(writer, 404, _error_body(path, 404, "not_found_error" if anthropic else "invalid_request_error", f"no route {request.method} {path}"))
 
     # -- canned answers -----------------------------------------------------------------------
@@ -394,8 +402,8 @@ class FakeUpstream:
             return _sse(base | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
         yield chunk({"role": "assistant", "content": ""})
-        if model.startswith("bench-") and model[6:].isdigit():
-            count = int(model[6:])
+        if _bench_shape(model)[0]:
+            count = _bench_shape(model)[0]
             template = chunk({"content": "tok "})
             for _ in range(count):
                 yield template
