@@ -8,6 +8,9 @@ range requests at once (SOVEREIGN_DOWNLOAD_CONNECTIONS overrides how many). A th
 `download()` alone in a fresh process, without start-up, listing and commit, to separate the
 transfer from the fixed costs of a pull.
 
+curl does not verify what it fetched; a pull does (sha256). So a fourth figure times `curl` then
+`sha256sum` on its file, the fair equivalent of a verified fetch; it is reported, not a target.
+
 `--throttle MBPS` caps each connection of the fake hub at MBPS megabytes per second, as a CDN edge
 does; that is where several connections pay off. Targets (pull / curl):
 unthrottled >= 1.0, throttled at 20 MB/s per connection >= 3.0.
@@ -83,11 +86,13 @@ def main() -> int:
         with FakeHubServer(per_connection_bytes_per_second=args.throttle * 1e6 if args.throttle else None) as hub:
             hub.hub.repos["bench/model-GGUF"] = FakeRepo(files={"model-Q4_K_M.gguf": data})
             url = f"{hub.url}/bench/model-GGUF/resolve/main/model-Q4_K_M.gguf"
-            curl_times, pull_times, transfer_times = [], [], []
+            curl_times, pull_times, transfer_times, verified_times = [], [], [], []
             for round_number in range(args.rounds):
                 home = work / f"home{round_number}"
                 env = {**os.environ, "SOVEREIGN_HOME": str(home), "HF_ENDPOINT": hub.url}
                 curl_times.append(_time(["curl", "-sf", "-o", str(work / "curl.gguf"), url], env))
+                (work / "curl.gguf").unlink()
+                verified_times.append(_time(["sh", "-c", 'curl -sf -o "$1" "$2" && sha256sum "$1"', "sh", str(work / "curl.gguf"), url], env))
                 pull_times.append(_time([*sovereign_command(), "pull", "hf.co/bench/model-GGUF:Q4_K_M"], env))
                 transfer_times.append(_time_transfer(url, work / "transfer" / "model.gguf", {**env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}))
                 shutil.rmtree(home)
@@ -97,6 +102,8 @@ def main() -> int:
     target = TARGETS.get(mode)
     print(f"mode: {mode}; file: {size_mb:.1f} MB, best of {args.rounds} rounds; cpu: {_cpu()} ({os.cpu_count()} cores)")
     print(f"curl            : {curl_rate:8.1f} MB/s  ({min(curl_times):.2f} s)")
+    verified_rate = size_mb / min(verified_times)
+    print(f"curl + sha256sum: {verified_rate:8.1f} MB/s  ({min(verified_times):.2f} s; pull/this = {pull_rate / verified_rate:.2f})")
     print(f"sovereign pull  : {pull_rate:8.1f} MB/s  ({min(pull_times):.2f} s, includes listing, sha256, header read, commit)")
     transfer_rate = size_mb / min(transfer_times)
     print(f"download() only : {transfer_rate:8.1f} MB/s  ({min(transfer_times):.2f} s, {transfer_rate / curl_rate:.2f}x curl; the transfer and sha256 alone)")

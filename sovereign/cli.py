@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -398,4 +399,8 @@ def main() -> None:
     if logging.getLevelName(level) not in (logging.DEBUG, logging.INFO):
         # llama.cpp's own chatter (tensor loading, cache sizes) only when asked for.
         logging.getLogger("sovereign.llama_cpp").setLevel(logging.CRITICAL)
-    app()
+    try:
+        app()
+    finally:
+        # Exit without a last garbage collection over every imported module's objects: ~100 ms per command.
+        gc.freeze()

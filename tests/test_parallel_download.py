@@ -46,6 +46,11 @@ def _ranges(hub: FakeHubServer) -> list[str | None]:
     return [r.range for r in hub.hub.downloads(NAME)]
 
 
+def _cap_connections(hub: FakeHubServer) -> None:
+    """Slow each connection (as a CDN edge does) so the download adds connections: one fast stream carries the whole file."""
+    hub.hub.per_connection_bytes_per_second = 6 * MIB
+
+
 class _Counting(NullReporter):
     def __init__(self) -> None:
         self.total = 0
@@ -74,6 +79,7 @@ class _InterruptAfter(_Counting):
 
 def test_a_multi_range_download_is_byte_identical_and_its_sha256_correct(hub: FakeHubServer, tmp_path: Path) -> None:
     url, data = _serve(hub, tmp_path)
+    _cap_connections(hub)
     dest = tmp_path / "partial" / NAME
     dest.parent.mkdir()
     reporter = _Counting()
@@ -82,14 +88,29 @@ def test_a_multi_range_download_is_byte_identical_and_its_sha256_correct(hub: Fa
     assert sha == hashlib.sha256(data).hexdigest()
     assert reporter.total == len(data)
     ranges = _ranges(hub)
-    assert ranges[0] is None, "the first request asks for the whole file (and serves the first segment)"
-    assert len(ranges) == -(-len(data) // MIB) and all(r and r.startswith("bytes=") for r in ranges[1:])
-    starts = sorted(int(r.split("=")[1].split("-")[0]) for r in ranges[1:])
-    assert starts == list(range(MIB, len(data), MIB))
+    assert ranges[0] is None, "the first request asks for the whole file (and serves segments until another connection takes the next)"
+    assert len(ranges) > 1 and all(r and r.startswith("bytes=") for r in ranges[1:])
+    starts = [int(r.split("=")[1].split("-")[0]) for r in ranges[1:]]
+    assert len(set(starts)) == len(starts) and set(starts) <= set(range(MIB, len(data), MIB)), "each other segment once, whole"
+
+
+def test_a_cut_in_a_segment_the_first_stream_carried_on_into_resumes_there(hub: FakeHubServer, tmp_path: Path) -> None:
+    cut = 2 * MIB + MIB // 2  # inside segment 2, which the whole-file answer reached after segments 0 and 1
+    url, data = _serve(hub, tmp_path, cut_after=cut, cuts=1)
+    dest = tmp_path / "partial" / NAME
+    dest.parent.mkdir()
+    sha = download(url, dest, NullReporter(), connections=4)
+    assert dest.read_bytes() == data and sha == hashlib.sha256(data).hexdigest()
+    ranges = _ranges(hub)
+    assert ranges[0] is None
+    starts = [int(r.split("=")[1].split("-")[0]) for r in ranges[1:] if r]
+    assert cut in starts, "the cut segment resumes where the bytes stopped"
+    assert min(starts) >= cut, "segments the first stream completed are not fetched again"
 
 
 def test_a_pull_takes_the_parallel_path_and_verifies(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path) -> None:
     _, data = _serve(hub, tmp_path)
+    _cap_connections(hub)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     result = pull_in_process(f"hf.co/{REPO}:Q4_K_M")
     assert result.manifest.sha256_verified
@@ -168,6 +189,7 @@ def test_a_remote_file_that_changed_since_the_interruption_starts_over(hub: Fake
 
 def test_a_corrupted_range_is_caught_by_the_sha256_check(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path) -> None:
     _serve(hub, tmp_path, corrupt=True)
+    _cap_connections(hub)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     with pytest.raises(IntegrityError, match="sha256 mismatch"):
         pull_in_process(f"hf.co/{REPO}:Q4_K_M")

@@ -3,23 +3,50 @@
 Why not gguf.GGUFReader: it parses every key/value array eagerly; on Gemma 3 (262k-token
 vocabulary) that costs ~13 s of CPU just to learn the architecture. This reader streams the
 header, skips arrays it does not need, and reads tensor infos only to count parameters.
-Enums and key names come from the `gguf` package so they track llama.cpp.
+Enums and key names come from the `gguf` package so they track llama.cpp; only its constants
+module is loaded (see _gguf_constants), so that every pull does not pay for numpy.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import mmap
 import struct
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
-
-from gguf.constants import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
 
 from sovereign.errors import NotGGUF
 
-MAGIC_BYTES = struct.pack("<I", GGUF_MAGIC)  # b"GGUF"
+
+def _gguf_constants() -> ModuleType:
+    """gguf.constants without running gguf/__init__.py, which imports numpy and the writers (~130 ms a pull).
+
+    constants.py imports only enum and typing. A process that already imported gguf reuses its module,
+    and a gguf release whose constants.py cannot load alone gets the normal import.
+    """
+    if (loaded := sys.modules.get("gguf.constants")) is not None:
+        return loaded
+    package = importlib.util.find_spec("gguf")  # locating a package does not execute it
+    try:
+        path = Path(next(iter(package.submodule_search_locations or ()))) / "constants.py"  # type: ignore[union-attr]
+        spec = importlib.util.spec_from_file_location("sovereign.store._gguf_constants", path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return module
+    except Exception:  # noqa: BLE001 - any failure of the shortcut: the ordinary import is always right
+        import gguf.constants
+
+        return gguf.constants
+
+
+_constants = _gguf_constants()
+GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType = _constants.GGML_QUANT_SIZES, _constants.GGMLQuantizationType, _constants.GGUFValueType
+Keys, LlamaFileType = _constants.Keys, _constants.LlamaFileType
+MAGIC_BYTES = struct.pack("<I", _constants.GGUF_MAGIC)  # b"GGUF"
 
 _SCALARS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
