@@ -11,13 +11,14 @@ few unmeasured warm-up runs, so machine noise hits both paths alike. Every gatew
 to carry exactly the upstream's text, so a fallback to the local model cannot pass for a fast gateway.
 
 Two phases, each with both figures:
-- unpaced: the fake sends its chunks as fast as it can (about 15 ms for 1,000). This is the
-  throughput test: chunks over the whole request time, gateway p50 / direct p50, target >= 0.95.
+- unpaced: the fake sends its chunks as fast as it can (about 15 ms for 1,000). Throughput is
+  chunks over the whole request time, gateway p50 / direct p50, target >= 0.95.
 - paced: one chunk every --pace-us microseconds (default 1000: 1,000 tokens/s, faster than any
-  model streams). This is the TTFT test: time from sending the request to the first non-empty
-  content delta, gateway p50 - direct p50, target <= 2 ms. Unpaced TTFT is printed too, but on a
-  machine with fewer than 4 cores it measures CPU contention more than the gateway: while the
-  fake floods, the fake, the gateway and this client are three busy processes.
+  model streams), as a real upstream sends them.
+TTFT is the time from sending the request to the first non-empty content delta; the gateway's added
+TTFT (gateway p50 - direct p50) has a target of <= 2 ms in both phases. The unpaced one is the harder:
+while the fake floods, the fake, the gateway and this client are three busy processes, and on a
+2-core machine the client's wake-up waits for a core.
 Exit 1 on any FAIL.
 """
 
@@ -187,7 +188,8 @@ def main() -> None:
         stop.set()
         upstream.join(10)
 
-    verdicts = {"added_ttft_p50_ms": paced["added_ttft_p50_ms"] <= TARGETS["added_ttft_p50_ms"],
+    verdicts = {"added_ttft_p50_ms_unpaced": unpaced["added_ttft_p50_ms"] <= TARGETS["added_ttft_p50_ms"],
+                "added_ttft_p50_ms_paced": paced["added_ttft_p50_ms"] <= TARGETS["added_ttft_p50_ms"],
                 "throughput_ratio": unpaced["throughput_ratio"] >= TARGETS["throughput_ratio"]}
     report = {"model": model, "runs": args.runs, "chunks": args.chunks, "cores": os.cpu_count(), "unpaced": unpaced, "paced": paced,
               "targets": TARGETS, "pass": verdicts}
@@ -201,9 +203,10 @@ def main() -> None:
             for path in ("direct", "gateway"):
                 stats = phase[path]
                 print(f"{name:13} {path:8} {stats['ttft_p50_ms']:12.2f} {stats['ttft_p90_ms']:12.2f} {stats['chunks_per_s_p50']:13.0f}")
-        print(f"added TTFT p50, paced    {paced['added_ttft_p50_ms']:7.2f} ms  (target <= {TARGETS['added_ttft_p50_ms']})  "
-              f"{'PASS' if verdicts['added_ttft_p50_ms'] else 'FAIL'}")
-        print(f"added TTFT p50, unpaced  {unpaced['added_ttft_p50_ms']:7.2f} ms  (no target: CPU contention on a small machine, see the docstring)")
+        for phase, key in ((unpaced, "added_ttft_p50_ms_unpaced"), (paced, "added_ttft_p50_ms_paced")):
+            name = "paced" if phase["pace_us"] else "unpaced"
+            print(f"added TTFT p50, {name:8} {phase['added_ttft_p50_ms']:7.2f} ms  (target <= {TARGETS['added_ttft_p50_ms']})  "
+                  f"{'PASS' if verdicts[key] else 'FAIL'}")
         print(f"throughput ratio, unpaced {unpaced['throughput_ratio']:6.3f}     (target >= {TARGETS['throughput_ratio']})  "
               f"{'PASS' if verdicts['throughput_ratio'] else 'FAIL'}")
     sys.exit(0 if all(verdicts.values()) else 1)

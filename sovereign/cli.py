@@ -235,7 +235,7 @@ def serve(
 
     from sovereign.engine import Engine
     from sovereign.launch import DEFAULT_PORT, build_pool, check_port_free, ensure_pulled
-    from sovereign.gateway import Gateway, parse_upstream
+    from sovereign.gateway import parse_upstream
     from sovereign.model_routes import ModelRoutes, parse_route
     from sovereign.server.app import ServerOptions, create_app
     from sovereign.server.guards import allowed_hosts_for, parse_size
@@ -255,7 +255,11 @@ def serve(
     default = ensure_pulled(fallback, core.settings, core.store, core.catalog, err) if fallback else names[0]
     routes = ModelRoutes(rules, fallback=default)
     pool = build_pool(core.store, core.catalog, options, core.settings, routes)
-    gateway = Gateway(upstreams, routes, timeout=upstream_timeout, answer_timeout=upstream_answer_timeout, retries=upstream_retries, causes=causes, own_keys=bool(api_key)) if upstreams else None
+    gateway = None
+    if upstreams:
+        from sovereign.gateway import Gateway  # aiohttp is imported only by a server with --upstream
+
+        gateway = Gateway(upstreams, routes, timeout=upstream_timeout, answer_timeout=upstream_answer_timeout, retries=upstream_retries, causes=causes, own_keys=bool(api_key))
     server_options = ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names), allowed_hosts=hosts, max_body=body_limit, gateway=gateway)
     server_app = create_app(Engine(pool, reasoning_format=reasoning_format.value), server_options)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

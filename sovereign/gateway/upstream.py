@@ -6,8 +6,6 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from sovereign.errors import SovereignError
 
 KINDS = ("anthropic", "openai")
@@ -73,6 +71,8 @@ def kind_of(path: str, headers: dict[str, str]) -> str | None:
 
 def blocked_cause(error: BaseException) -> str | None:
     """Why a request that got no answer (aiohttp's typed errors) means the upstream is blocked: connect, dns, tls, timeout; or None."""
+    import aiohttp  # loaded already: the error came from it
+
     if isinstance(error, TimeoutError):
         return "timeout"
     if isinstance(error, aiohttp.ClientConnectorDNSError):

@@ -8,6 +8,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -15,12 +16,14 @@ from fastapi.responses import JSONResponse
 
 from sovereign import __version__
 from sovereign.engine.api import EngineAPI
-from sovereign.gateway import Gateway, GatewayMiddleware
 from sovereign.server import anthropic_routes, errors, extra_routes, openai_routes, responses_routes
 from sovereign.server.state import ServerState, attach
 from sovereign.server.observability import METRICS_CONTENT_TYPE, Metrics, RequestObserver
 from sovereign.server.errors import APIError
 from sovereign.server.guards import DEFAULT_MAX_BODY, BodyLimit, HostGuard
+
+if TYPE_CHECKING:
+    from sovereign.gateway import Gateway
 
 log = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset({"/", "/health"})
@@ -57,6 +60,8 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
     attach(app, state)
     errors.install(app)
     if options.gateway is not None:  # innermost: behind the key check, host guard and body limit
+        from sovereign.gateway import GatewayMiddleware
+
         app.add_middleware(GatewayMiddleware, gateway=options.gateway, engine=engine)
     if options.api_keys:
         _require_api_key(app, options.api_keys)
