@@ -15,9 +15,9 @@ Endpoints (healthy mode), plain JSON or SSE when the body has "stream": true:
     POST /v1/embeddings              one 4-float vector per input (base64 when encoding_format is "base64")
 
 Model "bad-request" gets a 400 in the API's own error envelope, and a request carrying the key
-FORBIDDEN_KEY a 403 (a key without the permission; the route itself is open). A streamed chat completion for
-model "bench-N" sends N content chunks as fast as possible (paced by `chunk_interval` seconds), and
-"bench-N-every-U" one every U microseconds, as a model streaming tokens does.
+FORBIDDEN_KEY a 403 (a key without the permission; the route itself is open). A streamed chat
+completion for model "bench-N" sends N content chunks as fast as possible (paced by `chunk_interval`
+seconds), and "bench-N-every-U" one every U microseconds, as a model streaming tokens does.
 
 Modes: healthy, 451, 403 (every request answered with that status), refused (the listening socket
 is closed and open connections dropped; the port is kept and re-listened when the mode leaves
