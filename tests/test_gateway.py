@@ -238,3 +238,26 @@ def test_each_way_of_not_answering_is_named_by_its_cause(upstream: FakeUpstream)
 
     with plain:
         assert asyncio.run(causes()) == ["connect", "dns", "tls", "timeout"]
+
+
+def test_only_a_403_or_451_has_the_circuit_probe_at_once() -> None:
+    """Those may be about one client's key; a run of 5xx (with --upstream-retries) waits for the timed probe."""
+    import asyncio
+
+    from sovereign.gateway.circuit import Circuit
+
+    async def probes_after_opening(cause: str) -> int:
+        calls = 0
+
+        async def probe() -> bool:
+            nonlocal calls
+            calls += 1
+            return False
+
+        circuit = Circuit("test", probe, threshold=1, probe_every=600)
+        circuit.record_block(cause)
+        await asyncio.sleep(0.05)
+        circuit.stop()
+        return calls
+
+    assert [asyncio.run(probes_after_opening(cause)) for cause in ("403", "451", "503", "timeout")] == [1, 1, 0, 0]

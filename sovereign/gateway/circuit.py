@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("sovereign.serving")
+KEY_STATUSES = ("403", "451")  # blocks that may be about one client's key rather than the route (5xx/429 are not)
 
 
 class Circuit:
@@ -44,7 +45,7 @@ class Circuit:
             log.warning("upstream %s is blocked (%s, %d in a row): answering locally until it responds again", self.name, cause, self.failures)
             # A 403 or 451 answered a client's own key: it may say no to that key rather than to this route, so
             # probe (keyless, or with the configured key) at once; a route that answers closes the circuit again.
-            self._prober = asyncio.get_running_loop().create_task(self._wait_for_answer(probe_first=cause.isdigit()))
+            self._prober = asyncio.get_running_loop().create_task(self._wait_for_answer(probe_first=cause in KEY_STATUSES))
 
     def close(self) -> None:
         """The upstream answers again."""
