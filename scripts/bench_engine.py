@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 from sovereign.config import Settings
-from sovereign.engine.backend import LlamaBackend, LoadOptions, Step
-from sovereign.engine.kernel_probe import kernel_choice
+from sovereign.engine.runtime.backend import LlamaBackend
+from sovereign.engine.wire import LoadOptions, Step
+from sovereign.engine.kernels import kernel_choice
 from sovereign.engine.requests import SamplingParams
-from sovereign.engine.scheduler import BatchScheduler
+from sovereign.engine.runtime.scheduler import BatchScheduler
 from sovereign.engine.stats import RequestStats
 
 OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")

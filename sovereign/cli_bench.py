@@ -23,8 +23,8 @@ from sovereign.bench.serve_bench import LevelReport, load_prompts, pick_model, r
 from sovereign.catalog import Catalog
 from sovereign.cli_render import dump_json, format_params
 from sovereign.config import Settings
-from sovereign.engine.kernel_probe import kernel_choice, kernel_status
-from sovereign.engine.resources import physical_cores
+from sovereign.engine.kernels import kernel_choice, kernel_status
+from sovereign.machine import physical_cores
 from sovereign.errors import BenchError, ModelNotFound
 from sovereign.refs import parse_name
 from sovereign.store import Store

@@ -12,6 +12,9 @@ from sovereign.errors import SovereignError
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 DEFAULT_MAX_QUEUE = 512  # requests waiting for a slot before 503, as Ollama's OLLAMA_MAX_QUEUE
 DEFAULT_TIMEOUT = 600.0  # seconds per request: the OpenAI and Anthropic SDKs give up (and retry) after this long anyway
+# Agents send long prompts (Claude Code's system prompt and tools are ~20k tokens): the default context
+# is at least this much, where the model was trained for it and memory holds it.
+AGENT_CONTEXT = 32768
 
 
 def _describe(text: str, env: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ from rich.console import Console
 from sovereign.catalog import Catalog
 from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT, Settings
 from sovereign.engine import ModelPool, PoolOptions
-from sovereign.engine.backend import LoadOptions
+from sovereign.engine.wire import LoadOptions
 from sovereign.errors import ModelNotFound, SovereignError
 from sovereign.model_routes import ModelRoutes
 from sovereign.refs import parse_name

@@ -139,7 +139,7 @@ def real_model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def use_extra_bufts(real_model_home: Path) -> bool:
     """Whether llama.cpp's fast kernels run on this CPU, proven in a child process once per session as the
     server proves them: a test that decodes in its own process must not die by SIGILL where they crash."""
-    from sovereign.engine.kernel_probe import kernel_choice
+    from sovereign.engine.kernels import kernel_choice
 
     store = Store(real_model_home)
     return kernel_choice(real_model_home, store.model_path(store.require(parse_name(GEMMA)))).use_extra_bufts

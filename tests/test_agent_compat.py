@@ -118,7 +118,7 @@ def test_the_pool_answers_closed_names_with_the_default_or_an_alias(real_model_h
 
 
 def test_the_default_context_has_room_for_an_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sovereign.engine import resources
+    from sovereign.engine.runtime import resources
 
     monkeypatch.setattr(resources, "available_memory", lambda: 16 * 2**30)
     assert resources.default_context(32_768, 8_192, 20_000) == 32_768  # the catalog's 8k is raised for agents

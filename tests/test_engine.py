@@ -204,8 +204,9 @@ def test_keep_alive_durations() -> None:
 
 def test_a_sequence_is_unaffected_by_what_its_neighbours_say(real_model_home: Path, use_extra_bufts: bool) -> None:
     """No cross-talk: same batch shapes, different neighbours, and one greedy sequence's tokens do not change."""
-    from sovereign.engine.backend import LlamaBackend, LoadOptions, Step
-    from sovereign.engine.scheduler import BatchScheduler
+    from sovereign.engine.runtime.backend import LlamaBackend
+    from sovereign.engine.wire import LoadOptions, Step
+    from sovereign.engine.runtime.scheduler import BatchScheduler
     from sovereign.engine.stats import RequestStats
 
     path = Store(real_model_home).model_path(Store(real_model_home).require(parse(GEMMA)))

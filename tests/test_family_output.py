@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from sovereign.engine import Engine, Finished, ReasoningDelta, SamplingParams, TextDelta, ToolCallDelta, ToolCallsEvent
-from sovereign.engine.backend import Step
+from sovereign.engine.wire import Step
 from sovereign.engine.engine import _Prepared
 from sovereign.engine.formats import FORMATS
 from sovereign.engine.stats import RequestStats

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from sovereign.engine import CompletionRequest, Engine, SamplingParams, TextDelta
-from sovereign.engine.resources import proc_kib
+from sovereign.machine import proc_kib
 from sovereign.errors import ModelCrashed
 from tests.conftest import GEMMA
 from tests.servers import ServerProcess
@@ -159,7 +159,7 @@ def test_a_sigill_while_serving_turns_the_fast_kernels_off(real_model_home: Path
     The verdict starts as "fast" (as if the probe had passed). Where the fast kernels really crash (AMX on
     some Xeons), the first request dies by SIGILL by itself; elsewhere the test sends the signal.
     """
-    from sovereign.engine.kernel_probe import Verdict, current_machine, read_verdict, verdict_path, write_verdict
+    from sovereign.engine.kernels import Verdict, current_machine, read_verdict, verdict_path, write_verdict
 
     kernels = tmp_path / "kernels-home"
     machine = current_machine()

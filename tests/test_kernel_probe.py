@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from sovereign.config import Settings
-from sovereign.engine import kernel_probe
-from sovereign.engine.backend import BatchEntry, GreedySampler, LlamaBackend, LoadOptions
-from sovereign.engine.kernel_probe import TEST_CRASH_ENV, KernelChoice, Machine, ProbeOutcome, kernel_choice, kernel_status
+from sovereign.engine import kernels
+from sovereign.engine.runtime.backend import BatchEntry, GreedySampler, LlamaBackend
+from sovereign.engine.wire import LoadOptions
+from sovereign.engine.kernels import TEST_CRASH_ENV, KernelChoice, Machine, ProbeOutcome, kernel_choice, kernel_status
 from sovereign.errors import SovereignError
 from sovereign.refs import parse_name
 from sovereign.store import Store
@@ -30,7 +31,7 @@ def gemma_file(real_model_home: Path) -> Path:
 @pytest.fixture(autouse=True)
 def fresh_announcements(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts as a fresh process would: no warning said yet."""
-    monkeypatch.setattr(kernel_probe, "_announced", set())
+    monkeypatch.setattr(kernels, "_announced", set())
 
 
 def no_probe(*_args: object, **_kwargs: object) -> ProbeOutcome:
@@ -42,7 +43,7 @@ def stored_verdicts(home: Path) -> list[dict[str, object]]:
 
 
 def expected_note() -> str:
-    best, fallback = kernel_probe.current_machine().instruction_sets
+    best, fallback = kernels.current_machine().instruction_sets
     if best and fallback:
         return f"{best} kernels crash on this machine; using {fallback} kernels instead"
     return "llama.cpp's fast CPU kernels crash on this machine; using its safe kernels instead"
@@ -73,7 +74,7 @@ def test_a_real_probe_runs_once_and_its_verdict_is_kept(gemma_file: Path, isolat
         assert first.note is None and verdict["signal"] is None and kernel_status(isolated_home) == "fast (verified)"
     else:
         assert first.note == expected_note() and verdict["signal"]
-    monkeypatch.setattr(kernel_probe, "run_probe", no_probe)
+    monkeypatch.setattr(kernels, "run_probe", no_probe)
     started = time.perf_counter()
     second = kernel_choice(isolated_home, gemma_file)
     assert time.perf_counter() - started < 0.5
@@ -84,16 +85,16 @@ def test_a_probe_killed_by_sigill_turns_the_fast_kernels_off_and_the_safe_ones_d
     gemma_file: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv(TEST_CRASH_ENV, "SIGILL")
-    with caplog.at_level(logging.WARNING, logger="sovereign.engine.kernel_probe"):
+    with caplog.at_level(logging.WARNING, logger="sovereign.engine.kernels"):
         choice = kernel_choice(isolated_home, gemma_file)
-        monkeypatch.setattr(kernel_probe, "run_probe", no_probe)
+        monkeypatch.setattr(kernels, "run_probe", no_probe)
         again = kernel_choice(isolated_home, gemma_file)
     assert choice.use_extra_bufts is False and choice.note == expected_note() and choice.probed_seconds is not None
     assert again == KernelChoice(False, expected_note(), None)
     assert [r.getMessage() for r in caplog.records] == [expected_note()]  # said once per process, not per load
     (verdict,) = stored_verdicts(isolated_home)
     assert verdict["fast_ok"] is False and verdict["signal"] == "SIGILL"
-    best = kernel_probe.current_machine().instruction_sets[0] or "llama.cpp's fast"
+    best = kernels.current_machine().instruction_sets[0] or "llama.cpp's fast"
     assert kernel_status(isolated_home) == f"safe: {best} kernels crashed (SIGILL) on this machine"
 
     backend = LlamaBackend(gemma_file, LoadOptions(n_ctx=256, n_parallel=1, n_threads=2, use_extra_bufts=choice.use_extra_bufts))
@@ -112,7 +113,7 @@ def test_a_probe_killed_by_sigill_turns_the_fast_kernels_off_and_the_safe_ones_d
 def test_the_note_names_the_instruction_set_and_the_one_below() -> None:
     amx = Machine("build", "Intel Xeon", frozenset({"avx2", "avx512f", "amx_tile"}))
     assert amx.instruction_sets == ("AMX", "AVX-512")
-    verdict = kernel_probe.Verdict(False, "SIGILL", *amx.instruction_sets, "build", "Intel Xeon", "m.gguf", 1.0, 0.0)
+    verdict = kernels.Verdict(False, "SIGILL", *amx.instruction_sets, "build", "Intel Xeon", "m.gguf", 1.0, 0.0)
     assert verdict.note() == "AMX kernels crash on this machine; using AVX-512 kernels instead"
     assert verdict.status() == "safe: AMX kernels crashed (SIGILL) on this machine"
     assert Machine("b", "EPYC", frozenset({"avx", "avx2"})).instruction_sets == ("AVX2", "AVX")
@@ -127,15 +128,15 @@ def test_the_note_names_the_instruction_set_and_the_one_below() -> None:
 def test_an_inconclusive_probe_uses_safe_kernels_for_this_run_only(
     outcome: ProbeOutcome, reason: str, isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(kernel_probe, "run_probe", lambda *_a, **_k: outcome)
+    monkeypatch.setattr(kernels, "run_probe", lambda *_a, **_k: outcome)
     choice = kernel_choice(isolated_home, tmp_path / "model.gguf")
     assert choice.use_extra_bufts is False and reason in (choice.note or "") and "for this run" in (choice.note or "")
     assert stored_verdicts(isolated_home) == [] and kernel_status(isolated_home) == "not yet probed"
 
 
 def test_a_model_that_does_not_load_proves_nothing_about_the_kernels(tiny_gguf: Path, isolated_home: Path) -> None:
-    outcome = kernel_probe.run_probe(tiny_gguf)
-    assert outcome.returncode == kernel_probe.EXIT_LOAD_FAILED, outcome.stderr_tail
+    outcome = kernels.run_probe(tiny_gguf)
+    assert outcome.returncode == kernels.EXIT_LOAD_FAILED, outcome.stderr_tail
     choice = kernel_choice(isolated_home, tiny_gguf)
     assert choice.use_extra_bufts is True and choice.note is None and stored_verdicts(isolated_home) == []
 
@@ -148,7 +149,7 @@ def test_two_loads_at_once_run_one_probe(isolated_home: Path, tmp_path: Path, mo
         time.sleep(0.5)
         return ProbeOutcome(0, 0.5, "")
 
-    monkeypatch.setattr(kernel_probe, "run_probe", slow_probe)
+    monkeypatch.setattr(kernels, "run_probe", slow_probe)
     results: list[KernelChoice] = []
     threads = [threading.Thread(target=lambda: results.append(kernel_choice(isolated_home, tmp_path / "m.gguf"))) for _ in range(2)]
     for thread in threads:
@@ -164,7 +165,7 @@ def test_the_override_skips_the_probe(isolated_home: Path, tmp_path: Path, monke
     assert Settings.from_env({}).extra_buffers == "auto"
     with pytest.raises(SovereignError, match="SOVEREIGN_EXTRA_BUFFERS"):
         Settings.from_env({"SOVEREIGN_EXTRA_BUFFERS": "maybe"})
-    monkeypatch.setattr(kernel_probe, "run_probe", no_probe)
+    monkeypatch.setattr(kernels, "run_probe", no_probe)
     assert kernel_choice(isolated_home, tmp_path / "m.gguf", "off") == KernelChoice(False, None, None)
     assert kernel_choice(isolated_home, tmp_path / "m.gguf", "on") == KernelChoice(True, None, None)
     assert kernel_status(isolated_home, "off") == "safe (SOVEREIGN_EXTRA_BUFFERS=off)"

@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from sovereign.engine import kernel_probe, resources
+from sovereign import machine
+from sovereign.engine import kernels
+from sovereign.engine.runtime import resources
 
 # /proc/cpuinfo flag -> the name llama.cpp's build options and system info use.
 _X86_FEATURES = {
@@ -95,16 +97,16 @@ def detect(*, measure: bool = True, home: Path | None = None, extra_buffers: str
     return Hardware(
         system=f"{platform.system()} {platform.machine()}",
         cpu=cpu_model() or cpu_device or platform.processor() or "unknown CPU",
-        physical_cores=resources.physical_cores(),
+        physical_cores=machine.physical_cores(),
         logical_cores=os.cpu_count() or 1,
         cpu_features=cpu_features(),
         build_features=build_features(),
         memory_total=total_memory(),
-        memory_available=resources.available_memory(),
+        memory_available=machine.available_memory(),
         gpus=gpus,
         gpu_offload=resources.gpu_offload_supported(),
         bandwidth=measure_bandwidth() if measure else None,
-        kernels=kernel_probe.kernel_status(home, extra_buffers) if home else None,
+        kernels=kernels.kernel_status(home, extra_buffers) if home else None,
     )
 
 
@@ -118,7 +120,7 @@ def _sysctl(name: str) -> str:
 
 def cpu_model() -> str:
     """The CPU's marketing name."""
-    for key, value in resources.cpuinfo():
+    for key, value in machine.cpuinfo():
         if key in ("model name", "Model", "Hardware", "cpu model") and value:
             return value
     if platform.system() == "Darwin":
@@ -129,7 +131,7 @@ def cpu_model() -> str:
 def cpu_features() -> tuple[str, ...]:
     """The instruction-set extensions llama.cpp has kernels for, that this CPU reports."""
     flags: set[str] = set()
-    for key, value in resources.cpuinfo():
+    for key, value in machine.cpuinfo():
         if key in ("flags", "Features"):
             flags.update(value.split())
     if platform.system() == "Darwin":
@@ -162,7 +164,7 @@ def build_features() -> tuple[str, ...]:
 
 def total_memory() -> int:
     """Bytes of physical memory."""
-    if (total := resources.proc_kib("/proc/meminfo", "MemTotal")) is not None:
+    if (total := machine.proc_kib("/proc/meminfo", "MemTotal")) is not None:
         return total
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -176,8 +178,8 @@ def measure_bandwidth(size: int = BANDWIDTH_BUFFER_BYTES, threads: int | None = 
     Reads, because that is what decoding does to the weights; one thread per physical core, because
     one core alone cannot saturate the memory controller (as llama.cpp's own threads don't).
     """
-    threads = threads or resources.physical_cores()
-    available = resources.available_memory()
+    threads = threads or machine.physical_cores()
+    available = machine.available_memory()
     if available:
         size = min(size, available // 4)
     words = max(threads, size // 8 // threads * threads)

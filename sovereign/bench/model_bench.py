@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sovereign.engine.llama_bench import BenchModel, TestSpec, mean_and_stddev
-from sovereign.engine.resources import proc_kib
+from sovereign.engine.runtime.llama_bench import BenchModel, TestSpec, mean_and_stddev
+from sovereign.machine import proc_kib
 
 DEFAULT_REPETITIONS = 3
 DEFAULT_N_PROMPT = (512,)

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from sovereign.engine.engine import Generation
-    from sovereign.engine.requests import ChatRequest, CompletionRequest
+from sovereign.engine.requests import ChatRequest, CompletionRequest, Event
+
+
+class Generation:
+    """One submitted request: iterate it for events; `cancel()` stops it and frees its model."""
+
+    def __init__(self, model: str, events: AsyncGenerator[Event, None], stop: Callable[[], None], prompt_tokens: int = 0) -> None:
+        self.model = model  # the store name of the model serving it (aliases resolved)
+        self.prompt_tokens = prompt_tokens
+        self._events = events
+        self._stop = stop
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._events
+
+    def stop(self) -> None:
+        """Stop generating at the next decode step; whoever iterates the events sees them end."""
+        self._stop()
+
+    async def cancel(self) -> None:
+        """Stop generating (also safe after the stream has ended, or before it was read)."""
+        self._stop()
+        try:
+            await self._events.aclose()
+        except RuntimeError:
+            pass  # still being iterated by a task that is itself being cancelled: the token stream is stopped anyway
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from sovereign.engine import conversation, formats, output, wire
 from sovereign.engine import tools as tool_calls
-from sovereign.engine.api import ModelInfo, ModelLoad
+from sovereign.engine.api import Generation, ModelInfo, ModelLoad
 from sovereign.engine.call_grammar import call_grammar
 from sovereign.engine.chat_template import ChatTemplate, Segment, check_kwargs
 from sovereign.engine.pool import LoadedModel, ModelPool
@@ -36,31 +36,6 @@ from sovereign.errors import ContextLengthExceeded, InvalidRequest
 from sovereign.store.manifest import Manifest
 
 Request = ChatRequest | CompletionRequest
-
-
-class Generation:
-    """One submitted request: iterate it for events; `cancel()` stops it and frees its model."""
-
-    def __init__(self, model: str, events: AsyncGenerator[Event, None], stop: Callable[[], None], prompt_tokens: int = 0) -> None:
-        self.model = model  # the store name of the model serving it (aliases resolved)
-        self.prompt_tokens = prompt_tokens
-        self._events = events
-        self._stop = stop
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self._events
-
-    def stop(self) -> None:
-        """Stop generating at the next decode step; whoever iterates the events sees them end."""
-        self._stop()
-
-    async def cancel(self) -> None:
-        """Stop generating (also safe after the stream has ended, or before it was read)."""
-        self._stop()
-        try:
-            await self._events.aclose()
-        except RuntimeError:
-            pass  # still being iterated by a task that is itself being cancelled: the token stream is stopped anyway
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,40 @@ More departures, the first three because the original can take a server down:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
+import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from llama_cpp import llama_grammar
-from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
+
+def _load_llama_grammar() -> types.ModuleType:
+    """llama-cpp-python's llama_grammar module, which is plain Python, without running its package's __init__.
+
+    Importing `llama_cpp.llama_grammar` would load libllama into the server's process, which never
+    decodes (engine/runtime/ does, in each model's process): the module is read from its file instead.
+    """
+    if (loaded := sys.modules.get("llama_cpp.llama_grammar")) is not None:
+        return loaded
+    package = importlib.util.find_spec("llama_cpp")  # finds the package without importing it
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("llama-cpp-python is not installed")
+    path = Path(next(iter(package.submodule_search_locations))) / "llama_grammar.py"
+    spec = importlib.util.spec_from_file_location("sovereign._llama_grammar", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot read {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+llama_grammar = _load_llama_grammar()
+RESERVED_NAMES = llama_grammar.RESERVED_NAMES
+SchemaConverter = llama_grammar.SchemaConverter
 
 # The converter's own integer rule allows at most 16 digits: an unstated bound means that many.
 MAX_DIGITS = 16

@@ -11,15 +11,19 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from sovereign.catalog import Catalog, ModelSpec
-from sovereign.engine.backend import LoadOptions
-from sovereign.engine.chat_template import FALLBACK_STOPS, FALLBACK_TEMPLATE, ChatTemplate
-from sovereign.config import DEFAULT_MAX_QUEUE
+from sovereign.config import AGENT_CONTEXT, DEFAULT_MAX_QUEUE
+from sovereign.engine.chat_template import (
+    FALLBACK_STOPS,
+    FALLBACK_TEMPLATE,
+    ChatTemplate,
+)
 from sovereign.engine.formats import ChatFormat, detect
-from sovereign.engine.kernel_probe import kernel_choice, record_crash
+from sovereign.engine.kernels import kernel_choice, record_crash
 from sovereign.engine.process import ModelFacts, ModelProcess
-from sovereign.engine.resources import AGENT_CONTEXT
+from sovereign.engine.wire import LoadOptions
 from sovereign.errors import InvalidReference, ModelNotFound
 from sovereign.model_routes import ModelRoutes, is_closed_api_name
 from sovereign.refs import parse_name
@@ -72,13 +76,23 @@ def _context_note(facts: ModelFacts, chosen: bool) -> str:
     return note + f" (memory holds no more: agents such as Claude Code need ~{AGENT_CONTEXT // 1024}k; try --parallel 1)"
 
 
+class StartProcess(Protocol):
+    """Starts a model's process and returns once it has loaded: `ModelProcess.start`, or a test's stand-in."""
+
+    async def __call__(
+        self, name: str, path: Path, options: LoadOptions, *, max_queue: int, timeout: float | None
+    ) -> ModelProcess: ...
+
+
 class ModelPool:
     """Loaded models by store name, guarded so that one name is loaded once."""
 
-    def __init__(self, store: Store, catalog: Catalog, options: PoolOptions) -> None:
+    def __init__(self, store: Store, catalog: Catalog, options: PoolOptions, start_process: StartProcess = ModelProcess.start) -> None:
         self.store = store
         self.catalog = catalog
         self.options = options
+        # Injected (as Ollama's scheduler takes newServerFn) so eviction, keep-alive and crashes test in milliseconds.
+        self._start_process = start_process
         self._loaded: dict[str, LoadedModel] = {}
         self._pinned_crashed: set[str] = set()  # pinned models that crashed: pinned again when reloaded
         self._closing: set[asyncio.Future[None]] = set()  # crashed processes' sockets being closed
@@ -164,7 +178,7 @@ class ModelPool:
         if self.options.kernel_home is not None:  # fast kernels only once a child process has survived them
             choice = await asyncio.to_thread(kernel_choice, self.options.kernel_home, path, self.options.extra_buffers)
             options = replace(options, use_extra_bufts=choice.use_extra_bufts)
-        process = await ModelProcess.start(manifest.name, path, options, max_queue=self.options.max_queue, timeout=self.options.request_timeout)
+        process = await self._start_process(manifest.name, path, options, max_queue=self.options.max_queue, timeout=self.options.request_timeout)
         try:
             template, stops = self._template_for(process.facts, path, spec)
         except BaseException:

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from sovereign.engine import wire
-from sovereign.engine.backend import LoadOptions, with_bos
 from sovereign.engine.requests import SamplingParams
 from sovereign.engine.stats import RequestStats
 from sovereign.engine.stream import TokenStream
+from sovereign.engine.wire import LoadOptions, with_bos
 from sovereign.errors import EngineError, ModelCrashed, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class ModelProcess:
         """
         ours, theirs = socket.socketpair()
         try:
-            child = subprocess.Popen([sys.executable, "-m", "sovereign.engine.worker", str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+            child = subprocess.Popen([sys.executable, "-m", "sovereign.engine.runtime.worker", str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         except OSError as exc:
             ours.close()
             raise ModelLoadError(f"could not start a process for {name}: {exc.strerror}", None) from None

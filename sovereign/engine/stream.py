@@ -8,8 +8,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from sovereign.engine.backend import Step
 from sovereign.engine.stats import RequestStats
+from sovereign.engine.wire import Step
 
 
 @dataclass(frozen=True)

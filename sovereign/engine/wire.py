@@ -1,5 +1,7 @@
-"""What the server and a model's process say to each other: length-prefixed JSON frames over a socket.
+"""What the server and a model's process say to each other: the values they share, as length-prefixed JSON frames.
 
+Both sides import this module, and only the model's process imports the llama.cpp driver
+(engine/runtime/): the types that cross the socket (LoadOptions, Step) live here, not there.
 JSON, not pickle: a frame is data, never code, whichever side wrote it. Token pieces are bytes
 that may split a UTF-8 character, so they travel as latin-1 text (one char per byte).
 """
@@ -10,10 +12,9 @@ import json
 import socket
 import struct
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from sovereign.engine.backend import LoadOptions, Step
 from sovereign.engine.requests import GrammarTrigger, SamplingParams, TokenLogprob
 from sovereign.errors import (
     ContextLengthExceeded,
@@ -27,6 +28,44 @@ from sovereign.errors import (
 
 _LENGTH = struct.Struct("!I")
 MAX_FRAME_BYTES = 1 << 30
+
+
+# --- shared values ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model; None means choose automatically."""
+
+    n_ctx: int | None = None
+    n_gpu_layers: int | None = None
+    n_threads: int | None = None
+    n_batch: int = 512
+    preferred_ctx: int | None = None  # the catalog's suggestion, used when n_ctx is None
+    n_parallel: int | None = None  # sequences decoded together (slots); None: as many as memory allows, up to 4
+    # llama.cpp's extra buffer types (weights repacked for AMX/AVX-512/NEON kernels); False is llama-bench's
+    # --repack 0, for a CPU whose fast kernels crash (see engine/kernels.py).
+    use_extra_bufts: bool = True
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token."""
+
+    token: int
+    piece: bytes
+    logprob: TokenLogprob | None
+    end_of_generation: bool  # an end-of-turn / end-of-sequence token (its piece is not shown)
+
+
+def with_bos(tokens: list[int], bos: int, add_bos: bool) -> list[int]:
+    """Prepend BOS when the model wants one and the prompt lacks it (the model's process and the server both ask)."""
+    if add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
+        return [bos, *tokens]
+    return tokens
+
+
+# --- frames -------------------------------------------------------------------------------
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:

@@ -6,7 +6,14 @@ import re
 from typing import Any
 
 from sovereign.engine.formats.base import Call, Section, tool_schemas
-from sovereign.engine.formats.json_calls import BareJson, DeepSeek, JsonList, Kimi, PythonTag, TaggedJson
+from sovereign.engine.formats.json_calls import (
+    BareJson,
+    DeepSeek,
+    JsonList,
+    Kimi,
+    PythonTag,
+    TaggedJson,
+)
 from sovereign.engine.formats.jsonscan import skip_ws, value_end
 from sovereign.engine.formats.stream import Opener, Spec
 from sovereign.engine.formats.xml_calls import Glm, QwenCoder

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovereign.engine.backend import route_llama_logs
+from sovereign.engine.runtime.backend import route_llama_logs
 from sovereign.errors import EngineError, ModelLoadError
 
 RANDOM_SEED = 1  # llama-bench never seeds rand(): the token ids do not change the speed anyway
@@ -42,7 +42,7 @@ class TestSpec:
 class BenchModel:
     """A model loaded for benchmarking with a given number of GPU layers; runs tests on fresh contexts.
 
-    `use_extra_bufts` is llama-bench's --repack: the caller passes what kernel_probe.kernel_choice decided.
+    `use_extra_bufts` is llama-bench's --repack: the caller passes what engine.kernels.kernel_choice decided.
     """
 
     def __init__(self, path: Path, n_gpu_layers: int, use_extra_bufts: bool = True) -> None:

@@ -1,6 +1,6 @@
 """A model's own process: loads one model, runs its batching scheduler, answers the server over a socket.
 
-Started by `ModelProcess` as `python -m sovereign.engine.worker FD`. A crash in llama.cpp here
+Started by `ModelProcess` as `python -m sovereign.engine.runtime.worker FD`. A crash in llama.cpp here
 (SIGILL, SIGSEGV, an abort) ends only this process; the server sees the socket close and fails
 this model's requests alone. Unloading a model is this process exiting, so all its memory goes.
 
@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from sovereign.engine import wire
-from sovereign.engine.backend import LlamaBackend, Step
-from sovereign.engine.scheduler import BatchScheduler
+from sovereign.engine.runtime.backend import LlamaBackend
+from sovereign.engine.runtime.scheduler import BatchScheduler
 from sovereign.engine.stats import RequestStats
+from sovereign.engine.wire import Step
 from sovereign.errors import InvalidRequest, SovereignError
 
 log = logging.getLogger(__name__)

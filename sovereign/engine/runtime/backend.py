@@ -17,17 +17,18 @@ import functools
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 import numpy as np
 
-from sovereign.engine import resources
-from sovereign.engine.grammar_sampler import GrammarSampler
-from sovereign.engine.grammar_trigger import TriggerWatch
 from sovereign.engine.requests import SamplingParams, TokenLogprob
-from sovereign.engine.tokenizer_cuts import PIECE_BYTES, TokenizerCuts
+from sovereign.engine.runtime import resources
+from sovereign.engine.runtime.grammar_sampler import GrammarSampler
+from sovereign.engine.runtime.grammar_trigger import TriggerWatch
+from sovereign.engine.runtime.tokenizer_cuts import PIECE_BYTES, TokenizerCuts
+from sovereign.engine.wire import LoadOptions, Step, with_bos
 from sovereign.errors import (
     ContextLengthExceeded,
     EngineError,
@@ -35,6 +36,7 @@ from sovereign.errors import (
     ModelLoadError,
     NotGGUF,
 )
+from sovereign.machine import physical_cores
 from sovereign.store.gguf_header import kv_bytes_per_token, read_gguf_metadata
 
 log = logging.getLogger(__name__)
@@ -67,31 +69,6 @@ def route_llama_logs() -> None:
     _log_callback = callback
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How to load a model; None means choose automatically."""
-
-    n_ctx: int | None = None
-    n_gpu_layers: int | None = None
-    n_threads: int | None = None
-    n_batch: int = 512
-    preferred_ctx: int | None = None  # the catalog's suggestion, used when n_ctx is None
-    n_parallel: int | None = None  # sequences decoded together (slots); None: as many as memory allows, up to 4
-    # llama.cpp's extra buffer types (weights repacked for AMX/AVX-512/NEON kernels); False is llama-bench's
-    # --repack 0, for a CPU whose fast kernels crash (see kernel_probe).
-    use_extra_bufts: bool = True
-
-
-@dataclass(frozen=True)
-class Step:
-    """One generated token."""
-
-    token: int
-    piece: bytes
-    logprob: TokenLogprob | None
-    end_of_generation: bool  # an end-of-turn / end-of-sequence token (its piece is not shown)
 
 
 class GreedySampler:
@@ -132,13 +109,6 @@ def _add_draw(sampler: LlamaSampler, params: SamplingParams) -> None:
         sampler.add_min_p(params.min_p, 1)
     sampler.add_temp(params.temperature)
     sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
-
-
-def with_bos(tokens: list[int], bos: int, add_bos: bool) -> list[int]:
-    """Prepend BOS when the model wants one and the prompt lacks it (the model's process and the server both ask)."""
-    if add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
-        return [bos, *tokens]
-    return tokens
 
 
 class BatchEntry(NamedTuple):
@@ -195,7 +165,7 @@ class LlamaBackend:
         self.metadata = self.model.metadata()
         self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_threads = options.n_threads or resources.physical_cores()
+        self.n_threads = options.n_threads or physical_cores()
         self.n_batch = options.n_batch
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = self.n_ctx * self.n_parallel

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sovereign.engine.grammar_trigger import TriggerWatch
+from sovereign.engine.runtime.grammar_trigger import TriggerWatch
 from sovereign.errors import InvalidRequest
 
 log = logging.getLogger(__name__)

@@ -7,12 +7,12 @@ that out without taking sovereign down; if it dies by a signal, models are loade
 buffer types off (llama-bench's `--repack 0`). The verdict is kept in
 `$SOVEREIGN_HOME/kernels/<key>.json`, so the probe runs once per build and CPU.
 
-The child is `python -m sovereign.engine.kernel_probe MODEL_PATH`; it exits 0 when the kernels ran.
+This module keeps the verdicts, in the server's process; the child is `python -m
+sovereign.engine.runtime.kernel_probe MODEL_PATH`, which exits 0 when the kernels ran.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -20,24 +20,20 @@ import json
 import logging
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import ModuleType
 
-from sovereign.engine import resources
 from sovereign.engine.process import signal_name
-from sovereign.errors import EngineError, ModelLoadError, SovereignError
+from sovereign.errors import SovereignError
+from sovereign.machine import cpuinfo
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 120.0  # seconds; a child still running then has proved nothing either way
 LOCK_MARGIN = 30.0  # seconds beyond the probe's timeout to wait for another process's probe
-PROBE_PROMPT_TOKENS = 64  # one batch in one llama_decode: prompt processing's matrix-matrix kernels
-PROBE_SINGLE_TOKENS = 4  # then one token per decode: generation's matrix-vector kernels
 OVERRIDES = ("auto", "on", "off")
 EXIT_LOAD_FAILED = 3  # the child could not load the model at all: a fact about the file, not the kernels
 # Signals by which a refused instruction or a kernel's bug kills a process. SIGKILL and SIGTERM come
@@ -241,7 +237,7 @@ def _inconclusive(reason: str, seconds: float | None) -> KernelChoice:
 
 def run_probe(model_path: Path, timeout: float = PROBE_TIMEOUT) -> ProbeOutcome:
     """Run the probe child on a model and report how it ended."""
-    command = [sys.executable, "-m", "sovereign.engine.kernel_probe", str(model_path)]
+    command = [sys.executable, "-m", "sovereign.engine.runtime.kernel_probe", str(model_path)]
     started = time.perf_counter()
     try:
         done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
@@ -312,78 +308,9 @@ def build_identity() -> str:
 def _cpu() -> tuple[str, frozenset[str]]:
     """The CPU's name and flags, from the first processor in /proc/cpuinfo (or what platform knows)."""
     name, flags = "", ""
-    for key, value in resources.cpuinfo():
+    for key, value in cpuinfo():
         if not name and key in ("model name", "Hardware", "cpu model", "Model"):
             name = value
         elif not flags and key in ("flags", "Features"):
             flags = value
     return name or platform.processor() or platform.machine(), frozenset(flags.split())
-
-
-# --- the child -----------------------------------------------------------------------------
-
-
-def exercise(model_path: Path, threads: int) -> None:
-    """Load a model with the extra buffer types on (the default) and decode a prompt batch, then single tokens."""
-    import llama_cpp
-
-    from sovereign.engine.backend import route_llama_logs
-
-    route_llama_logs()  # llama.cpp's warnings and errors only (through logging), for the parent's debug log
-    params = llama_cpp.llama_model_default_params()
-    params.n_gpu_layers = 0  # the CPU's kernels are on trial, whatever a GPU would take over
-    params.use_mmap = True
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
-    if not model:
-        raise ModelLoadError(f"llama.cpp could not load {model_path.name}")
-    try:
-        context_params = llama_cpp.llama_context_default_params()
-        context_params.n_ctx = 2 * PROBE_PROMPT_TOKENS
-        context_params.n_batch = context_params.n_ubatch = PROBE_PROMPT_TOKENS
-        context_params.n_threads = context_params.n_threads_batch = threads
-        context_params.no_perf = True
-        context = llama_cpp.llama_init_from_model(model, context_params)
-        if not context:
-            raise ModelLoadError(f"llama.cpp could not create a context for {model_path.name}")
-        try:
-            n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
-            # Any token ids will do: the kernels run the same arithmetic whatever the ids are.
-            prompt = [(7919 * i + 1) % n_vocab for i in range(PROBE_PROMPT_TOKENS)]
-            _decode(llama_cpp, context, prompt)
-            for token in prompt[:PROBE_SINGLE_TOKENS]:
-                _decode(llama_cpp, context, [token])
-            llama_cpp.llama_synchronize(context)
-        finally:
-            llama_cpp.llama_free(context)
-    finally:
-        llama_cpp.llama_model_free(model)
-
-
-def _decode(llama_cpp: ModuleType, context: ctypes.c_void_p, tokens: list[int]) -> None:
-    array = (llama_cpp.llama_token * len(tokens))(*tokens)
-    status = llama_cpp.llama_decode(context, llama_cpp.llama_batch_get_one(array, len(tokens)))
-    if status != 0:
-        raise EngineError(f"llama.cpp failed to decode the probe batch (status {status})")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The probe child: exit 0 when the fast kernels ran, EXIT_LOAD_FAILED when the model did not load."""
-    from sovereign.engine.resources import physical_cores
-
-    args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if len(args) != 1:
-        log.error("usage: python -m sovereign.engine.kernel_probe MODEL_PATH")
-        return 2
-    if crash := os.environ.get(TEST_CRASH_ENV):
-        os.kill(os.getpid(), signal.Signals[crash])
-    try:
-        exercise(Path(args[0]), physical_cores())
-    except ModelLoadError as exc:
-        log.error("%s", exc)
-        return EXIT_LOAD_FAILED
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

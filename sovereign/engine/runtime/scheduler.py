@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from sovereign.config import DEFAULT_MAX_QUEUE
-from sovereign.engine.backend import BatchEntry, LlamaBackend, Step
 from sovereign.engine.requests import SamplingParams
+from sovereign.engine.runtime.backend import BatchEntry, LlamaBackend
 from sovereign.engine.stats import RequestStats
+from sovereign.engine.wire import Step
 from sovereign.errors import EngineError, InvalidRequest, RequestTimedOut, ServerBusy
 
 if TYPE_CHECKING:
-    from sovereign.engine.backend import Sampler
+    from sovereign.engine.runtime.backend import Sampler
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,13 @@
-"""What this machine has: physical cores, free memory, GPU memory; and the defaults they imply."""
+"""What a model may take when it loads: the GPUs ggml sees, and the context, slots and GPU layers that memory allows."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
+
+from sovereign.config import AGENT_CONTEXT
+from sovereign.machine import available_memory
 
 log = logging.getLogger(__name__)
 
@@ -16,61 +17,8 @@ KV_MEMORY_SHARE = 0.25
 DEFAULT_MAX_PARALLEL = 4
 # Never default below this many tokens of context, whatever memory says (the load then fails clearly).
 MIN_DEFAULT_CTX = 2048
-# Agents send long prompts (Claude Code's system prompt and tools are ~20k tokens): the default context
-# is at least this much, where the model was trained for it and memory holds it.
-AGENT_CONTEXT = 32768
 # Headroom kept free on a GPU for compute buffers and other processes.
 GPU_HEADROOM_BYTES = 512 * 1024 * 1024
-
-
-def physical_cores() -> int:
-    """Physical cores (hyper-threads share one core's arithmetic units, so they don't speed up decoding)."""
-    cores: set[tuple[str, str]] = set()
-    physical = core = ""
-    for key, value in cpuinfo():  # one record per logical CPU, records separated by blank lines
-        if key == "physical id":
-            physical = value
-        elif key == "core id":
-            core = value
-        elif not key and core:
-            cores.add((physical, core))
-            physical = core = ""
-    if core:
-        cores.add((physical, core))
-    if cores:
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else len(cores)
-        return max(1, min(len(cores), usable))
-    return max(1, os.cpu_count() or 1)
-
-
-def cpuinfo() -> list[tuple[str, str]]:
-    """(key, value) of every line of Linux's /proc/cpuinfo, stripped; [] where there is none."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return [(key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in text.splitlines())]
-
-
-def proc_kib(path: str, key: str) -> int | None:
-    """A "Key:   123 kB" figure of a Linux /proc file, in bytes; None where there is none."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation without swapping, if the OS says."""
-    if (available := proc_kib("/proc/meminfo", "MemAvailable")) is not None:
-        return available
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 @dataclass(frozen=True)
@@ -102,7 +50,9 @@ _DEVICE_KINDS = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}  # enum ggml_backend
 def devices() -> list[Device]:
     """Every device ggml's registry knows in this llama.cpp build (the CPU included); [] if it cannot say."""
     try:
-        from llama_cpp._ggml import libggml  # the ggml library llama-cpp-python already loaded
+        from llama_cpp._ggml import (
+            libggml,  # the ggml library llama-cpp-python already loaded
+        )
 
         pointer, size = ctypes.c_void_p, ctypes.c_size_t
         signatures = {

@@ -1,0 +1,56 @@
+"""What this machine has, as the operating system tells it (no llama.cpp): CPU, physical cores, free memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share one core's arithmetic units, so they don't speed up decoding)."""
+    cores: set[tuple[str, str]] = set()
+    physical = core = ""
+    for key, value in cpuinfo():  # one record per logical CPU, records separated by blank lines
+        if key == "physical id":
+            physical = value
+        elif key == "core id":
+            core = value
+        elif not key and core:
+            cores.add((physical, core))
+            physical = core = ""
+    if core:
+        cores.add((physical, core))
+    if cores:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else len(cores)
+        return max(1, min(len(cores), usable))
+    return max(1, os.cpu_count() or 1)
+
+
+def cpuinfo() -> list[tuple[str, str]]:
+    """(key, value) of every line of Linux's /proc/cpuinfo, stripped; [] where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return [(key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in text.splitlines())]
+
+
+def proc_kib(path: str, key: str) -> int | None:
+    """A "Key:   123 kB" figure of a Linux /proc file, in bytes; None where there is none."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation without swapping, if the OS says."""
+    if (available := proc_kib("/proc/meminfo", "MemAvailable")) is not None:
+        return available
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
