@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from sovereign.engine import (
@@ -36,6 +37,7 @@ from sovereign.server.anthropic_schemas import (
 from sovereign.server.errors import APIError
 from sovereign.server.running import with_heartbeat
 from sovereign.server.sse import named_event as sse
+from sovereign.server.streamed_calls import StreamedCalls
 
 # Seconds without an event before a `ping` goes out: Anthropic pings during long waits, and clients with an idle
 # timeout (Claude Code among them) would otherwise hang up while a long prompt is read.
@@ -216,79 +218,129 @@ def message_json(message_id: str, model: str, text: str, calls: list[ToolCall], 
 
 
 async def stream_events(
-    message_id: str, model: str, prompt_tokens: int, events: AsyncIterator[Event], user_stops: list[str] | None, *, context_management: dict[str, Any] | None = None
+    message_id: str, model: str, prompt_tokens: int, events: AsyncIterator[Event], user_stops: list[str] | None, *,
+    context_management: dict[str, Any] | None = None,
 ) -> AsyncIterator[bytes]:
-    """Anthropic's event sequence: message_start, blocks (start, ping after the first, deltas, stop), message_delta, message_stop."""
-    start = {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None, "stop_sequence": None}
-    yield sse({"type": "message_start", "message": {**start, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
-    blocks = 0  # blocks started so far; the open one, if any, is the last
+    """Anthropic's event sequence for one streamed Message.
+
+    message_start, then blocks (start, a ping after the first, deltas, stop), then message_delta and message_stop.
+    """
+    yield message_start(message_id, model, prompt_tokens)
+    stream = MessageStream(user_stops, context_management)
+    async for event in with_heartbeat(events, PING_SECONDS):
+        for frame in stream.on_event(event):
+            yield frame
+
+
+def message_start(message_id: str, model: str, prompt_tokens: int) -> bytes:
+    """The stream's first event: the Message with no content yet."""
+    message: dict[str, Any] = {
+        "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None,
+        "stop_sequence": None, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+    }
+    return sse({"type": "message_start", "message": message})
+
+
+@dataclass
+class MessageStream:
+    """One streamed Message: the blocks started so far, the one open, and the calls already streamed."""
+
+    user_stops: list[str] | None
+    context_management: dict[str, Any] | None = None  # the context edits applied to this request's messages
+    blocks: int = 0  # blocks started so far; the open one, if any, is the last
     open_kind: str | None = None  # "thinking", "text" or "tool" while such a block is open
     open_call: int | None = None  # the engine's index of the call whose tool_use block is open
-    streamed: set[str] = set()  # ids of calls already streamed as blocks
+    streamed: StreamedCalls = field(default_factory=StreamedCalls)  # calls already streamed as blocks
 
-    def open_block(block: dict[str, Any]) -> list[bytes]:
-        frames = [sse({"type": "content_block_start", "index": blocks, "content_block": block})]
-        return frames + [sse({"type": "ping"})] if blocks == 0 else frames
+    def on_event(self, event: Event | None) -> list[bytes]:
+        """The frames for one engine event, or a ping for None (a heartbeat)."""
+        if event is None:  # nothing for a while (the prompt is still being read): tell the client the stream is alive
+            return [sse({"type": "ping"})]
+        if isinstance(event, ReasoningDelta) and event.text:
+            return self.emit_delta("thinking", {"type": "thinking_delta", "thinking": event.text})
+        if isinstance(event, TextDelta) and event.text:
+            return self.emit_delta("text", {"type": "text_delta", "text": event.text})
+        if isinstance(event, ToolCallDelta):
+            return self.emit_call_delta(event)
+        if isinstance(event, ToolCallsEvent):
+            return self.emit_whole_calls(event.calls)
+        if isinstance(event, Finished):
+            return self.finish(event)
+        return []
 
-    def close() -> list[bytes]:
-        nonlocal blocks, open_kind, open_call
-        if open_kind is None:
+    def delta(self, delta: dict[str, Any]) -> bytes:
+        """A delta of the last block started."""
+        return sse({"type": "content_block_delta", "index": self.blocks, "delta": delta})
+
+    def open_block(self, block: dict[str, Any]) -> list[bytes]:
+        """Start a block at the next index (the first is followed by a ping, as Anthropic sends it)."""
+        frames = [sse({"type": "content_block_start", "index": self.blocks, "content_block": block})]
+        return frames + [sse({"type": "ping"})] if self.blocks == 0 else frames
+
+    def close_block(self) -> list[bytes]:
+        """Stop the open block, if any."""
+        if self.open_kind is None:
             return []
-        frame = sse({"type": "content_block_stop", "index": blocks})
-        blocks, open_kind, open_call = blocks + 1, None, None
+        frame = sse({"type": "content_block_stop", "index": self.blocks})
+        self.blocks, self.open_kind, self.open_call = self.blocks + 1, None, None
         return [frame]
 
-    def switch_to(kind: str) -> list[bytes]:
+    def switch_to(self, kind: str) -> list[bytes]:
         """Close the open block unless it is of this kind, then open one of this kind."""
-        nonlocal open_kind
-        if open_kind == kind:
+        if self.open_kind == kind:
             return []
-        frames = close() + open_block(thinking_block("") if kind == "thinking" else {"type": "text", "text": ""})
-        open_kind = kind
+        block = thinking_block("") if kind == "thinking" else {"type": "text", "text": ""}
+        frames = self.close_block() + self.open_block(block)
+        self.open_kind = kind
         return frames
 
-    async for event in with_heartbeat(events, PING_SECONDS):
-        if event is None:  # nothing for a while (the prompt is still being read): tell the client the stream is alive
-            yield sse({"type": "ping"})
-        elif isinstance(event, ReasoningDelta) and event.text:
-            for frame in switch_to("thinking"):
-                yield frame
-            yield sse({"type": "content_block_delta", "index": blocks, "delta": {"type": "thinking_delta", "thinking": event.text}})
-        elif isinstance(event, TextDelta) and event.text:
-            for frame in switch_to("text"):
-                yield frame
-            yield sse({"type": "content_block_delta", "index": blocks, "delta": {"type": "text_delta", "text": event.text}})
-        elif isinstance(event, ToolCallDelta):
-            if event.id is not None:  # a call begins: its own tool_use block, its input streamed as the model writes it
-                for frame in close():
-                    yield frame
-                streamed.add(event.id)
-                for frame in open_block({"type": "tool_use", "id": tool_use_id(event.id), "name": event.name, "input": {}}):
-                    yield frame
-                open_kind, open_call = "tool", event.index
-            elif open_call == event.index and event.arguments:
-                yield sse({"type": "content_block_delta", "index": blocks, "delta": {"type": "input_json_delta", "partial_json": event.arguments}})
-        elif isinstance(event, ToolCallsEvent):
-            for frame in close():
-                yield frame
-            for call in event.calls:
-                if call.id in streamed:
-                    continue
-                block = tool_use_block(call)
-                for frame in open_block({**block, "input": {}}):
-                    yield frame
-                yield sse({"type": "content_block_delta", "index": blocks, "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}})
-                yield sse({"type": "content_block_stop", "index": blocks})
-                blocks += 1
-        elif isinstance(event, Finished):
-            if open_kind is None and blocks == 0:  # an empty answer is still one (empty) text block
-                for frame in switch_to("text"):
-                    yield frame
-            for frame in close():
-                yield frame
-            reason, sequence = stop_reason(event, user_stops)
-            delta: dict[str, Any] = {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage_json(event.usage)}
-            if context_management is not None:  # the context edits applied to this request's messages
-                delta["context_management"] = context_management
-            yield sse(delta)
-            yield sse({"type": "message_stop"})
+    def emit_delta(self, kind: str, delta: dict[str, Any]) -> list[bytes]:
+        """A piece of thinking or text, in a block of its kind."""
+        return self.switch_to(kind) + [self.delta(delta)]
+
+    def emit_call_delta(self, event: ToolCallDelta) -> list[bytes]:
+        """A call's start (its own tool_use block) or a piece of its input, streamed as the model writes it."""
+        if event.id is not None:
+            return self.open_tool_use(event.index, event.id, event.name)
+        if self.open_call == event.index and event.arguments:
+            return [self.delta({"type": "input_json_delta", "partial_json": event.arguments})]
+        return []
+
+    def open_tool_use(self, index: int, call_id: str, name: str | None) -> list[bytes]:
+        """Close the open block and start a tool_use block for a call being streamed."""
+        frames = self.close_block()
+        self.streamed.mark(call_id)
+        frames += self.open_block({"type": "tool_use", "id": tool_use_id(call_id), "name": name, "input": {}})
+        self.open_kind, self.open_call = "tool", index
+        return frames
+
+    def emit_whole_calls(self, calls: list[ToolCall]) -> list[bytes]:
+        """The calls not streamed already, each a whole block: start, its input in one delta, stop."""
+        frames = self.close_block()
+        for call in self.streamed.unstreamed(calls):
+            frames += self.emit_whole_call(call)
+        return frames
+
+    def emit_whole_call(self, call: ToolCall) -> list[bytes]:
+        """One call read whole (forced calls, generic formats), as a block opened and closed at once."""
+        block = tool_use_block(call)
+        frames = self.open_block({**block, "input": {}})
+        frames.append(self.delta({"type": "input_json_delta", "partial_json": json.dumps(block["input"])}))
+        frames.append(sse({"type": "content_block_stop", "index": self.blocks}))
+        self.blocks += 1
+        return frames
+
+    def finish(self, event: Finished) -> list[bytes]:
+        """Close the last block, then message_delta (stop reason, usage) and message_stop."""
+        frames: list[bytes] = []
+        if self.open_kind is None and self.blocks == 0:  # an empty answer is still one (empty) text block
+            frames += self.switch_to("text")
+        frames += self.close_block()
+        reason, sequence = stop_reason(event, self.user_stops)
+        delta: dict[str, Any] = {
+            "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
+            "usage": usage_json(event.usage),
+        }
+        if self.context_management is not None:  # the context edits applied to this request's messages
+            delta["context_management"] = self.context_management
+        return frames + [sse(delta), sse({"type": "message_stop"})]

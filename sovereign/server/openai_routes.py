@@ -23,6 +23,7 @@ from sovereign.server.running import collect, event_stream
 from sovereign.server.schemas import ChatCompletionBody, CompletionBody, EmbeddingBody
 from sovereign.server.sse import data_event as _sse
 from sovereign.server.state import engine as _engine
+from sovereign.server.streamed_calls import StreamedCalls
 
 router = APIRouter()
 
@@ -146,17 +147,21 @@ async def chat_completions(request: Request, body: ChatCompletionBody) -> JSONRe
     return event_stream(_chat_chunks(generations, completion_id, model_name, body.logprobs, include_usage), generations, error_frame=_error_event, last=_sse("[DONE]"))
 
 
-async def _chat_chunks(generations: list[Generation], completion_id: str, model: str, want_logprobs: bool, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_chunks(
+    generations: list[Generation], completion_id: str, model: str, want_logprobs: bool, include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """The chunks of every choice as their events come, then the usage chunk when it was asked for."""
     created = int(time.time())
     usage: list[Usage | None] = [None] * len(generations)
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
-        return _sse(convert.chat_chunk_json(completion_id, model, created, index, delta, finish, logprobs, include_usage))
+        payload = convert.chat_chunk_json(completion_id, model, created, index, delta, finish, logprobs, include_usage)
+        return _sse(payload)
 
-    # Per choice: the engine's call index -> the index the client sees, the next such index, the ids already streamed.
+    # Per choice: the engine's call index -> the index the client sees, the next such index, the calls streamed.
     call_indexes: list[dict[int, int]] = [{} for _ in generations]
     next_call = [0] * len(generations)
-    streamed_ids: list[set[str]] = [set() for _ in generations]
+    streamed = [StreamedCalls() for _ in generations]
     for index in range(len(generations)):
         yield chunk(index, {"role": "assistant", "content": "", "refusal": None})
     async for index, event in _interleave(generations):
@@ -169,23 +174,35 @@ async def _chat_chunks(generations: list[Generation], completion_id: str, model:
             if event.id is not None:
                 call_index = call_indexes[index][event.index] = next_call[index]
                 next_call[index] += 1
-                streamed_ids[index].add(event.id)
-                yield chunk(index, {"tool_calls": [{"index": call_index, "id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}]})
+                streamed[index].mark(event.id)
+                yield chunk(index, _call_opened(call_index, event.id, event.name))
             elif event.index in call_indexes[index]:
-                yield chunk(index, {"tool_calls": [{"index": call_indexes[index][event.index], "function": {"arguments": event.arguments}}]})
+                yield chunk(index, _call_arguments(call_indexes[index][event.index], event.arguments))
         elif isinstance(event, ToolCallsEvent):
-            for call in event.calls:  # those not streamed already (answers read whole: forced calls, generic formats)
-                if call.id in streamed_ids[index]:
-                    continue
+            for call in streamed[index].unstreamed(event.calls):  # answers read whole: forced calls, generic formats
                 call_index = next_call[index]
                 next_call[index] += 1
-                yield chunk(index, {"tool_calls": [{"index": call_index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]})
-                yield chunk(index, {"tool_calls": [{"index": call_index, "function": {"arguments": call.arguments}}]})
+                yield chunk(index, _call_opened(call_index, call.id, call.name))
+                yield chunk(index, _call_arguments(call_index, call.arguments))
         elif isinstance(event, Finished):
             usage[index] = event.usage
             yield chunk(index, {}, event.reason)
     if include_usage:
-        yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": "sovereign", "choices": [], "usage": convert.usage_json(usage, len(usage))})
+        yield _sse({
+            "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "sovereign", "choices": [], "usage": convert.usage_json(usage, len(usage)),
+        })
+
+
+def _call_opened(call_index: int, call_id: str, name: str | None) -> dict[str, Any]:
+    """A chunk's delta that starts a call: its id and name, no arguments yet."""
+    call = {"index": call_index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+    return {"tool_calls": [call]}
+
+
+def _call_arguments(call_index: int, arguments: str) -> dict[str, Any]:
+    """A chunk's delta that carries a piece of a call's arguments."""
+    return {"tool_calls": [{"index": call_index, "function": {"arguments": arguments}}]}
 
 
 # --- text completions ---------------------------------------------------------------

@@ -21,6 +21,7 @@ from sovereign.server.errors import APIError, from_exception
 from sovereign.server.openai_convert import reasoning_from_effort
 from sovereign.server.schemas import NamedFunction, ResponsesBody, ResponsesFunctionTool
 from sovereign.server.sse import named_event as sse
+from sovereign.server.streamed_calls import StreamedCalls
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -328,144 +329,217 @@ def output_items(text: str, calls: list[ToolCall], reasoning: str = "", plan: To
 
 
 async def stream_events(shell: ResponseShell, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
-    """The documented sequence: created, in_progress, per item added/deltas/done, then completed (or incomplete/failed)."""
-    sequence = 0
-    plan = shell.plan
-    output: list[dict[str, Any]] = []
-    message: dict[str, Any] | None = None  # the message item being streamed
-    text = ""
-    thought: dict[str, Any] | None = None  # the reasoning item being streamed
-    reasoning = ""
-    calling: tuple[int, ToolCall] | None = None  # the engine's index and the call being streamed (arguments so far)
-    streamed: set[str] = set()  # ids of calls already streamed as items
+    """The Responses API's documented event sequence for one streamed response.
 
-    def frame(kind: str, **fields: Any) -> bytes:
-        nonlocal sequence
-        event = {"type": kind, "sequence_number": sequence, **fields}
-        sequence += 1
-        return sse(event)
-
-    def open_message() -> list[bytes]:
-        nonlocal message
-        message = message_item(new_id("msg"), "", "in_progress")
-        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        return [
-            frame("response.output_item.added", output_index=len(output), item=message),
-            frame("response.content_part.added", item_id=message["id"], output_index=len(output), content_index=0, part=part),
-        ]
-
-    def close_message(status: str = "completed") -> list[bytes]:
-        nonlocal message
-        assert message is not None
-        done = message_item(message["id"], text, status)
-        part = done["content"][0]
-        index = len(output)
-        frames = [
-            frame("response.output_text.done", item_id=done["id"], output_index=index, content_index=0, text=text, logprobs=[]),
-            frame("response.content_part.done", item_id=done["id"], output_index=index, content_index=0, part=part),
-            frame("response.output_item.done", output_index=index, item=done),
-        ]
-        output.append(done)
-        message = None
-        return frames
-
-    def open_reasoning() -> list[bytes]:
-        nonlocal thought
-        thought = {"type": "reasoning", "id": new_id("rs"), "summary": [], "status": "in_progress"}
-        return [
-            frame("response.output_item.added", output_index=len(output), item=thought),
-            frame("response.reasoning_summary_part.added", item_id=thought["id"], output_index=len(output), summary_index=0, part={"type": "summary_text", "text": ""}),
-        ]
-
-    def close_reasoning() -> list[bytes]:
-        nonlocal thought
-        assert thought is not None
-        done = reasoning_item(thought["id"], reasoning)
-        index = len(output)
-        frames = [
-            frame("response.reasoning_summary_text.done", item_id=done["id"], output_index=index, summary_index=0, text=reasoning),
-            frame("response.reasoning_summary_part.done", item_id=done["id"], output_index=index, summary_index=0, part={"type": "summary_text", "text": reasoning}),
-            frame("response.output_item.done", output_index=index, item=done),
-        ]
-        output.append(done)
-        thought = None
-        return frames
-
-    def close_call() -> list[bytes]:
-        nonlocal calling
-        assert calling is not None
-        call, index = calling[1], len(output)
-        done = call_item(call, plan=plan)
-        calling = None
-        output.append(done)
-        return [
-            frame("response.function_call_arguments.done", item_id=done["id"], output_index=index, arguments=call.arguments),
-            frame("response.output_item.done", output_index=index, item=done),
-        ]
-
-    yield frame("response.created", response=shell.json("in_progress", []))
-    yield frame("response.in_progress", response=shell.json("in_progress", []))
+    created, in_progress, per item added/deltas/done, then completed (or incomplete, or failed).
+    """
+    stream = ResponseStream(shell)
+    for frame in stream.start():
+        yield frame
     try:
         async for event in events:
-            if not isinstance(event, ReasoningDelta) and thought is not None:  # reasoning comes first and ends before the answer
-                for chunk in close_reasoning():
-                    yield chunk
-            if calling is not None and not (isinstance(event, ToolCallDelta) and event.id is None):
-                for chunk in close_call():
-                    yield chunk
-            if isinstance(event, ToolCallDelta):
-                if event.id is not None:  # a call begins: its item, then its arguments as the model writes them
-                    if message is not None:
-                        for chunk in close_message():
-                            yield chunk
-                    calling = (event.index, ToolCall(event.id, event.name or "", ""))
-                    streamed.add(event.id)
-                    yield frame("response.output_item.added", output_index=len(output), item=call_item(calling[1], "in_progress", "", plan))
-                elif calling is not None and calling[0] == event.index and event.arguments:
-                    call = calling[1]
-                    calling = (event.index, ToolCall(call.id, call.name, call.arguments + event.arguments))
-                    yield frame("response.function_call_arguments.delta", item_id=call_item(call)["id"], output_index=len(output), delta=event.arguments)
-                continue
-            if isinstance(event, ReasoningDelta) and event.text:
-                if thought is None:
-                    for chunk in open_reasoning():
-                        yield chunk
-                reasoning += event.text
-                yield frame("response.reasoning_summary_text.delta", item_id=thought["id"], output_index=len(output), summary_index=0, delta=event.text)  # type: ignore[index]
-            elif isinstance(event, TextDelta) and event.text:
-                if message is None:
-                    for chunk in open_message():
-                        yield chunk
-                text += event.text
-                yield frame("response.output_text.delta", item_id=message["id"], output_index=len(output), content_index=0, delta=event.text, logprobs=[])  # type: ignore[index]
-            elif isinstance(event, ToolCallsEvent):
-                if message is not None:
-                    for chunk in close_message():
-                        yield chunk
-                for call in event.calls:
-                    if call.id in streamed:
-                        continue
-                    index = len(output)
-                    started = call_item(call, "in_progress", "", plan)
-                    yield frame("response.output_item.added", output_index=index, item=started)
-                    yield frame("response.function_call_arguments.delta", item_id=started["id"], output_index=index, delta=call.arguments)
-                    yield frame("response.function_call_arguments.done", item_id=started["id"], output_index=index, arguments=call.arguments)
-                    done = call_item(call, plan=plan)
-                    yield frame("response.output_item.done", output_index=index, item=done)
-                    output.append(done)
-            elif isinstance(event, Finished):
-                if message is None and not any(item["type"] != "reasoning" for item in output):  # an empty answer is still one (empty) message
-                    for chunk in open_message():
-                        yield chunk
-                if message is not None:
-                    for chunk in close_message("incomplete" if event.reason == "length" else "completed"):
-                        yield chunk
-                final = shell.json("completed", output, event)
-                yield frame("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
-    except Exception as exc:  # the status line is out: the failure travels as response.failed
+            for frame in stream.on_event(event):
+                yield frame
+    except Exception as exc:  # noqa: BLE001 - the status line is out: the failure travels as response.failed
+        yield stream.fail(exc)
+
+
+@dataclass
+class ResponseStream:
+    """One streamed response: its sequence numbers, the items done, and the message, reasoning or call open."""
+
+    shell: ResponseShell
+    sequence: int = 0
+    output: list[dict[str, Any]] = field(default_factory=list)  # the items done, in order
+    message: dict[str, Any] | None = None  # the message item being streamed
+    text: str = ""
+    thought: dict[str, Any] | None = None  # the reasoning item being streamed
+    reasoning: str = ""
+    calling: tuple[int, ToolCall] | None = None  # the engine's index and the call being streamed (arguments so far)
+    streamed: StreamedCalls = field(default_factory=StreamedCalls)  # calls already streamed as items
+
+    def frame(self, kind: str, **fields: Any) -> bytes:
+        """One event, numbered in sequence."""
+        event = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return sse(event)
+
+    def item_frame(self, kind: str, item_id: str, index: int, **fields: Any) -> bytes:
+        """An event about the content of the item at this output index."""
+        return self.frame(kind, item_id=item_id, output_index=index, **fields)
+
+    def start(self) -> list[bytes]:
+        """response.created, then response.in_progress."""
+        kinds = ("response.created", "response.in_progress")
+        return [self.frame(kind, response=self.shell.json("in_progress", [])) for kind in kinds]
+
+    def on_event(self, event: Event) -> list[bytes]:
+        """The frames for one engine event: first those closing what it ends, then its own."""
+        frames = self.close_ended(event)
+        if isinstance(event, ToolCallDelta):
+            frames += self.emit_call_delta(event)
+        elif isinstance(event, ReasoningDelta) and event.text:
+            frames += self.emit_reasoning(event.text)
+        elif isinstance(event, TextDelta) and event.text:
+            frames += self.emit_text(event.text)
+        elif isinstance(event, ToolCallsEvent):
+            frames += self.emit_whole_calls(event.calls)
+        elif isinstance(event, Finished):
+            frames += self.finish(event)
+        return frames
+
+    def close_ended(self, event: Event) -> list[bytes]:
+        """Close the reasoning and the call being streamed unless this event goes on with them."""
+        frames: list[bytes] = []
+        # Reasoning comes first and ends before the answer.
+        if self.thought is not None and not isinstance(event, ReasoningDelta):
+            frames += self.close_reasoning()
+        if self.calling is not None and not (isinstance(event, ToolCallDelta) and event.id is None):
+            frames += self.close_call()
+        return frames
+
+    def open_message(self) -> list[bytes]:
+        """Add a message item, with its output_text part."""
+        self.message = message_item(new_id("msg"), "", "in_progress")
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        index = len(self.output)
+        return [
+            self.frame("response.output_item.added", output_index=index, item=self.message),
+            self.item_frame("response.content_part.added", self.message["id"], index, content_index=0, part=part),
+        ]
+
+    def emit_text(self, text: str) -> list[bytes]:
+        """A piece of the answer, in the message item (opened by the first)."""
+        frames = self.open_message() if self.message is None else []
+        assert self.message is not None
+        self.text += text
+        item_id, index = self.message["id"], len(self.output)
+        delta = self.item_frame("response.output_text.delta", item_id, index, content_index=0, delta=text, logprobs=[])
+        return frames + [delta]
+
+    def close_message(self, status: str = "completed") -> list[bytes]:
+        """Finish the message item, which joins the output."""
+        assert self.message is not None
+        done = message_item(self.message["id"], self.text, status)
+        item_id, index = done["id"], len(self.output)
+        frames = [
+            self.item_frame("response.output_text.done", item_id, index, content_index=0, text=self.text, logprobs=[]),
+            self.item_frame("response.content_part.done", item_id, index, content_index=0, part=done["content"][0]),
+            self.frame("response.output_item.done", output_index=index, item=done),
+        ]
+        self.output.append(done)
+        self.message = None
+        return frames
+
+    def open_reasoning(self) -> list[bytes]:
+        """Add a reasoning item, with its summary part."""
+        self.thought = {"type": "reasoning", "id": new_id("rs"), "summary": [], "status": "in_progress"}
+        part = {"type": "summary_text", "text": ""}
+        item_id, index = self.thought["id"], len(self.output)
+        return [
+            self.frame("response.output_item.added", output_index=index, item=self.thought),
+            self.item_frame("response.reasoning_summary_part.added", item_id, index, summary_index=0, part=part),
+        ]
+
+    def emit_reasoning(self, text: str) -> list[bytes]:
+        """A piece of reasoning, in the reasoning item (opened by the first)."""
+        frames = self.open_reasoning() if self.thought is None else []
+        assert self.thought is not None
+        self.reasoning += text
+        item_id, index = self.thought["id"], len(self.output)
+        delta = self.item_frame("response.reasoning_summary_text.delta", item_id, index, summary_index=0, delta=text)
+        return frames + [delta]
+
+    def close_reasoning(self) -> list[bytes]:
+        """Finish the reasoning item, which joins the output."""
+        assert self.thought is not None
+        text = self.reasoning
+        done = reasoning_item(self.thought["id"], text)
+        part = {"type": "summary_text", "text": text}
+        item_id, index = done["id"], len(self.output)
+        frames = [
+            self.item_frame("response.reasoning_summary_text.done", item_id, index, summary_index=0, text=text),
+            self.item_frame("response.reasoning_summary_part.done", item_id, index, summary_index=0, part=part),
+            self.frame("response.output_item.done", output_index=index, item=done),
+        ]
+        self.output.append(done)
+        self.thought = None
+        return frames
+
+    def emit_call_delta(self, event: ToolCallDelta) -> list[bytes]:
+        """A call's start, or a piece of the arguments of the call being streamed."""
+        if event.id is not None:
+            return self.open_call(event.index, event.id, event.name or "")
+        if self.calling is not None and self.calling[0] == event.index and event.arguments:
+            return self.emit_arguments(event.arguments)
+        return []
+
+    def open_call(self, index: int, call_id: str, name: str) -> list[bytes]:
+        """A call begins: its item, then its arguments as the model writes them."""
+        frames = self.close_message() if self.message is not None else []
+        call = ToolCall(call_id, name, "")
+        self.calling = (index, call)
+        self.streamed.mark(call_id)
+        item = call_item(call, "in_progress", "", self.shell.plan)
+        return frames + [self.frame("response.output_item.added", output_index=len(self.output), item=item)]
+
+    def emit_arguments(self, arguments: str) -> list[bytes]:
+        """A piece of the arguments of the call being streamed."""
+        assert self.calling is not None
+        index, call = self.calling
+        self.calling = (index, ToolCall(call.id, call.name, call.arguments + arguments))
+        item_id = call_item(call)["id"]
+        return [self.item_frame("response.function_call_arguments.delta", item_id, len(self.output), delta=arguments)]
+
+    def close_call(self) -> list[bytes]:
+        """Finish the call being streamed, which joins the output."""
+        assert self.calling is not None
+        call, index = self.calling[1], len(self.output)
+        done = call_item(call, plan=self.shell.plan)
+        self.calling = None
+        self.output.append(done)
+        return [
+            self.item_frame("response.function_call_arguments.done", done["id"], index, arguments=call.arguments),
+            self.frame("response.output_item.done", output_index=index, item=done),
+        ]
+
+    def emit_whole_calls(self, calls: list[ToolCall]) -> list[bytes]:
+        """The calls not streamed already, each a whole item: added, its arguments in one delta, done."""
+        frames = self.close_message() if self.message is not None else []
+        for call in self.streamed.unstreamed(calls):
+            frames += self.emit_whole_call(call)
+        return frames
+
+    def emit_whole_call(self, call: ToolCall) -> list[bytes]:
+        """One call read whole (forced calls, generic formats), as a complete item."""
+        started = call_item(call, "in_progress", "", self.shell.plan)
+        done = call_item(call, plan=self.shell.plan)
+        item_id, index = started["id"], len(self.output)
+        frames = [
+            self.frame("response.output_item.added", output_index=index, item=started),
+            self.item_frame("response.function_call_arguments.delta", item_id, index, delta=call.arguments),
+            self.item_frame("response.function_call_arguments.done", item_id, index, arguments=call.arguments),
+            self.frame("response.output_item.done", output_index=index, item=done),
+        ]
+        self.output.append(done)
+        return frames
+
+    def finish(self, event: Finished) -> list[bytes]:
+        """Close the message, then response.completed (or response.incomplete, when cut by max_output_tokens)."""
+        frames: list[bytes] = []
+        if self.message is None and all(item["type"] == "reasoning" for item in self.output):
+            frames += self.open_message()  # an empty answer is still one (empty) message
+        if self.message is not None:
+            frames += self.close_message("incomplete" if event.reason == "length" else "completed")
+        final = self.shell.json("completed", self.output, event)
+        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        return frames + [self.frame(kind, response=final)]
+
+    def fail(self, exc: Exception) -> bytes:
+        """response.failed, with the items done so far and the error."""
         error = from_exception(exc)
-        failed = {**shell.json("failed", output), "error": {"code": error.code or "server_error", "message": error.message}}
-        yield frame("response.failed", response=failed)
+        details = {"code": error.code or "server_error", "message": error.message}
+        return self.frame("response.failed", response={**self.shell.json("failed", self.output), "error": details})
 
 
 def response_json(shell: ResponseShell, text: str, calls: list[ToolCall], finished: Finished, reasoning: str = "") -> dict[str, Any]:
