@@ -16,9 +16,9 @@ import pytest
 
 from sovereign.errors import InsufficientDisk, IntegrityError, NotGGUF
 from sovereign.store import Store
-from sovereign.store import http_download
+from sovereign.store.http import segmented as http_download
 from sovereign.store.files import sidecar_path
-from sovereign.store.http_download import download
+from sovereign.store.http.segmented import download
 from sovereign.store.progress import NullReporter
 from tests.conftest import pull_in_process, write_gguf
 from tests.fakehub import FakeHubServer, FakeRepo

@@ -17,7 +17,8 @@ from gguf import GGUFWriter
 
 from sovereign.errors import InsufficientDisk, ModelNotFound, NotGGUF, StoreError
 from sovereign.refs import parse_name
-from sovereign.store import PullOptions, Store, http_download
+from sovereign.store import PullOptions, Store
+from sovereign.store.http import segmented as http_download
 from sovereign.store.gguf_header import read_gguf_info
 from sovereign.store.store import PruneResult
 from tests.conftest import assert_clean_error, pull_in_process, run_cli, write_gguf
