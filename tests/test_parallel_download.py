@@ -16,9 +16,9 @@ import pytest
 
 from sovereign.errors import InsufficientDisk, IntegrityError, NotGGUF
 from sovereign.store import Store
-from sovereign.store.http import segmented as http_download
 from sovereign.store.files import sidecar_path
-from sovereign.store.http.segmented import download
+from sovereign.store.http import segmented
+from sovereign.store.http.download import download
 from sovereign.store.progress import NullReporter
 from tests.conftest import pull_in_process, write_gguf
 from tests.fakehub import FakeHubServer, FakeRepo
@@ -30,10 +30,10 @@ NAME = "par-Q4_K_M.gguf"
 
 @pytest.fixture(autouse=True)
 def small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http_download, "PARALLEL_MIN_SIZE", 2 * MIB)
-    monkeypatch.setattr(http_download, "SEGMENT_MIN", MIB)
-    monkeypatch.setattr(http_download, "SEGMENT_MAX", MIB)
-    monkeypatch.setattr(http_download, "STATE_SAVE_INTERVAL", 0.05)
+    monkeypatch.setattr(segmented, "PARALLEL_MIN_SIZE", 2 * MIB)
+    monkeypatch.setattr(segmented, "SEGMENT_MIN", MIB)
+    monkeypatch.setattr(segmented, "SEGMENT_MAX", MIB)
+    monkeypatch.setattr(segmented, "STATE_SAVE_INTERVAL", 0.05)
 
 
 def _serve(hub: FakeHubServer, tmp_path: Path, megabytes: float = 6, seed: int = 0, **knobs: object) -> tuple[str, bytes]:
