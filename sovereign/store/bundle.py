@@ -22,9 +22,7 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import sysconfig
 import tarfile
 import tempfile
 import time
@@ -32,17 +30,21 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO
 
 from sovereign.catalog import Catalog, ModelSpec
-from sovereign.errors import IntegrityError, ModelNotFound, StoreError
+from sovereign.errors import BundleError, IntegrityError, ModelNotFound, StoreError
 from sovereign.refs import ModelName, parse_name
 from sovereign.store.files import CHUNK, ensure_free_space
 from sovereign.store.gguf_header import has_gguf_magic
 from sovereign.store.manifest import Manifest, ModelFile, SourceRecord
 from sovereign.store.progress import NullReporter, PullReporter
+from sovereign.store.runtime_wheels import (
+    build_runtime,
+    installed_version,
+    runtime_mismatch,
+)
 from sovereign.store.store import Store
 
 FORMAT = "sovereign-bundle"
@@ -55,10 +57,6 @@ FAT32_MAX = 4 * 1024**3 - 1  # the largest file a FAT32 stick holds
 CATALOG_EXTRA = "catalog"  # Manifest.extra key holding the catalog settings a bundle carried
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
-
-
-class BundleError(StoreError):
-    """A bundle that cannot be written, or read back whole and unchanged."""
 
 
 def parse_split(text: str) -> int:
@@ -334,7 +332,7 @@ def _write(
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "created_by": f"sovereign {_version('sovereign')}",
+        "created_by": f"sovereign {installed_version('sovereign')}",
         "runtime": RUNTIME_JSON if runtime else None,
         "models": entries,
     }
@@ -374,121 +372,6 @@ def _write_model_file(
     if model_file.digest and model_file.digest != f"sha256:{sha}":
         raise IntegrityError(f"the store's copy of {model_file.filename} is damaged (its sha256 is not its name)", "pull the model again, then export")
     return {"size": size, "sha256": sha, "pieces": pieces}
-
-
-# -- the runtime ---------------------------------------------------------------------------------------
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _tags() -> Any:
-    try:
-        from packaging import tags, utils
-    except ImportError:  # pip always carries a copy
-        from pip._vendor.packaging import tags, utils  # type: ignore[no-redef]
-    return tags, utils
-
-
-def runtime_facts() -> dict[str, Any]:
-    """The interpreter and platform wheels are built for."""
-    tags, _ = _tags()
-    first = next(iter(tags.sys_tags()))
-    return {
-        "python": ".".join(map(str, sys.version_info[:3])),
-        "implementation": sys.implementation.name,
-        "python_tag": f"{tags.interpreter_name()}{tags.interpreter_version()}",
-        "abi": first.abi,
-        "platform": sysconfig.get_platform(),
-        "platform_tag": first.platform,
-    }
-
-
-def _requirement_closure(root: str) -> dict[str, str]:
-    """Every installed distribution `root` needs (markers evaluated, no extras), pinned to its installed version."""
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:
-        from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
-    pins: dict[str, str] = {}
-    todo = [root]
-    while todo:
-        name = todo.pop()
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            raise BundleError(f"{name}, which sovereign needs, is not installed", "install sovereign fully before --with-runtime") from None
-        key = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
-        if key in pins:
-            continue
-        pins[key] = dist.version
-        for text in dist.requires or []:
-            req = Requirement(text)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
-    return pins
-
-
-def _project_dir() -> Path:
-    """The source folder of this sovereign (an editable or file:// install), to build its wheel from."""
-    try:
-        text = metadata.distribution("sovereign").read_text("direct_url.json")
-        url = json.loads(text or "{}").get("url", "")
-    except metadata.PackageNotFoundError:
-        url = ""
-    candidates = [Path(url.removeprefix("file://"))] if url.startswith("file://") else []
-    candidates.append(Path(__file__).resolve().parents[2])
-    for folder in candidates:
-        if (folder / "pyproject.toml").is_file() and (folder / "sovereign").is_dir():
-            return folder
-    raise BundleError("cannot find sovereign's source folder to build its wheel", "run export --with-runtime from a checkout (pip install -e .)")
-
-
-def _pip(args: list[str], reporter: PullReporter) -> None:
-    reporter.status("pip " + " ".join(args[:2]) + " …")
-    done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BundleError(f"pip {args[0]} failed: {last}", "check the package index (or pip's cache) is reachable, or export without --with-runtime")
-
-
-def build_runtime(folder: Path, reporter: PullReporter) -> dict[str, Any]:
-    """Wheels of sovereign and every dependency into folder (llama-cpp-python comes from pip's wheel cache when it was built here)."""
-    project = _project_dir()
-    _pip(["wheel", "--no-deps", "--quiet", "-w", str(folder), str(project)], reporter)
-    pins = {k: v for k, v in _requirement_closure("sovereign").items() if k != "sovereign"}
-    requirements = folder / "requirements.txt"
-    requirements.write_text("".join(f"{name}=={version}\n" for name, version in sorted(pins.items())))
-    # --no-deps with every pin: exactly the versions running here; a locally built wheel (llama-cpp-python) is a cache hit.
-    _pip(["wheel", "--no-deps", "--quiet", "-w", str(folder), "-r", str(requirements)], reporter)
-    requirements.unlink()
-    wheels = sorted(p.name for p in folder.glob("*.whl"))
-    return {**runtime_facts(), "sovereign": _version("sovereign"), "llama_cpp_python": _version("llama-cpp-python"),
-            "requirements": pins, "wheels": wheels}
-
-
-def runtime_mismatch(runtime: dict[str, Any], wheels: list[str]) -> str | None:
-    """Why the bundle's wheels cannot install here (None when every wheel fits this interpreter and platform)."""
-    tags, utils = _tags()
-    here = set(tags.sys_tags())
-    misfits = []
-    for wheel in wheels:
-        try:
-            _, _, _, wheel_tags = utils.parse_wheel_filename(wheel)
-        except Exception:  # noqa: BLE001 - an odd name is simply not installable
-            misfits.append(wheel)
-            continue
-        if not here & set(wheel_tags):
-            misfits.append(wheel)
-    if not misfits:
-        return None
-    mine = runtime_facts()
-    return (f"the runtime in this bundle is for Python {runtime.get('python', '?')} ({runtime.get('abi', '?')}, {runtime.get('platform_tag', '?')}); "
-            f"this machine runs Python {mine['python']} ({mine['abi']}, {mine['platform_tag']}): its wheels were not used, only the models were imported")
 
 
 # -- reading -------------------------------------------------------------------------------------------
