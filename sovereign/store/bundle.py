@@ -33,12 +33,17 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO
 
-from sovereign.catalog import Catalog, ModelSpec
+from sovereign.catalog import Catalog
 from sovereign.errors import BundleError, IntegrityError, ModelNotFound, StoreError
 from sovereign.refs import ModelName, parse_name
 from sovereign.store.files import CHUNK, ensure_free_space
 from sovereign.store.gguf_header import has_gguf_magic
 from sovereign.store.manifest import Manifest, ModelFile, SourceRecord
+from sovereign.store.model_settings import (
+    catalog_settings,
+    extra_with_settings,
+    spec_from_manifest,  # noqa: F401 - importable here until engine/pool.py and cli.py use sovereign.store
+)
 from sovereign.store.progress import NullReporter, PullReporter
 from sovereign.store.runtime_wheels import (
     build_runtime,
@@ -54,7 +59,6 @@ SUMS = "SHA256SUMS"
 README = "README.txt"
 RUNTIME_JSON = "runtime.json"
 FAT32_MAX = 4 * 1024**3 - 1  # the largest file a FAT32 stick holds
-CATALOG_EXTRA = "catalog"  # Manifest.extra key holding the catalog settings a bundle carried
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 
@@ -76,46 +80,6 @@ def safe_relpath(name: str) -> str:
     if not parts or any(p == ".." for p in parts):
         raise BundleError(f"the bundle names an unsafe path: {name!r}", "the bundle was not made by `sovereign export`; refusing it")
     return "/".join(parts)
-
-
-# -- catalog settings carried in manifests ----------------------------------------------------------
-
-
-def catalog_settings(spec: ModelSpec | None, manifest: Manifest) -> dict[str, Any] | None:
-    """What the catalog says about running a model (template, stops, context, license), for the bundle."""
-    if spec is None:
-        carried = manifest.extra.get(CATALOG_EXTRA)  # imported before: pass it on
-        return dict(carried) if isinstance(carried, dict) else None
-    return {
-        "name": str(spec.name),
-        "description": spec.description,
-        "chat_template": spec.chat_template,
-        "stop": list(spec.stop),
-        "context_length": spec.context_length,
-        "license": spec.license,
-    }
-
-
-def spec_from_manifest(manifest: Manifest) -> ModelSpec | None:
-    """A catalog entry rebuilt from the settings an imported model carries (None if it carries none).
-
-    The engine's pool can fall back to it when the local catalog does not know the model:
-    `return self.catalog.get(parse_name(manifest.name)) or spec_from_manifest(manifest)`.
-    """
-    data = manifest.extra.get(CATALOG_EXTRA)
-    if not isinstance(data, dict):
-        return None
-    stop = data.get("stop") or []
-    context = data.get("context_length")
-    return ModelSpec(
-        name=parse_name(manifest.name),
-        sources=(),
-        description=str(data.get("description") or ""),
-        license=data.get("license") if isinstance(data.get("license"), str) else None,
-        context_length=context if isinstance(context, int) and context > 0 else None,
-        stop=tuple(s for s in stop if isinstance(s, str)) if isinstance(stop, list) else (),
-        chat_template=data.get("chat_template") if isinstance(data.get("chat_template"), str) else None,
-    )
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -525,9 +489,7 @@ def _plan(store: Store, bundle: dict[str, Any], sums: dict[str, str]) -> tuple[l
                     rel = safe_relpath(piece["path"])
                     if sums.get(rel) != piece["sha256"]:
                         raise BundleError(f"{rel} is not in {SUMS} with the checksum {BUNDLE_JSON} gives", "copy the bundle again")
-            extra = dict(original.get("extra") or {})
-            if entry.get("catalog"):
-                extra[CATALOG_EXTRA] = entry["catalog"]
+            extra = extra_with_settings(dict(original.get("extra") or {}), entry.get("catalog"))
             manifest = Manifest(
                 name=str(name),
                 files=tuple(ModelFile(filename=f["filename"], size=int(f["size"]), digest=f"sha256:{f['sha256']}") for f in files),
@@ -676,5 +638,5 @@ def _commit(store: Store, staged: dict[str, Path], todo: list[_Planned], result:
 
 
 __all__ = [
-    "BundleError", "ExportResult", "ImportResult", "export_bundle", "import_bundle", "parse_split", "spec_from_manifest",
+    "BundleError", "ExportResult", "ImportResult", "export_bundle", "import_bundle", "parse_split",
 ]
