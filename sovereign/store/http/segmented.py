@@ -92,7 +92,7 @@ class _Changed(Exception):
 class _Task(NamedTuple):
     """A segment for a worker, and the whole-file answer that already carries its bytes (if any)."""
 
-    segment: int  # its number (a NamedTuple cannot call a field `index`: that is tuple.index)
+    segment: int  # its number (not `index`, which would shadow tuple.index)
     response: httpx.Response | None = None
     stream: Iterator[bytes] | None = None
     head: bytes | memoryview = b""  # what the stream's last read held past the previous segment's end
