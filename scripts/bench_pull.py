@@ -51,7 +51,7 @@ def _time(command: list[str], env: dict[str, str]) -> float:
 _TRANSFER = """
 import sys, time
 from pathlib import Path
-from sovereign.store.http_download import download
+from sovereign.store.http.download import download
 from sovereign.store.progress import NullReporter
 start = time.perf_counter()
 download(sys.argv[1], Path(sys.argv[2]), NullReporter())

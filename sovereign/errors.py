@@ -9,6 +9,7 @@ class to a status code and OpenAI's error envelope.
     ├── CatalogError          a models.toml that cannot be read
     ├── ModelNotFound         a name that is neither in the catalog nor in the store
     ├── StoreError            the store on disk is damaged or cannot be written
+    │   └── BundleError       a bundle that cannot be written, or read back whole and unchanged
     └── PullError             a pull that did not produce a model
         ├── SourceUnavailable a source that could not be reached or does not have the file
         ├── AccessDenied      a source that refused us (gated repository, bad token)
@@ -54,6 +55,10 @@ class ModelNotFound(SovereignError):
 
 class StoreError(SovereignError):
     """The model store on disk is damaged or cannot be written."""
+
+
+class BundleError(StoreError):
+    """A bundle that cannot be written, or read back whole and unchanged."""
 
 
 class PullError(SovereignError):

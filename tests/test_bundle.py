@@ -16,8 +16,8 @@ from sovereign.catalog import load_catalog
 from sovereign.config import Settings
 from sovereign.errors import SovereignError
 from sovereign.refs import parse_name
-from sovereign.store import PullOptions, Store, bundle
-from sovereign.store.bundle import FAT32_MAX, BundleError, export_bundle, import_bundle, parse_split, spec_from_manifest
+from sovereign.store import PullOptions, Store, bundle, spec_from_manifest
+from sovereign.store.bundle import FAT32_MAX, BundleError, export_bundle, import_bundle, parse_split
 from tests.conftest import GEMMA, assert_clean_error, pull_in_process, write_gguf
 
 # The commands until sovereign/cli.py registers them (then the real `sovereign` is used as is).

@@ -16,9 +16,9 @@ import pytest
 
 from sovereign.errors import InsufficientDisk, IntegrityError, NotGGUF
 from sovereign.store import Store
-from sovereign.store import http_download
 from sovereign.store.files import sidecar_path
-from sovereign.store.http_download import download
+from sovereign.store.http import segmented
+from sovereign.store.http.download import download
 from sovereign.store.progress import NullReporter
 from tests.conftest import pull_in_process, write_gguf
 from tests.fakehub import FakeHubServer, FakeRepo
@@ -30,10 +30,10 @@ NAME = "par-Q4_K_M.gguf"
 
 @pytest.fixture(autouse=True)
 def small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http_download, "PARALLEL_MIN_SIZE", 2 * MIB)
-    monkeypatch.setattr(http_download, "SEGMENT_MIN", MIB)
-    monkeypatch.setattr(http_download, "SEGMENT_MAX", MIB)
-    monkeypatch.setattr(http_download, "STATE_SAVE_INTERVAL", 0.05)
+    monkeypatch.setattr(segmented, "PARALLEL_MIN_SIZE", 2 * MIB)
+    monkeypatch.setattr(segmented, "SEGMENT_MIN", MIB)
+    monkeypatch.setattr(segmented, "SEGMENT_MAX", MIB)
+    monkeypatch.setattr(segmented, "STATE_SAVE_INTERVAL", 0.05)
 
 
 def _serve(hub: FakeHubServer, tmp_path: Path, megabytes: float = 6, seed: int = 0, **knobs: object) -> tuple[str, bytes]:
@@ -55,6 +55,7 @@ class _Counting(NullReporter):
     def __init__(self) -> None:
         self.total = 0
         self.begun: list[tuple[str, int | None, int]] = []
+        self.statuses: list[str] = []
 
     def begin(self, label: str, total: int | None, completed: int = 0) -> None:
         self.begun.append((label, total, completed))
@@ -62,6 +63,9 @@ class _Counting(NullReporter):
 
     def advance(self, nbytes: int) -> None:
         self.total += nbytes
+
+    def status(self, message: str) -> None:
+        self.statuses.append(message)
 
 
 class _InterruptAfter(_Counting):
@@ -134,6 +138,18 @@ def test_a_server_that_advertises_ranges_but_ignores_them_falls_back_to_one_conn
     assert download(url, dest, NullReporter(), connections=4) == hashlib.sha256(data).hexdigest()
     assert dest.read_bytes() == data
     assert _ranges(hub)[-1] is None, "the last attempt is one plain stream"
+
+
+def test_ranges_ignored_by_an_added_connection_make_the_next_attempt_one_stream(hub: FakeHubServer, tmp_path: Path) -> None:
+    """The whole-file answer carries the first segments; the range request of a second connection comes back whole."""
+    url, data = _serve(hub, tmp_path, megabytes=8, accept_ranges=False, advertise_ranges=True)
+    _cap_connections(hub)  # so the download adds a connection, whose range request is ignored
+    reporter = _Counting()
+    dest = tmp_path / NAME
+    assert download(url, dest, reporter, connections=4) == hashlib.sha256(data).hexdigest()
+    assert dest.read_bytes() == data
+    assert reporter.statuses == ["transfer interrupted (RemoteProtocolError); resuming"], "one restart, no more"
+    assert _ranges(hub)[0] is None and _ranges(hub)[-1] is None and any(_ranges(hub)), "whole, a range, then one stream"
 
 
 def test_a_small_file_gets_one_connection(hub: FakeHubServer, tmp_path: Path) -> None:

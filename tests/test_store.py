@@ -17,8 +17,9 @@ from gguf import GGUFWriter
 
 from sovereign.errors import InsufficientDisk, ModelNotFound, NotGGUF, StoreError
 from sovereign.refs import parse_name
-from sovereign.store import PullOptions, Store, http_download
+from sovereign.store import PullOptions, Store
 from sovereign.store.gguf_header import read_gguf_info
+from sovereign.store.http import single
 from sovereign.store.store import PruneResult
 from tests.conftest import assert_clean_error, pull_in_process, run_cli, write_gguf
 from tests.fakehub import FakeHubServer, FakeRepo
@@ -132,7 +133,7 @@ def _disk_that_fills_with(partial: Path, monkeypatch: pytest.MonkeyPatch, free: 
 def test_free_space_is_checked_as_bytes_arrive_without_content_length(
     no_length_server: str, monkeypatch: pytest.MonkeyPatch, isolated_home: Path
 ) -> None:
-    monkeypatch.setattr(http_download, "SPACE_CHECK_INTERVAL", 1024 * 1024)
+    monkeypatch.setattr(single, "SPACE_CHECK_INTERVAL", 1024 * 1024)
     monkeypatch.setenv("SOVEREIGN_MIN_FREE_BYTES", str(2 * 1024 * 1024))
     _disk_that_fills_with(isolated_home / "partial", monkeypatch, free=5 * 1024 * 1024)  # room for ~2 MiB of a 4 MiB file
     with pytest.raises(InsufficientDisk) as error:
@@ -148,7 +149,7 @@ def test_free_space_is_checked_as_bytes_arrive_without_content_length(
 def test_disk_full_hint_names_the_partial_download_and_prune_frees_it(
     no_length_server: str, monkeypatch: pytest.MonkeyPatch, isolated_home: Path
 ) -> None:
-    monkeypatch.setattr(http_download, "SPACE_CHECK_INTERVAL", 1024 * 1024)
+    monkeypatch.setattr(single, "SPACE_CHECK_INTERVAL", 1024 * 1024)
     with monkeypatch.context() as disk:
         _disk_that_fills_with(isolated_home / "partial", disk, free=256 * 1024 * 1024 + 3 * 1024 * 1024)
         with pytest.raises(InsufficientDisk):

@@ -22,9 +22,7 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import sysconfig
 import tarfile
 import tempfile
 import time
@@ -32,17 +30,26 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO
 
-from sovereign.catalog import Catalog, ModelSpec
-from sovereign.errors import IntegrityError, ModelNotFound, StoreError
+from sovereign.catalog import Catalog
+from sovereign.errors import BundleError, IntegrityError, ModelNotFound, StoreError
 from sovereign.refs import ModelName, parse_name
 from sovereign.store.files import CHUNK, ensure_free_space
 from sovereign.store.gguf_header import has_gguf_magic
 from sovereign.store.manifest import Manifest, ModelFile, SourceRecord
+from sovereign.store.model_settings import (
+    catalog_settings,
+    extra_with_settings,
+    spec_from_manifest,  # noqa: F401 - importable here until engine/pool.py and cli.py use sovereign.store
+)
 from sovereign.store.progress import NullReporter, PullReporter
+from sovereign.store.runtime_wheels import (
+    build_runtime,
+    installed_version,
+    runtime_mismatch,
+)
 from sovereign.store.store import Store
 
 FORMAT = "sovereign-bundle"
@@ -52,13 +59,8 @@ SUMS = "SHA256SUMS"
 README = "README.txt"
 RUNTIME_JSON = "runtime.json"
 FAT32_MAX = 4 * 1024**3 - 1  # the largest file a FAT32 stick holds
-CATALOG_EXTRA = "catalog"  # Manifest.extra key holding the catalog settings a bundle carried
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
-
-
-class BundleError(StoreError):
-    """A bundle that cannot be written, or read back whole and unchanged."""
 
 
 def parse_split(text: str) -> int:
@@ -78,46 +80,6 @@ def safe_relpath(name: str) -> str:
     if not parts or any(p == ".." for p in parts):
         raise BundleError(f"the bundle names an unsafe path: {name!r}", "the bundle was not made by `sovereign export`; refusing it")
     return "/".join(parts)
-
-
-# -- catalog settings carried in manifests ----------------------------------------------------------
-
-
-def catalog_settings(spec: ModelSpec | None, manifest: Manifest) -> dict[str, Any] | None:
-    """What the catalog says about running a model (template, stops, context, license), for the bundle."""
-    if spec is None:
-        carried = manifest.extra.get(CATALOG_EXTRA)  # imported before: pass it on
-        return dict(carried) if isinstance(carried, dict) else None
-    return {
-        "name": str(spec.name),
-        "description": spec.description,
-        "chat_template": spec.chat_template,
-        "stop": list(spec.stop),
-        "context_length": spec.context_length,
-        "license": spec.license,
-    }
-
-
-def spec_from_manifest(manifest: Manifest) -> ModelSpec | None:
-    """A catalog entry rebuilt from the settings an imported model carries (None if it carries none).
-
-    The engine's pool can fall back to it when the local catalog does not know the model:
-    `return self.catalog.get(parse_name(manifest.name)) or spec_from_manifest(manifest)`.
-    """
-    data = manifest.extra.get(CATALOG_EXTRA)
-    if not isinstance(data, dict):
-        return None
-    stop = data.get("stop") or []
-    context = data.get("context_length")
-    return ModelSpec(
-        name=parse_name(manifest.name),
-        sources=(),
-        description=str(data.get("description") or ""),
-        license=data.get("license") if isinstance(data.get("license"), str) else None,
-        context_length=context if isinstance(context, int) and context > 0 else None,
-        stop=tuple(s for s in stop if isinstance(s, str)) if isinstance(stop, list) else (),
-        chat_template=data.get("chat_template") if isinstance(data.get("chat_template"), str) else None,
-    )
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -334,7 +296,7 @@ def _write(
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "created_by": f"sovereign {_version('sovereign')}",
+        "created_by": f"sovereign {installed_version('sovereign')}",
         "runtime": RUNTIME_JSON if runtime else None,
         "models": entries,
     }
@@ -374,121 +336,6 @@ def _write_model_file(
     if model_file.digest and model_file.digest != f"sha256:{sha}":
         raise IntegrityError(f"the store's copy of {model_file.filename} is damaged (its sha256 is not its name)", "pull the model again, then export")
     return {"size": size, "sha256": sha, "pieces": pieces}
-
-
-# -- the runtime ---------------------------------------------------------------------------------------
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _tags() -> Any:
-    try:
-        from packaging import tags, utils
-    except ImportError:  # pip always carries a copy
-        from pip._vendor.packaging import tags, utils  # type: ignore[no-redef]
-    return tags, utils
-
-
-def runtime_facts() -> dict[str, Any]:
-    """The interpreter and platform wheels are built for."""
-    tags, _ = _tags()
-    first = next(iter(tags.sys_tags()))
-    return {
-        "python": ".".join(map(str, sys.version_info[:3])),
-        "implementation": sys.implementation.name,
-        "python_tag": f"{tags.interpreter_name()}{tags.interpreter_version()}",
-        "abi": first.abi,
-        "platform": sysconfig.get_platform(),
-        "platform_tag": first.platform,
-    }
-
-
-def _requirement_closure(root: str) -> dict[str, str]:
-    """Every installed distribution `root` needs (markers evaluated, no extras), pinned to its installed version."""
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:
-        from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
-    pins: dict[str, str] = {}
-    todo = [root]
-    while todo:
-        name = todo.pop()
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            raise BundleError(f"{name}, which sovereign needs, is not installed", "install sovereign fully before --with-runtime") from None
-        key = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
-        if key in pins:
-            continue
-        pins[key] = dist.version
-        for text in dist.requires or []:
-            req = Requirement(text)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
-    return pins
-
-
-def _project_dir() -> Path:
-    """The source folder of this sovereign (an editable or file:// install), to build its wheel from."""
-    try:
-        text = metadata.distribution("sovereign").read_text("direct_url.json")
-        url = json.loads(text or "{}").get("url", "")
-    except metadata.PackageNotFoundError:
-        url = ""
-    candidates = [Path(url.removeprefix("file://"))] if url.startswith("file://") else []
-    candidates.append(Path(__file__).resolve().parents[2])
-    for folder in candidates:
-        if (folder / "pyproject.toml").is_file() and (folder / "sovereign").is_dir():
-            return folder
-    raise BundleError("cannot find sovereign's source folder to build its wheel", "run export --with-runtime from a checkout (pip install -e .)")
-
-
-def _pip(args: list[str], reporter: PullReporter) -> None:
-    reporter.status("pip " + " ".join(args[:2]) + " …")
-    done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BundleError(f"pip {args[0]} failed: {last}", "check the package index (or pip's cache) is reachable, or export without --with-runtime")
-
-
-def build_runtime(folder: Path, reporter: PullReporter) -> dict[str, Any]:
-    """Wheels of sovereign and every dependency into folder (llama-cpp-python comes from pip's wheel cache when it was built here)."""
-    project = _project_dir()
-    _pip(["wheel", "--no-deps", "--quiet", "-w", str(folder), str(project)], reporter)
-    pins = {k: v for k, v in _requirement_closure("sovereign").items() if k != "sovereign"}
-    requirements = folder / "requirements.txt"
-    requirements.write_text("".join(f"{name}=={version}\n" for name, version in sorted(pins.items())))
-    # --no-deps with every pin: exactly the versions running here; a locally built wheel (llama-cpp-python) is a cache hit.
-    _pip(["wheel", "--no-deps", "--quiet", "-w", str(folder), "-r", str(requirements)], reporter)
-    requirements.unlink()
-    wheels = sorted(p.name for p in folder.glob("*.whl"))
-    return {**runtime_facts(), "sovereign": _version("sovereign"), "llama_cpp_python": _version("llama-cpp-python"),
-            "requirements": pins, "wheels": wheels}
-
-
-def runtime_mismatch(runtime: dict[str, Any], wheels: list[str]) -> str | None:
-    """Why the bundle's wheels cannot install here (None when every wheel fits this interpreter and platform)."""
-    tags, utils = _tags()
-    here = set(tags.sys_tags())
-    misfits = []
-    for wheel in wheels:
-        try:
-            _, _, _, wheel_tags = utils.parse_wheel_filename(wheel)
-        except Exception:  # noqa: BLE001 - an odd name is simply not installable
-            misfits.append(wheel)
-            continue
-        if not here & set(wheel_tags):
-            misfits.append(wheel)
-    if not misfits:
-        return None
-    mine = runtime_facts()
-    return (f"the runtime in this bundle is for Python {runtime.get('python', '?')} ({runtime.get('abi', '?')}, {runtime.get('platform_tag', '?')}); "
-            f"this machine runs Python {mine['python']} ({mine['abi']}, {mine['platform_tag']}): its wheels were not used, only the models were imported")
 
 
 # -- reading -------------------------------------------------------------------------------------------
@@ -642,9 +489,7 @@ def _plan(store: Store, bundle: dict[str, Any], sums: dict[str, str]) -> tuple[l
                     rel = safe_relpath(piece["path"])
                     if sums.get(rel) != piece["sha256"]:
                         raise BundleError(f"{rel} is not in {SUMS} with the checksum {BUNDLE_JSON} gives", "copy the bundle again")
-            extra = dict(original.get("extra") or {})
-            if entry.get("catalog"):
-                extra[CATALOG_EXTRA] = entry["catalog"]
+            extra = extra_with_settings(dict(original.get("extra") or {}), entry.get("catalog"))
             manifest = Manifest(
                 name=str(name),
                 files=tuple(ModelFile(filename=f["filename"], size=int(f["size"]), digest=f"sha256:{f['sha256']}") for f in files),
@@ -793,5 +638,5 @@ def _commit(store: Store, staged: dict[str, Path], todo: list[_Planned], result:
 
 
 __all__ = [
-    "BundleError", "ExportResult", "ImportResult", "export_bundle", "import_bundle", "parse_split", "spec_from_manifest",
+    "BundleError", "ExportResult", "ImportResult", "export_bundle", "import_bundle", "parse_split",
 ]

@@ -17,7 +17,7 @@ from sovereign.config import Settings
 from sovereign.errors import PullError, SourceUnavailable
 from sovereign.refs import HfRef, SourceRef, UrlRef
 from sovereign.store.gguf_header import NeedMoreBytes, kv_bytes_per_token, parse_header, quantization_of
-from sovereign.store.http_download import content_range_total, make_client, raise_for_status, total_size
+from sovereign.store.http.transport import content_range_total, make_client, raise_for_status, total_size
 
 FIRST_READ = 2 * 2**20
 LARGEST_READ = 64 * 2**20

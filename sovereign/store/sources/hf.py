@@ -21,7 +21,8 @@ from sovereign.config import Settings
 from sovereign.errors import AccessDenied, InsufficientDisk, PullError, SourceUnavailable
 from sovereign.refs import HfRef
 from sovereign.store.files import ensure_free_space, partial_size, verify_file
-from sovereign.store.http_download import check_transport, download
+from sovereign.store.http.download import download
+from sovereign.store.http.transport import check_transport
 from sovereign.store.sources.base import SHARD_PATTERN, FetchContext, Fetched, FetchedFile, shard_siblings
 
 

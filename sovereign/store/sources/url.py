@@ -7,7 +7,8 @@ from urllib.parse import urlparse
 
 from sovereign.refs import UrlRef, sanitize_tag
 from sovereign.store.files import ensure_free_space, partial_size, verify_file
-from sovereign.store.http_download import check_transport, download
+from sovereign.store.http.download import download
+from sovereign.store.http.transport import check_transport
 from sovereign.store.sources.base import FetchContext, Fetched, FetchedFile
 
 
