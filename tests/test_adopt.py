@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from sovereign.cli_adopt import adopt as adopt_command
-from sovereign.cli_render import models_table
+from sovereign.cli.adopt import adopt as adopt_command
+from sovereign.cli.render import models_table
 from sovereign.errors import ModelNotFound
 from sovereign.refs import parse_name
 from sovereign.store import PullOptions, Store

@@ -23,7 +23,7 @@ from tests.conftest import GEMMA, assert_clean_error, pull_in_process, write_ggu
 # The commands until sovereign/cli.py registers them (then the real `sovereign` is used as is).
 _SHIM = """
 from sovereign.cli import app, main
-from sovereign import cli_bundle
+from sovereign.cli import bundle as cli_bundle
 if "export" not in {c.name for c in app.registered_commands}:
     app.command("export")(cli_bundle.export)
     app.command("import")(cli_bundle.import_)

@@ -2,7 +2,7 @@
 
 Registered in sovereign/cli.py with:
 
-    from sovereign import cli_bundle
+    from sovereign.cli import bundle as cli_bundle
     app.command("export")(cli_bundle.export)
     app.command("import")(cli_bundle.import_)
 
@@ -43,7 +43,7 @@ def export(
 ) -> None:
     """Write models to a folder or tar for a machine without a network (verified on import)."""
     from sovereign.cli import Core, err
-    from sovereign.cli_render import RichPullReporter
+    from sovereign.cli.render import RichPullReporter
     from sovereign.store.bundle import export_bundle, parse_split
     from sovereign.store.files import human_bytes
 
@@ -72,7 +72,7 @@ def import_(
 ) -> None:
     """Register the models of a bundle written by `sovereign export`, after checking every file."""
     from sovereign.cli import Core, err
-    from sovereign.cli_render import RichPullReporter
+    from sovereign.cli.render import RichPullReporter
     from sovereign.store.bundle import import_bundle
 
     core = Core()

@@ -95,7 +95,7 @@ def pull(
     force: Annotated[bool, typer.Option("--force", help="Pull again even if the model is already here.")] = False,
 ) -> None:
     """Download a model into the store (resumable, verified, atomic)."""
-    from sovereign.cli_render import RichPullReporter
+    from sovereign.cli.render import RichPullReporter
     from sovereign.store import PullOptions
     from sovereign.store import pull as pull_model
 
@@ -114,7 +114,7 @@ def pull(
 @friendly_errors
 def list_models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
     """List the models in the store."""
-    from sovereign.cli_render import dump_json, models_table
+    from sovereign.cli.render import dump_json, models_table
 
     store = Core().store
     manifests = store.list()
@@ -134,7 +134,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Show a pulled model's GGUF facts, license and source."""
-    from sovereign.cli_render import dump_json, manifest_summary, summary_table
+    from sovereign.cli.render import dump_json, manifest_summary, summary_table
 
     core = Core()
     manifest = core.store.require(core.resolve_name(name))
@@ -183,7 +183,7 @@ def prune() -> None:
 @friendly_errors
 def catalog(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
     """List the models the catalog knows by short name."""
-    from sovereign.cli_render import catalog_table, dump_json
+    from sovereign.cli.render import catalog_table, dump_json
 
     cat = Core().catalog
     if as_json:
@@ -193,7 +193,7 @@ def catalog(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for
 
 
 def _engine_options(ctx: int | None, gpu_layers: int | None, threads: int | None, max_models: int, keep_alive: str, **serving: Any) -> Any:
-    from sovereign.launch import EngineOptions, parse_keep_alive
+    from sovereign.cli.launch import EngineOptions, parse_keep_alive
 
     return EngineOptions(ctx=ctx, gpu_layers=gpu_layers, threads=threads, max_models=max_models, keep_alive=parse_keep_alive(keep_alive), **serving)
 
@@ -234,7 +234,7 @@ def serve(
     import uvicorn
 
     from sovereign.engine import Engine
-    from sovereign.launch import DEFAULT_PORT, build_pool, check_port_free, ensure_pulled
+    from sovereign.cli.launch import DEFAULT_PORT, build_pool, check_port_free, ensure_pulled
     from sovereign.gateway import parse_upstream
     from sovereign.model_routes import ModelRoutes, parse_route
     from sovereign.server.app import ServerOptions, create_app
@@ -289,9 +289,9 @@ def run(
     threads: ThreadsOption = None,
 ) -> None:
     """Chat with a model in the terminal, or answer one prompt."""
-    from sovereign.chat_repl import run_interactive, run_once
+    from sovereign.cli.repl import run_interactive, run_once
     from sovereign.engine import SamplingParams
-    from sovereign.launch import build_pool, ensure_pulled
+    from sovereign.cli.launch import build_pool, ensure_pulled
 
     core = Core()
     name = ensure_pulled(model, core.settings, core.store, core.catalog, err)
@@ -330,7 +330,7 @@ def bench(
     plot: Annotated[Path | None, typer.Option("--plot", help="Also draw tokens/s against threads (MODEL) or concurrency (--url) into this .png.")] = None,
 ) -> None:
     """Benchmark this machine, a model (like llama-bench) or a server (like vllm bench serve)."""
-    from sovereign import cli_bench
+    import sovereign.cli.bench as cli_bench  # `from sovereign.cli import bench` finds the command
 
     options = cli_bench.BenchOptions(
         model=model, url=url, threads=threads, n_prompt=n_prompt, n_gen=n_gen, batch_size=batch_size, gpu_layers=gpu_layers,
@@ -353,7 +353,7 @@ def fit(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Which catalog models this machine can run, how fast, and the best one to chat with."""
-    from sovereign import cli_bench
+    import sovereign.cli.bench as cli_bench  # `from sovereign.cli import bench` finds the command
 
     core = Core()
     cli_bench.fit(core.settings, core.store, core.catalog, out, err, ctx=ctx, memory=memory, gpu_memory=gpu_memory, bandwidth=bandwidth, remote=remote, as_json=as_json)
@@ -385,8 +385,8 @@ def _log_requests() -> None:
 
 def _register_store_commands() -> None:
     """Commands that live in modules of their own (they import this module's helpers when they run)."""
-    from sovereign import cli_bundle
-    from sovereign.cli_adopt import adopt
+    from sovereign.cli import bundle as cli_bundle
+    from sovereign.cli.adopt import adopt
 
     app.command("adopt")(adopt)
     app.command("export")(cli_bundle.export)

@@ -34,7 +34,7 @@ def adopt(
 
 def _adopt(layouts: list[str], dry_run: bool) -> None:
     from sovereign.cli import Core, err, out
-    from sovereign.cli_render import RichPullReporter
+    from sovereign.cli.render import RichPullReporter
     from sovereign.store.adopt import LAYOUT_LABELS, adopt as adopt_models
     from sovereign.store.files import human_bytes
 

@@ -21,7 +21,7 @@ from sovereign.bench.hardware import Hardware, detect
 from sovereign.bench.model_bench import ModelBenchResult, Sweep, run_sweep
 from sovereign.bench.serve_bench import LevelReport, load_prompts, pick_model, request_bodies, run_level, summarize
 from sovereign.catalog import Catalog
-from sovereign.cli_render import dump_json, format_params
+from sovereign.cli.render import dump_json, format_params
 from sovereign.config import Settings
 from sovereign.engine.kernel_probe import kernel_choice, kernel_status
 from sovereign.engine.resources import physical_cores
