@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import os
 import sys
-from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from sovereign.catalog import Catalog, load_catalog
-from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT, Settings
-from sovereign.errors import SovereignError
-from sovereign.refs import ModelName, parse_name
+from sovereign.cli import adopt, bundle
+from sovereign.cli.common import Core, err, friendly_errors, out
+from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT
+from sovereign.refs import parse_name
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -26,63 +23,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Run open-weight LLMs on your own machine.",
 )
-out = Console()
-err = Console(stderr=True)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def friendly_errors(command: F) -> F:
-    """Turn our errors into one line plus a hint and a non-zero exit; Ctrl-C into a resume hint."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except SovereignError as exc:
-            hint = f" [dim]— {exc.hint}[/]" if exc.hint else ""
-            err.print(f"[bold red]error:[/] {exc.message}{hint}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except OSError as exc:
-            # The file system said no (permissions, a full disk, a read-only home): say where.
-            where = f" ({exc.filename})" if exc.filename else ""
-            err.print(f"[bold red]error:[/] {exc.strerror or exc}{where} [dim]— check permissions and free space, or set SOVEREIGN_HOME[/]", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/] — run the same command again to resume", highlight=False)
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
 
 class ReasoningFormat(str, Enum):
     """What `serve` does with a model's reasoning."""
 
     auto = "auto"
     none = "none"
-
-
-class Core:
-    """The collaborators a command needs, built once from the environment."""
-
-    def __init__(self) -> None:
-        from sovereign.store import Store
-
-        self.settings = Settings.from_env()
-        self.store = Store(self.settings.home)
-        self._catalog: Catalog | None = None
-
-    @property
-    def catalog(self) -> Catalog:
-        """The merged catalog (loaded on first use so `list` stays fast)."""
-        if self._catalog is None:
-            self._catalog = load_catalog(self.settings)
-        return self._catalog
-
-    def resolve_name(self, text: str) -> ModelName:
-        """A store name, following catalog aliases."""
-        name = parse_name(text)
-        return self.catalog.canonical(name) if self.store.get(name) is None else name
 
 
 @app.command()
@@ -383,17 +329,9 @@ def _log_requests() -> None:
         logger.propagate = False
 
 
-def _register_store_commands() -> None:
-    """Commands that live in modules of their own (they import this module's helpers when they run)."""
-    from sovereign.cli import bundle as cli_bundle
-    from sovereign.cli.adopt import adopt
-
-    app.command("adopt")(adopt)
-    app.command("export")(cli_bundle.export)
-    app.command("import")(cli_bundle.import_)
-
-
-_register_store_commands()
+app.command("adopt")(adopt.adopt)
+app.command("export")(bundle.export)
+app.command("import")(bundle.import_)
 
 
 def main() -> None:
