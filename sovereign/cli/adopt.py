@@ -32,7 +32,8 @@ def adopt(
 def _adopt(layouts: list[str], dry_run: bool) -> None:
     """Scan the stores named, register (or with dry_run list) what they hold, and report each model."""
     from sovereign.cli.render import RichPullReporter
-    from sovereign.store.adopt import LAYOUT_LABELS, adopt as adopt_models
+    from sovereign.store.adopt import LAYOUT_LABELS
+    from sovereign.store.adopt import adopt as adopt_models
     from sovereign.store.files import human_bytes
 
     core = Core()

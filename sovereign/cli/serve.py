@@ -61,8 +61,13 @@ def serve(
     """Serve models over an OpenAI-compatible HTTP API."""
     import uvicorn
 
+    from sovereign.cli.launch import (
+        DEFAULT_PORT,
+        build_pool,
+        check_port_free,
+        ensure_pulled,
+    )
     from sovereign.engine import Engine
-    from sovereign.cli.launch import DEFAULT_PORT, build_pool, check_port_free, ensure_pulled
     from sovereign.gateway import parse_upstream
     from sovereign.model_routes import ModelRoutes, parse_route
     from sovereign.server.app import ServerOptions, create_app
@@ -85,7 +90,8 @@ def serve(
     pool = build_pool(core.store, core.catalog, options, core.settings, routes)
     gateway = None
     if upstreams:
-        from sovereign.gateway import Gateway  # aiohttp is imported only by a server with --upstream
+        # aiohttp is imported only by a server with --upstream
+        from sovereign.gateway import Gateway
 
         gateway = Gateway(upstreams, routes, timeout=upstream_timeout, answer_timeout=upstream_answer_timeout, retries=upstream_retries, causes=causes, own_keys=bool(api_key))
     server_options = ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names), allowed_hosts=hosts, max_body=body_limit, gateway=gateway)
@@ -116,9 +122,9 @@ def run(
     threads: ThreadsOption = None,
 ) -> None:
     """Chat with a model in the terminal, or answer one prompt."""
+    from sovereign.cli.launch import build_pool, ensure_pulled
     from sovereign.cli.repl import run_interactive, run_once
     from sovereign.engine import SamplingParams
-    from sovereign.cli.launch import build_pool, ensure_pulled
 
     core = Core()
     name = ensure_pulled(model, core.settings, core.store, core.catalog, err)
