@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -11,7 +11,7 @@ from rich.markup import escape
 from sovereign.cli.common import Core, err, friendly_errors, out
 
 
-class StoreKind(str, Enum):
+class StoreKind(StrEnum):
     """The stores `adopt` can scan."""
 
     ollama = "ollama"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -14,7 +14,7 @@ from sovereign.cli.common import Core, err, friendly_errors
 from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT
 
 
-class ReasoningFormat(str, Enum):
+class ReasoningFormat(StrEnum):
     """What `serve` does with a model's reasoning."""
 
     auto = "auto"
