@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from sovereign.cli_adopt import adopt as adopt_command
-from sovereign.cli_render import models_table
+from sovereign.cli.adopt import adopt as adopt_command
+from sovereign.cli.render import models_table
 from sovereign.errors import ModelNotFound
 from sovereign.refs import parse_name
 from sovereign.store import PullOptions, Store
@@ -272,7 +272,7 @@ def test_the_real_command_when_registered(user_home: Path, isolated_home: Path) 
     from sovereign.cli import app
 
     if not any(c.name == "adopt" or getattr(c.callback, "__name__", "") == "adopt" for c in app.registered_commands):
-        pytest.skip("`adopt` is not registered in sovereign/cli.py yet")
+        pytest.skip("`adopt` is not registered in sovereign/cli/__init__.py yet")
     result = run_cli("adopt", "--dry-run", "--from", "ollama")
     assert result.returncode == 0, result.stderr
     assert "qwen3:8b" in result.stdout and Store(isolated_home).list() == []

@@ -20,15 +20,6 @@ from sovereign.store import PullOptions, Store, bundle, spec_from_manifest
 from sovereign.store.bundle import FAT32_MAX, BundleError, export_bundle, import_bundle, parse_split
 from tests.conftest import GEMMA, assert_clean_error, pull_in_process, write_gguf
 
-# The commands until sovereign/cli.py registers them (then the real `sovereign` is used as is).
-_SHIM = """
-from sovereign.cli import app, main
-from sovereign import cli_bundle
-if "export" not in {c.name for c in app.registered_commands}:
-    app.command("export")(cli_bundle.export)
-    app.command("import")(cli_bundle.import_)
-main()
-"""
 
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
 
@@ -37,9 +28,9 @@ def cli(home: Path, *args: str, stdin: bytes | None = None, stdout: int | io.Buf
     """Run sovereign's export/import with SOVEREIGN_HOME=home."""
     env = {**os.environ, "SOVEREIGN_HOME": str(home), "COLUMNS": "200"}
     if stdin is not None or stdout is not None:
-        done = subprocess.run([sys.executable, "-c", _SHIM, *args], env=env, input=stdin, stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        done = subprocess.run([sys.executable, "-m", "sovereign", *args], env=env, input=stdin, stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
         return subprocess.CompletedProcess(done.args, done.returncode, (done.stdout or b"").decode(errors="replace") if stdout is None else "", done.stderr.decode())
-    return subprocess.run([sys.executable, "-c", _SHIM, *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "sovereign", *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture

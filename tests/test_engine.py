@@ -19,7 +19,7 @@ from sovereign.engine.output import TextAssembler
 from sovereign.engine.json_grammar import integer_bounds, integer_range, json_schema_to_gbnf
 from sovereign.engine.tools import parse_calls
 from sovereign.errors import InvalidRequest
-from sovereign.launch import parse_keep_alive
+from sovereign.cli.launch import parse_keep_alive
 from sovereign.store import NullReporter, PullOptions, Store, pull
 from tests.conftest import GEMMA, ORIGINAL_ENVIRONMENT
 

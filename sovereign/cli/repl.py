@@ -6,7 +6,14 @@ import asyncio
 import sys
 from typing import Any, TextIO
 
-from sovereign.engine import ChatRequest, Engine, Finished, ModelPool, SamplingParams, TextDelta
+from sovereign.engine import (
+    ChatRequest,
+    Engine,
+    Finished,
+    ModelPool,
+    SamplingParams,
+    TextDelta,
+)
 
 HELP = "Commands: /clear forgets the conversation, /bye (or Ctrl-D) quits; Ctrl-C stops an answer."
 

@@ -8,7 +8,15 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from sovereign.catalog import Catalog
@@ -119,7 +127,7 @@ def manifest_summary(manifest: Manifest, paths: list[str], catalog_template: boo
         "source": {"kind": manifest.source.kind, "reference": manifest.source.reference, "detail": manifest.source.detail},
         "sha256_verified": manifest.sha256_verified,
         "pulled_at": manifest.pulled_at,
-        "files": [{"filename": f.filename, "digest": f.digest, "path": p, "in_place": f.in_place} for f, p in zip(manifest.files, paths)],
+        "files": [{"filename": f.filename, "digest": f.digest, "path": p, "in_place": f.in_place} for f, p in zip(manifest.files, paths, strict=False)],
     }
 
 

@@ -42,7 +42,7 @@ def ensure_pulled(name: str, settings: Settings, store: Store, catalog: Catalog,
         return manifest.name
     if catalog.get(catalog.canonical(model)) is None:
         raise ModelNotFound(f"{name} is not pulled and not in the catalog", f"pull it first (sovereign pull {name}) or see `sovereign catalog`")
-    from sovereign.cli_render import RichPullReporter
+    from sovereign.cli.render import RichPullReporter
     from sovereign.store import pull as pull_model
 
     console.print(f"[dim]{name} is not pulled yet: pulling it first[/]", highlight=False)

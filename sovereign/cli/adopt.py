@@ -1,19 +1,17 @@
-"""`sovereign adopt`: register the models Ollama, the Hugging Face cache, LM Studio and llama.cpp already downloaded.
-
-Registered in sovereign/cli.py with `app.command()(adopt)`. Imports sovereign.cli only when it
-runs, so either module can be imported first.
-"""
+"""`sovereign adopt`: register the models Ollama, the Hugging Face cache, LM Studio and llama.cpp already downloaded."""
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
+from sovereign.cli.common import Core, err, friendly_errors, out
 
-class StoreKind(str, Enum):
+
+class StoreKind(StrEnum):
     """The stores `adopt` can scan."""
 
     ollama = "ollama"
@@ -22,20 +20,20 @@ class StoreKind(str, Enum):
     llamacpp = "llamacpp"
 
 
+@friendly_errors
 def adopt(
     from_: Annotated[list[StoreKind] | None, typer.Option("--from", help="Scan only this store: ollama, hf, lmstudio or llamacpp (repeatable; default: all).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be adopted (store, name, size, path) without registering anything.")] = False,
 ) -> None:
     """Register the GGUF models other tools downloaded (Ollama, Hugging Face cache, LM Studio, llama.cpp), without copying them."""
-    from sovereign.cli import friendly_errors
-
-    friendly_errors(_adopt)([kind.value for kind in from_ or list(StoreKind)], dry_run)
+    _adopt([kind.value for kind in from_ or list(StoreKind)], dry_run)
 
 
 def _adopt(layouts: list[str], dry_run: bool) -> None:
-    from sovereign.cli import Core, err, out
-    from sovereign.cli_render import RichPullReporter
-    from sovereign.store.adopt import LAYOUT_LABELS, adopt as adopt_models
+    """Scan the stores named, register (or with dry_run list) what they hold, and report each model."""
+    from sovereign.cli.render import RichPullReporter
+    from sovereign.store.adopt import LAYOUT_LABELS
+    from sovereign.store.adopt import adopt as adopt_models
     from sovereign.store.files import human_bytes
 
     core = Core()

@@ -12,16 +12,29 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from sovereign.bench import fit as fitting
 from sovereign.bench import history
 from sovereign.bench.hardware import Hardware, detect
 from sovereign.bench.model_bench import ModelBenchResult, Sweep, run_sweep
-from sovereign.bench.serve_bench import LevelReport, load_prompts, pick_model, request_bodies, run_level, summarize
+from sovereign.bench.serve_bench import (
+    LevelReport,
+    load_prompts,
+    pick_model,
+    request_bodies,
+    run_level,
+    summarize,
+)
 from sovereign.catalog import Catalog
-from sovereign.cli_render import dump_json, format_params
+from sovereign.cli.render import dump_json, format_params
 from sovereign.config import Settings
 from sovereign.engine.kernels import kernel_choice, kernel_status
 from sovereign.machine import physical_cores

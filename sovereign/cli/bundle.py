@@ -1,40 +1,17 @@
-"""`sovereign export` and `sovereign import`: carry models (and the runtime) to a machine without a network.
-
-Registered in sovereign/cli.py with:
-
-    from sovereign import cli_bundle
-    app.command("export")(cli_bundle.export)
-    app.command("import")(cli_bundle.import_)
-
-This module imports nothing from sovereign.cli at import time, so those lines may sit anywhere in cli.py.
-"""
+"""`sovereign export` and `sovereign import`: carry models (and the runtime) to a machine without a network."""
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
-F = TypeVar("F", bound=Callable[..., Any])
+from sovereign.cli.common import Core, err, friendly_errors
 
 
-def _friendly(command: F) -> F:
-    """cli.friendly_errors, looked up when the command runs (cli.py imports this module)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from sovereign.cli import friendly_errors
-
-        return friendly_errors(command)(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-@_friendly
+@friendly_errors
 def export(
     models: Annotated[list[str], typer.Argument(help="Pulled models to export, e.g. gemma3:270m qwen3:8b.")],
     to: Annotated[str, typer.Option("--to", help="A new folder, a FILE.tar, or - for a tar on stdout.")],
@@ -42,8 +19,7 @@ def export(
     with_runtime: Annotated[bool, typer.Option("--with-runtime", help="Also add wheels of sovereign and every dependency for this platform, for `pip install --no-index`.")] = False,
 ) -> None:
     """Write models to a folder or tar for a machine without a network (verified on import)."""
-    from sovereign.cli import Core, err
-    from sovereign.cli_render import RichPullReporter
+    from sovereign.cli.render import RichPullReporter
     from sovereign.store.bundle import export_bundle, parse_split
     from sovereign.store.files import human_bytes
 
@@ -66,13 +42,12 @@ def export(
     err.print(f"  on the other machine: {'pip install --no-index --find-links wheels sovereign, then ' if result.runtime else ''}sovereign import {shown}", highlight=False)
 
 
-@_friendly
+@friendly_errors
 def import_(
     bundle: Annotated[str, typer.Argument(help="A bundle folder, a .tar, or - for a tar on stdin.")],
 ) -> None:
     """Register the models of a bundle written by `sovereign export`, after checking every file."""
-    from sovereign.cli import Core, err
-    from sovereign.cli_render import RichPullReporter
+    from sovereign.cli.render import RichPullReporter
     from sovereign.store.bundle import import_bundle
 
     core = Core()
