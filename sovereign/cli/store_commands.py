@@ -57,11 +57,10 @@ def show(
 ) -> None:
     """Show a pulled model's GGUF facts, license and source."""
     from sovereign.cli.render import dump_json, manifest_summary, summary_table
+    from sovereign.store import spec_from_manifest
 
     core = Core()
     manifest = core.store.require(core.resolve_name(name))
-    from sovereign.store.bundle import spec_from_manifest
-
     spec = core.catalog.get(parse_name(manifest.name)) or spec_from_manifest(manifest)  # an imported model carries its settings
     summary = manifest_summary(manifest, [str(p) for p in core.store.file_paths(manifest)], bool(spec and spec.chat_template))
     if as_json:

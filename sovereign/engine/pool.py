@@ -27,8 +27,7 @@ from sovereign.engine.wire import LoadOptions
 from sovereign.errors import InvalidReference, ModelNotFound
 from sovereign.model_routes import ModelRoutes, is_closed_api_name
 from sovereign.refs import parse_name
-from sovereign.store import Store
-from sovereign.store.bundle import spec_from_manifest
+from sovereign.store import Store, spec_from_manifest
 from sovereign.store.manifest import Manifest
 
 log = logging.getLogger(__name__)

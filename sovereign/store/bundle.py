@@ -39,11 +39,7 @@ from sovereign.refs import ModelName, parse_name
 from sovereign.store.files import CHUNK, ensure_free_space
 from sovereign.store.gguf_header import has_gguf_magic
 from sovereign.store.manifest import Manifest, ModelFile, SourceRecord
-from sovereign.store.model_settings import (
-    catalog_settings,
-    extra_with_settings,
-    spec_from_manifest,  # noqa: F401 - importable here until engine/pool.py and cli.py use sovereign.store
-)
+from sovereign.store.model_settings import catalog_settings, extra_with_settings
 from sovereign.store.progress import NullReporter, PullReporter
 from sovereign.store.runtime_wheels import (
     build_runtime,
