@@ -102,19 +102,47 @@ def completion_body(model: str, prompt: str, tokens: int, banned: Sequence[int])
     end-of-generation tokens are also banned through logit_bias, which all three accept.
     """
     return {
-        "model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
-        "stream_options": {"include_usage": True}, "ignore_eos": True, "logit_bias": {str(t): -100 for t in banned},
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "logit_bias": {str(t): -100 for t in banned},
     }
 
 
-def sovereign_command(model: str, threads: int, ctx: int, parallel: int | None = None, *, checkout: Path | None = None, extra_buffers: str = "auto") -> list[str]:
+def sovereign_command(
+    model: str,
+    threads: int,
+    ctx: int,
+    parallel: int | None = None,
+    *,
+    checkout: Path | None = None,
+    extra_buffers: str = "auto",
+) -> list[str]:
     """`sovereign serve` on the CPU; --parallel only when asked, since older builds lack it.
 
     `checkout` runs the package from another source tree (an earlier commit, to compare against);
     `extra_buffers` sets SOVEREIGN_EXTRA_BUFFERS (off = llama.cpp's safe kernels, llama-server's --no-repack).
     """
     environment = [f"SOVEREIGN_EXTRA_BUFFERS={extra_buffers}"] + ([f"PYTHONPATH={checkout}"] if checkout else [])
-    command = ["env", *environment, sys.executable, "-m", "sovereign", "serve", model, "--threads", str(threads), "--ctx", str(ctx), "--gpu-layers", "0"]
+    command = [
+        "env",
+        *environment,
+        sys.executable,
+        "-m",
+        "sovereign",
+        "serve",
+        model,
+        "--threads",
+        str(threads),
+        "--ctx",
+        str(ctx),
+        "--gpu-layers",
+        "0",
+    ]
     return [*command, "--parallel", str(parallel)] if parallel is not None else command
 
 
@@ -125,14 +153,48 @@ def llama_cpp_python_command(python: str, path: Path, alias: str, threads: int, 
     False makes later requests wait their turn instead, so concurrent load measures queueing, not aborts.
     """
     return [
-        python, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", alias, "--interrupt_requests", "False",
-        "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(ctx), "--n_gpu_layers", "0",
+        python,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(path),
+        "--model_alias",
+        alias,
+        "--interrupt_requests",
+        "False",
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
+        "--n_ctx",
+        str(ctx),
+        "--n_gpu_layers",
+        "0",
     ]
 
 
-def llama_server_command(binary: str, path: Path, alias: str, threads: int, ctx: int, parallel: int, *, repack: bool = True) -> list[str]:
+def llama_server_command(
+    binary: str, path: Path, alias: str, threads: int, ctx: int, parallel: int, *, repack: bool = True
+) -> list[str]:
     """llama.cpp's llama-server with `parallel` slots of `ctx` tokens each (its -c is split across slots)."""
     return [
-        binary, "-m", str(path), "--alias", alias, "--host", "127.0.0.1", "-t", str(threads), "-tb", str(threads),
-        "-c", str(ctx * parallel), "-np", str(parallel), "-ngl", "0", "--no-webui", *([] if repack else ["--no-repack"]),
+        binary,
+        "-m",
+        str(path),
+        "--alias",
+        alias,
+        "--host",
+        "127.0.0.1",
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "-c",
+        str(ctx * parallel),
+        "-np",
+        str(parallel),
+        "-ngl",
+        "0",
+        "--no-webui",
+        *([] if repack else ["--no-repack"]),
     ]

@@ -59,7 +59,13 @@ def main() -> None:
     # The kernels `serve` would use here: proven in a child process first (a CPU may refuse the fast ones).
     use_extra_bufts = kernel_choice(Settings.from_env().home, args.model).use_extra_bufts
     started = time.perf_counter()
-    options = LoadOptions(n_ctx=args.ctx, n_gpu_layers=args.gpu_layers, n_threads=args.threads, n_parallel=1, use_extra_bufts=use_extra_bufts)
+    options = LoadOptions(
+        n_ctx=args.ctx,
+        n_gpu_layers=args.gpu_layers,
+        n_threads=args.threads,
+        n_parallel=1,
+        use_extra_bufts=use_extra_bufts,
+    )
     backend = LlamaBackend(args.model, options)
     load_s = time.perf_counter() - started
     offloaded = next((m.groups() for line in capture.lines if (m := OFFLOADED.search(line))), None)
@@ -76,18 +82,22 @@ def main() -> None:
         prompt_rates.append(len(prompt) / (stats.first_token - stats.started))
         decode_rates.append((stats.generated_tokens - 1) / (stats.finished - stats.first_token))
     scheduler.close()
-    print(json.dumps({
-        "model": args.model.name,
-        "load_s": round(load_s, 2),
-        "gpu_layers_requested": "auto" if args.gpu_layers is None else args.gpu_layers,
-        "gpu_layers_used": backend.n_gpu_layers,
-        "llama_cpp_offloaded": f"{offloaded[0]}/{offloaded[1]}" if offloaded else None,
-        "threads": backend.n_threads,
-        "prompt_tokens": args.prompt_tokens,
-        "prompt_tok_s": round(max(prompt_rates), 1),
-        "decode_tokens": args.tokens,
-        "decode_tok_s": round(max(decode_rates), 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": args.model.name,
+                "load_s": round(load_s, 2),
+                "gpu_layers_requested": "auto" if args.gpu_layers is None else args.gpu_layers,
+                "gpu_layers_used": backend.n_gpu_layers,
+                "llama_cpp_offloaded": f"{offloaded[0]}/{offloaded[1]}" if offloaded else None,
+                "threads": backend.n_threads,
+                "prompt_tokens": args.prompt_tokens,
+                "prompt_tok_s": round(max(prompt_rates), 1),
+                "decode_tokens": args.tokens,
+                "decode_tok_s": round(max(decode_rates), 1),
+            }
+        )
+    )
 
 
 class _Sink:

@@ -64,7 +64,9 @@ def free_port() -> int:
 
 def sovereign(*args: str, timeout: float = 60) -> str:
     """Run a sovereign CLI command and return its standard output."""
-    return subprocess.run([sys.executable, "-m", "sovereign", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "sovereign", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    ).stdout
 
 
 def pick_model(requested: str | None) -> str:
@@ -98,7 +100,9 @@ def one_stream(client: httpx.Client, url: str, chunks: int, pace_us: int) -> dic
     pieces: list[str] = []
     first = 0.0
     start = time.perf_counter()
-    with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"authorization": "Bearer bench-key"}) as response:
+    with client.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers={"authorization": "Bearer bench-key"}
+    ) as response:
         if response.status_code != 200:
             raise SystemExit(f"{url} answered {response.status_code}: {response.read()[:500]!r}")
         for line in response.iter_lines():
@@ -111,8 +115,10 @@ def one_stream(client: httpx.Client, url: str, chunks: int, pace_us: int) -> dic
                     pieces.append(text)
     total = time.perf_counter() - start
     if "".join(pieces) != "tok " * chunks:
-        raise SystemExit(f"{url} did not relay the upstream's {chunks} chunks (got {len(pieces)}: {''.join(pieces)[:80]!r}...); "
-                         "was the request answered by the local model?")
+        raise SystemExit(
+            f"{url} did not relay the upstream's {chunks} chunks (got {len(pieces)}: {''.join(pieces)[:80]!r}...); "
+            "was the request answered by the local model?"
+        )
     return {"ttft_s": first - start, "chunks_per_s": chunks / total, "pieces": len(pieces)}
 
 
@@ -129,8 +135,12 @@ def summary(runs: list[dict[str, float]]) -> dict[str, float]:
     """p50/p90 TTFT in ms and p50 throughput of one path."""
     ttft = [r["ttft_s"] * 1000 for r in runs]
     rate = [r["chunks_per_s"] for r in runs]
-    return {"ttft_p50_ms": percentile(ttft, 50), "ttft_p90_ms": percentile(ttft, 90), "chunks_per_s_p50": percentile(rate, 50),
-            "chunks_per_s_p10": percentile(rate, 10)}
+    return {
+        "ttft_p50_ms": percentile(ttft, 50),
+        "ttft_p90_ms": percentile(ttft, 90),
+        "chunks_per_s_p50": percentile(rate, 50),
+        "chunks_per_s_p10": percentile(rate, 10),
+    }
 
 
 def measure(direct_url: str, gateway_url: str, runs: int, chunks: int, pace_us: int) -> dict[str, Any]:
@@ -143,8 +153,13 @@ def measure(direct_url: str, gateway_url: str, runs: int, chunks: int, pace_us: 
                 if index >= WARMUP:
                     results[name].append(run)
     direct_s, gateway_s = summary(results["direct"]), summary(results["gateway"])
-    return {"pace_us": pace_us, "direct": direct_s, "gateway": gateway_s, "added_ttft_p50_ms": gateway_s["ttft_p50_ms"] - direct_s["ttft_p50_ms"],
-            "throughput_ratio": gateway_s["chunks_per_s_p50"] / direct_s["chunks_per_s_p50"]}
+    return {
+        "pace_us": pace_us,
+        "direct": direct_s,
+        "gateway": gateway_s,
+        "added_ttft_p50_ms": gateway_s["ttft_p50_ms"] - direct_s["ttft_p50_ms"],
+        "throughput_ratio": gateway_s["chunks_per_s_p50"] / direct_s["chunks_per_s_p50"],
+    }
 
 
 def main() -> None:
@@ -153,12 +168,16 @@ def main() -> None:
     parser.add_argument("--model", help=f"local model sovereign serves (default: {DEFAULT_MODEL} when pulled)")
     parser.add_argument("--runs", type=int, default=30, help="measured runs per path and phase (default 30)")
     parser.add_argument("--chunks", type=int, default=1000, help="content chunks per stream (default 1000)")
-    parser.add_argument("--pace-us", type=int, default=1000, help="microseconds between chunks in the paced phase (default 1000)")
+    parser.add_argument(
+        "--pace-us", type=int, default=1000, help="microseconds between chunks in the paced phase (default 1000)"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
 
     if "--upstream" not in sovereign("serve", "--help"):
-        raise SystemExit("`sovereign serve` has no --upstream flag in this checkout; the gateway is not there to measure yet")
+        raise SystemExit(
+            "`sovereign serve` has no --upstream flag in this checkout; the gateway is not there to measure yet"
+        )
     model = pick_model(args.model)
 
     context = multiprocessing.get_context("spawn")
@@ -171,7 +190,17 @@ def main() -> None:
         direct_url = urls.get(timeout=30)
         port = free_port()
         gateway_url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "sovereign", "serve", model, "--port", str(port), "--upstream", f"openai={direct_url}/v1"]
+        command = [
+            sys.executable,
+            "-m",
+            "sovereign",
+            "serve",
+            model,
+            "--port",
+            str(port),
+            "--upstream",
+            f"openai={direct_url}/v1",
+        ]
         with open(log, "wb") as out:
             gateway = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         wait_health(gateway_url, gateway, log)
@@ -188,27 +217,45 @@ def main() -> None:
         stop.set()
         upstream.join(10)
 
-    verdicts = {"added_ttft_p50_ms_unpaced": unpaced["added_ttft_p50_ms"] <= TARGETS["added_ttft_p50_ms"],
-                "added_ttft_p50_ms_paced": paced["added_ttft_p50_ms"] <= TARGETS["added_ttft_p50_ms"],
-                "throughput_ratio": unpaced["throughput_ratio"] >= TARGETS["throughput_ratio"]}
-    report = {"model": model, "runs": args.runs, "chunks": args.chunks, "cores": os.cpu_count(), "unpaced": unpaced, "paced": paced,
-              "targets": TARGETS, "pass": verdicts}
+    verdicts = {
+        "added_ttft_p50_ms_unpaced": unpaced["added_ttft_p50_ms"] <= TARGETS["added_ttft_p50_ms"],
+        "added_ttft_p50_ms_paced": paced["added_ttft_p50_ms"] <= TARGETS["added_ttft_p50_ms"],
+        "throughput_ratio": unpaced["throughput_ratio"] >= TARGETS["throughput_ratio"],
+    }
+    report = {
+        "model": model,
+        "runs": args.runs,
+        "chunks": args.chunks,
+        "cores": os.cpu_count(),
+        "unpaced": unpaced,
+        "paced": paced,
+        "targets": TARGETS,
+        "pass": verdicts,
+    }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{args.runs} interleaved runs per path and phase, {args.chunks} chunks each, local model {model}, {os.cpu_count()} cores")
+        print(
+            f"{args.runs} interleaved runs per path and phase, {args.chunks} chunks each, local model {model}, {os.cpu_count()} cores"
+        )
         print(f"{'phase':13} {'path':8} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'chunks/s p50':>13}")
         for phase in (unpaced, paced):
             name = f"every {phase['pace_us']}us" if phase["pace_us"] else "unpaced"
             for path in ("direct", "gateway"):
                 stats = phase[path]
-                print(f"{name:13} {path:8} {stats['ttft_p50_ms']:12.2f} {stats['ttft_p90_ms']:12.2f} {stats['chunks_per_s_p50']:13.0f}")
+                print(
+                    f"{name:13} {path:8} {stats['ttft_p50_ms']:12.2f} {stats['ttft_p90_ms']:12.2f} {stats['chunks_per_s_p50']:13.0f}"
+                )
         for phase, key in ((unpaced, "added_ttft_p50_ms_unpaced"), (paced, "added_ttft_p50_ms_paced")):
             name = "paced" if phase["pace_us"] else "unpaced"
-            print(f"added TTFT p50, {name:8} {phase['added_ttft_p50_ms']:7.2f} ms  (target <= {TARGETS['added_ttft_p50_ms']})  "
-                  f"{'PASS' if verdicts[key] else 'FAIL'}")
-        print(f"throughput ratio, unpaced {unpaced['throughput_ratio']:6.3f}     (target >= {TARGETS['throughput_ratio']})  "
-              f"{'PASS' if verdicts['throughput_ratio'] else 'FAIL'}")
+            print(
+                f"added TTFT p50, {name:8} {phase['added_ttft_p50_ms']:7.2f} ms  (target <= {TARGETS['added_ttft_p50_ms']})  "
+                f"{'PASS' if verdicts[key] else 'FAIL'}"
+            )
+        print(
+            f"throughput ratio, unpaced {unpaced['throughput_ratio']:6.3f}     (target >= {TARGETS['throughput_ratio']})  "
+            f"{'PASS' if verdicts['throughput_ratio'] else 'FAIL'}"
+        )
     sys.exit(0 if all(verdicts.values()) else 1)
 
 

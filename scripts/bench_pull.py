@@ -62,7 +62,9 @@ print(time.perf_counter() - start)
 def _time_transfer(url: str, dest: Path, env: dict[str, str]) -> float:
     """The download alone (sha256 included): no interpreter start, imports, listing or commit."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    output = subprocess.run([sys.executable, "-c", _TRANSFER, url, str(dest)], env=env, check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(
+        [sys.executable, "-c", _TRANSFER, url, str(dest)], env=env, check=True, capture_output=True, text=True
+    ).stdout
     shutil.rmtree(dest.parent)
     return float(output.strip().splitlines()[-1])
 
@@ -73,7 +75,12 @@ def main() -> int:
     parser.add_argument("--megabytes", type=float, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", type=Path, help="serve this GGUF instead of a generated one")
-    parser.add_argument("--throttle", type=float, metavar="MBPS", help="cap each connection of the fake hub at MBPS MB/s (1 MB = 10^6 bytes)")
+    parser.add_argument(
+        "--throttle",
+        type=float,
+        metavar="MBPS",
+        help="cap each connection of the fake hub at MBPS MB/s (1 MB = 10^6 bytes)",
+    )
     args = parser.parse_args()
     mode = mode_name(args.throttle)
     if shutil.which("curl") is None:
@@ -92,9 +99,19 @@ def main() -> int:
                 env = {**os.environ, "SOVEREIGN_HOME": str(home), "HF_ENDPOINT": hub.url}
                 curl_times.append(_time(["curl", "-sf", "-o", str(work / "curl.gguf"), url], env))
                 (work / "curl.gguf").unlink()
-                verified_times.append(_time(["sh", "-c", 'curl -sf -o "$1" "$2" && sha256sum "$1"', "sh", str(work / "curl.gguf"), url], env))
+                verified_times.append(
+                    _time(
+                        ["sh", "-c", 'curl -sf -o "$1" "$2" && sha256sum "$1"', "sh", str(work / "curl.gguf"), url], env
+                    )
+                )
                 pull_times.append(_time([*sovereign_command(), "pull", "hf.co/bench/model-GGUF:Q4_K_M"], env))
-                transfer_times.append(_time_transfer(url, work / "transfer" / "model.gguf", {**env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}))
+                transfer_times.append(
+                    _time_transfer(
+                        url,
+                        work / "transfer" / "model.gguf",
+                        {**env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                    )
+                )
                 shutil.rmtree(home)
                 (work / "curl.gguf").unlink()
     curl_rate, pull_rate = size_mb / min(curl_times), size_mb / min(pull_times)
@@ -103,11 +120,21 @@ def main() -> int:
     print(f"mode: {mode}; file: {size_mb:.1f} MB, best of {args.rounds} rounds; cpu: {_cpu()} ({os.cpu_count()} cores)")
     print(f"curl            : {curl_rate:8.1f} MB/s  ({min(curl_times):.2f} s)")
     verified_rate = size_mb / min(verified_times)
-    print(f"curl + sha256sum: {verified_rate:8.1f} MB/s  ({min(verified_times):.2f} s; pull/this = {pull_rate / verified_rate:.2f})")
-    print(f"sovereign pull  : {pull_rate:8.1f} MB/s  ({min(pull_times):.2f} s, includes listing, sha256, header read, commit)")
+    print(
+        f"curl + sha256sum: {verified_rate:8.1f} MB/s  ({min(verified_times):.2f} s; pull/this = {pull_rate / verified_rate:.2f})"
+    )
+    print(
+        f"sovereign pull  : {pull_rate:8.1f} MB/s  ({min(pull_times):.2f} s, includes listing, sha256, header read, commit)"
+    )
     transfer_rate = size_mb / min(transfer_times)
-    print(f"download() only : {transfer_rate:8.1f} MB/s  ({min(transfer_times):.2f} s, {transfer_rate / curl_rate:.2f}x curl; the transfer and sha256 alone)")
-    print(f"ratio pull/curl : {ratio:.2f}  (target >= {target})" if target else f"ratio pull/curl : {ratio:.2f}  (no target for {mode})")
+    print(
+        f"download() only : {transfer_rate:8.1f} MB/s  ({min(transfer_times):.2f} s, {transfer_rate / curl_rate:.2f}x curl; the transfer and sha256 alone)"
+    )
+    print(
+        f"ratio pull/curl : {ratio:.2f}  (target >= {target})"
+        if target
+        else f"ratio pull/curl : {ratio:.2f}  (no target for {mode})"
+    )
     return 0 if target is None or ratio >= target else 1
 
 

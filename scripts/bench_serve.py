@@ -23,7 +23,14 @@ from pathlib import Path
 
 import httpx
 
-from _servers import completion_body, end_of_generation_tokens, llama_cpp_python_command, model_file, running, sovereign_command
+from _servers import (
+    completion_body,
+    end_of_generation_tokens,
+    llama_cpp_python_command,
+    model_file,
+    running,
+    sovereign_command,
+)
 
 from sovereign.bench.serve_bench import event_text, stream_event
 
@@ -35,7 +42,9 @@ def one_stream(url: str, model: str, tokens: int, banned: list[int]) -> dict[str
     """One streamed completion: time to first token, decode tok/s after it, chunks seen."""
     start = time.perf_counter()
     stamps: list[float] = []
-    with httpx.stream("POST", f"{url}/v1/completions", json=completion_body(model, PROMPT, tokens, banned), timeout=300) as response:
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json=completion_body(model, PROMPT, tokens, banned), timeout=300
+    ) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             event = stream_event(line)
@@ -43,7 +52,11 @@ def one_stream(url: str, model: str, tokens: int, banned: list[int]) -> dict[str
                 stamps.append(time.perf_counter())
     if len(stamps) < 2:
         raise SystemExit(f"{url} streamed {len(stamps)} pieces; expected {tokens}")
-    return {"ttft_s": stamps[0] - start, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "pieces": len(stamps)}
+    return {
+        "ttft_s": stamps[0] - start,
+        "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+        "pieces": len(stamps),
+    }
 
 
 def main() -> None:
@@ -81,7 +94,18 @@ def main() -> None:
         for name, runs in results.items()
     }
     ratio = summary["sovereign"]["decode_tok_s_median"] / summary["llama-cpp-python"]["decode_tok_s_median"]
-    report = {"model": args.model, "file": path.name, "threads": args.threads, "ctx": args.ctx, "tokens": args.tokens, "runs": args.runs, **summary, "ratio": round(ratio, 3), "target": TARGET_RATIO, "pass": ratio >= TARGET_RATIO}
+    report = {
+        "model": args.model,
+        "file": path.name,
+        "threads": args.threads,
+        "ctx": args.ctx,
+        "tokens": args.tokens,
+        "runs": args.runs,
+        **summary,
+        "ratio": round(ratio, 3),
+        "target": TARGET_RATIO,
+        "pass": ratio >= TARGET_RATIO,
+    }
     print(json.dumps(report, indent=1))
     sys.exit(0 if report["pass"] else 1)
 

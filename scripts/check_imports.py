@@ -144,7 +144,9 @@ def main() -> int:
     if problems:
         return 1
     edges = sum(len(targets & graph.keys()) for targets in graph.values())
-    print(f"imports: ok ({len(graph)} modules, {edges} internal imports, no circles, the server never reaches llama.cpp)")
+    print(
+        f"imports: ok ({len(graph)} modules, {edges} internal imports, no circles, the server never reaches llama.cpp)"
+    )
     return 0
 
 

@@ -42,7 +42,10 @@ def main() -> int:
                 status, health = 0, {}
             if status == 200:
                 model = health["models"][0]
-                status, reply = _get("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
+                status, reply = _get(
+                    "/v1/chat/completions",
+                    {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+                )
                 print(f"ci_serve_check: {model} answered {status}: {json.dumps(reply)[:200]}")
                 return 0 if status == 200 and reply.get("choices") else 1
             time.sleep(0.5)

@@ -19,8 +19,18 @@ from sovereign.refs import CatalogRef, ModelName, SourceRef, parse_name, parse_r
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_KEYS = {
-    "description", "sources", "file", "sha256", "size", "license", "context_length",
-    "stop", "template", "chat_template", "aliases", "shape",
+    "description",
+    "sources",
+    "file",
+    "sha256",
+    "size",
+    "license",
+    "context_length",
+    "stop",
+    "template",
+    "chat_template",
+    "aliases",
+    "shape",
 }
 _SHAPE_KEYS = {"params": int, "layers": int, "kv_heads": int, "head_dim": int, "quantization": str}
 
@@ -105,7 +115,10 @@ class _EntryReader:
         self.line = _line_of(text, f'"{key}"')
 
     def fail(self, problem: str) -> CatalogError:
-        return CatalogError(f"{self.path}:{self.line}: model '{self.key}': {problem}", "fix the entry (see the header of the built-in models.toml)")
+        return CatalogError(
+            f"{self.path}:{self.line}: model '{self.key}': {problem}",
+            "fix the entry (see the header of the built-in models.toml)",
+        )
 
     def typed(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
         value = self.table.get(key, default)
@@ -184,11 +197,15 @@ def _merge_file(catalog: Catalog, path: Path, inherited_templates: dict[str, str
     templates = dict(inherited_templates)
     raw_templates = data.get("templates", {})
     if not isinstance(raw_templates, dict) or not all(isinstance(v, str) for v in raw_templates.values()):
-        raise CatalogError(f"{path}:{_line_of(text, '[templates')}: [templates] must map names to strings", "fix the [templates] table")
+        raise CatalogError(
+            f"{path}:{_line_of(text, '[templates')}: [templates] must map names to strings", "fix the [templates] table"
+        )
     templates.update(raw_templates)
     models = data.get("models", {})
     if not isinstance(models, dict):
-        raise CatalogError(f"{path}:{_line_of(text, 'models')}: 'models' must be a table", "write entries as [models.\"family:tag\"]")
+        raise CatalogError(
+            f"{path}:{_line_of(text, 'models')}: 'models' must be a table", 'write entries as [models."family:tag"]'
+        )
     for key, table in models.items():
         spec = _EntryReader(path, text, key, table, templates).read()
         catalog.specs[spec.name] = spec
@@ -199,7 +216,9 @@ def _merge_file(catalog: Catalog, path: Path, inherited_templates: dict[str, str
         try:
             catalog.default = parse_name(str(data["default"]))
         except InvalidReference as exc:
-            raise CatalogError(f"{path}:{_line_of(text, 'default')}: {exc.message}", "set default to a catalog name") from None
+            raise CatalogError(
+                f"{path}:{_line_of(text, 'default')}: {exc.message}", "set default to a catalog name"
+            ) from None
     return templates
 
 

@@ -36,14 +36,18 @@ def _int_setting(env: Mapping[str, str], name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise SovereignError(f"{name}={raw!r} is not a whole number", f"set {name} to a number of bytes or unset it") from None
+        raise SovereignError(
+            f"{name}={raw!r} is not a whole number", f"set {name} to a number of bytes or unset it"
+        ) from None
 
 
 def _extra_buffers(env: Mapping[str, str]) -> str:
     """SOVEREIGN_EXTRA_BUFFERS, checked here so that a typo fails at start, not at the first model load."""
     value = (env.get("SOVEREIGN_EXTRA_BUFFERS") or "auto").strip().lower()
     if value not in ("auto", "on", "off"):
-        raise SovereignError(f"SOVEREIGN_EXTRA_BUFFERS={value!r} is not one of auto, on, off", "unset it, or set it to auto")
+        raise SovereignError(
+            f"SOVEREIGN_EXTRA_BUFFERS={value!r} is not one of auto, on, off", "unset it, or set it to auto"
+        )
     return value
 
 
@@ -58,7 +62,9 @@ class Settings:
     )
     hf_mirrors: tuple[str, ...] = field(
         default=(),
-        metadata=_describe("Comma-separated Hugging Face mirrors tried in order after HF_ENDPOINT.", "SOVEREIGN_HF_MIRRORS"),
+        metadata=_describe(
+            "Comma-separated Hugging Face mirrors tried in order after HF_ENDPOINT.", "SOVEREIGN_HF_MIRRORS"
+        ),
     )
     hf_token: str | None = field(
         default=None, metadata=_describe("Token for gated or private Hugging Face repositories.", "HF_TOKEN")

@@ -117,7 +117,9 @@ class ModelCrashed(EngineError):
     """A model's process died while serving; `signal` names how (SIGSEGV, SIGILL, SIGABRT…)."""
 
     def __init__(self, model: str, signal: str) -> None:
-        super().__init__(f"the model {model} crashed ({signal}) while serving this request", "send it again: the model is reloaded")
+        super().__init__(
+            f"the model {model} crashed ({signal}) while serving this request", "send it again: the model is reloaded"
+        )
         self.model = model
         self.signal = signal
 
@@ -167,5 +169,8 @@ class RequestTimedOut(EngineError):
     """A request ran past the server's per-request time limit and was stopped."""
 
     def __init__(self, limit: float) -> None:
-        super().__init__(f"the request did not finish within the server's {limit:g} s limit and was stopped", "ask for fewer tokens, or start the server with a larger --timeout")
+        super().__init__(
+            f"the request did not finish within the server's {limit:g} s limit and was stopped",
+            "ask for fewer tokens, or start the server with a larger --timeout",
+        )
         self.limit = limit

@@ -165,20 +165,27 @@ Reference = SourceRef | CatalogRef
 def _parse_hf(text: str, rest: str) -> HfRef:
     segments = rest.split("/")
     if len(segments) < 2:
-        raise InvalidReference(f"'{text}' names no repository", "write hf.co/OWNER/REPO[:QUANT] or hf.co/OWNER/REPO/FILE.gguf")
+        raise InvalidReference(
+            f"'{text}' names no repository", "write hf.co/OWNER/REPO[:QUANT] or hf.co/OWNER/REPO/FILE.gguf"
+        )
     owner, repo_and_tag, *file_parts = segments
     repo, _, quant = repo_and_tag.partition(":")
     if not _HF_REPO_PART.match(owner) or not _HF_REPO_PART.match(repo) or max(len(owner), len(repo)) > _HF_PART_LENGTH:
         raise InvalidReference(f"'{text}' is not a valid Hugging Face repository", "write hf.co/OWNER/REPO[:QUANT]")
     if file_parts:
         if quant:
-            raise InvalidReference(f"'{text}' has both a quantization tag and a file", "give one: hf.co/OWNER/REPO:QUANT or hf.co/OWNER/REPO/FILE.gguf")
+            raise InvalidReference(
+                f"'{text}' has both a quantization tag and a file",
+                "give one: hf.co/OWNER/REPO:QUANT or hf.co/OWNER/REPO/FILE.gguf",
+            )
         filename = "/".join(file_parts)
         if not filename.endswith(".gguf") or any(p in ("", ".", "..") for p in file_parts):
             raise InvalidReference(f"'{text}' does not name a .gguf file", "write hf.co/OWNER/REPO/FILE.gguf")
         return HfRef(f"{owner}/{repo}", filename=filename)
     if quant and not _COMPONENT.match(quant):
-        raise InvalidReference(f"'{text}' has an invalid quantization tag '{quant}'", "use a tag such as Q4_K_M or Q8_0")
+        raise InvalidReference(
+            f"'{text}' has an invalid quantization tag '{quant}'", "use a tag such as Q4_K_M or Q8_0"
+        )
     return HfRef(f"{owner}/{repo}", quant=(quant.upper() if quant else DEFAULT_QUANT))
 
 
@@ -190,7 +197,7 @@ def _parse_url(text: str) -> UrlRef:
 
 
 def _parse_pip(text: str) -> PipRef:
-    packages = tuple(p.strip() for p in text[len("pip:"):].split(",") if p.strip())
+    packages = tuple(p.strip() for p in text[len("pip:") :].split(",") if p.strip())
     bad = [p for p in packages if not _PIP_REQUIREMENT.match(p)]
     if not packages or bad:
         raise InvalidReference(
@@ -212,7 +219,7 @@ def parse_reference(text: str) -> Reference:
     lowered = text.lower()
     for prefix in HF_PREFIXES:
         if lowered.startswith(prefix):
-            return _parse_hf(text, text[len(prefix):])
+            return _parse_hf(text, text[len(prefix) :])
     if lowered.startswith(("http://", "https://")):
         return _parse_url(text)
     if lowered.startswith("pip:"):

@@ -41,7 +41,17 @@ RECORD = os.environ.get("SOVEREIGN_RECORD_FIXTURES", "") not in ("", "0")
 
 # Header values worth keeping (they name protocol features); every other header is kept by name only.
 VALUE_HEADERS = ("anthropic-beta", "anthropic-version", "openai-beta")
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "content-length", "host"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+    "host",
+}
 
 # ---------------------------------------------------------------------------------------------
 # The CLIs
@@ -72,7 +82,15 @@ def install_agent_clients(npm_dir: Path = NPM_DIR) -> AgentClients | str:
             if npm is None:
                 return "npm is not installed: the agent CLIs cannot be installed"
             npm_dir.mkdir(parents=True, exist_ok=True)
-            command = [npm, "install", "--no-audit", "--no-fund", "--prefix", str(npm_dir), *(f"{package}@latest" for package in PACKAGES.values())]
+            command = [
+                npm,
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+                str(npm_dir),
+                *(f"{package}@latest" for package in PACKAGES.values()),
+            ]
             try:
                 subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
             except subprocess.CalledProcessError as exc:
@@ -137,7 +155,9 @@ def agent_tiny_model(cache_dir: Path = CACHE, *, n_ctx: int = AGENT_TINY_CTX, eo
         try:
             tiny_models.TINY_QWEN2 = shape  # write_tiny_qwen2 reads the module's shape
             try:
-                tiny_models.write_tiny_qwen2(partial, tokenizer, name="DeepSeek-R1-Distill-Qwen agent tiny (random weights)")
+                tiny_models.write_tiny_qwen2(
+                    partial, tokenizer, name="DeepSeek-R1-Distill-Qwen agent tiny (random weights)"
+                )
             finally:
                 tiny_models.TINY_QWEN2 = original
             _favour_token(partial, eos, eos_weight)
@@ -245,7 +265,13 @@ class RecordingProxy:
         body = self._read_body(handler)
         parts = urlsplit(handler.path)
         headers = {name.lower(): value for name, value in handler.headers.items()}
-        exchange = Exchange(handler.command, parts.path, dict(parse_qsl(parts.query, keep_blank_values=True)), headers, _parse_body(body, headers))
+        exchange = Exchange(
+            handler.command,
+            parts.path,
+            dict(parse_qsl(parts.query, keep_blank_values=True)),
+            headers,
+            _parse_body(body, headers),
+        )
         with self._lock:
             self.exchanges.append(exchange)
         upstream = http.client.HTTPConnection(self._host, self._port, timeout=900)
@@ -381,8 +407,15 @@ def request_shape(exchange: Exchange) -> dict[str, Any]:
             if isinstance(body.get(key), list):
                 shape[f"{key}_roles"] = _types(body[key], "role")
                 shape[f"{key}_types"] = _types(body[key])
-                shape[f"{key}_keys"] = _keys(body[key])  # per-message fields, such as Claude Code's per-turn output_config
-                blocks = [block for item in body[key] if isinstance(item, dict) and isinstance(item.get("content"), list) for block in item["content"]]
+                shape[f"{key}_keys"] = _keys(
+                    body[key]
+                )  # per-message fields, such as Claude Code's per-turn output_config
+                blocks = [
+                    block
+                    for item in body[key]
+                    if isinstance(item, dict) and isinstance(item.get("content"), list)
+                    for block in item["content"]
+                ]
                 shape[f"{key}_content_types"] = _types(blocks)
                 shape[f"{key}_content_keys"] = _keys(blocks)
         if isinstance(body.get("system"), list):
@@ -406,7 +439,9 @@ def refusals(exchanges: list[Exchange]) -> list[str]:
         if exchange.status >= 400 or exchange.transport_error:
             model = exchange.body.get("model") if isinstance(exchange.body, dict) else None
             detail = exchange.error or exchange.transport_error or ""
-            lines.append(f"{exchange.method} {exchange.path}{f' model={model}' if model else ''} -> {exchange.status} {detail.strip()}")
+            lines.append(
+                f"{exchange.method} {exchange.path}{f' model={model}' if model else ''} -> {exchange.status} {detail.strip()}"
+            )
     return lines
 
 
@@ -436,8 +471,17 @@ def check_fixture(client: str, recording: dict[str, Any]) -> str | None:
         return None  # a new version that sends the same requests is no difference
     import difflib
 
-    diff = difflib.unified_diff(json.dumps(expected, indent=1, sort_keys=True).splitlines(), text.splitlines(), f"{path.name} (recorded)", f"{path.name} (now)", lineterm="")
-    return f"{client} now sends different requests (rerun with SOVEREIGN_RECORD_FIXTURES=1 if that is expected):\n" + "\n".join(diff)
+    diff = difflib.unified_diff(
+        json.dumps(expected, indent=1, sort_keys=True).splitlines(),
+        text.splitlines(),
+        f"{path.name} (recorded)",
+        f"{path.name} (now)",
+        lineterm="",
+    )
+    return (
+        f"{client} now sends different requests (rerun with SOVEREIGN_RECORD_FIXTURES=1 if that is expected):\n"
+        + "\n".join(diff)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +493,16 @@ def base_environment(home: Path) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
     keep = ("PATH", "LANG", "LC_ALL", "TERM", "TMPDIR", "SSL_CERT_FILE")
     environment = {name: os.environ[name] for name in keep if name in os.environ}
-    environment.update({"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"), "XDG_DATA_HOME": str(home / ".local" / "share"), "NO_COLOR": "1", "CI": "1"})
+    environment.update(
+        {
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "XDG_DATA_HOME": str(home / ".local" / "share"),
+            "NO_COLOR": "1",
+            "CI": "1",
+        }
+    )
     environment["NO_PROXY"] = environment["no_proxy"] = "127.0.0.1,localhost"
     return environment
 
@@ -514,7 +567,17 @@ def codex_environment(home: Path, base_url: str, model: str) -> dict[str, str]:
 
 
 def codex_command(clients: AgentClients, prompt: str) -> list[str]:
-    return [clients.path("codex"), "exec", "--skip-git-repo-check", "--ephemeral", "--sandbox", "read-only", "--color", "never", prompt]
+    return [
+        clients.path("codex"),
+        "exec",
+        "--skip-git-repo-check",
+        "--ephemeral",
+        "--sandbox",
+        "read-only",
+        "--color",
+        "never",
+        prompt,
+    ]
 
 
 @dataclass
@@ -529,7 +592,9 @@ class Run:
     def describe(self) -> str:
         return (
             f"$ {' '.join(self.command)}\nexit {self.returncode} after {self.seconds:.1f}s\n"
-            f"requests:\n{summary(self.exchanges)}\nrefused:\n" + "\n".join(f"  {line}" for line in refusals(self.exchanges)) + f"\nstdout (end):\n{self.stdout[-3000:]}\nstderr (end):\n{self.stderr[-3000:]}"
+            f"requests:\n{summary(self.exchanges)}\nrefused:\n"
+            + "\n".join(f"  {line}" for line in refusals(self.exchanges))
+            + f"\nstdout (end):\n{self.stdout[-3000:]}\nstderr (end):\n{self.stderr[-3000:]}"
         )
 
 
@@ -540,19 +605,37 @@ def dump(run: Run, name: str) -> None:
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
     records = [exchange.__dict__ for exchange in run.exchanges]
-    Path(folder, f"{name}.json").write_text(json.dumps({"command": run.command, "returncode": run.returncode, "stdout": run.stdout, "stderr": run.stderr, "exchanges": records}, indent=1, default=str))
+    Path(folder, f"{name}.json").write_text(
+        json.dumps(
+            {
+                "command": run.command,
+                "returncode": run.returncode,
+                "stdout": run.stdout,
+                "stderr": run.stderr,
+                "exchanges": records,
+            },
+            indent=1,
+            default=str,
+        )
+    )
 
 
-def run_client(command: list[str], environment: dict[str, str], proxy: RecordingProxy, cwd: Path, timeout: float = 600) -> Run:
+def run_client(
+    command: list[str], environment: dict[str, str], proxy: RecordingProxy, cwd: Path, timeout: float = 600
+) -> Run:
     proxy.take()
     cwd.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        result = subprocess.run(command, env=environment, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            command, env=environment, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
         returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
     except subprocess.TimeoutExpired as exc:
         returncode = -1
         stdout = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        stderr = (exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or "") + f"\n[timed out after {timeout}s]"
+        stderr = (
+            exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        ) + f"\n[timed out after {timeout}s]"
     time.sleep(0.5)  # let requests still in flight be recorded
     return Run(command, returncode, stdout, stderr, time.monotonic() - started, proxy.take())

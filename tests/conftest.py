@@ -23,7 +23,14 @@ GEMMA = "gemma3:270m"
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 ORIGINAL_ENVIRONMENT = dict(os.environ)
 
-ISOLATED_VARIABLES = ("HF_TOKEN", "HF_ENDPOINT", "SOVEREIGN_HF_MIRRORS", "HF_HUB_OFFLINE", "SOVEREIGN_ALLOW_HTTP", "SOVEREIGN_MIN_FREE_BYTES")
+ISOLATED_VARIABLES = (
+    "HF_TOKEN",
+    "HF_ENDPOINT",
+    "SOVEREIGN_HF_MIRRORS",
+    "HF_HUB_OFFLINE",
+    "SOVEREIGN_ALLOW_HTTP",
+    "SOVEREIGN_MIN_FREE_BYTES",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -45,7 +52,9 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-def write_gguf(path: Path, *, megabytes: float = 1.0, arch: str = "llama", split: tuple[int, int] | None = None, seed: int = 0) -> Path:
+def write_gguf(
+    path: Path, *, megabytes: float = 1.0, arch: str = "llama", split: tuple[int, int] | None = None, seed: int = 0
+) -> Path:
     """Write a small but valid GGUF: real header, real tensors of random f32 data."""
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(str(path), arch)
@@ -86,16 +95,27 @@ def settings() -> Settings:
     return Settings.from_env()
 
 
-def pull_in_process(reference: str, *, options: PullOptions = PullOptions(), environ: dict[str, str] | None = None) -> PullResult:
+def pull_in_process(
+    reference: str, *, options: PullOptions = PullOptions(), environ: dict[str, str] | None = None
+) -> PullResult:
     """Run a pull in this process (faster than the CLI) with the current environment."""
     settings = Settings.from_env({**os.environ, **(environ or {})})
-    return pull(reference, settings=settings, catalog=load_catalog(settings), store=Store(settings.home), reporter=NullReporter(), options=options)
+    return pull(
+        reference,
+        settings=settings,
+        catalog=load_catalog(settings),
+        store=Store(settings.home),
+        reporter=NullReporter(),
+        options=options,
+    )
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the real `sovereign` command and capture its output."""
     environment = {**os.environ, "COLUMNS": "200", **(env or {})}
-    return subprocess.run([*sovereign_command(), *args], env=environment, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*sovereign_command(), *args], env=environment, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_clean_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -131,7 +151,14 @@ def real_model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     settings = Settings.from_env({**ORIGINAL_ENVIRONMENT, "SOVEREIGN_HOME": str(home)})
     source = _model_in_users_store()
     reference, options = (str(source), PullOptions(name=GEMMA)) if source else (GEMMA, PullOptions())
-    pull(reference, settings=settings, catalog=load_catalog(settings), store=Store(home), reporter=NullReporter(), options=options)
+    pull(
+        reference,
+        settings=settings,
+        catalog=load_catalog(settings),
+        store=Store(home),
+        reporter=NullReporter(),
+        options=options,
+    )
     return home
 
 
@@ -150,6 +177,13 @@ def server(real_model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     """One real server for the session, serving gemma3:270m; its store also holds a model that cannot load."""
     broken = write_gguf(tmp_path_factory.mktemp("broken") / "broken.gguf")
     settings = Settings.from_env({**ORIGINAL_ENVIRONMENT, "SOVEREIGN_HOME": str(real_model_home)})
-    pull(str(broken), settings=settings, catalog=load_catalog(settings), store=Store(real_model_home), reporter=NullReporter(), options=PullOptions(name="broken:model"))
+    pull(
+        str(broken),
+        settings=settings,
+        catalog=load_catalog(settings),
+        store=Store(real_model_home),
+        reporter=NullReporter(),
+        options=PullOptions(name="broken:model"),
+    )
     with ServerProcess(real_model_home, GEMMA) as running:
         yield running

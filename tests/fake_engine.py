@@ -20,7 +20,18 @@ import zlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from sovereign.engine import ChatRequest, CompletionRequest, Finished, Generation, ReasoningDelta, TextDelta, ToolCall, ToolCallDelta, ToolCallsEvent, Usage
+from sovereign.engine import (
+    ChatRequest,
+    CompletionRequest,
+    Finished,
+    Generation,
+    ReasoningDelta,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallsEvent,
+    Usage,
+)
 from sovereign.engine.api import ModelInfo, ModelLoad
 from sovereign.engine.requests import Event, FinishReason
 from sovereign.errors import InvalidRequest, ModelCrashed, ModelNotFound, ServerBusy
@@ -74,7 +85,9 @@ class FakeEngine:
         stopped = asyncio.Event()
         return Generation(request.model, self._events(request, stopped), stopped.set, prompt_tokens(request))
 
-    async def _events(self, request: ChatRequest | CompletionRequest, stopped: asyncio.Event) -> AsyncGenerator[Event, None]:
+    async def _events(
+        self, request: ChatRequest | CompletionRequest, stopped: asyncio.Event
+    ) -> AsyncGenerator[Event, None]:
         sampling = request.sampling
         usage_prompt = prompt_tokens(request)
         if isinstance(request, ChatRequest) and request.tools and request.tool_choice.mode in ("required", "function"):
@@ -86,7 +99,12 @@ class FakeEngine:
         if _last_user_text(request).startswith("think"):
             for word in scripted_reasoning(request):
                 yield ReasoningDelta(word)
-        if isinstance(request, ChatRequest) and request.tools and request.tool_choice.mode == "auto" and _last_user_text(request).startswith("call"):
+        if (
+            isinstance(request, ChatRequest)
+            and request.tools
+            and request.tool_choice.mode == "auto"
+            and _last_user_text(request).startswith("call")
+        ):
             name, arguments = request.tools[0]["function"]["name"], json.dumps({"echo": _last_user_text(request)})
             call_id = f"call_{zlib.crc32(arguments.encode()):08x}"
             yield ToolCallDelta(0, call_id, name)
@@ -110,7 +128,7 @@ class FakeEngine:
                 raise ModelCrashed(request.model, "SIGSEGV")
             hit = next((s for s in sampling.stop if s and s in text + word), None)
             if hit is not None:
-                yield TextDelta((text + word)[: (text + word).index(hit)][len(text):])
+                yield TextDelta((text + word)[: (text + word).index(hit)][len(text) :])
                 reason, stop_hit = "stop", hit
                 produced += 1
                 break
@@ -142,7 +160,12 @@ class FakeEngine:
         return ([1] if add_bos else []) + list(text.encode())
 
     async def apply_template(
-        self, model_name: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any] | None, add_generation_prompt: bool
+        self,
+        model_name: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        kwargs: dict[str, Any] | None,
+        add_generation_prompt: bool,
     ) -> str:
         self._check(model_name)
         turns = "".join(f"<{m.get('role')}>{m.get('content') or ''}\n" for m in messages)
@@ -191,7 +214,9 @@ class FakeEngine:
     @staticmethod
     def _check(name: str) -> None:
         if name not in FAKE_MODELS:
-            raise ModelNotFound(f"the model {name!r} does not exist or is not pulled", f"pull it first: sovereign pull {name}")
+            raise ModelNotFound(
+                f"the model {name!r} does not exist or is not pulled", f"pull it first: sovereign pull {name}"
+            )
 
 
 def as_dict(value: Any) -> Any:

@@ -96,7 +96,9 @@ def _bench_shape(model: str) -> tuple[int, float]:
 class FakeUpstream:
     """A fake Anthropic/OpenAI upstream on 127.0.0.1, running in a background thread while in a `with` block."""
 
-    def __init__(self, mode: str = "healthy", chunk_interval: float = 0.0, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, mode: str = "healthy", chunk_interval: float = 0.0, port: int = 0, host: str = "127.0.0.1"
+    ) -> None:
         """Configure the server; it starts on `__enter__` (or `start()`) on `port` (0: a free one)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -280,19 +282,24 @@ class FakeUpstream:
         except ValueError:
             body = None
         parts = urlsplit(target)
-        return Request(method.upper(), parts.path, dict(parse_qsl(parts.query, keep_blank_values=True)), headers, body, raw)
+        return Request(
+            method.upper(), parts.path, dict(parse_qsl(parts.query, keep_blank_values=True)), headers, body, raw
+        )
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, payload: Any) -> bool:
         """Write a whole JSON answer."""
         data = json.dumps(payload).encode()
         writer.write(
             f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(data)}\r\nrequest-id: req_fake\r\nx-request-id: req_fake\r\n\r\n".encode() + data
+            f"content-length: {len(data)}\r\nrequest-id: req_fake\r\nx-request-id: req_fake\r\n\r\n".encode()
+            + data
         )
         await writer.drain()
         return True
 
-    async def _stream(self, writer: asyncio.StreamWriter, events: Iterator[bytes], cut_after: int | None, interval: float) -> bool:
+    async def _stream(
+        self, writer: asyncio.StreamWriter, events: Iterator[bytes], cut_after: int | None, interval: float
+    ) -> bool:
         """Write an SSE answer chunk by chunk; abort the connection after `cut_after` events when set."""
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\n"
@@ -318,11 +325,19 @@ class FakeUpstream:
         keys = (request.headers.get("x-api-key"), request.headers.get("authorization", "").removeprefix("Bearer "))
         if self._mode in ("451", "403") or FORBIDDEN_KEY in keys:
             status = 403 if self._mode == "healthy" else int(self._mode)
-            kind = ("permission_error" if anthropic else "permission_denied") if status == 403 else "unavailable_for_legal_reasons"
+            kind = (
+                ("permission_error" if anthropic else "permission_denied")
+                if status == 403
+                else "unavailable_for_legal_reasons"
+            )
             return await self._send(writer, status, _error_body(path, status, kind, f"fake upstream answers {status}"))
         model = str(body.get("model", ""))
         if model == "bad-request":
-            return await self._send(writer, 400, _error_body(path, 400, "invalid_request_error", "fake upstream rejects model 'bad-request'"))
+            return await self._send(
+                writer,
+                400,
+                _error_body(path, 400, "invalid_request_error", "fake upstream rejects model 'bad-request'"),
+            )
         streaming = body.get("stream") is True
         route = (request.method, path)
         if route == ("POST", "/v1/messages/count_tokens"):
@@ -331,8 +346,11 @@ class FakeUpstream:
             return await self._send(writer, 200, self._models(anthropic="anthropic-version" in request.headers))
         if route == ("POST", "/v1/embeddings"):
             return await self._send(writer, 200, self._embeddings(body))
-        builders = {"/v1/messages": (self._message, self._message_events), "/v1/chat/completions": (self._chat, self._chat_events),
-                    "/v1/responses": (self._response, self._response_events)}
+        builders = {
+            "/v1/messages": (self._message, self._message_events),
+            "/v1/chat/completions": (self._chat, self._chat_events),
+            "/v1/responses": (self._response, self._response_events),
+        }
         if request.method == "POST" and path in builders:
             whole, events = builders[path]
             if not streaming:
@@ -341,7 +359,16 @@ class FakeUpstream:
             if self._mode == "midstream":
                 cut = {"/v1/messages": 3, "/v1/responses": 4, "/v1/chat/completions": 1}[path] + MIDSTREAM_PIECES
             return await self._stream(writer, events(model, body), cut, _bench_shape(model)[1] or self.chunk_interval)
-        return await self._send(writer, 404, _error_body(path, 404, "not_found_error" if anthropic else "invalid_request_error", f"no route {request.method} {path}"))
+        return await self._send(
+            writer,
+            404,
+            _error_body(
+                path,
+                404,
+                "not_found_error" if anthropic else "invalid_request_error",
+                f"no route {request.method} {path}",
+            ),
+        )
 
     # -- canned answers -----------------------------------------------------------------------
 
@@ -349,54 +376,113 @@ class FakeUpstream:
     def _models(anthropic: bool) -> dict[str, Any]:
         """The model list, in OpenAI's shape (Anthropic's when the client is Anthropic's SDK)."""
         if anthropic:
-            entry = {"type": "model", "id": "claude-upstream", "display_name": "Claude Upstream", "created_at": "2025-01-01T00:00:00Z"}
+            entry = {
+                "type": "model",
+                "id": "claude-upstream",
+                "display_name": "Claude Upstream",
+                "created_at": "2025-01-01T00:00:00Z",
+            }
             return {"data": [entry], "has_more": False, "first_id": "claude-upstream", "last_id": "claude-upstream"}
-        return {"object": "list", "data": [{"id": "gpt-upstream", "object": "model", "created": 1700000000, "owned_by": "upstream"}]}
+        return {
+            "object": "list",
+            "data": [{"id": "gpt-upstream", "object": "model", "created": 1700000000, "owned_by": "upstream"}],
+        }
 
     @staticmethod
     def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
         """One small vector per input; base64 little-endian float32 when asked (the OpenAI SDK's default)."""
         inputs = body.get("input", "")
-        items = [inputs] if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)) else list(inputs)
+        items = (
+            [inputs]
+            if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int))
+            else list(inputs)
+        )
         data = []
         for index, _ in enumerate(items):
             vector = [0.1 * (index + 1), 0.2, 0.3, 0.4]
-            encoded: Any = base64.b64encode(struct.pack("<4f", *vector)).decode() if body.get("encoding_format") == "base64" else vector
+            encoded: Any = (
+                base64.b64encode(struct.pack("<4f", *vector)).decode()
+                if body.get("encoding_format") == "base64"
+                else vector
+            )
             data.append({"object": "embedding", "index": index, "embedding": encoded})
-        return {"object": "list", "data": data, "model": body.get("model", ""), "usage": {"prompt_tokens": len(items), "total_tokens": len(items)}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": body.get("model", ""),
+            "usage": {"prompt_tokens": len(items), "total_tokens": len(items)},
+        }
 
     @staticmethod
     def _message(model: str) -> dict[str, Any]:
         """A whole Anthropic Message."""
-        return {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": TEXT}], "stop_reason": "end_turn", "stop_sequence": None,
-                "usage": {"input_tokens": 10, "output_tokens": len(PIECES)}}
+        return {
+            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": TEXT}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": len(PIECES)},
+        }
 
     def _message_events(self, model: str, body: dict[str, Any]) -> Iterator[bytes]:
         """Anthropic's Messages event stream."""
-        start = self._message(model) | {"content": [], "stop_reason": None, "usage": {"input_tokens": 10, "output_tokens": 1}}
+        start = self._message(model) | {
+            "content": [],
+            "stop_reason": None,
+            "usage": {"input_tokens": 10, "output_tokens": 1},
+        }
         yield _sse({"type": "message_start", "message": start}, "message_start")
-        yield _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, "content_block_start")
+        yield _sse(
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            "content_block_start",
+        )
         yield _sse({"type": "ping"}, "ping")
         for piece in PIECES:
-            yield _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}, "content_block_delta")
+            yield _sse(
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
+                "content_block_delta",
+            )
         yield _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
-        delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": len(PIECES)}}
+        delta = {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": len(PIECES)},
+        }
         yield _sse(delta, "message_delta")
         yield _sse({"type": "message_stop"}, "message_stop")
 
     @staticmethod
     def _chat(model: str) -> dict[str, Any]:
         """A whole chat.completion."""
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()), "model": model,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": TEXT, "refusal": None}, "logprobs": None, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": len(PIECES), "total_tokens": 10 + len(PIECES)}}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": TEXT, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": len(PIECES), "total_tokens": 10 + len(PIECES)},
+        }
 
     def _chat_events(self, model: str, body: dict[str, Any]) -> Iterator[bytes]:
         """A chat.completion.chunk stream ending with [DONE]; "bench-N" models stream N one-word chunks."""
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                "system_fingerprint": None}
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": None,
+        }
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             return _sse(base | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
@@ -413,22 +499,67 @@ class FakeUpstream:
                 yield chunk({"content": piece})
         yield chunk({}, "stop")
         if (body.get("stream_options") or {}).get("include_usage"):
-            yield _sse(base | {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": count, "total_tokens": 10 + count}})
+            yield _sse(
+                base
+                | {
+                    "choices": [],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": count, "total_tokens": 10 + count},
+                }
+            )
         yield _sse("[DONE]")
 
     @staticmethod
-    def _response(model: str, status: str = "completed", text: str = TEXT, response_id: str | None = None, item_id: str = "msg_fake") -> dict[str, Any]:
+    def _response(
+        model: str,
+        status: str = "completed",
+        text: str = TEXT,
+        response_id: str | None = None,
+        item_id: str = "msg_fake",
+    ) -> dict[str, Any]:
         """A Responses API Response object."""
-        output = [] if status == "in_progress" else [
-            {"type": "message", "id": item_id, "status": "completed", "role": "assistant",
-             "content": [{"type": "output_text", "text": text, "annotations": []}]}]
-        usage = None if status == "in_progress" else {
-            "input_tokens": 10, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(PIECES),
-            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 10 + len(PIECES)}
-        return {"id": response_id or f"resp_{uuid.uuid4().hex[:24]}", "object": "response", "created_at": int(time.time()), "status": status,
-                "model": model, "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "error": None,
-                "incomplete_details": None, "instructions": None, "metadata": {}, "temperature": 1.0, "top_p": 1.0,
-                "text": {"format": {"type": "text"}}, "usage": usage}
+        output = (
+            []
+            if status == "in_progress"
+            else [
+                {
+                    "type": "message",
+                    "id": item_id,
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ]
+        )
+        usage = (
+            None
+            if status == "in_progress"
+            else {
+                "input_tokens": 10,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": len(PIECES),
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": 10 + len(PIECES),
+            }
+        )
+        return {
+            "id": response_id or f"resp_{uuid.uuid4().hex[:24]}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": status,
+            "model": model,
+            "output": output,
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "error": None,
+            "incomplete_details": None,
+            "instructions": None,
+            "metadata": {},
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "text": {"format": {"type": "text"}},
+            "usage": usage,
+        }
 
     def _response_events(self, model: str, body: dict[str, Any]) -> Iterator[bytes]:
         """The Responses event stream, response.created through response.completed."""
@@ -441,12 +572,22 @@ class FakeUpstream:
         pending = self._response(model, "in_progress", response_id=rid)
         yield event("response.created", response=pending)
         yield event("response.in_progress", response=pending)
-        yield event("response.output_item.added", output_index=0,
-                    item={"type": "message", "id": item, "status": "in_progress", "role": "assistant", "content": []})
-        yield event("response.content_part.added", item_id=item, output_index=0, content_index=0,
-                    part={"type": "output_text", "text": "", "annotations": []})
+        yield event(
+            "response.output_item.added",
+            output_index=0,
+            item={"type": "message", "id": item, "status": "in_progress", "role": "assistant", "content": []},
+        )
+        yield event(
+            "response.content_part.added",
+            item_id=item,
+            output_index=0,
+            content_index=0,
+            part={"type": "output_text", "text": "", "annotations": []},
+        )
         for piece in PIECES:
-            yield event("response.output_text.delta", item_id=item, output_index=0, content_index=0, delta=piece, logprobs=[])
+            yield event(
+                "response.output_text.delta", item_id=item, output_index=0, content_index=0, delta=piece, logprobs=[]
+            )
         yield event("response.output_text.done", item_id=item, output_index=0, content_index=0, text=TEXT, logprobs=[])
         part = {"type": "output_text", "text": TEXT, "annotations": []}
         yield event("response.content_part.done", item_id=item, output_index=0, content_index=0, part=part)

@@ -87,7 +87,12 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _record(self) -> Request:
-        request = Request(self.command, unquote(urlparse(self.path).path), self.headers.get("Range"), self.headers.get("Authorization"))
+        request = Request(
+            self.command,
+            unquote(urlparse(self.path).path),
+            self.headers.get("Range"),
+            self.headers.get("Authorization"),
+        )
         with self.hub.lock:
             self.hub.log.append(request)
         return request
@@ -140,17 +145,36 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:
             return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
         siblings = [
-            {"rfilename": name, "size": len(data), "blobId": _sha(data)[:40], "lfs": {"sha256": _sha(data), "size": len(data), "pointerSize": 134}}
+            {
+                "rfilename": name,
+                "size": len(data),
+                "blobId": _sha(data)[:40],
+                "lfs": {"sha256": _sha(data), "size": len(data), "pointerSize": 134},
+            }
             for name, data in sorted(repo.files.items())
         ]
-        self._json(200, {"id": repo_id, "modelId": repo_id, "sha": COMMIT, "private": False, "gated": "manual" if repo.gated_token else False, "siblings": siblings})
+        self._json(
+            200,
+            {
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": COMMIT,
+                "private": False,
+                "gated": "manual" if repo.gated_token else False,
+                "siblings": siblings,
+            },
+        )
 
     def _file(self, repo_id: str, filename: str, request: Request) -> None:
         repo = self.hub.repos.get(repo_id)
         if repo is None:
             return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
         if repo.gated_token and self.headers.get("Authorization") != f"Bearer {repo.gated_token}":
-            return self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it and be authenticated to access it.")
+            return self._error(
+                401,
+                "GatedRepo",
+                f"Access to model {repo_id} is restricted. You must have access to it and be authenticated to access it.",
+            )
         data = repo.files.get(filename)
         if data is None:
             return self._error(404, "EntryNotFound", f"{filename} does not exist")
@@ -158,9 +182,11 @@ class _Handler(BaseHTTPRequestHandler):
         served = data[:-64] + bytes(b ^ 0xFF for b in data[-64:]) if repo.corrupt else data
         start, end = 0, len(data)  # end: one past the last byte served
         if_range = self.headers.get("If-Range")
-        honour_range = repo.accept_ranges and (if_range is None or if_range == f'"{etag}"')  # a stale If-Range gets the whole new file
+        honour_range = repo.accept_ranges and (
+            if_range is None or if_range == f'"{etag}"'
+        )  # a stale If-Range gets the whole new file
         if honour_range and request.range and request.range.startswith("bytes="):
-            first, _, last = request.range[len("bytes="):].partition("-")
+            first, _, last = request.range[len("bytes=") :].partition("-")
             start = int(first or 0)
             end = min(end, int(last) + 1) if last else end
         ranged = bool(start) or end < len(data)
@@ -189,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
         view = memoryview(body)
         try:
             for offset in range(0, limit, step):
-                chunk = view[offset:min(offset + step, limit)]
+                chunk = view[offset : min(offset + step, limit)]
                 self.wfile.write(chunk)
                 request.body_bytes += len(chunk)
                 if repo.bytes_per_second:

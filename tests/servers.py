@@ -29,7 +29,14 @@ def free_port() -> int:
 class ServerProcess:
     """`sovereign serve ARGS` against a given store; ready once /health says ok."""
 
-    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None, log: Path | None = None, ready_timeout: float = 180) -> None:
+    def __init__(
+        self,
+        home: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        ready_timeout: float = 180,
+    ) -> None:
         self.home = home
         self.args = args
         self.env = env or {}
@@ -43,7 +50,12 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         environment = {**os.environ, "SOVEREIGN_HOME": str(self.home), **self.env}
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen([*sovereign_command(), "serve", *self.args, "--port", str(self.port)], env=environment, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [*sovereign_command(), "serve", *self.args, "--port", str(self.port)],
+            env=environment,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -83,7 +95,9 @@ class InProcessServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = f"{self.url}/v1"
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="on"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="on")
+        )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def __enter__(self) -> InProcessServer:

@@ -89,7 +89,9 @@ def user_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     hf = Path(os.environ["HF_HOME"]) / "hub"
     make_hf(hf, "org", "repo", {"repo-Q4_K_M.gguf": 3, "mmproj-repo-f16.gguf": 4})
     make_hf(hf, "org", "big", {"big-Q8_0-00001-of-00002.gguf": 5, "big-Q8_0-00002-of-00002.gguf": 6})
-    write_gguf(home / ".lmstudio" / "models" / "lmstudio-community" / "Gemma-GGUF" / "gemma-Q5_K_M.gguf", megabytes=0.1, seed=7)
+    write_gguf(
+        home / ".lmstudio" / "models" / "lmstudio-community" / "Gemma-GGUF" / "gemma-Q5_K_M.gguf", megabytes=0.1, seed=7
+    )
     write_gguf(home / ".cache" / "llama.cpp" / "ggml-org_tiny-GGUF_tiny-Q2_K.gguf", megabytes=0.1, seed=8)
     return home
 
@@ -112,7 +114,11 @@ def test_names_are_derived_predictably() -> None:
     assert quant_tag("model-UD-Q4_K_XL-00001-of-00003.gguf") == "UD-Q4_K_XL"
     assert quant_tag("model-bf16.gguf") == "BF16"
     assert quant_tag("plain.gguf") == "plain"
-    assert split_llamacpp_name("ggml-org_gemma-3-1b-it-GGUF_gemma-3-1b-it-Q4_K_M", []) == ("ggml-org", "gemma-3-1b-it-GGUF", "gemma-3-1b-it-Q4_K_M")
+    assert split_llamacpp_name("ggml-org_gemma-3-1b-it-GGUF_gemma-3-1b-it-Q4_K_M", []) == (
+        "ggml-org",
+        "gemma-3-1b-it-GGUF",
+        "gemma-3-1b-it-Q4_K_M",
+    )
     assert split_llamacpp_name("me_my_repo_file", [("me", "my_repo")]) == ("me", "my_repo", "file")
 
 
@@ -128,7 +134,11 @@ def test_dry_run_lists_every_store_and_registers_nothing(user_home: Path, isolat
     assert NO_TEMPLATE_NOTE in stderr  # the test GGUFs carry no template; Ollama's is not translated
     assert Store(isolated_home).list() == []
     code, stdout, _ = _cli("--dry-run", "--from", "ollama", "--from", "llamacpp")
-    assert {line.split()[2] for line in stdout.splitlines()} == {"qwen3:8b", "someone/tool:v1", "hf.co/ggml-org/tiny-GGUF:Q2_K"}
+    assert {line.split()[2] for line in stdout.splitlines()} == {
+        "qwen3:8b",
+        "someone/tool:v1",
+        "hf.co/ggml-org/tiny-GGUF:Q2_K",
+    }
 
 
 def test_adopt_hard_links_every_layout_without_copying_and_is_idempotent(user_home: Path, isolated_home: Path) -> None:
@@ -159,7 +169,9 @@ def test_adopt_hard_links_every_layout_without_copying_and_is_idempotent(user_ho
     assert {p: p.read_text() for p in store.manifests_dir.rglob("*.json")} == before
 
 
-def test_adopt_references_in_place_when_links_fail_and_notices_missing_or_changed(user_home: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_adopt_references_in_place_when_links_fail_and_notices_missing_or_changed(
+    user_home: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(os, "link", _refuse_link)
     code, _, stderr = _cli("--from", "lmstudio", "--from", "hf")
     assert code == 0, stderr
@@ -172,7 +184,9 @@ def test_adopt_references_in_place_when_links_fail_and_notices_missing_or_change
     assert original.stat().st_nlink == 1
     assert store.model_path(lm) == original
     big = store.require(parse_name("hf.co/org/big:Q8_0"))
-    assert store.model_path(big).name == "big-Q8_0-00001-of-00002.gguf"  # the snapshot's name: llama.cpp finds split 2 next to it
+    assert (
+        store.model_path(big).name == "big-Q8_0-00001-of-00002.gguf"
+    )  # the snapshot's name: llama.cpp finds split 2 next to it
     assert _cli("--from", "lmstudio")[2].count("is already in the store:") == 1
 
     # Changed: same size, new mtime.
@@ -200,7 +214,9 @@ def test_adopt_references_in_place_when_links_fail_and_notices_missing_or_change
     assert code == 0 and "found no GGUF models" in stderr
 
 
-def test_cross_device_originals_are_referenced(user_home: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cross_device_originals_are_referenced(
+    user_home: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == isolated_home.parent.stat().st_dev:
         pytest.skip("no second file system at /dev/shm")
     other = Path(tempfile.mkdtemp(dir="/dev/shm"))
@@ -211,12 +227,16 @@ def test_cross_device_originals_are_referenced(user_home: Path, isolated_home: P
         assert "hf.co/ggml-org/shm-GGUF:Q4_0" in stdout and "in place" in stdout
         outcome = adopt(Store(isolated_home), ["llamacpp"]).outcomes[0]
         assert outcome.action == "adopted" and outcome.how == "in place"
-        assert outcome.manifest is not None and outcome.manifest.files[0].path == str(other / "ggml-org_shm-GGUF_shm-Q4_0.gguf")
+        assert outcome.manifest is not None and outcome.manifest.files[0].path == str(
+            other / "ggml-org_shm-GGUF_shm-Q4_0.gguf"
+        )
     finally:
         shutil.rmtree(other)
 
 
-def test_a_name_held_by_another_model_is_skipped_with_a_reason(user_home: Path, isolated_home: Path, tmp_path: Path) -> None:
+def test_a_name_held_by_another_model_is_skipped_with_a_reason(
+    user_home: Path, isolated_home: Path, tmp_path: Path
+) -> None:
     other = write_gguf(tmp_path / "other.gguf", megabytes=0.1, seed=42)
     pull_in_process(str(other), options=PullOptions(copy_local=True, name="qwen3:8b"))
     code, _, stderr = _cli("--from", "ollama")
@@ -239,7 +259,9 @@ def test_broken_stores_are_skipped_not_fatal(user_home: Path, isolated_home: Pat
     (ollama / "manifests" / "registry.ollama.ai" / "library" / "broken" / "latest").write_text("{not json")
     gone = ollama / "manifests" / "registry.ollama.ai" / "library" / "gone" / "latest"
     gone.parent.mkdir(parents=True)
-    gone.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:" + "1" * 64}]}))
+    gone.write_text(
+        json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:" + "1" * 64}]})
+    )
     bad = user_home / ".lmstudio" / "models" / "pub" / "repo" / "fake-Q4_0.gguf"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not a gguf at all")
@@ -259,7 +281,9 @@ def test_cli_errors_are_one_line(user_home: Path, tmp_path: Path, monkeypatch: p
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in stdout + stderr
 
 
-def test_run_refuses_a_model_whose_original_is_gone_with_one_line(user_home: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_refuses_a_model_whose_original_is_gone_with_one_line(
+    user_home: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(os, "link", _refuse_link)
     adopt(Store(isolated_home), ["lmstudio"])
     original = user_home / ".lmstudio" / "models" / "lmstudio-community" / "Gemma-GGUF" / "gemma-Q5_K_M.gguf"

@@ -68,7 +68,20 @@ def server(tmp_path_factory: pytest.TempPathFactory, alias_supported: bool) -> I
     home = tmp_path_factory.mktemp("agent-server") / "home"
     pull_in_process(str(agent_tiny_model()), options=PullOptions(name=MODEL), environ={"SOVEREIGN_HOME": str(home)})
     aliases = ["--alias", f"claude-*={MODEL}"] if alias_supported else []
-    args = [MODEL, *aliases, "--ctx", str(AGENT_TINY_CTX), "--parallel", "1", "--threads", "2", "--max-models", "1", "--keep-alive", "-1"]
+    args = [
+        MODEL,
+        *aliases,
+        "--ctx",
+        str(AGENT_TINY_CTX),
+        "--parallel",
+        "1",
+        "--threads",
+        "2",
+        "--max-models",
+        "1",
+        "--keep-alive",
+        "-1",
+    ]
     with ServerProcess(home, *args, ready_timeout=180) as running:
         yield running
 
@@ -84,17 +97,30 @@ def _report(name: str, run: Run, server: ServerProcess) -> str:
     return f"--- {name}\n{run.describe()}\nserver log (requests):\n{log[-4000:]}"
 
 
-def test_claude_code(clients: AgentClients, server: ServerProcess, proxy: RecordingProxy, tmp_path: Path, alias_supported: bool) -> None:
+def test_claude_code(
+    clients: AgentClients, server: ServerProcess, proxy: RecordingProxy, tmp_path: Path, alias_supported: bool
+) -> None:
     runs: dict[str, Run] = {}
     for name, model in (("model", MODEL), ("default", None)):
         home = tmp_path / f"claude-{name}"
-        runs[name] = run_client(claude_command(clients, PROMPT, model), claude_environment(home, proxy.url), proxy, home / "work")
+        runs[name] = run_client(
+            claude_command(clients, PROMPT, model), claude_environment(home, proxy.url), proxy, home / "work"
+        )
         dump(runs[name], f"claude-code-{name}")
     # A second turn of the first conversation: Claude Code sends its history back, system reminders between turns included.
     home = tmp_path / "claude-model"
-    runs["continue"] = run_client([*claude_command(clients, "and again", MODEL), "--continue"], claude_environment(home, proxy.url), proxy, home / "work")
+    runs["continue"] = run_client(
+        [*claude_command(clients, "and again", MODEL), "--continue"],
+        claude_environment(home, proxy.url),
+        proxy,
+        home / "work",
+    )
     dump(runs["continue"], "claude-code-continue")
-    recording = {"client": "claude-code", "version": clients.versions["claude"], "runs": {name: normalise(run.exchanges) for name, run in runs.items()}}
+    recording = {
+        "client": "claude-code",
+        "version": clients.versions["claude"],
+        "runs": {name: normalise(run.exchanges) for name, run in runs.items()},
+    }
     problems = []
     difference = check_fixture("claude-code", recording)
     if difference:
@@ -106,8 +132,16 @@ def test_claude_code(clients: AgentClients, server: ServerProcess, proxy: Record
             result = None
         failed = run.returncode != 0 or not isinstance(result, dict) or result.get("is_error") is not False
         if failed or refusals(run.exchanges):
-            note = "" if alias_supported or name != "default" else " (sovereign serve has no --alias yet: claude-* names are unknown)"
-            what = {"model": f"with --model {MODEL}", "default": "without --model", "continue": "--continue (a second turn)"}[name]
+            note = (
+                ""
+                if alias_supported or name != "default"
+                else " (sovereign serve has no --alias yet: claude-* names are unknown)"
+            )
+            what = {
+                "model": f"with --model {MODEL}",
+                "default": "without --model",
+                "continue": "--continue (a second turn)",
+            }[name]
             problems.append(f"claude -p {what} failed or was refused{note}:\n" + _report(name, run, server))
     assert not problems, f"Claude Code {clients.versions['claude']}:\n" + "\n\n".join(problems)
 

@@ -47,26 +47,65 @@ def _tool_history(uses: int) -> list[dict[str, object]]:
     """A conversation of `uses` tool round trips, each result long."""
     messages: list[dict[str, object]] = [{"role": "user", "content": "read the files"}]
     for n in range(uses):
-        messages.append({"role": "assistant", "content": [{"type": "tool_use", "id": f"toolu_{n}", "name": "read", "input": {"path": f"{n}.txt"}}]})
-        messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{n}", "content": "word " * 50}]})
+        messages.append(
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": f"toolu_{n}", "name": "read", "input": {"path": f"{n}.txt"}}],
+            }
+        )
+        messages.append(
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{n}", "content": "word " * 50}]}
+        )
     messages.append({"role": "user", "content": "summarise"})
     return messages
 
 
 def test_context_editing_clears_old_tool_results(fake_server: InProcessServer) -> None:
-    edits = {"edits": [{"type": "clear_tool_uses_20250919", "trigger": {"type": "input_tokens", "value": 100}, "keep": {"type": "tool_uses", "value": 1}}]}
-    body = {"model": "fake:model", "max_tokens": 8, "messages": _tool_history(4), "tools": [{"name": "read", "input_schema": {"type": "object"}}]}
-    counted = httpx.post(fake_server.url + "/v1/messages/count_tokens", json={**{k: v for k, v in body.items() if k != "max_tokens"}, "context_management": edits}).json()
+    edits = {
+        "edits": [
+            {
+                "type": "clear_tool_uses_20250919",
+                "trigger": {"type": "input_tokens", "value": 100},
+                "keep": {"type": "tool_uses", "value": 1},
+            }
+        ]
+    }
+    body = {
+        "model": "fake:model",
+        "max_tokens": 8,
+        "messages": _tool_history(4),
+        "tools": [{"name": "read", "input_schema": {"type": "object"}}],
+    }
+    counted = httpx.post(
+        fake_server.url + "/v1/messages/count_tokens",
+        json={**{k: v for k, v in body.items() if k != "max_tokens"}, "context_management": edits},
+    ).json()
     assert counted["context_management"]["original_input_tokens"] > counted["input_tokens"], counted
     answer = httpx.post(fake_server.url + "/v1/messages", json={**body, "context_management": edits}).json()
     (applied,) = answer["context_management"]["applied_edits"]
-    assert applied["type"] == "clear_tool_uses_20250919" and applied["cleared_tool_uses"] == 3 and applied["cleared_input_tokens"] > 0
-    untouched = httpx.post(fake_server.url + "/v1/messages", json={**body, "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}).json()
+    assert (
+        applied["type"] == "clear_tool_uses_20250919"
+        and applied["cleared_tool_uses"] == 3
+        and applied["cleared_input_tokens"] > 0
+    )
+    untouched = httpx.post(
+        fake_server.url + "/v1/messages",
+        json={**body, "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}},
+    ).json()
     assert untouched["context_management"] == {"applied_edits": []}  # below the default trigger: nothing cleared
-    streamed = httpx.post(fake_server.url + "/v1/messages", json={**body, "stream": True, "context_management": edits}).text
-    deltas = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: ") and '"message_delta"' in line]
+    streamed = httpx.post(
+        fake_server.url + "/v1/messages", json={**body, "stream": True, "context_management": edits}
+    ).text
+    deltas = [
+        json.loads(line[6:])
+        for line in streamed.splitlines()
+        if line.startswith("data: ") and '"message_delta"' in line
+    ]
     assert deltas[-1]["context_management"]["applied_edits"][0]["cleared_tool_uses"] == 3
-    bad = httpx.post(fake_server.url + "/v1/messages", json={**body, "context_management": {"edits": [{"type": "forget_everything"}]}})
+    bad = httpx.post(
+        fake_server.url + "/v1/messages",
+        json={**body, "context_management": {"edits": [{"type": "forget_everything"}]}},
+    )
     assert bad.status_code == 400 and bad.json()["type"] == "error", bad.text
 
 
@@ -90,7 +129,9 @@ def test_a_prompt_too_long_in_anthropic_words() -> None:
 
 
 def test_model_routes_parse_and_match() -> None:
-    routes = ModelRoutes((parse_route("claude-*-haiku*=small:1b"), parse_route("claude-*=big:8b")), fallback="default:1b")
+    routes = ModelRoutes(
+        (parse_route("claude-*-haiku*=small:1b"), parse_route("claude-*=big:8b")), fallback="default:1b"
+    )
     assert routes.mapped("claude-3-5-haiku-latest") == "small:1b" and routes.mapped("claude-opus-4-8") == "big:8b"
     assert routes.mapped("qwen3:8b") is None
     assert ModelRoutes(fallback="default:1b").fallback_for("gpt-4.1") == "default:1b"

@@ -61,8 +61,12 @@ def test_eight_streams_generate_at_the_same_time(wide: ServerProcess) -> None:
 
     async def one(topic: str) -> tuple[float, float, int]:
         stream = await client.chat.completions.create(
-            model=GEMMA, messages=[{"role": "user", "content": f"Tell me about {topic}."}], max_tokens=48, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            model=GEMMA,
+            messages=[{"role": "user", "content": f"Tell me about {topic}."}],
+            max_tokens=48,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
         )
         first = last = 0.0
         tokens = 0
@@ -88,12 +92,19 @@ WEATHER_TOOL = {
     "type": "function",
     "function": {
         "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city", "unit"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+        },
     },
 }
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
     "required": ["name", "age"],
     "additionalProperties": False,
 }
@@ -101,23 +112,41 @@ PERSON = {
 
 def test_tools_schemas_and_embeddings_are_served_among_running_streams(wide: ServerProcess) -> None:
     client = AsyncOpenAI(base_url=wide.base_url, api_key="unused", max_retries=0)
-    solo_embedding = OpenAI(base_url=wide.base_url, api_key="unused").embeddings.create(model=GEMMA, input="the sea").data[0].embedding
+    solo_embedding = (
+        OpenAI(base_url=wide.base_url, api_key="unused")
+        .embeddings.create(model=GEMMA, input="the sea")
+        .data[0]
+        .embedding
+    )
 
     async def background(topic: str) -> int:
-        response = await client.completions.create(model=GEMMA, prompt=f"A long story about {topic}:", max_tokens=64, extra_body={"ignore_eos": True})
+        response = await client.completions.create(
+            model=GEMMA, prompt=f"A long story about {topic}:", max_tokens=64, extra_body={"ignore_eos": True}
+        )
         return response.usage.completion_tokens
 
     async def tool_call(seed: int) -> tuple[str, dict[str, str]]:
         response = await client.chat.completions.create(
-            model=GEMMA, messages=[{"role": "user", "content": "Weather?"}], max_tokens=60, seed=seed, tools=[WEATHER_TOOL], tool_choice="required",
+            model=GEMMA,
+            messages=[{"role": "user", "content": "Weather?"}],
+            max_tokens=60,
+            seed=seed,
+            tools=[WEATHER_TOOL],
+            tool_choice="required",
         )
         (call,) = response.choices[0].message.tool_calls
         return call.function.name, json.loads(call.function.arguments)
 
     async def person(seed: int) -> dict[str, object]:
         response = await client.chat.completions.create(
-            model=GEMMA, messages=[{"role": "user", "content": "A person, as JSON."}], max_tokens=80, seed=seed,
-            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+            model=GEMMA,
+            messages=[{"role": "user", "content": "A person, as JSON."}],
+            max_tokens=80,
+            seed=seed,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "person", "schema": PERSON, "strict": True},
+            },
         )
         return json.loads(response.choices[0].message.content)
 
@@ -126,7 +155,13 @@ def test_tools_schemas_and_embeddings_are_served_among_running_streams(wide: Ser
 
     async def all_at_once() -> list[object]:
         return await asyncio.gather(
-            *(background(t) for t in ("salt", "iron", "glass")), tool_call(1), tool_call(2), person(1), person(2), embedding(), embedding(),
+            *(background(t) for t in ("salt", "iron", "glass")),
+            tool_call(1),
+            tool_call(2),
+            person(1),
+            person(2),
+            embedding(),
+            embedding(),
         )
 
     salt, iron, glass, *results = asyncio.run(all_at_once())
@@ -143,10 +178,17 @@ def test_memory_stays_flat_over_rounds_of_eight_requests(wide: ServerProcess) ->
     async def round_of_eight(round_number: int) -> None:
         async with AsyncOpenAI(base_url=wide.base_url, api_key="unused", max_retries=0) as client:  # one per event loop
             # Different prompts each round, so every round writes new KV cells rather than reusing a cached prefix.
-            await asyncio.gather(*(
-                client.completions.create(model=GEMMA, prompt=f"Round {round_number}, story {i}: " + "the tide came in. " * 20, max_tokens=48, extra_body={"ignore_eos": True})
-                for i in range(8)
-            ))
+            await asyncio.gather(
+                *(
+                    client.completions.create(
+                        model=GEMMA,
+                        prompt=f"Round {round_number}, story {i}: " + "the tide came in. " * 20,
+                        max_tokens=48,
+                        extra_body={"ignore_eos": True},
+                    )
+                    for i in range(8)
+                )
+            )
 
     asyncio.run(round_of_eight(0))
     settled = resident_bytes(wide)
@@ -180,7 +222,10 @@ def test_next_chat_turn_reads_only_its_new_tokens(wide: ServerProcess) -> None:
     assert first.usage.prompt_tokens_details.cached_tokens < 10  # nothing of this history was seen before
     for question in ("And the first iron ones?", "Which sailed fastest?"):
         previous = first.usage.prompt_tokens
-        history += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": question}]
+        history += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": question},
+        ]
         first = client.chat.completions.create(model=GEMMA, messages=history, max_tokens=12, temperature=0)
         cached = first.usage.prompt_tokens_details.cached_tokens
         # The whole earlier conversation comes from the KV cache; only the new turn is read.
@@ -229,7 +274,9 @@ def test_request_log_has_one_line_per_request_with_timings(wide: ServerProcess) 
 
 def test_a_full_queue_answers_503_with_retry_after(narrow: ServerProcess) -> None:
     url = f"{narrow.base_url}/completions"
-    with httpx.stream("POST", url, json={"model": GEMMA, "prompt": "One", "stream": True, **LONG}, timeout=30) as running:
+    with httpx.stream(
+        "POST", url, json={"model": GEMMA, "prompt": "One", "stream": True, **LONG}, timeout=30
+    ) as running:
         lines = running.iter_lines()  # kept: dropping the iterator would close the stream
         next(lines)  # the only slot is generating
         with ThreadPoolExecutor(1) as pool:
@@ -243,7 +290,11 @@ def test_a_full_queue_answers_503_with_retry_after(narrow: ServerProcess) -> Non
     assert refused.status_code == 503
     assert int(refused.headers["retry-after"]) >= 1
     error = refused.json()["error"]
-    assert error["type"] == "server_error" and error["code"] == "server_overloaded" and "retry after" in error["message"].lower()
+    assert (
+        error["type"] == "server_error"
+        and error["code"] == "server_overloaded"
+        and "retry after" in error["message"].lower()
+    )
     wait_until_idle(narrow, within=5.0)
     # The server keeps serving once there is room.
     assert httpx.post(url, json={"model": GEMMA, "prompt": "Four", "max_tokens": 2}, timeout=30).status_code == 200

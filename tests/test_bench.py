@@ -93,7 +93,21 @@ def test_model_bench_table_plot_csv_and_history(gemma_file: Path, tmp_path: Path
 
 
 def test_serving_load_test_against_a_real_server(server: ServerProcess, tmp_path: Path) -> None:
-    result = run_cli("bench", "--url", server.url, "--model", GEMMA, "--concurrency", "1,2", "--requests", "4", "--output-tokens", "8", "--json", "--no-save")
+    result = run_cli(
+        "bench",
+        "--url",
+        server.url,
+        "--model",
+        GEMMA,
+        "--concurrency",
+        "1,2",
+        "--requests",
+        "4",
+        "--output-tokens",
+        "8",
+        "--json",
+        "--no-save",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["model"] == GEMMA
@@ -107,7 +121,22 @@ def test_serving_load_test_against_a_real_server(server: ServerProcess, tmp_path
             assert sane(figures["p50"]) and figures["p50"] <= figures["p90"] <= figures["p99"]
         assert level["latency"]["ttft"]["p50"] < level["latency"]["e2el"]["p50"]
     picture = tmp_path / "concurrency.png"
-    table = run_cli("bench", "--url", f"{server.base_url}", "--model", GEMMA, "--concurrency", "1,2", "--requests", "2", "--output-tokens", "4", "--no-save", "--plot", str(picture))
+    table = run_cli(
+        "bench",
+        "--url",
+        f"{server.base_url}",
+        "--model",
+        GEMMA,
+        "--concurrency",
+        "1,2",
+        "--requests",
+        "2",
+        "--output-tokens",
+        "4",
+        "--no-save",
+        "--plot",
+        str(picture),
+    )
     assert table.returncode == 0, table.stderr
     assert "time to first token p50" in table.stdout and picture.read_bytes().startswith(PNG_MAGIC)
 
@@ -126,7 +155,9 @@ def test_bench_errors_are_one_clear_line(server: ServerProcess) -> None:
     assert_clean_error(run_cli("bench", "-t", "two"), "-t takes whole numbers")
     assert_clean_error(run_cli("bench", "--json", "--csv"), "cannot be used together")
     assert_clean_error(run_cli("bench", "--url", "http://127.0.0.1:9"), "no answer")
-    assert_clean_error(run_cli("bench", "--url", server.url, "--model", "nope:1b", "--requests", "1"), "warm-up request")
+    assert_clean_error(
+        run_cli("bench", "--url", server.url, "--model", "nope:1b", "--requests", "1"), "warm-up request"
+    )
     assert_clean_error(run_cli("fit", "--memory", "lots"), "--memory takes a size")
 
 
@@ -162,7 +193,9 @@ def test_fit_prefers_the_gpu_and_recommends_the_biggest_interactive_model() -> N
     assert not assess(large, tight).fits and recommend([assess(large, tight)]) is None
 
 
-def test_fit_reads_a_remote_header_through_range_requests(hub: FakeHubServer, tmp_path: Path, isolated_home: Path) -> None:
+def test_fit_reads_a_remote_header_through_range_requests(
+    hub: FakeHubServer, tmp_path: Path, isolated_home: Path
+) -> None:
     path = tmp_path / "remote.gguf"
     writer = GGUFWriter(str(path), "llama")
     writer.add_block_count(8)
@@ -180,7 +213,9 @@ def test_fit_reads_a_remote_header_through_range_requests(hub: FakeHubServer, tm
     data = path.read_bytes()
     hub.hub.repos["acme/remote-GGUF"] = FakeRepo(files={"remote.gguf": data})
     isolated_home.mkdir(parents=True, exist_ok=True)
-    (isolated_home / "models.toml").write_text('[models."remote:test"]\nsources = ["hf.co/acme/remote-GGUF/remote.gguf"]\ncontext_length = 2048\n')
+    (isolated_home / "models.toml").write_text(
+        '[models."remote:test"]\nsources = ["hf.co/acme/remote-GGUF/remote.gguf"]\ncontext_length = 2048\n'
+    )
 
     result = run_cli("fit", "--json", "--memory", "8GB", "--bandwidth", "10", env={"HF_ENDPOINT": hub.url})
     assert result.returncode == 0, result.stderr

@@ -24,13 +24,29 @@ from tests.conftest import GEMMA, assert_clean_error, pull_in_process, write_ggu
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
 
 
-def cli(home: Path, *args: str, stdin: bytes | None = None, stdout: int | io.BufferedWriter | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    home: Path, *args: str, stdin: bytes | None = None, stdout: int | io.BufferedWriter | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run sovereign's export/import with SOVEREIGN_HOME=home."""
     env = {**os.environ, "SOVEREIGN_HOME": str(home), "COLUMNS": "200"}
     if stdin is not None or stdout is not None:
-        done = subprocess.run([sys.executable, "-m", "sovereign", *args], env=env, input=stdin, stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-        return subprocess.CompletedProcess(done.args, done.returncode, (done.stdout or b"").decode(errors="replace") if stdout is None else "", done.stderr.decode())
-    return subprocess.run([sys.executable, "-m", "sovereign", *args], env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "sovereign", *args],
+            env=env,
+            input=stdin,
+            stdout=stdout or subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+        return subprocess.CompletedProcess(
+            done.args,
+            done.returncode,
+            (done.stdout or b"").decode(errors="replace") if stdout is None else "",
+            done.stderr.decode(),
+        )
+    return subprocess.run(
+        [sys.executable, "-m", "sovereign", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture
@@ -43,13 +59,22 @@ def source_home(isolated_home: Path, tmp_path: Path) -> Path:
         'context_length = 1024\nlicense = "mit"\n'
     )
     pull_in_process(str(model), options=PullOptions(name="tiny:1"))
-    pull_in_process(str(write_gguf(tmp_path / "files" / "other.gguf", megabytes=0.5, seed=2)), options=PullOptions(name="other:2", copy_local=True))
+    pull_in_process(
+        str(write_gguf(tmp_path / "files" / "other.gguf", megabytes=0.5, seed=2)),
+        options=PullOptions(name="other:2", copy_local=True),
+    )
     return isolated_home
 
 
 def export(home: Path, target: Path | str, *names: str, split: int | None = None) -> bundle.ExportResult:
     settings = Settings.from_env({**os.environ, "SOVEREIGN_HOME": str(home)})
-    return export_bundle(Store(home), load_catalog(settings), [parse_name(n) for n in names or ("tiny:1", "other:2")], str(target), split=split)
+    return export_bundle(
+        Store(home),
+        load_catalog(settings),
+        [parse_name(n) for n in names or ("tiny:1", "other:2")],
+        str(target),
+        split=split,
+    )
 
 
 def assert_nothing_registered(home: Path) -> None:
@@ -64,7 +89,12 @@ def assert_same_models(a: Path, b: Path, *names: str) -> None:
         assert [p.read_bytes() for p in first.file_paths(before)] == [p.read_bytes() for p in second.file_paths(after)]
         assert all(f.digest and not f.in_place for f in after.files)
         assert (after.source, after.gguf, after.license, after.pulled_at, after.sha256_verified) == (
-            before.source, before.gguf, before.license, before.pulled_at, before.sha256_verified)
+            before.source,
+            before.gguf,
+            before.license,
+            before.pulled_at,
+            before.sha256_verified,
+        )
         assert [f.filename for f in after.files] == [f.filename for f in before.files]
 
 
@@ -72,7 +102,12 @@ def test_folder_round_trip_keeps_bytes_source_and_catalog_settings(source_home: 
     result = export(source_home, tmp_path / "stick")
     stick = tmp_path / "stick"
     assert sorted(p.relative_to(stick).as_posix() for p in stick.rglob("*") if p.is_file()) == [
-        "README.txt", "SHA256SUMS", "models/other.gguf", "models/tiny-Q4_K_M.gguf", "sovereign-bundle.json"]
+        "README.txt",
+        "SHA256SUMS",
+        "models/other.gguf",
+        "models/tiny-Q4_K_M.gguf",
+        "sovereign-bundle.json",
+    ]
     assert result.models == ["tiny:1", "other:2"]
     assert "sovereign import ." in (stick / "README.txt").read_text()
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=stick, capture_output=True, text=True)
@@ -88,14 +123,21 @@ def test_folder_round_trip_keeps_bytes_source_and_catalog_settings(source_home: 
     assert_same_models(source_home, other, "tiny:1", "other:2")
     manifest = Store(other).require(parse_name("tiny:1"))
     spec = spec_from_manifest(manifest)  # no models.toml on this side: the settings travel in the manifest
-    assert spec is not None and spec.chat_template == TEMPLATE and spec.stop == ("<|end|>",) and spec.context_length == 1024
+    assert (
+        spec is not None
+        and spec.chat_template == TEMPLATE
+        and spec.stop == ("<|end|>",)
+        and spec.context_length == 1024
+    )
     assert not any((other / "partial").iterdir())
     # Exported again from the new home, the settings are passed on.
     again = json.loads((Path(export(other, tmp_path / "again", "tiny:1").target) / "sovereign-bundle.json").read_text())
     assert again["models"][0]["catalog"]["chat_template"] == TEMPLATE
 
 
-def test_cli_tar_file_and_stdout_stdin_round_trip_and_second_import_is_a_no_op(source_home: Path, tmp_path: Path) -> None:
+def test_cli_tar_file_and_stdout_stdin_round_trip_and_second_import_is_a_no_op(
+    source_home: Path, tmp_path: Path
+) -> None:
     tar_path = tmp_path / "bundle.tar"
     done = cli(source_home, "export", "tiny:1", "--to", str(tar_path))
     assert done.returncode == 0, done.stderr
@@ -106,7 +148,9 @@ def test_cli_tar_file_and_stdout_stdin_round_trip_and_second_import_is_a_no_op(s
     assert done.returncode == 0 and "imported tiny:1" in done.stderr, done.stderr
     assert_same_models(source_home, first, "tiny:1")
     again = cli(first, "import", str(tar_path))
-    assert again.returncode == 0 and "nothing to do" in again.stderr and "already imported" in again.stderr, again.stderr
+    assert again.returncode == 0 and "nothing to do" in again.stderr and "already imported" in again.stderr, (
+        again.stderr
+    )
 
     streamed = tmp_path / "streamed.tar"
     with streamed.open("wb") as sink:
@@ -140,7 +184,9 @@ def test_split_sizes() -> None:
 
 
 @pytest.mark.parametrize("damage", ["tamper", "truncate", "truncate-piece", "missing-sums"])
-def test_damaged_bundle_is_refused_by_name_and_nothing_registered(source_home: Path, tmp_path: Path, damage: str) -> None:
+def test_damaged_bundle_is_refused_by_name_and_nothing_registered(
+    source_home: Path, tmp_path: Path, damage: str
+) -> None:
     stick = tmp_path / "stick"
     export(source_home, stick, split=300 * 1024 if damage == "truncate-piece" else None)
     target = stick / "models" / ("tiny-Q4_K_M.gguf.part002" if damage == "truncate-piece" else "tiny-Q4_K_M.gguf")
@@ -155,8 +201,12 @@ def test_damaged_bundle_is_refused_by_name_and_nothing_registered(source_home: P
             handle.truncate(1000)
     home = tmp_path / "dest"
     done = cli(home, "import", str(stick))
-    expected = {"tamper": ("models/tiny-Q4_K_M.gguf", "damaged"), "truncate": ("models/tiny-Q4_K_M.gguf", "truncated"),
-                "truncate-piece": ("models/tiny-Q4_K_M.gguf.part002", "truncated"), "missing-sums": ("SHA256SUMS",)}[damage]
+    expected = {
+        "tamper": ("models/tiny-Q4_K_M.gguf", "damaged"),
+        "truncate": ("models/tiny-Q4_K_M.gguf", "truncated"),
+        "truncate-piece": ("models/tiny-Q4_K_M.gguf.part002", "truncated"),
+        "missing-sums": ("SHA256SUMS",),
+    }[damage]
     assert_clean_error(done, *expected)
     assert_nothing_registered(home)
 
@@ -173,8 +223,15 @@ def _evil_tar(path: Path, member: tarfile.TarInfo, data: bytes = b"x") -> Path:
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "device"])
 def test_unsafe_tar_members_are_refused(tmp_path: Path, kind: str) -> None:
-    member = tarfile.TarInfo({"dotdot": "../escaped", "absolute": "/tmp/escaped-abs", "symlink": "models/x.gguf",
-                              "hardlink": "models/x.gguf", "device": "models/x.gguf"}[kind])
+    member = tarfile.TarInfo(
+        {
+            "dotdot": "../escaped",
+            "absolute": "/tmp/escaped-abs",
+            "symlink": "models/x.gguf",
+            "hardlink": "models/x.gguf",
+            "device": "models/x.gguf",
+        }[kind]
+    )
     if kind == "symlink":
         member.type, member.linkname = tarfile.SYMTYPE, "/etc/passwd"
     elif kind == "hardlink":
@@ -184,7 +241,9 @@ def test_unsafe_tar_members_are_refused(tmp_path: Path, kind: str) -> None:
     tar_path = _evil_tar(tmp_path / "evil.tar", member)
     home = tmp_path / "dest"
     done = cli(home, "import", str(tar_path))
-    assert_clean_error(done, "link" if kind in ("symlink", "hardlink") else "device" if kind == "device" else "unsafe path")
+    assert_clean_error(
+        done, "link" if kind in ("symlink", "hardlink") else "device" if kind == "device" else "unsafe path"
+    )
     assert not (tmp_path / "escaped").exists() and not Path("/tmp/escaped-abs").exists()
     assert Store(home).list() == []
 
@@ -200,7 +259,9 @@ def test_symlink_inside_a_bundle_folder_is_refused(source_home: Path, tmp_path: 
         import_bundle(Store(tmp_path / "dest"), stick)
 
 
-def test_interrupted_import_registers_nothing_and_the_next_one_resumes(source_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_import_registers_nothing_and_the_next_one_resumes(
+    source_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stick = tmp_path / "stick"
     export(source_home, stick)
     home = tmp_path / "dest"
@@ -224,7 +285,9 @@ def test_interrupted_import_registers_nothing_and_the_next_one_resumes(source_ho
     assert not any((home / "partial").iterdir())
 
 
-def test_a_name_holding_a_different_model_is_not_overwritten(source_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_name_holding_a_different_model_is_not_overwritten(
+    source_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stick = tmp_path / "stick"
     export(source_home, stick, "tiny:1")
     home = tmp_path / "dest"
@@ -234,12 +297,19 @@ def test_a_name_holding_a_different_model_is_not_overwritten(source_home: Path, 
         import_bundle(Store(home), stick)
 
 
-def test_runtime_for_another_platform_is_refused_but_models_import(source_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runtime_for_another_platform_is_refused_but_models_import(
+    source_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def fake_runtime(folder: Path, reporter: object) -> dict[str, object]:
         (folder / "sovereign-0.1.0-py3-none-any.whl").write_bytes(b"wheel")
         (folder / "llama_cpp_python-0.3.36-cp27-cp27m-win32.whl").write_bytes(b"wheel")
-        return {"python": "2.7.18", "abi": "cp27m", "platform_tag": "win32", "platform": "win32",
-                "wheels": sorted(p.name for p in folder.glob("*.whl"))}
+        return {
+            "python": "2.7.18",
+            "abi": "cp27m",
+            "platform_tag": "win32",
+            "platform": "win32",
+            "wheels": sorted(p.name for p in folder.glob("*.whl")),
+        }
 
     monkeypatch.setattr(bundle, "build_runtime", fake_runtime)
     settings = Settings.from_env()
@@ -259,13 +329,18 @@ def test_export_of_an_unknown_model_is_one_clean_line(isolated_home: Path, tmp_p
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.skipif(not os.environ.get("SOVEREIGN_TEST_RUNTIME_BUNDLE"), reason="builds wheels of every dependency (slow); set SOVEREIGN_TEST_RUNTIME_BUNDLE=1")
+@pytest.mark.skipif(
+    not os.environ.get("SOVEREIGN_TEST_RUNTIME_BUNDLE"),
+    reason="builds wheels of every dependency (slow); set SOVEREIGN_TEST_RUNTIME_BUNDLE=1",
+)
 def test_runtime_bundle_for_this_machine(source_home: Path, tmp_path: Path) -> None:
     stick = tmp_path / "stick"
     done = cli(source_home, "export", "tiny:1", "--to", str(stick), "--with-runtime")
     assert done.returncode == 0, done.stderr
     runtime = json.loads((stick / "runtime.json").read_text())
-    assert any(w.startswith("llama_cpp_python-") for w in runtime["wheels"]) and any(w.startswith("sovereign-") for w in runtime["wheels"])
+    assert any(w.startswith("llama_cpp_python-") for w in runtime["wheels"]) and any(
+        w.startswith("sovereign-") for w in runtime["wheels"]
+    )
     done = cli(tmp_path / "dest", "import", str(stick))
     assert done.returncode == 0 and "warning" not in done.stderr and "fit this machine" in done.stderr, done.stderr
 

@@ -35,7 +35,10 @@ TOOLS = [
             },
         },
     },
-    {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}},
+    {
+        "type": "function",
+        "function": {"name": "search", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
+    },
 ]
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}'
 SEARCH = '{"name": "search", "arguments": {"q": "x"}}'
@@ -50,25 +53,36 @@ CALLS = {
     "qwen3_coder": [
         "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>",
     ],
-    "glm45": ["<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"],
+    "glm45": [
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"
+    ],
     "llama3": ['{"name": "get_weather", "parameters": {"city": "Paris"}}'],
     "mistral": [
         '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abc123XYZ"}]',
         '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]search[ARGS]{"q": "x"}',
     ],
-    "phi4_mini": ['<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]<|/tool_call|>', 'functools[{"name": "search", "arguments": {"q": "a"}}]'],
-    "granite": ['<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "search", "arguments": {"q": "a"}}]'],
+    "phi4_mini": [
+        '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]<|/tool_call|>',
+        'functools[{"name": "search", "arguments": {"q": "a"}}]',
+    ],
+    "granite": [
+        '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "search", "arguments": {"q": "a"}}]'
+    ],
     "command_r7b": [
         '<|START_THINKING|>I need the weather.<|END_THINKING|><|START_ACTION|>[\n    {"tool_call_id": "0", "tool_name": "get_weather", "parameters": {"city": "Paris"}}\n]<|END_ACTION|>'
     ],
     "deepseek_r1": [
         '<think>\nok\n</think>\n\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
     ],
-    "deepseek_v3_1": ['<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>'],
+    "deepseek_v3_1": [
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+    ],
     "kimi_k2": [
         '<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>'
     ],
-    "gpt_oss": ['<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'],
+    "gpt_oss": [
+        '<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
+    ],
     "generic": [WEATHER, f"[{WEATHER}, {SEARCH}]", f"```json\n{WEATHER}\n```", f"<tool_call>{WEATHER}</tool_call>"],
 }
 
@@ -78,15 +92,27 @@ def backend() -> Iterator[LlamaBackend]:
     failure = fetch_deepseek_r1_wheel(CACHE)
     if failure:
         pytest.skip(failure)
-    loaded = LlamaBackend(deepseek_r1_tiny(CACHE), LoadOptions(n_ctx=256, n_parallel=1, n_threads=2, use_extra_bufts=False))
+    loaded = LlamaBackend(
+        deepseek_r1_tiny(CACHE), LoadOptions(n_ctx=256, n_parallel=1, n_threads=2, use_extra_bufts=False)
+    )
     yield loaded
     loaded.close()
 
 
-def _sampler(backend: LlamaBackend, family: str, mode: str = "auto", *, parallel: bool = True, in_reasoning: bool = False, temperature: float = 0.0) -> GrammarSampler:
+def _sampler(
+    backend: LlamaBackend,
+    family: str,
+    mode: str = "auto",
+    *,
+    parallel: bool = True,
+    in_reasoning: bool = False,
+    temperature: float = 0.0,
+) -> GrammarSampler:
     grammar = call_grammar(FORMATS[family], TOOLS, ToolChoice(mode), parallel=parallel, in_reasoning=in_reasoning)
     assert grammar is not None
-    sampler = backend.sampler(SamplingParams(temperature=temperature, grammar=grammar.gbnf, grammar_trigger=grammar.trigger), [])
+    sampler = backend.sampler(
+        SamplingParams(temperature=temperature, grammar=grammar.gbnf, grammar_trigger=grammar.trigger), []
+    )
     assert isinstance(sampler, GrammarSampler)
     return sampler
 
@@ -122,9 +148,21 @@ def test_each_family_writes_its_own_calls(backend: LlamaBackend, family: str, te
     "family,text,refused_at",
     [
         ("hermes", '<tool_call>\n{"name": "delete_everything", "arguments": {}}', "delete"),  # not an offered tool
-        ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 9}}', "9"),  # outside the schema
-        ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"days": 2}}', "days"),  # the required city missing
-        ("deepseek_v3_1", '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"town": "Paris"}', "town"),
+        (
+            "hermes",
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 9}}',
+            "9",
+        ),  # outside the schema
+        (
+            "hermes",
+            '<tool_call>\n{"name": "get_weather", "arguments": {"days": 2}}',
+            "days",
+        ),  # the required city missing
+        (
+            "deepseek_v3_1",
+            '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"town": "Paris"}',
+            "town",
+        ),
         ("glm45", "<tool_call>get_weather\n</tool_call>", "</"),  # city is required
         ("mistral", '[TOOL_CALLS]search[ARGS]{"q": 5}', "5"),
     ],
@@ -170,7 +208,11 @@ def test_an_opening_the_grammar_cannot_take_leaves_the_output_free(backend: Llam
 
 def test_forced_calls_allow_reasoning_first_and_nothing_else(backend: LlamaBackend) -> None:
     call = '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Oslo"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
-    for text, in_reasoning in [(f"<think>\nLet me see.\n</think>\n\n{call}", False), (f"Let me see.\n</think>\n\n{call}", True), (call, False)]:
+    for text, in_reasoning in [
+        (f"<think>\nLet me see.\n</think>\n\n{call}", False),
+        (f"Let me see.\n</think>\n\n{call}", True),
+        (call, False),
+    ]:
         sampler = _sampler(backend, "deepseek_r1", "required", in_reasoning=in_reasoning)
         try:
             assert _feed(backend, sampler, text) is None, text
@@ -186,7 +228,9 @@ def test_forced_calls_allow_reasoning_first_and_nothing_else(backend: LlamaBacke
 
 
 def test_named_choice_and_one_call_only(backend: LlamaBackend) -> None:
-    grammar = call_grammar(FORMATS["hermes"], TOOLS, ToolChoice("function", "search"), parallel=True, in_reasoning=False)
+    grammar = call_grammar(
+        FORMATS["hermes"], TOOLS, ToolChoice("function", "search"), parallel=True, in_reasoning=False
+    )
     assert grammar is not None and "get_weather" not in grammar.gbnf
     sampler = _sampler(backend, "hermes", parallel=False)
     try:
@@ -202,11 +246,15 @@ def test_drawn_tokens_follow_the_trigger_then_the_grammar(backend: LlamaBackend,
     sampler = _sampler(backend, "hermes", parallel=False, temperature=temperature)
     try:
         drawn = []
-        for token in backend.tokenize('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>', special=True):
+        for token in backend.tokenize(
+            'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>', special=True
+        ):
             logits = np.zeros(backend.n_vocab, dtype=np.float32)
             logits[token] = 50.0
             drawn.append(sampler.pick(logits))
-        assert drawn == backend.tokenize('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>', special=True)
+        assert drawn == backend.tokenize(
+            'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>', special=True
+        )
         # The call is whole: the model's favourite token now (more text) is refused and the answer ends.
         logits = np.zeros(backend.n_vocab, dtype=np.float32)
         logits[backend.tokenize(" more", special=False)[0]] = 50.0
@@ -217,31 +265,48 @@ def test_drawn_tokens_follow_the_trigger_then_the_grammar(backend: LlamaBackend,
 
 def test_grammars_are_built_once_per_tool_set() -> None:
     first = call_grammar(FORMATS["hermes"], TOOLS, ToolChoice("auto"), parallel=True, in_reasoning=False)
-    again = call_grammar(FORMATS["hermes"], json.loads(json.dumps(TOOLS)), ToolChoice("auto"), parallel=True, in_reasoning=False)
+    again = call_grammar(
+        FORMATS["hermes"], json.loads(json.dumps(TOOLS)), ToolChoice("auto"), parallel=True, in_reasoning=False
+    )
     assert first is again
 
 
 def test_auto_tools_beyond_the_budget_stay_unconstrained_and_forced_ones_are_refused() -> None:
     from sovereign.errors import InvalidRequest
 
-    huge = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "maxLength": 10**9}}}}}]
+    huge = [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "parameters": {"type": "object", "properties": {"x": {"type": "string", "maxLength": 10**9}}},
+            },
+        }
+    ]
     assert call_grammar(FORMATS["hermes"], huge, ToolChoice("auto"), parallel=True, in_reasoning=False) is None
     with pytest.raises(InvalidRequest) as raised:
         call_grammar(FORMATS["hermes"], huge, ToolChoice("required"), parallel=True, in_reasoning=False)
     assert raised.value.param == "tools"
 
 
-
 def test_auto_with_a_response_format_allows_calls_or_schema_text_only(backend: LlamaBackend) -> None:
     """OpenAI applies a response format to the final text turn: the model may call, or answer in the schema, nothing else."""
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
-    for text, taken in [(f"<tool_call>\n{WEATHER}\n</tool_call>", True), ('{"answer": 42}', True), ("The answer is 42.", False)]:
-        grammar = call_grammar(FORMATS["hermes"], TOOLS, ToolChoice("auto"), parallel=True, in_reasoning=False, text_schema=schema)
+    for text, taken in [
+        (f"<tool_call>\n{WEATHER}\n</tool_call>", True),
+        ('{"answer": 42}', True),
+        ("The answer is 42.", False),
+    ]:
+        grammar = call_grammar(
+            FORMATS["hermes"], TOOLS, ToolChoice("auto"), parallel=True, in_reasoning=False, text_schema=schema
+        )
         assert grammar is not None and grammar.trigger is None  # not lazy: the text is held to the schema too
         sampler = backend.sampler(SamplingParams(temperature=0, grammar=grammar.gbnf), [])
         try:
             assert (_feed(backend, sampler, text) is None) is taken, text
         finally:
             sampler.close()
-    forced = call_grammar(FORMATS["hermes"], TOOLS, ToolChoice("required"), parallel=True, in_reasoning=False, text_schema=schema)
+    forced = call_grammar(
+        FORMATS["hermes"], TOOLS, ToolChoice("required"), parallel=True, in_reasoning=False, text_schema=schema
+    )
     assert forced is not None and '"answer"' not in forced.gbnf  # a forced call has no text turn

@@ -18,7 +18,9 @@ def test_pull_list_show_rm_round_trip(tiny_gguf: Path) -> None:
     assert "pulled tiny:test" in pulled.stderr
 
     table = run_cli("list")
-    assert table.returncode == 0 and "tiny:test" in table.stdout and "ALL_F32" in table.stdout and "2,048" in table.stdout
+    assert (
+        table.returncode == 0 and "tiny:test" in table.stdout and "ALL_F32" in table.stdout and "2,048" in table.stdout
+    )
     listed = json.loads(run_cli("list", "--json").stdout)
     assert [m["name"] for m in listed] == ["tiny:test"] and listed[0]["gguf"]["parameters"] == 256 * 1024
 
@@ -53,8 +55,12 @@ def test_unreachable_source() -> None:
 
 
 def test_sha256_mismatch_registers_nothing(hub: FakeHubServer, tmp_path: Path, isolated_home: Path) -> None:
-    hub.hub.repos["acme/x-GGUF"] = FakeRepo(files={"x-Q4_K_M.gguf": write_gguf(tmp_path / "x.gguf").read_bytes()}, corrupt=True)
-    assert_clean_error(run_cli("pull", "hf.co/acme/x-GGUF", env={"HF_ENDPOINT": hub.url}), "sha256 mismatch", "discarded")
+    hub.hub.repos["acme/x-GGUF"] = FakeRepo(
+        files={"x-Q4_K_M.gguf": write_gguf(tmp_path / "x.gguf").read_bytes()}, corrupt=True
+    )
+    assert_clean_error(
+        run_cli("pull", "hf.co/acme/x-GGUF", env={"HF_ENDPOINT": hub.url}), "sha256 mismatch", "discarded"
+    )
     assert json.loads(run_cli("list", "--json").stdout) == []
 
 
@@ -64,7 +70,15 @@ def test_file_that_is_not_gguf(tmp_path: Path) -> None:
     assert_clean_error(run_cli("pull", str(fake)), "not a GGUF file")
 
 
-@pytest.mark.parametrize("args", [("pull", "gemma3:../../../etc/passwd"), ("show", "../../etc/passwd"), ("rm", "a/../../b:c"), ("pull", "x", "--name", "../evil")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("pull", "gemma3:../../../etc/passwd"),
+        ("show", "../../etc/passwd"),
+        ("rm", "a/../../b:c"),
+        ("pull", "x", "--name", "../evil"),
+    ],
+)
 def test_names_that_escape_the_store(args: tuple[str, ...]) -> None:
     assert_clean_error(run_cli(*args), "not a valid model name")
 
@@ -75,7 +89,7 @@ def test_show_of_a_model_not_pulled_says_how_to_fix_it() -> None:
 
 def test_malformed_user_catalog(isolated_home: Path) -> None:
     isolated_home.mkdir(parents=True)
-    (isolated_home / "models.toml").write_text("[models.\"a:b\"\nsources = 1\n")
+    (isolated_home / "models.toml").write_text('[models."a:b"\nsources = 1\n')
     assert_clean_error(run_cli("catalog"), "models.toml", "line 1")
 
 
@@ -105,5 +119,7 @@ def test_pip_channel_pulls_the_real_default_model(isolated_home: Path) -> None:
 def test_unusable_store_folder_and_bad_setting_are_one_line(tiny_gguf: Path, tmp_path: Path) -> None:
     not_a_folder = tmp_path / "file-not-folder"
     not_a_folder.write_text("x")
-    assert_clean_error(run_cli("pull", str(tiny_gguf), "--copy", env={"SOVEREIGN_HOME": str(not_a_folder)}), "not a directory")
+    assert_clean_error(
+        run_cli("pull", str(tiny_gguf), "--copy", env={"SOVEREIGN_HOME": str(not_a_folder)}), "not a directory"
+    )
     assert_clean_error(run_cli("list", env={"SOVEREIGN_MIN_FREE_BYTES": "lots"}), "SOVEREIGN_MIN_FREE_BYTES")

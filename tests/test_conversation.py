@@ -15,8 +15,17 @@ from sovereign.engine.engine import _render_as_allowed
 from sovereign.errors import InvalidRequest
 
 TEMPLATES = sorted((Path(__file__).parent / "templates").rglob("*.jinja"))
-TOOLS = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]
-CALL = {"id": "call00001a", "type": "function", "function": {"name": "read_file", "arguments": json.dumps({"path": "a.txt"})}}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "read_file", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}},
+    }
+]
+CALL = {
+    "id": "call00001a",
+    "type": "function",
+    "function": {"name": "read_file", "arguments": json.dumps({"path": "a.txt"})},
+}
 
 # The shapes real agent clients send (Codex: two developer messages; Claude Code: system reminders
 # between turns, several user turns in a row; both: a system note after a tool result).
@@ -52,17 +61,33 @@ SHAPES: dict[str, list[dict[str, Any]]] = {
 # Templates that refuse an agent's shape for reasons no reshaping fixes, each with its reason (the
 # reference renderer fails on them too); the test checks they still do, so a fix shows up.
 KNOWN_REFUSALS = {
-    ("Kimi-K2-Instruct", "system_after_a_tool_result"): "it appends to a list, which the sandbox (Hugging Face's too) forbids",
-    ("Kimi-K2-Thinking", "system_after_a_tool_result"): "it appends to a list, which the sandbox (Hugging Face's too) forbids",
-    ("meetkai-functionary-medium-v3.2", "system_after_a_tool_result"): "it concatenates call arguments as text, which Hugging Face's convention passes as a mapping",
+    (
+        "Kimi-K2-Instruct",
+        "system_after_a_tool_result",
+    ): "it appends to a list, which the sandbox (Hugging Face's too) forbids",
+    (
+        "Kimi-K2-Thinking",
+        "system_after_a_tool_result",
+    ): "it appends to a list, which the sandbox (Hugging Face's too) forbids",
+    (
+        "meetkai-functionary-medium-v3.2",
+        "system_after_a_tool_result",
+    ): "it concatenates call arguments as text, which Hugging Face's convention passes as a mapping",
 }
-BASIC = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}]
+BASIC = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "again"},
+]
 
 
 def _render(template: ChatTemplate, messages: list[dict[str, Any]]) -> str:
     """As the engine renders a chat request: normalized, tools folded for templates without them, reshaped on refusal."""
     shaped = tool_calls.as_template_messages(normalize(messages), TOOLS, native=template.supports_tools)
-    return "".join(segment.text for segment in _render_as_allowed(template, shaped, TOOLS if template.supports_tools else None, {}))
+    return "".join(
+        segment.text for segment in _render_as_allowed(template, shaped, TOOLS if template.supports_tools else None, {})
+    )
 
 
 def test_normalize_folds_and_merges() -> None:
@@ -70,17 +95,38 @@ def test_normalize_folds_and_merges() -> None:
     assert [m["role"] for m in shaped] == ["system", "user", "assistant", "user"]
     assert shaped[1]["content"] == "say hello\n\n<system-reminder>Be brief.</system-reminder>"
     codex = normalize(SHAPES["codex_two_developer_messages"])
-    assert codex == [{"role": "system", "content": "You are Codex.\n\nSandbox: read-only."}, {"role": "user", "content": "say hello"}]
+    assert codex == [
+        {"role": "system", "content": "You are Codex.\n\nSandbox: read-only."},
+        {"role": "user", "content": "say hello"},
+    ]
     rows = normalize(SHAPES["user_turns_in_a_row_and_a_trailing_system"])
     assert [m["role"] for m in rows] == ["user", "assistant", "user"]
-    assert rows[0]["content"] == "first\n\nsecond" and rows[1]["content"] == "ok\n\nand more" and rows[2]["content"] == "third\n\nAnswer now."
+    assert (
+        rows[0]["content"] == "first\n\nsecond"
+        and rows[1]["content"] == "ok\n\nand more"
+        and rows[2]["content"] == "third\n\nAnswer now."
+    )
     tool = normalize(SHAPES["system_after_a_tool_result"])
     assert [m["role"] for m in tool] == ["user", "assistant", "tool", "user"]
     assert tool[3]["content"] == "The file was read.\n\nwhat did it say?"
     # Notes keep their order, and never come between a call and its result.
-    ordered = normalize([{"role": "user", "content": "A"}, {"role": "system", "content": "S1"}, {"role": "system", "content": "S2"}, {"role": "assistant", "content": "B"}])
+    ordered = normalize(
+        [
+            {"role": "user", "content": "A"},
+            {"role": "system", "content": "S1"},
+            {"role": "system", "content": "S2"},
+            {"role": "assistant", "content": "B"},
+        ]
+    )
     assert ordered[0]["content"] == "A\n\nS1\n\nS2"
-    between = normalize([{"role": "user", "content": "go"}, {"role": "assistant", "content": "", "tool_calls": [CALL]}, {"role": "system", "content": "note"}, {"role": "tool", "tool_call_id": "call00001a", "content": "r"}])
+    between = normalize(
+        [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": "", "tool_calls": [CALL]},
+            {"role": "system", "content": "note"},
+            {"role": "tool", "tool_call_id": "call00001a", "content": "r"},
+        ]
+    )
     assert [m["role"] for m in between] == ["user", "assistant", "tool", "user"] and between[-1]["content"] == "note"
     original = json.dumps(SHAPES)
     for shape in SHAPES.values():

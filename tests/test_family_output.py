@@ -22,19 +22,39 @@ from sovereign.engine.formats import FORMATS
 from sovereign.engine.stats import RequestStats
 from sovereign.engine.stream import TokenStream
 
-WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+WEATHER = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 
 
 def read(
-    family: str, output: str, *, tools: list[dict[str, Any]] | None = None, mode: str = "auto", in_reasoning: bool = False,
-    seed: int = 0, raw: bool = False, stop: tuple[str, ...] = (), parallel: bool = True, budget: int | None = None, forced: list[str] | None = None,
+    family: str,
+    output: str,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    mode: str = "auto",
+    in_reasoning: bool = False,
+    seed: int = 0,
+    raw: bool = False,
+    stop: tuple[str, ...] = (),
+    parallel: bool = True,
+    budget: int | None = None,
+    forced: list[str] | None = None,
 ) -> dict[str, Any]:
     """Stream `output` in random 1-4 character tokens through the engine and gather what comes out."""
 
     async def run() -> list[Any]:
         engine = Engine(None, reasoning_format="none" if raw else "auto")  # type: ignore[arg-type]
         model = SimpleNamespace(format=FORMATS[family])
-        prepared = _Prepared(model, [1, 2, 3], SamplingParams(stop=stop), mode, tools or [], in_reasoning, parallel, budget)  # type: ignore[arg-type]
+        prepared = _Prepared(
+            model, [1, 2, 3], SamplingParams(stop=stop), mode, tools or [], in_reasoning, parallel, budget
+        )  # type: ignore[arg-type]
         stream = TokenStream(RequestStats("m", 3), on_force=(forced if forced is not None else []).append)
         rng, at = random.Random(seed), 0
         while at < len(output):
@@ -101,7 +121,9 @@ def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
 
 
 def test_llama3_python_tag_and_mistral_tool_calls() -> None:
-    llama = read("llama3", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eom_id|>', tools=WEATHER)
+    llama = read(
+        "llama3", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eom_id|>', tools=WEATHER
+    )
     assert llama["calls"] == [("get_weather", {"city": "Oslo"})] and llama["content"] == ""
     mistral = read("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}', tools=WEATHER)
     assert mistral["calls"] == [("get_weather", {"city": "Rome"})]
@@ -123,8 +145,17 @@ def test_a_call_to_a_tool_not_offered_is_dropped() -> None:
 
 def test_forced_calls_read_in_the_family_syntax_generic_and_raw_keep_the_plain_path() -> None:
     # A forced call's grammar writes the family's own syntax (call_grammar), so the family's parser reads it.
-    forced = read("hermes", '<think>ok</think><tool_call>\n{"name": "get_weather", "arguments": {"city": "Bern"}}\n</tool_call>', tools=WEATHER, mode="forced")
-    assert forced["calls"] == [("get_weather", {"city": "Bern"})] and forced["reasoning"] == "ok" and forced["content"] == ""
+    forced = read(
+        "hermes",
+        '<think>ok</think><tool_call>\n{"name": "get_weather", "arguments": {"city": "Bern"}}\n</tool_call>',
+        tools=WEATHER,
+        mode="forced",
+    )
+    assert (
+        forced["calls"] == [("get_weather", {"city": "Bern"})]
+        and forced["reasoning"] == "ok"
+        and forced["content"] == ""
+    )
     bare = read("generic", '{"name": "get_weather", "arguments": {"city": "Bern"}}', tools=WEATHER, mode="forced")
     assert bare["calls"] == [("get_weather", {"city": "Bern"})]
     generic = read("generic", '{"name": "get_weather", "arguments": {"city": "Bern"}}', tools=WEATHER)
@@ -144,13 +175,17 @@ def test_template_kwargs_that_would_replace_the_conversation_are_refused() -> No
     from sovereign.errors import InvalidRequest
 
     engine = Engine(None)  # type: ignore[arg-type]
-    model = SimpleNamespace(template=ChatTemplate("{{ messages[0]['content'] }}", origin="catalog"), stops=(), format=FORMATS["generic"])
+    model = SimpleNamespace(
+        template=ChatTemplate("{{ messages[0]['content'] }}", origin="catalog"), stops=(), format=FORMATS["generic"]
+    )
     for key in ("messages", "tools", "self", "add_generation_prompt"):
         request = ChatRequest("m", [{"role": "user", "content": "hi"}], template_kwargs={key: 1})
         with pytest.raises(InvalidRequest) as error:
             engine._render_chat(model, request)  # type: ignore[arg-type]
         assert error.value.param == "chat_template_kwargs"
-    segments, *_ = engine._render_chat(model, ChatRequest("m", [{"role": "user", "content": "hi"}], template_kwargs={"enable_thinking": False}))  # type: ignore[arg-type]
+    segments, *_ = engine._render_chat(
+        model, ChatRequest("m", [{"role": "user", "content": "hi"}], template_kwargs={"enable_thinking": False})
+    )  # type: ignore[arg-type]
     assert "".join(s.text for s in segments) == "hi"
 
 

@@ -29,7 +29,9 @@ from sovereign.server.app import ServerOptions, create_app
 from tests.fake_engine import FakeEngine, prompt_tokens
 from tests.servers import InProcessServer
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm fetches its price list from the internet otherwise
+os.environ.setdefault(
+    "LITELLM_LOCAL_MODEL_COST_MAP", "True"
+)  # litellm fetches its price list from the internet otherwise
 
 MODEL = "fake:model"
 HELLO = "hello there"
@@ -82,15 +84,19 @@ def _words(text: str) -> list[str]:
 class AgentEngine(FakeEngine):
     """FakeEngine that also answers tool results and JSON formats, so agent loops end."""
 
-    async def _events(self, request: ChatRequest | CompletionRequest, stopped: asyncio.Event) -> AsyncGenerator[Event, None]:
+    async def _events(
+        self, request: ChatRequest | CompletionRequest, stopped: asyncio.Event
+    ) -> AsyncGenerator[Event, None]:
         if not isinstance(request, ChatRequest):
             async for event in super()._events(request, stopped):
                 yield event
             return
         last = request.messages[-1] if request.messages else {}
         after_tool = last.get("role") == "tool"
-        text = f"Tool said: {_text(last.get('content'))}" if after_tool else next(
-            (_text(m.get("content")) for m in reversed(request.messages) if m.get("role") == "user"), ""
+        text = (
+            f"Tool said: {_text(last.get('content'))}"
+            if after_tool
+            else next((_text(m.get("content")) for m in reversed(request.messages) if m.get("role") == "user"), "")
         )
         usage = Usage(prompt_tokens(request), 5)
         if after_tool and request.tools and request.tool_choice.mode == "required":
@@ -100,7 +106,9 @@ class AgentEngine(FakeEngine):
             yield Finished("tool_calls", usage)
             return
         forced = bool(request.tools) and request.tool_choice.mode in ("required", "function")
-        calling = bool(request.tools) and request.tool_choice.mode == "auto" and text.startswith("call") and not after_tool
+        calling = (
+            bool(request.tools) and request.tool_choice.mode == "auto" and text.startswith("call") and not after_tool
+        )
         if not forced and not calling and (request.json_schema is not None or request.json_object):
             value = schema_instance(request.json_schema, text) if request.json_schema is not None else {"echo": text}
             yield TextDelta(json.dumps(value))
@@ -210,7 +218,13 @@ def test_agents_sdk_required_tool_and_structured_output(server: InProcessServer,
     model = _agents_model(server, api)
     from agents import Agent, ModelSettings, Runner, function_tool
 
-    agent = Agent(name="both", model=model, tools=[function_tool(lookup)], output_type=Echo, model_settings=ModelSettings(tool_choice="required"))
+    agent = Agent(
+        name="both",
+        model=model,
+        tools=[function_tool(lookup)],
+        output_type=Echo,
+        model_settings=ModelSettings(tool_choice="required"),
+    )
     assert Runner.run_sync(agent, HELLO).final_output == Echo(echo="Tool said: looked up hello there")
 
 
@@ -229,7 +243,9 @@ def test_agents_sdk_responses_cut_by_max_tokens(server: InProcessServer) -> None
 def test_responses_incomplete_answer_item_status(server: InProcessServer) -> None:
     from openai import OpenAI
 
-    response = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0).responses.create(model=MODEL, input=HELLO, max_output_tokens=2)
+    response = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0).responses.create(
+        model=MODEL, input=HELLO, max_output_tokens=2
+    )
     assert response.status == "incomplete" and response.incomplete_details is not None
     assert response.incomplete_details.reason == "max_output_tokens"
     assert [(item.type, item.status) for item in response.output] == [("message", "incomplete")]  # type: ignore[union-attr]
@@ -283,8 +299,12 @@ def test_langchain_openai_embeddings_without_tiktoken(server: InProcessServer) -
     langchain_openai = pytest.importorskip("langchain_openai")
     from openai import OpenAI
 
-    embeddings = langchain_openai.OpenAIEmbeddings(model=MODEL, base_url=server.base_url, api_key="unused", max_retries=0, check_embedding_ctx_length=False)
-    direct = OpenAI(base_url=server.base_url, api_key="unused").embeddings.create(model=MODEL, input=HELLO).data[0].embedding
+    embeddings = langchain_openai.OpenAIEmbeddings(
+        model=MODEL, base_url=server.base_url, api_key="unused", max_retries=0, check_embedding_ctx_length=False
+    )
+    direct = (
+        OpenAI(base_url=server.base_url, api_key="unused").embeddings.create(model=MODEL, input=HELLO).data[0].embedding
+    )
     assert embeddings.embed_query(HELLO) == pytest.approx(direct)
 
 
@@ -293,7 +313,9 @@ def test_langchain_openai_embeddings_without_tiktoken(server: InProcessServer) -
 
 def _chat_anthropic(server: InProcessServer) -> Any:
     langchain_anthropic = pytest.importorskip("langchain_anthropic")
-    return langchain_anthropic.ChatAnthropic(model=MODEL, base_url=server.url, api_key="unused", max_retries=0, max_tokens=100)
+    return langchain_anthropic.ChatAnthropic(
+        model=MODEL, base_url=server.url, api_key="unused", max_retries=0, max_tokens=100
+    )
 
 
 def test_langchain_anthropic_plain_and_stream(server: InProcessServer) -> None:
@@ -315,7 +337,14 @@ def test_langchain_anthropic_structured_output(server: InProcessServer, method: 
 
 # --- LiteLLM ---------------------------------------------------------------------------------
 
-TOOL_SPEC = {"type": "function", "function": {"name": "lookup", "description": "Look something up.", "parameters": {"type": "object", "properties": {"echo": {"type": "string"}}, "required": ["echo"]}}}
+TOOL_SPEC = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look something up.",
+        "parameters": {"type": "object", "properties": {"echo": {"type": "string"}}, "required": ["echo"]},
+    },
+}
 
 
 def _litellm_route(server: InProcessServer, route: str) -> dict[str, Any]:
@@ -372,8 +401,12 @@ def test_instructor_openai(server: InProcessServer, mode: str) -> None:
     instructor = pytest.importorskip("instructor")
     from openai import OpenAI
 
-    client = instructor.from_openai(OpenAI(base_url=server.base_url, api_key="unused", max_retries=0), mode=getattr(instructor.Mode, mode))
-    result = client.chat.completions.create(model=MODEL, response_model=Echo, messages=[{"role": "user", "content": HELLO}], max_retries=0)
+    client = instructor.from_openai(
+        OpenAI(base_url=server.base_url, api_key="unused", max_retries=0), mode=getattr(instructor.Mode, mode)
+    )
+    result = client.chat.completions.create(
+        model=MODEL, response_model=Echo, messages=[{"role": "user", "content": HELLO}], max_retries=0
+    )
     assert result.model_dump() == {"echo": HELLO}  # instructor hands back its own subclass of the model
 
 
@@ -382,7 +415,9 @@ def test_instructor_anthropic(server: InProcessServer) -> None:
     import anthropic
 
     client = instructor.from_anthropic(anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0))
-    result = client.messages.create(model=MODEL, max_tokens=100, response_model=Echo, messages=[{"role": "user", "content": HELLO}], max_retries=0)
+    result = client.messages.create(
+        model=MODEL, max_tokens=100, response_model=Echo, messages=[{"role": "user", "content": HELLO}], max_retries=0
+    )
     assert result.model_dump() == {"echo": HELLO}
 
 
@@ -393,8 +428,12 @@ def _pydantic_ai_model(server: InProcessServer, api: str) -> Any:
     pytest.importorskip("pydantic_ai")
     if api == "anthropic":
         anthropic = pytest.importorskip("anthropic")
-        if int(anthropic.__version__.split(".")[0]) >= 2:  # client: pydantic-ai calls BetaMessageParam(...), a Union in anthropic 2.x
-            pytest.xfail(f"client: pydantic-ai's AnthropicModel does not work with anthropic {anthropic.__version__} (TypeError: Cannot instantiate typing.Union)")
+        if (
+            int(anthropic.__version__.split(".")[0]) >= 2
+        ):  # client: pydantic-ai calls BetaMessageParam(...), a Union in anthropic 2.x
+            pytest.xfail(
+                f"client: pydantic-ai's AnthropicModel does not work with anthropic {anthropic.__version__} (TypeError: Cannot instantiate typing.Union)"
+            )
         from pydantic_ai.models.anthropic import AnthropicModel
         from pydantic_ai.providers.anthropic import AnthropicProvider
 
@@ -403,7 +442,9 @@ def _pydantic_ai_model(server: InProcessServer, api: str) -> Any:
     from pydantic_ai.providers.openai import OpenAIProvider
 
     provider = OpenAIProvider(base_url=server.base_url, api_key="unused")
-    return OpenAIChatModel(MODEL, provider=provider) if api == "chat" else OpenAIResponsesModel(MODEL, provider=provider)
+    return (
+        OpenAIChatModel(MODEL, provider=provider) if api == "chat" else OpenAIResponsesModel(MODEL, provider=provider)
+    )
 
 
 PAI_APIS = pytest.mark.parametrize("api", ["chat", "responses", "anthropic"])
@@ -441,7 +482,9 @@ def test_pydantic_ai_structured_output(server: InProcessServer, api: str) -> Non
     assert Agent(model, output_type=Echo).run_sync(HELLO).output == Echo(echo=HELLO)
 
 
-@pytest.mark.parametrize("api", ["chat", "responses"])  # pydantic-ai's Anthropic profile has no native output for unknown models
+@pytest.mark.parametrize(
+    "api", ["chat", "responses"]
+)  # pydantic-ai's Anthropic profile has no native output for unknown models
 def test_pydantic_ai_native_structured_output(server: InProcessServer, api: str) -> None:
     model = _pydantic_ai_model(server, api)
     from pydantic_ai import Agent, NativeOutput
@@ -455,4 +498,7 @@ def test_pydantic_ai_tools_and_structured_output(server: InProcessServer, api: s
     from pydantic_ai import Agent
 
     result = Agent(model, tools=[lookup], output_type=Echo).run_sync(CALL)
-    assert result.output in (Echo(echo=CALL), Echo(echo=TOOL_ANSWER))  # the scripted model may call the output tool first
+    assert result.output in (
+        Echo(echo=CALL),
+        Echo(echo=TOOL_ANSWER),
+    )  # the scripted model may call the output tool first

@@ -38,7 +38,10 @@ def upstream() -> Iterator[FakeUpstream]:
 
 @pytest.fixture
 def gateway(upstream: FakeUpstream) -> Gateway:
-    upstreams = {"anthropic": parse_upstream(f"anthropic={upstream.url}", {}), "openai": parse_upstream(f"openai={upstream.url}/v1", {})}
+    upstreams = {
+        "anthropic": parse_upstream(f"anthropic={upstream.url}", {}),
+        "openai": parse_upstream(f"openai={upstream.url}/v1", {}),
+    }
     routes = ModelRoutes((("claude-*", LOCAL), ("gpt-*", LOCAL)), fallback=LOCAL)
     return Gateway(upstreams, routes, timeout=0.5, answer_timeout=0.5, threshold=3, probe_every=0.1)
 
@@ -61,19 +64,29 @@ def _ask_anthropic(server: InProcessServer, *, stream: bool = False) -> tuple[st
     """The answer's text and who served it, through the official client."""
     client = _anthropic(server)
     if stream:
-        with client.messages.with_streaming_response.create(model="claude-opus-4-8", max_tokens=32, messages=ASK, stream=True) as response:  # type: ignore[arg-type]
+        with client.messages.with_streaming_response.create(
+            model="claude-opus-4-8", max_tokens=32, messages=ASK, stream=True
+        ) as response:  # type: ignore[arg-type]
             served = response.headers["x-sovereign-served-by"]
-            text = "".join(event.delta.text for event in response.parse() if event.type == "content_block_delta" and event.delta.type == "text_delta")  # type: ignore[union-attr]
+            text = "".join(
+                event.delta.text
+                for event in response.parse()
+                if event.type == "content_block_delta" and event.delta.type == "text_delta"
+            )  # type: ignore[union-attr]
         return text, served
     raw = client.messages.with_raw_response.create(model="claude-opus-4-8", max_tokens=32, messages=ASK)  # type: ignore[arg-type]
     message = raw.parse()
-    return "".join(block.text for block in message.content if block.type == "text"), raw.headers["x-sovereign-served-by"]
+    return "".join(block.text for block in message.content if block.type == "text"), raw.headers[
+        "x-sovereign-served-by"
+    ]
 
 
 def _ask_openai(server: InProcessServer, *, stream: bool = False) -> tuple[str, str]:
     client = _openai(server)
     if stream:
-        with client.chat.completions.with_streaming_response.create(model="gpt-4.1", messages=ASK, stream=True) as response:  # type: ignore[arg-type]
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-4.1", messages=ASK, stream=True
+        ) as response:  # type: ignore[arg-type]
             served = response.headers["x-sovereign-served-by"]
             text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
         return text, served
@@ -86,27 +99,48 @@ def _ask_responses(server: InProcessServer) -> tuple[str, str]:
     return raw.parse().output_text, raw.headers["x-sovereign-served-by"]
 
 
-def test_a_healthy_upstream_answers_everything(server: InProcessServer, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_healthy_upstream_answers_everything(
+    server: InProcessServer, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
-    for ask in (_ask_anthropic, lambda s: _ask_anthropic(s, stream=True), _ask_openai, lambda s: _ask_openai(s, stream=True), _ask_responses):
+    for ask in (
+        _ask_anthropic,
+        lambda s: _ask_anthropic(s, stream=True),
+        _ask_openai,
+        lambda s: _ask_openai(s, stream=True),
+        _ask_responses,
+    ):
         text, served = ask(server)
         assert (text, served) == (TEXT, "upstream")
     # The client's own credentials reach the upstream unchanged, and never sovereign's logs.
     sent = upstream.requests_to("/v1/messages")[0].headers
-    assert CLIENT_KEY in (sent.get("x-api-key"), sent.get("authorization", "").removeprefix("Bearer ")) and sent["anthropic-version"]
+    assert (
+        CLIENT_KEY in (sent.get("x-api-key"), sent.get("authorization", "").removeprefix("Bearer "))
+        and sent["anthropic-version"]
+    )
     assert upstream.requests_to("/v1/chat/completions")[0].headers["authorization"] == f"Bearer {CLIENT_KEY}"
     assert CLIENT_KEY not in caplog.text
 
 
 @pytest.mark.parametrize("mode", ["451", "403", "refused", "blackhole"])
-def test_a_blocked_upstream_falls_back_to_the_local_model(server: InProcessServer, upstream: FakeUpstream, mode: str) -> None:
+def test_a_blocked_upstream_falls_back_to_the_local_model(
+    server: InProcessServer, upstream: FakeUpstream, mode: str
+) -> None:
     upstream.mode = mode
-    for ask in (_ask_anthropic, lambda s: _ask_anthropic(s, stream=True), _ask_openai, lambda s: _ask_openai(s, stream=True), _ask_responses):
+    for ask in (
+        _ask_anthropic,
+        lambda s: _ask_anthropic(s, stream=True),
+        _ask_openai,
+        lambda s: _ask_openai(s, stream=True),
+        _ask_responses,
+    ):
         text, served = ask(server)
         assert served == f"local:{LOCAL}" and text.startswith("You said:"), (mode, text, served)
 
 
-def test_the_circuit_opens_after_three_blocks_and_closes_when_the_upstream_answers(server: InProcessServer, upstream: FakeUpstream) -> None:
+def test_the_circuit_opens_after_three_blocks_and_closes_when_the_upstream_answers(
+    server: InProcessServer, upstream: FakeUpstream
+) -> None:
     upstream.mode = "451"
     for _ in range(3):
         assert _ask_anthropic(server)[1] == f"local:{LOCAL}"
@@ -116,19 +150,26 @@ def test_the_circuit_opens_after_three_blocks_and_closes_when_the_upstream_answe
     assert _ask_anthropic(server)[1] == f"local:{LOCAL}"
     assert len(upstream.requests_to("/v1/messages")) == tried, "an open circuit must not try the upstream"
     metrics = httpx.get(server.url + "/metrics").text
-    assert 'sovereign_gateway_fallbacks_total{cause="451"} 3.0' in metrics and 'sovereign_gateway_circuit_open{upstream="anthropic"} 1.0' in metrics
+    assert (
+        'sovereign_gateway_fallbacks_total{cause="451"} 3.0' in metrics
+        and 'sovereign_gateway_circuit_open{upstream="anthropic"} 1.0' in metrics
+    )
     upstream.mode = "healthy"
     deadline = time.monotonic() + 5
     while httpx.get(server.url + "/health").json()["upstreams"]["anthropic"]["circuit"] == "open":
         assert time.monotonic() < deadline, "the probe never closed the circuit"
         time.sleep(0.05)
     assert _ask_anthropic(server) == (TEXT, "upstream")
-    assert httpx.get(server.url + "/health").json()["upstreams"]["openai"]["circuit"] == "closed"  # each upstream has its own
+    assert (
+        httpx.get(server.url + "/health").json()["upstreams"]["openai"]["circuit"] == "closed"
+    )  # each upstream has its own
 
 
 def test_one_clients_forbidden_key_does_not_send_everyone_local(upstream: FakeUpstream) -> None:
     upstreams = {"anthropic": parse_upstream(f"anthropic={upstream.url}", {})}
-    gateway = Gateway(upstreams, ModelRoutes((), fallback=LOCAL), timeout=0.5, threshold=3, probe_every=600)  # no timed probe in this test
+    gateway = Gateway(
+        upstreams, ModelRoutes((), fallback=LOCAL), timeout=0.5, threshold=3, probe_every=600
+    )  # no timed probe in this test
     with InProcessServer(create_app(FakeEngine(), ServerOptions(preload=(LOCAL,), gateway=gateway))) as server:
         forbidden = anthropic.Anthropic(base_url=server.url, api_key=FORBIDDEN_KEY, max_retries=0, timeout=10)
         for _ in range(3):  # a 403 falls back, as asked; three in a row open the circuit...
@@ -157,8 +198,12 @@ def test_a_local_model_by_name_never_goes_upstream(server: InProcessServer, upst
     assert upstream.requests_to("/v1/messages") == []
 
 
-def test_a_stream_that_breaks_midway_ends_with_an_error_and_opens_the_circuit(server: InProcessServer, upstream: FakeUpstream, gateway: Gateway) -> None:
-    gateway.circuits["anthropic"].probe_every = 60  # the fake answers probes in this mode: keep the circuit open for the check
+def test_a_stream_that_breaks_midway_ends_with_an_error_and_opens_the_circuit(
+    server: InProcessServer, upstream: FakeUpstream, gateway: Gateway
+) -> None:
+    gateway.circuits[
+        "anthropic"
+    ].probe_every = 60  # the fake answers probes in this mode: keep the circuit open for the check
     upstream.mode = "midstream"
     with pytest.raises(anthropic.APIError):
         _ask_anthropic(server, stream=True)
@@ -187,11 +232,16 @@ def test_serve_with_an_upstream_end_to_end(real_model_home: Path, upstream: Fake
     from tests.servers import ServerProcess
 
     args = [GEMMA, "--upstream", f"openai={upstream.url}/v1", "--route", f"gpt-*={GEMMA}", "--upstream-timeout", "1"]
-    with ServerProcess(real_model_home, *args, env={"SOVEREIGN_UPSTREAM_KEY_OPENAI": "sk-configured-upstream-key"}) as server:
+    with ServerProcess(
+        real_model_home, *args, env={"SOVEREIGN_UPSTREAM_KEY_OPENAI": "sk-configured-upstream-key"}
+    ) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="sovereign-or-anything", max_retries=0, timeout=60)
         raw = client.chat.completions.with_raw_response.create(model="gpt-4.1", messages=ASK, max_tokens=4)  # type: ignore[arg-type]
         assert raw.headers["x-sovereign-served-by"] == "upstream" and raw.parse().choices[0].message.content == TEXT
-        assert upstream.requests_to("/v1/chat/completions")[0].headers["authorization"] == "Bearer sk-configured-upstream-key"
+        assert (
+            upstream.requests_to("/v1/chat/completions")[0].headers["authorization"]
+            == "Bearer sk-configured-upstream-key"
+        )
         upstream.mode = "refused"
         raw = client.chat.completions.with_raw_response.create(model="gpt-4.1", messages=ASK, max_tokens=4)  # type: ignore[arg-type]
         assert raw.headers["x-sovereign-served-by"] == f"local:{GEMMA}" and raw.parse().model == GEMMA
@@ -229,8 +279,14 @@ def test_each_way_of_not_answering_is_named_by_its_cause(upstream: FakeUpstream)
         return "answered"
 
     async def causes() -> list[str | None]:
-        found = [await cause_of(url) for url in (f"{upstream.url}/v1/models", "http://sovereign-test.invalid/v1/models",
-                                                 f"https://127.0.0.1:{plain.getsockname()[1]}/v1/models")]
+        found = [
+            await cause_of(url)
+            for url in (
+                f"{upstream.url}/v1/models",
+                "http://sovereign-test.invalid/v1/models",
+                f"https://127.0.0.1:{plain.getsockname()[1]}/v1/models",
+            )
+        ]
         upstream.mode = "blackhole"
         found.append(await cause_of(f"{upstream.url}/v1/models"))
         await gateway.close()

@@ -69,7 +69,12 @@ def test_schemas_beyond_the_budget_are_refused_before_anything_is_built(schema: 
 
 def test_budget_reads_keywords_only_where_they_are_keywords() -> None:
     # Properties may be named like keywords; their values are schemas, not counts or patterns.
-    check_budget({"type": "object", "properties": {"maxLength": {"type": "string"}, "enum": {"type": "integer"}, "pattern": {"type": "string"}}})
+    check_budget(
+        {
+            "type": "object",
+            "properties": {"maxLength": {"type": "string"}, "enum": {"type": "integer"}, "pattern": {"type": "string"}},
+        }
+    )
     assert "maxLength-kv" in json_schema_to_gbnf({"type": "object", "properties": {"maxLength": {"type": "string"}}})
 
 
@@ -78,19 +83,43 @@ def as_regex(gbnf_expression: str) -> re.Pattern[str]:
     return re.compile(gbnf_expression.replace('"a"', "a").replace(" ", ""))
 
 
-@pytest.mark.parametrize("low, high", [(0, 0), (0, 1), (1, 1), (3, 7), (0, 500), (0, 501), (2, 1000), (0, 1499), (999, 2001), (1234, 5678), (0, None), (600, None)])
+@pytest.mark.parametrize(
+    "low, high",
+    [
+        (0, 0),
+        (0, 1),
+        (1, 1),
+        (3, 7),
+        (0, 500),
+        (0, 501),
+        (2, 1000),
+        (0, 1499),
+        (999, 2001),
+        (1234, 5678),
+        (0, None),
+        (600, None),
+    ],
+)
 def test_repetitions_are_exact_and_never_exceed_llama_cpp_s_repetition_limit(low: int, high: int | None) -> None:
     expression = _times('"a"', low, high)
     pattern = as_regex(expression)
     top = (high if high is not None else low) + 600
     for count in range(0, top):
-        assert bool(pattern.fullmatch("a" * count)) == (low <= count and (high is None or count <= high)), (low, high, count)
+        assert bool(pattern.fullmatch("a" * count)) == (low <= count and (high is None or count <= high)), (
+            low,
+            high,
+            count,
+        )
     # llama.cpp's parser refuses a {m,n} past 2,000 (and a group's rules x count past 2,000).
     assert all(int(n) <= 2_000 for n in re.findall(r"\d+", expression))
 
 
 def test_large_repetitions_stay_small_grammars() -> None:
-    for schema in ({"type": "string", "maxLength": MAX_REPEAT}, {"type": "string", "minLength": MAX_REPEAT}, {"type": "array", "items": {"type": "integer"}, "maxItems": MAX_REPEAT}):
+    for schema in (
+        {"type": "string", "maxLength": MAX_REPEAT},
+        {"type": "string", "minLength": MAX_REPEAT},
+        {"type": "array", "items": {"type": "integer"}, "maxItems": MAX_REPEAT},
+    ):
         assert len(json_schema_to_gbnf(schema)) < 2_000
 
 
@@ -168,10 +197,22 @@ def generate(backend: LlamaBackend, params: SamplingParams, limit: int = 40) -> 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_a_complete_grammar_ends_the_output_even_with_ignore_eos(backend: LlamaBackend, temperature: float) -> None:
     """Killed the process: the grammar allowed only end-of-generation, and ignore_eos had banned it."""
-    text, ended, _ = generate(backend, SamplingParams(temperature=temperature, ignore_eos=True, grammar=json_schema_to_gbnf({"const": "x"})))
+    text, ended, _ = generate(
+        backend, SamplingParams(temperature=temperature, ignore_eos=True, grammar=json_schema_to_gbnf({"const": "x"}))
+    )
     assert (text, ended) == ('"x"', True)
     eog = {t: float("-inf") for t in backend.end_of_generation_tokens}
-    text, ended, _ = generate(backend, SamplingParams(temperature=0, logit_bias=eog, grammar=json_schema_to_gbnf({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})), 60)
+    text, ended, _ = generate(
+        backend,
+        SamplingParams(
+            temperature=0,
+            logit_bias=eog,
+            grammar=json_schema_to_gbnf(
+                {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+            ),
+        ),
+        60,
+    )
     assert ended and json.loads(text).keys() == {"a"}
 
 
@@ -193,14 +234,22 @@ def test_greedy_decoding_under_a_grammar_matches_llama_cpp_s_own_chain(backend: 
     """Checking the likeliest tokens first is exact: the same tokens as bias + grammar + greedy in llama.cpp."""
     from llama_cpp import _internals
 
-    grammar = json_schema_to_gbnf({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150}}, "required": ["name", "age"]})
+    grammar = json_schema_to_gbnf(
+        {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+            "required": ["name", "age"],
+        }
+    )
     ours, _, _ = generate(backend, SamplingParams(temperature=0, grammar=grammar), 30)
     backend.forget(0)
     prompt = backend.with_bos(backend.tokenize(CHAT, special=True))
     backend.decode([BatchEntry(t, i, 0, i == len(prompt) - 1) for i, t in enumerate(prompt)])
     chain = _internals.LlamaSampler()
     llama = backend._llama
-    llama.llama_sampler_chain_add(chain.sampler, llama.llama_sampler_init_grammar(backend.vocab, grammar.encode(), b"root"))
+    llama.llama_sampler_chain_add(
+        chain.sampler, llama.llama_sampler_init_grammar(backend.vocab, grammar.encode(), b"root")
+    )
     chain.add_greedy()
     theirs, index = b"", len(prompt) - 1
     for step in range(30):
@@ -223,7 +272,12 @@ def test_greedy_decoding_under_a_grammar_matches_llama_cpp_s_own_chain(backend: 
         {"type": "array", "items": {"type": "integer"}, "maxItems": MAX_REPEAT},
         {"type": "string", "pattern": "^a{1,100000}$"},  # took 14-16 s to refuse
         {"enum": [f"value{i}" for i in range(10_000)]},  # 1,000 values cost 6 s a token as flat alternatives
-        {"oneOf": [{"type": "object", "properties": {f"k{i}": {"type": "string"}}, "required": [f"k{i}"]} for i in range(100)]},
+        {
+            "oneOf": [
+                {"type": "object", "properties": {f"k{i}": {"type": "string"}}, "required": [f"k{i}"]}
+                for i in range(100)
+            ]
+        },
     ],
 )
 def test_large_but_allowed_grammars_compile_and_sample_fast(backend: LlamaBackend, schema: dict[str, Any]) -> None:
@@ -235,7 +289,9 @@ def test_large_but_allowed_grammars_compile_and_sample_fast(backend: LlamaBacken
         assert slowest < 2.0  # typically milliseconds; checking the whole vocabulary used to cost 0.03-6 s a token
 
 
-def test_a_grammar_check_past_its_time_budget_ends_the_request(backend: LlamaBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_grammar_check_past_its_time_budget_ends_the_request(
+    backend: LlamaBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(grammar_sampler, "MAX_SAMPLE_SECONDS", 0.0)
     monkeypatch.setattr(grammar_sampler, "STAGES", (1,))
     monkeypatch.setattr(grammar_sampler, "CHECK_CHUNK", 1)
@@ -244,16 +300,53 @@ def test_a_grammar_check_past_its_time_budget_ends_the_request(backend: LlamaBac
 
 
 def test_samplers_with_a_grammar_are_grammar_samplers(backend: LlamaBackend) -> None:
-    sampler = backend.sampler(SamplingParams(temperature=0.7, repeat_penalty=1.2, grammar=json_schema_to_gbnf({"type": "object"})), [backend.bos, 10, 11])
+    sampler = backend.sampler(
+        SamplingParams(temperature=0.7, repeat_penalty=1.2, grammar=json_schema_to_gbnf({"type": "object"})),
+        [backend.bos, 10, 11],
+    )
     assert isinstance(sampler, GrammarSampler)
     sampler.close()
     sampler.close()  # twice is harmless
 
 
 TOKENIZER_PARTS = [
-    "\n", "\n\n", "\n" * 40, "\t", "\t" * 33, " ", "  ", " " * 31, " " * 32, " " * 33, " " * 63, "x", "word", " the",
-    "<b>", "</b>", "<bbox>", "<html>", "<s>", "</s>", "<b", "b>", "é", "日本", "<start_of_turn>", "<end_of_turn>",
-    "\r\n", "{", '"', "0", ".", "▁", "<unused0>", "\n ", " \n", "<start_of_image>", "🙂",
+    "\n",
+    "\n\n",
+    "\n" * 40,
+    "\t",
+    "\t" * 33,
+    " ",
+    "  ",
+    " " * 31,
+    " " * 32,
+    " " * 33,
+    " " * 63,
+    "x",
+    "word",
+    " the",
+    "<b>",
+    "</b>",
+    "<bbox>",
+    "<html>",
+    "<s>",
+    "</s>",
+    "<b",
+    "b>",
+    "é",
+    "日本",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "\r\n",
+    "{",
+    '"',
+    "0",
+    ".",
+    "▁",
+    "<unused0>",
+    "\n ",
+    " \n",
+    "<start_of_image>",
+    "🙂",
 ]
 
 
@@ -268,7 +361,9 @@ def test_tokenizing_in_pieces_gives_exactly_the_tokens_of_the_whole(backend: Lla
             pieces = list(cutter.pieces(data, size=rng.randint(1, 24)))
             assert b"".join(pieces) == data
             pieces_seen += len(pieces)
-            assert [t for p in pieces for t in backend._tokenize_bytes(p, special)] == backend._tokenize_bytes(data, special), (data, pieces)
+            assert [t for p in pieces for t in backend._tokenize_bytes(p, special)] == backend._tokenize_bytes(
+                data, special
+            ), (data, pieces)
     assert pieces_seen > 10_000  # the cuts were really exercised
 
 
@@ -341,7 +436,10 @@ def test_ordinary_templates_still_render() -> None:
         "{{ loop.index }}/{{ loop.length }} {{ m.role }}: {{ m.content }}\n{% endfor %}"
         "{% for i in range(3) %}{{ i * 2 }}{% endfor %} {{ '%s!' % 'ok' }} {{ ns.n }}"
     )
-    assert render(source, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == "1/2 user: a\n2/2 assistant: b\n024 ok! 2"
+    assert (
+        render(source, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+        == "1/2 user: a\n2/2 assistant: b\n024 ok! 2"
+    )
     assert render(FALLBACK_TEMPLATE) == "User: hi\nAssistant:"
 
 
@@ -365,21 +463,78 @@ def chat_format(schema: dict[str, Any]) -> dict[str, Any]:
 def test_grammar_complete_with_ignore_eos_over_every_api(server: ServerProcess) -> None:
     const = {"const": "x"}
     user = [{"role": "user", "content": "Say x."}]
-    chat = post(server, "/v1/chat/completions", {"model": GEMMA, "messages": user, "temperature": 0, "ignore_eos": True, "response_format": chat_format(const)}, 200)
+    chat = post(
+        server,
+        "/v1/chat/completions",
+        {"model": GEMMA, "messages": user, "temperature": 0, "ignore_eos": True, "response_format": chat_format(const)},
+        200,
+    )
     assert chat["choices"][0]["message"]["content"] == '"x"'
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}}}
-    forced = post(server, "/v1/chat/completions", {"model": GEMMA, "messages": user, "temperature": 0, "ignore_eos": True, "tool_choice": "required", "tools": [tool], "max_tokens": 40}, 200)
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["a"],
+            },
+        },
+    }
+    forced = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": GEMMA,
+            "messages": user,
+            "temperature": 0,
+            "ignore_eos": True,
+            "tool_choice": "required",
+            "tools": [tool],
+            "max_tokens": 40,
+        },
+        200,
+    )
     assert forced["choices"][0]["message"]["tool_calls"]
-    anthropic = post(server, "/v1/messages", {"model": GEMMA, "messages": user, "max_tokens": 20, "temperature": 0, "ignore_eos": True, "output_config": {"format": {"type": "json_schema", "schema": const}}}, 200)
+    anthropic = post(
+        server,
+        "/v1/messages",
+        {
+            "model": GEMMA,
+            "messages": user,
+            "max_tokens": 20,
+            "temperature": 0,
+            "ignore_eos": True,
+            "output_config": {"format": {"type": "json_schema", "schema": const}},
+        },
+        200,
+    )
     assert anthropic["content"][0]["text"] == '"x"'
-    responses = post(server, "/v1/responses", {"model": GEMMA, "input": "Say x.", "temperature": 0, "ignore_eos": True, "text": {"format": {"type": "json_schema", "name": "out", "schema": const}}}, 200)
+    responses = post(
+        server,
+        "/v1/responses",
+        {
+            "model": GEMMA,
+            "input": "Say x.",
+            "temperature": 0,
+            "ignore_eos": True,
+            "text": {"format": {"type": "json_schema", "name": "out", "schema": const}},
+        },
+        200,
+    )
     assert responses["status"] == "completed"
 
 
 def test_bias_against_the_grammar_is_a_400_naming_logit_bias(server: ServerProcess) -> None:
     """Killed the process: the bias banned every token the grammar allowed."""
     quotes = {"272": -100, "236775": -100}  # Gemma 3's two tokens that are a double quote, the only way to begin "x"
-    body = {"model": GEMMA, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "logit_bias": quotes, "response_format": chat_format({"const": "x"})}
+    body = {
+        "model": GEMMA,
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 5,
+        "logit_bias": quotes,
+        "response_format": chat_format({"const": "x"}),
+    }
     for temperature in (0, 0.8):
         refused = post(server, "/v1/chat/completions", {**body, "temperature": temperature}, 400)
         assert refused["error"]["param"] == "logit_bias"
@@ -388,22 +543,87 @@ def test_bias_against_the_grammar_is_a_400_naming_logit_bias(server: ServerProce
 def test_oversized_schemas_are_400s_naming_the_field(server: ServerProcess) -> None:
     user = [{"role": "user", "content": "x"}]
     huge_string = {"type": "string", "maxLength": 1_000_000}
-    refused = post(server, "/v1/responses", {"model": GEMMA, "input": "x", "max_output_tokens": 5, "text": {"format": {"type": "json_schema", "name": "out", "schema": huge_string}}}, 400)
+    refused = post(
+        server,
+        "/v1/responses",
+        {
+            "model": GEMMA,
+            "input": "x",
+            "max_output_tokens": 5,
+            "text": {"format": {"type": "json_schema", "name": "out", "schema": huge_string}},
+        },
+        400,
+    )
     assert "maxLength" in refused["error"]["message"]
-    post(server, "/v1/messages", {"model": GEMMA, "messages": user, "max_tokens": 5, "output_config": {"format": {"type": "json_schema", "schema": huge_string}}}, 400)
-    for schema in ({"type": "string", "minLength": 10**9}, {"type": "string", "pattern": "^a{1000000000}$"}, {"enum": [f"v{i}" for i in range(100_000)]}):
-        assert post(server, "/v1/chat/completions", {"model": GEMMA, "messages": user, "max_tokens": 5, "response_format": chat_format(schema)}, 400)["error"]["param"] == "response_format"
-    deep_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": nested_arrays(200)}}}}
-    post(server, "/v1/chat/completions", {"model": GEMMA, "messages": user, "max_tokens": 5, "tool_choice": "required", "tools": [deep_tool]}, 400)
+    post(
+        server,
+        "/v1/messages",
+        {
+            "model": GEMMA,
+            "messages": user,
+            "max_tokens": 5,
+            "output_config": {"format": {"type": "json_schema", "schema": huge_string}},
+        },
+        400,
+    )
+    for schema in (
+        {"type": "string", "minLength": 10**9},
+        {"type": "string", "pattern": "^a{1000000000}$"},
+        {"enum": [f"v{i}" for i in range(100_000)]},
+    ):
+        assert (
+            post(
+                server,
+                "/v1/chat/completions",
+                {"model": GEMMA, "messages": user, "max_tokens": 5, "response_format": chat_format(schema)},
+                400,
+            )["error"]["param"]
+            == "response_format"
+        )
+    deep_tool = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": nested_arrays(200)}}},
+    }
+    post(
+        server,
+        "/v1/chat/completions",
+        {"model": GEMMA, "messages": user, "max_tokens": 5, "tool_choice": "required", "tools": [deep_tool]},
+        400,
+    )
 
 
 def test_large_legitimate_limits_are_served(server: ServerProcess) -> None:
     user = [{"role": "user", "content": "Write a word."}]
-    for schema in ({"type": "string", "maxLength": 20_000}, {"type": "string", "pattern": "^a{1,100000}$"}, {"type": "array", "items": {"type": "integer"}, "maxItems": 18_000}):
-        post(server, "/v1/chat/completions", {"model": GEMMA, "messages": user, "max_tokens": 8, "temperature": 0, "response_format": chat_format(schema)}, 200)
+    for schema in (
+        {"type": "string", "maxLength": 20_000},
+        {"type": "string", "pattern": "^a{1,100000}$"},
+        {"type": "array", "items": {"type": "integer"}, "maxItems": 18_000},
+    ):
+        post(
+            server,
+            "/v1/chat/completions",
+            {
+                "model": GEMMA,
+                "messages": user,
+                "max_tokens": 8,
+                "temperature": 0,
+                "response_format": chat_format(schema),
+            },
+            200,
+        )
 
 
 def test_long_prompts_are_tokenized_fast_or_refused_at_once(server: ServerProcess) -> None:
-    lines = post(server, "/v1/chat/completions", {"model": GEMMA, "messages": [{"role": "user", "content": "x\n" * 20_000}], "max_tokens": 1}, 400)
+    lines = post(
+        server,
+        "/v1/chat/completions",
+        {"model": GEMMA, "messages": [{"role": "user", "content": "x\n" * 20_000}], "max_tokens": 1},
+        400,
+    )
     assert lines["error"]["code"] == "context_length_exceeded"
-    post(server, "/v1/chat/completions", {"model": GEMMA, "messages": [{"role": "user", "content": "x\n" * 2**20}], "max_tokens": 1}, 400)
+    post(
+        server,
+        "/v1/chat/completions",
+        {"model": GEMMA, "messages": [{"role": "user", "content": "x\n" * 2**20}], "max_tokens": 1},
+        400,
+    )

@@ -64,12 +64,28 @@ def _openai_error(response: httpx.Response, status: int, code: str) -> dict[str,
     return error
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1:11800", "localhost", "LOCALHOST:1", "[::1]:11800", "::1", "app.localhost:8080", "0.0.0.0:11800", "192.168.1.20", "printer.local", "host.docker.internal:11800"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1:11800",
+        "localhost",
+        "LOCALHOST:1",
+        "[::1]:11800",
+        "::1",
+        "app.localhost:8080",
+        "0.0.0.0:11800",
+        "192.168.1.20",
+        "printer.local",
+        "host.docker.internal:11800",
+    ],
+)
 def test_this_machines_names_pass(host: str) -> None:
     assert _call(_app(), "GET", "/v1/models", headers={"Host": host}).status_code == 200
 
 
-@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:11800", "localhost.attacker.example", "8.8.8.8", "127.0.0.1.nip.io"])
+@pytest.mark.parametrize(
+    "host", ["attacker.example", "attacker.example:11800", "localhost.attacker.example", "8.8.8.8", "127.0.0.1.nip.io"]
+)
 def test_a_foreign_host_is_refused_as_dns_rebinding(host: str) -> None:
     error = _openai_error(_call(_app(), "GET", "/v1/models", headers={"Host": host}), 403, "host_not_allowed")
     assert "--allowed-hosts" in error["message"]
@@ -86,20 +102,38 @@ def test_allowed_hosts_open_the_guard() -> None:
     assert _call(named, "GET", "/v1/models", headers={"Host": "models.example.com:443"}).status_code == 200
     assert _call(named, "GET", "/v1/models", headers={"Host": "gpu1.corp.example"}).status_code == 200
     assert _call(named, "GET", "/v1/models", headers={"Host": "attacker.example"}).status_code == 403
-    assert _call(_app(allowed_hosts=("*",)), "GET", "/v1/models", headers={"Host": "attacker.example"}).status_code == 200
+    assert (
+        _call(_app(allowed_hosts=("*",)), "GET", "/v1/models", headers={"Host": "attacker.example"}).status_code == 200
+    )
 
 
 def test_allowed_hosts_follow_the_bind_address() -> None:
-    assert allowed_hosts_for("127.0.0.1", None) == () and allowed_hosts_for("::1", None) == () and allowed_hosts_for("localhost", None) == ()
-    assert allowed_hosts_for("0.0.0.0", None) == ("*",), "bound beyond loopback, every Host is expected (as Ollama does)"
+    assert (
+        allowed_hosts_for("127.0.0.1", None) == ()
+        and allowed_hosts_for("::1", None) == ()
+        and allowed_hosts_for("localhost", None) == ()
+    )
+    assert allowed_hosts_for("0.0.0.0", None) == ("*",), (
+        "bound beyond loopback, every Host is expected (as Ollama does)"
+    )
     assert allowed_hosts_for("0.0.0.0", "a.example, B.example") == ("a.example", "b.example")
 
 
-@pytest.mark.parametrize(("origin", "allowed"), [
-    ("http://localhost:3000", True), ("http://127.0.0.1:5173", True), ("https://ui.localhost", True), ("http://[::1]:8080", True),
-    ("vscode-webview://abc", True), ("http://127.0.0.1:11800", True),
-    ("https://evil.example", False), ("null", False), ("http://localhost.evil.example", False), ("http://192.168.1.1", False),
-])
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://localhost:3000", True),
+        ("http://127.0.0.1:5173", True),
+        ("https://ui.localhost", True),
+        ("http://[::1]:8080", True),
+        ("vscode-webview://abc", True),
+        ("http://127.0.0.1:11800", True),
+        ("https://evil.example", False),
+        ("null", False),
+        ("http://localhost.evil.example", False),
+        ("http://192.168.1.1", False),
+    ],
+)
 def test_browser_origins(origin: str, allowed: bool) -> None:
     response = _call(_app(), "POST", "/v1/chat/completions", json={"a": 1}, headers={"Origin": origin})
     if allowed:
@@ -109,9 +143,22 @@ def test_browser_origins(origin: str, allowed: bool) -> None:
 
 
 def test_a_cors_origin_is_allowed() -> None:
-    assert _call(_app(cors_origins=("https://app.example",)), "GET", "/v1/models", headers={"Origin": "https://app.example"}).status_code == 200
-    assert _call(_app(cors_origins=("*",)), "GET", "/v1/models", headers={"Origin": "https://any.example"}).status_code == 200
-    assert _call(_app(cors_origins=("https://app.example",)), "GET", "/v1/models", headers={"Origin": "https://evil.example"}).status_code == 403
+    assert (
+        _call(
+            _app(cors_origins=("https://app.example",)), "GET", "/v1/models", headers={"Origin": "https://app.example"}
+        ).status_code
+        == 200
+    )
+    assert (
+        _call(_app(cors_origins=("*",)), "GET", "/v1/models", headers={"Origin": "https://any.example"}).status_code
+        == 200
+    )
+    assert (
+        _call(
+            _app(cors_origins=("https://app.example",)), "GET", "/v1/models", headers={"Origin": "https://evil.example"}
+        ).status_code
+        == 403
+    )
 
 
 def test_a_body_over_the_limit_is_refused_from_content_length() -> None:
@@ -137,7 +184,9 @@ def test_a_streamed_body_is_counted_as_it_arrives() -> None:
         yield b'{"a": '
         yield b"1}"
 
-    assert _call(_app(), "POST", "/v1/chat/completions", content=small(), headers={"Content-Type": "application/json"}).json() == {"size": 8}
+    assert _call(
+        _app(), "POST", "/v1/chat/completions", content=small(), headers={"Content-Type": "application/json"}
+    ).json() == {"size": 8}
 
 
 def test_the_limit_holds_behind_the_api_key_check() -> None:
@@ -152,8 +201,13 @@ def test_the_limit_holds_behind_the_api_key_check() -> None:
             yield b"x" * 100
 
     headers = {"Authorization": "Bearer k", "x-api-key": "k", "Content-Type": "application/json"}
-    _openai_error(_call(app, "POST", "/v1/chat/completions", content=chunks(), headers=headers), 413, "request_too_large")
-    assert _call(app, "POST", "/v1/messages", content=chunks(), headers=headers).json()["error"]["type"] == "request_too_large"
+    _openai_error(
+        _call(app, "POST", "/v1/chat/completions", content=chunks(), headers=headers), 413, "request_too_large"
+    )
+    assert (
+        _call(app, "POST", "/v1/messages", content=chunks(), headers=headers).json()["error"]["type"]
+        == "request_too_large"
+    )
     small = {"model": "fake:model", "messages": [{"role": "user", "content": "hi"}]}
     assert _call(app, "POST", "/v1/chat/completions", json=small, headers=headers).status_code == 200
 
@@ -161,11 +215,19 @@ def test_the_limit_holds_behind_the_api_key_check() -> None:
 def test_an_open_host_still_refuses_a_rebound_pages_origin() -> None:
     """Bound beyond loopback every Host passes, but a page on attacker.example still cannot drive the server from a browser."""
     headers = {"Host": "attacker.example:11800", "Origin": "http://attacker.example:11800"}
-    _openai_error(_call(_app(allowed_hosts=("*",)), "POST", "/v1/chat/completions", json={}, headers=headers), 403, "origin_not_allowed")
+    _openai_error(
+        _call(_app(allowed_hosts=("*",)), "POST", "/v1/chat/completions", json={}, headers=headers),
+        403,
+        "origin_not_allowed",
+    )
 
 
 def test_sizes_parse() -> None:
-    assert parse_size("32MiB") == 32 * 1024 * 1024 and parse_size("100MB") == 100 * 1024 * 1024 and parse_size("1g") == 1024**3
+    assert (
+        parse_size("32MiB") == 32 * 1024 * 1024
+        and parse_size("100MB") == 100 * 1024 * 1024
+        and parse_size("1g") == 1024**3
+    )
     assert parse_size("4096") == 4096
     for bad in ("", "lots", "-1", "0", "0.5", "12 parsecs"):
         with pytest.raises(SovereignError, match="--max-body"):
@@ -175,7 +237,13 @@ def test_sizes_parse() -> None:
 def test_model_names_are_bounded() -> None:
     assert parse_name("a" * MAX_PART_LENGTH + ":" + "b" * MAX_PART_LENGTH).tag == "b" * MAX_PART_LENGTH
     assert str(parse_name(f"hf.co/{'o' * 96}/{'r' * 96}:{'t' * 128}")).startswith("hf.co/")
-    for name in ("a" * 256, "a" * (MAX_PART_LENGTH + 1) + ":x", "x:" + "t" * (MAX_PART_LENGTH + 1), "/".join(["abcdef"] * 60), "a" * 1_000_000):
+    for name in (
+        "a" * 256,
+        "a" * (MAX_PART_LENGTH + 1) + ":x",
+        "x:" + "t" * (MAX_PART_LENGTH + 1),
+        "/".join(["abcdef"] * 60),
+        "a" * 1_000_000,
+    ):
         with pytest.raises(InvalidReference) as error:
             parse_name(name)
         assert len(str(error.value)) < 300, "the message does not echo a huge name back"
@@ -190,14 +258,22 @@ def test_real_server_refuses_a_foreign_host_on_every_path(server: ServerProcess)
         assert response.status_code == 403, (path, response.text)
     assert httpx.get(f"{server.base_url}/models", headers={"Host": f"localhost:{server.port}"}).status_code == 200
     assert httpx.get(f"{server.base_url}/models").status_code == 200
-    foreign = httpx.post(f"{server.url}/v1/messages", json={}, headers={"Host": "attacker.example", "anthropic-version": "2023-06-01"})
+    foreign = httpx.post(
+        f"{server.url}/v1/messages", json={}, headers={"Host": "attacker.example", "anthropic-version": "2023-06-01"}
+    )
     assert foreign.status_code == 403 and foreign.json()["error"]["type"] == "permission_error"
-    evil = httpx.post(f"{server.base_url}/chat/completions", json={"model": GEMMA, "messages": [{"role": "user", "content": "hi"}]}, headers={"Origin": "https://evil.example"})
+    evil = httpx.post(
+        f"{server.base_url}/chat/completions",
+        json={"model": GEMMA, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Origin": "https://evil.example"},
+    )
     assert evil.status_code == 403 and evil.json()["error"]["code"] == "origin_not_allowed"
 
 
 def test_allowed_hosts_option_opens_the_real_server(real_model_home: Any) -> None:
-    with ServerProcess(real_model_home, GEMMA, "--allowed-hosts", "models.example.com", "--max-body", "1MiB") as running:
+    with ServerProcess(
+        real_model_home, GEMMA, "--allowed-hosts", "models.example.com", "--max-body", "1MiB"
+    ) as running:
         assert httpx.get(f"{running.base_url}/models", headers={"Host": "models.example.com"}).status_code == 200
         assert httpx.get(f"{running.base_url}/models", headers={"Host": "attacker.example"}).status_code == 403
         too_big = httpx.post(f"{running.base_url}/embeddings", json={"model": GEMMA, "input": "x" * (1024 * 1024)})
@@ -231,7 +307,9 @@ def test_a_huge_declared_body_is_refused_before_it_is_sent(server: ServerProcess
 def test_a_huge_body_sent_in_full_is_refused_quickly(server: ServerProcess) -> None:
     body = b'{"model": "' + GEMMA.encode() + b'", "input": "' + b"x" * (40 * 1024 * 1024) + b'"}'
     started = time.monotonic()
-    response = httpx.post(f"{server.base_url}/embeddings", content=body, headers={"Content-Type": "application/json"}, timeout=60)
+    response = httpx.post(
+        f"{server.base_url}/embeddings", content=body, headers={"Content-Type": "application/json"}, timeout=60
+    )
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
     assert time.monotonic() - started < 10, "refused without parsing 40 MiB of JSON"
 
@@ -241,25 +319,45 @@ def test_a_huge_body_sent_in_full_is_refused_quickly(server: ServerProcess) -> N
             yield b"x" * (1024 * 1024)
         yield b'"}'
 
-    streamed = httpx.post(f"{server.base_url}/embeddings", content=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
+    streamed = httpx.post(
+        f"{server.base_url}/embeddings", content=chunks(), headers={"Content-Type": "application/json"}, timeout=60
+    )
     assert streamed.status_code == 413, streamed.text
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
 # Each text endpoint, a body with a lone surrogate in one text field, and the field the 400 must name.
 SURROGATE_CASES = [
-    ("/v1/chat/completions", {"model": GEMMA, "messages": [{"role": "user", "content": "hi \ud800"}]}, "messages.0.content"),
+    (
+        "/v1/chat/completions",
+        {"model": GEMMA, "messages": [{"role": "user", "content": "hi \ud800"}]},
+        "messages.0.content",
+    ),
     ("/v1/completions", {"model": GEMMA, "prompt": "\udfff tail"}, "prompt"),
     ("/v1/embeddings", {"model": GEMMA, "input": ["fine", "bad \ud800"]}, "input.1"),
     ("/tokenize", {"model": GEMMA, "content": "\ud800"}, "content"),
-    ("/v1/messages", {"model": GEMMA, "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}, "messages.0.content.0.text"),
-    ("/v1/messages/count_tokens", {"model": GEMMA, "messages": [{"role": "user", "content": "ok"}], "system": "\ud800"}, "system"),
+    (
+        "/v1/messages",
+        {
+            "model": GEMMA,
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}],
+        },
+        "messages.0.content.0.text",
+    ),
+    (
+        "/v1/messages/count_tokens",
+        {"model": GEMMA, "messages": [{"role": "user", "content": "ok"}], "system": "\ud800"},
+        "system",
+    ),
     ("/v1/responses", {"model": GEMMA, "input": [{"role": "user", "content": "\ud800"}]}, "input.0.content"),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "field"), SURROGATE_CASES, ids=[case[0] for case in SURROGATE_CASES])
-def test_a_lone_surrogate_is_a_400_naming_the_field(server: ServerProcess, path: str, body: dict[str, Any], field: str) -> None:
+def test_a_lone_surrogate_is_a_400_naming_the_field(
+    server: ServerProcess, path: str, body: dict[str, Any], field: str
+) -> None:
     # json.dumps writes the surrogate as the escape \ud800, as a client's JSON encoder would.
     response = httpx.post(f"{server.url}{path}", content=json.dumps(body), headers={"Content-Type": "application/json"})
     assert response.status_code == 400, response.text
@@ -274,17 +372,24 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(server: ServerProcess, path:
 
 def test_a_lone_surrogate_in_a_key_is_named_safely(server: ServerProcess) -> None:
     body = '{"model": "%s", "messages": [{"role": "user", "content": "hi", "\\ud800": 1}]}' % GEMMA
-    response = httpx.post(f"{server.base_url}/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    response = httpx.post(
+        f"{server.base_url}/chat/completions", content=body, headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.\\ud800"
 
 
 @pytest.mark.parametrize("length", [129, 256, 300, 5000])
 def test_overlong_model_names_are_not_found_not_500(server: ServerProcess, length: int) -> None:
     name = "m" * length
-    chat = httpx.post(f"{server.base_url}/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "hi"}]})
+    chat = httpx.post(
+        f"{server.base_url}/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "hi"}]}
+    )
     assert chat.status_code == 404 and chat.json()["error"]["code"] == "model_not_found", chat.text
     retrieve = httpx.get(f"{server.base_url}/models/{name}")
     assert retrieve.status_code == 404 and retrieve.json()["error"]["code"] == "model_not_found", retrieve.text
-    anthropic = httpx.post(f"{server.url}/v1/messages", json={"model": name, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    anthropic = httpx.post(
+        f"{server.url}/v1/messages",
+        json={"model": name, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert anthropic.status_code == 404 and anthropic.json()["error"]["type"] == "not_found_error", anthropic.text
     assert httpx.get(f"{server.url}/health").status_code == 200

@@ -58,7 +58,9 @@ def test_a_killed_model_fails_only_its_requests_and_comes_back(server: ServerPro
     waiting = {}
 
     def plain() -> None:  # a second request in flight on the same model, not streamed
-        waiting["response"] = httpx.post(f"{server.base_url}/completions", json={"model": GEMMA, "prompt": "Hello", **LONG}, timeout=60)
+        waiting["response"] = httpx.post(
+            f"{server.base_url}/completions", json={"model": GEMMA, "prompt": "Hello", **LONG}, timeout=60
+        )
 
     other = threading.Thread(target=plain)
     other.start()
@@ -72,7 +74,9 @@ def test_a_killed_model_fails_only_its_requests_and_comes_back(server: ServerPro
     response = waiting["response"]
     assert response.status_code == 500 and response.json()["error"]["code"] == "model_crashed"
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
-    again = httpx.post(f"{server.base_url}/completions", json={"model": GEMMA, "prompt": "Hello", "max_tokens": 3}, timeout=60)
+    again = httpx.post(
+        f"{server.base_url}/completions", json={"model": GEMMA, "prompt": "Hello", "max_tokens": 3}, timeout=60
+    )
     assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] >= 1
     assert model_processes(server.process.pid) != [child]
     assert "gemma3:270m's process died (SIGSEGV)" in server.log()
@@ -86,8 +90,12 @@ def test_other_models_keep_serving_through_a_crash(real_model_home: Path) -> Non
         engine = Engine(pool)
         try:
             # Long enough to still be running once the second model has loaded (a 32k context takes a while to set up).
-            doomed = await engine.submit(CompletionRequest(GEMMA, "Once", SamplingParams(max_tokens=3000, ignore_eos=True)))
-            survivor = await engine.submit(CompletionRequest("plain:copy", "Once", SamplingParams(max_tokens=40, ignore_eos=True, temperature=0)))
+            doomed = await engine.submit(
+                CompletionRequest(GEMMA, "Once", SamplingParams(max_tokens=3000, ignore_eos=True))
+            )
+            survivor = await engine.submit(
+                CompletionRequest("plain:copy", "Once", SamplingParams(max_tokens=40, ignore_eos=True, temperature=0))
+            )
             async for event in doomed:
                 if isinstance(event, TextDelta):
                     break
@@ -172,7 +180,9 @@ def test_a_sigill_while_serving_turns_the_fast_kernels_off(real_model_home: Path
         try:
             loaded = await pool.get(GEMMA)  # loading decodes nothing: no kernel has run yet
             before = loaded.process.options.use_extra_bufts
-            generation = await engine.submit(CompletionRequest(GEMMA, "Hi", SamplingParams(max_tokens=200, ignore_eos=True)))
+            generation = await engine.submit(
+                CompletionRequest(GEMMA, "Hi", SamplingParams(max_tokens=200, ignore_eos=True))
+            )
             with contextlib.suppress(ProcessLookupError):
                 os.kill(loaded.facts.pid, signal.SIGILL)
             with pytest.raises(ModelCrashed):

@@ -62,7 +62,9 @@ def greedy_text(backend: LlamaBackend, prompt: str, count: int) -> str:
     return out.decode("utf-8", "replace")
 
 
-def test_a_real_probe_runs_once_and_its_verdict_is_kept(gemma_file: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_real_probe_runs_once_and_its_verdict_is_kept(
+    gemma_file: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert kernel_status(isolated_home) == "not yet probed"
     first = kernel_choice(isolated_home, gemma_file)
     assert first.probed_seconds is not None and 0 < first.probed_seconds < 60
@@ -97,7 +99,9 @@ def test_a_probe_killed_by_sigill_turns_the_fast_kernels_off_and_the_safe_ones_d
     best = kernels.current_machine().instruction_sets[0] or "llama.cpp's fast"
     assert kernel_status(isolated_home) == f"safe: {best} kernels crashed (SIGILL) on this machine"
 
-    backend = LlamaBackend(gemma_file, LoadOptions(n_ctx=256, n_parallel=1, n_threads=2, use_extra_bufts=choice.use_extra_bufts))
+    backend = LlamaBackend(
+        gemma_file, LoadOptions(n_ctx=256, n_parallel=1, n_threads=2, use_extra_bufts=choice.use_extra_bufts)
+    )
     try:
         assert "2, 3, 5, 7" in greedy_text(backend, "Here is a list of the first ten prime numbers:", 14)
         # piece() from many threads at once gives what it gives alone (each call has its own buffer).
@@ -123,7 +127,11 @@ def test_the_note_names_the_instruction_set_and_the_one_below() -> None:
 
 @pytest.mark.parametrize(
     ("outcome", "reason"),
-    [(ProbeOutcome(None, 120.0, ""), "ran past 120 s"), (ProbeOutcome(-9, 3.0, ""), "SIGKILL"), (ProbeOutcome(1, 1.0, "Traceback"), "exit status 1")],
+    [
+        (ProbeOutcome(None, 120.0, ""), "ran past 120 s"),
+        (ProbeOutcome(-9, 3.0, ""), "SIGKILL"),
+        (ProbeOutcome(1, 1.0, "Traceback"), "exit status 1"),
+    ],
 )
 def test_an_inconclusive_probe_uses_safe_kernels_for_this_run_only(
     outcome: ProbeOutcome, reason: str, isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -151,7 +159,10 @@ def test_two_loads_at_once_run_one_probe(isolated_home: Path, tmp_path: Path, mo
 
     monkeypatch.setattr(kernels, "run_probe", slow_probe)
     results: list[KernelChoice] = []
-    threads = [threading.Thread(target=lambda: results.append(kernel_choice(isolated_home, tmp_path / "m.gguf"))) for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(kernel_choice(isolated_home, tmp_path / "m.gguf")))
+        for _ in range(2)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -179,7 +190,21 @@ def test_bench_reports_the_kernels_and_bench_model_takes_the_same_path(gemma_fil
     assert json.loads(report.stdout)["kernels"] == "not yet probed"
     forced = run_cli("bench", "--json", env={"SOVEREIGN_EXTRA_BUFFERS": "off"})
     assert json.loads(forced.stdout)["kernels"] == "safe (SOVEREIGN_EXTRA_BUFFERS=off)"
-    crashed = run_cli("bench", str(gemma_file), "-t", "2", "-p", "16", "-n", "4", "-r", "1", "--json", "--no-save", env={TEST_CRASH_ENV: "SIGILL"})
+    crashed = run_cli(
+        "bench",
+        str(gemma_file),
+        "-t",
+        "2",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--json",
+        "--no-save",
+        env={TEST_CRASH_ENV: "SIGILL"},
+    )
     assert crashed.returncode == 0, crashed.stderr
     assert expected_note() in crashed.stderr
     assert [row["use_extra_bufts"] for row in json.loads(crashed.stdout)] == [False, False]

@@ -26,7 +26,11 @@ def test_the_server_process_loads_neither_llama_cpp_nor_the_model_process_code()
 def test_a_model_process_does_not_load_the_http_server() -> None:
     modules = loaded_after("import sovereign.engine.runtime.worker")
     assert "sovereign.engine.runtime.backend" in modules
-    assert [m for m in modules if m.startswith(("fastapi", "uvicorn", "sovereign.server", "sovereign.engine.engine", "jinja2"))] == []
+    assert [
+        m
+        for m in modules
+        if m.startswith(("fastapi", "uvicorn", "sovereign.server", "sovereign.engine.engine", "jinja2"))
+    ] == []
 
 
 def test_the_static_check_passes_on_the_code() -> None:

@@ -36,7 +36,9 @@ def small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(segmented, "STATE_SAVE_INTERVAL", 0.05)
 
 
-def _serve(hub: FakeHubServer, tmp_path: Path, megabytes: float = 6, seed: int = 0, **knobs: object) -> tuple[str, bytes]:
+def _serve(
+    hub: FakeHubServer, tmp_path: Path, megabytes: float = 6, seed: int = 0, **knobs: object
+) -> tuple[str, bytes]:
     data = write_gguf(tmp_path / "src" / f"{seed}.gguf", megabytes=megabytes, seed=seed).read_bytes()
     hub.hub.repos[REPO] = FakeRepo(files={NAME: data}, **knobs)
     return f"{hub.url}/{REPO}/resolve/main/{NAME}", data
@@ -92,10 +94,14 @@ def test_a_multi_range_download_is_byte_identical_and_its_sha256_correct(hub: Fa
     assert sha == hashlib.sha256(data).hexdigest()
     assert reporter.total == len(data)
     ranges = _ranges(hub)
-    assert ranges[0] is None, "the first request asks for the whole file (and serves segments until another connection takes the next)"
+    assert ranges[0] is None, (
+        "the first request asks for the whole file (and serves segments until another connection takes the next)"
+    )
     assert len(ranges) > 1 and all(r and r.startswith("bytes=") for r in ranges[1:])
     starts = [int(r.split("=")[1].split("-")[0]) for r in ranges[1:]]
-    assert len(set(starts)) == len(starts) and set(starts) <= set(range(MIB, len(data), MIB)), "each other segment once, whole"
+    assert len(set(starts)) == len(starts) and set(starts) <= set(range(MIB, len(data), MIB)), (
+        "each other segment once, whole"
+    )
 
 
 def test_a_cut_in_a_segment_the_first_stream_carried_on_into_resumes_there(hub: FakeHubServer, tmp_path: Path) -> None:
@@ -112,7 +118,9 @@ def test_a_cut_in_a_segment_the_first_stream_carried_on_into_resumes_there(hub: 
     assert min(starts) >= cut, "segments the first stream completed are not fetched again"
 
 
-def test_a_pull_takes_the_parallel_path_and_verifies(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path) -> None:
+def test_a_pull_takes_the_parallel_path_and_verifies(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path
+) -> None:
     _, data = _serve(hub, tmp_path)
     _cap_connections(hub)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
@@ -132,7 +140,9 @@ def test_a_server_without_ranges_gets_one_connection(hub: FakeHubServer, tmp_pat
     assert hub.hub.served(NAME) == len(data)
 
 
-def test_a_server_that_advertises_ranges_but_ignores_them_falls_back_to_one_connection(hub: FakeHubServer, tmp_path: Path) -> None:
+def test_a_server_that_advertises_ranges_but_ignores_them_falls_back_to_one_connection(
+    hub: FakeHubServer, tmp_path: Path
+) -> None:
     url, data = _serve(hub, tmp_path, accept_ranges=False, advertise_ranges=True)
     dest = tmp_path / NAME
     assert download(url, dest, NullReporter(), connections=4) == hashlib.sha256(data).hexdigest()
@@ -140,7 +150,9 @@ def test_a_server_that_advertises_ranges_but_ignores_them_falls_back_to_one_conn
     assert _ranges(hub)[-1] is None, "the last attempt is one plain stream"
 
 
-def test_ranges_ignored_by_an_added_connection_make_the_next_attempt_one_stream(hub: FakeHubServer, tmp_path: Path) -> None:
+def test_ranges_ignored_by_an_added_connection_make_the_next_attempt_one_stream(
+    hub: FakeHubServer, tmp_path: Path
+) -> None:
     """The whole-file answer carries the first segments; the range request of a second connection comes back whole."""
     url, data = _serve(hub, tmp_path, megabytes=8, accept_ranges=False, advertise_ranges=True)
     _cap_connections(hub)  # so the download adds a connection, whose range request is ignored
@@ -169,7 +181,9 @@ def test_cut_ranges_resume_where_they_broke_and_nothing_is_fetched_twice(hub: Fa
     assert len(resumed) == 3, "each cut resumes mid-segment, where it broke"
 
 
-def test_an_interrupted_multi_range_download_resumes_only_the_missing_ranges(hub: FakeHubServer, tmp_path: Path) -> None:
+def test_an_interrupted_multi_range_download_resumes_only_the_missing_ranges(
+    hub: FakeHubServer, tmp_path: Path
+) -> None:
     url, data = _serve(hub, tmp_path, megabytes=8)
     hub.hub.per_connection_bytes_per_second = 4_000_000
     dest = tmp_path / NAME
@@ -203,7 +217,9 @@ def test_a_remote_file_that_changed_since_the_interruption_starts_over(hub: Fake
     assert dest.read_bytes() == changed and sha == hashlib.sha256(changed).hexdigest()
 
 
-def test_a_corrupted_range_is_caught_by_the_sha256_check(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path) -> None:
+def test_a_corrupted_range_is_caught_by_the_sha256_check(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path
+) -> None:
     _serve(hub, tmp_path, corrupt=True)
     _cap_connections(hub)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
@@ -211,7 +227,9 @@ def test_a_corrupted_range_is_caught_by_the_sha256_check(hub: FakeHubServer, tmp
         pull_in_process(f"hf.co/{REPO}:Q4_K_M")
     assert len(_ranges(hub)) > 1, "the parallel path was taken"
     assert Store(isolated_home).list() == []
-    assert not list((isolated_home / "partial").rglob("*.gguf")) and not list((isolated_home / "partial").rglob("*.json"))
+    assert not list((isolated_home / "partial").rglob("*.gguf")) and not list(
+        (isolated_home / "partial").rglob("*.json")
+    )
 
 
 def test_a_large_file_that_is_not_gguf_is_refused_before_other_ranges(hub: FakeHubServer, tmp_path: Path) -> None:
@@ -265,7 +283,9 @@ def test_a_parallel_download_that_cannot_fit_reserves_nothing(hub: FakeHubServer
     assert len(_ranges(hub)) == 1
 
 
-def test_a_damaged_segment_record_starts_over_instead_of_trusting_the_preallocated_file(hub: FakeHubServer, tmp_path: Path) -> None:
+def test_a_damaged_segment_record_starts_over_instead_of_trusting_the_preallocated_file(
+    hub: FakeHubServer, tmp_path: Path
+) -> None:
     url, data = _serve(hub, tmp_path, megabytes=8)
     hub.hub.per_connection_bytes_per_second = 4_000_000
     dest = tmp_path / NAME

@@ -35,8 +35,20 @@ class FakeProcess:
         self.name, self.path, self.options = name, path, options
         metadata = {"tokenizer.chat_template": template} if template is not None else {}
         self.facts = ModelFacts(
-            pid=0, n_ctx=4096, n_ctx_train=8192, n_vocab=100, n_parallel=2, n_layers=2, n_gpu_layers=0, n_threads=1,
-            bos=1, eos=2, add_bos=True, bos_text="<s>", eos_text="</s>", metadata=metadata,
+            pid=0,
+            n_ctx=4096,
+            n_ctx_train=8192,
+            n_vocab=100,
+            n_parallel=2,
+            n_layers=2,
+            n_gpu_layers=0,
+            n_threads=1,
+            bos=1,
+            eos=2,
+            add_bos=True,
+            bos_text="<s>",
+            eos_text="</s>",
+            metadata=metadata,
         )
         self.on_exit: Callable[[Any, str | None], None] | None = None
         self.last_used = time.monotonic()
@@ -65,7 +77,9 @@ class Starter:
         self.delay = 0.0
         self.error: Exception | None = None
 
-    async def __call__(self, name: str, path: Path, options: LoadOptions, *, max_queue: int, timeout: float | None) -> ModelProcess:
+    async def __call__(
+        self, name: str, path: Path, options: LoadOptions, *, max_queue: int, timeout: float | None
+    ) -> ModelProcess:
         await asyncio.sleep(self.delay)
         if self.error is not None:
             raise self.error
@@ -81,7 +95,10 @@ class Starter:
 def store(tmp_path: Path, isolated_home: Path) -> Store:
     """A store with three tiny models registered in place: a:1, b:1 and c:1."""
     for index, name in enumerate(("a:1", "b:1", "c:1")):
-        pull_in_process(str(write_gguf(tmp_path / "files" / f"{name[0]}.gguf", megabytes=0.1, seed=index)), options=PullOptions(name=name))
+        pull_in_process(
+            str(write_gguf(tmp_path / "files" / f"{name[0]}.gguf", megabytes=0.1, seed=index)),
+            options=PullOptions(name=name),
+        )
     return Store(isolated_home)
 
 
@@ -187,7 +204,9 @@ async def test_a_dead_process_still_in_the_pool_is_not_handed_out(store: Store) 
 
 
 @in_loop
-async def test_a_sigill_under_the_fast_kernels_is_remembered_and_the_next_load_takes_the_safe_ones(store: Store, isolated_home: Path) -> None:
+async def test_a_sigill_under_the_fast_kernels_is_remembered_and_the_next_load_takes_the_safe_ones(
+    store: Store, isolated_home: Path
+) -> None:
     path = verdict_path(isolated_home, current_machine())
     machine = current_machine()
     write_verdict(path, Verdict(True, None, "AVX2", "AVX", machine.build, machine.cpu, "a.gguf", 0.1, time.time()))

@@ -24,7 +24,9 @@ MIB = 1024 * 1024
 
 def _serve(hub: FakeHubServer, tmp_path: Path, megabytes: float = 1.0, **knobs: object) -> bytes:
     data = write_gguf(tmp_path / "src" / "tiny-Q4_K_M.gguf", megabytes=megabytes).read_bytes()
-    hub.hub.repos[REPO] = FakeRepo(files={"tiny-Q4_K_M.gguf": data, "tiny-Q8_0.gguf": data[:-1] + b"\0", "README.md": b"hi"}, **knobs)
+    hub.hub.repos[REPO] = FakeRepo(
+        files={"tiny-Q4_K_M.gguf": data, "tiny-Q8_0.gguf": data[:-1] + b"\0", "README.md": b"hi"}, **knobs
+    )
     return data
 
 
@@ -36,7 +38,9 @@ def _dead_endpoint() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def test_pull_by_quant_tag_picks_the_file_and_verifies_it(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path) -> None:
+def test_pull_by_quant_tag_picks_the_file_and_verifies_it(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path
+) -> None:
     data = _serve(hub, tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     result = pull_in_process(f"hf.co/{REPO}:Q4_K_M")
@@ -49,14 +53,18 @@ def test_pull_by_quant_tag_picks_the_file_and_verifies_it(hub: FakeHubServer, tm
     assert not any((isolated_home / "partial").iterdir()), "staging must be cleaned after a commit"
 
 
-def test_pull_names_a_file_directly_and_default_quant_is_q4_k_m(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pull_names_a_file_directly_and_default_quant_is_q4_k_m(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _serve(hub, tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     assert pull_in_process(f"hf.co/{REPO}/tiny-Q8_0.gguf").manifest.files[0].filename == "tiny-Q8_0.gguf"
     assert pull_in_process(f"hf.co/{REPO}").manifest.files[0].filename == "tiny-Q4_K_M.gguf"
 
 
-def test_a_transfer_cut_midway_resumes_with_a_range_request(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_transfer_cut_midway_resumes_with_a_range_request(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = _serve(hub, tmp_path, megabytes=24, cut_after=13 * MIB, cuts=1)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     result = pull_in_process(f"hf.co/{REPO}:Q4_K_M")
@@ -69,7 +77,9 @@ def test_a_transfer_cut_midway_resumes_with_a_range_request(hub: FakeHubServer, 
     assert gets[1].body_bytes == len(data) - resumed_at, "nothing may be downloaded twice"
 
 
-def test_hash_mismatch_discards_the_file_and_registers_nothing(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path) -> None:
+def test_hash_mismatch_discards_the_file_and_registers_nothing(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path
+) -> None:
     _serve(hub, tmp_path, corrupt=True)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     with pytest.raises(IntegrityError, match="sha256 mismatch"):
@@ -79,7 +89,9 @@ def test_hash_mismatch_discards_the_file_and_registers_nothing(hub: FakeHubServe
     assert not list((isolated_home / "partial").rglob("*.gguf"))
 
 
-def test_falls_back_to_the_next_mirror_when_one_is_blocked(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_falls_back_to_the_next_mirror_when_one_is_blocked(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _serve(hub, tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", _dead_endpoint())
     monkeypatch.setenv("SOVEREIGN_HF_MIRRORS", f"{_dead_endpoint()},{hub.url}")
@@ -87,7 +99,9 @@ def test_falls_back_to_the_next_mirror_when_one_is_blocked(hub: FakeHubServer, t
     assert result.manifest.source.detail == f"from {hub.url}"
 
 
-def test_mirror_option_is_tried_first_and_never_sees_the_token(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mirror_option_is_tried_first_and_never_sees_the_token(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _serve(hub, tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", _dead_endpoint())
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
@@ -96,7 +110,9 @@ def test_mirror_option_is_tried_first_and_never_sees_the_token(hub: FakeHubServe
     assert hub.hub.log and all(r.authorization is None for r in hub.hub.log)
 
 
-def test_plain_http_mirror_beyond_loopback_is_skipped_and_a_broken_hub_falls_through(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plain_http_mirror_beyond_loopback_is_skipped_and_a_broken_hub_falls_through(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _serve(hub, tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", "http://192.0.2.1")  # TEST-NET-1: refused before any connection
     # A "mirror" answering HTML-ish garbage for the listing (a captive portal) must not stop the pull.
@@ -113,7 +129,9 @@ def test_every_mirror_blocked_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
         pull_in_process(f"hf.co/{REPO}:Q4_K_M")
 
 
-def test_gated_repository_without_a_token_says_to_set_hf_token(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gated_repository_without_a_token_says_to_set_hf_token(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _serve(hub, tmp_path, gated_token="hf_secret")
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     with pytest.raises(AccessDenied) as caught:
@@ -126,16 +144,22 @@ def test_gated_repository_without_a_token_says_to_set_hf_token(hub: FakeHubServe
     assert pull_in_process(f"hf.co/{REPO}:Q4_K_M").manifest.sha256_verified
 
 
-def test_missing_quantization_lists_what_the_repository_has(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_quantization_lists_what_the_repository_has(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _serve(hub, tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     with pytest.raises(SourceUnavailable, match="no IQ2_XS GGUF.*tiny-Q8_0.gguf"):
         pull_in_process(f"hf.co/{REPO}:IQ2_XS")
 
 
-def test_sharded_gguf_is_pulled_whole_and_linked_under_its_names(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path) -> None:
+def test_sharded_gguf_is_pulled_whole_and_linked_under_its_names(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path
+) -> None:
     shards = {
-        f"Q4_K_M/big-Q4_K_M-0000{i}-of-00002.gguf": write_gguf(tmp_path / f"s{i}.gguf", split=(i, 2), seed=i).read_bytes()
+        f"Q4_K_M/big-Q4_K_M-0000{i}-of-00002.gguf": write_gguf(
+            tmp_path / f"s{i}.gguf", split=(i, 2), seed=i
+        ).read_bytes()
         for i in (1, 2)
     }
     hub.hub.repos["acme/big-GGUF"] = FakeRepo(files=shards)
@@ -146,16 +170,23 @@ def test_sharded_gguf_is_pulled_whole_and_linked_under_its_names(hub: FakeHubSer
     assert manifest.gguf["parameters"] == 2 * 256 * 1024
     first = Store(isolated_home).model_path(manifest)
     assert first.name == "big-Q4_K_M-00001-of-00002.gguf"
-    assert (first.parent / "big-Q4_K_M-00002-of-00002.gguf").read_bytes() == shards["Q4_K_M/big-Q4_K_M-00002-of-00002.gguf"]
+    assert (first.parent / "big-Q4_K_M-00002-of-00002.gguf").read_bytes() == shards[
+        "Q4_K_M/big-Q4_K_M-00002-of-00002.gguf"
+    ]
 
 
-def test_two_concurrent_pulls_of_one_model_do_not_corrupt_each_other(hub: FakeHubServer, tmp_path: Path, isolated_home: Path) -> None:
+def test_two_concurrent_pulls_of_one_model_do_not_corrupt_each_other(
+    hub: FakeHubServer, tmp_path: Path, isolated_home: Path
+) -> None:
     data = _serve(hub, tmp_path, megabytes=4, bytes_per_second=8_000_000)
     env = {"HF_ENDPOINT": hub.url}
     command = [*sovereign_command(), "pull", f"hf.co/{REPO}:Q4_K_M"]
     import os
 
-    processes = [subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    processes = [
+        subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
     assert any("already pulled" in err for _, err in outputs), "the second pull should wait and find the model in place"
@@ -165,12 +196,20 @@ def test_two_concurrent_pulls_of_one_model_do_not_corrupt_each_other(hub: FakeHu
     assert sum(g.body_bytes for g in hub.hub.downloads("tiny-Q4_K_M.gguf")) == len(data)
 
 
-def test_ctrl_c_during_a_pull_leaves_state_the_next_pull_resumes(hub: FakeHubServer, tmp_path: Path, isolated_home: Path) -> None:
+def test_ctrl_c_during_a_pull_leaves_state_the_next_pull_resumes(
+    hub: FakeHubServer, tmp_path: Path, isolated_home: Path
+) -> None:
     import os
 
     data = _serve(hub, tmp_path, megabytes=24, bytes_per_second=8 * MIB)
     env = {**os.environ, "HF_ENDPOINT": hub.url}
-    process = subprocess.Popen([*sovereign_command(), "pull", f"hf.co/{REPO}:Q4_K_M"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*sovereign_command(), "pull", f"hf.co/{REPO}:Q4_K_M"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and sum(g.body_bytes for g in hub.hub.downloads("tiny-Q4_K_M.gguf")) < 13 * MIB:
         time.sleep(0.1)

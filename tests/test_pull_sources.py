@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from sovereign.errors import AllSourcesFailed, InsecureSource, IntegrityError, InvalidReference, NotGGUF, SourceUnavailable
+from sovereign.errors import (
+    AllSourcesFailed,
+    InsecureSource,
+    IntegrityError,
+    InvalidReference,
+    NotGGUF,
+    SourceUnavailable,
+)
 from sovereign.refs import parse_name
 from sovereign.store import PullOptions, Store
 from tests.conftest import pull_in_process, write_gguf
@@ -16,7 +23,9 @@ from tests.fakehub import FakeHubServer, FakeRepo
 
 def _url(hub: FakeHubServer, tmp_path: Path, **knobs: object) -> tuple[str, bytes]:
     data = write_gguf(tmp_path / "src.gguf", megabytes=2).read_bytes()
-    hub.hub.repos["web/files"] = FakeRepo(files={"My-Model-Q4_K_M.gguf": data, "notes.gguf": b"<html>not a model</html>" * 10}, **knobs)
+    hub.hub.repos["web/files"] = FakeRepo(
+        files={"My-Model-Q4_K_M.gguf": data, "notes.gguf": b"<html>not a model</html>" * 10}, **knobs
+    )
     return f"{hub.url}/web/files/resolve/main/My-Model-Q4_K_M.gguf", data
 
 
@@ -41,7 +50,9 @@ def test_plain_http_beyond_loopback_is_refused() -> None:
         pull_in_process("http://models.example.com/x.gguf")
 
 
-def test_a_redirect_to_plain_http_beyond_loopback_is_refused(hub: FakeHubServer, tmp_path: Path, isolated_home: Path) -> None:
+def test_a_redirect_to_plain_http_beyond_loopback_is_refused(
+    hub: FakeHubServer, tmp_path: Path, isolated_home: Path
+) -> None:
     _url(hub, tmp_path)
     hub.hub.redirects["/web/files/resolve/main/moved.gguf"] = "http://192.0.2.1/x.gguf"  # TEST-NET-1: never contacted
     with pytest.raises(InsecureSource, match="192.0.2.1"):
@@ -94,14 +105,19 @@ def _user_catalog(home: Path, body: str) -> None:
     (home / "models.toml").write_text(body)
 
 
-def test_catalog_entry_falls_back_to_its_second_source_and_says_which(hub: FakeHubServer, tmp_path: Path, isolated_home: Path) -> None:
+def test_catalog_entry_falls_back_to_its_second_source_and_says_which(
+    hub: FakeHubServer, tmp_path: Path, isolated_home: Path
+) -> None:
     url, data = _url(hub, tmp_path)
     sha = hashlib.sha256(data).hexdigest()
-    _user_catalog(isolated_home, f'''
+    _user_catalog(
+        isolated_home,
+        f'''
 [models."test:fallback"]
 sha256 = "{sha}"
 sources = ["{hub.url}/web/files/resolve/main/missing.gguf", "{url}"]
-''')
+''',
+    )
     result = pull_in_process("test:fallback")
     assert result.source == url
     assert result.manifest.sha256_verified
@@ -117,7 +133,10 @@ def test_catalog_sha256_mismatch_across_all_sources(hub: FakeHubServer, tmp_path
 
 
 def test_all_sources_failing_lists_each(hub: FakeHubServer, isolated_home: Path) -> None:
-    _user_catalog(isolated_home, f'[models."test:gone"]\nsources = ["{hub.url}/a/b/resolve/main/x.gguf", "{hub.url}/c/d/resolve/main/y.gguf"]\n')
+    _user_catalog(
+        isolated_home,
+        f'[models."test:gone"]\nsources = ["{hub.url}/a/b/resolve/main/x.gguf", "{hub.url}/c/d/resolve/main/y.gguf"]\n',
+    )
     with pytest.raises(AllSourcesFailed) as caught:
         pull_in_process("test:gone")
     assert len(caught.value.failures) == 2

@@ -30,8 +30,19 @@ def test_references_parse(text: str, expected: object) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["../../etc/passwd", "gemma3:../../x", "a/../b:c", "/abs:tag", ".hidden:x", "hf.co/only-owner", "hf.co/a/b/../c.gguf",
-     "pip:--index-url=http://evil", "pip:a b", "hf.co/a/b:Q4/x.gguf", ""],
+    [
+        "../../etc/passwd",
+        "gemma3:../../x",
+        "a/../b:c",
+        "/abs:tag",
+        ".hidden:x",
+        "hf.co/only-owner",
+        "hf.co/a/b/../c.gguf",
+        "pip:--index-url=http://evil",
+        "pip:a b",
+        "hf.co/a/b:Q4/x.gguf",
+        "",
+    ],
 )
 def test_malformed_or_escaping_references_are_rejected(text: str) -> None:
     with pytest.raises(InvalidReference):
@@ -52,7 +63,9 @@ def test_builtin_catalog_has_the_default_and_popular_families(settings: Settings
     catalog = load_catalog(settings)
     default = catalog.get(catalog.default)
     assert str(catalog.default) == "gemma3:270m"
-    assert default is not None and default.sha256 and default.sha256.startswith("a5fd3b62") and default.size == 253_113_024
+    assert (
+        default is not None and default.sha256 and default.sha256.startswith("a5fd3b62") and default.size == 253_113_024
+    )
     assert isinstance(default.sources[0], PipRef) and len(default.sources[0].packages) == 4
     assert default.chat_template and "<start_of_turn>" in default.chat_template
     assert "<end_of_turn>" in default.stop
@@ -62,7 +75,7 @@ def test_builtin_catalog_has_the_default_and_popular_families(settings: Settings
 
 def test_user_catalog_extends_and_overrides(settings: Settings, isolated_home: Path) -> None:
     isolated_home.mkdir(parents=True)
-    (isolated_home / "models.toml").write_text('''
+    (isolated_home / "models.toml").write_text("""
 [models."mine:1b"]
 sources = ["hf.co/me/mine-GGUF:Q4_K_M"]
 template = "gemma3"
@@ -70,7 +83,7 @@ template = "gemma3"
 [models."gemma3:270m"]
 description = "overridden"
 sources = ["hf.co/me/gemma-GGUF:Q4_K_M"]
-''')
+""")
     catalog = load_catalog(settings)
     mine = catalog.get(parse_name("mine:1b"))
     assert mine is not None and mine.chat_template and "<start_of_turn>" in mine.chat_template

@@ -21,18 +21,39 @@ from sovereign.server.app import ServerOptions, create_app
 from tests.fake_engine import FakeEngine
 from tests.servers import InProcessServer
 
-OBJECT = {"type": "object", "properties": {"message": {"type": "string"}}, "required": ["message"], "additionalProperties": False}
+OBJECT = {
+    "type": "object",
+    "properties": {"message": {"type": "string"}},
+    "required": ["message"],
+    "additionalProperties": False,
+}
 MULTI_AGENT = {
     "type": "namespace",
     "name": "multi_agent_v1",
     "description": "Tools to run sub-agents.",
     "tools": [
-        {"type": "function", "name": "spawn_agent", "description": "Start a sub-agent.", "strict": False, "parameters": OBJECT},
-        {"type": "function", "name": "wait_agent", "description": "Wait for a sub-agent.", "strict": False, "defer_loading": True, "parameters": OBJECT},
+        {
+            "type": "function",
+            "name": "spawn_agent",
+            "description": "Start a sub-agent.",
+            "strict": False,
+            "parameters": OBJECT,
+        },
+        {
+            "type": "function",
+            "name": "wait_agent",
+            "description": "Wait for a sub-agent.",
+            "strict": False,
+            "defer_loading": True,
+            "parameters": OBJECT,
+        },
     ],
 }
 SHELL = {
-    "type": "function", "name": "shell_command", "description": "Runs a shell command.", "strict": False,
+    "type": "function",
+    "name": "shell_command",
+    "description": "Runs a shell command.",
+    "strict": False,
     "parameters": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]},
 }
 WEB_SEARCH = {"type": "web_search", "external_web_access": False}
@@ -43,8 +64,20 @@ def codex_body(text: str = "hello there", **overrides: Any) -> dict[str, Any]:
         "model": "fake:model",
         "instructions": "You are Codex, a coding agent.",
         "input": [
-            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "<permissions instructions>sandboxed</permissions instructions>"}]},
-            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "<environment_context><cwd>/tmp</cwd></environment_context>"}]},
+            {
+                "type": "message",
+                "role": "developer",
+                "content": [
+                    {"type": "input_text", "text": "<permissions instructions>sandboxed</permissions instructions>"}
+                ],
+            },
+            {
+                "type": "message",
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "<environment_context><cwd>/tmp</cwd></environment_context>"}
+                ],
+            },
             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
         ],
         "tools": [copy.deepcopy(MULTI_AGENT), copy.deepcopy(SHELL), copy.deepcopy(WEB_SEARCH)],
@@ -58,7 +91,7 @@ def codex_body(text: str = "hello there", **overrides: Any) -> dict[str, Any]:
         "service_tier": "priority",
         "prompt_cache_key": "019a0000-0000-7000-8000-000000000000",
         "text": {"verbosity": "low"},
-        "client_metadata": {"x-codex-installation-id": "abc", "x-codex-turn-metadata": "{\"turn_id\":\"1\"}"},
+        "client_metadata": {"x-codex-installation-id": "abc", "x-codex-turn-metadata": '{"turn_id":"1"}'},
     }
     return {**body, **overrides}
 
@@ -120,8 +153,12 @@ def test_codex_request_is_accepted(server: InProcessServer, fake: FakeEngine, ca
     assert [tool["type"] for tool in body["tools"]] == ["namespace", "function"]
     # The streamed form too: the dropped tool is named in the response objects of created and completed.
     frames = events(server, codex_body())
-    assert frames[0]["type"] == "response.created" and frames[0]["response"]["sovereign_dropped_tools"] == ["web_search"]
-    assert frames[-1]["type"] == "response.completed" and frames[-1]["response"]["sovereign_dropped_tools"] == ["web_search"]
+    assert frames[0]["type"] == "response.created" and frames[0]["response"]["sovereign_dropped_tools"] == [
+        "web_search"
+    ]
+    assert frames[-1]["type"] == "response.completed" and frames[-1]["response"]["sovereign_dropped_tools"] == [
+        "web_search"
+    ]
 
 
 def test_a_plain_request_has_no_dropped_tools_field(server: InProcessServer) -> None:
@@ -129,19 +166,31 @@ def test_a_plain_request_has_no_dropped_tools_field(server: InProcessServer) -> 
     assert "sovereign_dropped_tools" not in body
 
 
-def test_namespaced_call_goes_back_split_in_name_and_namespace(server: InProcessServer, client: OpenAI, fake: FakeEngine) -> None:
+def test_namespaced_call_goes_back_split_in_name_and_namespace(
+    server: InProcessServer, client: OpenAI, fake: FakeEngine
+) -> None:
     # The fake calls the first tool offered when the last message starts with "call": here multi_agent_v1's spawn_agent.
     body = post(server, codex_body("call a helper")).json()
     (call,) = [item for item in body["output"] if item["type"] == "function_call"]
     assert call["name"] == "spawn_agent" and call["namespace"] == "multi_agent_v1"
     assert json.loads(call["arguments"]) == {"echo": "call a helper"}
     frames = events(server, codex_body("call a helper"))
-    added = [f["item"] for f in frames if f["type"] == "response.output_item.added" and f["item"]["type"] == "function_call"]
-    done = [f["item"] for f in frames if f["type"] == "response.output_item.done" and f["item"]["type"] == "function_call"]
+    added = [
+        f["item"] for f in frames if f["type"] == "response.output_item.added" and f["item"]["type"] == "function_call"
+    ]
+    done = [
+        f["item"] for f in frames if f["type"] == "response.output_item.done" and f["item"]["type"] == "function_call"
+    ]
     assert [(i["name"], i["namespace"]) for i in added + done] == [("spawn_agent", "multi_agent_v1")] * 2
-    assert [(i["name"], i["namespace"]) for i in frames[-1]["response"]["output"]] == [("spawn_agent", "multi_agent_v1")]
+    assert [(i["name"], i["namespace"]) for i in frames[-1]["response"]["output"]] == [
+        ("spawn_agent", "multi_agent_v1")
+    ]
     # The official client reads the field (newer SDK types carry function_call.namespace).
-    sdk_body = {k: v for k, v in codex_body("call a helper").items() if k not in ("stream", "client_metadata", "access_programs")}
+    sdk_body = {
+        k: v
+        for k, v in codex_body("call a helper").items()
+        if k not in ("stream", "client_metadata", "access_programs")
+    }
     parsed = client.responses.create(**sdk_body, extra_body={"client_metadata": {"x-codex-installation-id": "abc"}})
     (item,) = parsed.output
     assert item.type == "function_call" and item.name == "spawn_agent" and item.namespace == "multi_agent_v1"
@@ -149,7 +198,13 @@ def test_namespaced_call_goes_back_split_in_name_and_namespace(server: InProcess
     follow = codex_body("thanks")
     follow["input"] = follow["input"][:-1] + [
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "call a helper"}]},
-        {"type": "function_call", "call_id": call["call_id"], "name": "spawn_agent", "namespace": "multi_agent_v1", "arguments": call["arguments"]},
+        {
+            "type": "function_call",
+            "call_id": call["call_id"],
+            "name": "spawn_agent",
+            "namespace": "multi_agent_v1",
+            "arguments": call["arguments"],
+        },
         {"type": "function_call_output", "call_id": call["call_id"], "output": "agent started"},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "thanks"}]},
     ]
@@ -159,7 +214,10 @@ def test_namespaced_call_goes_back_split_in_name_and_namespace(server: InProcess
 
 
 def test_a_forced_namespaced_function(server: InProcessServer, fake: FakeEngine) -> None:
-    for choice in ({"type": "function", "name": "wait_agent"}, {"type": "function", "name": "multi_agent_v1__wait_agent"}):
+    for choice in (
+        {"type": "function", "name": "wait_agent"},
+        {"type": "function", "name": "multi_agent_v1__wait_agent"},
+    ):
         body = post(server, codex_body(tool_choice=choice)).json()
         (call,) = [item for item in body["output"] if item["type"] == "function_call"]
         assert (call["name"], call["namespace"]) == ("wait_agent", "multi_agent_v1")
@@ -174,31 +232,56 @@ def test_other_builtin_tools_are_dropped_and_listed(server: InProcessServer, fak
         SHELL,
         {"type": "image_generation", "output_format": "png"},
         {"type": "tool_search", "execution": "client", "description": "Find tools.", "parameters": {"type": "object"}},
-        {"type": "custom", "name": "apply_patch", "description": "Patch files.", "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
-        {"type": "namespace", "name": "mcp__docs__", "description": "Docs server.", "tools": [
-            {"type": "function", "name": "search", "parameters": OBJECT},
-            {"type": "custom", "name": "raw", "description": "x", "format": {"type": "text"}},
-        ]},
+        {
+            "type": "custom",
+            "name": "apply_patch",
+            "description": "Patch files.",
+            "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"},
+        },
+        {
+            "type": "namespace",
+            "name": "mcp__docs__",
+            "description": "Docs server.",
+            "tools": [
+                {"type": "function", "name": "search", "parameters": OBJECT},
+                {"type": "custom", "name": "raw", "description": "x", "format": {"type": "text"}},
+            ],
+        },
     ]
     response = post(server, {"model": "fake:model", "input": "hello there", "tools": tools})
     assert response.status_code == 200, response.text
-    assert response.json()["sovereign_dropped_tools"] == ["image_generation", "tool_search", "custom:apply_patch", "custom:mcp__docs__.raw"]
+    assert response.json()["sovereign_dropped_tools"] == [
+        "image_generation",
+        "tool_search",
+        "custom:apply_patch",
+        "custom:mcp__docs__.raw",
+    ]
     assert [t["function"]["name"] for t in last_request(fake).tools] == ["shell_command", "mcp__docs__search"]
 
 
 def test_what_would_change_the_answer_is_refused(server: InProcessServer) -> None:
     forced = post(server, codex_body(tool_choice={"type": "web_search_preview"}))
     assert forced.status_code == 400 and "web_search_preview" in forced.json()["error"]["message"]
-    only_builtin = post(server, {"model": "fake:model", "input": "hi", "tools": [WEB_SEARCH], "tool_choice": "required"})
+    only_builtin = post(
+        server, {"model": "fake:model", "input": "hi", "tools": [WEB_SEARCH], "tool_choice": "required"}
+    )
     assert only_builtin.status_code == 400 and "web_search" in only_builtin.json()["error"]["message"]
     # tool_choice auto with nothing left to call is fine: the model just answers.
     assert post(server, {"model": "fake:model", "input": "hi", "tools": [WEB_SEARCH]}).status_code == 200
     # Strictness otherwise stays: a parameter nobody defined is still an error.
     unknown = post(server, codex_body(frequency_penalty=1))
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "unknown_parameter"
-    twice = post(server, {"model": "fake:model", "input": "hi", "tools": [
-        {"type": "function", "name": "a__b", "parameters": OBJECT}, {"type": "namespace", "name": "a", "description": "", "tools": [{"type": "function", "name": "b"}]},
-    ]})
+    twice = post(
+        server,
+        {
+            "model": "fake:model",
+            "input": "hi",
+            "tools": [
+                {"type": "function", "name": "a__b", "parameters": OBJECT},
+                {"type": "namespace", "name": "a", "description": "", "tools": [{"type": "function", "name": "b"}]},
+            ],
+        },
+    )
     assert twice.status_code == 400 and "defined twice" in twice.json()["error"]["message"]
 
 
@@ -214,4 +297,6 @@ def test_max_output_tokens_cut_marks_the_message_incomplete(server: InProcessSer
     assert done["status"] == "incomplete" and done["content"][0]["text"] == "You said:"
     assert frames[-1]["type"] == "response.incomplete" and frames[-1]["response"]["output"] == [done]
     parsed = client.responses.create(model="fake:model", input="hello there", max_output_tokens=2)
-    assert parsed.status == "incomplete" and parsed.output[0].status == "incomplete" and parsed.output_text == "You said:"
+    assert (
+        parsed.status == "incomplete" and parsed.output[0].status == "incomplete" and parsed.output_text == "You said:"
+    )

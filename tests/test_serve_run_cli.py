@@ -29,7 +29,14 @@ def test_run_prints_a_streamed_answer_repeatably(real_model_home: Path) -> None:
 
 def test_run_reads_a_piped_prompt(real_model_home: Path) -> None:
     environment = {**os.environ, "SOVEREIGN_HOME": str(real_model_home)}
-    result = subprocess.run([*sovereign_command(), "run", GEMMA, "--max-tokens", "4"], input="Hello", env=environment, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [*sovereign_command(), "run", GEMMA, "--max-tokens", "4"],
+        input="Hello",
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -58,7 +65,13 @@ def _read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
 def test_interactive_chat_keeps_history_and_obeys_commands(real_model_home: Path) -> None:
     controller, terminal = pty.openpty()
     environment = {**os.environ, "SOVEREIGN_HOME": str(real_model_home), "TERM": "dumb"}
-    process = subprocess.Popen([*sovereign_command(), "run", GEMMA, "--max-tokens", "6", "--seed", "1"], stdin=terminal, stdout=terminal, stderr=terminal, env=environment)
+    process = subprocess.Popen(
+        [*sovereign_command(), "run", GEMMA, "--max-tokens", "6", "--seed", "1"],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env=environment,
+    )
     os.close(terminal)
     try:
         banner = _read_until(controller, b">>> ")
@@ -97,10 +110,16 @@ def test_serve_without_a_model_pulls_the_default_first(real_model_home: Path, is
     store = Store(real_model_home)
     source = store.model_path(store.require(parse_name(GEMMA)))
     isolated_home.mkdir(parents=True, exist_ok=True)
-    (isolated_home / "models.toml").write_text(f'default = "mine:latest"\n\n[models."mine:latest"]\nsources = ["{source}"]\ntemplate = "gemma3"\n')
+    (isolated_home / "models.toml").write_text(
+        f'default = "mine:latest"\n\n[models."mine:latest"]\nsources = ["{source}"]\ntemplate = "gemma3"\n'
+    )
     with ServerProcess(isolated_home) as running:
         assert "pulling it first" in running.log()
         health = httpx.get(f"{running.url}/health").json()
         assert health["models"] == ["mine:latest"]
-        reply = httpx.post(f"{running.base_url}/chat/completions", json={"model": "mine:latest", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, timeout=60)
+        reply = httpx.post(
+            f"{running.base_url}/chat/completions",
+            json={"model": "mine:latest", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            timeout=60,
+        )
         assert reply.status_code == 200

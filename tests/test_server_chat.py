@@ -23,12 +23,19 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "Current weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city", "unit"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+        },
     },
 }
 TIME_TOOL = {
     "type": "function",
-    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}},
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
+    },
 }
 
 
@@ -85,8 +92,15 @@ def test_sse_ends_with_done(server: ServerProcess) -> None:
 def test_async_client_streamed_and_not(server: ServerProcess) -> None:
     async def main() -> tuple[list[str], str]:
         client = AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
-        plain = await asyncio.gather(*(client.chat.completions.create(model=GEMMA, messages=HELLO, max_tokens=8, temperature=0) for _ in range(3)))
-        stream = await client.chat.completions.create(model=GEMMA, messages=HELLO, max_tokens=8, temperature=0, stream=True)
+        plain = await asyncio.gather(
+            *(
+                client.chat.completions.create(model=GEMMA, messages=HELLO, max_tokens=8, temperature=0)
+                for _ in range(3)
+            )
+        )
+        stream = await client.chat.completions.create(
+            model=GEMMA, messages=HELLO, max_tokens=8, temperature=0, stream=True
+        )
         streamed = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
         await client.close()
         return [p.choices[0].message.content for p in plain], streamed
@@ -98,7 +112,9 @@ def test_async_client_streamed_and_not(server: ServerProcess) -> None:
 
 def test_max_tokens_and_max_completion_tokens(client: OpenAI) -> None:
     for key in ("max_tokens", "max_completion_tokens"):
-        response = client.chat.completions.create(model=GEMMA, messages=HELLO, extra_body={"ignore_eos": True}, **{key: 5})
+        response = client.chat.completions.create(
+            model=GEMMA, messages=HELLO, extra_body={"ignore_eos": True}, **{key: 5}
+        )
         assert response.usage.completion_tokens == 5
         assert response.choices[0].finish_reason == "length"
 
@@ -134,12 +150,20 @@ def test_stop_string_and_list(client: OpenAI) -> None:
 def test_truncation_samplers_reduce_to_greedy(client: OpenAI) -> None:
     greedy = greedy_text(client, max_tokens=12)
     assert greedy_text(client, max_tokens=12) == greedy
-    assert chat(client, temperature=1.5, seed=1, max_tokens=12, extra_body={"top_k": 1}).choices[0].message.content == greedy
-    assert chat(client, temperature=1.5, seed=1, max_tokens=12, extra_body={"min_p": 1.0}).choices[0].message.content == greedy
+    assert (
+        chat(client, temperature=1.5, seed=1, max_tokens=12, extra_body={"top_k": 1}).choices[0].message.content
+        == greedy
+    )
+    assert (
+        chat(client, temperature=1.5, seed=1, max_tokens=12, extra_body={"min_p": 1.0}).choices[0].message.content
+        == greedy
+    )
     assert chat(client, temperature=1.5, seed=1, max_tokens=12, top_p=1e-6).choices[0].message.content == greedy
 
 
-@pytest.mark.parametrize("penalty", [{"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"extra_body": {"repeat_penalty": 2.0}}])
+@pytest.mark.parametrize(
+    "penalty", [{"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"extra_body": {"repeat_penalty": 2.0}}]
+)
 def test_penalties_change_the_output(client: OpenAI, penalty: dict[str, Any]) -> None:
     # The base model repeats itself under greedy decoding; penalising repeats must change that.
     plain = greedy_text(client, max_tokens=40, extra_body={"ignore_eos": True})
@@ -154,7 +178,9 @@ def test_logit_bias_bans_and_forces_tokens(client: OpenAI, server: ServerProcess
     banned = chat(client, temperature=0, max_tokens=1, logprobs=True, logit_bias={str(first_id): -100})
     assert banned.choices[0].logprobs.content[0].token != greedy
     forced_id = httpx.post(f"{server.url}/tokenize", json={"content": " ocean"}).json()["tokens"][-1]
-    forced = chat(client, temperature=0, max_tokens=3, logit_bias={str(forced_id): 100}, extra_body={"ignore_eos": True})
+    forced = chat(
+        client, temperature=0, max_tokens=3, logit_bias={str(forced_id): 100}, extra_body={"ignore_eos": True}
+    )
     piece = httpx.post(f"{server.url}/detokenize", json={"tokens": [forced_id]}).json()["content"]
     assert forced.choices[0].message.content == piece * 3
 
@@ -187,7 +213,14 @@ def test_json_object_output_parses(client: OpenAI) -> None:
     # budget-truncated one is a prefix of one. A small model sometimes rambles past the budget.
     finished = 0
     for seed in (1, 2, 3, 4):
-        response = chat(client, max_tokens=120, temperature=0.7, seed=seed, response_format={"type": "json_object"}, messages=[{"role": "user", "content": "Describe a cat as JSON."}])
+        response = chat(
+            client,
+            max_tokens=120,
+            temperature=0.7,
+            seed=seed,
+            response_format={"type": "json_object"},
+            messages=[{"role": "user", "content": "Describe a cat as JSON."}],
+        )
         content = response.choices[0].message.content
         assert content.lstrip().startswith("{")
         if response.choices[0].finish_reason == "stop":
@@ -199,12 +232,24 @@ def test_json_object_output_parses(client: OpenAI) -> None:
 def test_json_schema_output_matches_the_schema(client: OpenAI) -> None:
     schema = {
         "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 150}, "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}, "maxItems": 3}},
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}, "maxItems": 3},
+        },
         "required": ["name", "age", "tags"],
         "additionalProperties": False,
     }
     for seed in (1, 2):
-        response = chat(client, max_tokens=120, seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}})
+        response = chat(
+            client,
+            max_tokens=120,
+            seed=seed,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "person", "schema": schema, "strict": True},
+            },
+        )
         value = json.loads(response.choices[0].message.content)
         assert set(value) == {"name", "age", "tags"}
         assert isinstance(value["name"], str) and len(value["name"]) <= 20
@@ -214,7 +259,14 @@ def test_json_schema_output_matches_the_schema(client: OpenAI) -> None:
 
 def test_tool_choice_required_forces_a_valid_call(client: OpenAI) -> None:
     # Seeded: a random draw can spin out a long string argument and hit max_tokens before the call closes.
-    response = chat(client, max_tokens=60, seed=3, messages=[{"role": "user", "content": "Hello there"}], tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required")
+    response = chat(
+        client,
+        max_tokens=60,
+        seed=3,
+        messages=[{"role": "user", "content": "Hello there"}],
+        tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice="required",
+    )
     choice = response.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -226,7 +278,9 @@ def test_tool_choice_required_forces_a_valid_call(client: OpenAI) -> None:
 
 def test_a_forced_call_cut_by_max_tokens_is_still_a_tool_call(client: OpenAI) -> None:
     """As OpenAI answers: the call with its arguments as far as they got, and finish_reason "length"."""
-    response = chat(client, max_tokens=14, seed=3, tools=[WEATHER_TOOL], tool_choice="required")  # past the name, within the arguments
+    response = chat(
+        client, max_tokens=14, seed=3, tools=[WEATHER_TOOL], tool_choice="required"
+    )  # past the name, within the arguments
     choice = response.choices[0]
     assert choice.finish_reason == "length" and not choice.message.content, choice
     (call,) = choice.message.tool_calls
@@ -235,11 +289,20 @@ def test_a_forced_call_cut_by_max_tokens_is_still_a_tool_call(client: OpenAI) ->
 
 def test_tools_with_a_response_format_are_accepted(client: OpenAI) -> None:
     """The OpenAI Agents SDK sends both for an agent with tools and an output type: the schema holds the text turn."""
-    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 20}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
     response_format = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema}}
-    forced = chat(client, max_tokens=60, seed=3, tools=[WEATHER_TOOL], tool_choice="required", response_format=response_format).choices[0]
+    forced = chat(
+        client, max_tokens=60, seed=3, tools=[WEATHER_TOOL], tool_choice="required", response_format=response_format
+    ).choices[0]
     assert forced.finish_reason == "tool_calls" and forced.message.tool_calls[0].function.name == "get_weather"
-    auto = chat(client, max_tokens=60, seed=3, tools=[WEATHER_TOOL], tool_choice="auto", response_format=response_format).choices[0]
+    auto = chat(
+        client, max_tokens=60, seed=3, tools=[WEATHER_TOOL], tool_choice="auto", response_format=response_format
+    ).choices[0]
     if auto.message.tool_calls:
         assert json.loads(auto.message.tool_calls[0].function.arguments) is not None
     else:
@@ -248,14 +311,22 @@ def test_tools_with_a_response_format_are_accepted(client: OpenAI) -> None:
 
 def test_named_tool_choice_forces_that_function(client: OpenAI) -> None:
     for name in ("get_time", "get_weather"):
-        response = chat(client, max_tokens=60, seed=3, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice={"type": "function", "function": {"name": name}})
+        response = chat(
+            client,
+            max_tokens=60,
+            seed=3,
+            tools=[WEATHER_TOOL, TIME_TOOL],
+            tool_choice={"type": "function", "function": {"name": name}},
+        )
         (call,) = response.choices[0].message.tool_calls
         assert call.function.name == name
         json.loads(call.function.arguments)
 
 
 def test_streamed_tool_call_is_reassembled_by_the_sdk(client: OpenAI) -> None:
-    with client.chat.completions.stream(model=GEMMA, messages=HELLO, max_tokens=60, seed=3, tools=[WEATHER_TOOL], tool_choice="required") as stream:
+    with client.chat.completions.stream(
+        model=GEMMA, messages=HELLO, max_tokens=60, seed=3, tools=[WEATHER_TOOL], tool_choice="required"
+    ) as stream:
         for _event in stream:
             pass
         final = stream.get_final_completion()
@@ -267,7 +338,9 @@ def test_streamed_tool_call_is_reassembled_by_the_sdk(client: OpenAI) -> None:
 def test_tool_choice_auto_and_none(client: OpenAI) -> None:
     auto = chat(client, max_tokens=40, tools=[WEATHER_TOOL], tool_choice="auto").choices[0]
     if auto.message.tool_calls:  # the model may call or answer; either way the shape is right
-        assert auto.finish_reason == "tool_calls" and json.loads(auto.message.tool_calls[0].function.arguments) is not None
+        assert (
+            auto.finish_reason == "tool_calls" and json.loads(auto.message.tool_calls[0].function.arguments) is not None
+        )
     else:
         assert isinstance(auto.message.content, str) and auto.finish_reason in ("stop", "length")
     none = chat(client, max_tokens=16, tools=[WEATHER_TOOL], tool_choice="none").choices[0]
@@ -277,7 +350,17 @@ def test_tool_choice_auto_and_none(client: OpenAI) -> None:
 def test_a_tool_result_turn_continues_the_conversation(client: OpenAI) -> None:
     messages = [
         {"role": "user", "content": "Weather in Oslo?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": -3}'},
     ]
     response = chat(client, messages=messages, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=12)
@@ -291,5 +374,8 @@ def test_system_and_developer_messages_and_content_parts(client: OpenAI) -> None
     ]
     assert isinstance(chat(client, messages=messages).choices[0].message.content, str)
     with pytest.raises(BadRequestError) as error:
-        chat(client, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+        chat(
+            client,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+        )
     assert error.value.body["param"] == "messages.0.content.0"

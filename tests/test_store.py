@@ -42,7 +42,12 @@ def test_two_names_share_one_blob_and_rm_frees_it_only_when_unused(tiny_gguf: Pa
 
 def test_gguf_header_facts(tiny_gguf: Path) -> None:
     info = read_gguf_info([tiny_gguf])
-    assert (info.architecture, info.context_length, info.quantization, info.license) == ("llama", 2048, "ALL_F32", "apache-2.0")
+    assert (info.architecture, info.context_length, info.quantization, info.license) == (
+        "llama",
+        2048,
+        "ALL_F32",
+        "apache-2.0",
+    )
     assert info.parameters == 256 * 1024 and not info.has_chat_template
 
 
@@ -53,7 +58,9 @@ def test_truncated_gguf_is_reported(tiny_gguf: Path, tmp_path: Path) -> None:
         read_gguf_info([cut])
 
 
-def test_refuses_a_download_that_does_not_fit(hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path) -> None:
+def test_refuses_a_download_that_does_not_fit(
+    hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path
+) -> None:
     data = write_gguf(tmp_path / "m.gguf", megabytes=2).read_bytes()
     hub.hub.repos["acme/m-GGUF"] = FakeRepo(files={"m-Q4_K_M.gguf": data})
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
@@ -65,7 +72,9 @@ def test_refuses_a_download_that_does_not_fit(hub: FakeHubServer, tmp_path: Path
     assert Store(isolated_home).list() == []
 
 
-def test_damaged_or_newer_manifests_never_lose_blobs_or_reach_outside(tiny_gguf: Path, tmp_path: Path, isolated_home: Path) -> None:
+def test_damaged_or_newer_manifests_never_lose_blobs_or_reach_outside(
+    tiny_gguf: Path, tmp_path: Path, isolated_home: Path
+) -> None:
     store = Store(isolated_home)
     one = pull_in_process(str(tiny_gguf), options=PullOptions(copy_local=True, name="one:a")).manifest
     pull_in_process(str(tiny_gguf), options=PullOptions(copy_local=True, name="two:a"))
@@ -82,7 +91,9 @@ def test_damaged_or_newer_manifests_never_lose_blobs_or_reach_outside(tiny_gguf:
     victim.write_text("keep me")
     evil = isolated_home / "manifests" / "ev" / "a.json"
     evil.parent.mkdir()
-    evil.write_text(two_path.read_text().replace('"schema": 2', '"schema": 1').replace(one.files[0].digest or "", str(victim)))
+    evil.write_text(
+        two_path.read_text().replace('"schema": 2', '"schema": 1').replace(one.files[0].digest or "", str(victim))
+    )
     with pytest.raises(StoreError, match="damaged"):
         store.remove(parse_name("ev:a"))
     assert victim.read_text() == "keep me"
@@ -104,13 +115,15 @@ class _NoLengthHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
         for offset in range(0, len(self.payload), 256 * 1024):
-            self.wfile.write(self.payload[offset:offset + 256 * 1024])
+            self.wfile.write(self.payload[offset : offset + 256 * 1024])
 
 
 @pytest.fixture
 def no_length_server(tmp_path: Path) -> Iterator[str]:
     """A loopback URL for a 4 MiB GGUF sent without Content-Length."""
-    handler = type("Handler", (_NoLengthHandler,), {"payload": write_gguf(tmp_path / "src.gguf", megabytes=4).read_bytes()})
+    handler = type(
+        "Handler", (_NoLengthHandler,), {"payload": write_gguf(tmp_path / "src.gguf", megabytes=4).read_bytes()}
+    )
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -135,14 +148,20 @@ def test_free_space_is_checked_as_bytes_arrive_without_content_length(
 ) -> None:
     monkeypatch.setattr(single, "SPACE_CHECK_INTERVAL", 1024 * 1024)
     monkeypatch.setenv("SOVEREIGN_MIN_FREE_BYTES", str(2 * 1024 * 1024))
-    _disk_that_fills_with(isolated_home / "partial", monkeypatch, free=5 * 1024 * 1024)  # room for ~2 MiB of a 4 MiB file
+    _disk_that_fills_with(
+        isolated_home / "partial", monkeypatch, free=5 * 1024 * 1024
+    )  # room for ~2 MiB of a 4 MiB file
     with pytest.raises(InsufficientDisk) as error:
         pull_in_process(no_length_server)
     held = sum(p.stat().st_size for p in (isolated_home / "partial").rglob("*.gguf"))
     assert 1024 * 1024 <= held < 4 * 1024 * 1024, "stopped part-way, keeping what arrived for a resume"
     # The hint says what the partial download holds and both ways out.
-    assert "partial downloads keep" in (error.value.hint or "") and str(isolated_home / "partial") in (error.value.hint or "")
-    assert f"sovereign pull {no_length_server}" in (error.value.hint or "") and "sovereign prune" in (error.value.hint or "")
+    assert "partial downloads keep" in (error.value.hint or "") and str(isolated_home / "partial") in (
+        error.value.hint or ""
+    )
+    assert f"sovereign pull {no_length_server}" in (error.value.hint or "") and "sovereign prune" in (
+        error.value.hint or ""
+    )
     assert Store(isolated_home).list() == []
 
 
@@ -175,7 +194,12 @@ def test_prune_deletes_unused_blobs_and_keeps_used_ones_and_running_pulls(tiny_g
     with store.pulling():  # another pull is writing: its partial download must survive
         during = store.prune()
     assert during.kept_running and during.partial_bytes == 0 and leftover.exists()
-    assert during.blobs == 1 and during.blob_bytes == 1000 and not orphan.exists() and not (isolated_home / "shards" / orphan.name).exists()
+    assert (
+        during.blobs == 1
+        and during.blob_bytes == 1000
+        and not orphan.exists()
+        and not (isolated_home / "shards" / orphan.name).exists()
+    )
     assert store.blob_path(kept.files[0].digest or "").exists(), "a blob a manifest uses is never pruned"
     after = store.prune()
     assert not after.kept_running and after.partial_files == 1 and after.partial_bytes == 504 and not leftover.exists()
@@ -204,8 +228,13 @@ def _header_only(path: Path, *, tensors: bool) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("tensors", "padding", "message"), [(True, 0, "truncated"), (True, 4096, "truncated"), (False, 0, "no weights"), (False, 64, "no weights")])
-def test_a_gguf_header_without_weights_is_not_a_model(tensors: bool, padding: int, message: str, tmp_path: Path, isolated_home: Path) -> None:
+@pytest.mark.parametrize(
+    ("tensors", "padding", "message"),
+    [(True, 0, "truncated"), (True, 4096, "truncated"), (False, 0, "no weights"), (False, 64, "no weights")],
+)
+def test_a_gguf_header_without_weights_is_not_a_model(
+    tensors: bool, padding: int, message: str, tmp_path: Path, isolated_home: Path
+) -> None:
     path = _header_only(tmp_path / "hollow.gguf", tensors=tensors)
     path.write_bytes(path.read_bytes() + b"\0" * padding)
     with pytest.raises(NotGGUF, match=message):
@@ -253,4 +282,6 @@ def test_a_disk_that_fills_mid_download_is_insufficient_disk_not_a_crash(
     monkeypatch.setattr(Path, "open", open_on_small_disk)
     with pytest.raises(InsufficientDisk, match="disk filled up") as error:
         pull_in_process("hf.co/acme/m-GGUF:Q4_K_M", environ={"HF_ENDPOINT": hub.url})
-    assert "sovereign prune" in (error.value.hint or "") and "sovereign pull hf.co/acme/m-GGUF:Q4_K_M" in (error.value.hint or "")
+    assert "sovereign prune" in (error.value.hint or "") and "sovereign pull hf.co/acme/m-GGUF:Q4_K_M" in (
+        error.value.hint or ""
+    )

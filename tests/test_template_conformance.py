@@ -19,7 +19,9 @@ from sovereign.errors import InvalidRequest
 from tests.conftest import GEMMA
 from tests.servers import ServerProcess
 
-chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils", reason="transformers (the dev extra) is the reference renderer")
+chat_template_utils = pytest.importorskip(
+    "transformers.utils.chat_template_utils", reason="transformers (the dev extra) is the reference renderer"
+)
 
 CORPUS = Path(__file__).parent / "templates"
 TEMPLATES = sorted(CORPUS.rglob("*.jinja"))
@@ -34,7 +36,11 @@ TOOLS = [
         "function": {
             "name": "get_weather",
             "description": "The current weather in a city.",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city, e.g. Paris"}}, "required": ["city"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "The city, e.g. Paris"}},
+                "required": ["city"],
+            },
         },
     },
     {
@@ -58,44 +64,110 @@ ONE_CALL = {"role": "assistant", "content": "", "tool_calls": [_call("call00001a
 TWO_CALLS = {
     "role": "assistant",
     "content": "",
-    "tool_calls": [_call("call00001a", "get_weather", {"city": "Paris"}), _call("call00002b", "get_time", {"city": "Paris"})],
+    "tool_calls": [
+        _call("call00001a", "get_weather", {"city": "Paris"}),
+        _call("call00002b", "get_time", {"city": "Paris"}),
+    ],
 }
-RESULT_1 = {"role": "tool", "tool_call_id": "call00001a", "name": "get_weather", "content": '{"temperature": 18, "sky": "clear"}'}
+RESULT_1 = {
+    "role": "tool",
+    "tool_call_id": "call00001a",
+    "name": "get_weather",
+    "content": '{"temperature": 18, "sky": "clear"}',
+}
 RESULT_2 = {"role": "tool", "tool_call_id": "call00002b", "name": "get_time", "content": "14:05"}
 
 # name -> (messages, tools, add_generation_prompt, template kwargs)
 CONVERSATIONS: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]] | None, bool, dict[str, Any]]] = {
     "system": ([SYSTEM, {"role": "user", "content": "Hello!"}], None, True, {}),
     "multi_turn": (
-        [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello. How can I help?"}, {"role": "user", "content": "  Tell me a joke.  "}],
+        [
+            {"role": "user", "content": "Hi."},
+            {"role": "assistant", "content": "Hello. How can I help?"},
+            {"role": "user", "content": "  Tell me a joke.  "},
+        ],
         None,
         True,
         {},
     ),
-    "multi_turn_no_generation_prompt": ([SYSTEM, {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}], None, False, {}),
+    "multi_turn_no_generation_prompt": (
+        [SYSTEM, {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}],
+        None,
+        False,
+        {},
+    ),
     "tools_list": ([SYSTEM, ASK], TOOLS, True, {}),
     "tool_call_and_result": ([ASK, ONE_CALL, RESULT_1], TOOLS, True, {}),
-    "parallel_tool_calls": ([SYSTEM, ASK, TWO_CALLS, RESULT_1, RESULT_2, {"role": "assistant", "content": "18 °C and clear; it is 14:05."}, {"role": "user", "content": "Thanks"}], TOOLS, True, {}),
-    "tool_call_arguments_as_text": ([ASK, {**ONE_CALL, "tool_calls": [_call("call00001a", "get_weather", '{"city": "Paris"}')]}, RESULT_1], TOOLS, True, {}),
+    "parallel_tool_calls": (
+        [
+            SYSTEM,
+            ASK,
+            TWO_CALLS,
+            RESULT_1,
+            RESULT_2,
+            {"role": "assistant", "content": "18 °C and clear; it is 14:05."},
+            {"role": "user", "content": "Thanks"},
+        ],
+        TOOLS,
+        True,
+        {},
+    ),
+    "tool_call_arguments_as_text": (
+        [ASK, {**ONE_CALL, "tool_calls": [_call("call00001a", "get_weather", '{"city": "Paris"}')]}, RESULT_1],
+        TOOLS,
+        True,
+        {},
+    ),
     "reasoning_content_in_history": (
-        [ASK, {"role": "assistant", "content": "It is sunny.", "reasoning_content": "The user asks about Paris. I recall it is sunny."}, {"role": "user", "content": "And tomorrow?"}],
+        [
+            ASK,
+            {
+                "role": "assistant",
+                "content": "It is sunny.",
+                "reasoning_content": "The user asks about Paris. I recall it is sunny.",
+            },
+            {"role": "user", "content": "And tomorrow?"},
+        ],
         None,
         True,
         {},
     ),
     "think_in_content": (
-        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nSimple sum.\n</think>\n\n4"}, {"role": "user", "content": "3+3?"}],
+        [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "<think>\nSimple sum.\n</think>\n\n4"},
+            {"role": "user", "content": "3+3?"},
+        ],
         None,
         True,
         {},
     ),
-    "reasoning_last_turn": ([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Simple sum."}], None, False, {}),
-    "enable_thinking_false": ([{"role": "user", "content": "Quick: capital of France?"}], None, True, {"enable_thinking": False}),
+    "reasoning_last_turn": (
+        [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "reasoning_content": "Simple sum."},
+        ],
+        None,
+        False,
+        {},
+    ),
+    "enable_thinking_false": (
+        [{"role": "user", "content": "Quick: capital of France?"}],
+        None,
+        True,
+        {"enable_thinking": False},
+    ),
     "enable_thinking_true_with_tools": ([SYSTEM, ASK], TOOLS, True, {"enable_thinking": True}),
 }
 
 
-def _reference(source: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, add_generation_prompt: bool, kwargs: dict[str, Any]) -> str:
+def _reference(
+    source: str,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool,
+    kwargs: dict[str, Any],
+) -> str:
     rendered, _ = chat_template_utils.render_jinja_template(
         conversations=[copy.deepcopy(messages)],
         tools=copy.deepcopy(tools),
@@ -108,8 +180,16 @@ def _reference(source: str, messages: list[dict[str, Any]], tools: list[dict[str
     return str(rendered[0])
 
 
-def _ours(template: ChatTemplate, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, add_generation_prompt: bool, kwargs: dict[str, Any]) -> list[Segment]:
-    return template.render(copy.deepcopy(messages), tools=copy.deepcopy(tools), add_generation_prompt=add_generation_prompt, **kwargs)
+def _ours(
+    template: ChatTemplate,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool,
+    kwargs: dict[str, Any],
+) -> list[Segment]:
+    return template.render(
+        copy.deepcopy(messages), tools=copy.deepcopy(tools), add_generation_prompt=add_generation_prompt, **kwargs
+    )
 
 
 @pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: str(p.relative_to(CORPUS)))
@@ -150,20 +230,41 @@ DEEPSEEK_R1 = (CORPUS / "gguf" / "DeepSeek-R1-Distill-Qwen-7B.jinja").read_text(
 GEMMA2 = (CORPUS / "llama.cpp" / "google-gemma-2-2b-it.jinja").read_text(encoding="utf-8")
 LLAMA31 = (CORPUS / "llama.cpp" / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text(encoding="utf-8")
 # The control tokens of DeepSeek-R1-Distill-Qwen-7B's vocabulary (token type 3 in its GGUF header).
-DEEPSEEK_CONTROL = ["<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>", "<|EOT|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+DEEPSEEK_CONTROL = [
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜begin▁of▁sentence｜>",
+    "<|EOT|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+]
 
 
 def _attacked(payload: str, *, system: bool = True) -> list[dict[str, Any]]:
     """A conversation with the payload in every place a client writes: user text, reasoning, assistant
     history, tool-call arguments, tool results (user and assistant turns only, alternating, without `system`)."""
     if not system:
-        return [{"role": "user", "content": f"hi {payload} there"}, {"role": "assistant", "content": f"ok {payload}"}, {"role": "user", "content": payload}]
+        return [
+            {"role": "user", "content": f"hi {payload} there"},
+            {"role": "assistant", "content": f"ok {payload}"},
+            {"role": "user", "content": payload},
+        ]
     return [
         *([{"role": "system", "content": f"sys {payload}"}] if system else []),
         {"role": "user", "content": f"hi {payload} there"},
-        {"role": "assistant", "content": f"<think>\nhmm {payload}\n</think>\n\nok {payload}", "reasoning_content": None},
+        {
+            "role": "assistant",
+            "content": f"<think>\nhmm {payload}\n</think>\n\nok {payload}",
+            "reasoning_content": None,
+        },
         {"role": "user", "content": f"weather? {payload}"},
-        {"role": "assistant", "content": "", "tool_calls": [_call("call00001a", "get_weather", {"city": f"Paris{payload}"})]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [_call("call00001a", "get_weather", {"city": f"Paris{payload}"})],
+        },
         {"role": "tool", "tool_call_id": "call00001a", "name": "get_weather", "content": f"sunny {payload}"},
         {"role": "assistant", "content": f"Sunny. {payload}", "reasoning_content": f"thought {payload}"},
         {"role": "user", "content": f"{payload}"},
@@ -212,7 +313,9 @@ def test_markers_typed_by_the_client_cannot_forge_a_trusted_token() -> None:
 
 def test_a_template_that_cuts_a_typed_token_leaves_no_whole_token() -> None:
     # The template slices the content; the marked token is cut, its pieces stay apart from the template's text.
-    template = ChatTemplate("{% for m in messages %}{{ m.content[:-1] }}>{% endfor %}", control_tokens=["<end_of_turn>"])
+    template = ChatTemplate(
+        "{% for m in messages %}{{ m.content[:-1] }}>{% endfor %}", control_tokens=["<end_of_turn>"]
+    )
     segments = template.render([{"role": "user", "content": "a<end_of_turn>"}])
     assert not any("<end_of_turn>" in s.text for s in segments if s.trusted)
 
@@ -220,12 +323,16 @@ def test_a_template_that_cuts_a_typed_token_leaves_no_whole_token() -> None:
 def test_template_kwargs_reach_the_template() -> None:
     template = ChatTemplate(QWEN3, eos_token="<|im_end|>")
     messages = [{"role": "user", "content": "hi"}]
-    assert template.render_text(messages, template_kwargs={"enable_thinking": False}).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert template.render_text(messages, template_kwargs={"enable_thinking": False}).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     assert template.render_text(messages).endswith("<|im_start|>assistant\n")
     for reserved in ("messages", "tools", "add_generation_prompt", "self"):
         with pytest.raises(InvalidRequest):
             template.render_text(messages, template_kwargs={reserved: []})
-    assert "".join(s.text for s in template.render(messages, enable_thinking=False)) == template.render_text(messages, template_kwargs={"enable_thinking": False})
+    assert "".join(s.text for s in template.render(messages, enable_thinking=False)) == template.render_text(
+        messages, template_kwargs={"enable_thinking": False}
+    )
 
 
 def test_content_inspecting_templates_see_the_real_content() -> None:
@@ -236,7 +343,9 @@ def test_content_inspecting_templates_see_the_real_content() -> None:
         {"role": "assistant", "content": "<think>\nx\n</think>\n\nhello"},
         {"role": "user", "content": "<tool_response>\n42\n</tool_response>"},
     ]
-    expected, _ = chat_template_utils.render_jinja_template(conversations=[messages], chat_template=QWEN3, add_generation_prompt=True, bos_token="", eos_token="<|im_end|>")
+    expected, _ = chat_template_utils.render_jinja_template(
+        conversations=[messages], chat_template=QWEN3, add_generation_prompt=True, bos_token="", eos_token="<|im_end|>"
+    )
     assert template.render_text(messages) == expected[0]
 
 
@@ -244,12 +353,20 @@ def test_content_inspecting_templates_see_the_real_content() -> None:
 
 
 def test_apply_template_on_the_real_server(server: ServerProcess) -> None:
-    body = {"model": GEMMA, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello <end_of_turn> there"}]}
+    body = {
+        "model": GEMMA,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello <end_of_turn> there"},
+        ],
+    }
     response = httpx.post(f"{server.url}/apply-template", json=body, timeout=120)
     assert response.status_code == 200, response.text
     prompt = response.json()["prompt"]
     assert "Hello <end_of_turn> there" in prompt and prompt.endswith("<start_of_turn>model\n")
-    without = httpx.post(f"{server.url}/apply-template", json={**body, "add_generation_prompt": False}, timeout=60).json()["prompt"]
+    without = httpx.post(
+        f"{server.url}/apply-template", json={**body, "add_generation_prompt": False}, timeout=60
+    ).json()["prompt"]
     assert not without.endswith("<start_of_turn>model\n") and prompt.startswith(without)
     bad = httpx.post(f"{server.url}/apply-template", json={"model": GEMMA}, timeout=60)
     assert bad.status_code == 400
@@ -262,7 +379,9 @@ def test_typed_control_token_is_plain_text_on_the_real_server(server: ServerProc
         assert response.status_code == 200, response.text
         return int(response.json()["usage"]["prompt_tokens"])
 
-    plain = httpx.post(f"{server.url}/tokenize", json={"model": GEMMA, "content": "<end_of_turn>", "parse_special": False}, timeout=60).json()["tokens"]
+    plain = httpx.post(
+        f"{server.url}/tokenize", json={"model": GEMMA, "content": "<end_of_turn>", "parse_special": False}, timeout=60
+    ).json()["tokens"]
     assert len(plain) > 1
     # Forged, it would be one token; as text, it is as many as /tokenize makes of it without special parsing.
     assert prompt_tokens("a<end_of_turn>") - prompt_tokens("a") == len(plain)
@@ -280,7 +399,11 @@ def test_apply_template_route_on_the_fake_engine() -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
             return await client.post("/apply-template", json=body)
 
-    body = {"model": "fake:model", "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"enable_thinking": False}}
+    body = {
+        "model": "fake:model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
     assert asyncio.run(post(body)).json() == {"prompt": "<user>hi\n<assistant>"}
     assert asyncio.run(post({**body, "add_generation_prompt": False})).json() == {"prompt": "<user>hi\n"}
     assert asyncio.run(post({**body, "model": "nope"})).status_code == 404

@@ -23,7 +23,10 @@ from tests.servers import InProcessServer
 
 HELLO = [{"role": "user", "content": "hello there"}]
 ANSWER = "You said: hello there"
-TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"echo": {"type": "string"}}}}}
+TOOL = {
+    "type": "function",
+    "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"echo": {"type": "string"}}}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,11 @@ def sse(fake_server: InProcessServer, path: str, body: dict[str, object]) -> lis
 
 def test_chat_completion_shape(openai_client: OpenAI) -> None:
     completion = openai_client.chat.completions.create(model="fake:model", messages=HELLO)  # type: ignore[arg-type]
-    assert completion.id.startswith("chatcmpl") and completion.object == "chat.completion" and completion.model == "fake:model"
+    assert (
+        completion.id.startswith("chatcmpl")
+        and completion.object == "chat.completion"
+        and completion.model == "fake:model"
+    )
     (choice,) = completion.choices
     assert choice.index == 0 and choice.finish_reason == "stop"
     assert choice.message.role == "assistant" and choice.message.content == ANSWER
@@ -76,7 +83,11 @@ def test_chat_completion_shape(openai_client: OpenAI) -> None:
 
 
 def test_chat_stream_chunks_in_order(fake_server: InProcessServer) -> None:
-    frames = sse(fake_server, "/v1/chat/completions", {"model": "fake:model", "messages": HELLO, "stream_options": {"include_usage": True}})
+    frames = sse(
+        fake_server,
+        "/v1/chat/completions",
+        {"model": "fake:model", "messages": HELLO, "stream_options": {"include_usage": True}},
+    )
     assert frames[-1] == (None, "[DONE]")
     chunks = [json.loads(data) for _, data in frames[:-1]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -102,11 +113,15 @@ def test_n_choices_each_complete(openai_client: OpenAI) -> None:
 
 
 def test_forced_tool_call_plain_and_streamed(openai_client: OpenAI) -> None:
-    plain = openai_client.chat.completions.create(model="fake:model", messages=HELLO, tools=[TOOL], tool_choice="required")  # type: ignore[arg-type,list-item]
+    plain = openai_client.chat.completions.create(
+        model="fake:model", messages=HELLO, tools=[TOOL], tool_choice="required"
+    )  # type: ignore[arg-type,list-item]
     (call,) = plain.choices[0].message.tool_calls or []
     assert plain.choices[0].finish_reason == "tool_calls" and call.function.name == "lookup"
     assert json.loads(call.function.arguments) == {"echo": "hello there"}
-    with openai_client.chat.completions.stream(model="fake:model", messages=HELLO, tools=[TOOL], tool_choice="required") as stream:  # type: ignore[arg-type,list-item]
+    with openai_client.chat.completions.stream(
+        model="fake:model", messages=HELLO, tools=[TOOL], tool_choice="required"
+    ) as stream:  # type: ignore[arg-type,list-item]
         final = stream.get_final_completion()
     streamed = (final.choices[0].message.tool_calls or [])[0]
     assert streamed.id == call.id and streamed.function.arguments == call.function.arguments
@@ -123,7 +138,9 @@ def test_completion_and_echo(openai_client: OpenAI) -> None:
 def test_embeddings_float_and_base64(openai_client: OpenAI, fake_server: InProcessServer) -> None:
     floats = openai_client.embeddings.create(model="fake:model", input=["a", "b"])
     assert [d.index for d in floats.data] == [0, 1] and len(floats.data[0].embedding) == 8
-    raw = httpx.post(f"{fake_server.base_url}/embeddings", json={"model": "fake:model", "input": "a", "encoding_format": "base64"}).json()
+    raw = httpx.post(
+        f"{fake_server.base_url}/embeddings", json={"model": "fake:model", "input": "a", "encoding_format": "base64"}
+    ).json()
     decoded = struct.unpack("<8f", base64.b64decode(raw["data"][0]["embedding"]))
     assert decoded == pytest.approx(floats.data[0].embedding, rel=1e-6)
 
@@ -158,7 +175,9 @@ def test_anthropic_message_and_event_order(anthropic_client: anthropic.Anthropic
 
 def test_anthropic_forced_tool_use(anthropic_client: anthropic.Anthropic) -> None:
     tool = {"name": "lookup", "input_schema": {"type": "object", "properties": {"echo": {"type": "string"}}}}
-    message = anthropic_client.messages.create(model="fake:model", max_tokens=50, messages=HELLO, tools=[tool], tool_choice={"type": "any"})  # type: ignore[arg-type,list-item]
+    message = anthropic_client.messages.create(
+        model="fake:model", max_tokens=50, messages=HELLO, tools=[tool], tool_choice={"type": "any"}
+    )  # type: ignore[arg-type,list-item]
     (block,) = message.content
     assert block.type == "tool_use" and block.name == "lookup" and block.input == {"echo": "hello there"}
     assert message.stop_reason == "tool_use"
@@ -172,8 +191,18 @@ def test_responses_create_and_events(openai_client: OpenAI, fake_server: InProce
     assert response.status == "completed" and response.output_text == ANSWER
     frames = sse(fake_server, "/v1/responses", {"model": "fake:model", "input": "hello there"})
     kinds = [json.loads(data)["type"] for _, data in frames]
-    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     numbers = [json.loads(data)["sequence_number"] for _, data in frames]
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
 
@@ -182,18 +211,29 @@ def test_responses_create_and_events(openai_client: OpenAI, fake_server: InProce
 
 
 def test_unknown_model_in_each_envelope(fake_server: InProcessServer) -> None:
-    openai_style = httpx.post(f"{fake_server.base_url}/chat/completions", json={"model": "missing:model", "messages": HELLO})
+    openai_style = httpx.post(
+        f"{fake_server.base_url}/chat/completions", json={"model": "missing:model", "messages": HELLO}
+    )
     assert openai_style.status_code == 404 and openai_style.json()["error"]["code"] == "model_not_found"
-    anthropic_style = httpx.post(f"{fake_server.base_url}/messages", json={"model": "missing:model", "max_tokens": 5, "messages": HELLO})
+    anthropic_style = httpx.post(
+        f"{fake_server.base_url}/messages", json={"model": "missing:model", "max_tokens": 5, "messages": HELLO}
+    )
     assert anthropic_style.status_code == 404
-    assert anthropic_style.json() == {"type": "error", "error": {"type": "not_found_error", "message": anthropic_style.json()["error"]["message"]}}
+    assert anthropic_style.json() == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": anthropic_style.json()["error"]["message"]},
+    }
 
 
 def test_busy_is_503_with_retry_after_and_529_for_anthropic(fake_server: InProcessServer) -> None:
-    openai_style = httpx.post(f"{fake_server.base_url}/chat/completions", json={"model": "busy:model", "messages": HELLO})
+    openai_style = httpx.post(
+        f"{fake_server.base_url}/chat/completions", json={"model": "busy:model", "messages": HELLO}
+    )
     assert openai_style.status_code == 503 and openai_style.headers["retry-after"] == "2"
     assert openai_style.json()["error"]["code"] == "server_overloaded"
-    anthropic_style = httpx.post(f"{fake_server.base_url}/messages", json={"model": "busy:model", "max_tokens": 5, "messages": HELLO})
+    anthropic_style = httpx.post(
+        f"{fake_server.base_url}/messages", json={"model": "busy:model", "max_tokens": 5, "messages": HELLO}
+    )
     assert anthropic_style.status_code == 529 and anthropic_style.json()["error"]["type"] == "overloaded_error"
 
 
@@ -240,7 +280,10 @@ def test_thinking_blocks_in_messages(anthropic_client: anthropic.Anthropic, fake
     assert [block.type for block in final.content] == ["thinking", "text"]
     assert final.content[0].thinking == THOUGHT  # type: ignore[union-attr]
     frames = sse(fake_server, "/v1/messages", {"model": "fake:model", "max_tokens": 50, "messages": THINK})
-    kinds = [(name, json.loads(data).get("delta", {}).get("type") or json.loads(data).get("content_block", {}).get("type")) for name, data in frames]
+    kinds = [
+        (name, json.loads(data).get("delta", {}).get("type") or json.loads(data).get("content_block", {}).get("type"))
+        for name, data in frames
+    ]
     assert kinds[:3] == [("message_start", None), ("content_block_start", "thinking"), ("ping", None)]
     assert ("content_block_start", "text") in kinds
     starts = [i for i, (name, _) in enumerate(kinds) if name == "content_block_start"]
@@ -257,28 +300,64 @@ def test_reasoning_item_in_responses(openai_client: OpenAI, fake_server: InProce
     assert [item.type for item in final.output] == ["reasoning", "message"]
     frames = sse(fake_server, "/v1/responses", {"model": "fake:model", "input": "think hard"})
     kinds = [json.loads(data)["type"] for _, data in frames]
-    deltas = "".join(json.loads(data)["delta"] for _, data in frames if json.loads(data)["type"] == "response.reasoning_summary_text.delta")
+    deltas = "".join(
+        json.loads(data)["delta"]
+        for _, data in frames
+        if json.loads(data)["type"] == "response.reasoning_summary_text.delta"
+    )
     assert deltas == THOUGHT
     assert kinds.index("response.reasoning_summary_text.done") < kinds.index("response.output_text.delta")
 
 
-def test_reasoning_in_history_reaches_the_template(openai_client: OpenAI, anthropic_client: anthropic.Anthropic, fake: FakeEngine) -> None:
+def test_reasoning_in_history_reaches_the_template(
+    openai_client: OpenAI, anthropic_client: anthropic.Anthropic, fake: FakeEngine
+) -> None:
     """Reasoning a client hands back is the assistant message's reasoning_content, which reasoning templates read."""
-    history = [*THINK, {"role": "assistant", "content": "You said: think hard", "reasoning_content": THOUGHT}, {"role": "user", "content": "and now?"}]
+    history = [
+        *THINK,
+        {"role": "assistant", "content": "You said: think hard", "reasoning_content": THOUGHT},
+        {"role": "user", "content": "and now?"},
+    ]
     openai_client.chat.completions.create(model="fake:model", messages=history)  # type: ignore[arg-type]
-    assert fake.requests[-1].messages[1] == {"role": "assistant", "content": "You said: think hard", "reasoning_content": THOUGHT}
-    blocks = [{"type": "thinking", "thinking": THOUGHT, "signature": ""}, {"type": "text", "text": "You said: think hard"}]
-    anthropic_client.messages.create(model="fake:model", max_tokens=20, messages=[*THINK, {"role": "assistant", "content": blocks}, {"role": "user", "content": "and now?"}])  # type: ignore[list-item]
-    assert fake.requests[-1].messages[1] == {"role": "assistant", "content": "You said: think hard", "reasoning_content": THOUGHT}
+    assert fake.requests[-1].messages[1] == {
+        "role": "assistant",
+        "content": "You said: think hard",
+        "reasoning_content": THOUGHT,
+    }
+    blocks = [
+        {"type": "thinking", "thinking": THOUGHT, "signature": ""},
+        {"type": "text", "text": "You said: think hard"},
+    ]
+    anthropic_client.messages.create(
+        model="fake:model",
+        max_tokens=20,
+        messages=[*THINK, {"role": "assistant", "content": blocks}, {"role": "user", "content": "and now?"}],
+    )  # type: ignore[list-item]
+    assert fake.requests[-1].messages[1] == {
+        "role": "assistant",
+        "content": "You said: think hard",
+        "reasoning_content": THOUGHT,
+    }
 
 
-def test_reasoning_controls_reach_the_request(openai_client: OpenAI, anthropic_client: anthropic.Anthropic, fake: FakeEngine) -> None:
-    openai_client.chat.completions.create(model="fake:model", messages=HELLO, reasoning_effort="none", extra_body={"chat_template_kwargs": {"custom": 1}})  # type: ignore[arg-type]
+def test_reasoning_controls_reach_the_request(
+    openai_client: OpenAI, anthropic_client: anthropic.Anthropic, fake: FakeEngine
+) -> None:
+    openai_client.chat.completions.create(
+        model="fake:model", messages=HELLO, reasoning_effort="none", extra_body={"chat_template_kwargs": {"custom": 1}}
+    )  # type: ignore[arg-type]
     sent = fake.requests[-1]
     assert sent.all_template_kwargs() == {"enable_thinking": False, "thinking": False, "custom": 1}  # type: ignore[union-attr]
-    openai_client.chat.completions.create(model="fake:model", messages=HELLO, reasoning_effort="high", extra_body={"chat_template_kwargs": {"enable_thinking": True}})  # type: ignore[arg-type]
+    openai_client.chat.completions.create(
+        model="fake:model",
+        messages=HELLO,
+        reasoning_effort="high",
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+    )  # type: ignore[arg-type]
     assert fake.requests[-1].all_template_kwargs() == {"reasoning_effort": "high", "enable_thinking": True}  # type: ignore[union-attr]
-    anthropic_client.messages.create(model="fake:model", max_tokens=20, messages=HELLO, thinking={"type": "enabled", "budget_tokens": 1024})  # type: ignore[arg-type]
+    anthropic_client.messages.create(
+        model="fake:model", max_tokens=20, messages=HELLO, thinking={"type": "enabled", "budget_tokens": 1024}
+    )  # type: ignore[arg-type]
     control = fake.requests[-1].reasoning  # type: ignore[union-attr]
     assert control.enabled is True and control.budget_tokens == 1024
     anthropic_client.messages.create(model="fake:model", max_tokens=20, messages=HELLO, thinking={"type": "disabled"})  # type: ignore[arg-type]
@@ -287,13 +366,21 @@ def test_reasoning_controls_reach_the_request(openai_client: OpenAI, anthropic_c
     assert fake.requests[-1].reasoning.effort == "low"  # type: ignore[union-attr]
 
 
-def test_parallel_tool_calls_flag_reaches_the_request(openai_client: OpenAI, anthropic_client: anthropic.Anthropic, fake: FakeEngine) -> None:
+def test_parallel_tool_calls_flag_reaches_the_request(
+    openai_client: OpenAI, anthropic_client: anthropic.Anthropic, fake: FakeEngine
+) -> None:
     openai_client.chat.completions.create(model="fake:model", messages=HELLO, tools=[TOOL], parallel_tool_calls=False)  # type: ignore[arg-type,list-item]
     assert fake.requests[-1].parallel_tool_calls is False  # type: ignore[union-attr]
     openai_client.chat.completions.create(model="fake:model", messages=HELLO, tools=[TOOL])  # type: ignore[arg-type,list-item]
     assert fake.requests[-1].parallel_tool_calls is True  # type: ignore[union-attr]
     tool = {"name": "lookup", "input_schema": {"type": "object"}}
-    anthropic_client.messages.create(model="fake:model", max_tokens=20, messages=HELLO, tools=[tool], tool_choice={"type": "auto", "disable_parallel_tool_use": True})  # type: ignore[arg-type,list-item]
+    anthropic_client.messages.create(
+        model="fake:model",
+        max_tokens=20,
+        messages=HELLO,
+        tools=[tool],
+        tool_choice={"type": "auto", "disable_parallel_tool_use": True},
+    )  # type: ignore[arg-type,list-item]
     assert fake.requests[-1].parallel_tool_calls is False  # type: ignore[union-attr]
 
 
@@ -305,7 +392,9 @@ CALL_ARGS = {"echo": "call me"}
 
 def test_streamed_tool_call_arguments_in_chat_completions(openai_client: OpenAI, fake_server: InProcessServer) -> None:
     frames = sse(fake_server, "/v1/chat/completions", {"model": "fake:model", "messages": CALL, "tools": [TOOL]})
-    pieces = [c["choices"][0]["delta"].get("tool_calls") for c in (json.loads(d) for _, d in frames[:-1]) if c["choices"]]
+    pieces = [
+        c["choices"][0]["delta"].get("tool_calls") for c in (json.loads(d) for _, d in frames[:-1]) if c["choices"]
+    ]
     pieces = [p[0] for p in pieces if p]
     assert pieces[0]["function"] == {"name": "lookup", "arguments": ""} and pieces[0]["index"] == 0
     assert len(pieces) > 2 and json.loads("".join(p["function"]["arguments"] for p in pieces)) == CALL_ARGS
@@ -316,7 +405,9 @@ def test_streamed_tool_call_arguments_in_chat_completions(openai_client: OpenAI,
     assert final.choices[0].finish_reason == "tool_calls"
 
 
-def test_streamed_tool_use_input_in_messages(anthropic_client: anthropic.Anthropic, fake_server: InProcessServer) -> None:
+def test_streamed_tool_use_input_in_messages(
+    anthropic_client: anthropic.Anthropic, fake_server: InProcessServer
+) -> None:
     tool = {"name": "lookup", "input_schema": {"type": "object", "properties": {"echo": {"type": "string"}}}}
     body = {"model": "fake:model", "max_tokens": 50, "messages": CALL, "tools": [tool]}
     frames = sse(fake_server, "/v1/messages", body)
@@ -329,7 +420,11 @@ def test_streamed_tool_use_input_in_messages(anthropic_client: anthropic.Anthrop
 
 
 def test_streamed_function_call_in_responses(openai_client: OpenAI, fake_server: InProcessServer) -> None:
-    tool = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {"echo": {"type": "string"}}}}
+    tool = {
+        "type": "function",
+        "name": "lookup",
+        "parameters": {"type": "object", "properties": {"echo": {"type": "string"}}},
+    }
     frames = sse(fake_server, "/v1/responses", {"model": "fake:model", "input": "call me", "tools": [tool]})
     events = [json.loads(d) for _, d in frames]
     deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]

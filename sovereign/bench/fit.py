@@ -20,8 +20,21 @@ from sovereign.store.remote_header import read_remote
 
 # Average bits per weight of llama.cpp's quantizations (llama-quantize's own table), for sizes not yet known.
 BITS_PER_WEIGHT = {
-    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54, "Q5_0": 5.5,
-    "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_0": 4.55, "IQ4_XS": 4.25, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 3.35,
+    "F32": 32.0,
+    "F16": 16.0,
+    "BF16": 16.0,
+    "Q8_0": 8.5,
+    "Q6_K": 6.56,
+    "Q5_K_M": 5.69,
+    "Q5_K_S": 5.54,
+    "Q5_0": 5.5,
+    "Q4_K_M": 4.89,
+    "Q4_K_S": 4.58,
+    "Q4_0": 4.55,
+    "IQ4_XS": 4.25,
+    "Q3_K_M": 3.91,
+    "Q3_K_S": 3.5,
+    "Q2_K": 3.35,
 }
 RUNTIME_OVERHEAD_BYTES = 512 * 2**20  # compute buffers, the Python runtime and the server around the model
 DEFAULT_EFFICIENCY = 0.7  # share of the bandwidth ceiling llama.cpp's CPU decoding typically reaches
@@ -90,7 +103,12 @@ def recommend(verdicts: list[Verdict]) -> Verdict | None:
 
 
 def candidates(
-    catalog: Catalog, store: Store, context: int | None = None, *, settings: Settings | None = None, remote: bool = False,
+    catalog: Catalog,
+    store: Store,
+    context: int | None = None,
+    *,
+    settings: Settings | None = None,
+    remote: bool = False,
 ) -> tuple[list[Candidate], list[str]]:
     """Every catalog entry with known figures, and the names without.
 
@@ -122,7 +140,16 @@ def _from_source(spec: ModelSpec, settings: Settings, context: int | None) -> Ca
         if model is not None:
             params = model.parameters or (spec.shape.params if spec.shape else None)
             quantization = model.quantization or (spec.shape.quantization if spec.shape else None)
-            return Candidate(str(spec.name), quantization, params, model.size, True, model.kv_bytes_per_token, _context(spec, context), "remote header")
+            return Candidate(
+                str(spec.name),
+                quantization,
+                params,
+                model.size,
+                True,
+                model.kv_bytes_per_token,
+                _context(spec, context),
+                "remote header",
+            )
     return None
 
 
@@ -141,7 +168,9 @@ def _from_file(spec: ModelSpec, store: Store, context: int | None) -> Candidate 
     except (SovereignError, OSError):
         return None  # a damaged file: the catalog's figures still say what the model needs
     size = sum(Path(p).stat().st_size for p in paths)
-    return Candidate(str(spec.name), info.quantization, info.parameters, size, True, kv, _context(spec, context), "file")
+    return Candidate(
+        str(spec.name), info.quantization, info.parameters, size, True, kv, _context(spec, context), "file"
+    )
 
 
 def _from_catalog(spec: ModelSpec, context: int | None) -> Candidate | None:
@@ -154,4 +183,13 @@ def _from_catalog(spec: ModelSpec, context: int | None) -> Candidate | None:
         size, exact = int(shape.params * BITS_PER_WEIGHT[shape.quantization.upper()] / 8), False
     else:
         return None
-    return Candidate(str(spec.name), shape.quantization, shape.params, size, exact, shape.kv_bytes_per_token, _context(spec, context), "catalog")
+    return Candidate(
+        str(spec.name),
+        shape.quantization,
+        shape.params,
+        size,
+        exact,
+        shape.kv_bytes_per_token,
+        _context(spec, context),
+        "catalog",
+    )

@@ -25,11 +25,32 @@ from sovereign.engine.runtime import resources
 
 # /proc/cpuinfo flag -> the name llama.cpp's build options and system info use.
 _X86_FEATURES = {
-    "pni": "SSE3", "ssse3": "SSSE3", "avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2",
-    "avx512f": "AVX512", "avx512bw": "AVX512_BW", "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI",
-    "avx512_bf16": "AVX512_BF16", "avx_vnni": "AVX_VNNI", "amx_tile": "AMX_TILE", "amx_int8": "AMX_INT8", "amx_bf16": "AMX_BF16",
+    "pni": "SSE3",
+    "ssse3": "SSSE3",
+    "avx": "AVX",
+    "avx2": "AVX2",
+    "fma": "FMA",
+    "f16c": "F16C",
+    "bmi2": "BMI2",
+    "avx512f": "AVX512",
+    "avx512bw": "AVX512_BW",
+    "avx512vbmi": "AVX512_VBMI",
+    "avx512_vnni": "AVX512_VNNI",
+    "avx512_bf16": "AVX512_BF16",
+    "avx_vnni": "AVX_VNNI",
+    "amx_tile": "AMX_TILE",
+    "amx_int8": "AMX_INT8",
+    "amx_bf16": "AMX_BF16",
 }
-_ARM_FEATURES = {"asimd": "NEON", "asimdhp": "ARM_FP16", "asimddp": "DOTPROD", "i8mm": "MATMUL_INT8", "sve": "SVE", "sve2": "SVE2", "sme": "SME"}
+_ARM_FEATURES = {
+    "asimd": "NEON",
+    "asimdhp": "ARM_FP16",
+    "asimddp": "DOTPROD",
+    "i8mm": "MATMUL_INT8",
+    "sve": "SVE",
+    "sve2": "SVE2",
+    "sme": "SME",
+}
 # Big enough to defeat any CPU cache many times over; small enough to be quick and leave memory free.
 BANDWIDTH_BUFFER_BYTES = 1 << 30
 BANDWIDTH_PASSES = 5
@@ -66,7 +87,13 @@ class Hardware:
     @property
     def fingerprint(self) -> str:
         """Twelve hex digits naming this machine's hardware (not its load or free memory)."""
-        parts = [self.system, self.cpu, str(self.physical_cores), str(self.logical_cores), str(round(self.memory_total / 2**30))]
+        parts = [
+            self.system,
+            self.cpu,
+            str(self.physical_cores),
+            str(self.logical_cores),
+            str(round(self.memory_total / 2**30)),
+        ]
         parts += [f"{gpu.description}:{round(gpu.memory_total / 2**30)}" for gpu in self.gpus]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
@@ -137,9 +164,15 @@ def cpu_features() -> tuple[str, ...]:
     if platform.system() == "Darwin":
         if platform.machine() == "arm64":
             flags.update({"asimd", "asimdhp"})  # every Apple silicon core has NEON and FP16
-            flags.update(flag for flag, key in (("asimddp", "FEAT_DotProd"), ("i8mm", "FEAT_I8MM")) if _sysctl(f"hw.optional.arm.{key}") == "1")
+            flags.update(
+                flag
+                for flag, key in (("asimddp", "FEAT_DotProd"), ("i8mm", "FEAT_I8MM"))
+                if _sysctl(f"hw.optional.arm.{key}") == "1"
+            )
         else:
-            flags.update(_sysctl("machdep.cpu.features").lower().split() + _sysctl("machdep.cpu.leaf7_features").lower().split())
+            flags.update(
+                _sysctl("machdep.cpu.features").lower().split() + _sysctl("machdep.cpu.leaf7_features").lower().split()
+            )
             if "sse3" in flags:
                 flags.add("pni")  # Linux's name for SSE3, which the table uses
     names = {**_X86_FEATURES, **_ARM_FEATURES}
@@ -172,7 +205,9 @@ def total_memory() -> int:
         return int(_sysctl("hw.memsize") or 0)
 
 
-def measure_bandwidth(size: int = BANDWIDTH_BUFFER_BYTES, threads: int | None = None, passes: int = BANDWIDTH_PASSES) -> float:
+def measure_bandwidth(
+    size: int = BANDWIDTH_BUFFER_BYTES, threads: int | None = None, passes: int = BANDWIDTH_PASSES
+) -> float:
     """Bytes/s of memory reads: every core sums its share of a buffer far larger than the caches; best pass wins.
 
     Reads, because that is what decoding does to the weights; one thread per physical core, because

@@ -39,7 +39,9 @@ class Sweep:
         specs = []
         for n_batch in self.n_batch:
             for threads in self.threads:
-                specs += [TestSpec(p, 0, threads, n_batch, min(DEFAULT_N_UBATCH, n_batch)) for p in self.n_prompt if p > 0]
+                specs += [
+                    TestSpec(p, 0, threads, n_batch, min(DEFAULT_N_UBATCH, n_batch)) for p in self.n_prompt if p > 0
+                ]
                 specs += [TestSpec(0, n, threads, n_batch, min(DEFAULT_N_UBATCH, n_batch)) for n in self.n_gen if n > 0]
         return specs
 
@@ -106,13 +108,29 @@ def run_sweep(
                 rates = model.run(spec, sweep.repetitions)
                 mean, stddev = mean_and_stddev(rates)
                 # The ceiling is the CPU's: weights on a GPU are read at the GPU's bandwidth, which is not measured.
-                ceiling = bandwidth / model.size if bandwidth and spec.n_gen and not spec.n_prompt and not on_gpu else None
+                ceiling = (
+                    bandwidth / model.size if bandwidth and spec.n_gen and not spec.n_prompt and not on_gpu else None
+                )
                 result = ModelBenchResult(
-                    model=label, description=model.description, test=spec.name, n_prompt=spec.n_prompt, n_gen=spec.n_gen,
-                    threads=spec.threads, n_batch=spec.n_batch, n_ubatch=spec.n_ubatch, n_gpu_layers=n_gpu_layers,
-                    tokens_per_second=mean, stddev=stddev, samples=rates, model_bytes=model.size, model_params=model.parameters,
-                    load_seconds=model.load_seconds, peak_memory=peak_memory(), bandwidth_ceiling=ceiling,
-                    backend="GPU" if on_gpu else "CPU", use_extra_bufts=use_extra_bufts,
+                    model=label,
+                    description=model.description,
+                    test=spec.name,
+                    n_prompt=spec.n_prompt,
+                    n_gen=spec.n_gen,
+                    threads=spec.threads,
+                    n_batch=spec.n_batch,
+                    n_ubatch=spec.n_ubatch,
+                    n_gpu_layers=n_gpu_layers,
+                    tokens_per_second=mean,
+                    stddev=stddev,
+                    samples=rates,
+                    model_bytes=model.size,
+                    model_params=model.parameters,
+                    load_seconds=model.load_seconds,
+                    peak_memory=peak_memory(),
+                    bandwidth_ceiling=ceiling,
+                    backend="GPU" if on_gpu else "CPU",
+                    use_extra_bufts=use_extra_bufts,
                 )
                 yield result
         finally:

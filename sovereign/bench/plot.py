@@ -38,12 +38,23 @@ def plot_model(results: list[ModelBenchResult], path: Path) -> None:
     swept_batch = len({r.n_batch for r in results}) > 1
     swept_ngl = len({r.n_gpu_layers for r in results}) > 1
     for result in results:
-        label = result.test + (f" -b {result.n_batch}" if swept_batch else "") + (f" -ngl {result.n_gpu_layers}" if swept_ngl else "")
+        label = (
+            result.test
+            + (f" -b {result.n_batch}" if swept_batch else "")
+            + (f" -ngl {result.n_gpu_layers}" if swept_ngl else "")
+        )
         series[label].append(result)
     figure, axis = pyplot.subplots(figsize=(7, 4.5))
     for label, points in series.items():
         points.sort(key=lambda r: r.threads)
-        axis.errorbar([r.threads for r in points], [r.tokens_per_second for r in points], yerr=[r.stddev for r in points], marker="o", capsize=3, label=label)
+        axis.errorbar(
+            [r.threads for r in points],
+            [r.tokens_per_second for r in points],
+            yerr=[r.stddev for r in points],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     ceilings = {r.bandwidth_ceiling for r in results if r.bandwidth_ceiling}
     if ceilings:
         axis.axhline(max(ceilings), linestyle="--", color="grey", label="bandwidth ceiling (tg)")
@@ -66,7 +77,14 @@ def plot_serving(reports: list[LevelReport], title: str, path: Path) -> None:
     axis.set_ylabel("output tokens/s")
     axis.set_xticks(levels)
     latency = axis.twinx()
-    latency.plot(levels, [(r.latency["ttft"]["p50"] or 0) * 1000 for r in reports], marker="s", color="tab:red", linestyle="--", label="TTFT p50 (ms)")
+    latency.plot(
+        levels,
+        [(r.latency["ttft"]["p50"] or 0) * 1000 for r in reports],
+        marker="s",
+        color="tab:red",
+        linestyle="--",
+        label="TTFT p50 (ms)",
+    )
     latency.set_ylabel("time to first token, p50 (ms)")
     axis.set_title(title)
     axis.grid(alpha=0.3)
@@ -80,6 +98,8 @@ def _save(pyplot: Any, figure: Any, path: Path) -> None:
         figure.tight_layout()
         figure.savefig(path, dpi=120)
     except (OSError, ValueError) as exc:
-        raise BenchError(f"cannot write the plot to {path}: {exc}", "give a writable path ending in .png, .svg or .pdf") from None
+        raise BenchError(
+            f"cannot write the plot to {path}: {exc}", "give a writable path ending in .png, .svg or .pdf"
+        ) from None
     finally:
         pyplot.close(figure)

@@ -74,7 +74,9 @@ class LevelReport:
     output_tokens: int
     request_throughput: float  # completed requests per second
     output_throughput: float  # output tokens per second
-    latency: dict[str, dict[str, float | None]]  # {"ttft"|"tpot"|"itl"|"e2el": {"mean", "p50", "p90", "p99"}} in seconds
+    latency: dict[
+        str, dict[str, float | None]
+    ]  # {"ttft"|"tpot"|"itl"|"e2el": {"mean", "p50", "p90", "p99"}} in seconds
     errors: list[str]
 
     def to_json(self) -> dict[str, Any]:
@@ -169,7 +171,12 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
 
 
 async def run_level(
-    url: str, bodies: list[dict[str, Any]], concurrency: int, *, headers: dict[str, str] | None = None, on_done: Callable[[Sample], None] | None = None,
+    url: str,
+    bodies: list[dict[str, Any]],
+    concurrency: int,
+    *,
+    headers: dict[str, str] | None = None,
+    on_done: Callable[[Sample], None] | None = None,
 ) -> tuple[list[Sample], float]:
     """Send every body with at most `concurrency` in flight; the samples and the level's wall time."""
     gate = asyncio.Semaphore(concurrency)
@@ -195,7 +202,9 @@ def load_prompts(path: Path | None) -> list[str]:
     try:
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise BenchError(f"cannot read prompts from {path}: {exc}", "give a UTF-8 text file with one prompt per line") from None
+        raise BenchError(
+            f"cannot read prompts from {path}: {exc}", "give a UTF-8 text file with one prompt per line"
+        ) from None
     if not prompts:
         raise BenchError(f"{path} holds no prompts", "give a UTF-8 text file with one prompt per line")
     return prompts
@@ -211,7 +220,9 @@ def sized_prompt(prompt: str, words: int | None) -> str:
     return " ".join(pieces[:words])
 
 
-def request_bodies(model: str, prompts: list[str], count: int, output_tokens: int, prompt_words: int | None, tag: str) -> list[dict[str, Any]]:
+def request_bodies(
+    model: str, prompts: list[str], count: int, output_tokens: int, prompt_words: int | None, tag: str
+) -> list[dict[str, Any]]:
     """`count` streamed completion bodies, each with its own prompt (numbered, so no two share a cache entry)."""
     return [
         {
@@ -232,11 +243,17 @@ def pick_model(url: str, headers: dict[str, str] | None) -> str:
     try:
         response = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
     except httpx.HTTPError as exc:
-        raise BenchError(f"no answer from {url}: {exc}", "start the server first (sovereign serve MODEL), or check --url") from None
+        raise BenchError(
+            f"no answer from {url}: {exc}", "start the server first (sovereign serve MODEL), or check --url"
+        ) from None
     if response.status_code in (401, 403):
-        raise BenchError(f"{url} refused the API key (HTTP {response.status_code})", "pass --api-key, or set OPENAI_API_KEY")
+        raise BenchError(
+            f"{url} refused the API key (HTTP {response.status_code})", "pass --api-key, or set OPENAI_API_KEY"
+        )
     try:
         models = response.json()["data"]
         return str(models[0]["id"])
     except (ValueError, KeyError, IndexError, TypeError):
-        raise BenchError(f"{url}/v1/models listed no model (HTTP {response.status_code})", "name one with --model") from None
+        raise BenchError(
+            f"{url}/v1/models listed no model (HTTP {response.status_code})", "name one with --model"
+        ) from None

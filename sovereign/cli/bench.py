@@ -71,12 +71,17 @@ class BenchOptions:
     plot: Path | None
 
 
-def bench(options: BenchOptions, settings: Settings, store: Store, catalog: Catalog, out: Console, err: Console) -> None:
+def bench(
+    options: BenchOptions, settings: Settings, store: Store, catalog: Catalog, out: Console, err: Console
+) -> None:
     """Run the mode the options ask for: history, a server load test, a model sweep, or the hardware report."""
     if options.as_json and options.as_csv:
         raise BenchError("--json and --csv cannot be used together", "pick one output format")
     if options.model and options.url:
-        raise BenchError("give either a MODEL to benchmark or --url of a server, not both", "sovereign bench MODEL, or sovereign bench --url URL")
+        raise BenchError(
+            "give either a MODEL to benchmark or --url of a server, not both",
+            "sovereign bench MODEL, or sovereign bench --url URL",
+        )
     # Every list is checked up front, whichever mode runs, so a typo never passes silently.
     sweep_lists = {
         "threads": int_list(options.threads, "-t", minimum=1) if options.threads else (physical_cores(),),
@@ -104,12 +109,18 @@ def bench(options: BenchOptions, settings: Settings, store: Store, catalog: Cata
         # The same kernels the server would use: proven in a child process first (once per build and CPU).
         # No spinner: the verdict's warning is a log line, which a live spinner would garble.
         if kernel_status(settings.home, settings.extra_buffers) == "not yet probed":
-            err.print("[dim]checking llama.cpp's CPU kernels on this machine (once per llama.cpp build)[/]", highlight=False)
+            err.print(
+                "[dim]checking llama.cpp's CPU kernels on this machine (once per llama.cpp build)[/]", highlight=False
+            )
         kernels = kernel_choice(settings.home, path, settings.extra_buffers)
         with err.status("measuring memory bandwidth"):
             hardware = detect(home=settings.home, extra_buffers=settings.extra_buffers)
         default_ngl = "99" if hardware.gpu_offload else "0"
-        sweep = Sweep(**sweep_lists, n_gpu_layers=int_list(options.gpu_layers or default_ngl, "-ngl"), repetitions=options.repetitions)
+        sweep = Sweep(
+            **sweep_lists,
+            n_gpu_layers=int_list(options.gpu_layers or default_ngl, "-ngl"),
+            repetitions=options.repetitions,
+        )
         if not sweep.specs():
             raise BenchError("nothing to run: -p and -n are both 0", "give -p 512 and/or -n 128")
         results = run_model_bench(path, label, sweep, hardware, err, kernels.use_extra_bufts)
@@ -120,7 +131,13 @@ def bench(options: BenchOptions, settings: Settings, store: Store, catalog: Cata
             plot_model(results, options.plot)
         if options.save:
             history.save(settings.home, "model", hardware, rows, target=label)
-        _emit(out, options, rows, [{k: v for k, v in row.items() if k != "samples"} for row in rows], lambda: model_table(results))
+        _emit(
+            out,
+            options,
+            rows,
+            [{k: v for k, v in row.items() if k != "samples"} for row in rows],
+            lambda: model_table(results),
+        )
         if not (options.as_json or options.as_csv):
             for result in results:
                 if sentence := bandwidth_sentence(result, hardware):
@@ -150,7 +167,15 @@ def _bench_server(options: BenchOptions, levels: tuple[int, ...], home: Path, ou
     assert options.url is not None
     hardware = detect(measure=False)
     served, reports = run_serve_bench(
-        options.url, options.served_model, levels, options.requests, options.output_tokens, options.prompt_words, options.prompts, options.api_key, err,
+        options.url,
+        options.served_model,
+        levels,
+        options.requests,
+        options.output_tokens,
+        options.prompt_words,
+        options.prompts,
+        options.api_key,
+        err,
     )
     rows = [r.to_json() for r in reports]
     if options.plot:
@@ -164,8 +189,18 @@ def _bench_server(options: BenchOptions, levels: tuple[int, ...], home: Path, ou
 
 
 def fit(
-    settings: Settings, store: Store, catalog: Catalog, out: Console, err: Console, *,
-    ctx: int | None, memory: str | None, gpu_memory: str | None, bandwidth: float | None, remote: bool, as_json: bool,
+    settings: Settings,
+    store: Store,
+    catalog: Catalog,
+    out: Console,
+    err: Console,
+    *,
+    ctx: int | None,
+    memory: str | None,
+    gpu_memory: str | None,
+    bandwidth: float | None,
+    remote: bool,
+    as_json: bool,
 ) -> None:
     """Place every catalog model on this machine (or the one described) and recommend one."""
     hardware = detect(measure=False)
@@ -187,21 +222,39 @@ def fit(
     verdicts = [fitting.assess(c, budget) for c in found]
     best = fitting.recommend(verdicts)
     if as_json:
-        out.print_json(data={
-            "budget": {"memory_bytes": budget.memory, "gpu_memory_bytes": budget.gpu_memory, "bandwidth_bytes_per_s": budget.bandwidth, "efficiency": budget.efficiency},
-            "models": [verdict_json(v) for v in verdicts], "unknown": unknown, "recommended": best.candidate.name if best else None,
-        })
+        out.print_json(
+            data={
+                "budget": {
+                    "memory_bytes": budget.memory,
+                    "gpu_memory_bytes": budget.gpu_memory,
+                    "bandwidth_bytes_per_s": budget.bandwidth,
+                    "efficiency": budget.efficiency,
+                },
+                "models": [verdict_json(v) for v in verdicts],
+                "unknown": unknown,
+                "recommended": best.candidate.name if best else None,
+            }
+        )
         return
     out.print(fit_table(verdicts, budget, best))
     source = "measured on this machine" if efficiency else "typical; run `sovereign bench MODEL` to measure it"
-    out.print(f"[dim]expected tok/s = bandwidth / weights x {budget.efficiency:.0%} ({source}); ≈ marks sizes estimated from parameters[/]", highlight=False)
+    out.print(
+        f"[dim]expected tok/s = bandwidth / weights x {budget.efficiency:.0%} ({source}); ≈ marks sizes estimated from parameters[/]",
+        highlight=False,
+    )
     if unknown:
         out.print(f"[dim]no size or shape known for: {', '.join(unknown)}[/]", highlight=False)
     if best:
         speed_text = "on the GPU" if best.where == "GPU" else f"at about {best.expected_tok_s:.0f} tok/s"
-        out.print(f"[bold green]recommended:[/] {best.candidate.name}, the largest model this machine runs interactively ({speed_text}): sovereign pull {best.candidate.name}", highlight=False)
+        out.print(
+            f"[bold green]recommended:[/] {best.candidate.name}, the largest model this machine runs interactively ({speed_text}): sovereign pull {best.candidate.name}",
+            highlight=False,
+        )
     else:
-        out.print(f"[yellow]no catalog model reaches {fitting.INTERACTIVE_TOK_S:.0f} tok/s here[/]: the smallest that fits will be slow", highlight=False)
+        out.print(
+            f"[yellow]no catalog model reaches {fitting.INTERACTIVE_TOK_S:.0f} tok/s here[/]: the smallest that fits will be slow",
+            highlight=False,
+        )
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
@@ -212,9 +265,14 @@ def int_list(text: str, option: str, minimum: int = 0) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise BenchError(f"{option} takes whole numbers separated by commas, not '{text}'", f"for example {option} 1,2,4") from None
+        raise BenchError(
+            f"{option} takes whole numbers separated by commas, not '{text}'", f"for example {option} 1,2,4"
+        ) from None
     if not values or any(v < minimum for v in values):
-        raise BenchError(f"{option} needs numbers of at least {minimum}, got '{text}'", f"for example {option} {max(minimum, 1)},{max(minimum, 1) * 2}")
+        raise BenchError(
+            f"{option} needs numbers of at least {minimum}, got '{text}'",
+            f"for example {option} {max(minimum, 1)},{max(minimum, 1) * 2}",
+        )
     return values
 
 
@@ -228,7 +286,14 @@ def parse_bytes(text: str, option: str) -> int:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 # --- hardware -------------------------------------------------------------------------------
@@ -248,12 +313,18 @@ def hardware_table(hardware: Hardware) -> Table:
     table.add_row("memory", f"{human_bytes(hardware.memory_total)} total, {available} available")
     if hardware.gpus:
         for gpu in hardware.gpus:
-            table.add_row("GPU", f"{gpu.description or gpu.name}: {human_bytes(gpu.memory_total)} ({human_bytes(gpu.memory_free)} free)")
+            table.add_row(
+                "GPU",
+                f"{gpu.description or gpu.name}: {human_bytes(gpu.memory_total)} ({human_bytes(gpu.memory_free)} free)",
+            )
     else:
         table.add_row("GPU", "none that this llama.cpp build can use")
     table.add_row("GPU offload", "yes" if hardware.gpu_offload else "no (a CPU-only llama.cpp build)")
     if hardware.bandwidth:
-        table.add_row("memory bandwidth", f"{hardware.bandwidth / 1e9:.1f} GB/s measured (reads, {hardware.physical_cores} threads)")
+        table.add_row(
+            "memory bandwidth",
+            f"{hardware.bandwidth / 1e9:.1f} GB/s measured (reads, {hardware.physical_cores} threads)",
+        )
     return table
 
 
@@ -272,12 +343,19 @@ def model_path(reference: str, store: Store, catalog: Catalog) -> tuple[Path, st
     return store.model_path(manifest), str(manifest.name)
 
 
-def run_model_bench(path: Path, label: str, sweep: Sweep, hardware: Hardware, console: Console, use_extra_bufts: bool = True) -> list[ModelBenchResult]:
+def run_model_bench(
+    path: Path, label: str, sweep: Sweep, hardware: Hardware, console: Console, use_extra_bufts: bool = True
+) -> list[ModelBenchResult]:
     with _progress(console) as progress:
         task = progress.add_task(f"benchmarking {label}", total=sweep.count)
         results = []
         for result in run_sweep(
-            path, label, sweep, bandwidth=hardware.bandwidth, gpu_offload=hardware.gpu_offload, use_extra_bufts=use_extra_bufts,
+            path,
+            label,
+            sweep,
+            bandwidth=hardware.bandwidth,
+            gpu_offload=hardware.gpu_offload,
+            use_extra_bufts=use_extra_bufts,
             on_start=lambda text: progress.update(task, description=text),
         ):
             results.append(result)
@@ -286,7 +364,11 @@ def run_model_bench(path: Path, label: str, sweep: Sweep, hardware: Hardware, co
 
 
 def model_table(results: list[ModelBenchResult]) -> Table:
-    table = Table(title=f"{results[0].model}: {results[0].description}, {human_bytes(results[0].model_bytes)}, {format_params(results[0].model_params)} parameters" if results else None)
+    table = Table(
+        title=f"{results[0].model}: {results[0].description}, {human_bytes(results[0].model_bytes)}, {format_params(results[0].model_params)} parameters"
+        if results
+        else None
+    )
     for column in ("test", "threads", "batch", "GPU layers", "t/s", "vs. bandwidth", "load", "peak memory"):
         table.add_column(column, justify="left" if column in ("test", "vs. bandwidth") else "right")
     for r in results:
@@ -295,8 +377,14 @@ def model_table(results: list[ModelBenchResult]) -> Table:
         else:
             versus = "compute-bound" if r.n_prompt else "GPU (not measured)"
         table.add_row(
-            r.test, str(r.threads), str(r.n_batch), str(r.n_gpu_layers), f"{r.tokens_per_second:.2f} ± {r.stddev:.2f}", versus,
-            f"{r.load_seconds:.2f}s", human_bytes(r.peak_memory) if r.peak_memory else "-",
+            r.test,
+            str(r.threads),
+            str(r.n_batch),
+            str(r.n_gpu_layers),
+            f"{r.tokens_per_second:.2f} ± {r.stddev:.2f}",
+            versus,
+            f"{r.load_seconds:.2f}s",
+            human_bytes(r.peak_memory) if r.peak_memory else "-",
         )
     return table
 
@@ -315,8 +403,15 @@ def bandwidth_sentence(result: ModelBenchResult, hardware: Hardware) -> str | No
 
 
 def run_serve_bench(
-    url: str, model: str | None, concurrency: tuple[int, ...], requests: int | None, output_tokens: int, prompt_words: int | None,
-    prompts_file: Path | None, api_key: str | None, console: Console,
+    url: str,
+    model: str | None,
+    concurrency: tuple[int, ...],
+    requests: int | None,
+    output_tokens: int,
+    prompt_words: int | None,
+    prompts_file: Path | None,
+    api_key: str | None,
+    console: Console,
 ) -> tuple[str, list[LevelReport]]:
     url = url.rstrip("/").removesuffix("/v1")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -326,15 +421,21 @@ def run_serve_bench(
     with _progress(console) as progress:
         # One warm-up request first: the model may still be loading, which belongs to no level.
         warm = progress.add_task("warming up", total=1)
-        (sample,), _ = asyncio.run(run_level(url, request_bodies(model, prompts, 1, 8, None, "warm-up"), 1, headers=headers))
+        (sample,), _ = asyncio.run(
+            run_level(url, request_bodies(model, prompts, 1, 8, None, "warm-up"), 1, headers=headers)
+        )
         if sample.error:
-            raise BenchError(f"the warm-up request to {url} failed: {sample.error}", "check --url, --model and --api-key")
+            raise BenchError(
+                f"the warm-up request to {url} failed: {sample.error}", "check --url, --model and --api-key"
+            )
         progress.remove_task(warm)
         for level in concurrency:
             count = requests or max(8, 4 * level)
             task = progress.add_task(f"concurrency {level}", total=count)
             bodies = request_bodies(model, prompts, count, output_tokens, prompt_words, f"c{level}")
-            samples, duration = asyncio.run(run_level(url, bodies, level, headers=headers, on_done=lambda _s, t=task: progress.advance(t)))
+            samples, duration = asyncio.run(
+                run_level(url, bodies, level, headers=headers, on_done=lambda _s, t=task: progress.advance(t))
+            )
             reports.append(summarize(level, samples, duration))
             progress.remove_task(task)
     return model, reports
@@ -346,10 +447,17 @@ def serve_table(url: str, model: str, reports: list[LevelReport]) -> Table:
     table.add_column("concurrency", style="bold")
     for report in reports:
         table.add_column(str(report.concurrency), justify="right")
-    table.add_row("requests (failed)", *(f"{r.requests} ({r.failed})" if r.failed else str(r.requests) for r in reports))
+    table.add_row(
+        "requests (failed)", *(f"{r.requests} ({r.failed})" if r.failed else str(r.requests) for r in reports)
+    )
     table.add_row("request throughput", *(f"{r.request_throughput:.2f} req/s" for r in reports))
     table.add_row("output throughput", *(f"{r.output_throughput:.1f} tok/s" for r in reports))
-    labels = {"ttft": "time to first token", "tpot": "time per output token", "itl": "inter-token latency", "e2el": "end-to-end latency"}
+    labels = {
+        "ttft": "time to first token",
+        "tpot": "time per output token",
+        "itl": "inter-token latency",
+        "e2el": "end-to-end latency",
+    }
     for metric, label in labels.items():
         for q in ("p50", "p90", "p99"):
             table.add_row(f"{label} {q}", *(_ms(r.latency[metric][q]) for r in reports))
@@ -375,8 +483,15 @@ def fit_table(verdicts: list[fitting.Verdict], budget: fitting.Budget, best: fit
         where = v.where or "does not fit"
         style = "bold green" if v is best else ("dim" if not v.fits else None)
         table.add_row(
-            c.name, c.quantization or "-", format_params(c.params), ("" if c.size_exact else "≈") + human_bytes(c.size), str(c.context),
-            human_bytes(v.needed), where, expected, style=style,
+            c.name,
+            c.quantization or "-",
+            format_params(c.params),
+            ("" if c.size_exact else "≈") + human_bytes(c.size),
+            str(c.context),
+            human_bytes(v.needed),
+            where,
+            expected,
+            style=style,
         )
     return table
 
@@ -384,9 +499,20 @@ def fit_table(verdicts: list[fitting.Verdict], budget: fitting.Budget, best: fit
 def verdict_json(v: fitting.Verdict) -> dict[str, Any]:
     c = v.candidate
     return {
-        "model": c.name, "quantization": c.quantization, "params": c.params, "weights_bytes": c.size, "weights_exact": c.size_exact,
-        "context": c.context, "kv_bytes_per_token": c.kv_bytes_per_token, "source": c.source, "needed_bytes": v.needed,
-        "fits": v.fits, "runs_on": v.where, "ceiling_tok_s": v.ceiling_tok_s, "expected_tok_s": v.expected_tok_s, "interactive": v.fits and v.interactive,
+        "model": c.name,
+        "quantization": c.quantization,
+        "params": c.params,
+        "weights_bytes": c.size,
+        "weights_exact": c.size_exact,
+        "context": c.context,
+        "kv_bytes_per_token": c.kv_bytes_per_token,
+        "source": c.source,
+        "needed_bytes": v.needed,
+        "fits": v.fits,
+        "runs_on": v.where,
+        "ceiling_tok_s": v.ceiling_tok_s,
+        "expected_tok_s": v.expected_tok_s,
+        "interactive": v.fits and v.interactive,
     }
 
 
@@ -422,11 +548,21 @@ def history_table(runs: list[dict[str, Any]], current: str) -> Table:
         figures = []
         for result in run.get("results", []):
             if run["kind"] == "model":
-                figures.append(f"{result.get('test')} t{result.get('threads')}: {result.get('tokens_per_second', 0):.1f}")
+                figures.append(
+                    f"{result.get('test')} t{result.get('threads')}: {result.get('tokens_per_second', 0):.1f}"
+                )
             elif run["kind"] == "serve":
                 figures.append(f"c{result.get('concurrency')}: {result.get('output_throughput', 0):.1f} tok/s")
         if run["kind"] == "hardware" and hardware.get("bandwidth_gb_s"):
             figures.append(f"{hardware['bandwidth_gb_s']} GB/s")
         style = "bold" if run.get("fingerprint") == current else None
-        table.add_row(run.get("time", "?"), run.get("fingerprint", "?"), hardware.get("cpu", "?"), run["kind"], run.get("target") or "-", ", ".join(figures), style=style)
+        table.add_row(
+            run.get("time", "?"),
+            run.get("fingerprint", "?"),
+            hardware.get("cpu", "?"),
+            run["kind"],
+            run.get("target") or "-",
+            ", ".join(figures),
+            style=style,
+        )
     return table

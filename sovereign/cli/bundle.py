@@ -15,8 +15,17 @@ from sovereign.cli.common import Core, err, friendly_errors
 def export(
     models: Annotated[list[str], typer.Argument(help="Pulled models to export, e.g. gemma3:270m qwen3:8b.")],
     to: Annotated[str, typer.Option("--to", help="A new folder, a FILE.tar, or - for a tar on stdout.")],
-    split: Annotated[str | None, typer.Option("--split", help="Cut model files into pieces of this size (4G for FAT32 sticks; 4GiB, 500M).")] = None,
-    with_runtime: Annotated[bool, typer.Option("--with-runtime", help="Also add wheels of sovereign and every dependency for this platform, for `pip install --no-index`.")] = False,
+    split: Annotated[
+        str | None,
+        typer.Option("--split", help="Cut model files into pieces of this size (4G for FAT32 sticks; 4GiB, 500M)."),
+    ] = None,
+    with_runtime: Annotated[
+        bool,
+        typer.Option(
+            "--with-runtime",
+            help="Also add wheels of sovereign and every dependency for this platform, for `pip install --no-index`.",
+        ),
+    ] = False,
 ) -> None:
     """Write models to a folder or tar for a machine without a network (verified on import)."""
     from sovereign.cli.render import RichPullReporter
@@ -29,17 +38,31 @@ def export(
     if to == "-" and sys.stdout.isatty():
         from sovereign.store.bundle import BundleError
 
-        raise BundleError("refusing to write a tar to the terminal", "redirect it: sovereign export NAME --to - > bundle.tar, or pipe it to ssh")
+        raise BundleError(
+            "refusing to write a tar to the terminal",
+            "redirect it: sovereign export NAME --to - > bundle.tar, or pipe it to ssh",
+        )
     started = time.monotonic()
     with RichPullReporter(err) as reporter:
-        result = export_bundle(core.store, core.catalog, names, to, split=piece, with_runtime=with_runtime, reporter=reporter)
+        result = export_bundle(
+            core.store, core.catalog, names, to, split=piece, with_runtime=with_runtime, reporter=reporter
+        )
     where = "stdout" if to == "-" else to
-    err.print(f"[green]✓[/] exported {', '.join(result.models)} to {where} ({result.files} files, {human_bytes(result.size)}, {time.monotonic() - started:.1f}s)", highlight=False)
+    err.print(
+        f"[green]✓[/] exported {', '.join(result.models)} to {where} ({result.files} files, {human_bytes(result.size)}, {time.monotonic() - started:.1f}s)",
+        highlight=False,
+    )
     if result.runtime:
         runtime = result.runtime
-        err.print(f"  runtime: {len(runtime['wheels'])} wheels for Python {runtime['python']} ({runtime['abi']}, {runtime['platform_tag']})", highlight=False)
+        err.print(
+            f"  runtime: {len(runtime['wheels'])} wheels for Python {runtime['python']} ({runtime['abi']}, {runtime['platform_tag']})",
+            highlight=False,
+        )
     shown = "." if to != "-" and not to.endswith(".tar") else "BUNDLE.tar"
-    err.print(f"  on the other machine: {'pip install --no-index --find-links wheels sovereign, then ' if result.runtime else ''}sovereign import {shown}", highlight=False)
+    err.print(
+        f"  on the other machine: {'pip install --no-index --find-links wheels sovereign, then ' if result.runtime else ''}sovereign import {shown}",
+        highlight=False,
+    )
 
 
 @friendly_errors
@@ -56,7 +79,10 @@ def import_(
     if result.runtime_note:
         err.print(f"[yellow]warning:[/] {result.runtime_note}", highlight=False, soft_wrap=True)
     elif result.runtime_ok:
-        err.print("  the bundle's runtime wheels fit this machine (pip install --no-index --find-links wheels sovereign)", highlight=False)
+        err.print(
+            "  the bundle's runtime wheels fit this machine (pip install --no-index --find-links wheels sovereign)",
+            highlight=False,
+        )
     if result.imported:
         err.print(f"[green]✓[/] imported {', '.join(result.imported)} (every checksum verified)", highlight=False)
     if result.already:

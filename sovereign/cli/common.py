@@ -34,7 +34,11 @@ def friendly_errors(command: F) -> F:
         except OSError as exc:
             # The file system said no (permissions, a full disk, a read-only home): say where.
             where = f" ({exc.filename})" if exc.filename else ""
-            err.print(f"[bold red]error:[/] {exc.strerror or exc}{where} [dim]— check permissions and free space, or set SOVEREIGN_HOME[/]", highlight=False, soft_wrap=True)
+            err.print(
+                f"[bold red]error:[/] {exc.strerror or exc}{where} [dim]— check permissions and free space, or set SOVEREIGN_HOME[/]",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/] — run the same command again to resume", highlight=False)

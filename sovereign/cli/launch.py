@@ -29,7 +29,9 @@ def parse_keep_alive(text: str) -> float | None:
         return None
     match = _DURATION.match(text)
     if not match:
-        raise SovereignError(f"--keep-alive {text!r} is not a duration", "use e.g. 30s, 5m, 1h, 0, or -1 to keep models loaded")
+        raise SovereignError(
+            f"--keep-alive {text!r} is not a duration", "use e.g. 30s, 5m, 1h, 0, or -1 to keep models loaded"
+        )
     value = float(match.group(1))
     return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
 
@@ -41,7 +43,10 @@ def ensure_pulled(name: str, settings: Settings, store: Store, catalog: Catalog,
         store.check_files(manifest)  # an adopted file deleted or changed since: refused now, in one line
         return manifest.name
     if catalog.get(catalog.canonical(model)) is None:
-        raise ModelNotFound(f"{name} is not pulled and not in the catalog", f"pull it first (sovereign pull {name}) or see `sovereign catalog`")
+        raise ModelNotFound(
+            f"{name} is not pulled and not in the catalog",
+            f"pull it first (sovereign pull {name}) or see `sovereign catalog`",
+        )
     from sovereign.cli.render import RichPullReporter
     from sovereign.store import pull as pull_model
 
@@ -59,7 +64,10 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise SovereignError(f"cannot listen on {host}:{port}: {exc.strerror}", "another server is using that port: pick another with --port") from None
+            raise SovereignError(
+                f"cannot listen on {host}:{port}: {exc.strerror}",
+                "another server is using that port: pick another with --port",
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,13 @@ class EngineOptions:
     timeout: float | None = DEFAULT_TIMEOUT
 
     def validate(self) -> None:
-        checks = (("--ctx", self.ctx, 16), ("--threads", self.threads, 1), ("--max-models", self.max_models, 1), ("--parallel", self.parallel, 1), ("--max-queue", self.max_queue, 0))
+        checks = (
+            ("--ctx", self.ctx, 16),
+            ("--threads", self.threads, 1),
+            ("--max-models", self.max_models, 1),
+            ("--parallel", self.parallel, 1),
+            ("--max-queue", self.max_queue, 0),
+        )
         for flag, value, low in checks:
             if value is not None and value < low:
                 raise SovereignError(f"{flag} must be at least {low}, got {value}", None)
@@ -86,12 +100,22 @@ class EngineOptions:
             raise SovereignError(f"--timeout must be positive (or 0 for none), got {self.timeout:g}", None)
 
 
-def build_pool(store: Store, catalog: Catalog, options: EngineOptions, settings: Settings, routes: ModelRoutes | None = None) -> ModelPool:
+def build_pool(
+    store: Store, catalog: Catalog, options: EngineOptions, settings: Settings, routes: ModelRoutes | None = None
+) -> ModelPool:
     """A model pool configured from the command line."""
     options.validate()
-    load = LoadOptions(n_ctx=options.ctx, n_gpu_layers=options.gpu_layers, n_threads=options.threads, n_parallel=options.parallel)
+    load = LoadOptions(
+        n_ctx=options.ctx, n_gpu_layers=options.gpu_layers, n_threads=options.threads, n_parallel=options.parallel
+    )
     pool_options = PoolOptions(
-        load=load, max_models=options.max_models, keep_alive=options.keep_alive, max_queue=options.max_queue,
-        request_timeout=options.timeout, kernel_home=settings.home, extra_buffers=settings.extra_buffers, routes=routes or ModelRoutes(),
+        load=load,
+        max_models=options.max_models,
+        keep_alive=options.keep_alive,
+        max_queue=options.max_queue,
+        request_timeout=options.timeout,
+        kernel_home=settings.home,
+        extra_buffers=settings.extra_buffers,
+        routes=routes or ModelRoutes(),
     )
     return ModelPool(store, catalog, pool_options)

@@ -121,13 +121,22 @@ def manifest_summary(manifest: Manifest, paths: list[str], catalog_template: boo
         "size_label": gguf.get("size_label"),
         "quantization": gguf.get("quantization"),
         "context_length": gguf.get("context_length"),
-        "chat_template": "in GGUF" if gguf.get("has_chat_template") else ("from catalog" if catalog_template else "none"),
+        "chat_template": "in GGUF"
+        if gguf.get("has_chat_template")
+        else ("from catalog" if catalog_template else "none"),
         "license": manifest.license,
         "size": manifest.size,
-        "source": {"kind": manifest.source.kind, "reference": manifest.source.reference, "detail": manifest.source.detail},
+        "source": {
+            "kind": manifest.source.kind,
+            "reference": manifest.source.reference,
+            "detail": manifest.source.detail,
+        },
         "sha256_verified": manifest.sha256_verified,
         "pulled_at": manifest.pulled_at,
-        "files": [{"filename": f.filename, "digest": f.digest, "path": p, "in_place": f.in_place} for f, p in zip(manifest.files, paths, strict=False)],
+        "files": [
+            {"filename": f.filename, "digest": f.digest, "path": p, "in_place": f.in_place}
+            for f, p in zip(manifest.files, paths, strict=False)
+        ],
     }
 
 
@@ -140,7 +149,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
     rows = [
         ("name", summary["name"]),
         ("architecture", summary["architecture"] or "-"),
-        ("parameters", f"{format_params(summary['parameters'])} ({summary['parameters']:,})" if summary["parameters"] else "-"),
+        (
+            "parameters",
+            f"{format_params(summary['parameters'])} ({summary['parameters']:,})" if summary["parameters"] else "-",
+        ),
         ("quantization", summary["quantization"] or "-"),
         ("context length", f"{summary['context_length']:,}" if summary["context_length"] else "-"),
         ("chat template", summary["chat_template"]),

@@ -21,42 +21,158 @@ class ReasoningFormat(StrEnum):
     none = "none"
 
 
-def _engine_options(ctx: int | None, gpu_layers: int | None, threads: int | None, max_models: int, keep_alive: str, **serving: Any) -> Any:
+def _engine_options(
+    ctx: int | None, gpu_layers: int | None, threads: int | None, max_models: int, keep_alive: str, **serving: Any
+) -> Any:
     from sovereign.cli.launch import EngineOptions, parse_keep_alive
 
-    return EngineOptions(ctx=ctx, gpu_layers=gpu_layers, threads=threads, max_models=max_models, keep_alive=parse_keep_alive(keep_alive), **serving)
+    return EngineOptions(
+        ctx=ctx,
+        gpu_layers=gpu_layers,
+        threads=threads,
+        max_models=max_models,
+        keep_alive=parse_keep_alive(keep_alive),
+        **serving,
+    )
 
 
-CtxOption = Annotated[int | None, typer.Option("--ctx", help="Context length of each request in tokens (default: the model's, capped by free memory).")]
-GpuLayersOption = Annotated[int | None, typer.Option("--gpu-layers", help="Layers to offload to the GPU (default: as many as fit; 0 for CPU only).")]
-ThreadsOption = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: the number of physical cores).")]
+CtxOption = Annotated[
+    int | None,
+    typer.Option(
+        "--ctx", help="Context length of each request in tokens (default: the model's, capped by free memory)."
+    ),
+]
+GpuLayersOption = Annotated[
+    int | None,
+    typer.Option("--gpu-layers", help="Layers to offload to the GPU (default: as many as fit; 0 for CPU only)."),
+]
+ThreadsOption = Annotated[
+    int | None, typer.Option("--threads", help="CPU threads (default: the number of physical cores).")
+]
 
 
 @friendly_errors
 def serve(
-    models: Annotated[list[str] | None, typer.Argument(help="Models to load at start (default: the catalog's default). Others load on demand.")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes the server to your network.")] = "127.0.0.1",
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(help="Models to load at start (default: the catalog's default). Others load on demand."),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 exposes the server to your network.")
+    ] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="Port to listen on (default 11800).")] = None,
-    api_key: Annotated[list[str], typer.Option("--api-key", envvar="SOVEREIGN_API_KEY", help="Require this key (Authorization: Bearer or x-api-key); repeatable.")] = [],  # noqa: B006
-    cors_origin: Annotated[list[str], typer.Option("--cors-origin", help="Allow browser requests from this origin (repeatable; '*' for any).")] = [],  # noqa: B006
+    api_key: Annotated[
+        list[str],
+        typer.Option(
+            "--api-key",
+            envvar="SOVEREIGN_API_KEY",
+            help="Require this key (Authorization: Bearer or x-api-key); repeatable.",
+        ),
+    ] = [],  # noqa: B006
+    cors_origin: Annotated[
+        list[str],
+        typer.Option("--cors-origin", help="Allow browser requests from this origin (repeatable; '*' for any)."),
+    ] = [],  # noqa: B006
     ctx: CtxOption = None,
     gpu_layers: GpuLayersOption = None,
     threads: ThreadsOption = None,
-    keep_alive: Annotated[str, typer.Option("--keep-alive", help="Unload a model idle this long (30s, 5m, 1h; -1 never). Models named here stay loaded.")] = "5m",
-    max_models: Annotated[int, typer.Option("--max-models", help="Models kept loaded at once; the least recently used is unloaded.")] = 1,
-    parallel: Annotated[int | None, typer.Option("--parallel", help="Requests each model serves at once, batched together (default: up to 4, as memory for --ctx per request allows).")] = None,
-    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a free slot; beyond them the server answers 503 with Retry-After.")] = DEFAULT_MAX_QUEUE,
-    timeout: Annotated[float, typer.Option("--timeout", help="Stop a request after this many seconds, queueing included (0: no limit).")] = DEFAULT_TIMEOUT,
-    allowed_hosts: Annotated[str | None, typer.Option("--allowed-hosts", help="Host names to answer besides this machine's, comma-separated ('*.example.com' for subdomains, '*' for any; default: any when --host is not loopback).")] = None,
-    max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted (e.g. 32MiB, 100MB); larger ones get 413.")] = "32MiB",
-    reasoning_format: Annotated[ReasoningFormat, typer.Option("--reasoning-format", help="auto: reasoning goes to reasoning_content / thinking blocks; none: leave the model's text as it is.")] = ReasoningFormat.auto,
-    alias: Annotated[list[str], typer.Option("--alias", "--route", help="Answer requests for model names matching GLOB with MODEL, e.g. 'claude-*=qwen3:8b' (repeatable; first match wins); with --upstream, the local model for them when the upstream is blocked. Unmapped claude-*/gpt-* names go to the first served model.")] = [],  # noqa: B006
-    upstream: Annotated[list[str], typer.Option("--upstream", help="Send API requests to this closed API while it answers, e.g. anthropic=https://api.anthropic.com or openai=https://api.openai.com/v1 (repeatable); fall back to the local model when it is blocked.")] = [],  # noqa: B006
-    fallback: Annotated[str | None, typer.Option("--fallback", help="With --upstream: the local model for requests no --route maps (default: the first served model).")] = None,
-    upstream_timeout: Annotated[float, typer.Option("--upstream-timeout", min=0.1, help="With --upstream: seconds to connect, and to a streamed answer's first byte, before falling back.")] = 5.0,
-    upstream_answer_timeout: Annotated[float, typer.Option("--upstream-answer-timeout", min=0.1, help="With --upstream: seconds to wait for a non-streamed answer (it arrives whole) before falling back.")] = 300.0,
-    upstream_retries: Annotated[int, typer.Option("--upstream-retries", min=0, help="With --upstream: retry a 5xx/429 this many times, then fall back (0: pass such answers through).")] = 0,
-    no_fallback_on: Annotated[list[str], typer.Option("--no-fallback-on", help="With --upstream: a cause that does not fall back (connect, dns, tls, timeout, 451, 403; repeatable).")] = [],  # noqa: B006
+    keep_alive: Annotated[
+        str,
+        typer.Option(
+            "--keep-alive", help="Unload a model idle this long (30s, 5m, 1h; -1 never). Models named here stay loaded."
+        ),
+    ] = "5m",
+    max_models: Annotated[
+        int, typer.Option("--max-models", help="Models kept loaded at once; the least recently used is unloaded.")
+    ] = 1,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--parallel",
+            help="Requests each model serves at once, batched together (default: up to 4, as memory for --ctx per request allows).",
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue",
+            help="Requests that may wait for a free slot; beyond them the server answers 503 with Retry-After.",
+        ),
+    ] = DEFAULT_MAX_QUEUE,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", help="Stop a request after this many seconds, queueing included (0: no limit)."),
+    ] = DEFAULT_TIMEOUT,
+    allowed_hosts: Annotated[
+        str | None,
+        typer.Option(
+            "--allowed-hosts",
+            help="Host names to answer besides this machine's, comma-separated ('*.example.com' for subdomains, '*' for any; default: any when --host is not loopback).",
+        ),
+    ] = None,
+    max_body: Annotated[
+        str, typer.Option("--max-body", help="Largest request body accepted (e.g. 32MiB, 100MB); larger ones get 413.")
+    ] = "32MiB",
+    reasoning_format: Annotated[
+        ReasoningFormat,
+        typer.Option(
+            "--reasoning-format",
+            help="auto: reasoning goes to reasoning_content / thinking blocks; none: leave the model's text as it is.",
+        ),
+    ] = ReasoningFormat.auto,
+    alias: Annotated[
+        list[str],
+        typer.Option(
+            "--alias",
+            "--route",
+            help="Answer requests for model names matching GLOB with MODEL, e.g. 'claude-*=qwen3:8b' (repeatable; first match wins); with --upstream, the local model for them when the upstream is blocked. Unmapped claude-*/gpt-* names go to the first served model.",
+        ),
+    ] = [],  # noqa: B006
+    upstream: Annotated[
+        list[str],
+        typer.Option(
+            "--upstream",
+            help="Send API requests to this closed API while it answers, e.g. anthropic=https://api.anthropic.com or openai=https://api.openai.com/v1 (repeatable); fall back to the local model when it is blocked.",
+        ),
+    ] = [],  # noqa: B006
+    fallback: Annotated[
+        str | None,
+        typer.Option(
+            "--fallback",
+            help="With --upstream: the local model for requests no --route maps (default: the first served model).",
+        ),
+    ] = None,
+    upstream_timeout: Annotated[
+        float,
+        typer.Option(
+            "--upstream-timeout",
+            min=0.1,
+            help="With --upstream: seconds to connect, and to a streamed answer's first byte, before falling back.",
+        ),
+    ] = 5.0,
+    upstream_answer_timeout: Annotated[
+        float,
+        typer.Option(
+            "--upstream-answer-timeout",
+            min=0.1,
+            help="With --upstream: seconds to wait for a non-streamed answer (it arrives whole) before falling back.",
+        ),
+    ] = 300.0,
+    upstream_retries: Annotated[
+        int,
+        typer.Option(
+            "--upstream-retries",
+            min=0,
+            help="With --upstream: retry a 5xx/429 this many times, then fall back (0: pass such answers through).",
+        ),
+    ] = 0,
+    no_fallback_on: Annotated[
+        list[str],
+        typer.Option(
+            "--no-fallback-on",
+            help="With --upstream: a cause that does not fall back (connect, dns, tls, timeout, 451, 403; repeatable).",
+        ),
+    ] = [],  # noqa: B006
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API."""
     import uvicorn
@@ -75,7 +191,10 @@ def serve(
 
     core = Core()
     port = DEFAULT_PORT if port is None else port
-    hosts, body_limit = allowed_hosts_for(host, allowed_hosts), parse_size(max_body)  # bad values fail before any loading
+    hosts, body_limit = (
+        allowed_hosts_for(host, allowed_hosts),
+        parse_size(max_body),
+    )  # bad values fail before any loading
     serving = {"parallel": parallel, "max_queue": max_queue, "timeout": timeout or None}
     options = _engine_options(ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive, **serving)
     check_port_free(host, port)
@@ -83,8 +202,12 @@ def serve(
     upstreams = {up.kind: up for up in (parse_upstream(text) for text in upstream)}
     causes = _fallback_causes(no_fallback_on)
     # Every model a request may fall back to is pulled now: a fallback that fails for want of its model is the worst outcome.
-    names = [ensure_pulled(m, core.settings, core.store, core.catalog, err) for m in models or [str(core.catalog.default)]]
-    rules = tuple((pattern, ensure_pulled(target, core.settings, core.store, core.catalog, err)) for pattern, target in rules)
+    names = [
+        ensure_pulled(m, core.settings, core.store, core.catalog, err) for m in models or [str(core.catalog.default)]
+    ]
+    rules = tuple(
+        (pattern, ensure_pulled(target, core.settings, core.store, core.catalog, err)) for pattern, target in rules
+    )
     default = ensure_pulled(fallback, core.settings, core.store, core.catalog, err) if fallback else names[0]
     routes = ModelRoutes(rules, fallback=default)
     pool = build_pool(core.store, core.catalog, options, core.settings, routes)
@@ -93,29 +216,68 @@ def serve(
         # aiohttp is imported only by a server with --upstream
         from sovereign.gateway import Gateway
 
-        gateway = Gateway(upstreams, routes, timeout=upstream_timeout, answer_timeout=upstream_answer_timeout, retries=upstream_retries, causes=causes, own_keys=bool(api_key))
-    server_options = ServerOptions(api_keys=tuple(api_key), cors_origins=tuple(cors_origin), preload=tuple(names), allowed_hosts=hosts, max_body=body_limit, gateway=gateway)
+        gateway = Gateway(
+            upstreams,
+            routes,
+            timeout=upstream_timeout,
+            answer_timeout=upstream_answer_timeout,
+            retries=upstream_retries,
+            causes=causes,
+            own_keys=bool(api_key),
+        )
+    server_options = ServerOptions(
+        api_keys=tuple(api_key),
+        cors_origins=tuple(cors_origin),
+        preload=tuple(names),
+        allowed_hosts=hosts,
+        max_body=body_limit,
+        gateway=gateway,
+    )
     server_app = create_app(Engine(pool, reasoning_format=reasoning_format.value), server_options)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine can use it", highlight=False)
+        err.print(
+            f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine can use it",
+            highlight=False,
+        )
     shown = f"[{host}]" if ":" in host else host
-    err.print(f"[green]✓[/] serving {', '.join(names)} at [bold]http://{shown}:{port}/v1[/] (OpenAI base_url; Ctrl-C stops)", highlight=False)
+    err.print(
+        f"[green]✓[/] serving {', '.join(names)} at [bold]http://{shown}:{port}/v1[/] (OpenAI base_url; Ctrl-C stops)",
+        highlight=False,
+    )
     for pattern, target in rules:
         err.print(f"  requests for {pattern} are answered by {target}", highlight=False)
     for up in upstreams.values():
-        whose = "its key from SOVEREIGN_UPSTREAM_KEY_" + up.kind.upper() if up.key else ("no key: set SOVEREIGN_UPSTREAM_KEY_" + up.kind.upper() if api_key else "the client's own key")
-        err.print(f"  upstream {up.kind}: {up.base_url} receives every {up.kind} request for a non-local model (the whole request, with {whose}); {default} answers when it is blocked", highlight=False)
+        whose = (
+            "its key from SOVEREIGN_UPSTREAM_KEY_" + up.kind.upper()
+            if up.key
+            else ("no key: set SOVEREIGN_UPSTREAM_KEY_" + up.kind.upper() if api_key else "the client's own key")
+        )
+        err.print(
+            f"  upstream {up.kind}: {up.base_url} receives every {up.kind} request for a non-local model (the whole request, with {whose}); {default} answers when it is blocked",
+            highlight=False,
+        )
     _log_requests()
-    uvicorn.run(server_app, host=host, port=port, log_level=os.environ.get("SOVEREIGN_LOG_LEVEL", "warning").lower(), access_log=False)
+    uvicorn.run(
+        server_app,
+        host=host,
+        port=port,
+        log_level=os.environ.get("SOVEREIGN_LOG_LEVEL", "warning").lower(),
+        access_log=False,
+    )
 
 
 @friendly_errors
 def run(
     model: Annotated[str, typer.Argument(help="A pulled model or a catalog name (pulled first if missing).")],
-    prompt: Annotated[str | None, typer.Argument(help="Answer this and exit; without it, chat interactively (or read stdin when piped).")] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Argument(help="Answer this and exit; without it, chat interactively (or read stdin when piped)."),
+    ] = None,
     system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
     temperature: Annotated[float, typer.Option(min=0, max=2)] = 0.8,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Stop each answer after this many tokens.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", min=1, help="Stop each answer after this many tokens.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed, for repeatable answers.")] = None,
     ctx: CtxOption = None,
     gpu_layers: GpuLayersOption = None,
@@ -128,7 +290,12 @@ def run(
 
     core = Core()
     name = ensure_pulled(model, core.settings, core.store, core.catalog, err)
-    pool = build_pool(core.store, core.catalog, _engine_options(ctx, gpu_layers, threads, 1, "-1", parallel=1, timeout=None), core.settings)
+    pool = build_pool(
+        core.store,
+        core.catalog,
+        _engine_options(ctx, gpu_layers, threads, 1, "-1", parallel=1, timeout=None),
+        core.settings,
+    )
     sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -145,7 +312,9 @@ def _fallback_causes(disabled: list[str]) -> frozenset[str]:
 
     unknown = sorted(set(disabled) - set(CAUSES))
     if unknown:
-        raise BadUpstream(f"--no-fallback-on {', '.join(unknown)} is not a cause of falling back", f"choose from {', '.join(CAUSES)}")
+        raise BadUpstream(
+            f"--no-fallback-on {', '.join(unknown)} is not a cause of falling back", f"choose from {', '.join(CAUSES)}"
+        )
     return frozenset(CAUSES) - set(disabled)
 
 

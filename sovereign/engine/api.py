@@ -12,7 +12,9 @@ from sovereign.engine.requests import ChatRequest, CompletionRequest, Event
 class Generation:
     """One submitted request: iterate it for events; `cancel()` stops it and frees its model."""
 
-    def __init__(self, model: str, events: AsyncGenerator[Event, None], stop: Callable[[], None], prompt_tokens: int = 0) -> None:
+    def __init__(
+        self, model: str, events: AsyncGenerator[Event, None], stop: Callable[[], None], prompt_tokens: int = 0
+    ) -> None:
         self.model = model  # the store name of the model serving it (aliases resolved)
         self.prompt_tokens = prompt_tokens
         self._events = events
@@ -73,7 +75,12 @@ class EngineAPI(Protocol):
     async def token_texts(self, model_name: str, tokens: list[int]) -> list[str]: ...
 
     async def apply_template(
-        self, model_name: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any] | None, add_generation_prompt: bool
+        self,
+        model_name: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        kwargs: dict[str, Any] | None,
+        add_generation_prompt: bool,
     ) -> str: ...
 
     async def detokenize(self, model_name: str, tokens: list[int], *, special: bool = False) -> str: ...

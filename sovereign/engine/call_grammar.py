@@ -85,7 +85,9 @@ class _Rules:
                 j = _next_state(marker, k, c)
                 if j < len(marker):  # reaching len(marker) would complete the marker: no such path
                     alternatives.append(f"{_gbnf_literal(c)} {names[j]}")
-            self.converter._rules[name] = "| " + " | ".join(alternatives)  # the empty first: every state may end the text
+            self.converter._rules[name] = "| " + " | ".join(
+                alternatives
+            )  # the empty first: every state may end the text
         self._excluded[marker] = names[0]
         return names[0]
 
@@ -119,8 +121,24 @@ def _many(item: str, sep: str, parallel: bool) -> str:
 def _object(r: _Rules, tool: _Tool, args_key: str = "arguments", *, extra: str = "") -> str:
     """`{"name": "NAME", "<args_key>": {…}}`, the JSON call most families write."""
     return _seq(
-        '"{"', WS, _lit('"name"'), WS, '":"', WS, _lit(json.dumps(tool.name, ensure_ascii=False)), WS, '","', WS,
-        _lit(json.dumps(args_key)), WS, '":"', WS, tool.args, extra, WS, '"}"',
+        '"{"',
+        WS,
+        _lit('"name"'),
+        WS,
+        '":"',
+        WS,
+        _lit(json.dumps(tool.name, ensure_ascii=False)),
+        WS,
+        '","',
+        WS,
+        _lit(json.dumps(args_key)),
+        WS,
+        '":"',
+        WS,
+        tool.args,
+        extra,
+        WS,
+        '"}"',
     )
 
 
@@ -160,56 +178,132 @@ def _family_root(fmt: str, r: _Rules, tools: list[_Tool], parallel: bool, forced
         call = _alternatives(r, tools, lambda t: _seq('"<tool_call>"', WS, _object(r, t), WS, '"</tool_call>"'), "call")
         return _many(call, sep, parallel), GrammarTrigger(markers=("<tool_call>",))
     if fmt == "qwen3_coder":
+
         def coder(t: _Tool) -> str:
-            params = _xml_params(t, lambda k: f'{_lit(f"<parameter={k}>")} "\\n"?', "</parameter>") or _free_xml(r, "<parameter=", ">", "</parameter>")
-            return _seq('"<tool_call>"', WS, _lit(f"<function={t.name}>"), WS, params, '"</function>"', WS, '"</tool_call>"')
+            params = _xml_params(t, lambda k: f'{_lit(f"<parameter={k}>")} "\\n"?', "</parameter>") or _free_xml(
+                r, "<parameter=", ">", "</parameter>"
+            )
+            return _seq(
+                '"<tool_call>"', WS, _lit(f"<function={t.name}>"), WS, params, '"</function>"', WS, '"</tool_call>"'
+            )
+
         return _many(_alternatives(r, tools, coder, "call"), sep, parallel), GrammarTrigger(markers=("<tool_call>",))
     if fmt == "glm45":
+
         def glm(t: _Tool) -> str:
-            params = _xml_params(t, lambda k: f'{_lit(f"<arg_key>{k}</arg_key>")} {WS} "<arg_value>"', "</arg_value>") or _free_xml(r, "<arg_key>", f'</arg_key>" {WS} "<arg_value>', "</arg_value>")
+            params = _xml_params(
+                t, lambda k: f'{_lit(f"<arg_key>{k}</arg_key>")} {WS} "<arg_value>"', "</arg_value>"
+            ) or _free_xml(r, "<arg_key>", f'</arg_key>" {WS} "<arg_value>', "</arg_value>")
             return _seq('"<tool_call>"', _lit(t.name), WS, params, '"</tool_call>"')
+
         return _many(_alternatives(r, tools, glm, "call"), sep, parallel), GrammarTrigger(markers=("<tool_call>",))
     if fmt == "llama3":
         call = _alternatives(r, tools, lambda t: _object(r, t, "parameters"), "call")
         return call, GrammarTrigger(start_patterns=(r'\s*(\{\s*"name")',))
     if fmt == "mistral":
         call_id = r.add("call-id", '"[CALL_ID]" [a-zA-Z0-9]{1,40}')
-        listed = _alternatives(r, tools, lambda t: _object(r, t, extra=f' ({WS} "," {WS} "\\"id\\"" {WS} ":" {WS} "\\"" [a-zA-Z0-9]{{1,40}} "\\"")?'), "listed-call")
+        listed = _alternatives(
+            r,
+            tools,
+            lambda t: _object(
+                r, t, extra=f' ({WS} "," {WS} "\\"id\\"" {WS} ":" {WS} "\\"" [a-zA-Z0-9]{{1,40}} "\\"")?'
+            ),
+            "listed-call",
+        )
         named = _alternatives(r, tools, lambda t: _seq(_lit(t.name), f"{call_id}?", '"[ARGS]"', t.args), "named-call")
         named_calls = _many(f'"[TOOL_CALLS]" {named}', WS, parallel)
-        return f'( "[TOOL_CALLS]" {_json_list(r, listed, parallel)} | {named_calls} )', GrammarTrigger(markers=("[TOOL_CALLS]",))
+        return f'( "[TOOL_CALLS]" {_json_list(r, listed, parallel)} | {named_calls} )', GrammarTrigger(
+            markers=("[TOOL_CALLS]",)
+        )
     if fmt in ("phi4_mini", "granite"):
         items = _json_list(r, _alternatives(r, tools, lambda t: _object(r, t), "call"), parallel)
         if fmt == "granite":
             return f'"<|tool_call|>" {WS} {items}', GrammarTrigger(markers=("<|tool_call|>",))
-        return f'( "<|tool_call|>" {WS} {items} {WS} "<|/tool_call|>" | "functools" {items} )', GrammarTrigger(markers=("<|tool_call|>", "functools"))
+        return f'( "<|tool_call|>" {WS} {items} {WS} "<|/tool_call|>" | "functools" {items} )', GrammarTrigger(
+            markers=("<|tool_call|>", "functools")
+        )
     if fmt == "command_r7b":
+
         def action(t: _Tool) -> str:
             return _seq(
-                '"{"', WS, '"\\"tool_call_id\\""', WS, '":"', WS, '"\\"" [0-9]{1,3} "\\""', WS, '","', WS,
-                '"\\"tool_name\\""', WS, '":"', WS, _lit(json.dumps(t.name, ensure_ascii=False)), WS, '","', WS,
-                '"\\"parameters\\""', WS, '":"', WS, t.args, WS, '"}"',
+                '"{"',
+                WS,
+                '"\\"tool_call_id\\""',
+                WS,
+                '":"',
+                WS,
+                '"\\"" [0-9]{1,3} "\\""',
+                WS,
+                '","',
+                WS,
+                '"\\"tool_name\\""',
+                WS,
+                '":"',
+                WS,
+                _lit(json.dumps(t.name, ensure_ascii=False)),
+                WS,
+                '","',
+                WS,
+                '"\\"parameters\\""',
+                WS,
+                '":"',
+                WS,
+                t.args,
+                WS,
+                '"}"',
             )
+
         items = _json_list(r, _alternatives(r, tools, action, "call"), parallel)
         return f'"<|START_ACTION|>" {WS} {items} {WS} "<|END_ACTION|>"', GrammarTrigger(markers=("<|START_ACTION|>",))
     if fmt in ("deepseek_r1", "deepseek_v3_1"):
         if fmt == "deepseek_r1":
+
             def deepseek(t: _Tool) -> str:
-                return _seq('"<｜tool▁call▁begin｜>function<｜tool▁sep｜>"', _lit(t.name), '"\\n```json\\n"', t.args, WS, '"```"', WS, '"<｜tool▁call▁end｜>"')
+                return _seq(
+                    '"<｜tool▁call▁begin｜>function<｜tool▁sep｜>"',
+                    _lit(t.name),
+                    '"\\n```json\\n"',
+                    t.args,
+                    WS,
+                    '"```"',
+                    WS,
+                    '"<｜tool▁call▁end｜>"',
+                )
         else:
+
             def deepseek(t: _Tool) -> str:
-                return _seq('"<｜tool▁call▁begin｜>"', _lit(t.name), '"<｜tool▁sep｜>"', t.args, WS, '"<｜tool▁call▁end｜>"')
+                return _seq(
+                    '"<｜tool▁call▁begin｜>"', _lit(t.name), '"<｜tool▁sep｜>"', t.args, WS, '"<｜tool▁call▁end｜>"'
+                )
+
         calls = _many(_alternatives(r, tools, deepseek, "call"), sep, parallel)
-        return f'"<｜tool▁calls▁begin｜>" {WS} {calls} {WS} "<｜tool▁calls▁end｜>"', GrammarTrigger(markers=("<｜tool▁calls▁begin｜>",))
+        return f'"<｜tool▁calls▁begin｜>" {WS} {calls} {WS} "<｜tool▁calls▁end｜>"', GrammarTrigger(
+            markers=("<｜tool▁calls▁begin｜>",)
+        )
     if fmt == "kimi_k2":
+
         def kimi(t: _Tool) -> str:
-            return _seq('"<|tool_call_begin|>"', _lit(f"functions.{t.name}:"), "[0-9]{1,3}", WS, '"<|tool_call_argument_begin|>"', t.args, WS, '"<|tool_call_end|>"')
+            return _seq(
+                '"<|tool_call_begin|>"',
+                _lit(f"functions.{t.name}:"),
+                "[0-9]{1,3}",
+                WS,
+                '"<|tool_call_argument_begin|>"',
+                t.args,
+                WS,
+                '"<|tool_call_end|>"',
+            )
+
         calls = _many(_alternatives(r, tools, kimi, "call"), sep, parallel)
-        return f'"<|tool_calls_section_begin|>" {WS} {calls} {WS} "<|tool_calls_section_end|>"', GrammarTrigger(markers=("<|tool_calls_section_begin|>",))
+        return f'"<|tool_calls_section_begin|>" {WS} {calls} {WS} "<|tool_calls_section_end|>"', GrammarTrigger(
+            markers=("<|tool_calls_section_begin|>",)
+        )
     if fmt == "gpt_oss":
         # `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{…}`, ended by <|call|> (an end of generation).
         header = r.add("harmony-header", '" "? ("<|channel|>commentary" " "?)? ("<|constrain|>"? "json")? " "?')
-        call = _alternatives(r, tools, lambda t: _seq(_lit(f"to=functions.{t.name}"), header, '"<|message|>"', t.args), "call")
+        call = _alternatives(
+            r, tools, lambda t: _seq(_lit(f"to=functions.{t.name}"), header, '"<|message|>"', t.args), "call"
+        )
         return call, GrammarTrigger(markers=("to=functions.",))
     # Generic: what our own instructions ask for (all a forced call may be), and the shapes small models drift into.
     call = _alternatives(r, tools, lambda t: _object(r, t), "call")
@@ -241,7 +335,13 @@ def _after_reasoning(fmt: ChatFormat, r: _Rules, calls: str, in_reasoning: bool)
 
 
 def call_grammar(
-    fmt: ChatFormat, tools: list[dict[str, Any]], choice: ToolChoice, *, parallel: bool, in_reasoning: bool, text_schema: dict[str, Any] | None = None
+    fmt: ChatFormat,
+    tools: list[dict[str, Any]],
+    choice: ToolChoice,
+    *,
+    parallel: bool,
+    in_reasoning: bool,
+    text_schema: dict[str, Any] | None = None,
 ) -> CallGrammar | None:
     """The grammar for this request's calls; None when auto mode cannot constrain them (schemas beyond the budget).
 
@@ -251,7 +351,11 @@ def call_grammar(
     """
     forced = choice.mode in ("required", "function")
     text_schema = None if forced else text_schema
-    key = json.dumps([fmt.name, fmt.reasoning, tools, choice.mode, choice.function, parallel, in_reasoning, text_schema], sort_keys=True, default=str)
+    key = json.dumps(
+        [fmt.name, fmt.reasoning, tools, choice.mode, choice.function, parallel, in_reasoning, text_schema],
+        sort_keys=True,
+        default=str,
+    )
     try:
         return _cached(key, fmt, forced)
     except InvalidRequest:
@@ -272,7 +376,9 @@ def _cached(key: str, fmt: ChatFormat, forced: bool) -> CallGrammar:
     if mode == "function":
         functions = [f for f in functions if f["name"] == function]
         if not functions:
-            raise InvalidRequest(f"tool_choice names function {function!r}, which is not among the tools", "tool_choice")
+            raise InvalidRequest(
+                f"tool_choice names function {function!r}, which is not among the tools", "tool_choice"
+            )
     check_budget([f.get("parameters") or {} for f in functions] + ([text_schema] if text_schema is not None else []))
     r = _Rules()
     value_close = "</arg_value>" if fmt.name == "glm45" else "</parameter>"
@@ -284,7 +390,9 @@ def _cached(key: str, fmt: ChatFormat, forced: bool) -> CallGrammar:
         if fmt.name in ("qwen3_coder", "glm45") and isinstance(schema.get("properties"), dict):
             required = set(schema.get("required") or [])
             for key_name, prop in schema["properties"].items():
-                params.append((key_name, _xml_value(r, prop, value_close, f"tool{index}-{key_name}"), key_name in required))
+                params.append(
+                    (key_name, _xml_value(r, prop, value_close, f"tool{index}-{key_name}"), key_name in required)
+                )
         described.append(_Tool(function["name"], args, params))
     block, trigger = _family_root(fmt.name, r, described, parallel, forced)
     if forced:

@@ -45,10 +45,14 @@ _MARKED = re.compile(f"{_START}([^{_START}{_END}]*){_END}|[{_START}{_END}]")
 # Without the vocabulary's list of control tokens, these are taken for control tokens: the
 # `<|…|>` and `<｜…｜>` shapes anywhere, and token-shaped literals of the template's own text.
 _ALWAYS_CONTROL = r"<\|[^|<>\s]{1,64}\|>|<｜[^<>｜]{1,64}｜>"
-_TOKEN_SHAPED = re.compile(r"<\|[^|<>\s]{1,64}\|>|<｜[^<>｜]{1,64}｜>|</?[A-Za-z_][\w:.▁-]{0,48}>|\[/?[A-Z][A-Z_]{1,30}\]")
+_TOKEN_SHAPED = re.compile(
+    r"<\|[^|<>\s]{1,64}\|>|<｜[^<>｜]{1,64}｜>|</?[A-Za-z_][\w:.▁-]{0,48}>|\[/?[A-Z][A-Z_]{1,30}\]"
+)
 # Tags that templates write as plain text (llama.cpp's GGUFs keep them as user-defined tokens, which
 # it parses even in plain text, so marking them buys nothing), and which templates split and strip on.
-_PLAIN_TAGS = re.compile(r"</?(think|thinking|tool_call|tool_calls|tool_response|tool_responses|tools|arg_key|arg_value|function|parameter|answer|reasoning|response|seed:think|seed:tool_call|minimax:tool_call|invoke|result|output|code)>")
+_PLAIN_TAGS = re.compile(
+    r"</?(think|thinking|tool_call|tool_calls|tool_response|tool_responses|tools|arg_key|arg_value|function|parameter|answer|reasoning|response|seed:think|seed:tool_call|minimax:tool_call|invoke|result|output|code)>"
+)
 # The variables render() sets itself (client kwargs may not replace them).
 _RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 # The names a message's reasoning goes by; Hugging Face fills them from one another before rendering.
@@ -87,7 +91,9 @@ def _raise_exception(message: str) -> None:
     raise _TemplateRaised(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # Hugging Face's tojson: no HTML escaping, non-ASCII kept, its options exposed.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -185,7 +191,9 @@ def _check_binop(operator: str, left: Any, right: Any) -> None:
     elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
         if right * math.log2(abs(left)) > MAX_INT_BITS:
             raise SecurityError("an integer too large for a template")
-    elif operator == "+" and isinstance(left, sized) and isinstance(right, sized) and len(left) + len(right) > MAX_VALUE:
+    elif (
+        operator == "+" and isinstance(left, sized) and isinstance(right, sized) and len(left) + len(right) > MAX_VALUE
+    ):
         raise SecurityError(f"a value of {len(left) + len(right)} items; templates may build at most {MAX_VALUE}")
     elif operator == "%" and isinstance(left, str):
         for match in _FORMAT_WIDTH.finditer(left):
@@ -282,8 +290,14 @@ def _alias_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Hugging Face's reasoning aliases: `reasoning_content` and `thinking` filled from whichever is set."""
     aliased = []
     for message in messages:
-        reasoning = next((message[key] for key in _REASONING_FIELDS if message.get(key) is not None), None) if isinstance(message, dict) else None
-        aliased.append({"thinking": reasoning, **message, "reasoning_content": reasoning} if reasoning is not None else message)
+        reasoning = (
+            next((message[key] for key in _REASONING_FIELDS if message.get(key) is not None), None)
+            if isinstance(message, dict)
+            else None
+        )
+        aliased.append(
+            {"thinking": reasoning, **message, "reasoning_content": reasoning} if reasoning is not None else message
+        )
     return aliased
 
 
@@ -303,7 +317,11 @@ def _segments(rendered: str, control: re.Pattern[str]) -> list[Segment]:
     cursor = 0
     for match in _MARKED.finditer(rendered):
         pieces.append(("text", rendered[cursor : match.start()]))
-        pieces.append(("token", match.group(1)) if match.group(1) is not None else ("start" if match.group(0) == _START else "end", ""))
+        pieces.append(
+            ("token", match.group(1))
+            if match.group(1) is not None
+            else ("start" if match.group(0) == _START else "end", "")
+        )
         cursor = match.end()
     pieces.append(("text", rendered[cursor:]))
     segments: list[Segment] = []
@@ -315,7 +333,11 @@ def _segments(rendered: str, control: re.Pattern[str]) -> list[Segment]:
             if head:
                 segments.append(Segment(head.group(0), trusted=False))
                 text = text[head.end() :]
-            tail = next((m for m in control.finditer(text) if m.end() == len(text)), None) if index + 1 < len(pieces) and pieces[index + 1][0] == "end" else None
+            tail = (
+                next((m for m in control.finditer(text) if m.end() == len(text)), None)
+                if index + 1 < len(pieces) and pieces[index + 1][0] == "end"
+                else None
+            )
             segments.append(Segment(text[: tail.start()] if tail else text, trusted=True))
             if tail:
                 segments.append(Segment(tail.group(0), trusted=False))
@@ -325,7 +347,15 @@ def _segments(rendered: str, control: re.Pattern[str]) -> list[Segment]:
 class ChatTemplate:
     """A compiled chat template and the special-token texts it expects."""
 
-    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "", origin: str = "gguf", control_tokens: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        *,
+        bos_token: str = "",
+        eos_token: str = "",
+        origin: str = "gguf",
+        control_tokens: Iterable[str] | None = None,
+    ) -> None:
         """`control_tokens`: the vocabulary's control tokens; without them, token-shaped text is taken for one."""
         self.source = source
         self.origin = origin  # gguf | catalog | fallback
@@ -341,8 +371,12 @@ class ChatTemplate:
                 found = {m.group(0) for text in _template_literals(env, source) for m in _TOKEN_SHAPED.finditer(text)}
                 control_tokens = {token for token in found if not _PLAIN_TAGS.fullmatch(token)}
         except (TemplateError, RecursionError, MemoryError, ValueError) as exc:
-            where = "its chat_template in models.toml" if origin == "catalog" else "a chat_template for it in models.toml"
-            raise BadChatTemplate(f"the model's {origin} chat template does not compile: {exc}", f"fix {where}") from None
+            where = (
+                "its chat_template in models.toml" if origin == "catalog" else "a chat_template for it in models.toml"
+            )
+            raise BadChatTemplate(
+                f"the model's {origin} chat template does not compile: {exc}", f"fix {where}"
+            ) from None
         self._control = _control_pattern({*control_tokens, bos_token, eos_token}, guessed=guessed)
 
     def render(
@@ -373,17 +407,31 @@ class ChatTemplate:
         except _TemplateRaised as exc:
             raise InvalidRequest(f"the model's chat template rejected the conversation: {exc}", "messages") from None
         except RecursionError:
-            raise InvalidRequest("the model's chat template recursed too deeply on these messages", "messages") from None
+            raise InvalidRequest(
+                "the model's chat template recursed too deeply on these messages", "messages"
+            ) from None
         except Exception as exc:  # a template is code: whatever it raises is its failure to render, not the server's
-            raise InvalidRequest(f"the model's chat template could not render these messages: {exc}", "messages") from None
+            raise InvalidRequest(
+                f"the model's chat template could not render these messages: {exc}", "messages"
+            ) from None
         return _segments(rendered, mark)
 
     def render_text(
-        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
         """The prompt as one text, as the model's makers render it (what /apply-template shows)."""
         check_kwargs(template_kwargs or {})
-        return "".join(segment.text for segment in self.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})))
+        return "".join(
+            segment.text
+            for segment in self.render(
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
+            )
+        )
 
     def _render(self, variables: dict[str, Any]) -> str:
         """Render within the budget: output is read as it is made, so a runaway template stops early."""

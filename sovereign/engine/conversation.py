@@ -70,7 +70,13 @@ def _merge_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     merged: list[dict[str, Any]] = []
     for message in messages:
         previous = merged[-1] if merged else None
-        if previous is not None and _plain(previous) and _plain(message) and previous.get("role") == message.get("role") and message.get("role") in ("user", "assistant"):
+        if (
+            previous is not None
+            and _plain(previous)
+            and _plain(message)
+            and previous.get("role") == message.get("role")
+            and message.get("role") in ("user", "assistant")
+        ):
             previous["content"] = _join(previous["content"], message["content"])
             continue
         merged.append(message)
@@ -100,7 +106,12 @@ def _join(*texts: str) -> str:
 
 def system_into_first_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The leading system message joined to the first user turn (Gemma 2: "System role not supported")."""
-    if len(messages) < 2 or messages[0].get("role") != "system" or messages[1].get("role") != "user" or not _plain(messages[1]):
+    if (
+        len(messages) < 2
+        or messages[0].get("role") != "system"
+        or messages[1].get("role") != "user"
+        or not _plain(messages[1])
+    ):
         return messages
     return [{"role": "user", "content": _join(_text(messages[0]), messages[1]["content"])}, *messages[2:]]
 
@@ -109,7 +120,13 @@ def user_after_tools_into_results(messages: list[dict[str, Any]]) -> list[dict[s
     """A user turn right after tool results, joined to the last result (Mistral's templates want an assistant turn between)."""
     out: list[dict[str, Any]] = []
     for message in messages:
-        if out and out[-1].get("role") == "tool" and message.get("role") == "user" and _plain(message) and isinstance(out[-1].get("content"), str):
+        if (
+            out
+            and out[-1].get("role") == "tool"
+            and message.get("role") == "user"
+            and _plain(message)
+            and isinstance(out[-1].get("content"), str)
+        ):
             out[-1] = {**out[-1], "content": _join(out[-1]["content"], message["content"])}
             continue
         out.append(message)
@@ -125,7 +142,10 @@ def nine_character_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, An
     out = []
     for message in messages:
         if message.get("tool_calls"):
-            message = {**message, "tool_calls": [{**call, "id": short(call.get("id"))} for call in message["tool_calls"]]}
+            message = {
+                **message,
+                "tool_calls": [{**call, "id": short(call.get("id"))} for call in message["tool_calls"]],
+            }
         if message.get("role") == "tool" and "tool_call_id" in message:
             message = {**message, "tool_call_id": short(message["tool_call_id"])}
         out.append(message)

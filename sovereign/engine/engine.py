@@ -112,15 +112,28 @@ class Engine:
         return model.facts.with_bos(tokens) if add_bos else tokens
 
     async def apply_template(
-        self, model_name: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any] | None, add_generation_prompt: bool
+        self,
+        model_name: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        kwargs: dict[str, Any] | None,
+        add_generation_prompt: bool,
     ) -> str:
         """The prompt text the model's chat template makes of these messages, tools and template kwargs."""
         model = await self.pool.get(model_name)
         template = model.template
-        messages = tool_calls.as_template_messages(conversation.normalize(messages), tools or [], native=template.supports_tools)
+        messages = tool_calls.as_template_messages(
+            conversation.normalize(messages), tools or [], native=template.supports_tools
+        )
         active = tools if template.supports_tools else None
         check_kwargs(kwargs or {})
-        render = functools.partial(_render_as_allowed, template, messages, active, {**(kwargs or {}), "add_generation_prompt": add_generation_prompt})
+        render = functools.partial(
+            _render_as_allowed,
+            template,
+            messages,
+            active,
+            {**(kwargs or {}), "add_generation_prompt": add_generation_prompt},
+        )
         return "".join(segment.text for segment in await asyncio.to_thread(render))
 
     async def token_texts(self, model_name: str, tokens: list[int]) -> list[str]:
@@ -152,7 +165,9 @@ class Engine:
     def loads(self) -> list[ModelLoad]:
         """How busy each loaded model is."""
         return [
-            ModelLoad(name, model.process.n_slots, model.process.busy_slots, model.process.queued, model.process.decode_rate())
+            ModelLoad(
+                name, model.process.n_slots, model.process.busy_slots, model.process.queued, model.process.decode_rate()
+            )
             for name, model in self.pool.loaded.items()
         ]
 
@@ -176,7 +191,16 @@ class Engine:
         loaded = self.pool.loaded.get(manifest.name)
         gguf = manifest.gguf
         context = loaded.facts.n_ctx if loaded else gguf.get("context_length")
-        return ModelInfo(manifest.name, manifest.pulled_at, manifest.size, gguf.get("architecture"), gguf.get("quantization"), gguf.get("parameters"), context, loaded is not None)
+        return ModelInfo(
+            manifest.name,
+            manifest.pulled_at,
+            manifest.size,
+            gguf.get("architecture"),
+            gguf.get("quantization"),
+            gguf.get("parameters"),
+            context,
+            loaded is not None,
+        )
 
     async def _pieces(self, model: LoadedModel, tokens: list[int], *, special: bool, param: str) -> bytes:
         _check_vocabulary(model, tokens, param)
@@ -214,11 +238,15 @@ class Engine:
         budget = request.reasoning.budget_tokens if model.format.reasoning and not self.raw_reasoning else None
         return _Prepared(model, prompt, sampling, tool_mode, active_tools, opened, request.parallel_tool_calls, budget)
 
-    def _render_chat(self, model: LoadedModel, request: ChatRequest) -> tuple[list[Segment], SamplingParams, str, list[dict[str, Any]], bool]:
+    def _render_chat(
+        self, model: LoadedModel, request: ChatRequest
+    ) -> tuple[list[Segment], SamplingParams, str, list[dict[str, Any]], bool]:
         """The prompt's segments, the decoding rules (grammars compiled here, off the event loop), and whether the prompt opened the reasoning."""
         template = model.template
         active_tools = request.tools if request.tool_choice.mode != "none" else []
-        messages = tool_calls.as_template_messages(conversation.normalize(request.messages), active_tools, native=template.supports_tools)
+        messages = tool_calls.as_template_messages(
+            conversation.normalize(request.messages), active_tools, native=template.supports_tools
+        )
         kwargs = request.all_template_kwargs()
         check_kwargs(kwargs)  # before they are spread: a client's "messages" or "self" must be a 400, not a TypeError
         segments = _render_as_allowed(template, messages, active_tools if template.supports_tools else None, kwargs)
@@ -227,13 +255,24 @@ class Engine:
         opened = fmt.reasoning is not None and _ends_with(segments, fmt.reasoning[0])
         sampling = self._with_stops(model, request.sampling)
         tool_mode = "none"
-        text_schema = request.json_schema if request.json_schema is not None else ({"type": "object"} if request.json_object else None)
+        text_schema = (
+            request.json_schema
+            if request.json_schema is not None
+            else ({"type": "object"} if request.json_object else None)
+        )
         if text_schema is not None:
             sampling = replace(sampling, grammar=_grammar_for_schema(text_schema, request.format_param))
         if active_tools:
             tool_mode = "forced" if request.tool_choice.mode in ("required", "function") else "auto"
             # The calls in the family's own syntax (under auto, lazily); a response format holds the text answer.
-            calls = call_grammar(fmt, active_tools, request.tool_choice, parallel=request.parallel_tool_calls, in_reasoning=opened, text_schema=text_schema)
+            calls = call_grammar(
+                fmt,
+                active_tools,
+                request.tool_choice,
+                parallel=request.parallel_tool_calls,
+                in_reasoning=opened,
+                text_schema=text_schema,
+            )
             if calls is not None:
                 sampling = replace(sampling, grammar=calls.gbnf, grammar_trigger=calls.trigger)
         if model.format.name != "generic":  # the family's markers are control tokens: the parser must see them
@@ -249,9 +288,19 @@ class Engine:
 
     async def _events(self, prepared: _Prepared, stream: TokenStream) -> AsyncGenerator[Event, None]:
         text = output.TextAssembler(prepared.sampling.stop)
-        reader = output.reader_for(prepared.model.format, prepared.tool_mode, prepared.tools, raw_reasoning=self.raw_reasoning, in_reasoning=prepared.in_reasoning)
+        reader = output.reader_for(
+            prepared.model.format,
+            prepared.tool_mode,
+            prepared.tools,
+            raw_reasoning=self.raw_reasoning,
+            in_reasoning=prepared.in_reasoning,
+        )
         only_one = output.FirstCallOnly() if not prepared.parallel_tool_calls else None  # parallel_tool_calls: false
-        budget = output.ReasoningBudget(prepared.model.format, prepared.reasoning_budget, opened=prepared.in_reasoning) if prepared.reasoning_budget is not None else None
+        budget = (
+            output.ReasoningBudget(prepared.model.format, prepared.reasoning_budget, opened=prepared.in_reasoning)
+            if prepared.reasoning_budget is not None
+            else None
+        )
         completion_tokens = 0
         reason: FinishReason = "length"
         stopped: str | None = None
@@ -273,17 +322,25 @@ class Engine:
             for event in [*reader.feed(text.flush(), None), *reader.finish(truncated=reason == "length")]:
                 if only_one is not None and (event := only_one.filter(event)) is None:
                     continue
-                if isinstance(event, ToolCallsEvent) and reason != "length":  # a call cut off by max_tokens is still "length"
+                if (
+                    isinstance(event, ToolCallsEvent) and reason != "length"
+                ):  # a call cut off by max_tokens is still "length"
                     reason = "tool_calls"
                 yield event
             if not stream.cancelled:  # a client that hung up has no finish reason
                 stream.stats.finish_reason = reason
-            yield Finished(reason, Usage(len(prepared.prompt), completion_tokens, stream.stats.cached_tokens), stopped if reason == "stop" else None)
+            yield Finished(
+                reason,
+                Usage(len(prepared.prompt), completion_tokens, stream.stats.cached_tokens),
+                stopped if reason == "stop" else None,
+            )
         finally:
             stream.cancel()
 
 
-def _render_as_allowed(template: ChatTemplate, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any]) -> list[Segment]:
+def _render_as_allowed(
+    template: ChatTemplate, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any]
+) -> list[Segment]:
     """The template's rendering; when it refuses the conversation's shape, again with the shape reworked as it allows."""
     tools = tool_calls.template_tools(tools) if tools else None
     try:

@@ -113,19 +113,31 @@ def _check_count(value: float, where: str) -> None:
     if not math.isfinite(value) or value != int(value) or value < 0:
         raise SchemaTooComplex(f"{where} must be a whole number of at least 0, not {value}")
     if value > MAX_REPEAT:
-        raise SchemaTooComplex(f"{where} is {int(value)}, more than the {MAX_REPEAT} this server can enforce (leave it out for no limit)")
+        raise SchemaTooComplex(
+            f"{where} is {int(value)}, more than the {MAX_REPEAT} this server can enforce (leave it out for no limit)"
+        )
 
 
 def _check_pattern(pattern: str, where: str) -> None:
     if len(pattern) > MAX_PATTERN:
-        raise SchemaTooComplex(f"the pattern at {where} is {len(pattern)} characters long, more than the {MAX_PATTERN} allowed")
+        raise SchemaTooComplex(
+            f"the pattern at {where} is {len(pattern)} characters long, more than the {MAX_PATTERN} allowed"
+        )
     for match in _QUANTIFIER.finditer(pattern):
         for count in match.groups():
             if count and int(count) > MAX_REPEAT:
-                raise SchemaTooComplex(f"the pattern at {where} repeats {count} times, more than the {MAX_REPEAT} this server can enforce")
+                raise SchemaTooComplex(
+                    f"the pattern at {where} repeats {count} times, more than the {MAX_REPEAT} this server can enforce"
+                )
 
 
-def _repetition(item: str, min_items: int, max_items: int | None, separator_rule: str | None = None, item_rule_is_literal: bool = False) -> str:
+def _repetition(
+    item: str,
+    min_items: int,
+    max_items: int | None,
+    separator_rule: str | None = None,
+    item_rule_is_literal: bool = False,
+) -> str:
     """llama_grammar._build_repetition's contract (min..max copies of a term, max None for no limit), spelled with GBNF's {m,n}."""
     if separator_rule:
         if max_items == 0:
@@ -163,7 +175,9 @@ def _up_to(term: str, count: int) -> str:
     # each count has one spelling, and the parse never holds more than a few stacks.
     blocks, rest = divmod(count, REPEAT_BLOCK)
     block = f"({term}{{{REPEAT_BLOCK}}})"
-    short = " ".join(part for part in (f"{block}{{0,{blocks - 1}}}" if blocks > 1 else "", f"{term}{{0,{REPEAT_BLOCK - 1}}}") if part)
+    short = " ".join(
+        part for part in (f"{block}{{0,{blocks - 1}}}" if blocks > 1 else "", f"{term}{{0,{REPEAT_BLOCK - 1}}}") if part
+    )
     full = " ".join(part for part in (f"{block}{{{blocks}}}" if blocks > 1 else block, _up_to(term, rest)) if part)
     return f"({short} | {full})"
 
@@ -172,7 +186,9 @@ def _up_to(term: str, count: int) -> str:
 # writes a line break inside a string and the document does not parse): llama.cpp's C++ rule instead.
 _PRIMITIVES = {
     **llama_grammar.PRIMITIVE_RULES,
-    "char": llama_grammar.BuiltinRule(r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])', []),
+    "char": llama_grammar.BuiltinRule(
+        r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])', []
+    ),
 }
 
 
@@ -182,7 +198,9 @@ def _rebound(function: Callable[..., Any]) -> Callable[..., Any]:
     The same code under other globals (its nested functions inherit them), so llama_grammar itself is untouched.
     """
     namespace = {**vars(llama_grammar), "_build_repetition": _repetition, "PRIMITIVE_RULES": _PRIMITIVES}
-    return types.FunctionType(function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__)
+    return types.FunctionType(
+        function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__
+    )
 
 
 def _gbnf_literal(text: str) -> str:
@@ -210,7 +228,9 @@ class _BoundedSchemaConverter(SchemaConverter):
             return self._add_rule(rule_name, f"({' | '.join(integer_range(low, high))}) space")
         # The branch the original takes for an enum (after $ref, unions, type lists and const).
         if (
-            isinstance(schema, dict) and isinstance(schema.get("enum"), list) and schema["enum"]
+            isinstance(schema, dict)
+            and isinstance(schema.get("enum"), list)
+            and schema["enum"]
             and not any(key in schema for key in ("$ref", "oneOf", "anyOf", "const"))
             and not isinstance(schema.get("type"), list)
         ):
@@ -238,7 +258,9 @@ class _BoundedSchemaConverter(SchemaConverter):
                 if len(members) == 1:
                     alternatives.append(edge)
                 else:
-                    child = self._add_rule(f"{name}-{len(self._rules)}", f"<{len(self._rules)}>")  # a unique placeholder: a fresh name
+                    child = self._add_rule(
+                        f"{name}-{len(self._rules)}", f"<{len(self._rules)}>"
+                    )  # a unique placeholder: a fresh name
                     alternatives.append(f"{edge} {child}")
                     pending.append((child, members, shared))
             body = " | ".join(alternatives)
@@ -266,7 +288,9 @@ def json_schema_to_gbnf(schema: dict[str, Any]) -> str:
     converter.visit(resolved, "")
     grammar = converter.format_grammar()
     if len(grammar) > MAX_GRAMMAR_CHARS:
-        raise SchemaTooComplex(f"the schema makes a grammar of {len(grammar)} characters, more than the {MAX_GRAMMAR_CHARS} allowed")
+        raise SchemaTooComplex(
+            f"the schema makes a grammar of {len(grammar)} characters, more than the {MAX_GRAMMAR_CHARS} allowed"
+        )
     return grammar
 
 

@@ -128,7 +128,9 @@ class ProbeOutcome:
         return signal_name(self.returncode)
 
 
-def kernel_choice(home: Path, model_path: Path, override: str = "auto", *, timeout: float = PROBE_TIMEOUT) -> KernelChoice:
+def kernel_choice(
+    home: Path, model_path: Path, override: str = "auto", *, timeout: float = PROBE_TIMEOUT
+) -> KernelChoice:
     """Whether to load with llama.cpp's extra buffer types: as proven once for this build and CPU, or as overridden."""
     check_override(override)
     if override != "auto":
@@ -155,8 +157,15 @@ def record_crash(home: Path, signal_name: str, model_path: Path, override: str =
         return None
     best, fallback = machine.instruction_sets
     verdict = Verdict(
-        fast_ok=False, signal=signal_name, instruction_set=best, fallback=fallback, build=machine.build,
-        cpu=machine.cpu, model=model_path.name, seconds=0.0, checked_at=time.time(),
+        fast_ok=False,
+        signal=signal_name,
+        instruction_set=best,
+        fallback=fallback,
+        build=machine.build,
+        cpu=machine.cpu,
+        model=model_path.name,
+        seconds=0.0,
+        checked_at=time.time(),
     )
     write_verdict(path, verdict)
     return _announce(KernelChoice(False, verdict.note(), None))
@@ -176,7 +185,9 @@ def kernel_status(home: Path, override: str = "auto") -> str:
 def check_override(override: str) -> None:
     """Refuse a SOVEREIGN_EXTRA_BUFFERS value other than auto, on or off."""
     if override not in OVERRIDES:
-        raise SovereignError(f"SOVEREIGN_EXTRA_BUFFERS={override!r} is not one of auto, on, off", "unset it, or set it to auto")
+        raise SovereignError(
+            f"SOVEREIGN_EXTRA_BUFFERS={override!r} is not one of auto, on, off", "unset it, or set it to auto"
+        )
 
 
 def _announce(choice: KernelChoice) -> KernelChoice:
@@ -196,7 +207,9 @@ def _probe_locked(path: Path, machine: Machine, model_path: Path, timeout: float
         with lock:
             if (verdict := read_verdict(path)) is not None:  # another process probed while this one waited
                 return KernelChoice(verdict.fast_ok, verdict.note(), None)
-            log.info("proving llama.cpp's CPU kernels on this machine with %s (once per llama.cpp build)", model_path.name)
+            log.info(
+                "proving llama.cpp's CPU kernels on this machine with %s (once per llama.cpp build)", model_path.name
+            )
             return _judge(run_probe(model_path, timeout), path, machine, model_path, timeout)
     except filelock.Timeout:
         return _inconclusive(f"another process held the probe lock for {timeout + LOCK_MARGIN:g} s", None)
@@ -221,8 +234,15 @@ def _judge(outcome: ProbeOutcome, path: Path, machine: Machine, model_path: Path
         return _inconclusive(reason, outcome.seconds)
     best, fallback = machine.instruction_sets
     verdict = Verdict(
-        fast_ok=not crashed, signal=outcome.signal, instruction_set=best, fallback=fallback, build=machine.build,
-        cpu=machine.cpu, model=model_path.name, seconds=round(outcome.seconds, 3), checked_at=time.time(),
+        fast_ok=not crashed,
+        signal=outcome.signal,
+        instruction_set=best,
+        fallback=fallback,
+        build=machine.build,
+        cpu=machine.cpu,
+        model=model_path.name,
+        seconds=round(outcome.seconds, 3),
+        checked_at=time.time(),
     )
     write_verdict(path, verdict)
     log.info("kernel probe: %s in %.1f s", verdict.status(), outcome.seconds)
@@ -240,7 +260,9 @@ def run_probe(model_path: Path, timeout: float = PROBE_TIMEOUT) -> ProbeOutcome:
     command = [sys.executable, "-m", "sovereign.engine.runtime.kernel_probe", str(model_path)]
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+        done = subprocess.run(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout
+        )
     except subprocess.TimeoutExpired as exc:
         return ProbeOutcome(None, time.perf_counter() - started, _tail(exc.stderr))
     return ProbeOutcome(done.returncode, time.perf_counter() - started, _tail(done.stderr))

@@ -55,7 +55,11 @@ class FamilyOutput:
 
     def finish(self, truncated: bool = False) -> list[Event]:
         events = self._convert(self._parser.finish())
-        calls = [call for call in (self._checked(*parts, truncated=truncated) for parts in self._calls.values()) if call is not None]
+        calls = [
+            call
+            for call in (self._checked(*parts, truncated=truncated) for parts in self._calls.values())
+            if call is not None
+        ]
         return events + ([ToolCallsEvent(calls)] if calls else [])
 
     def _convert(self, parsed: list[formats.FormatEvent]) -> list[Event]:
@@ -149,7 +153,9 @@ class PlainOutput:
         return [TextDelta(self._held_text, self._held_logprobs)]
 
 
-def reader_for(fmt: formats.ChatFormat, tool_mode: str, tools: list[dict[str, Any]], *, raw_reasoning: bool, in_reasoning: bool) -> OutputReader:
+def reader_for(
+    fmt: formats.ChatFormat, tool_mode: str, tools: list[dict[str, Any]], *, raw_reasoning: bool, in_reasoning: bool
+) -> OutputReader:
     """The reader for one answer: the family's parser where it applies, else plain text with held-back calls."""
     if fmt.name == "generic" or raw_reasoning:
         return PlainOutput(tool_mode, tools)
@@ -172,7 +178,15 @@ class TextAssembler:
             index, stop = min(hits, key=lambda hit: hit[0])  # the earliest; among equals, the first listed
             out, self._pending = self._pending[:index], ""
             return out, stop
-        hold = max((n for s in self._stops for n in range(min(len(s) - 1, len(self._pending)), 0, -1) if self._pending.endswith(s[:n])), default=0)
+        hold = max(
+            (
+                n
+                for s in self._stops
+                for n in range(min(len(s) - 1, len(self._pending)), 0, -1)
+                if self._pending.endswith(s[:n])
+            ),
+            default=0,
+        )
         cut = len(self._pending) - hold
         out, self._pending = self._pending[:cut], self._pending[cut:]
         return out, None

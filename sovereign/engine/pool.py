@@ -69,10 +69,14 @@ def _context_note(facts: ModelFacts, chosen: bool) -> str:
     """The context each request gets, and whether an agent's prompt fits in it."""
     note = f"{facts.n_ctx:,} tokens of context per request, {facts.n_parallel} at once"
     if chosen or facts.n_ctx >= AGENT_CONTEXT:
-        return note + (" (room for an agent's prompt, such as Claude Code's ~20k tokens)" if facts.n_ctx >= AGENT_CONTEXT else "")
+        return note + (
+            " (room for an agent's prompt, such as Claude Code's ~20k tokens)" if facts.n_ctx >= AGENT_CONTEXT else ""
+        )
     if facts.n_ctx_train < AGENT_CONTEXT:
         return note + f" (the model was trained for {facts.n_ctx_train:,}: too few for an agent such as Claude Code)"
-    return note + f" (memory holds no more: agents such as Claude Code need ~{AGENT_CONTEXT // 1024}k; try --parallel 1)"
+    return (
+        note + f" (memory holds no more: agents such as Claude Code need ~{AGENT_CONTEXT // 1024}k; try --parallel 1)"
+    )
 
 
 class StartProcess(Protocol):
@@ -86,7 +90,9 @@ class StartProcess(Protocol):
 class ModelPool:
     """Loaded models by store name, guarded so that one name is loaded once."""
 
-    def __init__(self, store: Store, catalog: Catalog, options: PoolOptions, start_process: StartProcess = ModelProcess.start) -> None:
+    def __init__(
+        self, store: Store, catalog: Catalog, options: PoolOptions, start_process: StartProcess = ModelProcess.start
+    ) -> None:
         self.store = store
         self.catalog = catalog
         self.options = options
@@ -110,10 +116,17 @@ class ModelPool:
         if manifest is not None:
             return manifest
         if mapped is not None:
-            raise ModelNotFound(f"the model {text!r} maps to {mapped!r}, which is not pulled", f"pull it first: sovereign pull {mapped}")
+            raise ModelNotFound(
+                f"the model {text!r} maps to {mapped!r}, which is not pulled", f"pull it first: sovereign pull {mapped}"
+            )
         if is_closed_api_name(text):
-            raise ModelNotFound(f"the model {text!r} is a closed API's", f"map it to a local model: sovereign serve --alias '{text.split('-')[0]}-*=MODEL'")
-        raise ModelNotFound(f"the model {text!r} does not exist or is not pulled", f"pull it first: sovereign pull {text}")
+            raise ModelNotFound(
+                f"the model {text!r} is a closed API's",
+                f"map it to a local model: sovereign serve --alias '{text.split('-')[0]}-*=MODEL'",
+            )
+        raise ModelNotFound(
+            f"the model {text!r} does not exist or is not pulled", f"pull it first: sovereign pull {text}"
+        )
 
     def pulled(self, text: str) -> Manifest | None:
         """The pulled model a name (or catalog alias) stands for, if any."""
@@ -177,7 +190,9 @@ class ModelPool:
         if self.options.kernel_home is not None:  # fast kernels only once a child process has survived them
             choice = await asyncio.to_thread(kernel_choice, self.options.kernel_home, path, self.options.extra_buffers)
             options = replace(options, use_extra_bufts=choice.use_extra_bufts)
-        process = await self._start_process(manifest.name, path, options, max_queue=self.options.max_queue, timeout=self.options.request_timeout)
+        process = await self._start_process(
+            manifest.name, path, options, max_queue=self.options.max_queue, timeout=self.options.request_timeout
+        )
         try:
             template, stops = self._template_for(process.facts, path, spec)
         except BaseException:
@@ -209,13 +224,17 @@ class ModelPool:
         if self.options.kernel_home is not None and process.options.use_extra_bufts:
             record_crash(self.options.kernel_home, crash, process.path, self.options.extra_buffers)
 
-    def _template_for(self, facts: ModelFacts, path: Path, spec: ModelSpec | None) -> tuple[ChatTemplate, tuple[str, ...]]:
+    def _template_for(
+        self, facts: ModelFacts, path: Path, spec: ModelSpec | None
+    ) -> tuple[ChatTemplate, tuple[str, ...]]:
         """The catalog's template override, else the GGUF's own, else a plain transcript."""
         bos, eos = facts.bos_text, facts.eos_text
         control = facts.control_tokens or None  # the vocabulary's own: client text never becomes one of them
         stops = tuple(spec.stop) if spec else ()
         if spec and spec.chat_template:
-            return ChatTemplate(spec.chat_template, bos_token=bos, eos_token=eos, origin="catalog", control_tokens=control), stops
+            return ChatTemplate(
+                spec.chat_template, bos_token=bos, eos_token=eos, origin="catalog", control_tokens=control
+            ), stops
         own = facts.metadata.get("tokenizer.chat_template")
         if own:
             return ChatTemplate(own, bos_token=bos, eos_token=eos, origin="gguf", control_tokens=control), stops

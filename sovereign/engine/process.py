@@ -74,12 +74,16 @@ def signal_name(returncode: int | None) -> str:
 class ModelProcess:
     """One loaded model, living in a child process of its own; used from the event loop that started it."""
 
-    def __init__(self, name: str, path: Path, options: LoadOptions, child: subprocess.Popen[bytes], facts: ModelFacts) -> None:
+    def __init__(
+        self, name: str, path: Path, options: LoadOptions, child: subprocess.Popen[bytes], facts: ModelFacts
+    ) -> None:
         self.name = name
         self.path = path
         self.options = options  # how it was loaded (the kernels among them)
         self.facts = facts
-        self.on_exit: Callable[[ModelProcess, str | None], None] | None = None  # the pool's hook: (process, crash signal or None)
+        self.on_exit: Callable[[ModelProcess, str | None], None] | None = (
+            None  # the pool's hook: (process, crash signal or None)
+        )
         self.last_used = time.monotonic()
         self._holds = 0
         self._child = child
@@ -99,20 +103,32 @@ class ModelProcess:
     # --- starting -------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, name: str, path: Path, options: LoadOptions, *, max_queue: int, timeout: float | None) -> ModelProcess:
+    async def start(
+        cls, name: str, path: Path, options: LoadOptions, *, max_queue: int, timeout: float | None
+    ) -> ModelProcess:
         """Start a process that loads the model; returns once it is ready, raises ModelLoadError if it cannot load.
 
         Cancelled (the server shutting down mid-load), it kills the half-loaded process.
         """
         ours, theirs = socket.socketpair()
         try:
-            child = subprocess.Popen([sys.executable, "-m", "sovereign.engine.runtime.worker", str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+            child = subprocess.Popen(
+                [sys.executable, "-m", "sovereign.engine.runtime.worker", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
         except OSError as exc:
             ours.close()
             raise ModelLoadError(f"could not start a process for {name}: {exc.strerror}", None) from None
         finally:
             theirs.close()
-        load = {"op": "load", "path": str(path), "options": wire.load_options_to_wire(options), "max_queue": max_queue, "timeout": timeout}
+        load = {
+            "op": "load",
+            "path": str(path),
+            "options": wire.load_options_to_wire(options),
+            "max_queue": max_queue,
+            "timeout": timeout,
+        }
         try:
             answer = await asyncio.to_thread(_handshake, ours, load)
         except BaseException:
@@ -125,7 +141,10 @@ class ModelProcess:
             await asyncio.to_thread(child.wait)
             if answer is not None and answer.get("op") == "failed":
                 raise wire.error_from_wire(answer["error"])
-            raise ModelLoadError(f"llama.cpp crashed ({signal_name(child.returncode)}) while loading {path.name}", "the file may be corrupt (pull it again with --force), or this llama.cpp build cannot run it on this machine")
+            raise ModelLoadError(
+                f"llama.cpp crashed ({signal_name(child.returncode)}) while loading {path.name}",
+                "the file may be corrupt (pull it again with --force), or this llama.cpp build cannot run it on this machine",
+            )
         log.info("%s: process %d ready in %.2fs", name, answer["facts"]["pid"], answer.get("load_seconds", 0.0))
         process = cls(name, path, options, child, ModelFacts(**answer["facts"]))
         ours.setblocking(False)
@@ -201,6 +220,7 @@ class ModelProcess:
 
     def _send_quietly(self, message: dict[str, Any]) -> None:
         """Send from any thread, ignoring a process that is gone (a cancel after the end)."""
+
         def send() -> None:
             with contextlib.suppress(EngineError):
                 self._send(message)
@@ -278,7 +298,11 @@ class ModelProcess:
     async def _reap(self) -> None:
         await asyncio.to_thread(self._child.wait)
         crash = None if self._closing else signal_name(self._child.returncode)
-        error: EngineError = ModelCrashed(self.name, crash) if crash else EngineError("the model was unloaded while this request ran", "ask again to reload it")
+        error: EngineError = (
+            ModelCrashed(self.name, crash)
+            if crash
+            else EngineError("the model was unloaded while this request ran", "ask again to reload it")
+        )
         self._dead = error
         streams, self._streams = self._streams, {}
         pending, self._pending = self._pending, {}
@@ -288,7 +312,13 @@ class ModelProcess:
             if not future.done():
                 future.set_exception(error)
         if crash:
-            log.error("%s's process died (%s): %d requests failed; the next request reloads it. %s", self.name, crash, len(streams) + len(pending), ModelCrashed.advice(crash))
+            log.error(
+                "%s's process died (%s): %d requests failed; the next request reloads it. %s",
+                self.name,
+                crash,
+                len(streams) + len(pending),
+                ModelCrashed.advice(crash),
+            )
         if not self._exited.done():
             self._exited.set_result(None)
         if self.on_exit is not None:

@@ -48,7 +48,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past end-of-turn (benchmarks)
     grammar: str | None = None  # GBNF the output must match
     grammar_trigger: GrammarTrigger | None = None  # set: the grammar is lazy, applying only once a call opens
-    special_pieces: bool = False  # control tokens as their text (a family's markup, e.g. <|python_tag|>), not as nothing
+    special_pieces: bool = (
+        False  # control tokens as their text (a family's markup, e.g. <|python_tag|>), not as nothing
+    )
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,9 @@ class ChatRequest:
     format_param: str = "response_format"  # where the API took the output format from (named in errors)
     reasoning: ReasoningControl = ReasoningControl()
     parallel_tool_calls: bool = True  # False: at most one call per answer
-    template_kwargs: Mapping[str, Any] = field(default_factory=dict)  # chat_template_kwargs: extra template variables, last word
+    template_kwargs: Mapping[str, Any] = field(
+        default_factory=dict
+    )  # chat_template_kwargs: extra template variables, last word
 
     def all_template_kwargs(self) -> dict[str, Any]:
         """The template's extra variables: those the reasoning controls imply, then the client's own on top."""

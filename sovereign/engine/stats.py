@@ -43,7 +43,12 @@ class RequestStats:
 
     def describe(self) -> str:
         """The timings as one log-friendly phrase."""
-        parts = [f"model={self.model}", f"prompt={self.prompt_tokens}", f"cached={self.cached_tokens}", f"generated={self.generated_tokens}"]
+        parts = [
+            f"model={self.model}",
+            f"prompt={self.prompt_tokens}",
+            f"cached={self.cached_tokens}",
+            f"generated={self.generated_tokens}",
+        ]
         if self.queued_seconds is not None:
             parts.append(f"queued={self.queued_seconds:.3f}s")
         if self.ttft_seconds is not None:

@@ -20,7 +20,12 @@ class _End:
 class TokenStream:
     """Steps of one generation, delivered to the event loop; `cancel()` stops it before the next decode step."""
 
-    def __init__(self, stats: RequestStats, on_cancel: Callable[[], None] | None = None, on_force: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        stats: RequestStats,
+        on_cancel: Callable[[], None] | None = None,
+        on_force: Callable[[str], None] | None = None,
+    ) -> None:
         self.stats = stats
         self._on_force = on_force
         self._queue: asyncio.Queue[Step | _End] = asyncio.Queue()

@@ -30,8 +30,14 @@ def functions_of(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     functions = []
     for index, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type", "function") != "function" or not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise InvalidRequest(f"tools[{index}] must be {{'type': 'function', 'function': {{'name': …}}}}", f"tools[{index}]")
+        if (
+            tool.get("type", "function") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+        ):
+            raise InvalidRequest(
+                f"tools[{index}] must be {{'type': 'function', 'function': {{'name': …}}}}", f"tools[{index}]"
+            )
         functions.append(function)
     return functions
 
@@ -46,7 +52,10 @@ def template_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def instructions(tools: list[dict[str, Any]]) -> str:
     """A system-prompt paragraph teaching a template without tool support how to call ours."""
-    described = [{"name": f["name"], "description": f.get("description", ""), "parameters": f.get("parameters", {})} for f in functions_of(tools)]
+    described = [
+        {"name": f["name"], "description": f.get("description", ""), "parameters": f.get("parameters", {})}
+        for f in functions_of(tools)
+    ]
     return (
         "You can call functions. To call one, reply with only a JSON object of the form "
         '{"name": "<function name>", "arguments": {<arguments>}} and nothing else.\n'
@@ -88,7 +97,9 @@ def parse_calls(text: str, tools: list[dict[str, Any]]) -> list[ToolCall]:
     return calls
 
 
-def as_template_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]], native: bool) -> list[dict[str, Any]]:
+def as_template_messages(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]], native: bool
+) -> list[dict[str, Any]]:
     """Messages a template can render: tool turns folded into plain turns when it has no tool support."""
     if native:
         # Hugging Face templates expect arguments as a mapping, not OpenAI's JSON string.
@@ -96,7 +107,13 @@ def as_template_messages(messages: list[dict[str, Any]], tools: list[dict[str, A
         for message in messages:
             if message.get("tool_calls"):
                 calls = [
-                    {**call, "function": {**call["function"], "arguments": _loads_or_keep(call["function"].get("arguments", "{}"))}}
+                    {
+                        **call,
+                        "function": {
+                            **call["function"],
+                            "arguments": _loads_or_keep(call["function"].get("arguments", "{}")),
+                        },
+                    }
                     for call in message["tool_calls"]
                 ]
                 message = {**message, "tool_calls": calls}
@@ -108,8 +125,13 @@ def as_template_messages(messages: list[dict[str, Any]], tools: list[dict[str, A
         if role == "tool":
             folded.append({"role": "user", "content": f"Function result: {message.get('content', '')}"})
         elif role == "assistant" and message.get("tool_calls"):
-            calls = [{"name": c["function"]["name"], "arguments": _loads_or_keep(c["function"].get("arguments", "{}"))} for c in message["tool_calls"]]
-            folded.append({"role": "assistant", "content": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)})
+            calls = [
+                {"name": c["function"]["name"], "arguments": _loads_or_keep(c["function"].get("arguments", "{}"))}
+                for c in message["tool_calls"]
+            ]
+            folded.append(
+                {"role": "assistant", "content": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)}
+            )
         else:
             folded.append(message)
     if tools:
@@ -125,7 +147,13 @@ def _merge_same_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Join consecutive turns of one role (strict templates demand user/assistant alternation)."""
     merged: list[dict[str, Any]] = []
     for message in messages:
-        if merged and merged[-1]["role"] == message["role"] and message["role"] in ("user", "assistant") and isinstance(merged[-1].get("content"), str) and isinstance(message.get("content"), str):
+        if (
+            merged
+            and merged[-1]["role"] == message["role"]
+            and message["role"] in ("user", "assistant")
+            and isinstance(merged[-1].get("content"), str)
+            and isinstance(message.get("content"), str)
+        ):
             merged[-1] = {**merged[-1], "content": merged[-1]["content"] + "\n\n" + message["content"]}
         else:
             merged.append(message)

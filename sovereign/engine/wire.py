@@ -149,9 +149,19 @@ def params_from_wire(data: dict[str, Any]) -> SamplingParams:
     trigger = data.get("grammar_trigger")
     if trigger is not None:
         reasoning = trigger["reasoning"]
-        trigger = GrammarTrigger(tuple(trigger["markers"]), tuple(trigger["start_patterns"]), tuple(reasoning) if reasoning else None, trigger["in_reasoning"])  # type: ignore[arg-type]
+        trigger = GrammarTrigger(
+            tuple(trigger["markers"]),
+            tuple(trigger["start_patterns"]),
+            tuple(reasoning) if reasoning else None,
+            trigger["in_reasoning"],
+        )  # type: ignore[arg-type]
     return SamplingParams(
-        **{**data, "stop": tuple(data["stop"]), "logit_bias": {int(t): float(b) for t, b in data["logit_bias"].items()}, "grammar_trigger": trigger}
+        **{
+            **data,
+            "stop": tuple(data["stop"]),
+            "logit_bias": {int(t): float(b) for t, b in data["logit_bias"].items()},
+            "grammar_trigger": trigger,
+        }
     )
 
 
@@ -207,7 +217,11 @@ def pieces_from_wire(pieces: list[str]) -> list[bytes]:
 
 def error_to_wire(exc: BaseException) -> dict[str, Any]:
     """An exception as JSON: our own errors keep their class and fields, anything else becomes an EngineError."""
-    data: dict[str, Any] = {"kind": type(exc).__name__, "message": getattr(exc, "message", str(exc) or type(exc).__name__), "hint": getattr(exc, "hint", None)}
+    data: dict[str, Any] = {
+        "kind": type(exc).__name__,
+        "message": getattr(exc, "message", str(exc) or type(exc).__name__),
+        "hint": getattr(exc, "hint", None),
+    }
     for name in ("param", "prompt_tokens", "n_ctx", "queued", "retry_after", "limit"):
         if hasattr(exc, name):
             data[name] = getattr(exc, name)

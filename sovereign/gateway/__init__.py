@@ -14,7 +14,14 @@ if TYPE_CHECKING:
     from sovereign.gateway.proxy import Gateway, GatewayMiddleware
     from sovereign.gateway.upstream import CAUSES, Upstream, parse_upstream
 
-_HOMES = {"Circuit": "circuit", "Gateway": "proxy", "GatewayMiddleware": "proxy", "CAUSES": "upstream", "Upstream": "upstream", "parse_upstream": "upstream"}
+_HOMES = {
+    "Circuit": "circuit",
+    "Gateway": "proxy",
+    "GatewayMiddleware": "proxy",
+    "CAUSES": "upstream",
+    "Upstream": "upstream",
+    "parse_upstream": "upstream",
+}
 __all__ = ["CAUSES", "Circuit", "Gateway", "GatewayMiddleware", "Upstream", "parse_upstream"]
 
 

@@ -14,7 +14,9 @@ KEY_STATUSES = ("403", "451")  # blocks that may be about one client's key rathe
 class Circuit:
     """Closed: requests try the upstream. Open: they go local at once, while a probe waits for the upstream to answer."""
 
-    def __init__(self, name: str, probe: Callable[[], Awaitable[bool]], *, threshold: int = 3, probe_every: float = 30.0) -> None:
+    def __init__(
+        self, name: str, probe: Callable[[], Awaitable[bool]], *, threshold: int = 3, probe_every: float = 30.0
+    ) -> None:
         self.name = name
         self.threshold = threshold
         self.probe_every = probe_every
@@ -30,7 +32,11 @@ class Circuit:
 
     def state(self) -> dict[str, object]:
         """What /health shows."""
-        return {"circuit": "open" if self.is_open else "closed", "failures": self.failures, "last_cause": self.last_cause}
+        return {
+            "circuit": "open" if self.is_open else "closed",
+            "failures": self.failures,
+            "last_cause": self.last_cause,
+        }
 
     def record_success(self) -> None:
         """The upstream answered: forget earlier failures."""
@@ -42,10 +48,17 @@ class Circuit:
         self.last_cause = cause
         if not self.is_open and (at_once or self.failures >= self.threshold):
             self.opened_at = time.monotonic()
-            log.warning("upstream %s is blocked (%s, %d in a row): answering locally until it responds again", self.name, cause, self.failures)
+            log.warning(
+                "upstream %s is blocked (%s, %d in a row): answering locally until it responds again",
+                self.name,
+                cause,
+                self.failures,
+            )
             # A 403 or 451 answered a client's own key: it may say no to that key rather than to this route, so
             # probe (keyless, or with the configured key) at once; a route that answers closes the circuit again.
-            self._prober = asyncio.get_running_loop().create_task(self._wait_for_answer(probe_first=cause in KEY_STATUSES))
+            self._prober = asyncio.get_running_loop().create_task(
+                self._wait_for_answer(probe_first=cause in KEY_STATUSES)
+            )
 
     def close(self) -> None:
         """The upstream answers again."""

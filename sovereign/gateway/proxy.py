@@ -36,7 +36,19 @@ log = logging.getLogger(__name__)
 SERVED_BY = b"x-sovereign-served-by"
 LOCAL_NAME_SECONDS = 5.0  # how long whether a name is a pulled model is remembered (a pull takes effect this late)
 # Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), and those set anew for the upstream.
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
 _CREDENTIALS = frozenset({"authorization", "x-api-key"})
 
 
@@ -47,7 +59,9 @@ class Gateway:
     upstreams: dict[str, Upstream]  # by kind
     routes: ModelRoutes  # --route rules and --fallback
     timeout: float = 5.0  # seconds to connect, and to the first byte of a streamed answer
-    answer_timeout: float = 300.0  # seconds to a non-streamed answer's first byte (it comes when the whole answer is made)
+    answer_timeout: float = (
+        300.0  # seconds to a non-streamed answer's first byte (it comes when the whole answer is made)
+    )
     retries: int = 0  # 5xx/429 retries before falling back; 0: such answers reach the client as they are
     causes: frozenset[str] = frozenset(CAUSES)  # the triggers left on
     threshold: int = 3
@@ -60,11 +74,28 @@ class Gateway:
 
     def __post_init__(self) -> None:
         for kind, upstream in self.upstreams.items():
-            self.circuits[kind] = Circuit(kind, self._prober(upstream), threshold=self.threshold, probe_every=self.probe_every)
+            self.circuits[kind] = Circuit(
+                kind, self._prober(upstream), threshold=self.threshold, probe_every=self.probe_every
+            )
         # Made here, registered on the server's /metrics registry by register().
-        self.served = Counter("sovereign_gateway_requests", "Gateway requests by who served them (upstream or local).", ["served_by"], registry=None)
-        self.fallbacks = Counter("sovereign_gateway_fallbacks", "Requests answered locally instead of upstream, by cause.", ["cause"], registry=None)
-        self.circuit_open = Gauge("sovereign_gateway_circuit_open", "1 while an upstream's circuit is open (requests go local).", ["upstream"], registry=None)
+        self.served = Counter(
+            "sovereign_gateway_requests",
+            "Gateway requests by who served them (upstream or local).",
+            ["served_by"],
+            registry=None,
+        )
+        self.fallbacks = Counter(
+            "sovereign_gateway_fallbacks",
+            "Requests answered locally instead of upstream, by cause.",
+            ["cause"],
+            registry=None,
+        )
+        self.circuit_open = Gauge(
+            "sovereign_gateway_circuit_open",
+            "1 while an upstream's circuit is open (requests go local).",
+            ["upstream"],
+            registry=None,
+        )
         for kind, circuit in self.circuits.items():
             self.circuit_open.labels(kind).set_function(lambda circuit=circuit: float(circuit.is_open))
 
@@ -75,13 +106,19 @@ class Gateway:
             # No connection cap: one per request in flight, kept alive for the next. Proxy variables are not
             # read (trust_env=False): requests go where --upstream says, and nowhere else.
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False, skip_auto_headers=("User-Agent", "Accept"))
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, trust_env=False, skip_auto_headers=("User-Agent", "Accept")
+            )
         return self._session
 
-    async def send(self, method: str, url: str, headers: dict[str, str], body: bytes, first_byte: float) -> aiohttp.ClientResponse:
+    async def send(
+        self, method: str, url: str, headers: dict[str, str], body: bytes, first_byte: float
+    ) -> aiohttp.ClientResponse:
         """The upstream's status and headers within `first_byte` seconds, its body unread (no read timeout: models pause)."""
         timeouts = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout)
-        request = self.session.request(method, url, headers=headers, data=body or None, allow_redirects=False, timeout=timeouts)
+        request = self.session.request(
+            method, url, headers=headers, data=body or None, allow_redirects=False, timeout=timeouts
+        )
         return await asyncio.wait_for(request, first_byte)
 
     def _prober(self, upstream: Upstream) -> Callable[[], Awaitable[bool]]:
@@ -127,7 +164,9 @@ class GatewayMiddleware:
         self.app = app
         self.gateway = gateway
         self.engine = engine
-        self._local_names: dict[str, tuple[bool, float]] = {}  # name -> (is local, until when): the store is read once a while
+        self._local_names: dict[
+            str, tuple[bool, float]
+        ] = {}  # name -> (is local, until when): the store is read once a while
 
     def _is_local(self, name: str) -> bool:
         """Whether a request names a local model (remembered for LOCAL_NAME_SECONDS: it reads the store)."""
@@ -170,7 +209,12 @@ class GatewayMiddleware:
             await self._local(scope, receive, body, send, model, blocked.cause)
             return
         except _Unreachable as error:
-            response_for = APIError(502, f"The upstream API could not be reached ({error}).", type="server_error", code="upstream_unreachable")
+            response_for = APIError(
+                502,
+                f"The upstream API could not be reached ({error}).",
+                type="server_error",
+                code="upstream_unreachable",
+            )
             await response_for.response_for(scope["path"])(scope, receive, send)
             return
         circuit.record_success()
@@ -179,7 +223,9 @@ class GatewayMiddleware:
 
     # --- upstream ---------------------------------------------------------------------
 
-    async def _ask(self, upstream: Upstream, scope: Scope, headers: dict[str, str], body: bytes, streamed: bool) -> aiohttp.ClientResponse:
+    async def _ask(
+        self, upstream: Upstream, scope: Scope, headers: dict[str, str], body: bytes, streamed: bool
+    ) -> aiohttp.ClientResponse:
         """The upstream's answer, its body not yet read; _Blocked when the upstream is blocked."""
         gateway = self.gateway
         forwarded = {k: v for k, v in headers.items() if k not in _HOP_BY_HOP}
@@ -201,7 +247,9 @@ class GatewayMiddleware:
                 raise _Blocked(str(response.status))
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    async def _first_byte(self, method: str, url: str, headers: dict[str, str], body: bytes, limit: float) -> aiohttp.ClientResponse:
+    async def _first_byte(
+        self, method: str, url: str, headers: dict[str, str], body: bytes, limit: float
+    ) -> aiohttp.ClientResponse:
         """The upstream's status line and headers within `limit` seconds; _Blocked when it cannot be reached."""
         try:
             return await self.gateway.send(method, url, headers, body, limit)
@@ -211,14 +259,26 @@ class GatewayMiddleware:
                 raise _Unreachable(cause) from None
             raise _Blocked(cause) from None
 
-    async def _relay_answer(self, upstream: Upstream, scope: Scope, receive: Receive, send: Send, response: aiohttp.ClientResponse) -> None:
+    async def _relay_answer(
+        self, upstream: Upstream, scope: Scope, receive: Receive, send: Send, response: aiohttp.ClientResponse
+    ) -> None:
         """Relay status, headers and body as they arrive; stop the upstream when the client hangs up."""
-        relayed = [(k.lower(), v) for k, v in response.raw_headers if k.lower().decode("latin-1") not in _HOP_BY_HOP - {"content-length"}]
+        relayed = [
+            (k.lower(), v)
+            for k, v in response.raw_headers
+            if k.lower().decode("latin-1") not in _HOP_BY_HOP - {"content-length"}
+        ]
         event_stream = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in relayed)
         relay = asyncio.create_task(_relay(response, send))
         watch = asyncio.create_task(_disconnected(receive))
         try:
-            await send({"type": "http.response.start", "status": response.status, "headers": [*relayed, (SERVED_BY, b"upstream")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": [*relayed, (SERVED_BY, b"upstream")],
+                }
+            )
             await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not relay.done():  # the client hung up: stop reading (and paying for) the upstream's answer
                 return
@@ -229,7 +289,13 @@ class GatewayMiddleware:
                 self.gateway.circuits[upstream.kind].record_block("midstream", at_once=True)
                 if not event_stream:
                     raise  # a plain body cut short: the connection is closed, its length tells the client
-                await send({"type": "http.response.body", "body": _error_frame(upstream.kind, scope["path"]), "more_body": True})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": _error_frame(upstream.kind, scope["path"]),
+                        "more_body": True,
+                    }
+                )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             for task in (relay, watch):
@@ -239,7 +305,9 @@ class GatewayMiddleware:
 
     # --- local ------------------------------------------------------------------------
 
-    async def _local(self, scope: Scope, receive: Receive, body: bytes, send: Send, model: str | None, cause: str | None) -> None:
+    async def _local(
+        self, scope: Scope, receive: Receive, body: bytes, send: Send, model: str | None, cause: str | None
+    ) -> None:
         """Answer with the local route of the same API, the model mapped when the request named an upstream one."""
         local = model
         if cause is not None:

@@ -50,10 +50,16 @@ def parse_upstream(text: str, environ: dict[str, str] | None = None) -> Upstream
     """'anthropic=https://api.anthropic.com' as an Upstream; BadUpstream otherwise."""
     kind, sep, url = (part.strip() for part in text.partition("="))
     if not sep or kind not in KINDS:
-        raise BadUpstream(f"--upstream {text!r} is not KIND=URL with KIND one of {', '.join(KINDS)}", "for example: --upstream anthropic=https://api.anthropic.com")
+        raise BadUpstream(
+            f"--upstream {text!r} is not KIND=URL with KIND one of {', '.join(KINDS)}",
+            "for example: --upstream anthropic=https://api.anthropic.com",
+        )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise BadUpstream(f"--upstream {text!r}: {url!r} is not an http(s) URL", "for example: --upstream openai=https://api.openai.com/v1")
+        raise BadUpstream(
+            f"--upstream {text!r}: {url!r} is not an http(s) URL",
+            "for example: --upstream openai=https://api.openai.com/v1",
+        )
     env = os.environ if environ is None else environ
     return Upstream(kind, url, env.get(f"SOVEREIGN_UPSTREAM_KEY_{kind.upper()}") or None)
 
@@ -79,6 +85,8 @@ def blocked_cause(error: BaseException) -> str | None:
         return "dns"
     if isinstance(error, (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)):
         return "tls"
-    if isinstance(error, (aiohttp.ClientConnectionError, ConnectionError)):  # after DNS and TLS: their classes derive from it
+    if isinstance(
+        error, (aiohttp.ClientConnectionError, ConnectionError)
+    ):  # after DNS and TLS: their classes derive from it
         return "connect"  # refused, reset or cut before the answer began
     return None

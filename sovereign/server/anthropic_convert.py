@@ -66,7 +66,14 @@ def chat_request_from(body: MessagesBody | CountTokensBody) -> ChatRequest:
         )
     single = body.tool_choice is not None and bool(body.tool_choice.disable_parallel_tool_use)
     return ChatRequest(
-        body.model, messages, sampling, tools, choice, json_schema, format_param="output_config.format", reasoning=_reasoning(body),
+        body.model,
+        messages,
+        sampling,
+        tools,
+        choice,
+        json_schema,
+        format_param="output_config.format",
+        reasoning=_reasoning(body),
         parallel_tool_calls=not single,
     )
 
@@ -98,16 +105,30 @@ def _messages(body: _Conversation) -> list[dict[str, Any]]:
             if isinstance(block, TextBlock):
                 texts.append(block.text)
             elif isinstance(block, ImageBlock | DocumentBlock):
-                raise APIError(400, f"{where}: this model reads text only; {block.type} blocks are not supported.", param=where)
+                raise APIError(
+                    400, f"{where}: this model reads text only; {block.type} blocks are not supported.", param=where
+                )
             elif isinstance(block, ToolUseBlock):
                 if message.role != "assistant":
                     raise APIError(400, f"{where}: tool_use blocks belong to assistant messages.", param=where)
-                calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": json.dumps(block.input)}})
+                calls.append(
+                    {
+                        "id": block.id,
+                        "type": "function",
+                        "function": {"name": block.name, "arguments": json.dumps(block.input)},
+                    }
+                )
             elif isinstance(block, ToolResultBlock):
                 if message.role != "user":
                     raise APIError(400, f"{where}: tool_result blocks belong to user messages.", param=where)
                 result = _tool_result_text(block, where)
-                out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": f"Error: {result}" if block.is_error else result})
+                out.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": block.tool_use_id,
+                        "content": f"Error: {result}" if block.is_error else result,
+                    }
+                )
             elif isinstance(block, ThinkingBlock):
                 thinking = (block.model_extra or {}).get("thinking")
                 if message.role == "assistant" and isinstance(thinking, str) and thinking:
@@ -137,7 +158,11 @@ def _tools(body: _Conversation) -> list[dict[str, Any]]:
     tools = []
     for index, tool in enumerate(body.tools or []):
         if tool.type not in (None, "custom"):
-            raise APIError(400, f"tools.{index}: server tool {tool.type!r} is not available here; define it as a custom tool.", param=f"tools.{index}.type")
+            raise APIError(
+                400,
+                f"tools.{index}: server tool {tool.type!r} is not available here; define it as a custom tool.",
+                param=f"tools.{index}.type",
+            )
         tools.append(function_tool(tool.name, tool.description, tool.input_schema))
     return tools
 
@@ -159,8 +184,14 @@ def _output_schema(body: _Conversation) -> dict[str, Any] | None:
     output_format = (body.output_config or {}).get("format")
     if output_format is None:
         return None
-    if not isinstance(output_format, dict) or output_format.get("type") != "json_schema" or not isinstance(output_format.get("schema"), dict):
-        raise APIError(400, "output_config.format must be {\"type\": \"json_schema\", \"schema\": {...}}.", param="output_config.format")
+    if (
+        not isinstance(output_format, dict)
+        or output_format.get("type") != "json_schema"
+        or not isinstance(output_format.get("schema"), dict)
+    ):
+        raise APIError(
+            400, 'output_config.format must be {"type": "json_schema", "schema": {...}}.', param="output_config.format"
+        )
     return output_format["schema"]
 
 
@@ -197,7 +228,12 @@ def tool_use_block(call: ToolCall) -> dict[str, Any]:
         arguments = json.loads(call.arguments or "{}")
     except json.JSONDecodeError:
         arguments = {}
-    return {"type": "tool_use", "id": tool_use_id(call.id), "name": call.name, "input": arguments if isinstance(arguments, dict) else {}}
+    return {
+        "type": "tool_use",
+        "id": tool_use_id(call.id),
+        "name": call.name,
+        "input": arguments if isinstance(arguments, dict) else {},
+    }
 
 
 def thinking_block(text: str) -> dict[str, Any]:
@@ -205,20 +241,39 @@ def thinking_block(text: str) -> dict[str, Any]:
     return {"type": "thinking", "thinking": text, "signature": ""}
 
 
-def message_json(message_id: str, model: str, text: str, calls: list[ToolCall], finished: Finished, user_stops: list[str] | None, reasoning: str = "") -> dict[str, Any]:
+def message_json(
+    message_id: str,
+    model: str,
+    text: str,
+    calls: list[ToolCall],
+    finished: Finished,
+    user_stops: list[str] | None,
+    reasoning: str = "",
+) -> dict[str, Any]:
     """A whole Message: thinking first, then the text, then the tool calls, as Anthropic orders them."""
     content: list[dict[str, Any]] = [thinking_block(reasoning)] if reasoning else []
     content += [{"type": "text", "text": text}] if text or not (calls or reasoning) else []  # as the stream sends it
     content += [tool_use_block(call) for call in calls]
     reason, sequence = stop_reason(finished, user_stops)
     return {
-        "id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
-        "stop_reason": reason, "stop_sequence": sequence, "usage": usage_json(finished.usage),
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": reason,
+        "stop_sequence": sequence,
+        "usage": usage_json(finished.usage),
     }
 
 
 async def stream_events(
-    message_id: str, model: str, prompt_tokens: int, events: AsyncIterator[Event], user_stops: list[str] | None, *,
+    message_id: str,
+    model: str,
+    prompt_tokens: int,
+    events: AsyncIterator[Event],
+    user_stops: list[str] | None,
+    *,
     context_management: dict[str, Any] | None = None,
 ) -> AsyncIterator[bytes]:
     """Anthropic's event sequence for one streamed Message.
@@ -235,8 +290,14 @@ async def stream_events(
 def message_start(message_id: str, model: str, prompt_tokens: int) -> bytes:
     """The stream's first event: the Message with no content yet."""
     message: dict[str, Any] = {
-        "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None,
-        "stop_sequence": None, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
     }
     return sse({"type": "message_start", "message": message})
 
@@ -338,7 +399,8 @@ class MessageStream:
         frames += self.close_block()
         reason, sequence = stop_reason(event, self.user_stops)
         delta: dict[str, Any] = {
-            "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
+            "type": "message_delta",
+            "delta": {"stop_reason": reason, "stop_sequence": sequence},
             "usage": usage_json(event.usage),
         }
         if self.context_management is not None:  # the context edits applied to this request's messages

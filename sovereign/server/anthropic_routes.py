@@ -32,9 +32,24 @@ async def create_message(request: Request, body: MessagesBody) -> JSONResponse |
     if not body.stream:
         (result,) = await collect(request, [generation])
         finished = result.finished or Finished("cancelled", result.usage)
-        message = convert.message_json(message_id, generation.model, result.text, result.tool_calls, finished, body.stop_sequences, result.reasoning)
+        message = convert.message_json(
+            message_id,
+            generation.model,
+            result.text,
+            result.tool_calls,
+            finished,
+            body.stop_sequences,
+            result.reasoning,
+        )
         return JSONResponse({**message, "context_management": edits} if edits is not None else message)
-    events = convert.stream_events(message_id, generation.model, generation.prompt_tokens, aiter(generation), body.stop_sequences, context_management=edits)
+    events = convert.stream_events(
+        message_id,
+        generation.model,
+        generation.prompt_tokens,
+        aiter(generation),
+        body.stop_sequences,
+        context_management=edits,
+    )
     # An error once the status line is out travels as Anthropic's `error` event.
     return event_stream(events, [generation], error_frame=lambda error: named_event(error.anthropic_body()))
 
@@ -45,7 +60,10 @@ async def count_tokens(request: Request, body: CountTokensBody) -> dict[str, Any
         return {"input_tokens": await engine(request).count_tokens(convert.chat_request_from(body))}
     original = await engine(request).count_tokens(convert.chat_request_from(body))
     edited, _ = await _edit_context(request, body)
-    return {"input_tokens": await engine(request).count_tokens(convert.chat_request_from(edited)), "context_management": {"original_input_tokens": original}}
+    return {
+        "input_tokens": await engine(request).count_tokens(convert.chat_request_from(edited)),
+        "context_management": {"original_input_tokens": original},
+    }
 
 
 async def _edit_context(request: Request, body: Body) -> tuple[Body, list[dict[str, Any]]]:
@@ -63,7 +81,9 @@ async def _edit_context(request: Request, body: Body) -> tuple[Body, list[dict[s
 
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     # Its own threads: the token counts it waits on need the default pool's, which it must never exhaust.
-    edited, applied = await loop.run_in_executor(_EDITING_THREADS, apply_context_edits, messages, body.context_management, count_tokens)
+    edited, applied = await loop.run_in_executor(
+        _EDITING_THREADS, apply_context_edits, messages, body.context_management, count_tokens
+    )
     if not applied:
         return body, []
     return body.model_copy(update={"messages": [MessageParam.model_validate(m) for m in edited]}), applied

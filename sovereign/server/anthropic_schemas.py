@@ -60,7 +60,9 @@ class ThinkingBlock(_Open):
     type: Literal["thinking", "redacted_thinking"]
 
 
-ContentBlock = Annotated[TextBlock | ImageBlock | DocumentBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock, Field(discriminator="type")]
+ContentBlock = Annotated[
+    TextBlock | ImageBlock | DocumentBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock, Field(discriminator="type")
+]
 
 
 class ThinkingConfig(_Open):
@@ -97,9 +99,13 @@ class _Conversation(_Strict):
     system: str | list[TextBlock] | None = None
     tools: list[ToolParam] | None = None
     tool_choice: ToolChoiceParam | None = None
-    output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema": ...}} is enforced; effort is ignored
+    output_config: dict[str, Any] | None = (
+        None  # {"format": {"type": "json_schema", "schema": ...}} is enforced; effort is ignored
+    )
     thinking: ThinkingConfig | None = None  # enabled/disabled reaches the template; budget_tokens bounds the reasoning
-    context_management: dict[str, Any] | None = None  # context editing, applied before rendering (server/context_editing.py)
+    context_management: dict[str, Any] | None = (
+        None  # context editing, applied before rendering (server/context_editing.py)
+    )
     # Accepted and ignored: meaningful to Anthropic's service, not to a local model.
     cache_control: dict[str, Any] | None = None
     speed: str | None = None

@@ -56,7 +56,9 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
                 await options.gateway.close()
             await engine.close()
 
-    app = FastAPI(title="sovereign", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="sovereign", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     attach(app, state)
     errors.install(app)
     if options.gateway is not None:  # innermost: behind the key check, host guard and body limit
@@ -67,7 +69,9 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
         _require_api_key(app, options.api_keys)
     if options.cors_origins:
         # Added after the key check so that it wraps it: preflight and 401s get CORS headers too.
-        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
     # Outside the key check and CORS: a foreign Host or Origin, or an oversized body, goes no further.
     app.add_middleware(BodyLimit, limit=options.max_body)
     app.add_middleware(HostGuard, allowed_hosts=options.allowed_hosts, cors_origins=options.cors_origins)
@@ -83,12 +87,22 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
     @app.api_route("/", methods=["GET", "HEAD"])
     async def root() -> JSONResponse:
         """What answers here (Claude Code checks that its base URL is up with HEAD /)."""
-        return JSONResponse({"name": "sovereign", "version": __version__, "apis": ["/v1/chat/completions", "/v1/messages", "/v1/responses"]})
+        return JSONResponse(
+            {
+                "name": "sovereign",
+                "version": __version__,
+                "apis": ["/v1/chat/completions", "/v1/messages", "/v1/responses"],
+            }
+        )
 
     @app.get("/health")
     async def health() -> JSONResponse:
         loading = bool(engine.loading_names) or state.starting
-        body = {"status": "loading" if loading else "ok", "models": engine.loaded_names, "loading": engine.loading_names}
+        body = {
+            "status": "loading" if loading else "ok",
+            "models": engine.loaded_names,
+            "loading": engine.loading_names,
+        }
         if state.startup_error:
             body["error"] = state.startup_error
         if options.gateway is not None:
@@ -127,6 +141,8 @@ def _require_api_key(app: FastAPI, keys: tuple[str, ...]) -> None:
         # compare_digest against every key: no early exit that leaks which key matched
         if not given or not any([secrets.compare_digest(given.encode(), key) for key in encoded]):
             message = "You didn't provide an API key." if not given else "Incorrect API key provided."
-            error = APIError(401, message + " Pass it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.", code="invalid_api_key")
+            error = APIError(
+                401, message + " Pass it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.", code="invalid_api_key"
+            )
             return error.response_for(request.url.path)
         return await call_next(request)

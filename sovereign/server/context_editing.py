@@ -103,7 +103,7 @@ def _count(value: Any, where: str) -> int:
 def _typed_value(obj: Any, where: str, types: tuple[str, ...]) -> tuple[str, int]:
     """A `{"type": T, "value": N}` object with T among `types`: (T, N)."""
     if not isinstance(obj, dict):
-        raise _bad(f"{where} must be an object like {{\"type\": \"{types[0]}\", \"value\": N}}")
+        raise _bad(f'{where} must be an object like {{"type": "{types[0]}", "value": N}}')
     extra = set(obj) - {"type", "value"}
     if extra:
         raise _bad(f"{where} has unknown field {sorted(extra)[0]!r}")
@@ -275,7 +275,9 @@ class _Editor:
         message["content"] = [block for block in message["content"] if not _is_block(block, *types)]
 
 
-def _clear_tool_uses(messages: list[dict[str, Any]], edit: ClearToolUses, count_tokens: Callable[[list[dict[str, Any]]], int]) -> tuple[list[dict[str, Any]], AppliedEdit | None]:
+def _clear_tool_uses(
+    messages: list[dict[str, Any]], edit: ClearToolUses, count_tokens: Callable[[list[dict[str, Any]]], int]
+) -> tuple[list[dict[str, Any]], AppliedEdit | None]:
     """Apply one clear_tool_uses edit; None when it did not trigger or could not clear enough."""
     uses = _tool_uses(messages)
     before: int | None = None
@@ -329,11 +331,17 @@ def _assistant_turns(messages: list[dict[str, Any]]) -> list[list[int]]:
     return turns
 
 
-def _clear_thinking(messages: list[dict[str, Any]], edit: ClearThinking, count_tokens: Callable[[list[dict[str, Any]]], int]) -> tuple[list[dict[str, Any]], AppliedEdit | None]:
+def _clear_thinking(
+    messages: list[dict[str, Any]], edit: ClearThinking, count_tokens: Callable[[list[dict[str, Any]]], int]
+) -> tuple[list[dict[str, Any]], AppliedEdit | None]:
     """Apply one clear_thinking edit; None when every thinking turn is kept."""
     if edit.keep is None:
         return messages, None
-    thinking_turns = [turn for turn in _assistant_turns(messages) if any(_is_block(block, *_THINKING_TYPES) for m in turn for block in _blocks(messages[m]))]
+    thinking_turns = [
+        turn
+        for turn in _assistant_turns(messages)
+        if any(_is_block(block, *_THINKING_TYPES) for m in turn for block in _blocks(messages[m]))
+    ]
     older = thinking_turns[: max(len(thinking_turns) - edit.keep, 0)]
     if not older:
         return messages, None

@@ -10,14 +10,30 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from sovereign.errors import ContextLengthExceeded, InvalidReference, InvalidRequest, ModelCrashed, ModelLoadError, ModelNotFound, RequestTimedOut, ServerBusy, SovereignError
+from sovereign.errors import (
+    ContextLengthExceeded,
+    InvalidReference,
+    InvalidRequest,
+    ModelCrashed,
+    ModelLoadError,
+    ModelNotFound,
+    RequestTimedOut,
+    ServerBusy,
+    SovereignError,
+)
 
 log = logging.getLogger(__name__)
 
 # Anthropic's error types by status; 503 (every slot busy) becomes its 529 overloaded_error.
 _ANTHROPIC_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    413: "request_too_large", 429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    504: "timeout_error",
+    529: "overloaded_error",
 }
 
 
@@ -60,7 +76,9 @@ class APIError(Exception):
         return 529 if self.code == "server_overloaded" else self.status
 
     def anthropic_body(self) -> dict[str, Any]:
-        kind = _ANTHROPIC_TYPES.get(self.anthropic_status, "api_error" if self.status >= 500 else "invalid_request_error")
+        kind = _ANTHROPIC_TYPES.get(
+            self.anthropic_status, "api_error" if self.status >= 500 else "invalid_request_error"
+        )
         return {"type": "error", "error": {"type": kind, "message": self.anthropic_message}}
 
     def response_for(self, path: str) -> JSONResponse:
@@ -75,7 +93,9 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ModelNotFound):
-        return APIError(404, f"{exc.message}; {exc.hint}" if exc.hint else exc.message, param="model", code="model_not_found")
+        return APIError(
+            404, f"{exc.message}; {exc.hint}" if exc.hint else exc.message, param="model", code="model_not_found"
+        )
     if isinstance(exc, ContextLengthExceeded):
         return APIError(
             400,
@@ -96,18 +116,37 @@ def from_exception(exc: BaseException) -> APIError:
             headers={"Retry-After": str(exc.retry_after)},
         )
     if isinstance(exc, RequestTimedOut):
-        return APIError(504, f"The request timed out: it did not finish within the server's {exc.limit:g} s limit.", type="server_error", code="timeout")
+        return APIError(
+            504,
+            f"The request timed out: it did not finish within the server's {exc.limit:g} s limit.",
+            type="server_error",
+            code="timeout",
+        )
     if isinstance(exc, ModelCrashed):
-        return APIError(500, f"The model {exc.model} crashed ({exc.signal}) while serving this request; send it again to reload the model.", type="server_error", code="model_crashed")
+        return APIError(
+            500,
+            f"The model {exc.model} crashed ({exc.signal}) while serving this request; send it again to reload the model.",
+            type="server_error",
+            code="model_crashed",
+        )
     if isinstance(exc, ModelLoadError):
-        return APIError(500, f"The model could not be loaded: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), type="server_error", code="model_load_failed")
+        return APIError(
+            500,
+            f"The model could not be loaded: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""),
+            type="server_error",
+            code="model_load_failed",
+        )
     if isinstance(exc, InvalidReference):  # a malformed model name names no model
         return APIError(404, f"The model does not exist: {exc.message}.", param="model", code="model_not_found")
     if isinstance(exc, SovereignError):
         return APIError(500, str(exc), type="server_error")
     if isinstance(exc, UnicodeError):
         # Only request text reaches an encoder: text the schemas let through is still the client's fault.
-        return APIError(400, "The request holds text that is not valid Unicode (a lone UTF-16 surrogate such as \\ud800?).", code="invalid_value")
+        return APIError(
+            400,
+            "The request holds text that is not valid Unicode (a lone UTF-16 surrogate such as \\ud800?).",
+            code="invalid_value",
+        )
     log.exception("unexpected error while serving a request", exc_info=exc)
     return APIError(500, "The server had an error while processing your request.", type="server_error")
 
@@ -119,9 +158,18 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     param = ".".join(location) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
-        return APIError(400, "We could not parse the JSON body of your request. The request body must be valid JSON.", code="invalid_json")
+        return APIError(
+            400,
+            "We could not parse the JSON body of your request. The request body must be valid JSON.",
+            code="invalid_json",
+        )
     if kind == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {location[-1] if location else param}", param=param, code="unknown_parameter")
+        return APIError(
+            400,
+            f"Unrecognized request argument supplied: {location[-1] if location else param}",
+            param=param,
+            code="unknown_parameter",
+        )
     if kind == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if kind == "model_attributes_type" and not location:
@@ -129,7 +177,12 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if kind == "lone_surrogate":
         where = ".".join(part for part in (param, first.get("ctx", {}).get("where")) if part) or None
         return APIError(400, f"Invalid value for '{where}': {first.get('msg')}.", param=where, code="invalid_value")
-    return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code="invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value")
+    return APIError(
+        400,
+        f"Invalid value for '{param}': {first.get('msg', 'invalid')}.",
+        param=param,
+        code="invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value",
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -52,5 +52,7 @@ async def detokenize(request: Request, body: DetokenizeBody) -> dict[str, Any]:
 @router.post("/apply-template")
 async def apply_template(request: Request, body: ApplyTemplateBody) -> dict[str, Any]:
     model = model_name(request, body.model)
-    prompt = await engine(request).apply_template(model, body.messages, body.tools, body.chat_template_kwargs, body.add_generation_prompt)
+    prompt = await engine(request).apply_template(
+        model, body.messages, body.tools, body.chat_template_kwargs, body.add_generation_prompt
+    )
     return {"prompt": prompt}

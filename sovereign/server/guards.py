@@ -34,7 +34,9 @@ def parse_size(text: str, option: str = "--max-body") -> int:
     match = _SIZE.match(text)
     size = int(float(match[1]) * 1024 ** "_KMGT".index(match[2].upper() or "_")) if match else 0
     if size < 1:
-        raise SovereignError(f"{option} takes a size such as 32MiB or 100MB, not '{text}'", f"for example {option} 64MiB")
+        raise SovereignError(
+            f"{option} takes a size such as 32MiB or 100MB, not '{text}'", f"for example {option} 64MiB"
+        )
     return size
 
 
@@ -106,7 +108,9 @@ def _header(scope: Scope, key: bytes) -> str | None:
 class HostGuard:
     """Refuse (403) a Host that is not this machine's or allowed, and a browser Origin that is neither loopback nor a --cors-origin."""
 
-    def __init__(self, app: ASGIApp, *, allowed_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, app: ASGIApp, *, allowed_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = ()
+    ) -> None:
         self.app = app
         self.allowed_hosts = tuple(h.lower() for h in allowed_hosts)
         self.any_origin = "*" in cors_origins

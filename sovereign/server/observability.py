@@ -27,13 +27,37 @@ class Metrics:
     def __init__(self, engine: EngineAPI) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sovereign_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r)
-        self.duration = Histogram("sovereign_request_duration_seconds", "HTTP request time, to the last byte.", ["endpoint"], buckets=DURATION_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("sovereign_prompt_tokens", "Prompt tokens of finished generations.", ["model"], registry=r)
-        self.cached_tokens = Counter("sovereign_prompt_tokens_cached", "Prompt tokens reused from the KV cache.", ["model"], registry=r)
+        self.requests = Counter(
+            "sovereign_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
+        )
+        self.duration = Histogram(
+            "sovereign_request_duration_seconds",
+            "HTTP request time, to the last byte.",
+            ["endpoint"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "sovereign_prompt_tokens", "Prompt tokens of finished generations.", ["model"], registry=r
+        )
+        self.cached_tokens = Counter(
+            "sovereign_prompt_tokens_cached", "Prompt tokens reused from the KV cache.", ["model"], registry=r
+        )
         self.generated_tokens = Counter("sovereign_generated_tokens", "Tokens generated.", ["model"], registry=r)
-        self.ttft = Histogram("sovereign_time_to_first_token_seconds", "From submission to the first token.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("sovereign_inter_token_latency_seconds", "Between consecutive tokens of a generation.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "sovereign_time_to_first_token_seconds",
+            "From submission to the first token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "sovereign_inter_token_latency_seconds",
+            "Between consecutive tokens of a generation.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         r.register(_SchedulerGauges(engine))
 
     def observe_request(self, endpoint: str, status: int, seconds: float, generations: list[RequestStats]) -> None:
@@ -64,7 +88,11 @@ class _SchedulerGauges:
         queued = GaugeMetricFamily("sovereign_queue_depth", "Requests waiting for a free slot.", labels=["model"])
         busy = GaugeMetricFamily("sovereign_slots_busy", "Slots serving a request.", labels=["model"])
         slots = GaugeMetricFamily("sovereign_slots", "Slots (requests served at once).", labels=["model"])
-        rate = GaugeMetricFamily("sovereign_decode_tokens_per_second", "Tokens generated per second of decoding, last 10 s.", labels=["model"])
+        rate = GaugeMetricFamily(
+            "sovereign_decode_tokens_per_second",
+            "Tokens generated per second of decoding, last 10 s.",
+            labels=["model"],
+        )
         for load in self._engine.loads():
             queued.add_metric([load.name], load.queued)
             busy.add_metric([load.name], load.busy_slots)
@@ -105,7 +133,15 @@ class RequestObserver:
             level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
             if request_log.isEnabledFor(level):
                 detail = "; ".join(stats.describe() for stats in generations)
-                request_log.log(level, "%s %s %d %.3fs%s", scope["method"], scope["path"], status, seconds, f" {detail}" if detail else "")
+                request_log.log(
+                    level,
+                    "%s %s %d %.3fs%s",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    seconds,
+                    f" {detail}" if detail else "",
+                )
 
 
 def _endpoint(scope: Scope) -> str:

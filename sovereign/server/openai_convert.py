@@ -62,7 +62,12 @@ def _message_text(message: Message, index: int) -> str | None:
     texts = []
     for part_index, part in enumerate(message.content):
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, f"Only text content parts are supported; got type {part.get('type')!r}.", param=f"messages.{index}.content.{part_index}", code="invalid_value")
+            raise APIError(
+                400,
+                f"Only text content parts are supported; got type {part.get('type')!r}.",
+                param=f"messages.{index}.content.{part_index}",
+                code="invalid_value",
+            )
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -80,7 +85,10 @@ def chat_request_from(body: ChatCompletionBody, choice_index: int = 0) -> ChatRe
     """The engine request for one choice of a chat completion (choice i uses seed + i)."""
     messages: list[dict[str, Any]] = []
     for index, message in enumerate(body.messages):
-        item: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role, "content": _message_text(message, index) or ""}
+        item: dict[str, Any] = {
+            "role": "system" if message.role == "developer" else message.role,
+            "content": _message_text(message, index) or "",
+        }
         if message.tool_calls:
             item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
         if message.tool_call_id:
@@ -91,7 +99,9 @@ def chat_request_from(body: ChatCompletionBody, choice_index: int = 0) -> ChatRe
         messages.append(item)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs", code="invalid_value")
-    sampling = sampling_from(body, body.max_completion_tokens or body.max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    sampling = sampling_from(
+        body, body.max_completion_tokens or body.max_tokens, (body.top_logprobs or 0) if body.logprobs else None
+    )
     if body.seed is not None:
         sampling = replace(sampling, seed=body.seed + choice_index)
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
@@ -101,12 +111,24 @@ def chat_request_from(body: ChatCompletionBody, choice_index: int = 0) -> ChatRe
     if body.response_format is not None:
         if body.response_format.type == "json_schema":
             if body.response_format.json_schema is None:
-                raise APIError(400, "response_format of type json_schema needs a json_schema object.", param="response_format.json_schema", code="missing_required_parameter")
+                raise APIError(
+                    400,
+                    "response_format of type json_schema needs a json_schema object.",
+                    param="response_format.json_schema",
+                    code="missing_required_parameter",
+                )
             json_schema = body.response_format.json_schema.schema_
         json_object = body.response_format.type == "json_object"
     return ChatRequest(
-        body.model, messages, sampling, tools, choice, json_schema, json_object,
-        reasoning=reasoning_from_effort(body.reasoning_effort), template_kwargs=body.chat_template_kwargs or {},
+        body.model,
+        messages,
+        sampling,
+        tools,
+        choice,
+        json_schema,
+        json_object,
+        reasoning=reasoning_from_effort(body.reasoning_effort),
+        template_kwargs=body.chat_template_kwargs or {},
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
 
@@ -200,25 +222,38 @@ def chat_logprobs_json(logprobs: list[TokenLogprob]) -> dict[str, Any]:
 
 def tool_calls_json(calls: list[ToolCall], with_index: bool = False) -> list[dict[str, Any]]:
     return [
-        {**({"index": i} if with_index else {}), "id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        {
+            **({"index": i} if with_index else {}),
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
         for i, call in enumerate(calls)
     ]
 
 
-def chat_completion_json(completion_id: str, model: str, results: list[ChoiceResult], want_logprobs: bool) -> dict[str, Any]:
+def chat_completion_json(
+    completion_id: str, model: str, results: list[ChoiceResult], want_logprobs: bool
+) -> dict[str, Any]:
     choices = []
     for index, result in enumerate(results):
-        message: dict[str, Any] = {"role": "assistant", "content": result.text if result.text or not result.tool_calls else None, "refusal": None}
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": result.text if result.text or not result.tool_calls else None,
+            "refusal": None,
+        }
         if result.reasoning:  # llama-server's and DeepSeek's field; the OpenAI SDK keeps unknown fields
             message["reasoning_content"] = result.reasoning
         if result.tool_calls:
             message["tool_calls"] = tool_calls_json(result.tool_calls)
-        choices.append({
-            "index": index,
-            "message": message,
-            "logprobs": chat_logprobs_json(result.logprobs) if want_logprobs else None,
-            "finish_reason": result.finish_reason,
-        })
+        choices.append(
+            {
+                "index": index,
+                "message": message,
+                "logprobs": chat_logprobs_json(result.logprobs) if want_logprobs else None,
+                "finish_reason": result.finish_reason,
+            }
+        )
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -230,14 +265,30 @@ def chat_completion_json(completion_id: str, model: str, results: list[ChoiceRes
     }
 
 
-def chat_chunk_json(completion_id: str, model: str, created: int, index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: list[TokenLogprob] | None = None, with_usage: bool = False) -> dict[str, Any]:
+def chat_chunk_json(
+    completion_id: str,
+    model: str,
+    created: int,
+    index: int,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    logprobs: list[TokenLogprob] | None = None,
+    with_usage: bool = False,
+) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": completion_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
         "system_fingerprint": "sovereign",
-        "choices": [{"index": index, "delta": delta, "logprobs": chat_logprobs_json(logprobs) if logprobs is not None else None, "finish_reason": finish_reason}],
+        "choices": [
+            {
+                "index": index,
+                "delta": delta,
+                "logprobs": chat_logprobs_json(logprobs) if logprobs is not None else None,
+                "finish_reason": finish_reason,
+            }
+        ],
     }
     if with_usage:
         chunk["usage"] = None  # OpenAI: null on every chunk but the last when include_usage is set

@@ -104,7 +104,12 @@ def _anthropic_model_json(model: ModelInfo, model_id: str | None = None) -> dict
     """A model in Anthropic's shape; `model_id`, when an alias was asked for, is the name the client used."""
     shown = model_id or model.name
     display = model.name if shown == model.name else f"{model.name} (answering for {shown})"
-    return {"type": "model", "id": shown, "display_name": display, "created_at": model.pulled_at or "1970-01-01T00:00:00Z"}
+    return {
+        "type": "model",
+        "id": shown,
+        "display_name": display,
+        "created_at": model.pulled_at or "1970-01-01T00:00:00Z",
+    }
 
 
 def _speaks_anthropic(request: Request) -> bool:
@@ -117,7 +122,12 @@ async def list_models(request: Request) -> dict[str, Any]:
     models = _engine(request).models()
     if _speaks_anthropic(request):  # pagination (limit, after_id, before_id) is accepted: everything fits one page
         data = [_anthropic_model_json(m) for m in models]
-        return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return {
+            "data": data,
+            "has_more": False,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
     return {"object": "list", "data": [_model_json(m) for m in models]}
 
 
@@ -144,11 +154,20 @@ async def chat_completions(request: Request, body: ChatCompletionBody) -> JSONRe
         results = await collect(request, generations)
         return JSONResponse(convert.chat_completion_json(completion_id, model_name, results, body.logprobs))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return event_stream(_chat_chunks(generations, completion_id, model_name, body.logprobs, include_usage), generations, error_frame=_error_event, last=_sse("[DONE]"))
+    return event_stream(
+        _chat_chunks(generations, completion_id, model_name, body.logprobs, include_usage),
+        generations,
+        error_frame=_error_event,
+        last=_sse("[DONE]"),
+    )
 
 
 async def _chat_chunks(
-    generations: list[Generation], completion_id: str, model: str, want_logprobs: bool, include_usage: bool,
+    generations: list[Generation],
+    completion_id: str,
+    model: str,
+    want_logprobs: bool,
+    include_usage: bool,
 ) -> AsyncIterator[bytes]:
     """The chunks of every choice as their events come, then the usage chunk when it was asked for."""
     created = int(time.time())
@@ -188,10 +207,17 @@ async def _chat_chunks(
             usage[index] = event.usage
             yield chunk(index, {}, event.reason)
     if include_usage:
-        yield _sse({
-            "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": "sovereign", "choices": [], "usage": convert.usage_json(usage, len(usage)),
-        })
+        yield _sse(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": "sovereign",
+                "choices": [],
+                "usage": convert.usage_json(usage, len(usage)),
+            }
+        )
 
 
 def _call_opened(call_index: int, call_id: str, name: str | None) -> dict[str, Any]:
@@ -220,23 +246,34 @@ async def completions(request: Request, body: CompletionBody) -> JSONResponse | 
         results = await collect(request, generations)
         choices = []
         for index, result in enumerate(results):
-            choices.append({
-                "index": index,
-                "text": echoes[index] + result.text,
-                "logprobs": convert.completion_logprobs_json(result.logprobs, len(echoes[index])) if body.logprobs is not None else None,
-                "finish_reason": result.finish_reason,
-            })
-        return JSONResponse({
-            "id": completion_id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model_name,
-            "choices": choices,
-            "usage": convert.usage_json([r.usage for r in results], body.n),
-            "system_fingerprint": "sovereign",
-        })
+            choices.append(
+                {
+                    "index": index,
+                    "text": echoes[index] + result.text,
+                    "logprobs": convert.completion_logprobs_json(result.logprobs, len(echoes[index]))
+                    if body.logprobs is not None
+                    else None,
+                    "finish_reason": result.finish_reason,
+                }
+            )
+        return JSONResponse(
+            {
+                "id": completion_id,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": choices,
+                "usage": convert.usage_json([r.usage for r in results], body.n),
+                "system_fingerprint": "sovereign",
+            }
+        )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return event_stream(_completion_chunks(generations, completion_id, model_name, echoes, body, include_usage), generations, error_frame=_error_event, last=_sse("[DONE]"))
+    return event_stream(
+        _completion_chunks(generations, completion_id, model_name, echoes, body, include_usage),
+        generations,
+        error_frame=_error_event,
+        last=_sse("[DONE]"),
+    )
 
 
 async def _echo_text(engine: EngineAPI, prompt: str | list[int], body: CompletionBody) -> str:
@@ -248,7 +285,14 @@ async def _echo_text(engine: EngineAPI, prompt: str | list[int], body: Completio
     return await engine.detokenize(body.model, prompt, special=True)
 
 
-async def _completion_chunks(generations: list[Generation], completion_id: str, model: str, echoes: list[str], body: CompletionBody, include_usage: bool) -> AsyncIterator[bytes]:
+async def _completion_chunks(
+    generations: list[Generation],
+    completion_id: str,
+    model: str,
+    echoes: list[str],
+    body: CompletionBody,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
     created = int(time.time())
     usage: list[Usage | None] = [None] * len(generations)
     offsets = [len(e) for e in echoes]
@@ -270,14 +314,25 @@ async def _completion_chunks(generations: list[Generation], completion_id: str, 
             yield chunk(index, echo, None, None)
     async for index, event in _interleave(generations):
         if isinstance(event, TextDelta):
-            logprobs = convert.completion_logprobs_json(event.logprobs, offsets[index]) if body.logprobs is not None else None
+            logprobs = (
+                convert.completion_logprobs_json(event.logprobs, offsets[index]) if body.logprobs is not None else None
+            )
             offsets[index] += len(event.text)
             yield chunk(index, event.text, None, logprobs)
         elif isinstance(event, Finished):
             usage[index] = event.usage
             yield chunk(index, "", event.reason, None)
     if include_usage:
-        yield _sse({"id": completion_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": convert.usage_json(usage, body.n)})
+        yield _sse(
+            {
+                "id": completion_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": convert.usage_json(usage, body.n),
+            }
+        )
 
 
 # --- embeddings -------------------------------------------------------------------------
@@ -285,16 +340,30 @@ async def _completion_chunks(generations: list[Generation], completion_id: str, 
 
 @router.post("/v1/embeddings")
 async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
-    inputs = [body.input] if isinstance(body.input, str) or (body.input and isinstance(body.input[0], int)) else list(body.input)
+    inputs = (
+        [body.input]
+        if isinstance(body.input, str) or (body.input and isinstance(body.input[0], int))
+        else list(body.input)
+    )
     if not inputs:
         raise APIError(400, "input must not be empty.", param="input", code="invalid_value")
     model_name, vectors, tokens = await _engine(request).embed(body.model, inputs)
     if body.dimensions is not None and body.dimensions != len(vectors[0]):
-        raise APIError(400, f"This model's embeddings have {len(vectors[0])} dimensions; dimensions={body.dimensions} is not supported.", param="dimensions", code="invalid_value")
+        raise APIError(
+            400,
+            f"This model's embeddings have {len(vectors[0])} dimensions; dimensions={body.dimensions} is not supported.",
+            param="dimensions",
+            code="invalid_value",
+        )
     data = []
     for index, vector in enumerate(vectors):
         encoded: Any = vector
         if body.encoding_format == "base64":
             encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
         data.append({"object": "embedding", "index": index, "embedding": encoded})
-    return {"object": "list", "data": data, "model": model_name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": model_name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

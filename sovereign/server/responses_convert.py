@@ -14,7 +14,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sovereign.engine import ChatRequest, Finished, ReasoningDelta, SamplingParams, TextDelta, ToolCall, ToolCallDelta, ToolCallsEvent, ToolChoice, Usage
+from sovereign.engine import (
+    ChatRequest,
+    Finished,
+    ReasoningDelta,
+    SamplingParams,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallsEvent,
+    ToolChoice,
+    Usage,
+)
 from sovereign.engine.requests import Event
 from sovereign.engine.tools import function_tool
 from sovereign.server.errors import APIError, from_exception
@@ -36,13 +47,25 @@ def chat_request_from(body: ResponsesBody) -> ChatRequest:
     """The engine request for a Responses body."""
     if body.previous_response_id or body.conversation:
         param = "previous_response_id" if body.previous_response_id else "conversation"
-        raise APIError(400, f"This server stores no responses or conversations, so '{param}' cannot be used: send the whole conversation in 'input'.", param=param, code="unsupported_parameter")
+        raise APIError(
+            400,
+            f"This server stores no responses or conversations, so '{param}' cannot be used: send the whole conversation in 'input'.",
+            param=param,
+            code="unsupported_parameter",
+        )
     if body.background:
-        raise APIError(400, "Background responses need stored state, which this server does not keep.", param="background", code="unsupported_parameter")
+        raise APIError(
+            400,
+            "Background responses need stored state, which this server does not keep.",
+            param="background",
+            code="unsupported_parameter",
+        )
     plan = tool_plan(body)
     for dropped in plan.dropped:
         log.warning("responses: dropped the built-in tool %r, which a local model cannot run", dropped)
-    messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + _messages(body.input, plan)
+    messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + _messages(
+        body.input, plan
+    )
     tools = plan.tools
     choice = _tool_choice(body, plan)
     json_schema, json_object = _text_format(body)
@@ -57,7 +80,15 @@ def chat_request_from(body: ResponsesBody) -> ChatRequest:
     effort = body.reasoning.effort if body.reasoning else None
     reasoning = reasoning_from_effort("high" if effort in ("xhigh", "max") else effort)
     return ChatRequest(
-        body.model, messages, sampling, tools, choice, json_schema, json_object, format_param="text.format", reasoning=reasoning,
+        body.model,
+        messages,
+        sampling,
+        tools,
+        choice,
+        json_schema,
+        json_object,
+        format_param="text.format",
+        reasoning=reasoning,
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
 
@@ -75,25 +106,55 @@ def _messages(items: str | list[dict[str, Any]], plan: ToolPlan | None = None) -
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
-                raise APIError(400, f"{where}.role must be user, assistant, system or developer.", param=f"{where}.role", code="invalid_value")
-            out.append({"role": "system" if role == "developer" else role, "content": _text(item.get("content"), f"{where}.content")})
+                raise APIError(
+                    400,
+                    f"{where}.role must be user, assistant, system or developer.",
+                    param=f"{where}.role",
+                    code="invalid_value",
+                )
+            out.append(
+                {
+                    "role": "system" if role == "developer" else role,
+                    "content": _text(item.get("content"), f"{where}.content"),
+                }
+            )
         elif kind == "function_call":
             name = str(item.get("name", ""))
             if item.get("namespace"):  # a namespaced call, as Codex hands it back: the name the model was offered
                 name = (plan or ToolPlan()).flat_name(str(item["namespace"]), name)
-            call = {"id": str(item.get("call_id", "")), "type": "function", "function": {"name": name, "arguments": str(item.get("arguments", "{}"))}}
+            call = {
+                "id": str(item.get("call_id", "")),
+                "type": "function",
+                "function": {"name": name, "arguments": str(item.get("arguments", "{}"))},
+            }
             if out and out[-1]["role"] == "assistant" and "tool_calls" in out[-1]:
                 out[-1]["tool_calls"].append(call)  # parallel calls of one turn
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
-            out.append({"role": "tool", "tool_call_id": str(item.get("call_id", "")), "content": _text(item.get("output"), f"{where}.output")})
+            out.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": str(item.get("call_id", "")),
+                    "content": _text(item.get("output"), f"{where}.output"),
+                }
+            )
         elif kind == "reasoning":
             continue  # a reasoning model's notes, handed back by clients: nothing here reads them
         elif kind == "item_reference":
-            raise APIError(400, f"{where}: item references need stored responses, which this server does not keep.", param=where, code="unsupported_parameter")
+            raise APIError(
+                400,
+                f"{where}: item references need stored responses, which this server does not keep.",
+                param=where,
+                code="unsupported_parameter",
+            )
         else:
-            raise APIError(400, f"{where}: input items of type {kind!r} are not supported.", param=f"{where}.type", code="invalid_value")
+            raise APIError(
+                400,
+                f"{where}: input items of type {kind!r} are not supported.",
+                param=f"{where}.type",
+                code="invalid_value",
+            )
     return out
 
 
@@ -106,7 +167,12 @@ def _text(content: Any, where: str) -> str:
     for index, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise APIError(400, f"{where}.{index}: this model reads text only; got a part of type {kind!r}.", param=f"{where}.{index}", code="invalid_value")
+            raise APIError(
+                400,
+                f"{where}.{index}: this model reads text only; got a part of type {kind!r}.",
+                param=f"{where}.{index}",
+                code="invalid_value",
+            )
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -155,7 +221,9 @@ def tool_plan(body: ResponsesBody) -> ToolPlan:
             if namespace[1]:  # the group's description is the only place some of its meaning lives
                 description = f"{namespace[1]}\n\n{description}" if description else namespace[1]
         if name in names:
-            raise APIError(400, f"{where}: the function name {name!r} is defined twice.", param=where, code="invalid_value")
+            raise APIError(
+                400, f"{where}: the function name {name!r} is defined twice.", param=where, code="invalid_value"
+            )
         names.add(name)
         plan.tools.append(function_tool(name, description, tool.parameters or {"type": "object", "properties": {}}))
 
@@ -169,9 +237,16 @@ def tool_plan(body: ResponsesBody) -> ToolPlan:
         elif kind == "namespace":
             namespace, description, members = raw.get("name"), raw.get("description"), raw.get("tools")
             if not isinstance(namespace, str) or not namespace or not isinstance(members, list):
-                raise APIError(400, f"{where}: a namespace tool needs a name and a list of tools.", param=where, code="invalid_value")
+                raise APIError(
+                    400,
+                    f"{where}: a namespace tool needs a name and a list of tools.",
+                    param=where,
+                    code="invalid_value",
+                )
             if description is not None and not isinstance(description, str):
-                raise APIError(400, f"{where}.description must be a string.", param=f"{where}.description", code="invalid_type")
+                raise APIError(
+                    400, f"{where}.description must be a string.", param=f"{where}.description", code="invalid_type"
+                )
             for inner, member in enumerate(members):
                 inner_where = f"{where}.tools.{inner}"
                 if not isinstance(member, dict):
@@ -203,18 +278,30 @@ def _tool_choice(body: ResponsesBody, plan: ToolPlan) -> ToolChoice:
     choice, has_tools = body.tool_choice, bool(plan.tools)
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         namespace = choice.get("namespace")  # a namespaced function, named as the client knows it
-        choice = NamedFunction(type="function", name=plan.flat_name(namespace, choice["name"]) if isinstance(namespace, str) and namespace else choice["name"])
+        choice = NamedFunction(
+            type="function",
+            name=plan.flat_name(namespace, choice["name"])
+            if isinstance(namespace, str) and namespace
+            else choice["name"],
+        )
     if isinstance(choice, dict):  # a built-in tool forced: it was dropped, so obeying is impossible
         kind = choice.get("type")
         raise APIError(
-            400, f"tool_choice forces a tool of type {kind!r}, which this server does not run: only function tools are available here.",
-            param="tool_choice", code="invalid_value",
+            400,
+            f"tool_choice forces a tool of type {kind!r}, which this server does not run: only function tools are available here.",
+            param="tool_choice",
+            code="invalid_value",
         )
     if choice is None:
         return ToolChoice("auto" if has_tools else "none")
     if choice != "none" and not has_tools:
         if plan.dropped:
-            raise APIError(400, f"tool_choice is {_choice_label(choice)!r} but no function tools are left: {', '.join(plan.dropped)} cannot run here.", param="tool_choice", code="invalid_value")
+            raise APIError(
+                400,
+                f"tool_choice is {_choice_label(choice)!r} but no function tools are left: {', '.join(plan.dropped)} cannot run here.",
+                param="tool_choice",
+                code="invalid_value",
+            )
         raise APIError(400, "tool_choice is set but no tools were given.", param="tool_choice", code="invalid_value")
     if isinstance(choice, NamedFunction):
         name = choice.name
@@ -237,7 +324,12 @@ def _text_format(body: ResponsesBody) -> tuple[dict[str, Any] | None, bool]:
     if text_format.type == "json_object":
         return None, True
     if text_format.schema_ is None:
-        raise APIError(400, "text.format of type json_schema needs a schema.", param="text.format.schema", code="missing_required_parameter")
+        raise APIError(
+            400,
+            "text.format of type json_schema needs a schema.",
+            param="text.format.schema",
+            code="missing_required_parameter",
+        )
     return text_format.schema_, False
 
 
@@ -256,17 +348,25 @@ def usage_json(usage: Usage) -> dict[str, Any]:
 
 def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     """A message item; "incomplete" (cut by max_output_tokens) still carries the text written so far."""
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []
+    content = (
+        [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []
+    )
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
-def call_item(call: ToolCall, status: str = "completed", arguments: str | None = None, plan: ToolPlan | None = None) -> dict[str, Any]:
+def call_item(
+    call: ToolCall, status: str = "completed", arguments: str | None = None, plan: ToolPlan | None = None
+) -> dict[str, Any]:
     """A function_call item; a namespaced function is named as the client defined it, `name` and `namespace` apart
     (Codex routes a call by the pair, ToolName::new(namespace, name), in codex-rs/core/src/tools/router.rs)."""
     namespace, name = plan.split(call.name) if plan is not None else (None, call.name)
     item = {
-        "type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id, "name": name,
-        "arguments": call.arguments if arguments is None else arguments, "status": status,
+        "type": "function_call",
+        "id": "fc_" + call.id.removeprefix("call_"),
+        "call_id": call.id,
+        "name": name,
+        "arguments": call.arguments if arguments is None else arguments,
+        "status": status,
     }
     if namespace is not None:
         item["namespace"] = namespace
@@ -285,29 +385,53 @@ class ResponseShell:
 
     def json(self, status: str, output: list[dict[str, Any]], finished: Finished | None = None) -> dict[str, Any]:
         body = self.body
-        text_format = body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text and body.text.format else {"type": "text"}
-        tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunction) else (body.tool_choice or "auto")
+        text_format = (
+            body.text.format.model_dump(by_alias=True, exclude_none=True)
+            if body.text and body.text.format
+            else {"type": "text"}
+        )
+        tool_choice = (
+            body.tool_choice.model_dump()
+            if isinstance(body.tool_choice, NamedFunction)
+            else (body.tool_choice or "auto")
+        )
         tools = []  # the tools as given, less those dropped
         for tool in body.tools or []:
             if tool.get("type") == "function":
                 tools.append({**tool, "parameters": tool.get("parameters"), "strict": tool.get("strict")})
             elif tool.get("type") == "namespace":
-                tools.append({**tool, "tools": [t for t in tool.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"]})
+                tools.append(
+                    {
+                        **tool,
+                        "tools": [
+                            t for t in tool.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"
+                        ],
+                    }
+                )
         incomplete = finished is not None and finished.reason == "length"
         response = {
-            "id": self.id, "object": "response", "created_at": self.created_at, "model": self.model,
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "model": self.model,
             "status": "incomplete" if incomplete and status == "completed" else status,
             "output": output,
             "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-            "temperature": body.temperature, "top_p": body.top_p,
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
             "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
             "tool_choice": tool_choice,
             "tools": tools,
             "text": {"format": text_format},
-            "previous_response_id": None, "store": False, "truncation": "disabled", "metadata": body.metadata or {},
-            "user": body.user, "usage": usage_json(finished.usage) if finished else None,
+            "previous_response_id": None,
+            "store": False,
+            "truncation": "disabled",
+            "metadata": body.metadata or {},
+            "user": body.user,
+            "usage": usage_json(finished.usage) if finished else None,
         }
         if self.plan.dropped:  # sovereign's extension: the Responses object has no field for warnings
             response["sovereign_dropped_tools"] = list(self.plan.dropped)
@@ -316,10 +440,17 @@ class ResponseShell:
 
 def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
     """The model's reasoning as a reasoning item: its text in full (nothing is summarised locally)."""
-    return {"type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": text}] if text else [], "status": "completed"}
+    return {
+        "type": "reasoning",
+        "id": item_id,
+        "summary": [{"type": "summary_text", "text": text}] if text else [],
+        "status": "completed",
+    }
 
 
-def output_items(text: str, calls: list[ToolCall], reasoning: str = "", plan: ToolPlan | None = None, cut: bool = False) -> list[dict[str, Any]]:
+def output_items(
+    text: str, calls: list[ToolCall], reasoning: str = "", plan: ToolPlan | None = None, cut: bool = False
+) -> list[dict[str, Any]]:
     """A finished answer's output: its reasoning, the message (when there is text, or nothing else), then the function calls.
 
     cut: the answer ran into max_output_tokens, so its message is "incomplete", as OpenAI marks it."""
@@ -542,5 +673,9 @@ class ResponseStream:
         return self.frame("response.failed", response={**self.shell.json("failed", self.output), "error": details})
 
 
-def response_json(shell: ResponseShell, text: str, calls: list[ToolCall], finished: Finished, reasoning: str = "") -> dict[str, Any]:
-    return shell.json("completed", output_items(text, calls, reasoning, shell.plan, finished.reason == "length"), finished)
+def response_json(
+    shell: ResponseShell, text: str, calls: list[ToolCall], finished: Finished, reasoning: str = ""
+) -> dict[str, Any]:
+    return shell.json(
+        "completed", output_items(text, calls, reasoning, shell.plan, finished.reason == "length"), finished
+    )

@@ -65,7 +65,11 @@ async def with_heartbeat(events: AsyncIterator[T], interval: float) -> AsyncIter
 
 
 def event_stream(
-    frames: AsyncIterator[bytes], generations: list[Generation], *, error_frame: Callable[[APIError], bytes] | None = None, last: bytes = b"",
+    frames: AsyncIterator[bytes],
+    generations: list[Generation],
+    *,
+    error_frame: Callable[[APIError], bytes] | None = None,
+    last: bytes = b"",
 ) -> StreamingResponse:
     """A server-sent-events response that stops its generations when it ends or the client goes away.
 
@@ -87,4 +91,6 @@ def event_stream(
         if last:
             yield last
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

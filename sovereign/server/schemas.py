@@ -45,7 +45,9 @@ class ValidText(BaseModel):
         where = find_lone_surrogate(data)
         if where is not None:
             raise PydanticCustomError(
-                "lone_surrogate", "the text holds a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode", {"where": where}
+                "lone_surrogate",
+                "the text holds a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode",
+                {"where": where},
             )
         return data
 
@@ -161,7 +163,9 @@ class ChatCompletionBody(_SamplingFields):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None  # llama-server's and vLLM's name: extra variables for the chat template
+    chat_template_kwargs: dict[str, Any] | None = (
+        None  # llama-server's and vLLM's name: extra variables for the chat template
+    )
 
 
 class CompletionBody(_SamplingFields):
@@ -241,7 +245,9 @@ class ResponsesBody(_Strict):
     tool_choice: Literal["auto", "none", "required"] | NamedFunction | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # [Codex] honoured
     stream: bool = False  # [Codex] honoured (Codex always streams)
-    previous_response_id: str | None = None  # refused: nothing is stored (Codex sends it only over its websocket transport)
+    previous_response_id: str | None = (
+        None  # refused: nothing is stored (Codex sends it only over its websocket transport)
+    )
     conversation: Any = None  # refused likewise
     background: bool | None = None
     store: bool | None = None  # [Codex] sends false; accepted, nothing is ever stored
@@ -249,7 +255,9 @@ class ResponsesBody(_Strict):
     user: str | None = None
     seed: int | None = None
     ignore_eos: bool = False  # sovereign's extension, as on the other endpoints
-    reasoning: ResponsesReasoning | None = None  # [Codex] effort reaches the template; summaries are the whole reasoning
+    reasoning: ResponsesReasoning | None = (
+        None  # [Codex] effort reaches the template; summaries are the whole reasoning
+    )
     # Accepted and ignored: they shape OpenAI's service, not a local model's output.
     truncation: str | None = None
     # [Codex] sends ["reasoning.encrypted_content"]: there is no encrypted reasoning to return; reasoning

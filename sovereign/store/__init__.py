@@ -28,6 +28,15 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "Manifest", "ModelFile", "NullReporter", "PullOptions", "PullReporter", "PullResult",
-    "SourceRecord", "Store", "plan_pull", "pull", "spec_from_manifest",
+    "Manifest",
+    "ModelFile",
+    "NullReporter",
+    "PullOptions",
+    "PullReporter",
+    "PullResult",
+    "SourceRecord",
+    "Store",
+    "plan_pull",
+    "pull",
+    "spec_from_manifest",
 ]

@@ -64,7 +64,9 @@ OLLAMA_TEMPLATE_LAYER = "application/vnd.ollama.image.template"
 OLLAMA_REGISTRY = "registry.ollama.ai"
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _QUANT = re.compile(r"(?:^|[-_.])((?:UD-)?(?:I?Q\d[A-Za-z0-9_]*|TQ\d_\d|BF16|F16|FP16|F32|MXFP4))$", re.IGNORECASE)
-NO_TEMPLATE_NOTE = "its GGUF has no chat template and Ollama's Go template is not translated: a generic template will be used"
+NO_TEMPLATE_NOTE = (
+    "its GGUF has no chat template and Ollama's Go template is not translated: a generic template will be used"
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,9 @@ def store_roots(environ: Mapping[str, str] | None = None, home: Path | None = No
     """The folders each tool keeps its models in, from the environment (existing or not)."""
     env = os.environ if environ is None else environ
     home = home or Path(env.get("HOME") or Path.home())
-    hf_cache = env.get("HF_HUB_CACHE") or (str(Path(env["HF_HOME"]) / "hub") if env.get("HF_HOME") else str(home / ".cache" / "huggingface" / "hub"))
+    hf_cache = env.get("HF_HUB_CACHE") or (
+        str(Path(env["HF_HOME"]) / "hub") if env.get("HF_HOME") else str(home / ".cache" / "huggingface" / "hub")
+    )
     return {
         "ollama": [Path(env.get("OLLAMA_MODELS") or home / ".ollama" / "models").expanduser()],
         "hf": [Path(hf_cache).expanduser()],
@@ -203,7 +207,9 @@ def scan_ollama(root: Path) -> Iterator[Candidate]:
         else:
             name_parts = [host, *model_parts]
         name = f"{'/'.join(name_parts)}:{tag}"
-        origin = f"{'/'.join(model_parts)}:{tag}" if host == OLLAMA_REGISTRY else f"{host}/{'/'.join(model_parts)}:{tag}"
+        origin = (
+            f"{'/'.join(model_parts)}:{tag}" if host == OLLAMA_REGISTRY else f"{host}/{'/'.join(model_parts)}:{tag}"
+        )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             layers = data["layers"]
@@ -216,17 +222,28 @@ def scan_ollama(root: Path) -> Iterator[Candidate]:
         digest = str(model.get("digest", ""))
         hexdigest = digest.removeprefix("sha256:")
         if not _SHA256_HEX.match(hexdigest):
-            yield Candidate("ollama", name, (path,), origin, problem=f"its model layer has no sha256 digest ({digest or 'none'})")
+            yield Candidate(
+                "ollama", name, (path,), origin, problem=f"its model layer has no sha256 digest ({digest or 'none'})"
+            )
             continue
         blob = root / "blobs" / f"sha256-{hexdigest}"
         has_template = any(layer.get("mediaType") == OLLAMA_TEMPLATE_LAYER for layer in layers)
         problem = "" if blob.is_file() else f"its model blob {blob.name} is missing"
-        yield Candidate("ollama", name, (blob,), origin + (" (with an Ollama template)" if has_template else ""), (hexdigest,), problem)
+        yield Candidate(
+            "ollama",
+            name,
+            (blob,),
+            origin + (" (with an Ollama template)" if has_template else ""),
+            (hexdigest,),
+            problem,
+        )
 
 
 def _snapshot_order(repo_dir: Path) -> list[Path]:
     """A repository's snapshots, the one refs/main points at first."""
-    snapshots = sorted(p for p in (repo_dir / "snapshots").iterdir() if p.is_dir()) if (repo_dir / "snapshots").is_dir() else []
+    snapshots = (
+        sorted(p for p in (repo_dir / "snapshots").iterdir() if p.is_dir()) if (repo_dir / "snapshots").is_dir() else []
+    )
     try:
         main = (repo_dir / "refs" / "main").read_text(encoding="utf-8").strip()
     except OSError:
@@ -257,7 +274,9 @@ def _candidate(layout: str, name: str, model: tuple[Path, ...] | tuple[Path, str
     if len(model) == 2 and isinstance(model[1], str):
         return Candidate(layout, name, (model[0],), origin, problem=model[1])
     files = tuple(p for p in model if isinstance(p, Path))
-    problem = next((f"{p.name} points at a file that is missing (an unfinished download?)" for p in files if not p.is_file()), "")
+    problem = next(
+        (f"{p.name} points at a file that is missing (an unfinished download?)" for p in files if not p.is_file()), ""
+    )
     return Candidate(layout, name, files, origin, tuple(_hex_name(p) for p in files), problem)
 
 
@@ -287,13 +306,13 @@ def split_llamacpp_name(stem: str, known: list[tuple[str, str]]) -> tuple[str, s
     """<org>_<repo>_<file> into its parts: by llama.cpp's manifests where they name it, else at '-GGUF_' or the first two '_'."""
     for org, repo in known:
         if stem.startswith(f"{org}_{repo}_"):
-            return org, repo, stem[len(org) + len(repo) + 2:]
+            return org, repo, stem[len(org) + len(repo) + 2 :]
     org, sep, rest = stem.partition("_")
     if not sep:
         return None
     marker = rest.upper().find("-GGUF_")
     if marker > 0:
-        return org, rest[:marker + 5], rest[marker + 6:]
+        return org, rest[: marker + 5], rest[marker + 6 :]
     repo, sep, file = rest.partition("_")
     return (org, repo, file) if sep and repo and file else None
 
@@ -323,7 +342,9 @@ def scan_llamacpp(root: Path) -> Iterator[Candidate]:
 SCANNERS = {"ollama": scan_ollama, "hf": scan_hf, "lmstudio": scan_lmstudio, "llamacpp": scan_llamacpp}
 
 
-def scan(layouts: Iterable[str] = LAYOUTS, environ: Mapping[str, str] | None = None) -> tuple[list[Candidate], dict[str, list[Path]]]:
+def scan(
+    layouts: Iterable[str] = LAYOUTS, environ: Mapping[str, str] | None = None
+) -> tuple[list[Candidate], dict[str, list[Path]]]:
     """Every model found in the chosen tools' stores, in LAYOUTS order, and the folders looked at."""
     roots = store_roots(environ)
     chosen = [layout for layout in LAYOUTS if layout in set(layouts)]
@@ -409,7 +430,10 @@ def _stage_links(candidate: Candidate, staging: Path, reporter: PullReporter) ->
         sha = sha256_file(link, reporter, "verifying")
         claimed = candidate.digests[index] if index < len(candidate.digests) else None
         if claimed and sha != claimed:
-            raise StoreError(f"{path} does not match the sha256 its store names it by ({claimed[:12]}…, read {sha[:12]}…)", "the file is damaged: download it again with its own tool")
+            raise StoreError(
+                f"{path} does not match the sha256 its store names it by ({claimed[:12]}…, read {sha[:12]}…)",
+                "the file is damaged: download it again with its own tool",
+            )
         linked.append((link, sha, link.stat().st_size))
     return linked
 
@@ -433,12 +457,17 @@ def _in_place(candidate: Candidate) -> list[ModelFile]:
     files = []
     for path in candidate.files:
         stat = path.stat()
-        files.append(ModelFile(filename=path.name, size=stat.st_size, path=str(path.absolute()), mtime_ns=stat.st_mtime_ns))
+        files.append(
+            ModelFile(filename=path.name, size=stat.st_size, path=str(path.absolute()), mtime_ns=stat.st_mtime_ns)
+        )
     return files
 
 
-def _check(candidate: Candidate, store: Store, index: _Index, claimed: dict[str, str]) -> tuple[ModelName | None, Outcome | None]:
+def _check(
+    candidate: Candidate, store: Store, index: _Index, claimed: dict[str, str]
+) -> tuple[ModelName | None, Outcome | None]:
     """The name to adopt a candidate under, or the outcome that says why not."""
+
     def skip(reason: str) -> tuple[None, Outcome]:
         return None, Outcome(candidate, "skipped", candidate.name, reason=reason)
 
@@ -452,15 +481,26 @@ def _check(candidate: Candidate, store: Store, index: _Index, claimed: dict[str,
     if holder is not None:
         held = store.get(parse_name(holder))
         if held is not None and (store.file_status(held) == "ok" or holder != str(name)):
-            return None, Outcome(candidate, "present", holder, reason="already in the store" if holder == str(name) else f"already in the store as {holder}")
+            return None, Outcome(
+                candidate,
+                "present",
+                holder,
+                reason="already in the store" if holder == str(name) else f"already in the store as {holder}",
+            )
     if str(name) in claimed:
         return skip(f"{name} was already found in the {LAYOUT_LABELS[claimed[str(name)]]}")
     try:
         existing = store.get(name)
     except StoreError as exc:
         return skip(exc.message)
-    if existing is not None and holder != str(name) and not (existing.source.kind == "adopt" and store.file_status(existing) != "ok"):
-        return skip(f"{name} already names another model (register this one with `sovereign pull {candidate.files[0]} --name OTHER`)")
+    if (
+        existing is not None
+        and holder != str(name)
+        and not (existing.source.kind == "adopt" and store.file_status(existing) != "ok")
+    ):
+        return skip(
+            f"{name} already names another model (register this one with `sovereign pull {candidate.files[0]} --name OTHER`)"
+        )
     for path in candidate.files:
         if not has_gguf_magic(path):
             return skip(f"{path.name} is not a GGUF file")
@@ -488,14 +528,21 @@ def adopt(
             except (PullError, StoreError) as exc:
                 outcome = Outcome(candidate, "skipped", candidate.name, reason=exc.message)
             except OSError as exc:
-                outcome = Outcome(candidate, "skipped", candidate.name, reason=f"{exc.strerror or exc} ({exc.filename or candidate.files[0]})")
+                outcome = Outcome(
+                    candidate,
+                    "skipped",
+                    candidate.name,
+                    reason=f"{exc.strerror or exc} ({exc.filename or candidate.files[0]})",
+                )
             if outcome.action in ("adopted", "would adopt"):
                 claimed[outcome.name] = candidate.layout
             outcomes.append(outcome)
     return AdoptReport(outcomes, scanned)
 
 
-def _adopt_one(candidate: Candidate, store: Store, index: _Index, claimed: dict[str, str], dry_run: bool, reporter: PullReporter) -> Outcome:
+def _adopt_one(
+    candidate: Candidate, store: Store, index: _Index, claimed: dict[str, str], dry_run: bool, reporter: PullReporter
+) -> Outcome:
     name, outcome = _check(candidate, store, index, claimed)
     if outcome is not None or name is None:
         return outcome or Outcome(candidate, "skipped", candidate.name, reason="no name")
@@ -510,17 +557,29 @@ def _adopt_one(candidate: Candidate, store: Store, index: _Index, claimed: dict[
             linked = _stage_links(candidate, staging, reporter)
             how = "hard link" if linked is not None else "in place"
             verified = linked is not None and len(candidate.digests) == len(candidate.files) and all(candidate.digests)
-            with store.gc_lock():  # blobs placed and the manifest naming them published under one lock, so prune cannot race
+            with (
+                store.gc_lock()
+            ):  # blobs placed and the manifest naming them published under one lock, so prune cannot race
                 files = _place_links(candidate, store, linked) if linked is not None else _in_place(candidate)
                 manifest = Manifest(
                     name=str(name),
                     files=tuple(files),
-                    source=SourceRecord(kind="adopt", reference=str(candidate.files[0].absolute()), detail=f"{LAYOUT_LABELS[candidate.layout]} {candidate.origin}, {how}"),
+                    source=SourceRecord(
+                        kind="adopt",
+                        reference=str(candidate.files[0].absolute()),
+                        detail=f"{LAYOUT_LABELS[candidate.layout]} {candidate.origin}, {how}",
+                    ),
                     gguf=info.to_json(),
                     pulled_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     license=info.license,
                     sha256_verified=verified,
-                    extra={"adopted": {"layout": candidate.layout, "origin": candidate.origin, "paths": [str(p.absolute()) for p in candidate.files]}},
+                    extra={
+                        "adopted": {
+                            "layout": candidate.layout,
+                            "origin": candidate.origin,
+                            "paths": [str(p.absolute()) for p in candidate.files],
+                        }
+                    },
                 )
                 store.save(name, manifest)
     finally:

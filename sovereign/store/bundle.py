@@ -64,17 +64,23 @@ def parse_split(text: str) -> int:
     match = _SIZE.match(text)
     size = int(float(match[1]) * 1024 ** "_KMGT".index(match[2].upper() or "_")) if match else 0
     if size < 1:
-        raise BundleError(f"--split takes a size such as 4G, 4GiB or 500M, not '{text}'", "for a FAT32 stick use --split 4G")
+        raise BundleError(
+            f"--split takes a size such as 4G, 4GiB or 500M, not '{text}'", "for a FAT32 stick use --split 4G"
+        )
     return FAT32_MAX if size == FAT32_MAX + 1 else size
 
 
 def safe_relpath(name: str) -> str:
     """A bundle member name as a relative POSIX path inside the bundle, or BundleError (absolute, '..', odd)."""
     if not name or "\\" in name or "\x00" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise BundleError(f"the bundle names an unsafe path: {name!r}", "the bundle was not made by `sovereign export`; refusing it")
+        raise BundleError(
+            f"the bundle names an unsafe path: {name!r}", "the bundle was not made by `sovereign export`; refusing it"
+        )
     parts = [p for p in PurePosixPath(name).parts if p != "."]
     if not parts or any(p == ".." for p in parts):
-        raise BundleError(f"the bundle names an unsafe path: {name!r}", "the bundle was not made by `sovereign export`; refusing it")
+        raise BundleError(
+            f"the bundle names an unsafe path: {name!r}", "the bundle was not made by `sovereign export`; refusing it"
+        )
     return "/".join(parts)
 
 
@@ -93,7 +99,9 @@ class _HashingReader:
         size = self.left if size is None or size < 0 else min(size, self.left)
         block = self.handle.read(min(size, CHUNK * 4))
         if not block:
-            raise BundleError(f"{getattr(self.handle, 'name', 'a file')} got shorter while it was exported", "export again")
+            raise BundleError(
+                f"{getattr(self.handle, 'name', 'a file')} got shorter while it was exported", "export again"
+            )
         self.left -= len(block)
         for h in self.hashes:
             h.update(block)
@@ -228,14 +236,23 @@ def export_bundle(
         if manifest.name not in {m.name for m in manifests}:
             manifests.append(manifest)
     if not manifests:
-        raise ModelNotFound("no models to export", "name at least one pulled model, e.g. sovereign export gemma3:270m --to DIR")
+        raise ModelNotFound(
+            "no models to export", "name at least one pulled model, e.g. sovereign export gemma3:270m --to DIR"
+        )
     for manifest in manifests:
         for path in store.file_paths(manifest):
             if not path.is_file():
-                raise StoreError(f"{manifest.name}'s file {path} is missing", f"pull {manifest.name} again before exporting it")
-            expected = next(f.size for f in manifest.files if (Path(f.path) if f.path else store.blob_path(f.digest or "")) == path)
+                raise StoreError(
+                    f"{manifest.name}'s file {path} is missing", f"pull {manifest.name} again before exporting it"
+                )
+            expected = next(
+                f.size for f in manifest.files if (Path(f.path) if f.path else store.blob_path(f.digest or "")) == path
+            )
             if path.stat().st_size != expected:
-                raise StoreError(f"{path} changed since {manifest.name} was registered ({path.stat().st_size} bytes, not {expected})", f"pull {manifest.name} again before exporting it")
+                raise StoreError(
+                    f"{path} changed since {manifest.name} was registered ({path.stat().st_size} bytes, not {expected})",
+                    f"pull {manifest.name} again before exporting it",
+                )
     runtime_dir = Path(tempfile.mkdtemp(prefix="sovereign-wheels-")) if with_runtime else None
     try:
         runtime = build_runtime(runtime_dir, reporter) if runtime_dir else None
@@ -259,8 +276,14 @@ def export_bundle(
 
 
 def _write(
-    sink: _Sink, store: Store, catalog: Catalog | None, manifests: list[Manifest], split: int | None,
-    runtime: dict[str, Any] | None, runtime_dir: Path | None, reporter: PullReporter,
+    sink: _Sink,
+    store: Store,
+    catalog: Catalog | None,
+    manifests: list[Manifest],
+    split: int | None,
+    runtime: dict[str, Any] | None,
+    runtime_dir: Path | None,
+    reporter: PullReporter,
 ) -> ExportResult:
     sums: dict[str, str] = {}
     total = 0
@@ -270,7 +293,11 @@ def _write(
             path = runtime_dir / wheel
             digest = hashlib.sha256()
             with path.open("rb") as handle:
-                sink.add_stream(f"wheels/{wheel}", _HashingReader(handle, path.stat().st_size, [digest], reporter), path.stat().st_size)
+                sink.add_stream(
+                    f"wheels/{wheel}",
+                    _HashingReader(handle, path.stat().st_size, [digest], reporter),
+                    path.stat().st_size,
+                )
             sums[f"wheels/{wheel}"] = digest.hexdigest()
             total += path.stat().st_size
         sums[RUNTIME_JSON] = sink.add_bytes(RUNTIME_JSON, json.dumps(runtime, indent=2).encode())
@@ -286,8 +313,15 @@ def _write(
                 total += by_origin[origin]["size"]
             files.append({"filename": model_file.filename, **by_origin[origin]})
         spec = catalog.get(parse_name(manifest.name)) if catalog else None
-        entries.append({"name": manifest.name, "manifest": manifest.to_json(), "source": manifest.to_json()["source"],
-                        "catalog": catalog_settings(spec, manifest), "files": files})
+        entries.append(
+            {
+                "name": manifest.name,
+                "manifest": manifest.to_json(),
+                "source": manifest.to_json()["source"],
+                "catalog": catalog_settings(spec, manifest),
+                "files": files,
+            }
+        )
     bundle = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -302,7 +336,13 @@ def _write(
 
 
 def _write_model_file(
-    sink: _Sink, model_file: ModelFile, path: Path, split: int | None, used: set[str], sums: dict[str, str], reporter: PullReporter
+    sink: _Sink,
+    model_file: ModelFile,
+    path: Path,
+    split: int | None,
+    used: set[str],
+    sums: dict[str, str],
+    reporter: PullReporter,
 ) -> dict[str, Any]:
     """Copy one model file (in pieces with --split) into the bundle; its whole and per-piece sha256."""
     base = Path(model_file.filename).name or "model.gguf"
@@ -330,7 +370,10 @@ def _write_model_file(
         reporter.end()
     sha = whole.hexdigest()
     if model_file.digest and model_file.digest != f"sha256:{sha}":
-        raise IntegrityError(f"the store's copy of {model_file.filename} is damaged (its sha256 is not its name)", "pull the model again, then export")
+        raise IntegrityError(
+            f"the store's copy of {model_file.filename} is damaged (its sha256 is not its name)",
+            "pull the model again, then export",
+        )
     return {"size": size, "sha256": sha, "pieces": pieces}
 
 
@@ -370,7 +413,9 @@ class _Tree:
         path = self.root / safe_relpath(rel)
         # A folder bundle may not reach outside itself through a link.
         if path.is_symlink() or not path.resolve().is_relative_to(self.root.resolve()):
-            raise BundleError(f"{rel} in the bundle is a link", "the bundle was not made by `sovereign export`; refusing it")
+            raise BundleError(
+                f"{rel} in the bundle is a link", "the bundle was not made by `sovereign export`; refusing it"
+            )
         return path
 
     def check(self, rel: str, expected_sha: str, expected_size: int | None, reporter: PullReporter) -> Path:
@@ -380,14 +425,25 @@ class _Tree:
             raise BundleError(f"{rel} is missing from the bundle", "copy the whole bundle again")
         size = path.stat().st_size
         if expected_size is not None and size != expected_size:
-            raise IntegrityError(f"{rel} is truncated or damaged: {size} bytes, the bundle says {expected_size}; nothing was imported", "copy the bundle again")
-        actual = self.known[rel][1] if rel in self.known and self.known[rel][0] == size else _sha_file(path, reporter, "checking")
+            raise IntegrityError(
+                f"{rel} is truncated or damaged: {size} bytes, the bundle says {expected_size}; nothing was imported",
+                "copy the bundle again",
+            )
+        actual = (
+            self.known[rel][1]
+            if rel in self.known and self.known[rel][0] == size
+            else _sha_file(path, reporter, "checking")
+        )
         if actual != expected_sha:
-            raise IntegrityError(f"{rel} is damaged: its sha256 does not match SHA256SUMS; nothing was imported", "copy the bundle again")
+            raise IntegrityError(
+                f"{rel} is damaged: its sha256 does not match SHA256SUMS; nothing was imported", "copy the bundle again"
+            )
         return path
 
 
-def _unpack_tar(stream: IO[bytes] | None, path: Path | None, into: Path, reporter: PullReporter) -> dict[str, tuple[int, str]]:
+def _unpack_tar(
+    stream: IO[bytes] | None, path: Path | None, into: Path, reporter: PullReporter
+) -> dict[str, tuple[int, str]]:
     """Unpack a bundle tar (file or stream) into `into`, refusing links, devices, absolute paths and '..'."""
     shutil.rmtree(into, ignore_errors=True)
     into.mkdir(parents=True)
@@ -395,7 +451,9 @@ def _unpack_tar(stream: IO[bytes] | None, path: Path | None, into: Path, reporte
     try:
         tar = tarfile.open(name=str(path) if path else None, fileobj=stream if path is None else None, mode="r|*")
     except (tarfile.TarError, EOFError) as exc:
-        raise BundleError(f"{path or 'stdin'} is not a tar bundle ({exc})", "give the folder or .tar that `sovereign export` wrote") from None
+        raise BundleError(
+            f"{path or 'stdin'} is not a tar bundle ({exc})", "give the folder or .tar that `sovereign export` wrote"
+        ) from None
     try:
         with tar:
             for member in tar:
@@ -404,14 +462,22 @@ def _unpack_tar(stream: IO[bytes] | None, path: Path | None, into: Path, reporte
                     continue
                 if not member.isreg():
                     kind = "link" if member.issym() or member.islnk() else "device or special file"
-                    raise BundleError(f"the bundle's member {member.name} is a {kind}", "the bundle was not made by `sovereign export`; refusing it")
+                    raise BundleError(
+                        f"the bundle's member {member.name} is a {kind}",
+                        "the bundle was not made by `sovereign export`; refusing it",
+                    )
                 target = into / rel
                 if rel in known or target.exists():
-                    raise BundleError(f"the bundle names {rel} twice", "the bundle was not made by `sovereign export`; refusing it")
+                    raise BundleError(
+                        f"the bundle names {rel} twice", "the bundle was not made by `sovereign export`; refusing it"
+                    )
                 try:
                     target.parent.mkdir(parents=True, exist_ok=True)
                 except OSError:  # a member named like a folder another member is a file of
-                    raise BundleError(f"the bundle's member {member.name} does not fit its layout", "the bundle was not made by `sovereign export`; refusing it") from None
+                    raise BundleError(
+                        f"the bundle's member {member.name} does not fit its layout",
+                        "the bundle was not made by `sovereign export`; refusing it",
+                    ) from None
                 source = tar.extractfile(member)
                 assert source is not None
                 digest, written = hashlib.sha256(), 0
@@ -427,21 +493,29 @@ def _unpack_tar(stream: IO[bytes] | None, path: Path | None, into: Path, reporte
                     reporter.end()
                 known[rel] = (written, digest.hexdigest())
     except (tarfile.TarError, EOFError) as exc:
-        raise IntegrityError(f"the tar bundle {path or 'on stdin'} is truncated or damaged ({exc}); nothing was imported", "copy or send it again") from None
+        raise IntegrityError(
+            f"the tar bundle {path or 'on stdin'} is truncated or damaged ({exc}); nothing was imported",
+            "copy or send it again",
+        ) from None
     return known
 
 
 def _read_sums(tree: _Tree) -> dict[str, str]:
     path = tree.path(SUMS)
     if not path.is_file():
-        raise BundleError(f"{tree.root} is not a complete sovereign bundle: {SUMS} is missing", "export it again (SHA256SUMS is written last)")
+        raise BundleError(
+            f"{tree.root} is not a complete sovereign bundle: {SUMS} is missing",
+            "export it again (SHA256SUMS is written last)",
+        )
     sums: dict[str, str] = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         match = _SUM_LINE.match(line)
         if not match:
-            raise BundleError(f"{SUMS} has a line that is not `<sha256>  <file>`: {line[:60]!r}", "copy the bundle again")
+            raise BundleError(
+                f"{SUMS} has a line that is not `<sha256>  <file>`: {line[:60]!r}", "copy the bundle again"
+            )
         sums[safe_relpath(match[2])] = match[1]
     return sums
 
@@ -455,9 +529,14 @@ def _load_bundle(tree: _Tree, sums: dict[str, str], reporter: PullReporter) -> d
     except ValueError as exc:
         raise BundleError(f"{BUNDLE_JSON} is not JSON ({exc})", "export the bundle again") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise BundleError(f"{BUNDLE_JSON} is not a sovereign bundle", "give the folder or .tar that `sovereign export` wrote")
+        raise BundleError(
+            f"{BUNDLE_JSON} is not a sovereign bundle", "give the folder or .tar that `sovereign export` wrote"
+        )
     if data.get("version") != FORMAT_VERSION:
-        raise BundleError(f"the bundle has format version {data.get('version')}; this sovereign reads version {FORMAT_VERSION}", "upgrade sovereign on this machine")
+        raise BundleError(
+            f"the bundle has format version {data.get('version')}; this sovereign reads version {FORMAT_VERSION}",
+            "upgrade sovereign on this machine",
+        )
     return data
 
 
@@ -484,11 +563,16 @@ def _plan(store: Store, bundle: dict[str, Any], sums: dict[str, str]) -> tuple[l
                 for piece in f["pieces"]:
                     rel = safe_relpath(piece["path"])
                     if sums.get(rel) != piece["sha256"]:
-                        raise BundleError(f"{rel} is not in {SUMS} with the checksum {BUNDLE_JSON} gives", "copy the bundle again")
+                        raise BundleError(
+                            f"{rel} is not in {SUMS} with the checksum {BUNDLE_JSON} gives", "copy the bundle again"
+                        )
             extra = extra_with_settings(dict(original.get("extra") or {}), entry.get("catalog"))
             manifest = Manifest(
                 name=str(name),
-                files=tuple(ModelFile(filename=f["filename"], size=int(f["size"]), digest=f"sha256:{f['sha256']}") for f in files),
+                files=tuple(
+                    ModelFile(filename=f["filename"], size=int(f["size"]), digest=f"sha256:{f['sha256']}")
+                    for f in files
+                ),
                 source=SourceRecord(**original["source"]),
                 gguf=dict(original.get("gguf") or {}),
                 pulled_at=str(original.get("pulled_at") or ""),
@@ -507,8 +591,10 @@ def _plan(store: Store, bundle: dict[str, Any], sums: dict[str, str]) -> tuple[l
                 already.append(str(name))
                 continue
             if here != [f.digest for f in manifest.files]:
-                raise BundleError(f"'{name}' already holds a different model (from {existing.source.reference}); nothing was imported",
-                                  f"run `sovereign rm {name}` first to replace it")
+                raise BundleError(
+                    f"'{name}' already holds a different model (from {existing.source.reference}); nothing was imported",
+                    f"run `sovereign rm {name}` first to replace it",
+                )
         todo.append(_Planned(name, manifest, files))
     return todo, already
 
@@ -521,11 +607,16 @@ def _stage_file(tree: _Tree, entry: dict[str, Any], staging: Path, reporter: Pul
         return target  # staged by an import that was interrupted later
     pieces = entry["pieces"]
     if len(pieces) == 1 and pieces[0]["sha256"] != sha:
-        raise IntegrityError(f"{pieces[0]['path']} does not match its sha256 in {BUNDLE_JSON}; nothing was imported", "export the bundle again")
+        raise IntegrityError(
+            f"{pieces[0]['path']} does not match its sha256 in {BUNDLE_JSON}; nothing was imported",
+            "export the bundle again",
+        )
     if len(pieces) == 1 and tree.owned:  # unpacked from a tar and already hashed: move, do not copy
         source = tree.check(pieces[0]["path"], sha, size, reporter)
         if not has_gguf_magic(source):
-            raise IntegrityError(f"{pieces[0]['path']} in the bundle is not a GGUF file; nothing was imported", "export the bundle again")
+            raise IntegrityError(
+                f"{pieces[0]['path']} in the bundle is not a GGUF file; nothing was imported", "export the bundle again"
+            )
         os.replace(source, target)
         return target
     whole = hashlib.sha256()
@@ -537,9 +628,14 @@ def _stage_file(tree: _Tree, entry: dict[str, Any], staging: Path, reporter: Pul
                 rel = safe_relpath(piece["path"])
                 path = tree.path(rel)
                 if not path.is_file():
-                    raise BundleError(f"{rel} is missing from the bundle; nothing was imported", "copy the whole bundle again")
+                    raise BundleError(
+                        f"{rel} is missing from the bundle; nothing was imported", "copy the whole bundle again"
+                    )
                 if path.stat().st_size != int(piece["size"]):
-                    raise IntegrityError(f"{rel} is truncated or damaged: {path.stat().st_size} bytes, the bundle says {piece['size']}; nothing was imported", "copy the bundle again")
+                    raise IntegrityError(
+                        f"{rel} is truncated or damaged: {path.stat().st_size} bytes, the bundle says {piece['size']}; nothing was imported",
+                        "copy the bundle again",
+                    )
                 digest = hashlib.sha256()
                 with path.open("rb") as handle:
                     while block := handle.read(CHUNK * 4):
@@ -548,7 +644,10 @@ def _stage_file(tree: _Tree, entry: dict[str, Any], staging: Path, reporter: Pul
                         out.write(block)
                         reporter.advance(len(block))
                 if digest.hexdigest() != piece["sha256"]:
-                    raise IntegrityError(f"{rel} is damaged: its sha256 does not match SHA256SUMS; nothing was imported", "copy the bundle again")
+                    raise IntegrityError(
+                        f"{rel} is damaged: its sha256 does not match SHA256SUMS; nothing was imported",
+                        "copy the bundle again",
+                    )
             out.flush()
             os.fsync(out.fileno())
     except BaseException:
@@ -558,10 +657,15 @@ def _stage_file(tree: _Tree, entry: dict[str, Any], staging: Path, reporter: Pul
         reporter.end()
     if whole.hexdigest() != sha:
         partial.unlink(missing_ok=True)
-        raise IntegrityError(f"{entry['filename']} reassembled from its pieces does not match its sha256; nothing was imported", "copy the bundle again")
+        raise IntegrityError(
+            f"{entry['filename']} reassembled from its pieces does not match its sha256; nothing was imported",
+            "copy the bundle again",
+        )
     if not has_gguf_magic(partial):
         partial.unlink(missing_ok=True)
-        raise IntegrityError(f"{entry['filename']} in the bundle is not a GGUF file; nothing was imported", "export the bundle again")
+        raise IntegrityError(
+            f"{entry['filename']} in the bundle is not a GGUF file; nothing was imported", "export the bundle again"
+        )
     os.replace(partial, target)
     return target
 
@@ -573,19 +677,30 @@ def _open_tree(store: Store, source: str | Path, stdin: IO[bytes] | None, report
         yield _Tree(Path(text).expanduser().resolve())
         return
     if text != "-" and not Path(text).expanduser().is_file():
-        raise BundleError(f"no bundle at {text}", "give the folder or .tar that `sovereign export` wrote, or - for a tar on stdin")
+        raise BundleError(
+            f"no bundle at {text}", "give the folder or .tar that `sovereign export` wrote, or - for a tar on stdin"
+        )
     key = "bundle-tar:-" if text == "-" else f"bundle-tar:{Path(text).expanduser().resolve()}"
     folder = store.partial_path(key)
     into = folder / "tree"
     try:  # a tar cannot be resumed: what was unpacked goes either way (staged model files stay, for the next import)
-        known = _unpack_tar(stdin or sys.stdin.buffer, None, into, reporter) if text == "-" else _unpack_tar(None, Path(text).expanduser(), into, reporter)
+        known = (
+            _unpack_tar(stdin or sys.stdin.buffer, None, into, reporter)
+            if text == "-"
+            else _unpack_tar(None, Path(text).expanduser(), into, reporter)
+        )
         yield _Tree(into, known, owned=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def import_bundle(
-    store: Store, source: str | Path, *, reporter: PullReporter = NullReporter(), stdin: IO[bytes] | None = None, min_free_bytes: int = 0
+    store: Store,
+    source: str | Path,
+    *,
+    reporter: PullReporter = NullReporter(),
+    stdin: IO[bytes] | None = None,
+    min_free_bytes: int = 0,
 ) -> ImportResult:
     """Verify a bundle completely, then register its models (each appears whole or not at all)."""
     with store.pulling(), _open_tree(store, source, stdin, reporter) as tree:
@@ -634,5 +749,10 @@ def _commit(store: Store, staged: dict[str, Path], todo: list[_Planned], result:
 
 
 __all__ = [
-    "BundleError", "ExportResult", "ImportResult", "export_bundle", "import_bundle", "parse_split",
+    "BundleError",
+    "ExportResult",
+    "ImportResult",
+    "export_bundle",
+    "import_bundle",
+    "parse_split",
 ]

@@ -57,7 +57,12 @@ def sha256_file(path: Path, reporter: PullReporter, label: str = "verifying") ->
 
 
 def verify_file(
-    path: Path, expected_sha256: str | None, expected_size: int | None, reporter: PullReporter, origin: str, actual_sha256: str | None = None
+    path: Path,
+    expected_sha256: str | None,
+    expected_size: int | None,
+    reporter: PullReporter,
+    origin: str,
+    actual_sha256: str | None = None,
 ) -> str:
     """Check size, GGUF magic and sha256 of a downloaded file; delete it and raise if any is wrong.
 
@@ -66,7 +71,10 @@ def verify_file(
     size = path.stat().st_size
     if expected_size is not None and size != expected_size:
         discard(path)
-        raise IntegrityError(f"{origin} gave {size} bytes, expected {expected_size}; the file was discarded", "pull again, or try another source with --mirror")
+        raise IntegrityError(
+            f"{origin} gave {size} bytes, expected {expected_size}; the file was discarded",
+            "pull again, or try another source with --mirror",
+        )
     # A promised hash is checked first: when it fails, that is the truer message than "not GGUF".
     actual = actual_sha256 or sha256_file(path, reporter)
     if expected_sha256 and actual != expected_sha256:

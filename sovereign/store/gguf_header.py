@@ -44,15 +44,26 @@ def _gguf_constants() -> ModuleType:
 
 
 _constants = _gguf_constants()
-GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType = _constants.GGML_QUANT_SIZES, _constants.GGMLQuantizationType, _constants.GGUFValueType
+GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType = (
+    _constants.GGML_QUANT_SIZES,
+    _constants.GGMLQuantizationType,
+    _constants.GGUFValueType,
+)
 Keys, LlamaFileType = _constants.Keys, _constants.LlamaFileType
 MAGIC_BYTES = struct.pack("<I", _constants.GGUF_MAGIC)  # b"GGUF"
 
 _SCALARS: dict[GGUFValueType, str] = {
-    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
-    GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
-    GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
-    GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
+    GGUFValueType.UINT8: "B",
+    GGUFValueType.INT8: "b",
+    GGUFValueType.UINT16: "H",
+    GGUFValueType.INT16: "h",
+    GGUFValueType.UINT32: "I",
+    GGUFValueType.INT32: "i",
+    GGUFValueType.FLOAT32: "f",
+    GGUFValueType.BOOL: "?",
+    GGUFValueType.UINT64: "Q",
+    GGUFValueType.INT64: "q",
+    GGUFValueType.FLOAT64: "d",
 }
 # Arrays we keep (small); every other array is skipped without decoding.
 _KEEP_ARRAYS = {Keys.Tokenizer.CHAT_TEMPLATE, "general.tags", "general.languages"}
@@ -101,7 +112,7 @@ class _Stream:
         end = self.position + length
         if end > len(self.buffer):
             raise EOFError
-        text = self.buffer[self.position:end].decode("utf-8", errors="replace")
+        text = self.buffer[self.position : end].decode("utf-8", errors="replace")
         self.position = end
         return text
 
@@ -185,7 +196,9 @@ def _read_one(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
                 metadata, tensors, needed = parse_header(buffer, path.name)
         except NeedMoreBytes:
-            raise NotGGUF(f"{path.name} has a truncated or corrupt GGUF header (EOFError)", "pull the model again") from None
+            raise NotGGUF(
+                f"{path.name} has a truncated or corrupt GGUF header (EOFError)", "pull the model again"
+            ) from None
     if needed > path.stat().st_size:
         raise NotGGUF(
             f"{path.name} is truncated: its tensors need {needed:,} bytes, the file has {path.stat().st_size:,}",
@@ -235,7 +248,10 @@ def read_gguf_info(paths: list[Path]) -> GGUFInfo:
         tensors += _read_one(extra)[1]
     # A first split may hold no tensors (gguf-split --no-tensor-first-split); the model as a whole may not.
     if not any(elements for elements, _ in tensors):
-        raise NotGGUF(f"{paths[0].name} holds no weights: it is a GGUF header without a model", "point at the model's full .gguf file")
+        raise NotGGUF(
+            f"{paths[0].name} holds no weights: it is a GGUF header without a model",
+            "point at the model's full .gguf file",
+        )
     arch = metadata.get(Keys.General.ARCHITECTURE)
     return GGUFInfo(
         architecture=arch,

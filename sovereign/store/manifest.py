@@ -81,7 +81,9 @@ class Manifest:
             raise ValueError("not a manifest of schema 1")
         files = tuple(ModelFile(**f) for f in data["files"])
         # A digest becomes a path under blobs/ and is deleted by rm: accept nothing but a digest.
-        if not files or any(not (f.digest and DIGEST.match(f.digest)) and not (f.path and f.digest is None) for f in files):
+        if not files or any(
+            not (f.digest and DIGEST.match(f.digest)) and not (f.path and f.digest is None) for f in files
+        ):
             raise ValueError("a file entry has neither a valid digest nor an in-place path")
         return cls(
             name=data["name"],

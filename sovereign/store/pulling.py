@@ -59,14 +59,24 @@ def plan_pull(reference: str, catalog: Catalog, options: PullOptions) -> PullPla
         spec = catalog.get(ref.name)
         if spec is None:
             similar = catalog.names_like(ref.name)
-            hint = f"known tags: {', '.join(similar)}" if similar else "run `sovereign catalog` to see known names, or pull hf.co/OWNER/REPO"
+            hint = (
+                f"known tags: {', '.join(similar)}"
+                if similar
+                else "run `sovereign catalog` to see known names, or pull hf.co/OWNER/REPO"
+            )
             raise ModelNotFound(f"unknown model '{ref.name}'", hint)
         return PullPlan(override or spec.name, spec.sources, Expected(spec.sha256, spec.size), spec)
     return PullPlan(override or ref.default_name(), (ref,))
 
 
 def pull(
-    reference: str, *, settings: Settings, catalog: Catalog, store: Store, reporter: PullReporter, options: PullOptions = PullOptions()
+    reference: str,
+    *,
+    settings: Settings,
+    catalog: Catalog,
+    store: Store,
+    reporter: PullReporter,
+    options: PullOptions = PullOptions(),
 ) -> PullResult:
     """Pull a model so that it appears in the store only when complete and verified."""
     plan = plan_pull(reference, catalog, options)
@@ -105,7 +115,9 @@ def _with_partial_hint(exc: InsufficientDisk, store: Store, reference: str) -> I
     )
 
 
-def _pull_locked(plan: PullPlan, settings: Settings, store: Store, reporter: PullReporter, options: PullOptions) -> PullResult:
+def _pull_locked(
+    plan: PullPlan, settings: Settings, store: Store, reporter: PullReporter, options: PullOptions
+) -> PullResult:
     failures: list[tuple[str, PullError]] = []
     for index, ref in enumerate(plan.sources):
         source = make_source(ref)

@@ -51,7 +51,13 @@ def read_remote(ref: SourceRef, settings: Settings) -> RemoteModel | None:
 
 
 def _model(metadata: dict[str, Any], tensors: list[tuple[int, int]], size: int) -> RemoteModel:
-    return RemoteModel(metadata, quantization_of(metadata, tensors), sum(elements for elements, _ in tensors), size, kv_bytes_per_token(metadata))
+    return RemoteModel(
+        metadata,
+        quantization_of(metadata, tensors),
+        sum(elements for elements, _ in tensors),
+        size,
+        kv_bytes_per_token(metadata),
+    )
 
 
 def _read_hf(ref: HfRef, endpoint: str, settings: Settings) -> RemoteModel:
@@ -63,15 +69,27 @@ def _read_hf(ref: HfRef, endpoint: str, settings: Settings) -> RemoteModel:
     listing, token = list_repository(ref, endpoint, settings)
     names = choose_files(list(listing), ref)
     if missing := [n for n in names if n not in listing]:
-        raise SourceUnavailable(f"{ref.repo} lacks split files {', '.join(missing)}", "the upload is incomplete; try another source")
+        raise SourceUnavailable(
+            f"{ref.repo} lacks split files {', '.join(missing)}", "the upload is incomplete; try another source"
+        )
     url = hf_hub_url(ref.repo, names[0], revision=ref.revision, endpoint=endpoint)
-    metadata, tensors, _ = _read_header(url, build_hf_headers(token=token, library_name="sovereign"), settings.allow_http)
+    metadata, tensors, _ = _read_header(
+        url, build_hf_headers(token=token, library_name="sovereign"), settings.allow_http
+    )
     # The first split's header holds the shape; its tensors are only that split's share of the weights.
     parameters = sum(elements for elements, _ in tensors) if len(names) == 1 else 0
-    return RemoteModel(metadata, quantization_of(metadata, tensors), parameters, sum(listing[n][0] for n in names), kv_bytes_per_token(metadata))
+    return RemoteModel(
+        metadata,
+        quantization_of(metadata, tensors),
+        parameters,
+        sum(listing[n][0] for n in names),
+        kv_bytes_per_token(metadata),
+    )
 
 
-def _read_header(url: str, headers: dict[str, str], allow_http: bool) -> tuple[dict[str, Any], list[tuple[int, int]], int]:
+def _read_header(
+    url: str, headers: dict[str, str], allow_http: bool
+) -> tuple[dict[str, Any], list[tuple[int, int]], int]:
     """(metadata, tensors, file size) from the first bytes of the file at url, read in growing ranges."""
     buffer = bytearray()
     total: int | None = None
@@ -99,5 +117,7 @@ def _read_header(url: str, headers: dict[str, str], allow_http: bool) -> tuple[d
                 return metadata, tensors, total or needed
             except NeedMoreBytes:
                 if wanted >= LARGEST_READ or (total is not None and len(buffer) >= total):
-                    raise SourceUnavailable(f"{url} has no complete GGUF header in its first {len(buffer):,} bytes", "is it a GGUF file?") from None
+                    raise SourceUnavailable(
+                        f"{url} has no complete GGUF header in its first {len(buffer):,} bytes", "is it a GGUF file?"
+                    ) from None
                 wanted *= 2

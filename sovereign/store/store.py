@@ -1,11 +1,11 @@
 """The model store on disk: manifests by name, content-addressed blobs, partial downloads, locks.
 
-    $SOVEREIGN_HOME/
-      manifests/<name parts>/<tag>.json   one per name; written last, atomically
-      blobs/sha256-<hex>                  model files, shared by every name that uses them
-      partial/<key>/                      downloads in progress (resumed by the next pull)
-      shards/<digest>/<original names>    links that give split GGUFs the names llama.cpp expects
-      locks/                              file locks (pulls, garbage collection)
+$SOVEREIGN_HOME/
+  manifests/<name parts>/<tag>.json   one per name; written last, atomically
+  blobs/sha256-<hex>                  model files, shared by every name that uses them
+  partial/<key>/                      downloads in progress (resumed by the next pull)
+  shards/<digest>/<original names>    links that give split GGUFs the names llama.cpp expects
+  locks/                              file locks (pulls, garbage collection)
 """
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ class Store:
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise StoreError(f"the manifest of '{name}' is damaged ({exc})", f"run `sovereign rm {name}` and pull it again") from None
+            raise StoreError(
+                f"the manifest of '{name}' is damaged ({exc})", f"run `sovereign rm {name}` and pull it again"
+            ) from None
 
     def get_first(self, *names: ModelName) -> Manifest | None:
         """The manifest of the first of these names that is pulled (a name, then what its alias points at)."""
@@ -154,7 +156,9 @@ class Store:
                 stat = path.stat()
             except OSError:
                 return "missing"
-            if stat.st_size != model_file.size or (model_file.in_place and model_file.mtime_ns is not None and stat.st_mtime_ns != model_file.mtime_ns):
+            if stat.st_size != model_file.size or (
+                model_file.in_place and model_file.mtime_ns is not None and stat.st_mtime_ns != model_file.mtime_ns
+            ):
                 status = "changed"
         return status
 
@@ -167,7 +171,11 @@ class Store:
         what = f"its file {where}" if where else "its file in the store"
         state = "no longer exists" if status == "missing" else "changed since it was registered"
         if where:
-            hint = f"run `sovereign adopt` again or `sovereign rm {manifest.name}`" if manifest.source.kind == "adopt" else f"pull it again, or `sovereign rm {manifest.name}`"
+            hint = (
+                f"run `sovereign adopt` again or `sovereign rm {manifest.name}`"
+                if manifest.source.kind == "adopt"
+                else f"pull it again, or `sovereign rm {manifest.name}`"
+            )
         else:
             hint = f"run `sovereign rm {manifest.name}` and pull it again"
         raise ModelNotFound(f"model '{manifest.name}' cannot be used: {what} {state}", hint)
@@ -233,7 +241,10 @@ class Store:
             except StoreError:
                 path.unlink()  # a damaged manifest can still be removed; its blobs wait for a later rm
                 self._prune_empty_dirs(path.parent)
-                raise StoreError(f"removed the damaged manifest of '{name}'; its files were kept", "pull the model again if you need it") from None
+                raise StoreError(
+                    f"removed the damaged manifest of '{name}'; its files were kept",
+                    "pull the model again if you need it",
+                ) from None
             path.unlink()
             self._prune_empty_dirs(path.parent)
             still_used = self._referenced_digests()

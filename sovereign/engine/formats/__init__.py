@@ -1,9 +1,9 @@
 """Model families' output formats: detect one from a chat template, then parse its reasoning and tool calls as they stream.
 
-    fmt = detect(chat_template)
-    parser = fmt.parser(tools)          # tools: OpenAI-shaped, optional
-    for piece in pieces: events += parser.feed(piece)
-    events += parser.finish()
+fmt = detect(chat_template)
+parser = fmt.parser(tools)          # tools: OpenAI-shaped, optional
+for piece in pieces: events += parser.feed(piece)
+events += parser.finish()
 """
 
 from __future__ import annotations
@@ -25,8 +25,16 @@ from sovereign.engine.formats.harmony import HarmonyParser
 from sovereign.engine.formats.stream import MarkupParser
 
 __all__ = [
-    "FORMATS", "ChatFormat", "ContentDelta", "FormatEvent", "FormatParser", "ReasoningDelta",
-    "ToolCallArgsDelta", "ToolCallEnd", "ToolCallStart", "detect",
+    "FORMATS",
+    "ChatFormat",
+    "ContentDelta",
+    "FormatEvent",
+    "FormatParser",
+    "ReasoningDelta",
+    "ToolCallArgsDelta",
+    "ToolCallEnd",
+    "ToolCallStart",
+    "detect",
 ]
 
 

@@ -34,7 +34,10 @@ def spec_for(name: str, tools: list[dict[str, Any]] | None) -> Spec:
     if name == "llama3":
         return Spec(
             None,
-            (Opener("<|python_tag|>", lambda: PythonTag(known)), Opener("{", lambda: BareJson(known), at_start=True, keep=True)),
+            (
+                Opener("<|python_tag|>", lambda: PythonTag(known)),
+                Opener("{", lambda: BareJson(known), at_start=True, keep=True),
+            ),
             drop=("<|eom_id|>", "<|eot_id|>"),
         )
     if name == "mistral":
@@ -49,7 +52,12 @@ def spec_for(name: str, tools: list[dict[str, Any]] | None) -> Spec:
     if name == "command_r7b":
         return Spec(
             ("<|START_THINKING|>", "<|END_THINKING|>"),
-            (Opener("<|START_ACTION|>", lambda: JsonList("<|END_ACTION|>", ("tool_name",), ("parameters",), ("tool_call_id",))),),
+            (
+                Opener(
+                    "<|START_ACTION|>",
+                    lambda: JsonList("<|END_ACTION|>", ("tool_name",), ("parameters",), ("tool_call_id",)),
+                ),
+            ),
             drop=("<|START_RESPONSE|>", "<|END_RESPONSE|>"),
         )
     if name in ("deepseek_r1", "deepseek_v3_1"):

@@ -78,7 +78,7 @@ class HarmonyParser:
                 self._in_body, self._kind = True, "content"
                 return True
             return False
-        header, self._buf = self._buf[:pos], self._buf[pos + len(_MESSAGE):]
+        header, self._buf = self._buf[:pos], self._buf[pos + len(_MESSAGE) :]
         recipient = _RECIPIENT.search(header)
         if recipient:
             self._kind, self._call = "call", self._calls
@@ -98,12 +98,12 @@ class HarmonyParser:
             self._emit(self._buf[:pos], out, closing=True)
             if self._kind == "call":
                 out.append(ToolCallEnd(self._call))
-            self._buf = self._buf[pos + (0 if end == "<|start|>" else len(end)):]
+            self._buf = self._buf[pos + (0 if end == "<|start|>" else len(end)) :]
             self._in_body = False
             return True
         keep = 0 if final else _held(self._buf)
         self._emit(self._buf[: len(self._buf) - keep], out, closing=final)
-        self._buf = self._buf[len(self._buf) - keep:]
+        self._buf = self._buf[len(self._buf) - keep :]
         return False
 
     def _emit(self, text: str, out: list[FormatEvent], closing: bool) -> None:

@@ -22,7 +22,14 @@ def _partial_close(text: str, i: int, close: str) -> bool:
     return len(rest) < len(close) and close.startswith(rest)
 
 
-def call_object(text: str, i: int, final: bool, name_keys: tuple[str, ...] = NAME_KEYS, args_keys: tuple[str, ...] = ARGS_KEYS, id_keys: tuple[str, ...] = ("id",)) -> tuple[Call, int | None, bool]:
+def call_object(
+    text: str,
+    i: int,
+    final: bool,
+    name_keys: tuple[str, ...] = NAME_KEYS,
+    args_keys: tuple[str, ...] = ARGS_KEYS,
+    id_keys: tuple[str, ...] = ("id",),
+) -> tuple[Call, int | None, bool]:
     """The call in the object at text[i], where it ends, and whether it is malformed."""
     scan = scan_object(text, i, name_keys, args_keys, id_keys, final)
     args, whole = args_text(text, scan)
@@ -250,7 +257,12 @@ class Kimi:
     """Kimi K2: `<|tool_call_begin|>functions.NAME:0<|tool_call_argument_begin|>{…}<|tool_call_end|>`."""
 
     def parse(self, text: str, final: bool) -> Section:
-        begin, arg, end, close = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|tool_calls_section_end|>"
+        begin, arg, end, close = (
+            "<|tool_call_begin|>",
+            "<|tool_call_argument_begin|>",
+            "<|tool_call_end|>",
+            "<|tool_calls_section_end|>",
+        )
         calls: list[Call] = []
         j = 0
         while True:
@@ -264,9 +276,9 @@ class Kimi:
             a = text.find(arg, j)
             if a < 0:
                 return Section(calls)
-            call_id = text[j + len(begin):a].strip()
+            call_id = text[j + len(begin) : a].strip()
             name = re.sub(r":\d+$", "", call_id)
-            name = name[len("functions."):] if name.startswith("functions.") else name
+            name = name[len("functions.") :] if name.startswith("functions.") else name
             call = Call(name, id=call_id)
             calls.append(call)
             v = skip_ws(text, a + len(arg))

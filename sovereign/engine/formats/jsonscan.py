@@ -81,7 +81,14 @@ class ObjectScan:
     bad: bool = False
 
 
-def scan_object(text: str, i: int, name_keys: tuple[str, ...], args_keys: tuple[str, ...], id_keys: tuple[str, ...] = ("id",), final: bool = False) -> ObjectScan:
+def scan_object(
+    text: str,
+    i: int,
+    name_keys: tuple[str, ...],
+    args_keys: tuple[str, ...],
+    id_keys: tuple[str, ...] = ("id",),
+    final: bool = False,
+) -> ObjectScan:
     """Scan a call object opening at text[i] ('{'), as far as the text goes."""
     scan = ObjectScan()
     j = i + 1
@@ -142,8 +149,8 @@ def args_text(text: str, scan: ObjectScan) -> tuple[str, bool]:
         if scan.args_end is None:
             return "", False
         try:
-            return str(json.loads(text[scan.args_start:scan.args_end])), True
+            return str(json.loads(text[scan.args_start : scan.args_end])), True
         except ValueError:
             return "", True
     end = scan.args_end if scan.args_end is not None else len(text)
-    return text[scan.args_start:end], scan.args_end is not None
+    return text[scan.args_start : end], scan.args_end is not None

@@ -53,7 +53,7 @@ class TextChannel:
             self.strip = False
         text = self.held_ws + text
         body = text.rstrip()
-        self.held_ws = text[len(body):]
+        self.held_ws = text[len(body) :]
         if body:
             out.append(self.kind(body))
             self.emitted = True
@@ -135,20 +135,20 @@ class MarkupParser:
             # The template opened the block, yet models often write the opening marker again.
             lead = self._buf.lstrip()
             if lead.startswith(start):
-                self._buf = lead[len(start):]
+                self._buf = lead[len(start) :]
             elif lead and start.startswith(lead) and not final:
                 return False
         pos = self._buf.find(end)
         if pos >= 0:
             self._reasoning.put(self._buf[:pos], out)
             self._reasoning.cut()
-            self._buf = self._buf[pos + len(end):]
+            self._buf = self._buf[pos + len(end) :]
             self._mode, self._reasoned = "content", True
             self._content.cut()
             return True
         keep = 0 if final else _held(self._buf, [end])
         self._reasoning.put(self._buf[: len(self._buf) - keep], out)
-        self._buf = self._buf[len(self._buf) - keep:]
+        self._buf = self._buf[len(self._buf) - keep :]
         return False
 
     def _at_start(self) -> bool:
@@ -175,7 +175,7 @@ class MarkupParser:
             self._content.put(buf[:pos], out)
             self._sec_ws = self._content.held_ws  # given back if the section proves not to be markup
             self._content.cut()
-            rest = buf[pos + len(marker):]
+            rest = buf[pos + len(marker) :]
             if what == "think":
                 self._mode, self._buf = "reasoning", rest
             elif what == "drop":
@@ -191,7 +191,7 @@ class MarkupParser:
             if any(o.marker.startswith(buf[lead:]) for o in starters) and lead < len(buf):
                 keep = len(buf)
         self._content.put(buf[: len(buf) - keep], out)
-        self._buf = buf[len(buf) - keep:]
+        self._buf = buf[len(buf) - keep :]
         if final:
             self._content.held_ws = ""
         return False
@@ -215,7 +215,7 @@ class MarkupParser:
             if call.complete and not args and state.sent == 0:
                 args = "{}"
             if len(args) > state.sent:
-                out.append(ToolCallArgsDelta(state.index, args[state.sent:]))
+                out.append(ToolCallArgsDelta(state.index, args[state.sent :]))
                 state.sent = len(args)
             if call.complete:
                 out.append(ToolCallEnd(state.index))
@@ -230,7 +230,7 @@ class MarkupParser:
                     out.append(ToolCallArgsDelta(state.index, "{}"))
                 out.append(ToolCallEnd(state.index))
                 state.ended = True
-        self._buf = self._sec_text[result.end:] if result.end is not None else ""
+        self._buf = self._sec_text[result.end :] if result.end is not None else ""
         self._mode, self._section, self._opener, self._sec_text = "content", None, None, ""
         self._content.cut()
         return True
@@ -239,7 +239,7 @@ class MarkupParser:
         """Not markup after all: the opener is text, and what followed is scanned again as content."""
         opener = self._opener
         assert opener is not None
-        text = self._sec_text[len(opener.marker):] if opener.keep else self._sec_text
+        text = self._sec_text[len(opener.marker) :] if opener.keep else self._sec_text
         self._content.strip, self._content.held_ws = False, self._sec_ws
         self._content.put(opener.marker, out)
         self._mode, self._section, self._opener, self._sec_text = "content", None, None, ""

@@ -50,7 +50,10 @@ class _XmlCalls:
 
     def _args(self, name: str, pairs: list[tuple[str, str]], closed: bool) -> str:
         props = (self.schemas.get(name) or {}).get("properties") or {}
-        parts = [f"{json.dumps(k, ensure_ascii=False)}: {json.dumps(convert(v, props.get(k)), ensure_ascii=False)}" for k, v in pairs]
+        parts = [
+            f"{json.dumps(k, ensure_ascii=False)}: {json.dumps(convert(v, props.get(k)), ensure_ascii=False)}"
+            for k, v in pairs
+        ]
         return "{" + ", ".join(parts) + ("}" if closed else "")
 
 
@@ -62,10 +65,13 @@ class QwenCoder(_XmlCalls):
         calls: list[Call] = []
         pos = 0
         for m in re.finditer(r"<function=([^>\n]*)>(.*?)(</function>|$)", text, re.DOTALL):
-            if text[pos:m.start()].strip():
+            if text[pos : m.start()].strip():
                 break
             name, body, closed = m.group(1).strip(), m.group(2), bool(m.group(3))
-            pairs = [(k.strip(), _strip_nl(v)) for k, v in re.findall(r"<parameter=([^>\n]*)>(.*?)</parameter>", body, re.DOTALL)]
+            pairs = [
+                (k.strip(), _strip_nl(v))
+                for k, v in re.findall(r"<parameter=([^>\n]*)>(.*?)</parameter>", body, re.DOTALL)
+            ]
             calls.append(Call(name, self._args(name, pairs, closed or final), closed or final))
             pos = m.end()
             if not closed:
@@ -97,10 +103,16 @@ class Glm(_XmlCalls):
                 return Section(rejected=not "</tool_call>".startswith(text.strip()))
             return Section(rejected=final)
         name = m.group(1).strip()
-        body = text[m.end():]
+        body = text[m.end() :]
         close = body.find("</tool_call>")
         body = body[:close] if close >= 0 else body
         pairs = re.findall(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", body, re.DOTALL)
         if close >= 0:
-            return Section([Call(name, self._args(name, [(k.strip(), v) for k, v in pairs], True), True)], end=m.end() + close + len("</tool_call>"))
-        return Section([Call(name, self._args(name, [(k.strip(), v) for k, v in pairs], final), final)], end=len(text) if final else None)
+            return Section(
+                [Call(name, self._args(name, [(k.strip(), v) for k, v in pairs], True), True)],
+                end=m.end() + close + len("</tool_call>"),
+            )
+        return Section(
+            [Call(name, self._args(name, [(k.strip(), v) for k, v in pairs], final), final)],
+            end=len(text) if final else None,
+        )

@@ -141,7 +141,9 @@ class LlamaBackend:
         try:
             metadata = read_gguf_metadata(path)
         except (NotGGUF, OSError) as exc:
-            raise ModelLoadError(f"llama.cpp could not read {path.name}: {exc}", "the file may be corrupt: pull it again with --force") from None
+            raise ModelLoadError(
+                f"llama.cpp could not read {path.name}: {exc}", "the file may be corrupt: pull it again with --force"
+            ) from None
         arch = metadata.get("general.architecture", "")
         self.n_ctx_train = int(metadata.get(f"{arch}.context_length", 0) or 4096)
         n_layers = int(metadata.get(f"{arch}.block_count", 0) or 0)
@@ -161,7 +163,10 @@ class LlamaBackend:
         try:
             self.model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=True)
         except (ValueError, OSError) as exc:
-            raise ModelLoadError(f"llama.cpp could not load {path.name}: {exc}", "the file may be corrupt (pull it again with --force) or too big for this machine's memory") from None
+            raise ModelLoadError(
+                f"llama.cpp could not load {path.name}: {exc}",
+                "the file may be corrupt (pull it again with --force) or too big for this machine's memory",
+            ) from None
         self.metadata = self.model.metadata()
         self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -198,7 +203,13 @@ class LlamaBackend:
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         log.info(
             "loaded %s: ctx %d x %d slots (trained %d), %d threads, %d/%d layers on GPU",
-            path.name, self.n_ctx, self.n_parallel, self.n_ctx_train, self.n_threads, self.n_gpu_layers, n_layers + 1,
+            path.name,
+            self.n_ctx,
+            self.n_parallel,
+            self.n_ctx_train,
+            self.n_threads,
+            self.n_gpu_layers,
+            n_layers + 1,
         )
 
     # --- vocabulary -----------------------------------------------------------------
@@ -289,7 +300,10 @@ class LlamaBackend:
         batch.n_tokens = len(entries)
         status = self._llama.llama_decode(self.ctx.ctx, batch)
         if status != 0:
-            raise EngineError(f"llama.cpp failed to decode a batch (status {status})", "the KV cache may be full: try a smaller --parallel or --ctx")
+            raise EngineError(
+                f"llama.cpp failed to decode a batch (status {status})",
+                "the KV cache may be full: try a smaller --parallel or --ctx",
+            )
 
     def sample(self, sampler: Sampler, index: int) -> int:
         """Draw the next token from the logits at batch index `index` (the chain also records it).
@@ -337,7 +351,9 @@ class LlamaBackend:
     def step(self, token: int, logprob_row: np.ndarray | None, top_n: int | None, *, special: bool = False) -> Step:
         """The Step for a sampled token (`special`: control tokens spelled out, for a format parser to read)."""
         end = self.is_end_of_generation(token)
-        return Step(token, b"" if end else self.piece(token, special=special), self._logprob(logprob_row, token, top_n), end)
+        return Step(
+            token, b"" if end else self.piece(token, special=special), self._logprob(logprob_row, token, top_n), end
+        )
 
     def sampler(self, params: SamplingParams, prompt: list[int]) -> Sampler:
         """A request's own sampler chain, in llama-server's order: bias, penalties, grammar, truncation, temperature, draw.
@@ -353,7 +369,9 @@ class LlamaBackend:
             bias.update({t: float("-inf") for t in self.end_of_generation_tokens})
         for token in bias:
             if not 0 <= token < self.n_vocab:
-                raise InvalidRequest(f"logit_bias names token {token}, outside this model's vocabulary of {self.n_vocab}", "logit_bias")
+                raise InvalidRequest(
+                    f"logit_bias names token {token}, outside this model's vocabulary of {self.n_vocab}", "logit_bias"
+                )
         penalised = params.repeat_penalty != 1.0 or bool(params.frequency_penalty) or bool(params.presence_penalty)
         if params.grammar:
             try:
@@ -378,12 +396,16 @@ class LlamaBackend:
 
     def _penalties(self, params: SamplingParams, prompt: list[int]) -> ctypes.c_void_p:
         """llama.cpp's repetition penalties, having seen the prompt's last tokens (as llama-server does; a grammar must not)."""
-        penalties = self._llama.llama_sampler_init_penalties(self.n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
+        penalties = self._llama.llama_sampler_init_penalties(
+            self.n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+        )
         for token in prompt[-params.repeat_last_n :]:
             self._llama.llama_sampler_accept(penalties, token)
         return penalties
 
-    def _grammar_sampler(self, params: SamplingParams, bias: dict[int, float], prompt: list[int] | None) -> GrammarSampler:
+    def _grammar_sampler(
+        self, params: SamplingParams, bias: dict[int, float], prompt: list[int] | None
+    ) -> GrammarSampler:
         """A GrammarSampler for params.grammar; InvalidRequest when it does not compile or the bias bans all it allows."""
         from llama_cpp import _internals
 
@@ -399,12 +421,27 @@ class LlamaBackend:
         penalties = self._penalties(params, prompt) if prompt is not None else None
         lazy = {}
         if params.grammar_trigger is not None:  # free until a tool call opens
-            lazy = {"trigger": TriggerWatch(params.grammar_trigger), "spell": functools.partial(self.piece, special=True), "replay": self._spelling}
+            lazy = {
+                "trigger": TriggerWatch(params.grammar_trigger),
+                "spell": functools.partial(self.piece, special=True),
+                "replay": self._spelling,
+            }
         sampler = GrammarSampler(
-            self._llama, grammar, n_vocab=self.n_vocab, bias=bias, end_of_generation=ends, penalties=penalties, tail=tail, top_k=params.top_k, min_p=params.min_p, **lazy
+            self._llama,
+            grammar,
+            n_vocab=self.n_vocab,
+            bias=bias,
+            end_of_generation=ends,
+            penalties=penalties,
+            tail=tail,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            **lazy,
         )
         # A bias that bans everything the grammar allows at the start: a 400 now, not an error mid-stream.
-        if any(value == float("-inf") for value in bias.values()) and not sampler.allows_anything(np.zeros(self.n_vocab, dtype=np.float32)):
+        if any(value == float("-inf") for value in bias.values()) and not sampler.allows_anything(
+            np.zeros(self.n_vocab, dtype=np.float32)
+        ):
             sampler.close()
             raise InvalidRequest("logit_bias bans every token the output format allows at the start", "logit_bias")
         return sampler
@@ -451,7 +488,9 @@ class LlamaBackend:
             if self._llama.llama_decode(context.ctx, batch.batch) != 0:
                 raise ModelLoadError("llama.cpp failed to compute the embedding", None)
             pointer = self._llama.llama_get_embeddings_seq(context.ctx, 0)
-            vector = np.ctypeslib.as_array(pointer, shape=(self._llama.llama_model_n_embd(self.model.model),)).astype(np.float64)
+            vector = np.ctypeslib.as_array(pointer, shape=(self._llama.llama_model_n_embd(self.model.model),)).astype(
+                np.float64
+            )
         finally:
             batch.close()
         norm = float(np.linalg.norm(vector)) or 1.0

@@ -195,7 +195,9 @@ class GrammarSampler:
 
     def _draw(self, ids: np.ndarray, values: np.ndarray) -> int:
         """Run the tail chain (top-k, top-p, min-p, temperature, dist) over the valid candidates only."""
-        buffer = self._buffer if ids.size <= len(self._buffer) else (self._llama.llama_token_data * ids.size)()  # top-k off
+        buffer = (
+            self._buffer if ids.size <= len(self._buffer) else (self._llama.llama_token_data * ids.size)()
+        )  # top-k off
         view = np.ctypeslib.as_array(buffer)[: ids.size]
         view["id"], view["logit"], view["p"] = ids, values, 0.0
         array = self._llama.llama_token_data_array(data=buffer, size=ids.size, selected=-1, sorted=False)
@@ -227,7 +229,9 @@ class GrammarSampler:
         if tokens:
             self.free = False
         else:
-            log.info("a tool call opened in a form its grammar cannot take (%r); the output stays unconstrained", text[:80])
+            log.info(
+                "a tool call opened in a form its grammar cannot take (%r); the output stays unconstrained", text[:80]
+            )
 
     def _accept(self, token: int) -> None:
         """Advance the grammar (never with an end of generation: the request ends there) and the penalties."""
@@ -247,7 +251,10 @@ class GrammarSampler:
     def _whole_vocabulary(self) -> tuple[Any, np.ndarray]:
         if self._full is None:
             data = (self._llama.llama_token_data * self.n_vocab)()
-            self._full = (self._llama.llama_token_data_array(data=data, size=self.n_vocab, selected=-1, sorted=False), np.ctypeslib.as_array(data))
+            self._full = (
+                self._llama.llama_token_data_array(data=data, size=self.n_vocab, selected=-1, sorted=False),
+                np.ctypeslib.as_array(data),
+            )
         return self._full
 
     def close(self) -> None:

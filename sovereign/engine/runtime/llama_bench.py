@@ -61,7 +61,10 @@ class BenchModel:
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         self.load_seconds = time.perf_counter() - started
         if not self.model:
-            raise ModelLoadError(f"llama.cpp could not load {path.name}", "the file may be corrupt (pull it again with --force) or too big for this machine's memory")
+            raise ModelLoadError(
+                f"llama.cpp could not load {path.name}",
+                "the file may be corrupt (pull it again with --force) or too big for this machine's memory",
+            )
         self.size = int(llama_cpp.llama_model_size(self.model))
         self.parameters = int(llama_cpp.llama_model_n_params(self.model))
         description = ctypes.create_string_buffer(256)
@@ -84,7 +87,10 @@ class BenchModel:
         params.no_perf = True
         context = llama.llama_init_from_model(self.model, params)
         if not context:
-            raise ModelLoadError(f"llama.cpp could not create a {params.n_ctx}-token context", "not enough memory: try smaller -p/-n or -b")
+            raise ModelLoadError(
+                f"llama.cpp could not create a {params.n_ctx}-token context",
+                "not enough memory: try smaller -p/-n or -b",
+            )
         try:
             memory = llama.llama_get_memory(context)
             if warmup:
@@ -115,7 +121,9 @@ class BenchModel:
         # llama_batch_get_one: positions follow on from the cache, only the last token gets logits.
         status = self._llama.llama_decode(context, self._llama.llama_batch_get_one(tokens, len(tokens)))
         if status != 0:
-            raise EngineError(f"llama.cpp failed to decode a benchmark batch (status {status})", "try smaller -p/-n or -b")
+            raise EngineError(
+                f"llama.cpp failed to decode a benchmark batch (status {status})", "try smaller -p/-n or -b"
+            )
 
     def _prompt(self, context: ctypes.c_void_p, n_prompt: int, n_batch: int) -> None:
         done = 0

@@ -71,13 +71,15 @@ def devices() -> list[Device]:
             device = libggml.ggml_backend_dev_get(index)
             free, total = size(), size()
             libggml.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
-            found.append(Device(
-                (libggml.ggml_backend_dev_name(device) or b"").decode(errors="replace"),
-                (libggml.ggml_backend_dev_description(device) or b"").decode(errors="replace").strip(),
-                _DEVICE_KINDS.get(libggml.ggml_backend_dev_type(device), "other"),
-                free.value,
-                total.value,
-            ))
+            found.append(
+                Device(
+                    (libggml.ggml_backend_dev_name(device) or b"").decode(errors="replace"),
+                    (libggml.ggml_backend_dev_description(device) or b"").decode(errors="replace").strip(),
+                    _DEVICE_KINDS.get(libggml.ggml_backend_dev_type(device), "other"),
+                    free.value,
+                    total.value,
+                )
+            )
         return found
     except (ImportError, AttributeError, OSError) as exc:
         log.debug("no device list from ggml: %s", exc)

@@ -86,7 +86,14 @@ class _Slot:
 class BatchScheduler:
     """Owns a backend; serves many generations at once through llama.cpp's multi-sequence batches."""
 
-    def __init__(self, backend: LlamaBackend, *, max_queue: int = DEFAULT_MAX_QUEUE, timeout: float | None = None, after_step: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        backend: LlamaBackend,
+        *,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        timeout: float | None = None,
+        after_step: Callable[[], None] | None = None,
+    ) -> None:
         self.backend = backend
         self.max_queue = max_queue
         self.timeout = timeout
@@ -293,7 +300,10 @@ class BatchScheduler:
             last = len(chunk) == len(slot.pending)
             base = len(slot.cached)
             # Only the prompt's very last token needs logits: they give the first generated token.
-            entries.extend(BatchEntry(token, base + offset, slot.sequence, last and offset == len(chunk) - 1) for offset, token in enumerate(chunk))
+            entries.extend(
+                BatchEntry(token, base + offset, slot.sequence, last and offset == len(chunk) - 1)
+                for offset, token in enumerate(chunk)
+            )
             if last:
                 slot.logits_index = len(entries) - 1
             slot.cached.extend(chunk)
@@ -318,7 +328,9 @@ class BatchScheduler:
                 if job.stream.forced and not self.backend.admits(job.sampler, job.stream.forced[0]):
                     job.stream.forced.clear()  # the output format allows no such marker here (it closed the block itself)
                 token = self._forced(job) if job.stream.forced else self.backend.sample(job.sampler, index)
-            except InvalidRequest as exc:  # its output format can go no further (bias against grammar, time budget): it alone ends
+            except (
+                InvalidRequest
+            ) as exc:  # its output format can go no further (bias against grammar, time budget): it alone ends
                 self._finish(slot, now, exc)
                 continue
             step = self.backend.step(token, row, params.logprobs, special=params.special_pieces)

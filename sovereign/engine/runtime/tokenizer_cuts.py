@@ -101,12 +101,19 @@ class TokenizerCuts:
 def cutter(split_out: list[bytes], candidates: list[bytes]) -> Cutter | None:
     """The cut finder for a split-out set, cutting after those `candidates` that are isolated (None: no cuts)."""
     texts = {text for text in split_out if text}
-    inside = {text[i:j] for text in texts for i in range(len(text)) for j in range(i + 1, len(text) + 1) if (i, j) != (0, len(text))}
+    inside = {
+        text[i:j]
+        for text in texts
+        for i in range(len(text))
+        for j in range(i + 1, len(text) + 1)
+        if (i, j) != (0, len(text))
+    }
     prefixes = {text[:k] for text in texts for k in range(1, len(text))}
     suffixes = {text[k:] for text in texts for k in range(1, len(text))}
     isolated = sorted(
         (
-            text for text in set(candidates) & texts
+            text
+            for text in set(candidates) & texts
             if text not in inside
             and not any(text[k:] in prefixes for k in range(1, len(text)))
             and not any(text[:k] in suffixes for k in range(1, len(text)))

@@ -61,13 +61,23 @@ class _Sink:
 
     def end(self, error: BaseException | None = None) -> None:
         self._worker.forget(self.id)
-        self._worker.post(["e", self.id, None if error is None else wire.error_to_wire(error), self.stats.cached_tokens, self.stats.queued_seconds or 0.0])
+        self._worker.post(
+            [
+                "e",
+                self.id,
+                None if error is None else wire.error_to_wire(error),
+                self.stats.cached_tokens,
+                self.stats.queued_seconds or 0.0,
+            ]
+        )
 
 
 class Worker:
     """Serves one loaded model to the server at the other end of a socket."""
 
-    def __init__(self, backend: LlamaBackend, writer: wire.FrameWriter, *, max_queue: int, timeout: float | None) -> None:
+    def __init__(
+        self, backend: LlamaBackend, writer: wire.FrameWriter, *, max_queue: int, timeout: float | None
+    ) -> None:
         self.backend = backend
         self._writer = writer
         self._outbox: list[list[Any]] = []
@@ -99,7 +109,15 @@ class Worker:
             figures = (scheduler.busy_slots, scheduler.queued)
             if items or figures != self._reported:
                 self._reported = figures
-                self._send({"op": "steps", "items": items, "busy": figures[0], "queued": figures[1], "rate": scheduler.decode_rate()})
+                self._send(
+                    {
+                        "op": "steps",
+                        "items": items,
+                        "busy": figures[0],
+                        "queued": figures[1],
+                        "rate": scheduler.decode_rate(),
+                    }
+                )
         except Exception:  # the scheduler's thread must not die quietly: the server would wait forever
             log.exception("could not report a decode step")
             os._exit(70)
@@ -169,7 +187,9 @@ class Worker:
         except Exception as exc:  # closing
             self._reply(message, error=exc)
 
-    def _reply(self, message: dict[str, Any], *, result: Any = None, error: BaseException | None = None, op: str = "reply") -> None:
+    def _reply(
+        self, message: dict[str, Any], *, result: Any = None, error: BaseException | None = None, op: str = "reply"
+    ) -> None:
         if error is None:
             self._send({"op": op, "id": message["id"], "result": result})
             return

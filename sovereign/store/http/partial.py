@@ -50,8 +50,12 @@ class SegmentRecord:
         validator, size, segment, done = state["validator"], state["size"], state["segment"], state["done"]
         valid = (
             isinstance(validator, str)
-            and isinstance(size, int) and isinstance(segment, int) and segment > 0 and size >= 0
-            and isinstance(done, list) and len(done) == -(-size // segment)
+            and isinstance(size, int)
+            and isinstance(segment, int)
+            and segment > 0
+            and size >= 0
+            and isinstance(done, list)
+            and len(done) == -(-size // segment)
             and all(isinstance(d, int) and d >= 0 for d in done)
         )
         return cls(validator, size, segment, tuple(done)) if valid else None

@@ -281,7 +281,7 @@ class SegmentedDownload:
         start = hashed
         while hashed < frontier:
             block = min(HASH_READ, frontier - hashed)
-            digest.update(view[hashed:hashed + block])  # hashlib lets go of the GIL while it hashes
+            digest.update(view[hashed : hashed + block])  # hashlib lets go of the GIL while it hashes
             hashed += block
         # Hashed bytes are final: start writing them to disk now, so the fsync before the commit
         # only waits for the tail (DONTNEED starts writeback of dirty pages without waiting for it).

@@ -73,8 +73,6 @@ def shard_siblings(names: list[str], first: str) -> list[str]:
     if not match:
         return [first]
     folder = str(Path(first).parent)
-    wanted = [
-        f"{match['prefix']}-{i:05d}-of-{match['count']}.gguf" for i in range(1, int(match["count"]) + 1)
-    ]
+    wanted = [f"{match['prefix']}-{i:05d}-of-{match['count']}.gguf" for i in range(1, int(match["count"]) + 1)]
     by_name = {Path(n).name: n for n in names if str(Path(n).parent) == folder}
     return [by_name.get(w, str(Path(folder) / w) if folder != "." else w) for w in wanted]

@@ -55,27 +55,42 @@ def _hub_errors(endpoint: str, repo: str) -> Iterator[None]:
             f"accept its license at {endpoint}/{repo} and set HF_TOKEN to a token with access",
         ) from None
     except hub.RepositoryNotFoundError:
-        raise SourceUnavailable(f"{endpoint} has no repository {repo}", "check the name; private repositories also need HF_TOKEN") from None
+        raise SourceUnavailable(
+            f"{endpoint} has no repository {repo}", "check the name; private repositories also need HF_TOKEN"
+        ) from None
     except hub.RevisionNotFoundError:
         raise SourceUnavailable(f"{endpoint} has no such revision of {repo}", "check the revision") from None
     except hub.EntryNotFoundError:
-        raise SourceUnavailable(f"{endpoint} could not serve the file from {repo}", "check the network or try another mirror") from None
+        raise SourceUnavailable(
+            f"{endpoint} could not serve the file from {repo}", "check the network or try another mirror"
+        ) from None
     except hub.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         if status in (401, 403):
-            raise AccessDenied(f"{endpoint} refused access to {repo} (HTTP {status})", "set HF_TOKEN to a token with access") from None
-        raise SourceUnavailable(f"{endpoint} answered HTTP {status} for {repo}", "try again later or use another mirror") from None
+            raise AccessDenied(
+                f"{endpoint} refused access to {repo} (HTTP {status})", "set HF_TOKEN to a token with access"
+            ) from None
+        raise SourceUnavailable(
+            f"{endpoint} answered HTTP {status} for {repo}", "try again later or use another mirror"
+        ) from None
     except _transport_errors() as exc:
-        raise SourceUnavailable(f"cannot reach {endpoint} ({type(exc).__name__})", "check the network, or add a mirror with --mirror") from None
+        raise SourceUnavailable(
+            f"cannot reach {endpoint} ({type(exc).__name__})", "check the network, or add a mirror with --mirror"
+        ) from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # e.g. a captive portal's HTML instead of JSON
-        raise SourceUnavailable(f"{endpoint} did not answer like a Hugging Face hub ({type(exc).__name__})", "check the endpoint URL, or try another mirror") from None
+        raise SourceUnavailable(
+            f"{endpoint} did not answer like a Hugging Face hub ({type(exc).__name__})",
+            "check the endpoint URL, or try another mirror",
+        ) from None
 
 
 def choose_files(names: list[str], ref: HfRef) -> list[str]:
     """The repository files that make up the requested model, split 1 first."""
     if ref.filename:
         if ref.filename not in names:
-            raise SourceUnavailable(f"{ref.repo} has no file {ref.filename}", "check the file name (it is case-sensitive)")
+            raise SourceUnavailable(
+                f"{ref.repo} has no file {ref.filename}", "check the file name (it is case-sensitive)"
+            )
         return shard_siblings(names, ref.filename)
     quant = ref.quant or "Q4_K_M"
     pattern = re.compile(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9_])", re.IGNORECASE)
@@ -84,13 +99,19 @@ def choose_files(names: list[str], ref: HfRef) -> list[str]:
     firsts = [n for n in matches if not (m := SHARD_PATTERN.match(Path(n).name)) or m["index"] == "00001"]
     if not firsts:
         listing = ", ".join(Path(n).name for n in ggufs[:8]) or "no GGUF files"
-        raise SourceUnavailable(f"{ref.repo} has no {quant} GGUF (it has: {listing})", f"pick a quantization, e.g. hf.co/{ref.repo}:Q8_0")
+        raise SourceUnavailable(
+            f"{ref.repo} has no {quant} GGUF (it has: {listing})", f"pick a quantization, e.g. hf.co/{ref.repo}:Q8_0"
+        )
     if len(firsts) > 1:
-        raise SourceUnavailable(f"{ref.repo} has several {quant} files: {', '.join(firsts)}", f"name one: hf.co/{ref.repo}/FILE.gguf")
+        raise SourceUnavailable(
+            f"{ref.repo} has several {quant} files: {', '.join(firsts)}", f"name one: hf.co/{ref.repo}/FILE.gguf"
+        )
     return shard_siblings(names, firsts[0])
 
 
-def list_repository(ref: HfRef, endpoint: str, settings: Settings) -> tuple[dict[str, tuple[int, str | None]], str | bool | None]:
+def list_repository(
+    ref: HfRef, endpoint: str, settings: Settings
+) -> tuple[dict[str, tuple[int, str | None]], str | bool | None]:
     """Each file of the repository with its size and LFS sha256, and the token to send this endpoint."""
     from huggingface_hub import HfApi
 
@@ -151,13 +172,20 @@ class HfSource:
         names = choose_files(list(siblings), self.ref)
         missing = [n for n in names if n not in siblings]
         if missing:
-            raise SourceUnavailable(f"{self.ref.repo} lacks split files {', '.join(missing)}", "the upload is incomplete; try another source")
+            raise SourceUnavailable(
+                f"{self.ref.repo} lacks split files {', '.join(missing)}",
+                "the upload is incomplete; try another source",
+            )
         # One staging folder per file (keyed by repository path, not endpoint): pulls of other files
         # of the same repository never touch it, and a cut on one mirror resumes on the next.
         stagings = {n: ctx.store.partial_path(f"hf:{self.ref.repo}@{self.ref.revision}/{n}") for n in names}
         targets = {n: stagings[n] / Path(n).name for n in names}
         # The listing gives every size, so one check up front covers the whole (possibly split) model.
-        ensure_free_space(stagings[names[0]], sum(siblings[n][0] - partial_size(targets[n]) for n in names), ctx.settings.min_free_bytes)
+        ensure_free_space(
+            stagings[names[0]],
+            sum(siblings[n][0] - partial_size(targets[n]) for n in names),
+            ctx.settings.min_free_bytes,
+        )
         ctx.reporter.status(f"fetching {len(names)} file(s) from {endpoint}/{self.ref.repo}")
         headers = build_hf_headers(token=token, library_name="sovereign")
 
@@ -171,12 +199,21 @@ class HfSource:
             target = targets[name]
             url = hf_hub_url(self.ref.repo, name, revision=self.ref.revision, endpoint=endpoint)
             try:
-                actual = download(url, target, ctx.reporter, allow_http=ctx.settings.allow_http, headers=headers, check_space=check_space)
+                actual = download(
+                    url,
+                    target,
+                    ctx.reporter,
+                    allow_http=ctx.settings.allow_http,
+                    headers=headers,
+                    check_space=check_space,
+                )
             except AccessDenied:
                 raise AccessDenied(
                     f"{self.ref.repo} is gated or private on {endpoint} and needs an access token",
                     f"accept its license at {endpoint}/{self.ref.repo} and set HF_TOKEN to a token with access",
                 ) from None
-            sha = verify_file(target, expected_sha, size or None, ctx.reporter, f"{endpoint}/{self.ref.repo}/{name}", actual)
+            sha = verify_file(
+                target, expected_sha, size or None, ctx.reporter, f"{endpoint}/{self.ref.repo}/{name}", actual
+            )
             fetched.append(FetchedFile(target, target.name, target.stat().st_size, sha, expected_sha is not None))
         return Fetched(fetched, f"from {endpoint}", cleanup=list(stagings.values()))

