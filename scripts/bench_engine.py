@@ -13,17 +13,17 @@ import json
 import logging
 import re
 import threading
-from collections import deque
 import time
+from collections import deque
 from pathlib import Path
 
 from sovereign.config import Settings
-from sovereign.engine.runtime.backend import LlamaBackend
-from sovereign.engine.wire import LoadOptions, Step
 from sovereign.engine.kernels import kernel_choice
 from sovereign.engine.requests import SamplingParams
+from sovereign.engine.runtime.backend import LlamaBackend
 from sovereign.engine.runtime.scheduler import BatchScheduler
 from sovereign.engine.stats import RequestStats
+from sovereign.engine.wire import LoadOptions, Step
 
 OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 

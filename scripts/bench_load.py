@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-
 from _servers import (
     completion_body,
     end_of_generation_tokens,

@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.conftest import sovereign_command, write_gguf  # noqa: E402
-from tests.fakehub import FakeHubServer, FakeRepo  # noqa: E402
+from tests.conftest import sovereign_command, write_gguf
+from tests.fakehub import FakeHubServer, FakeRepo
 
 TARGETS = {"unthrottled": 1.0, "throttled_20MBps": 3.0}  # pull throughput / curl throughput, per mode
 

@@ -22,7 +22,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
-
 from _servers import (
     completion_body,
     end_of_generation_tokens,

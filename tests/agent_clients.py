@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, urlsplit
 import numpy as np
 
 from tests import tiny_models
-from tests.tiny_models import DEEPSEEK_R1_MEMBER, TINY_SEED, BUILDER_VERSION, deepseek_r1_header, find_deepseek_r1_wheel
+from tests.tiny_models import BUILDER_VERSION, DEEPSEEK_R1_MEMBER, TINY_SEED, deepseek_r1_header, find_deepseek_r1_wheel
 
 CACHE = Path(os.environ.get("SOVEREIGN_TEST_CACHE", Path.home() / ".cache" / "sovereign-test"))
 NPM_DIR = CACHE / "npm"
@@ -216,7 +216,7 @@ class RecordingProxy:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
             def _handle(self) -> None:

@@ -114,7 +114,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers["X-Error-Code"] = code
         self._json(status, {"error": message}, headers)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         request = self._record()
         if request.path.startswith("/portal/"):  # a captive portal: 200 and HTML for everything
             body = b"<html><body>Please log in to continue</body></html>"

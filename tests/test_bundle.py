@@ -20,7 +20,6 @@ from sovereign.store import PullOptions, Store, bundle, spec_from_manifest
 from sovereign.store.bundle import FAT32_MAX, BundleError, export_bundle, import_bundle, parse_split
 from tests.conftest import GEMMA, assert_clean_error, pull_in_process, write_gguf
 
-
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
 
 

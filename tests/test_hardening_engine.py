@@ -20,12 +20,12 @@ import httpx
 import pytest
 
 from sovereign.engine import chat_template as chat_template_module
-from sovereign.engine.runtime import grammar_sampler
-from sovereign.engine.runtime.backend import BatchEntry, GrammarSampler, LlamaBackend
-from sovereign.engine.wire import LoadOptions
 from sovereign.engine.chat_template import FALLBACK_TEMPLATE, ChatTemplate
 from sovereign.engine.json_grammar import MAX_REPEAT, SchemaTooComplex, _times, check_budget, json_schema_to_gbnf
 from sovereign.engine.requests import SamplingParams
+from sovereign.engine.runtime import grammar_sampler
+from sovereign.engine.runtime.backend import BatchEntry, GrammarSampler, LlamaBackend
+from sovereign.engine.wire import LoadOptions
 from sovereign.errors import BadChatTemplate, ContextLengthExceeded, InvalidRequest, ModelLoadError
 from sovereign.refs import parse_name
 from sovereign.store import Store

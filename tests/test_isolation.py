@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from sovereign.engine import CompletionRequest, Engine, SamplingParams, TextDelta
-from sovereign.machine import proc_kib
 from sovereign.errors import ModelCrashed
+from sovereign.machine import proc_kib
 from tests.conftest import GEMMA
 from tests.servers import ServerProcess
 from tests.test_engine import collect, make_pool, register_copy

@@ -13,9 +13,9 @@ import pytest
 
 from sovereign.config import Settings
 from sovereign.engine import kernels
+from sovereign.engine.kernels import TEST_CRASH_ENV, KernelChoice, Machine, ProbeOutcome, kernel_choice, kernel_status
 from sovereign.engine.runtime.backend import BatchEntry, GreedySampler, LlamaBackend
 from sovereign.engine.wire import LoadOptions
-from sovereign.engine.kernels import TEST_CRASH_ENV, KernelChoice, Machine, ProbeOutcome, kernel_choice, kernel_status
 from sovereign.errors import SovereignError
 from sovereign.refs import parse_name
 from sovereign.store import Store

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ def save(home: Path, kind: str, hardware: Hardware, results: list[dict[str, Any]
     path = history_path(home)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "kind": kind,
         "target": target,
         "fingerprint": hardware.fingerprint,

@@ -37,8 +37,8 @@ from sovereign.catalog import Catalog
 from sovereign.cli.render import dump_json, format_params
 from sovereign.config import Settings
 from sovereign.engine.kernels import kernel_choice, kernel_status
-from sovereign.machine import physical_cores
 from sovereign.errors import BenchError, ModelNotFound
+from sovereign.machine import physical_cores
 from sovereign.refs import parse_name
 from sovereign.store import Store
 from sovereign.store.files import human_bytes

@@ -333,7 +333,7 @@ class ModelProcess:
             self._transport.close()  # after what is buffered: the worker sees the end of its socket and exits
         try:
             await asyncio.wait_for(asyncio.shield(self._exited), CLOSE_GRACE_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("%s's process did not exit in %.0fs: killing it", self.name, CLOSE_GRACE_SECONDS)
             self._child.kill()
             await self._exited

@@ -13,9 +13,9 @@ from sovereign.engine import Finished
 from sovereign.server import anthropic_convert as convert
 from sovereign.server.anthropic_schemas import CountTokensBody, MessageParam, MessagesBody
 from sovereign.server.context_editing import apply_context_edits, parse_context_management
-from sovereign.server.state import engine
 from sovereign.server.running import collect, event_stream
 from sovereign.server.sse import named_event
+from sovereign.server.state import engine
 
 router = APIRouter()
 Body = TypeVar("Body", MessagesBody, CountTokensBody)

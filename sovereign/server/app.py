@@ -17,10 +17,10 @@ from fastapi.responses import JSONResponse
 from sovereign import __version__
 from sovereign.engine.api import EngineAPI
 from sovereign.server import anthropic_routes, errors, extra_routes, openai_routes, responses_routes
-from sovereign.server.state import ServerState, attach
-from sovereign.server.observability import METRICS_CONTENT_TYPE, Metrics, RequestObserver
 from sovereign.server.errors import APIError
 from sovereign.server.guards import DEFAULT_MAX_BODY, BodyLimit, HostGuard
+from sovereign.server.observability import METRICS_CONTENT_TYPE, Metrics, RequestObserver
+from sovereign.server.state import ServerState, attach
 
 if TYPE_CHECKING:
     from sovereign.gateway import Gateway

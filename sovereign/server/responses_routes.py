@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sovereign.engine import Finished
 from sovereign.server import responses_convert as convert
-from sovereign.server.state import engine
 from sovereign.server.running import collect, event_stream
 from sovereign.server.schemas import ResponsesBody
+from sovereign.server.state import engine
 
 router = APIRouter()
 

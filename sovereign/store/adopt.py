@@ -45,7 +45,7 @@ import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sovereign.errors import InvalidReference, PullError, StoreError
@@ -570,7 +570,7 @@ def _adopt_one(
                         detail=f"{LAYOUT_LABELS[candidate.layout]} {candidate.origin}, {how}",
                     ),
                     gguf=info.to_json(),
-                    pulled_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    pulled_at=datetime.now(UTC).isoformat(timespec="seconds"),
                     license=info.license,
                     sha256_verified=verified,
                     extra={

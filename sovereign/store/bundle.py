@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO
 
@@ -325,7 +325,7 @@ def _write(
     bundle = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "created_by": f"sovereign {installed_version('sovereign')}",
         "runtime": RUNTIME_JSON if runtime else None,
         "models": entries,
@@ -739,7 +739,7 @@ def import_bundle(
 
 def _commit(store: Store, staged: dict[str, Path], todo: list[_Planned], result: ImportResult) -> None:
     """Every file is proven: move the blobs in, then publish each manifest."""
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     with store.gc_lock():
         for sha, path in staged.items():
             store.place_blob(path, sha)

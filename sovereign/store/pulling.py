@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from filelock import Timeout
 
@@ -164,7 +164,7 @@ def _commit(plan: PullPlan, store: Store, kind: str, reference: str, fetched: Fe
             files=tuple(files),
             source=SourceRecord(kind=kind, reference=reference, detail=fetched.detail),
             gguf=info.to_json(),
-            pulled_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            pulled_at=datetime.now(UTC).isoformat(timespec="seconds"),
             license=(plan.spec.license if plan.spec else None) or info.license,
             sha256_verified=all(f.verified for f in fetched.files),
         )
