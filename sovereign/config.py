@@ -80,7 +80,8 @@ class Settings:
     extra_buffers: str = field(
         default="auto",
         metadata=_describe(
-            "Expert override for llama.cpp's repacked CPU kernels: auto (proved once per machine, off if they crash), on or off.",
+            "Expert override for llama.cpp's repacked CPU kernels: auto (proved once per machine, off if they crash),"
+            " on or off.",
             "SOVEREIGN_EXTRA_BUFFERS",
         ),
     )
@@ -107,6 +108,53 @@ class Settings:
         )
 
     @classmethod
-    def describe(cls) -> list[tuple[str, str]]:
-        """(environment variable, help text) for every setting."""
-        return [(f.metadata["env"], f.metadata["help"]) for f in fields(cls)]
+    def describe(cls) -> list[Variable]:
+        """Every environment variable sovereign reads: these settings' first, then those read where they are used."""
+        own = [Variable(f.metadata["env"], f.metadata["help"], secret=f.name == "hf_token") for f in fields(cls)]
+        return own + list(OTHER_VARIABLES)
+
+
+@dataclass(frozen=True)
+class Variable:
+    """An environment variable sovereign reads, and what it means (`sovereign env` lists them)."""
+
+    name: str
+    meaning: str
+    secret: bool = False  # shown as set or unset, never its value
+
+    def shown(self, environ: Mapping[str, str]) -> str | None:
+        """Its value as `sovereign env` prints it: None when unset, a secret hidden."""
+        value = environ.get(self.name)
+        if value is None:
+            return None
+        return "(set, hidden)" if self.secret else value
+
+
+# Variables read where they are used rather than through Settings: the log level before anything else runs,
+# a server's own options, the downloader's tuning, the gateway's keys, and other tools' folders for `adopt`.
+OTHER_VARIABLES = (
+    Variable("SOVEREIGN_API_KEY", "The key `serve` requires (same as --api-key).", secret=True),
+    Variable(
+        "SOVEREIGN_LOG_LEVEL",
+        "INFO or DEBUG to see llama.cpp's own log (default WARNING); ERROR also hides the request lines of `serve`.",
+    ),
+    Variable(
+        "SOVEREIGN_DOWNLOAD_CONNECTIONS",
+        "Concurrent HTTP range requests per large download (default 8; 1 for a single stream).",
+    ),
+    Variable(
+        "SOVEREIGN_UPSTREAM_KEY_ANTHROPIC",
+        "With serve --upstream anthropic=URL: the key sent upstream in place of the client's.",
+        secret=True,
+    ),
+    Variable(
+        "SOVEREIGN_UPSTREAM_KEY_OPENAI",
+        "With serve --upstream openai=URL: the key sent upstream in place of the client's.",
+        secret=True,
+    ),
+    Variable("OLLAMA_MODELS", "Where `adopt` looks for Ollama's models (default ~/.ollama/models)."),
+    Variable("HF_HUB_CACHE", "Where `adopt` looks for the Hugging Face cache (default $HF_HOME/hub)."),
+    Variable("HF_HOME", "The Hugging Face home, for `adopt` (default ~/.cache/huggingface)."),
+    Variable("LLAMA_CACHE", "Where `adopt` looks for llama.cpp's downloads (default ~/.cache/llama.cpp)."),
+    Variable("OPENAI_API_KEY", "The key `bench --url` sends (same as its --api-key).", secret=True),
+)

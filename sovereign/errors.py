@@ -5,25 +5,32 @@ Every error a user can cause or meet carries a message (what is wrong) and a hin
 class to a status code and OpenAI's error envelope.
 
     SovereignError
-    ├── InvalidReference      a model reference or name that cannot be parsed or escapes the store
-    ├── CatalogError          a models.toml that cannot be read
-    ├── ModelNotFound         a name that is neither in the catalog nor in the store
-    ├── StoreError            the store on disk is damaged or cannot be written
-    │   └── BundleError       a bundle that cannot be written, or read back whole and unchanged
-    └── PullError             a pull that did not produce a model
-        ├── SourceUnavailable a source that could not be reached or does not have the file
-        ├── AccessDenied      a source that refused us (gated repository, bad token)
-        ├── IntegrityError    bytes whose sha256 or size is not what was promised
-        ├── NotGGUF           a file that is not a GGUF model
-        ├── InsecureSource    a source refused by policy (plain http beyond loopback)
-        ├── InsufficientDisk  not enough free space for the download
-        └── AllSourcesFailed  every source of a pull failed; carries each failure
-    └── EngineError           inference could not run
-        ├── ModelLoadError    a model file llama.cpp cannot load (corrupt, too big for memory)
-        │   └── BadChatTemplate  a model whose chat template (its own or the catalog's) does not compile
-        ├── ModelCrashed      a model's process died (a signal) while serving
-        ├── InvalidRequest    a request the engine cannot honour (bad schema, bad parameter)
-        └── ContextLengthExceeded  a prompt longer than the model's context
+    ├── InvalidReference          a model reference or name that cannot be parsed or escapes the store
+    ├── CatalogError              a models.toml that cannot be read
+    ├── ModelNotFound             a name that is neither in the catalog nor in the store
+    ├── StoreError                the store on disk is damaged or cannot be written
+    │   └── BundleError           a bundle that cannot be written, or read back whole and unchanged
+    ├── PullError                 a pull that did not produce a model
+    │   ├── SourceUnavailable     a source that could not be reached or does not have the file
+    │   ├── AccessDenied          a source that refused us (gated repository, bad token)
+    │   ├── IntegrityError        bytes whose sha256 or size is not what was promised
+    │   ├── NotGGUF               a file that is not a GGUF model
+    │   ├── InsecureSource        a source refused by policy (plain http beyond loopback)
+    │   ├── InsufficientDisk      not enough free space for the download
+    │   └── AllSourcesFailed      every source of a pull failed; carries each failure
+    ├── BenchError                a benchmark that cannot run as asked
+    ├── BadUpstream               an --upstream value that is not KIND=URL
+    ├── BadRoute                  an --alias or --route value that is not GLOB=MODEL
+    └── EngineError               inference could not run
+        ├── ModelLoadError        a model file llama.cpp cannot load (corrupt, too big for memory)
+        │   └── BadChatTemplate   a model whose chat template (its own or the catalog's) does not compile
+        ├── ModelCrashed          a model's process died (a signal) while serving
+        ├── InvalidRequest        a request the engine cannot honour (bad schema, bad parameter)
+        ├── ContextLengthExceeded a prompt longer than the model's context
+        ├── ServerBusy            every slot busy and the queue full (HTTP 503 with Retry-After)
+        └── RequestTimedOut       a request that ran past the server's --timeout
+
+tests/test_layout.py checks that this drawing names every class below SovereignError, under its parent.
 """
 
 from __future__ import annotations
@@ -99,6 +106,14 @@ class AllSourcesFailed(PullError):
 
 class BenchError(SovereignError):
     """A benchmark that cannot run as asked: a bad option, an unreadable prompts file, an unreachable server."""
+
+
+class BadUpstream(SovereignError):
+    """An --upstream value that is not KIND=URL."""
+
+
+class BadRoute(SovereignError):
+    """A --alias or --route value that is not GLOB=MODEL."""
 
 
 class EngineError(SovereignError):

@@ -12,14 +12,10 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from sovereign.errors import SovereignError
+from sovereign.errors import BadRoute
 
 # Names only a closed API serves: without a rule, these go to the default model instead of a 404.
 CLOSED_API_NAMES = ("claude-*", "gpt-*", "chatgpt-*", "o1*", "o3*", "o4*")
-
-
-class BadRoute(SovereignError):
-    """A --alias or --route value that is not GLOB=MODEL."""
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import anthropic
 import httpx
 import pytest
 
-from sovereign.errors import ContextLengthExceeded, ModelNotFound
-from sovereign.model_routes import BadRoute, ModelRoutes, parse_route
+from sovereign.errors import BadRoute, ContextLengthExceeded, ModelNotFound
+from sovereign.model_routes import ModelRoutes, parse_route
 from sovereign.server.app import ServerOptions, create_app
 from sovereign.server.errors import from_exception
 from sovereign.server.running import with_heartbeat

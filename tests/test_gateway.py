@@ -17,8 +17,9 @@ import httpx
 import openai
 import pytest
 
+from sovereign.errors import BadUpstream
 from sovereign.gateway import Gateway
-from sovereign.gateway.upstream import BadUpstream, parse_upstream
+from sovereign.gateway.upstream import parse_upstream
 from sovereign.model_routes import ModelRoutes
 from sovereign.server.app import ServerOptions, create_app
 from tests.fake_engine import FakeEngine

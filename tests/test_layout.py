@@ -52,3 +52,62 @@ def test_the_static_check_finds_circles_and_paths_to_llama_cpp() -> None:
     assert check_imports.server_reaches_decoding(graph) == [
         "sovereign.engine.helpers -> sovereign.engine.runtime.backend"
     ]
+
+
+def _drawn_tree() -> dict[str, str]:
+    """Each class in errors.py's drawing, mapped to the class it is drawn under."""
+    import sovereign.errors
+
+    parents: dict[str, str] = {}
+    stack = ["SovereignError"]
+    for line in (sovereign.errors.__doc__ or "").splitlines():
+        if "── " not in line:
+            continue
+        depth = line.index("── ") // 4  # each level of the drawing is four characters wide
+        name = line.split("── ", 1)[1].split()[0]
+        del stack[depth:]
+        parents[name] = stack[-1]
+        stack.append(name)
+    return parents
+
+
+def test_the_exception_tree_drawing_names_every_class_under_its_parent() -> None:
+    import importlib
+    import pkgutil
+
+    import sovereign
+    from sovereign.errors import SovereignError
+
+    for info in pkgutil.walk_packages(sovereign.__path__, "sovereign."):
+        if info.name != "sovereign.__main__":  # that one runs the command line
+            importlib.import_module(info.name)
+    classes: dict[str, str] = {}
+    pending = [SovereignError]
+    while pending:
+        for subclass in pending.pop().__subclasses__():
+            if subclass.__module__.startswith("sovereign"):
+                classes[subclass.__name__] = subclass.__bases__[0].__name__
+                pending.append(subclass)
+    assert _drawn_tree() == classes
+
+
+def test_every_environment_variable_is_described_and_in_the_readme() -> None:
+    import re
+    from pathlib import Path
+
+    from sovereign.config import Settings
+
+    root = Path(__file__).resolve().parent.parent
+    described = {variable.name for variable in Settings.describe()}
+    used = {
+        name
+        for path in (root / "sovereign").rglob("*.py")
+        for name in re.findall(r"SOVEREIGN_[A-Z_]+", path.read_text())
+        if not name.startswith("SOVEREIGN_TEST_")  # hooks for the test suite only
+    }
+    for name in used:  # SOVEREIGN_UPSTREAM_KEY_ is a prefix: one variable per kind of upstream
+        assert name in described or (name.endswith("_") and any(d.startswith(name) for d in described)), name
+    readme = (root / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| `")]
+    assert [name for name in sorted(described) if not any(f"`{name}`" in row for row in rows)] == []

@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from sovereign.cli import adopt, bench_commands, bundle, serve, store_commands
+from sovereign.cli import adopt, bench_commands, bundle, env, serve, store_commands
 
 # The command modules import only sovereign.cli.common (and, when a command runs, what it needs), never this module.
 # In the order `sovereign --help` lists them.
@@ -29,6 +29,7 @@ COMMANDS: tuple[tuple[str, Callable[..., Any]], ...] = (
     ("adopt", adopt.adopt),
     ("export", bundle.export),
     ("import", bundle.import_),
+    ("env", env.env),
 )
 
 

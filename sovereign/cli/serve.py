@@ -308,7 +308,7 @@ def run(
 def _fallback_causes(disabled: list[str]) -> frozenset[str]:
     """The blocked-upstream causes that fall back, less those --no-fallback-on names."""
     from sovereign.gateway import CAUSES
-    from sovereign.gateway.upstream import BadUpstream
+    from sovereign.errors import BadUpstream
 
     unknown = sorted(set(disabled) - set(CAUSES))
     if unknown:

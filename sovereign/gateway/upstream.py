@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from sovereign.errors import SovereignError
+from sovereign.errors import BadUpstream
 
 KINDS = ("anthropic", "openai")
 # What counts as the upstream being blocked (and so falls back), each switchable off with --no-fallback-on.
@@ -14,10 +14,6 @@ CAUSES = ("connect", "dns", "tls", "timeout", "451", "403")
 # Paths each kind of upstream serves (the rest is always local: tokenize, apply-template, metrics, ...).
 ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/models")
-
-
-class BadUpstream(SovereignError):
-    """An --upstream value that is not KIND=URL."""
 
 
 @dataclass(frozen=True)
