@@ -1,4 +1,6 @@
-"""Shared helpers for the serving benchmarks: start sovereign, llama-cpp-python's server and llama.cpp's llama-server on one GGUF.
+"""Shared helpers for the serving benchmarks.
+
+They start sovereign, llama-cpp-python's server and llama.cpp's llama-server on one GGUF.
 
 Every command builder leaves out the port: `running()` picks a free one and appends `--port P`,
 which all three servers spell the same way.

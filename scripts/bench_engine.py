@@ -118,7 +118,10 @@ class _Sink:
 
 
 def _generate(scheduler: BatchScheduler, prompt: list[int], params: SamplingParams) -> RequestStats:
-    """Run one request to its end (the scheduler in this process, as a model's process runs it); its stats hold the timings."""
+    """Run one request to its end; its stats hold the timings.
+
+    The scheduler runs in this process, as a model's process runs it.
+    """
     sink = _Sink(prompt)
     scheduler.enqueue(prompt, params, sink)
     sink.done.wait()

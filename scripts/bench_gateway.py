@@ -94,7 +94,10 @@ def wait_health(url: str, process: subprocess.Popen[bytes], log: Path, timeout: 
 
 
 def one_stream(client: httpx.Client, url: str, chunks: int, pace_us: int) -> dict[str, float]:
-    """One streamed chat completion (chunks `pace_us` apart, 0: unpaced): TTFT and chunks/s over the whole request, with its text checked."""
+    """One streamed chat completion (chunks `pace_us` apart, 0: unpaced), with its text checked.
+
+    Returns TTFT and chunks/s over the whole request.
+    """
     model = f"bench-{chunks}-every-{pace_us}" if pace_us else f"bench-{chunks}"
     body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "bench"}]}
     pieces: list[str] = []
@@ -236,7 +239,8 @@ def main() -> None:
         print(json.dumps(report, indent=2))
     else:
         print(
-            f"{args.runs} interleaved runs per path and phase, {args.chunks} chunks each, local model {model}, {os.cpu_count()} cores"
+            f"{args.runs} interleaved runs per path and phase, {args.chunks} chunks each, "
+            f"local model {model}, {os.cpu_count()} cores"
         )
         print(f"{'phase':13} {'path':8} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'chunks/s p50':>13}")
         for phase in (unpaced, paced):
@@ -244,16 +248,19 @@ def main() -> None:
             for path in ("direct", "gateway"):
                 stats = phase[path]
                 print(
-                    f"{name:13} {path:8} {stats['ttft_p50_ms']:12.2f} {stats['ttft_p90_ms']:12.2f} {stats['chunks_per_s_p50']:13.0f}"
+                    f"{name:13} {path:8} {stats['ttft_p50_ms']:12.2f} {stats['ttft_p90_ms']:12.2f} "
+                    f"{stats['chunks_per_s_p50']:13.0f}"
                 )
         for phase, key in ((unpaced, "added_ttft_p50_ms_unpaced"), (paced, "added_ttft_p50_ms_paced")):
             name = "paced" if phase["pace_us"] else "unpaced"
             print(
-                f"added TTFT p50, {name:8} {phase['added_ttft_p50_ms']:7.2f} ms  (target <= {TARGETS['added_ttft_p50_ms']})  "
+                f"added TTFT p50, {name:8} {phase['added_ttft_p50_ms']:7.2f} ms  "
+                f"(target <= {TARGETS['added_ttft_p50_ms']})  "
                 f"{'PASS' if verdicts[key] else 'FAIL'}"
             )
         print(
-            f"throughput ratio, unpaced {unpaced['throughput_ratio']:6.3f}     (target >= {TARGETS['throughput_ratio']})  "
+            f"throughput ratio, unpaced {unpaced['throughput_ratio']:6.3f}     "
+            f"(target >= {TARGETS['throughput_ratio']})  "
             f"{'PASS' if verdicts['throughput_ratio'] else 'FAIL'}"
         )
     sys.exit(0 if all(verdicts.values()) else 1)

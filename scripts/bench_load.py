@@ -75,7 +75,10 @@ TARGETS = (
 
 
 def summarize(samples: list[Sample], wall_s: float) -> dict[str, Any]:
-    """A level's figures for one server (the `sovereign bench --url` report, flattened): throughput, latency percentiles, failures."""
+    """A level's figures for one server: throughput, latency percentiles, failures.
+
+    The `sovereign bench --url` report, flattened.
+    """
     report = level_report(0, samples, wall_s)
     ttft, itl = report.latency["ttft"], report.latency["itl"]
     return {
@@ -129,7 +132,8 @@ def bench_all(
                     samples[name] += got
                     walls[name] += wall_s
                     print(
-                        f"  {name} @ {concurrency}, round {round_number + 1}: {sum(s.tokens for s in got if s.error is None) / wall_s:.1f} tok/s",
+                        f"  {name} @ {concurrency}, round {round_number + 1}: "
+                        f"{sum(s.tokens for s in got if s.error is None) / wall_s:.1f} tok/s",
                         file=sys.stderr,
                     )
             for name in names:
@@ -176,7 +180,8 @@ def print_level(results: dict[str, dict[int, dict[str, Any]]], concurrency: int)
     first = next(iter(results.values()))[concurrency]
     print(f"\nconcurrency {concurrency}: {first['requests']} requests")
     print(
-        f"{'server':<18}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p90':>10}{'ITL p50':>9}{'ITL p90':>9}{'tokens':>8}{'failed':>8}"
+        f"{'server':<18}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p90':>10}"
+        f"{'ITL p50':>9}{'ITL p90':>9}{'tokens':>8}{'failed':>8}"
     )
     for name, levels in results.items():
         f = levels[concurrency]
@@ -205,7 +210,8 @@ def check_targets(results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[st
         verdicts.append({**asdict(target), "ratio": value, "status": status})
         sign = ">=" if target.at_least else "<="
         print(
-            f"{status:<5} concurrency {target.concurrency}: sovereign/{target.peer} {target.metric} {fmt(value, digits=2)} {sign} {target.bound}"
+            f"{status:<5} concurrency {target.concurrency}: sovereign/{target.peer} {target.metric} "
+            f"{fmt(value, digits=2)} {sign} {target.bound}"
         )
     return verdicts
 
@@ -259,7 +265,8 @@ def main() -> None:
     banned = end_of_generation_tokens(path)
     logs = Path(tempfile.mkdtemp(prefix="bench-load-"))
     print(
-        f"{args.model} ({path}), {args.threads} threads, ctx {args.ctx}/slot, {args.tokens} tokens/request; logs in {logs}",
+        f"{args.model} ({path}), {args.threads} threads, ctx {args.ctx}/slot, {args.tokens} tokens/request; "
+        f"logs in {logs}",
         file=sys.stderr,
     )
     results = bench_all(commands, args, banned, logs)

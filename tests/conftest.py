@@ -34,7 +34,10 @@ ISOLATED_VARIABLES = (
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that needs the real model (directly or through a server), so `-m "not real_model"` runs the fast rest."""
+    """Mark every test that needs the real model, so `-m "not real_model"` runs the fast rest.
+
+    A test needs it directly or through a server.
+    """
     for item in items:
         if "real_model_home" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real_model)
@@ -95,8 +98,11 @@ def settings() -> Settings:
     return Settings.from_env()
 
 
+_DEFAULT_PULL_OPTIONS = PullOptions()  # frozen, so one shared default is safe
+
+
 def pull_in_process(
-    reference: str, *, options: PullOptions = PullOptions(), environ: dict[str, str] | None = None
+    reference: str, *, options: PullOptions = _DEFAULT_PULL_OPTIONS, environ: dict[str, str] | None = None
 ) -> PullResult:
     """Run a pull in this process (faster than the CLI) with the current environment."""
     settings = Settings.from_env({**os.environ, **(environ or {})})
@@ -135,7 +141,7 @@ def _model_in_users_store() -> Path | None:
         settings = Settings.from_env(ORIGINAL_ENVIRONMENT)
         store = Store(settings.home)
         manifest = store.get(parse_name(GEMMA))
-    except Exception:
+    except Exception:  # noqa: BLE001 - the user's own store may be in any state: unreadable means no model there
         return None
     if manifest is None or [f.digest for f in manifest.files] != [f"sha256:{GEMMA_SHA256}"]:
         return None

@@ -88,7 +88,10 @@ def _error_body(path: str, status: int, kind: str, message: str) -> dict[str, An
 
 
 def _bench_shape(model: str) -> tuple[int, float]:
-    """For "bench-N" or "bench-N-every-U": N chunks, U microseconds apart (in seconds; 0 when not given); (0, 0) otherwise."""
+    """For "bench-N" or "bench-N-every-U": N chunks, U microseconds apart; (0, 0) otherwise.
+
+    The pace comes back in seconds, 0 when not given.
+    """
     match = re.fullmatch(r"bench-(\d+)(?:-every-(\d+))?", model)
     return (int(match[1]), int(match[2] or 0) / 1e6) if match else (0, 0.0)
 

@@ -173,7 +173,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(
                 401,
                 "GatedRepo",
-                f"Access to model {repo_id} is restricted. You must have access to it and be authenticated to access it.",
+                f"Access to model {repo_id} is restricted. "
+                "You must have access to it and be authenticated to access it.",
             )
         data = repo.files.get(filename)
         if data is None:

@@ -61,7 +61,10 @@ def alias_supported() -> bool:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, alias_supported: bool) -> Iterator[ServerProcess]:
-    """One server over the long-context tiny model, in a store of its own; claude-* names map to it when --alias exists."""
+    """One server over the long-context tiny model, in a store of its own.
+
+    claude-* names map to it when --alias exists.
+    """
     failure = fetch_deepseek_r1_wheel(CACHE)
     if failure:
         pytest.fail(failure)
@@ -107,7 +110,8 @@ def test_claude_code(
             claude_command(clients, PROMPT, model), claude_environment(home, proxy.url), proxy, home / "work"
         )
         dump(runs[name], f"claude-code-{name}")
-    # A second turn of the first conversation: Claude Code sends its history back, system reminders between turns included.
+    # A second turn of the first conversation: Claude Code sends its history back,
+    # system reminders between turns included.
     home = tmp_path / "claude-model"
     runs["continue"] = run_client(
         [*claude_command(clients, "and again", MODEL), "--continue"],

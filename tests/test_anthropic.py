@@ -1,4 +1,7 @@
-"""/v1/messages and /v1/messages/count_tokens against the real server and model, through the official anthropic client."""
+"""/v1/messages and /v1/messages/count_tokens against the real server and model.
+
+Both go through the official anthropic client.
+"""
 
 from __future__ import annotations
 

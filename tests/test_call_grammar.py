@@ -48,7 +48,8 @@ SEARCH = '{"name": "search", "arguments": {"q": "x"}}'
 CALLS = {
     "hermes": [
         f"<tool_call>\n{WEATHER}\n</tool_call>",
-        f"<think>\nI could write <tool_call> here.\n</think>\n\n<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n{SEARCH}\n</tool_call>",
+        f"<think>\nI could write <tool_call> here.\n</think>\n\n"
+        f"<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n{SEARCH}\n</tool_call>",
     ],
     "qwen3_coder": [
         "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>",
@@ -66,22 +67,30 @@ CALLS = {
         'functools[{"name": "search", "arguments": {"q": "a"}}]',
     ],
     "granite": [
-        '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "search", "arguments": {"q": "a"}}]'
+        '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+        '{"name": "search", "arguments": {"q": "a"}}]'
     ],
     "command_r7b": [
-        '<|START_THINKING|>I need the weather.<|END_THINKING|><|START_ACTION|>[\n    {"tool_call_id": "0", "tool_name": "get_weather", "parameters": {"city": "Paris"}}\n]<|END_ACTION|>'
+        "<|START_THINKING|>I need the weather.<|END_THINKING|><|START_ACTION|>[\n"
+        '    {"tool_call_id": "0", "tool_name": "get_weather", "parameters": {"city": "Paris"}}\n'
+        "]<|END_ACTION|>"
     ],
     "deepseek_r1": [
-        '<think>\nok\n</think>\n\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+        "<think>\nok\n</think>\n\n"
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+        '```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
     ],
     "deepseek_v3_1": [
-        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
+        '{"city": "Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
     ],
     "kimi_k2": [
-        '<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>'
+        "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+        '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>'
     ],
     "gpt_oss": [
-        '<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
+        "<|channel|>analysis<|message|>Need the weather.<|end|>"
+        '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
     ],
     "generic": [WEATHER, f"[{WEATHER}, {SEARCH}]", f"```json\n{WEATHER}\n```", f"<tool_call>{WEATHER}</tool_call>"],
 }
@@ -118,7 +127,10 @@ def _sampler(
 
 
 def _feed(backend: LlamaBackend, sampler: GrammarSampler, text: str) -> tuple[str, str] | None:
-    """Feed text token by token; (the text taken, the piece refused) at the first refusal, or None when all was taken."""
+    """Feed text token by token.
+
+    Returns (the text taken, the piece refused) at the first refusal, or None when all was taken.
+    """
     tokens = backend.tokenize(text, special=True)
     for index, token in enumerate(tokens):
         if not sampler.admits(token):
@@ -207,7 +219,10 @@ def test_an_opening_the_grammar_cannot_take_leaves_the_output_free(backend: Llam
 
 
 def test_forced_calls_allow_reasoning_first_and_nothing_else(backend: LlamaBackend) -> None:
-    call = '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Oslo"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+    call = (
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+        '```json\n{"city": "Oslo"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+    )
     for text, in_reasoning in [
         (f"<think>\nLet me see.\n</think>\n\n{call}", False),
         (f"Let me see.\n</think>\n\n{call}", True),
@@ -290,7 +305,10 @@ def test_auto_tools_beyond_the_budget_stay_unconstrained_and_forced_ones_are_ref
 
 
 def test_auto_with_a_response_format_allows_calls_or_schema_text_only(backend: LlamaBackend) -> None:
-    """OpenAI applies a response format to the final text turn: the model may call, or answer in the schema, nothing else."""
+    """OpenAI applies a response format to the final text turn.
+
+    The model may call, or answer in the schema, nothing else.
+    """
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
     for text, taken in [
         (f"<tool_call>\n{WEATHER}\n</tool_call>", True),

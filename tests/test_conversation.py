@@ -83,7 +83,10 @@ BASIC = [
 
 
 def _render(template: ChatTemplate, messages: list[dict[str, Any]]) -> str:
-    """As the engine renders a chat request: normalized, tools folded for templates without them, reshaped on refusal."""
+    """As the engine renders a chat request.
+
+    Normalized, tools folded for templates without them, reshaped on refusal.
+    """
     shaped = tool_calls.as_template_messages(normalize(messages), TOOLS, native=template.supports_tools)
     return "".join(
         segment.text for segment in _render_as_allowed(template, shaped, TOOLS if template.supports_tools else None, {})

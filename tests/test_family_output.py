@@ -114,7 +114,10 @@ def test_hermes_tool_calls_after_text_and_reasoning(seed: int) -> None:
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
-    output = '<tool_call>{"name": "get_weather", "arguments": {"city": "A"}}</tool_call><tool_call>{"name": "get_weather", "arguments": {"city": "B"}}</tool_call>'
+    output = (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "A"}}</tool_call>'
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "B"}}</tool_call>'
+    )
     one = read("hermes", output, tools=WEATHER, parallel=False)
     assert one["calls"] == [("get_weather", {"city": "A"})] and one["streamed"] == one["calls"]
     assert len(read("hermes", output, tools=WEATHER)["calls"]) == 2
@@ -132,7 +135,8 @@ def test_llama3_python_tag_and_mistral_tool_calls() -> None:
 def test_gpt_oss_channels() -> None:
     output = (
         "<|channel|>analysis<|message|>They want Tokyo's weather.<|end|>"
-        '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Tokyo"}<|call|>'
+        "<|start|>assistant<|channel|>commentary to=functions.get_weather "
+        '<|constrain|>json<|message|>{"city": "Tokyo"}<|call|>'
     )
     got = read("gpt_oss", output, tools=WEATHER)
     assert got["reasoning"] == "They want Tokyo's weather." and got["calls"] == [("get_weather", {"city": "Tokyo"})]

@@ -117,7 +117,9 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ),
     (
         "hermes",
-        f'<think>\n{THOUGHT}\n</think>\n\nLet me check.\n<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}\n</tool_call>\n<tool_call>\n{{"name": "special_function", "arguments": {{"arg1": 1}}}}\n</tool_call>',
+        f"<think>\n{THOUGHT}\n</think>\n\nLet me check.\n"
+        f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}\n</tool_call>\n'
+        f'<tool_call>\n{{"name": "special_function", "arguments": {{"arg1": 1}}}}\n</tool_call>',
         "Let me check.",
         THOUGHT,
         [("get_weather", {"city": "Paris"}), ("special_function", SF)],
@@ -195,7 +197,8 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ("mistral", '[TOOL_CALLS]special_function[ARGS]{"arg1":1}', "", "", [("special_function", SF)], {}),
     (
         "mistral",
-        f'[THINK]{THOUGHT}[/THINK][TOOL_CALLS]special_function[ARGS]{{"arg1":1}}[TOOL_CALLS]get_weather[ARGS]{{"city": "Paris"}}',
+        f'[THINK]{THOUGHT}[/THINK][TOOL_CALLS]special_function[ARGS]{{"arg1":1}}'
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}',
         "",
         THOUGHT,
         [("special_function", SF), ("get_weather", {"city": "Paris"})],
@@ -220,7 +223,10 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ),
     (
         "phi4_mini",
-        'functools[\n  {"name": "get_weather", "arguments": {"city": "Tokyo"}},\n  {"name": "special_function", "arguments": {"arg1": 1}}\n]',
+        "functools[\n"
+        '  {"name": "get_weather", "arguments": {"city": "Tokyo"}},\n'
+        '  {"name": "special_function", "arguments": {"arg1": 1}}\n'
+        "]",
         "",
         "",
         [("get_weather", {"city": "Tokyo"}), ("special_function", SF)],
@@ -238,7 +244,9 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ("deepseek_r1", f"{THOUGHT}</think>\n\n{ANSWER}", ANSWER, THOUGHT, [], {"in_reasoning": True}),
     (
         "deepseek_r1",
-        f'{THOUGHT}</think>\n\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>special_function\n```json\n{{"arg1": 1}}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+        f"{THOUGHT}</think>\n\n"
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>special_function\n"
+        '```json\n{"arg1": 1}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
         "",
         THOUGHT,
         [("special_function", SF)],
@@ -246,7 +254,10 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ),
     (
         "deepseek_r1",
-        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>special_function\n```json\n{"arg1": 1}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>special_function\n"
+        '```json\n{"arg1": 1}\n```<｜tool▁call▁end｜>\n'
+        "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+        '```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
         "",
         "",
         [("special_function", SF), ("get_weather", {"city": "Paris"})],
@@ -254,7 +265,8 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ),
     (
         "deepseek_v3_1",
-        'Hi<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>special_function<｜tool▁sep｜>{"arg1": 1}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+        "Hi<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>special_function<｜tool▁sep｜>"
+        '{"arg1": 1}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
         "Hi",
         "",
         [("special_function", SF)],
@@ -270,7 +282,9 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ),
     (
         "gpt_oss",
-        f'<|channel|>analysis<|message|>{THOUGHT}<|end|><|start|>assistant<|channel|>commentary to=functions.special_function <|constrain|>json<|message|>{{"arg1": 1}}<|call|>',
+        f"<|channel|>analysis<|message|>{THOUGHT}<|end|>"
+        "<|start|>assistant<|channel|>commentary to=functions.special_function "
+        '<|constrain|>json<|message|>{"arg1": 1}<|call|>',
         "",
         THOUGHT,
         [("special_function", SF)],
@@ -286,7 +300,8 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ),
     (
         "gpt_oss",
-        '<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>',
+        "<|channel|>commentary<|message|>Checking.<|end|>"
+        '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>',
         "Checking.",
         "",
         [("get_weather", {"city": "Paris"})],
@@ -312,7 +327,9 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ),
     (
         "command_r7b",
-        f'<|START_THINKING|>{THOUGHT}<|END_THINKING|><|START_ACTION|>[\n    {{"tool_call_id": "0", "tool_name": "special_function", "parameters": {{"arg1": 1}}}}\n]<|END_ACTION|>',
+        f"<|START_THINKING|>{THOUGHT}<|END_THINKING|><|START_ACTION|>[\n"
+        '    {"tool_call_id": "0", "tool_name": "special_function", "parameters": {"arg1": 1}}\n'
+        "]<|END_ACTION|>",
         "",
         THOUGHT,
         [("special_function", SF)],
@@ -329,7 +346,9 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ),
     (
         "glm45",
-        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>2</arg_value></tool_call><tool_call>special_function\n<arg_key>arg1</arg_key>\n<arg_value>1</arg_value>\n</tool_call>",
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
+        "<arg_key>days</arg_key><arg_value>2</arg_value></tool_call>"
+        "<tool_call>special_function\n<arg_key>arg1</arg_key>\n<arg_value>1</arg_value>\n</tool_call>",
         "",
         "",
         [("get_weather", {"city": "Paris", "days": 2}), ("special_function", SF)],
@@ -337,7 +356,8 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ),
     (
         "kimi_k2",
-        '<|tool_calls_section_begin|><|tool_call_begin|>functions.special_function:0<|tool_call_argument_begin|>{"arg1": 1}<|tool_call_end|><|tool_calls_section_end|>',
+        "<|tool_calls_section_begin|><|tool_call_begin|>functions.special_function:0<|tool_call_argument_begin|>"
+        '{"arg1": 1}<|tool_call_end|><|tool_calls_section_end|>',
         "",
         "",
         [("special_function", SF)],
@@ -345,7 +365,10 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ),
     (
         "kimi_k2",
-        f'<think>{THOUGHT}</think>Checking.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{{"city": "Paris"}}<|tool_call_end|><|tool_call_begin|>functions.special_function:1<|tool_call_argument_begin|>{{"arg1": 1}}<|tool_call_end|><|tool_calls_section_end|>',
+        f"<think>{THOUGHT}</think>Checking.<|tool_calls_section_begin|>"
+        '<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|>'
+        '<|tool_call_begin|>functions.special_function:1<|tool_call_argument_begin|>{"arg1": 1}<|tool_call_end|>'
+        "<|tool_calls_section_end|>",
         "Checking.",
         THOUGHT,
         [("get_weather", {"city": "Paris"}), ("special_function", SF)],
@@ -354,7 +377,8 @@ CASES: list[tuple[str, str, str, str, list[tuple[str, Any]], dict[str, Any]]] = 
     ("generic", '{"name": "special_function", "arguments": {"arg1": 1}}', "", "", [("special_function", SF)], {}),
     (
         "generic",
-        '[{"name": "special_function", "arguments": {"arg1": 1}}, {"name": "get_weather", "arguments": {"city": "Paris"}}]',
+        '[{"name": "special_function", "arguments": {"arg1": 1}}, '
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}]',
         "",
         "",
         [("special_function", SF), ("get_weather", {"city": "Paris"})],
@@ -398,9 +422,11 @@ def test_vectors_whole_and_streamed(
 # tokenizer_config.json chat templates for the others.
 TEMPLATES: dict[str, tuple[str, bool]] = {
     "hermes": (
-        "For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
+        "For each function call, return a json object with function name and arguments "
+        "within <tool_call></tool_call> XML tags:\n"
         "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
-        "    {%- if enable_thinking is defined and enable_thinking is false %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n{%- endif %}",
+        "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+        "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n{%- endif %}",
         False,
     ),
     "qwen3_coder": (
@@ -409,8 +435,10 @@ TEMPLATES: dict[str, tuple[str, bool]] = {
         False,
     ),
     "llama3": (
-        "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n{{- '<|python_tag|>' + tool_call.name + '.call(' }}\n"
-        '{{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.\' }}',
+        "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+        "{{- '<|python_tag|>' + tool_call.name + '.call(' }}\n"
+        "{{- 'Respond in the format "
+        '{"name": function name, "parameters": dictionary of argument name and its value}.\' }}',
         False,
     ),
     "mistral": (
@@ -423,26 +451,32 @@ TEMPLATES: dict[str, tuple[str, bool]] = {
         False,
     ),
     "deepseek_r1": (
-        "{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}\n"
+        "{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' "
+        "+ tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' "
+        "+ '```' + '<｜tool▁call▁end｜>'}}\n"
         "{%- if add_generation_prompt and not ns.is_tool -%}{{'<｜Assistant｜><think>\\n'}}\n{%- endif %}",
         True,
     ),
     "deepseek_v3_1": (
-        "{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>'+ tool['function']['name'] + '<｜tool▁sep｜>' + tool['function']['arguments'] + '<｜tool▁call▁end｜>'}}\n"
+        "{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>'+ tool['function']['name'] + '<｜tool▁sep｜>' "
+        "+ tool['function']['arguments'] + '<｜tool▁call▁end｜>'}}\n"
         "{%- if add_generation_prompt and ns.is_last_user and not ns.is_tool -%}{{'<｜Assistant｜>'}}\n"
         "  {%- if not thinking -%}{{'</think>'}}\n    {%- else -%}{{'<think>'}}\n  {%- endif -%}\n{%- endif %}",
         False,
     ),
     "gpt_oss": (
-        '{{- "<|start|>assistant<|channel|>analysis<|message|>" + message.thinking + "<|end|>" }}{{- "<|start|>assistant" }}',
+        '{{- "<|start|>assistant<|channel|>analysis<|message|>" + message.thinking + "<|end|>" }}'
+        '{{- "<|start|>assistant" }}',
         False,
     ),
     "granite": (
-        "<|start_of_role|>available_tools<|end_of_role|>{{- tools | tojson(indent=4) }}<|end_of_text|>\n{{- '<|tool_call|>' + message.tool_calls | tojson }}",
+        "<|start_of_role|>available_tools<|end_of_role|>{{- tools | tojson(indent=4) }}<|end_of_text|>\n"
+        "{{- '<|tool_call|>' + message.tool_calls | tojson }}",
         False,
     ),
     "command_r7b": (
-        '{{ \'<|START_ACTION|>[\\n\' }}{%- for tc in message.tool_calls %}{"tool_call_id": "{{ tool_idx }}", "tool_name": "{{ tc[\'function\'][\'name\'] }}"',
+        "{{ '<|START_ACTION|>[\\n' }}{%- for tc in message.tool_calls %}"
+        '{"tool_call_id": "{{ tool_idx }}", "tool_name": "{{ tc[\'function\'][\'name\'] }}"',
         False,
     ),
     "glm45": (
@@ -454,7 +488,8 @@ TEMPLATES: dict[str, tuple[str, bool]] = {
         False,
     ),
     "generic": (
-        "{{ bos_token }}{%- for message in loop_messages %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{%- endfor %}",
+        "{{ bos_token }}{%- for message in loop_messages %}"
+        "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{%- endfor %}",
         False,
     ),
 }
@@ -517,7 +552,10 @@ def test_truncated_call_is_closed_with_what_arrived() -> None:
 
 
 def test_xml_parameters_follow_schema_types() -> None:
-    text = "<tool_call>\n<function=get_weather>\n<parameter=city>\n42\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"
+    text = (
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\n42\n</parameter>\n"
+        "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"
+    )
     assert run("qwen3_coder", text).summary()[2] == [("get_weather", {"city": "42", "days": 3})]
     assert run("qwen3_coder", text, tools=None).summary()[2] == [("get_weather", {"city": 42, "days": 3})]
 

@@ -432,7 +432,8 @@ def _pydantic_ai_model(server: InProcessServer, api: str) -> Any:
             int(anthropic.__version__.split(".")[0]) >= 2
         ):  # client: pydantic-ai calls BetaMessageParam(...), a Union in anthropic 2.x
             pytest.xfail(
-                f"client: pydantic-ai's AnthropicModel does not work with anthropic {anthropic.__version__} (TypeError: Cannot instantiate typing.Union)"
+                f"client: pydantic-ai's AnthropicModel does not work with anthropic {anthropic.__version__} "
+                "(TypeError: Cannot instantiate typing.Union)"
             )
         from pydantic_ai.models.anthropic import AnthropicModel
         from pydantic_ai.providers.anthropic import AnthropicProvider

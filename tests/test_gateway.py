@@ -228,7 +228,10 @@ def test_bad_upstream_values_are_refused() -> None:
 
 
 def test_serve_with_an_upstream_end_to_end(real_model_home: Path, upstream: FakeUpstream) -> None:
-    """The command line as the README gives it: the upstream while it answers, the real local model once it is blocked."""
+    """The command line as the README gives it.
+
+    The upstream answers while it can; the real local model, once it is blocked.
+    """
     from tests.conftest import GEMMA
     from tests.servers import ServerProcess
 

@@ -403,7 +403,8 @@ def render(source: str, messages: list[dict[str, Any]] | None = None) -> str:
         "{{ [0] * 10**9 }}",
         "{{ '%1000000000d' % 1 }}",
         "{{ 7 ** 1000000 }}",  # (Jinja reads 7 ** 10 ** 9 as (7 ** 10) ** 9)
-        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s | length }}",
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}"
+        "{{ ns.s | length }}",
         "{% for i in range(10000) %}{{ 'y' * 10000 }}{% endfor %}",
         "{{ messages[5]['content'] }}",
     ],

@@ -1,4 +1,6 @@
-"""No request may kill or wedge the server (issue 12): foreign Hosts and Origins, huge bodies, lone surrogates, long names.
+"""No request may kill or wedge the server (issue 12).
+
+Foreign Hosts and Origins, huge bodies, lone surrogates, long names: none of them may.
 
 The guards are tested twice: in-process around a tiny app (every rule, fast), and against the real
 `sovereign serve` of the session, which must answer each bad request in its API's envelope and keep serving.
@@ -213,7 +215,10 @@ def test_the_limit_holds_behind_the_api_key_check() -> None:
 
 
 def test_an_open_host_still_refuses_a_rebound_pages_origin() -> None:
-    """Bound beyond loopback every Host passes, but a page on attacker.example still cannot drive the server from a browser."""
+    """Bound beyond loopback every Host passes.
+
+    But a page on attacker.example still cannot drive the server from a browser.
+    """
     headers = {"Host": "attacker.example:11800", "Origin": "http://attacker.example:11800"}
     _openai_error(
         _call(_app(allowed_hosts=("*",)), "POST", "/v1/chat/completions", json={}, headers=headers),
@@ -371,7 +376,7 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(
 
 
 def test_a_lone_surrogate_in_a_key_is_named_safely(server: ServerProcess) -> None:
-    body = '{"model": "%s", "messages": [{"role": "user", "content": "hi", "\\ud800": 1}]}' % GEMMA
+    body = f'{{"model": "{GEMMA}", "messages": [{{"role": "user", "content": "hi", "\\ud800": 1}}]}}'
     response = httpx.post(
         f"{server.base_url}/chat/completions", content=body, headers={"Content-Type": "application/json"}
     )

@@ -49,7 +49,10 @@ def _ranges(hub: FakeHubServer) -> list[str | None]:
 
 
 def _cap_connections(hub: FakeHubServer) -> None:
-    """Slow each connection (as a CDN edge does) so the download adds connections: one fast stream carries the whole file."""
+    """Slow each connection (as a CDN edge does) so the download adds connections.
+
+    Otherwise one fast stream carries the whole file.
+    """
     hub.hub.per_connection_bytes_per_second = 6 * MIB
 
 

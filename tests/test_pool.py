@@ -1,4 +1,6 @@
-"""The model pool with a stand-in for each model's process: loading once, eviction, keep-alive and crashes, in milliseconds.
+"""The model pool with a stand-in for each model's process.
+
+Loading once, eviction, keep-alive and crashes, in milliseconds.
 
 The real processes are covered by tests/test_engine.py and tests/test_isolation.py; here the pool's
 own rules are checked through its injected process factory, as Ollama's scheduler tests do.

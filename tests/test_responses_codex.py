@@ -1,4 +1,6 @@
-"""/v1/responses as OpenAI's Codex CLI (0.171, custom provider, wire_api = "responses") calls it, against the fake engine.
+"""/v1/responses as OpenAI's Codex CLI calls it, against the fake engine.
+
+Codex CLI 0.171, with a custom provider and wire_api = "responses".
 
 The body below has the shape codex-rs serializes (ResponsesApiRequest in codex-rs/codex-api/src/common.rs, tools from
 codex-rs/tools/src/tool_spec.rs): client_metadata, a `namespace` tool grouping the multi-agent functions, a built-in

