@@ -16,6 +16,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -27,6 +28,7 @@ from sovereign.bench.hardware import Hardware, detect
 from sovereign.bench.model_bench import ModelBenchResult, Sweep, run_sweep
 from sovereign.bench.serve_bench import (
     LevelReport,
+    Sample,
     load_prompts,
     pick_model,
     request_bodies,
@@ -433,9 +435,11 @@ def run_serve_bench(
             count = requests or max(8, 4 * level)
             task = progress.add_task(f"concurrency {level}", total=count)
             bodies = request_bodies(model, prompts, count, output_tokens, prompt_words, f"c{level}")
-            samples, duration = asyncio.run(
-                run_level(url, bodies, level, headers=headers, on_done=lambda _s, t=task: progress.advance(t))
-            )
+
+            def advance(_sample: Sample, task: TaskID = task) -> None:
+                progress.advance(task)
+
+            samples, duration = asyncio.run(run_level(url, bodies, level, headers=headers, on_done=advance))
             reports.append(summarize(level, samples, duration))
             progress.remove_task(task)
     return model, reports

@@ -16,7 +16,7 @@ from typing import Any
 
 from sovereign.engine import conversation, formats, output, wire
 from sovereign.engine import tools as tool_calls
-from sovereign.engine.api import Generation, ModelInfo, ModelLoad
+from sovereign.engine.api import EngineAPI, Generation, ModelInfo, ModelLoad
 from sovereign.engine.call_grammar import call_grammar
 from sovereign.engine.chat_template import ChatTemplate, Segment, check_kwargs
 from sovereign.engine.pool import LoadedModel, ModelPool
@@ -52,7 +52,7 @@ class _Prepared:
     reasoning_budget: int | None = None  # reasoning tokens before the family's end marker is written for the model
 
 
-class Engine:
+class Engine(EngineAPI):
     """Turns requests into event streams over the models in a pool; the server's only way to a model."""
 
     def __init__(self, pool: ModelPool, *, reasoning_format: str = "auto") -> None:
@@ -312,21 +312,22 @@ class Engine:
                 completion_tokens += 1
                 piece, stopped = text.feed(step.piece)
                 for event in reader.feed(piece, step.logprob):
-                    if only_one is None or (event := only_one.filter(event)) is not None:
-                        yield event
+                    kept = event if only_one is None else only_one.filter(event)
+                    if kept is not None:
+                        yield kept
                 if budget is not None and budget.spent(piece):
                     stream.force(budget.end_marker)
                 if stopped:
                     reason = "stop"
                     break
             for event in [*reader.feed(text.flush(), None), *reader.finish(truncated=reason == "length")]:
-                if only_one is not None and (event := only_one.filter(event)) is None:
+                kept = event if only_one is None else only_one.filter(event)
+                if kept is None:
                     continue
-                if (
-                    isinstance(event, ToolCallsEvent) and reason != "length"
-                ):  # a call cut off by max_tokens is still "length"
+                # a call cut off by max_tokens is still "length"
+                if isinstance(kept, ToolCallsEvent) and reason != "length":
                     reason = "tool_calls"
-                yield event
+                yield kept
             if not stream.cancelled:  # a client that hung up has no finish reason
                 stream.stats.finish_reason = reason
             yield Finished(

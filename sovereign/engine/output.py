@@ -147,7 +147,7 @@ class PlainOutput:
         if truncated and self._tools:  # a call cut off by max_tokens: the generic parser reads it as far as it got
             cut = FamilyOutput(formats.FORMATS["generic"], self._tools, in_reasoning=False)
             cut.feed(self._held_text, None)
-            partial = [event for event in cut.finish(truncated=True) if isinstance(event, ToolCallsEvent)]
+            partial: list[Event] = [event for event in cut.finish(truncated=True) if isinstance(event, ToolCallsEvent)]
             if partial:
                 return partial
         return [TextDelta(self._held_text, self._held_logprobs)]

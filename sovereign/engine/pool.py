@@ -175,7 +175,11 @@ class ModelPool:
         if task is None:
             task = asyncio.create_task(self._load(manifest, pin))
             self._loading[manifest.name] = task
-            task.add_done_callback(lambda _t, key=manifest.name: self._loading.pop(key, None))
+
+            def forget(_task: asyncio.Task[LoadedModel], key: str = manifest.name) -> None:
+                self._loading.pop(key, None)
+
+            task.add_done_callback(forget)
         return await asyncio.shield(task)
 
     async def _load(self, manifest: Manifest, pin: bool) -> LoadedModel:

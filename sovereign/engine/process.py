@@ -154,7 +154,7 @@ class ModelProcess:
             child.kill()
             ours.close()
             raise
-        process._transport = transport  # type: ignore[assignment]
+        process._transport = transport
         return process
 
     # --- requests -------------------------------------------------------------------

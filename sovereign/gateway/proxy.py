@@ -97,7 +97,11 @@ class Gateway:
             registry=None,
         )
         for kind, circuit in self.circuits.items():
-            self.circuit_open.labels(kind).set_function(lambda circuit=circuit: float(circuit.is_open))
+
+            def is_open(circuit: Circuit = circuit) -> float:
+                return float(circuit.is_open)
+
+            self.circuit_open.labels(kind).set_function(is_open)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -390,7 +394,7 @@ def _error_frame(kind: str, path: str) -> bytes:
     """The API's in-stream error event, for an upstream stream that broke off."""
     message = "The upstream API stopped answering mid-stream; send the request again to have the local model answer it."
     if kind == "anthropic":
-        payload = {"type": "error", "error": {"type": "api_error", "message": message}}
+        payload: dict[str, Any] = {"type": "error", "error": {"type": "api_error", "message": message}}
         return f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
     if path == "/v1/responses":
         payload = {"type": "error", "code": "upstream_failed", "message": message, "param": None, "sequence_number": 0}

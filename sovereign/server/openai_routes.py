@@ -8,7 +8,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -340,10 +340,12 @@ async def _completion_chunks(
 
 @router.post("/v1/embeddings")
 async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
-    inputs = (
+    # One text or one token list, else a list of them (which kind a list holds is told by its first item).
+    inputs = cast(
+        "list[str | list[int]]",
         [body.input]
         if isinstance(body.input, str) or (body.input and isinstance(body.input[0], int))
-        else list(body.input)
+        else list(body.input),
     )
     if not inputs:
         raise APIError(400, "input must not be empty.", param="input", code="invalid_value")

@@ -169,7 +169,7 @@ class _TarSink(_Sink):
     def add_stream(self, rel: str, reader: _HashingReader, size: int) -> None:
         info = tarfile.TarInfo(rel)
         info.size, info.mode, info.mtime, info.type = size, 0o644, self.mtime, tarfile.REGTYPE
-        self.tar.addfile(info, reader)  # type: ignore[arg-type]
+        self.tar.addfile(info, reader)
 
     def close(self) -> None:
         self.tar.close()

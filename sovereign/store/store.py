@@ -10,6 +10,7 @@ $SOVEREIGN_HOME/
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -140,7 +141,7 @@ class Store:
                 continue
         return sorted(manifests, key=lambda m: m.name)
 
-    def file_paths(self, manifest: Manifest) -> list[Path]:
+    def file_paths(self, manifest: Manifest) -> builtins.list[Path]:
         """The on-disk paths of a model's files, in order."""
         return [Path(f.path) if f.path else self.blob_path(f.digest or "") for f in manifest.files]
 
@@ -232,7 +233,7 @@ class Store:
             found.update(_ANY_DIGEST.findall(path.read_text(encoding="utf-8", errors="replace")))
         return found
 
-    def remove(self, name: ModelName) -> tuple[Manifest, list[str]]:
+    def remove(self, name: ModelName) -> tuple[Manifest, builtins.list[str]]:
         """Delete a name; free its blobs unless another name still uses them."""
         path = self.manifest_path(name)
         with self.gc_lock():

