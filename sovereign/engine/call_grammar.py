@@ -360,7 +360,7 @@ def call_grammar(
         return _cached(key, fmt, forced)
     except InvalidRequest:
         raise
-    except Exception as exc:  # the converter raises bare Exceptions and asserts on schemas it cannot handle
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare Exceptions and asserts on what it cannot handle
         detail = str(exc) or type(exc).__name__
         if forced:
             raise InvalidRequest(f"the tools' parameter schemas cannot be enforced: {detail}", "tools") from None

@@ -410,7 +410,7 @@ class ChatTemplate:
             raise InvalidRequest(
                 "the model's chat template recursed too deeply on these messages", "messages"
             ) from None
-        except Exception as exc:  # a template is code: whatever it raises is its failure to render, not the server's
+        except Exception as exc:  # noqa: BLE001 - a template is code: what it raises is its failure to render, not ours
             raise InvalidRequest(
                 f"the model's chat template could not render these messages: {exc}", "messages"
             ) from None

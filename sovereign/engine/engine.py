@@ -391,5 +391,5 @@ def _grammar_for_schema(schema: dict[str, Any], param: str) -> str:
         raise InvalidRequest(f"the JSON schema is too complex to enforce: {exc}", param) from None
     except RecursionError:
         raise InvalidRequest("the JSON schema cannot be enforced: it nests too deeply", param) from None
-    except Exception as exc:  # the converter raises bare Exceptions and asserts on schemas it cannot handle
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare Exceptions and asserts on what it cannot handle
         raise InvalidRequest(f"the JSON schema cannot be enforced: {str(exc) or type(exc).__name__}", param) from None

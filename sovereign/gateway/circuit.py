@@ -73,7 +73,7 @@ class Circuit:
             probe_first = False
             try:
                 answered = await self._probe()
-            except Exception:  # a probe that fails in any way is a "not yet"
+            except Exception:  # noqa: BLE001 - a probe that fails in any way is a "not yet"
                 answered = False
             if answered:
                 self.close()

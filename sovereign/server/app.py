@@ -121,7 +121,7 @@ async def _preload(state: ServerState, names: tuple[str, ...]) -> None:
     for name in names:
         try:
             await state.engine.preload(name)
-        except Exception as exc:  # the server stays up; requests will report the same error
+        except Exception as exc:  # noqa: BLE001 - the server stays up; requests will report the same error
             state.startup_error = f"{name}: {exc}"
             log.error("could not load %s: %s", name, exc)
 

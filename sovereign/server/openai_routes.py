@@ -54,7 +54,7 @@ async def _interleave(generations: list[Generation]) -> AsyncIterator[tuple[int,
             async for event in generation:
                 await queue.put((index, event))
             await queue.put((index, None))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it in the request's task
             await queue.put((index, exc))
 
     tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]

@@ -57,6 +57,7 @@ RUNTIME_JSON = "runtime.json"
 FAT32_MAX = 4 * 1024**3 - 1  # the largest file a FAT32 stick holds
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
+_QUIET = NullReporter()  # the default reporter (it holds no state, so one serves every call)
 
 
 def parse_split(text: str) -> int:
@@ -226,7 +227,7 @@ def export_bundle(
     *,
     split: int | None = None,
     with_runtime: bool = False,
-    reporter: PullReporter = NullReporter(),
+    reporter: PullReporter = _QUIET,
     stdout: IO[bytes] | None = None,
 ) -> ExportResult:
     """Write a bundle of the named models to a folder, a .tar, or a tar on stdout ('-')."""
@@ -306,7 +307,7 @@ def _write(
     entries = []
     for manifest in manifests:
         files = []
-        for model_file, path in zip(manifest.files, store.file_paths(manifest)):
+        for model_file, path in zip(manifest.files, store.file_paths(manifest), strict=True):
             origin = model_file.digest or f"path:{path}"
             if origin not in by_origin:
                 by_origin[origin] = _write_model_file(sink, model_file, path, split, used_names, sums, reporter)
@@ -698,7 +699,7 @@ def import_bundle(
     store: Store,
     source: str | Path,
     *,
-    reporter: PullReporter = NullReporter(),
+    reporter: PullReporter = _QUIET,
     stdin: IO[bytes] | None = None,
     min_free_bytes: int = 0,
 ) -> ImportResult:

@@ -152,7 +152,7 @@ class Store:
         local path, or adopted from another tool's store) can be deleted or rewritten behind our back.
         """
         status = "ok"
-        for model_file, path in zip(manifest.files, self.file_paths(manifest)):
+        for model_file, path in zip(manifest.files, self.file_paths(manifest), strict=True):
             try:
                 stat = path.stat()
             except OSError:
@@ -193,7 +193,7 @@ class Store:
         # llama.cpp finds split 2..N next to split 1 by name, so give blobs their names back.
         folder = self.shards_dir / (manifest.files[0].digest or "local").replace(":", "-")
         folder.mkdir(parents=True, exist_ok=True)
-        for model_file, target in zip(manifest.files, paths):
+        for model_file, target in zip(manifest.files, paths, strict=True):
             link = folder / Path(model_file.filename).name
             if not link.exists():
                 link.symlink_to(target)

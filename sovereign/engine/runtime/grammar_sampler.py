@@ -144,7 +144,7 @@ class GrammarSampler:
         order = candidates[np.argpartition(-scores[candidates], [b - 1 for b in bounds])] if bounds else candidates
         valid: list[np.ndarray] = []
         found, floor = 0, -np.inf
-        for low, high in zip([0, *bounds], [*bounds, candidates.size]):
+        for low, high in zip([0, *bounds], [*bounds, candidates.size], strict=True):
             stage = order[low:high]
             stage = stage[scores[stage] >= floor]
             for start in range(0, stage.size, CHECK_CHUNK):
