@@ -35,7 +35,7 @@ def adopt(
         ),
     ] = False,
 ) -> None:
-    """Register the GGUF models other tools downloaded (Ollama, Hugging Face cache, LM Studio, llama.cpp), without copying them."""
+    """Register other tools' GGUF downloads (Ollama, Hugging Face cache, LM Studio, llama.cpp), without copying them."""
     _adopt([kind.value for kind in from_ or list(StoreKind)], dry_run)
 
 

@@ -165,7 +165,10 @@ def _check_time() -> None:
 
 
 def _range(*args: int) -> range:
-    """range() with a cap per call and per render (the sandbox's own cap is 100,000 per call, and raises OverflowError)."""
+    """range() with a cap per call and per render.
+
+    The sandbox's own cap is 100,000 per call, and raises OverflowError.
+    """
     numbers = range(*args)
     if len(numbers) > MAX_RANGE:
         raise SecurityError(f"range() of {len(numbers)} items; templates may use at most {MAX_RANGE}")
@@ -247,7 +250,10 @@ def _control_pattern(tokens: Iterable[str], *, guessed: bool) -> re.Pattern[str]
 
 
 def _trie_regex(words: set[str]) -> str:
-    """A regex matching exactly these strings, the longest where several match, as nested groups (built without recursion)."""
+    """A regex matching exactly these strings, the longest where several match, as nested groups.
+
+    Built without recursion.
+    """
     root: dict[str, Any] = {}
     for word in words:
         node = root

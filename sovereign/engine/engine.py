@@ -241,7 +241,10 @@ class Engine(EngineAPI):
     def _render_chat(
         self, model: LoadedModel, request: ChatRequest
     ) -> tuple[list[Segment], SamplingParams, str, list[dict[str, Any]], bool]:
-        """The prompt's segments, the decoding rules (grammars compiled here, off the event loop), and whether the prompt opened the reasoning."""
+        """The prompt's segments, the decoding rules, and whether the prompt opened the reasoning.
+
+        The grammars are compiled here, off the event loop.
+        """
         template = model.template
         active_tools = request.tools if request.tool_choice.mode != "none" else []
         messages = tool_calls.as_template_messages(
@@ -342,7 +345,10 @@ class Engine(EngineAPI):
 def _render_as_allowed(
     template: ChatTemplate, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any]
 ) -> list[Segment]:
-    """The template's rendering; when it refuses the conversation's shape, again with the shape reworked as it allows."""
+    """The template's rendering.
+
+    When it refuses the conversation's shape, it renders again with the shape reworked as it allows.
+    """
     tools = tool_calls.template_tools(tools) if tools else None
     try:
         return template.render(messages, tools=tools, **kwargs)

@@ -141,7 +141,10 @@ def _repetition(
     separator_rule: str | None = None,
     item_rule_is_literal: bool = False,
 ) -> str:
-    """llama_grammar._build_repetition's contract (min..max copies of a term, max None for no limit), spelled with GBNF's {m,n}."""
+    """llama_grammar._build_repetition's contract, spelled with GBNF's {m,n}.
+
+    The contract: min..max copies of a term, max None for no limit.
+    """
     if separator_rule:
         if max_items == 0:
             return ""

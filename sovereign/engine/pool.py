@@ -107,7 +107,10 @@ class ModelPool:
     # --- names ----------------------------------------------------------------------
 
     def resolve(self, text: str) -> Manifest:
-        """The pulled model a request names (--alias rules, then catalog aliases, then closed-API fallbacks), or ModelNotFound."""
+        """The pulled model a request names, or ModelNotFound.
+
+        Looked up by --alias rules, then catalog aliases, then closed-API fallbacks.
+        """
         routes = self.options.routes
         mapped = routes.mapped(text)
         manifest = self.pulled(mapped if mapped is not None else text)

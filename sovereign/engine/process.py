@@ -160,7 +160,10 @@ class ModelProcess:
     # --- requests -------------------------------------------------------------------
 
     async def submit(self, prompt: list[int], params: SamplingParams, stats: RequestStats) -> TokenStream:
-        """Queue a generation; its tokens arrive on the returned stream. The process's refusal (busy, bad grammar) raises here."""
+        """Queue a generation; its tokens arrive on the returned stream.
+
+        The process's refusal (busy, bad grammar) raises here.
+        """
         request_id = next(self._ids)
         stream = TokenStream(
             stats,
@@ -192,7 +195,10 @@ class ModelProcess:
 
     @property
     def active(self) -> int:
-        """Generations in flight plus callers preparing one or waiting on a call (the pool does not evict a busy model)."""
+        """Generations in flight plus callers preparing one or waiting on a call.
+
+        The pool does not evict a busy model.
+        """
         return self._holds + len(self._streams)
 
     @contextlib.contextmanager

@@ -118,7 +118,10 @@ class Gateway:
     async def send(
         self, method: str, url: str, headers: dict[str, str], body: bytes, first_byte: float
     ) -> aiohttp.ClientResponse:
-        """The upstream's status and headers within `first_byte` seconds, its body unread (no read timeout: models pause)."""
+        """The upstream's status and headers within `first_byte` seconds, its body unread.
+
+        No read timeout: models pause.
+        """
         timeouts = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout)
         request = self.session.request(
             method, url, headers=headers, data=body or None, allow_redirects=False, timeout=timeouts

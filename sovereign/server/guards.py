@@ -79,7 +79,10 @@ def _local_address(name: str, *, loopback_only: bool) -> bool | None:
 
 
 def is_local_host(name: str) -> bool:
-    """Whether a Host name can only mean this machine: a local or private IP literal, localhost, our hostname, *.localhost, *.local, *.internal."""
+    """Whether a Host name can only mean this machine.
+
+    A local or private IP literal, localhost, our hostname, *.localhost, *.local, *.internal.
+    """
     if (local := _local_address(name, loopback_only=False)) is not None:
         return local
     return name in ("", "localhost", socket.gethostname().lower()) or name.endswith(_LOCAL_SUFFIXES)
@@ -106,7 +109,10 @@ def _header(scope: Scope, key: bytes) -> str | None:
 
 
 class HostGuard:
-    """Refuse (403) a Host that is not this machine's or allowed, and a browser Origin that is neither loopback nor a --cors-origin."""
+    """Refuse (403) a Host that is not this machine's or allowed.
+
+    Also a browser Origin that is neither loopback nor a --cors-origin.
+    """
 
     def __init__(
         self, app: ASGIApp, *, allowed_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = ()

@@ -451,8 +451,9 @@ def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
 def output_items(
     text: str, calls: list[ToolCall], reasoning: str = "", plan: ToolPlan | None = None, cut: bool = False
 ) -> list[dict[str, Any]]:
-    """A finished answer's output: its reasoning, the message (when there is text, or nothing else), then the function calls.
+    """A finished answer's output: its reasoning, the message, then the function calls.
 
+    The message comes when there is text, or nothing else.
     cut: the answer ran into max_output_tokens, so its message is "incomplete", as OpenAI marks it."""
     items = [reasoning_item(new_id("rs"), reasoning)] if reasoning else []
     items += [message_item(new_id("msg"), text, "incomplete" if cut else "completed")] if text or not calls else []

@@ -303,7 +303,10 @@ def _llamacpp_repos(root: Path) -> list[tuple[str, str]]:
 
 
 def split_llamacpp_name(stem: str, known: list[tuple[str, str]]) -> tuple[str, str, str] | None:
-    """<org>_<repo>_<file> into its parts: by llama.cpp's manifests where they name it, else at '-GGUF_' or the first two '_'."""
+    """<org>_<repo>_<file> into its parts.
+
+    By llama.cpp's manifests where they name it, else at '-GGUF_' or the first two '_'.
+    """
     for org, repo in known:
         if stem.startswith(f"{org}_{repo}_"):
             return org, repo, stem[len(org) + len(repo) + 2 :]

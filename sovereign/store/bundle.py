@@ -601,7 +601,10 @@ def _plan(store: Store, bundle: dict[str, Any], sums: dict[str, str]) -> tuple[l
 
 
 def _stage_file(tree: _Tree, entry: dict[str, Any], staging: Path, reporter: PullReporter) -> Path:
-    """Assemble one model file from its pieces into staging, proving each piece and the whole; resumes a finished one."""
+    """Assemble one model file from its pieces into staging, proving each piece and the whole.
+
+    Resumes a finished one.
+    """
     sha, size = entry["sha256"], int(entry["size"])
     target = staging / f"sha256-{sha}"
     if target.is_file() and target.stat().st_size == size and _sha_file(target, reporter, "checking staged") == sha:

@@ -146,7 +146,9 @@ class Store:
         return [Path(f.path) if f.path else self.blob_path(f.digest or "") for f in manifest.files]
 
     def file_status(self, manifest: Manifest) -> str:
-        """'ok', 'missing' (a file is gone) or 'changed' (a file's size, or an in-place file's mtime, is not as recorded).
+        """'ok', 'missing' or 'changed'.
+
+        'missing': a file is gone; 'changed': a file's size, or an in-place file's mtime, is not as recorded.
 
         Only stats the files: cheap enough for `list`. Files registered in place (pulled from a
         local path, or adopted from another tool's store) can be deleted or rewritten behind our back.

@@ -273,7 +273,10 @@ class LlamaBackend:
 
     @functools.cached_property
     def control_tokens(self) -> list[str]:
-        """The text of every control token in the vocabulary (what client text must never become); one scan per model."""
+        """The text of every control token in the vocabulary; one scan per model.
+
+        That is what client text must never become.
+        """
         control, attributes = self._llama.LLAMA_TOKEN_ATTR_CONTROL, self._llama.llama_vocab_get_attr
         return [self.token_text(t) for t in range(self.n_vocab) if attributes(self.vocab, t) & control]
 
@@ -356,8 +359,9 @@ class LlamaBackend:
         )
 
     def sampler(self, params: SamplingParams, prompt: list[int]) -> Sampler:
-        """A request's own sampler chain, in llama-server's order: bias, penalties, grammar, truncation, temperature, draw.
+        """A request's own sampler chain, in llama-server's order.
 
+        The order: bias, penalties, grammar, truncation, temperature, draw.
         The caller owns it and must close() it.
         """
         from llama_cpp import _internals
@@ -395,7 +399,10 @@ class LlamaBackend:
         return sampler
 
     def _penalties(self, params: SamplingParams, prompt: list[int]) -> ctypes.c_void_p:
-        """llama.cpp's repetition penalties, having seen the prompt's last tokens (as llama-server does; a grammar must not)."""
+        """llama.cpp's repetition penalties, having seen the prompt's last tokens.
+
+        As llama-server does; a grammar must not.
+        """
         penalties = self._llama.llama_sampler_init_penalties(
             self.n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
         )
@@ -406,7 +413,10 @@ class LlamaBackend:
     def _grammar_sampler(
         self, params: SamplingParams, bias: dict[int, float], prompt: list[int] | None
     ) -> GrammarSampler:
-        """A GrammarSampler for params.grammar; InvalidRequest when it does not compile or the bias bans all it allows."""
+        """A GrammarSampler for params.grammar.
+
+        InvalidRequest when it does not compile or the bias bans all it allows.
+        """
         from llama_cpp import _internals
 
         assert params.grammar is not None

@@ -101,7 +101,10 @@ class Worker:
         self._sinks.pop(request_id, None)
 
     def flush(self) -> None:
-        """Send what this step produced as one message, with the figures /metrics shows (also when only they changed)."""
+        """Send what this step produced as one message, with the figures /metrics shows.
+
+        Also when only they changed.
+        """
         try:
             with self._outbox_lock:
                 items, self._outbox = self._outbox, []
