@@ -67,7 +67,10 @@ def _adopt(layouts: list[str], dry_run: bool) -> None:
             )
         elif outcome.action == "adopted":
             err.print(
-                f"[green]✓[/] adopted [bold]{escape(outcome.name)}[/] from {LAYOUT_LABELS[layout]} ({size}, {outcome.how}): {path}",
+                (
+                    f"[green]✓[/] adopted [bold]{escape(outcome.name)}[/] from {LAYOUT_LABELS[layout]} "
+                    f"({size}, {outcome.how}): {path}"
+                ),
                 highlight=False,
                 soft_wrap=True,
             )

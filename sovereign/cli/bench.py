@@ -241,7 +241,10 @@ def fit(
     out.print(fit_table(verdicts, budget, best))
     source = "measured on this machine" if efficiency else "typical; run `sovereign bench MODEL` to measure it"
     out.print(
-        f"[dim]expected tok/s = bandwidth / weights x {budget.efficiency:.0%} ({source}); ≈ marks sizes estimated from parameters[/]",
+        (
+            f"[dim]expected tok/s = bandwidth / weights x {budget.efficiency:.0%} ({source}); ≈ marks sizes "
+            "estimated from parameters[/]"
+        ),
         highlight=False,
     )
     if unknown:
@@ -249,12 +252,18 @@ def fit(
     if best:
         speed_text = "on the GPU" if best.where == "GPU" else f"at about {best.expected_tok_s:.0f} tok/s"
         out.print(
-            f"[bold green]recommended:[/] {best.candidate.name}, the largest model this machine runs interactively ({speed_text}): sovereign pull {best.candidate.name}",
+            (
+                f"[bold green]recommended:[/] {best.candidate.name}, the largest model this machine runs "
+                f"interactively ({speed_text}): sovereign pull {best.candidate.name}"
+            ),
             highlight=False,
         )
     else:
         out.print(
-            f"[yellow]no catalog model reaches {fitting.INTERACTIVE_TOK_S:.0f} tok/s here[/]: the smallest that fits will be slow",
+            (
+                f"[yellow]no catalog model reaches {fitting.INTERACTIVE_TOK_S:.0f} tok/s here[/]: the "
+                "smallest that fits will be slow"
+            ),
             highlight=False,
         )
 
@@ -367,7 +376,10 @@ def run_model_bench(
 
 def model_table(results: list[ModelBenchResult]) -> Table:
     table = Table(
-        title=f"{results[0].model}: {results[0].description}, {human_bytes(results[0].model_bytes)}, {format_params(results[0].model_params)} parameters"
+        title=(
+            f"{results[0].model}: {results[0].description}, {human_bytes(results[0].model_bytes)}, "
+            f"{format_params(results[0].model_params)} parameters"
+        )
         if results
         else None
     )
@@ -396,7 +408,8 @@ def bandwidth_sentence(result: ModelBenchResult, hardware: Hardware) -> str | No
     if not result.bandwidth_ceiling or not hardware.bandwidth:
         return None
     return (
-        f"{result.test} -t {result.threads}: {result.tokens_per_second:.0f} tok/s = {result.share_of_ceiling:.0%} of the {result.bandwidth_ceiling:.0f} tok/s "
+        f"{result.test} -t {result.threads}: {result.tokens_per_second:.0f} tok/s = "
+        f"{result.share_of_ceiling:.0%} of the {result.bandwidth_ceiling:.0f} tok/s "
         f"that {hardware.bandwidth / 1e9:.0f} GB/s allows for {human_bytes(result.model_bytes)} of weights"
     )
 

@@ -299,7 +299,8 @@ def _family_root(fmt: str, r: _Rules, tools: list[_Tool], parallel: bool, forced
             markers=("<|tool_calls_section_begin|>",)
         )
     if fmt == "gpt_oss":
-        # `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{…}`, ended by <|call|> (an end of generation).
+        # `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{…}`,
+        # ended by <|call|> (an end of generation).
         header = r.add("harmony-header", '" "? ("<|channel|>commentary" " "?)? ("<|constrain|>"? "json")? " "?')
         call = _alternatives(
             r, tools, lambda t: _seq(_lit(f"to=functions.{t.name}"), header, '"<|message|>"', t.args), "call"

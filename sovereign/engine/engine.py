@@ -99,7 +99,8 @@ class Engine(EngineAPI):
         again = (await model.process.call("tokenize", [[text, False]]))[0]
         if again != tokens and model.facts.with_bos(again) != tokens:
             raise InvalidRequest(
-                f"input[{index}] holds token ids that are not this model's tokens of any text (another tokenizer's, such as tiktoken's?): "
+                f"input[{index}] holds token ids that are not this model's tokens of any text "
+                "(another tokenizer's, such as tiktoken's?): "
                 "send the text itself (LangChain's OpenAIEmbeddings does with check_embedding_ctx_length=False)",
                 "input",
             )
@@ -254,7 +255,8 @@ class Engine(EngineAPI):
         check_kwargs(kwargs)  # before they are spread: a client's "messages" or "self" must be a 400, not a TypeError
         segments = _render_as_allowed(template, messages, active_tools if template.supports_tools else None, kwargs)
         fmt = model.format if not self.raw_reasoning else formats.FORMATS["generic"]
-        # A template that ends its prompt with the reasoning opener (DeepSeek-R1's "<think>\n") has the model start inside it.
+        # A template that ends its prompt with the reasoning opener (DeepSeek-R1's "<think>\n")
+        # has the model start inside it.
         opened = fmt.reasoning is not None and _ends_with(segments, fmt.reasoning[0])
         sampling = self._with_stops(model, request.sampling)
         tool_mode = "none"

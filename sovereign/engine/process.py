@@ -143,7 +143,10 @@ class ModelProcess:
                 raise wire.error_from_wire(answer["error"])
             raise ModelLoadError(
                 f"llama.cpp crashed ({signal_name(child.returncode)}) while loading {path.name}",
-                "the file may be corrupt (pull it again with --force), or this llama.cpp build cannot run it on this machine",
+                (
+                    "the file may be corrupt (pull it again with --force), or this llama.cpp build cannot run "
+                    "it on this machine"
+                ),
             )
         log.info("%s: process %d ready in %.2fs", name, answer["facts"]["pid"], answer.get("load_seconds", 0.0))
         process = cls(name, path, options, child, ModelFacts(**answer["facts"]))

@@ -402,4 +402,5 @@ def _error_frame(kind: str, path: str) -> bytes:
     if path == "/v1/responses":
         payload = {"type": "error", "code": "upstream_failed", "message": message, "param": None, "sequence_number": 0}
         return f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
-    return f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': 'upstream_failed'}})}\n\n".encode()
+    payload = {"error": {"message": message, "type": "server_error", "code": "upstream_failed"}}
+    return f"data: {json.dumps(payload)}\n\n".encode()

@@ -131,8 +131,9 @@ class HostGuard:
         if not (is_local_host(name) or _matches(name, self.allowed_hosts)):
             error = APIError(
                 403,
-                f"Host '{host}' is not allowed: this server answers only requests addressed to this machine, as a guard "
-                f"against DNS rebinding. Start it with --allowed-hosts {name or 'NAME'} to accept that name.",
+                f"Host '{host}' is not allowed: this server answers only requests addressed to this machine, "
+                "as a guard against DNS rebinding. "
+                f"Start it with --allowed-hosts {name or 'NAME'} to accept that name.",
                 code="host_not_allowed",
             )
             await error.response_for(scope["path"])(scope, receive, send)
@@ -170,7 +171,10 @@ class HostGuard:
 
 def _too_large_message(limit: int) -> str:
     size = f"{limit / 1024 / 1024:g} MiB" if limit >= 1024 * 1024 else f"{limit} bytes"
-    return f"The request body is larger than this server's limit of {size}. Send less, or start the server with a larger --max-body."
+    return (
+        f"The request body is larger than this server's limit of {size}. Send less, or start the server with "
+        "a larger --max-body."
+    )
 
 
 class BodyLimit:

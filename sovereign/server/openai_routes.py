@@ -353,7 +353,10 @@ async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
     if body.dimensions is not None and body.dimensions != len(vectors[0]):
         raise APIError(
             400,
-            f"This model's embeddings have {len(vectors[0])} dimensions; dimensions={body.dimensions} is not supported.",
+            (
+                f"This model's embeddings have {len(vectors[0])} dimensions; dimensions={body.dimensions} is "
+                "not supported."
+            ),
             param="dimensions",
             code="invalid_value",
         )

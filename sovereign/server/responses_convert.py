@@ -49,7 +49,10 @@ def chat_request_from(body: ResponsesBody) -> ChatRequest:
         param = "previous_response_id" if body.previous_response_id else "conversation"
         raise APIError(
             400,
-            f"This server stores no responses or conversations, so '{param}' cannot be used: send the whole conversation in 'input'.",
+            (
+                f"This server stores no responses or conversations, so '{param}' cannot be used: send the "
+                "whole conversation in 'input'."
+            ),
             param=param,
             code="unsupported_parameter",
         )
@@ -288,7 +291,10 @@ def _tool_choice(body: ResponsesBody, plan: ToolPlan) -> ToolChoice:
         kind = choice.get("type")
         raise APIError(
             400,
-            f"tool_choice forces a tool of type {kind!r}, which this server does not run: only function tools are available here.",
+            (
+                f"tool_choice forces a tool of type {kind!r}, which this server does not run: only function "
+                "tools are available here."
+            ),
             param="tool_choice",
             code="invalid_value",
         )
@@ -298,7 +304,10 @@ def _tool_choice(body: ResponsesBody, plan: ToolPlan) -> ToolChoice:
         if plan.dropped:
             raise APIError(
                 400,
-                f"tool_choice is {_choice_label(choice)!r} but no function tools are left: {', '.join(plan.dropped)} cannot run here.",
+                (
+                    f"tool_choice is {_choice_label(choice)!r} but no function tools are left: "
+                    f"{', '.join(plan.dropped)} cannot run here."
+                ),
                 param="tool_choice",
                 code="invalid_value",
             )

@@ -502,7 +502,8 @@ def _check(
         and not (existing.source.kind == "adopt" and store.file_status(existing) != "ok")
     ):
         return skip(
-            f"{name} already names another model (register this one with `sovereign pull {candidate.files[0]} --name OTHER`)"
+            f"{name} already names another model "
+            f"(register this one with `sovereign pull {candidate.files[0]} --name OTHER`)"
         )
     for path in candidate.files:
         if not has_gguf_magic(path):

