@@ -152,10 +152,11 @@ class _EntryReader:
         try:
             name = parse_name(self.key, default_tag="latest")
             aliases = tuple(parse_name(a) for a in self.strings("aliases"))
-            sources = tuple(parse_reference(s) for s in self.strings("sources"))
+            refs = tuple(parse_reference(s) for s in self.strings("sources"))
         except InvalidReference as exc:
             raise self.fail(exc.message) from None
-        if not sources or any(isinstance(s, CatalogRef) for s in sources):
+        sources = tuple(s for s in refs if not isinstance(s, CatalogRef))
+        if not sources or len(sources) != len(refs):
             raise self.fail("'sources' must list at least one hf.co/, https://, pip: or local source")
         sha = self.typed("sha256", str)
         if sha is not None and not _SHA256.match(sha):

@@ -32,7 +32,7 @@ from sovereign.engine import (
     ToolCallsEvent,
     Usage,
 )
-from sovereign.engine.api import ModelInfo, ModelLoad
+from sovereign.engine.api import EngineAPI, ModelInfo, ModelLoad
 from sovereign.engine.requests import Event, FinishReason
 from sovereign.errors import InvalidRequest, ModelCrashed, ModelNotFound, ServerBusy
 
@@ -69,7 +69,7 @@ def prompt_tokens(request: ChatRequest | CompletionRequest) -> int:
     return sum(len(str(m.get("content") or "").split()) + 1 for m in request.messages) + 1
 
 
-class FakeEngine:
+class FakeEngine(EngineAPI):
     """Scripted generations, real event shapes; records what it was asked."""
 
     def __init__(self) -> None:

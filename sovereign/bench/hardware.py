@@ -117,7 +117,10 @@ class Hardware:
 
 
 def detect(*, measure: bool = True, home: Path | None = None, extra_buffers: str = "auto") -> Hardware:
-    """Describe this machine; with `measure`, also time its memory bandwidth (about a second); with `home`, its kernels verdict."""
+    """Describe this machine.
+
+    With `measure`, also time its memory bandwidth (about a second); with `home`, its kernels verdict.
+    """
     devices = resources.devices()
     gpus = tuple(Gpu(d.name, d.description, d.total, d.free) for d in devices if d.is_gpu)
     cpu_device = next((d.description for d in devices if d.kind == "cpu"), "")

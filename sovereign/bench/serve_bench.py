@@ -27,18 +27,54 @@ from sovereign.errors import BenchError
 PERCENTILES = (50, 90, 99)
 # Built-in prompts: varied openings, so no server can answer them all from one cached prefix.
 PROMPTS = (
-    "The history of the sea is long. Long before there were ships, sailors or maps, the water covered almost all of the world, and in its warm shallows",
-    "Write a short report on the harbour town of Kessel, whose fishing fleet, salt works and old lighthouse have drawn visitors for three hundred years. The town",
-    "Explain to a new engineer how a hash map stores keys and values, why collisions happen, and what a good hash function must do to keep lookups fast. First,",
-    "On the morning the expedition left the mountain village, the guide counted the mules twice, checked the ropes, and told the travellers a story about",
-    "A recipe for a simple bread: flour, water, salt and yeast are mixed, left to rise through the night, shaped by hand in the morning and then baked until",
-    "The committee met on Tuesday to discuss the new library budget, the repairs to the roof, and a proposal to open the reading rooms on Sunday afternoons. The chair",
-    "In the spring of that year the river flooded the lower fields, and the farmers who had planted early lost most of their seed, so the village council decided",
-    "Dear Maria, thank you for your letter about the garden. The roses you planted along the fence last autumn are blooming now, and the apple tree by the well",
-    "The small robot woke up in the empty warehouse, checked its battery, and rolled slowly between the tall shelves, looking for the door it remembered from",
-    "Astronomers watching a faint star in the northern sky noticed that its light dimmed every nineteen days, which suggested that a planet was passing in front",
-    "Here is a plan for learning to play the violin as an adult: practise a little every day, find a patient teacher, record yourself often, and above all",
-    "The old clockmaker kept a notebook of every clock he had ever repaired, with the owner's name, the fault he found, and a small drawing of the dial. One entry",
+    (
+        "The history of the sea is long. Long before there were ships, sailors or maps, the water covered "
+        "almost all of the world, and in its warm shallows"
+    ),
+    (
+        "Write a short report on the harbour town of Kessel, whose fishing fleet, salt works and old "
+        "lighthouse have drawn visitors for three hundred years. The town"
+    ),
+    (
+        "Explain to a new engineer how a hash map stores keys and values, why collisions happen, and what a "
+        "good hash function must do to keep lookups fast. First,"
+    ),
+    (
+        "On the morning the expedition left the mountain village, the guide counted the mules twice, checked "
+        "the ropes, and told the travellers a story about"
+    ),
+    (
+        "A recipe for a simple bread: flour, water, salt and yeast are mixed, left to rise through the night, "
+        "shaped by hand in the morning and then baked until"
+    ),
+    (
+        "The committee met on Tuesday to discuss the new library budget, the repairs to the roof, and a "
+        "proposal to open the reading rooms on Sunday afternoons. The chair"
+    ),
+    (
+        "In the spring of that year the river flooded the lower fields, and the farmers who had planted early "
+        "lost most of their seed, so the village council decided"
+    ),
+    (
+        "Dear Maria, thank you for your letter about the garden. The roses you planted along the fence last "
+        "autumn are blooming now, and the apple tree by the well"
+    ),
+    (
+        "The small robot woke up in the empty warehouse, checked its battery, and rolled slowly between the "
+        "tall shelves, looking for the door it remembered from"
+    ),
+    (
+        "Astronomers watching a faint star in the northern sky noticed that its light dimmed every nineteen "
+        "days, which suggested that a planet was passing in front"
+    ),
+    (
+        "Here is a plan for learning to play the violin as an adult: practise a little every day, find a "
+        "patient teacher, record yourself often, and above all"
+    ),
+    (
+        "The old clockmaker kept a notebook of every clock he had ever repaired, with the owner's name, the "
+        "fault he found, and a small drawing of the dial. One entry"
+    ),
 )
 
 

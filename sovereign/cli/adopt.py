@@ -35,7 +35,7 @@ def adopt(
         ),
     ] = False,
 ) -> None:
-    """Register the GGUF models other tools downloaded (Ollama, Hugging Face cache, LM Studio, llama.cpp), without copying them."""
+    """Register other tools' GGUF downloads (Ollama, Hugging Face cache, LM Studio, llama.cpp), without copying them."""
     _adopt([kind.value for kind in from_ or list(StoreKind)], dry_run)
 
 
@@ -67,7 +67,10 @@ def _adopt(layouts: list[str], dry_run: bool) -> None:
             )
         elif outcome.action == "adopted":
             err.print(
-                f"[green]✓[/] adopted [bold]{escape(outcome.name)}[/] from {LAYOUT_LABELS[layout]} ({size}, {outcome.how}): {path}",
+                (
+                    f"[green]✓[/] adopted [bold]{escape(outcome.name)}[/] from {LAYOUT_LABELS[layout]} "
+                    f"({size}, {outcome.how}): {path}"
+                ),
                 highlight=False,
                 soft_wrap=True,
             )

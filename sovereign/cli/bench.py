@@ -16,6 +16,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -27,6 +28,7 @@ from sovereign.bench.hardware import Hardware, detect
 from sovereign.bench.model_bench import ModelBenchResult, Sweep, run_sweep
 from sovereign.bench.serve_bench import (
     LevelReport,
+    Sample,
     load_prompts,
     pick_model,
     request_bodies,
@@ -239,7 +241,10 @@ def fit(
     out.print(fit_table(verdicts, budget, best))
     source = "measured on this machine" if efficiency else "typical; run `sovereign bench MODEL` to measure it"
     out.print(
-        f"[dim]expected tok/s = bandwidth / weights x {budget.efficiency:.0%} ({source}); ≈ marks sizes estimated from parameters[/]",
+        (
+            f"[dim]expected tok/s = bandwidth / weights x {budget.efficiency:.0%} ({source}); ≈ marks sizes "
+            "estimated from parameters[/]"
+        ),
         highlight=False,
     )
     if unknown:
@@ -247,12 +252,18 @@ def fit(
     if best:
         speed_text = "on the GPU" if best.where == "GPU" else f"at about {best.expected_tok_s:.0f} tok/s"
         out.print(
-            f"[bold green]recommended:[/] {best.candidate.name}, the largest model this machine runs interactively ({speed_text}): sovereign pull {best.candidate.name}",
+            (
+                f"[bold green]recommended:[/] {best.candidate.name}, the largest model this machine runs "
+                f"interactively ({speed_text}): sovereign pull {best.candidate.name}"
+            ),
             highlight=False,
         )
     else:
         out.print(
-            f"[yellow]no catalog model reaches {fitting.INTERACTIVE_TOK_S:.0f} tok/s here[/]: the smallest that fits will be slow",
+            (
+                f"[yellow]no catalog model reaches {fitting.INTERACTIVE_TOK_S:.0f} tok/s here[/]: the "
+                "smallest that fits will be slow"
+            ),
             highlight=False,
         )
 
@@ -365,7 +376,10 @@ def run_model_bench(
 
 def model_table(results: list[ModelBenchResult]) -> Table:
     table = Table(
-        title=f"{results[0].model}: {results[0].description}, {human_bytes(results[0].model_bytes)}, {format_params(results[0].model_params)} parameters"
+        title=(
+            f"{results[0].model}: {results[0].description}, {human_bytes(results[0].model_bytes)}, "
+            f"{format_params(results[0].model_params)} parameters"
+        )
         if results
         else None
     )
@@ -394,7 +408,8 @@ def bandwidth_sentence(result: ModelBenchResult, hardware: Hardware) -> str | No
     if not result.bandwidth_ceiling or not hardware.bandwidth:
         return None
     return (
-        f"{result.test} -t {result.threads}: {result.tokens_per_second:.0f} tok/s = {result.share_of_ceiling:.0%} of the {result.bandwidth_ceiling:.0f} tok/s "
+        f"{result.test} -t {result.threads}: {result.tokens_per_second:.0f} tok/s = "
+        f"{result.share_of_ceiling:.0%} of the {result.bandwidth_ceiling:.0f} tok/s "
         f"that {hardware.bandwidth / 1e9:.0f} GB/s allows for {human_bytes(result.model_bytes)} of weights"
     )
 
@@ -433,9 +448,11 @@ def run_serve_bench(
             count = requests or max(8, 4 * level)
             task = progress.add_task(f"concurrency {level}", total=count)
             bodies = request_bodies(model, prompts, count, output_tokens, prompt_words, f"c{level}")
-            samples, duration = asyncio.run(
-                run_level(url, bodies, level, headers=headers, on_done=lambda _s, t=task: progress.advance(t))
-            )
+
+            def advance(_sample: Sample, task: TaskID = task) -> None:
+                progress.advance(task)
+
+            samples, duration = asyncio.run(run_level(url, bodies, level, headers=headers, on_done=advance))
             reports.append(summarize(level, samples, duration))
             progress.remove_task(task)
     return model, reports

@@ -130,7 +130,10 @@ def fit(
         bool,
         typer.Option(
             "--remote",
-            help="Read exact sizes from the GGUF headers at the models' sources (HTTP Range requests), before the catalog's figures.",
+            help=(
+                "Read exact sizes from the GGUF headers at the models' sources (HTTP Range requests), before "
+                "the catalog's figures."
+            ),
         ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,

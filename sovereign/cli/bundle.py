@@ -49,18 +49,28 @@ def export(
         )
     where = "stdout" if to == "-" else to
     err.print(
-        f"[green]✓[/] exported {', '.join(result.models)} to {where} ({result.files} files, {human_bytes(result.size)}, {time.monotonic() - started:.1f}s)",
+        (
+            f"[green]✓[/] exported {', '.join(result.models)} to {where} ({result.files} files, "
+            f"{human_bytes(result.size)}, {time.monotonic() - started:.1f}s)"
+        ),
         highlight=False,
     )
     if result.runtime:
         runtime = result.runtime
         err.print(
-            f"  runtime: {len(runtime['wheels'])} wheels for Python {runtime['python']} ({runtime['abi']}, {runtime['platform_tag']})",
+            (
+                f"  runtime: {len(runtime['wheels'])} wheels for Python {runtime['python']} "
+                f"({runtime['abi']}, {runtime['platform_tag']})"
+            ),
             highlight=False,
         )
     shown = "." if to != "-" and not to.endswith(".tar") else "BUNDLE.tar"
     err.print(
-        f"  on the other machine: {'pip install --no-index --find-links wheels sovereign, then ' if result.runtime else ''}sovereign import {shown}",
+        (
+            "  on the other machine: "
+            f"{'pip install --no-index --find-links wheels sovereign, then ' if result.runtime else ''}"
+            f"sovereign import {shown}"
+        ),
         highlight=False,
     )
 

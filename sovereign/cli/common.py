@@ -35,7 +35,10 @@ def friendly_errors(command: F) -> F:
             # The file system said no (permissions, a full disk, a read-only home): say where.
             where = f" ({exc.filename})" if exc.filename else ""
             err.print(
-                f"[bold red]error:[/] {exc.strerror or exc}{where} [dim]— check permissions and free space, or set SOVEREIGN_HOME[/]",
+                (
+                    f"[bold red]error:[/] {exc.strerror or exc}{where} [dim]— check permissions and free "
+                    "space, or set SOVEREIGN_HOME[/]"
+                ),
                 highlight=False,
                 soft_wrap=True,
             )

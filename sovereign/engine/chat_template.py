@@ -165,7 +165,10 @@ def _check_time() -> None:
 
 
 def _range(*args: int) -> range:
-    """range() with a cap per call and per render (the sandbox's own cap is 100,000 per call, and raises OverflowError)."""
+    """range() with a cap per call and per render.
+
+    The sandbox's own cap is 100,000 per call, and raises OverflowError.
+    """
     numbers = range(*args)
     if len(numbers) > MAX_RANGE:
         raise SecurityError(f"range() of {len(numbers)} items; templates may use at most {MAX_RANGE}")
@@ -206,7 +209,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})
 
-    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         _check_time()  # recursion and long loops make calls: the clock is read here
         return super().call(context, obj, *args, **kwargs)
 
@@ -247,7 +250,10 @@ def _control_pattern(tokens: Iterable[str], *, guessed: bool) -> re.Pattern[str]
 
 
 def _trie_regex(words: set[str]) -> str:
-    """A regex matching exactly these strings, the longest where several match, as nested groups (built without recursion)."""
+    """A regex matching exactly these strings, the longest where several match, as nested groups.
+
+    Built without recursion.
+    """
     root: dict[str, Any] = {}
     for word in words:
         node = root
@@ -410,7 +416,7 @@ class ChatTemplate:
             raise InvalidRequest(
                 "the model's chat template recursed too deeply on these messages", "messages"
             ) from None
-        except Exception as exc:  # a template is code: whatever it raises is its failure to render, not the server's
+        except Exception as exc:  # noqa: BLE001 - a template is code: what it raises is its failure to render, not ours
             raise InvalidRequest(
                 f"the model's chat template could not render these messages: {exc}", "messages"
             ) from None

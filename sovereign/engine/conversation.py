@@ -117,7 +117,10 @@ def system_into_first_user(messages: list[dict[str, Any]]) -> list[dict[str, Any
 
 
 def user_after_tools_into_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A user turn right after tool results, joined to the last result (Mistral's templates want an assistant turn between)."""
+    """A user turn right after tool results, joined to the last result.
+
+    Mistral's templates want an assistant turn between.
+    """
     out: list[dict[str, Any]] = []
     for message in messages:
         if (
@@ -134,7 +137,10 @@ def user_after_tools_into_results(messages: list[dict[str, Any]]) -> list[dict[s
 
 
 def nine_character_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tool-call ids as 9 alphanumerics, the same for a call and its result (Mistral's templates refuse OpenAI's and Anthropic's)."""
+    """Tool-call ids as 9 alphanumerics, the same for a call and its result.
+
+    Mistral's templates refuse OpenAI's and Anthropic's.
+    """
 
     def short(call_id: Any) -> Any:
         return hashlib.sha256(call_id.encode()).hexdigest()[:9] if isinstance(call_id, str) else call_id

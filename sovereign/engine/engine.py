@@ -16,7 +16,7 @@ from typing import Any
 
 from sovereign.engine import conversation, formats, output, wire
 from sovereign.engine import tools as tool_calls
-from sovereign.engine.api import Generation, ModelInfo, ModelLoad
+from sovereign.engine.api import EngineAPI, Generation, ModelInfo, ModelLoad
 from sovereign.engine.call_grammar import call_grammar
 from sovereign.engine.chat_template import ChatTemplate, Segment, check_kwargs
 from sovereign.engine.pool import LoadedModel, ModelPool
@@ -52,7 +52,7 @@ class _Prepared:
     reasoning_budget: int | None = None  # reasoning tokens before the family's end marker is written for the model
 
 
-class Engine:
+class Engine(EngineAPI):
     """Turns requests into event streams over the models in a pool; the server's only way to a model."""
 
     def __init__(self, pool: ModelPool, *, reasoning_format: str = "auto") -> None:
@@ -99,7 +99,8 @@ class Engine:
         again = (await model.process.call("tokenize", [[text, False]]))[0]
         if again != tokens and model.facts.with_bos(again) != tokens:
             raise InvalidRequest(
-                f"input[{index}] holds token ids that are not this model's tokens of any text (another tokenizer's, such as tiktoken's?): "
+                f"input[{index}] holds token ids that are not this model's tokens of any text "
+                "(another tokenizer's, such as tiktoken's?): "
                 "send the text itself (LangChain's OpenAIEmbeddings does with check_embedding_ctx_length=False)",
                 "input",
             )
@@ -241,7 +242,10 @@ class Engine:
     def _render_chat(
         self, model: LoadedModel, request: ChatRequest
     ) -> tuple[list[Segment], SamplingParams, str, list[dict[str, Any]], bool]:
-        """The prompt's segments, the decoding rules (grammars compiled here, off the event loop), and whether the prompt opened the reasoning."""
+        """The prompt's segments, the decoding rules, and whether the prompt opened the reasoning.
+
+        The grammars are compiled here, off the event loop.
+        """
         template = model.template
         active_tools = request.tools if request.tool_choice.mode != "none" else []
         messages = tool_calls.as_template_messages(
@@ -251,7 +255,8 @@ class Engine:
         check_kwargs(kwargs)  # before they are spread: a client's "messages" or "self" must be a 400, not a TypeError
         segments = _render_as_allowed(template, messages, active_tools if template.supports_tools else None, kwargs)
         fmt = model.format if not self.raw_reasoning else formats.FORMATS["generic"]
-        # A template that ends its prompt with the reasoning opener (DeepSeek-R1's "<think>\n") has the model start inside it.
+        # A template that ends its prompt with the reasoning opener (DeepSeek-R1's "<think>\n")
+        # has the model start inside it.
         opened = fmt.reasoning is not None and _ends_with(segments, fmt.reasoning[0])
         sampling = self._with_stops(model, request.sampling)
         tool_mode = "none"
@@ -312,21 +317,22 @@ class Engine:
                 completion_tokens += 1
                 piece, stopped = text.feed(step.piece)
                 for event in reader.feed(piece, step.logprob):
-                    if only_one is None or (event := only_one.filter(event)) is not None:
-                        yield event
+                    kept = event if only_one is None else only_one.filter(event)
+                    if kept is not None:
+                        yield kept
                 if budget is not None and budget.spent(piece):
                     stream.force(budget.end_marker)
                 if stopped:
                     reason = "stop"
                     break
             for event in [*reader.feed(text.flush(), None), *reader.finish(truncated=reason == "length")]:
-                if only_one is not None and (event := only_one.filter(event)) is None:
+                kept = event if only_one is None else only_one.filter(event)
+                if kept is None:
                     continue
-                if (
-                    isinstance(event, ToolCallsEvent) and reason != "length"
-                ):  # a call cut off by max_tokens is still "length"
+                # a call cut off by max_tokens is still "length"
+                if isinstance(kept, ToolCallsEvent) and reason != "length":
                     reason = "tool_calls"
-                yield event
+                yield kept
             if not stream.cancelled:  # a client that hung up has no finish reason
                 stream.stats.finish_reason = reason
             yield Finished(
@@ -341,7 +347,10 @@ class Engine:
 def _render_as_allowed(
     template: ChatTemplate, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any]
 ) -> list[Segment]:
-    """The template's rendering; when it refuses the conversation's shape, again with the shape reworked as it allows."""
+    """The template's rendering.
+
+    When it refuses the conversation's shape, it renders again with the shape reworked as it allows.
+    """
     tools = tool_calls.template_tools(tools) if tools else None
     try:
         return template.render(messages, tools=tools, **kwargs)
@@ -390,5 +399,5 @@ def _grammar_for_schema(schema: dict[str, Any], param: str) -> str:
         raise InvalidRequest(f"the JSON schema is too complex to enforce: {exc}", param) from None
     except RecursionError:
         raise InvalidRequest("the JSON schema cannot be enforced: it nests too deeply", param) from None
-    except Exception as exc:  # the converter raises bare Exceptions and asserts on schemas it cannot handle
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare Exceptions and asserts on what it cannot handle
         raise InvalidRequest(f"the JSON schema cannot be enforced: {str(exc) or type(exc).__name__}", param) from None

@@ -28,7 +28,7 @@ import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 def _load_llama_grammar() -> types.ModuleType:
@@ -53,7 +53,10 @@ def _load_llama_grammar() -> types.ModuleType:
 
 llama_grammar = _load_llama_grammar()
 RESERVED_NAMES = llama_grammar.RESERVED_NAMES
-SchemaConverter = llama_grammar.SchemaConverter
+if TYPE_CHECKING:  # the class's type only: importing the package at run time would load libllama
+    from llama_cpp.llama_grammar import SchemaConverter
+else:
+    SchemaConverter = llama_grammar.SchemaConverter
 
 # The converter's own integer rule allows at most 16 digits: an unstated bound means that many.
 MAX_DIGITS = 16
@@ -138,7 +141,10 @@ def _repetition(
     separator_rule: str | None = None,
     item_rule_is_literal: bool = False,
 ) -> str:
-    """llama_grammar._build_repetition's contract (min..max copies of a term, max None for no limit), spelled with GBNF's {m,n}."""
+    """llama_grammar._build_repetition's contract, spelled with GBNF's {m,n}.
+
+    The contract: min..max copies of a term, max None for no limit.
+    """
     if separator_rule:
         if max_items == 0:
             return ""

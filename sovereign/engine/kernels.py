@@ -172,7 +172,10 @@ def record_crash(home: Path, signal_name: str, model_path: Path, override: str =
 
 
 def kernel_status(home: Path, override: str = "auto") -> str:
-    """The kernels verdict in a few words: "fast (verified)", "safe: AMX kernels crashed (SIGILL) on this machine", "not yet probed"."""
+    """The kernels verdict in a few words.
+
+    "fast (verified)", "safe: AMX kernels crashed (SIGILL) on this machine", "not yet probed".
+    """
     check_override(override)
     if override == "on":
         return "fast (SOVEREIGN_EXTRA_BUFFERS=on)"

@@ -1,4 +1,6 @@
-"""Reading a model's answer as it streams: text cut at stop strings, then content, reasoning and tool calls by its format.
+"""Reading a model's answer as it streams.
+
+Text is cut at stop strings, then read as content, reasoning and tool calls by its format.
 
 Two readers share one surface (feed text as it comes, finish once):
 - FamilyOutput: the model family's parser (engine/formats), for templates whose family is known:
@@ -40,7 +42,10 @@ class OutputReader(Protocol):
 
 
 class FamilyOutput:
-    """A family parser's events as engine events: calls to offered tools stream as deltas, then come whole, checked, at the end."""
+    """A family parser's events as engine events.
+
+    Calls to offered tools stream as deltas, then come whole, checked, at the end.
+    """
 
     def __init__(self, fmt: formats.ChatFormat, tools: list[dict[str, Any]], *, in_reasoning: bool) -> None:
         self._parser = fmt.parser(tools or None, in_reasoning=in_reasoning)
@@ -147,7 +152,7 @@ class PlainOutput:
         if truncated and self._tools:  # a call cut off by max_tokens: the generic parser reads it as far as it got
             cut = FamilyOutput(formats.FORMATS["generic"], self._tools, in_reasoning=False)
             cut.feed(self._held_text, None)
-            partial = [event for event in cut.finish(truncated=True) if isinstance(event, ToolCallsEvent)]
+            partial: list[Event] = [event for event in cut.finish(truncated=True) if isinstance(event, ToolCallsEvent)]
             if partial:
                 return partial
         return [TextDelta(self._held_text, self._held_logprobs)]
@@ -198,7 +203,9 @@ class TextAssembler:
 
 
 class ReasoningBudget:
-    """Counts the tokens of an open reasoning block; once the budget is spent, says so (once), so the end marker is forced.
+    """Counts the tokens of an open reasoning block.
+
+    Once the budget is spent, says so (once), so the end marker is forced.
 
     It watches the raw text for the family's markers: the parser's events lag behind it (partial
     markers and whitespace are held back), and a block must not be charged for tokens after it closed.

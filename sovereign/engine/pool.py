@@ -107,7 +107,10 @@ class ModelPool:
     # --- names ----------------------------------------------------------------------
 
     def resolve(self, text: str) -> Manifest:
-        """The pulled model a request names (--alias rules, then catalog aliases, then closed-API fallbacks), or ModelNotFound."""
+        """The pulled model a request names, or ModelNotFound.
+
+        Looked up by --alias rules, then catalog aliases, then closed-API fallbacks.
+        """
         routes = self.options.routes
         mapped = routes.mapped(text)
         manifest = self.pulled(mapped if mapped is not None else text)
@@ -175,7 +178,11 @@ class ModelPool:
         if task is None:
             task = asyncio.create_task(self._load(manifest, pin))
             self._loading[manifest.name] = task
-            task.add_done_callback(lambda _t, key=manifest.name: self._loading.pop(key, None))
+
+            def forget(_task: asyncio.Task[LoadedModel], key: str = manifest.name) -> None:
+                self._loading.pop(key, None)
+
+            task.add_done_callback(forget)
         return await asyncio.shield(task)
 
     async def _load(self, manifest: Manifest, pin: bool) -> LoadedModel:

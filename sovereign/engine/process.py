@@ -143,7 +143,10 @@ class ModelProcess:
                 raise wire.error_from_wire(answer["error"])
             raise ModelLoadError(
                 f"llama.cpp crashed ({signal_name(child.returncode)}) while loading {path.name}",
-                "the file may be corrupt (pull it again with --force), or this llama.cpp build cannot run it on this machine",
+                (
+                    "the file may be corrupt (pull it again with --force), or this llama.cpp build cannot run "
+                    "it on this machine"
+                ),
             )
         log.info("%s: process %d ready in %.2fs", name, answer["facts"]["pid"], answer.get("load_seconds", 0.0))
         process = cls(name, path, options, child, ModelFacts(**answer["facts"]))
@@ -154,13 +157,16 @@ class ModelProcess:
             child.kill()
             ours.close()
             raise
-        process._transport = transport  # type: ignore[assignment]
+        process._transport = transport
         return process
 
     # --- requests -------------------------------------------------------------------
 
     async def submit(self, prompt: list[int], params: SamplingParams, stats: RequestStats) -> TokenStream:
-        """Queue a generation; its tokens arrive on the returned stream. The process's refusal (busy, bad grammar) raises here."""
+        """Queue a generation; its tokens arrive on the returned stream.
+
+        The process's refusal (busy, bad grammar) raises here.
+        """
         request_id = next(self._ids)
         stream = TokenStream(
             stats,
@@ -192,7 +198,10 @@ class ModelProcess:
 
     @property
     def active(self) -> int:
-        """Generations in flight plus callers preparing one or waiting on a call (the pool does not evict a busy model)."""
+        """Generations in flight plus callers preparing one or waiting on a call.
+
+        The pool does not evict a busy model.
+        """
         return self._holds + len(self._streams)
 
     @contextlib.contextmanager

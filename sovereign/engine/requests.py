@@ -70,7 +70,10 @@ class ReasoningControl:
     budget_tokens: int | None = None  # reasoning tokens before the family's end marker is forced
 
     def template_kwargs(self) -> dict[str, Any]:
-        """The variables reasoning templates read (Qwen 3 and GLM enable_thinking, DeepSeek V3.1 thinking, gpt-oss reasoning_effort)."""
+        """The variables reasoning templates read.
+
+        Qwen 3 and GLM enable_thinking, DeepSeek V3.1 thinking, gpt-oss reasoning_effort.
+        """
         kwargs: dict[str, Any] = {}
         if self.enabled is not None:
             kwargs["enable_thinking"] = self.enabled

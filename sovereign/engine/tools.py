@@ -43,7 +43,10 @@ def functions_of(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def template_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tools as templates read them: every function with a description and parameters (many templates read both unguarded)."""
+    """Tools as templates read them: every function with a description and parameters.
+
+    Many templates read both unguarded.
+    """
     return [
         {**tool, "function": {"description": "", "parameters": {"type": "object", "properties": {}}, **function}}
         for tool, function in zip(tools, functions_of(tools), strict=True)

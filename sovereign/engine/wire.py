@@ -154,7 +154,7 @@ def params_from_wire(data: dict[str, Any]) -> SamplingParams:
             tuple(trigger["start_patterns"]),
             tuple(reasoning) if reasoning else None,
             trigger["in_reasoning"],
-        )  # type: ignore[arg-type]
+        )
     return SamplingParams(
         **{
             **data,

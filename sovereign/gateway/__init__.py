@@ -1,4 +1,6 @@
-"""The gateway: forward API requests to a closed upstream while it answers, fall back to a local model when it is blocked.
+"""The gateway: forward API requests to a closed upstream while it answers.
+
+It falls back to a local model when the upstream is blocked.
 
 Its names load on first use (PEP 562): the HTTP client it forwards through (aiohttp) takes ~200 ms
 to import, which a server without --upstream should not pay.

@@ -1,4 +1,7 @@
-"""A circuit breaker per upstream: after N blocked failures in a row, stop trying it until a background probe gets an answer."""
+"""A circuit breaker per upstream.
+
+After N blocked failures in a row, stop trying it until a background probe gets an answer.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ KEY_STATUSES = ("403", "451")  # blocks that may be about one client's key rathe
 
 
 class Circuit:
-    """Closed: requests try the upstream. Open: they go local at once, while a probe waits for the upstream to answer."""
+    """Closed: requests try the upstream.
+
+    Open: they go local at once, while a probe waits for the upstream to answer.
+    """
 
     def __init__(
         self, name: str, probe: Callable[[], Awaitable[bool]], *, threshold: int = 3, probe_every: float = 30.0
@@ -73,7 +79,7 @@ class Circuit:
             probe_first = False
             try:
                 answered = await self._probe()
-            except Exception:  # a probe that fails in any way is a "not yet"
+            except Exception:  # noqa: BLE001 - a probe that fails in any way is a "not yet"
                 answered = False
             if answered:
                 self.close()

@@ -97,7 +97,11 @@ class Gateway:
             registry=None,
         )
         for kind, circuit in self.circuits.items():
-            self.circuit_open.labels(kind).set_function(lambda circuit=circuit: float(circuit.is_open))
+
+            def is_open(circuit: Circuit = circuit) -> float:
+                return float(circuit.is_open)
+
+            self.circuit_open.labels(kind).set_function(is_open)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -114,7 +118,10 @@ class Gateway:
     async def send(
         self, method: str, url: str, headers: dict[str, str], body: bytes, first_byte: float
     ) -> aiohttp.ClientResponse:
-        """The upstream's status and headers within `first_byte` seconds, its body unread (no read timeout: models pause)."""
+        """The upstream's status and headers within `first_byte` seconds, its body unread.
+
+        No read timeout: models pause.
+        """
         timeouts = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout)
         request = self.session.request(
             method, url, headers=headers, data=body or None, allow_redirects=False, timeout=timeouts
@@ -390,9 +397,10 @@ def _error_frame(kind: str, path: str) -> bytes:
     """The API's in-stream error event, for an upstream stream that broke off."""
     message = "The upstream API stopped answering mid-stream; send the request again to have the local model answer it."
     if kind == "anthropic":
-        payload = {"type": "error", "error": {"type": "api_error", "message": message}}
+        payload: dict[str, Any] = {"type": "error", "error": {"type": "api_error", "message": message}}
         return f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
     if path == "/v1/responses":
         payload = {"type": "error", "code": "upstream_failed", "message": message, "param": None, "sequence_number": 0}
         return f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
-    return f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': 'upstream_failed'}})}\n\n".encode()
+    payload = {"error": {"message": message, "type": "server_error", "code": "upstream_failed"}}
+    return f"data: {json.dumps(payload)}\n\n".encode()

@@ -72,7 +72,10 @@ def kind_of(path: str, headers: dict[str, str]) -> str | None:
 
 
 def blocked_cause(error: BaseException) -> str | None:
-    """Why a request that got no answer (aiohttp's typed errors) means the upstream is blocked: connect, dns, tls, timeout; or None."""
+    """Why a request that got no answer means the upstream is blocked: connect, dns, tls, timeout; or None.
+
+    Read from aiohttp's typed errors.
+    """
     import aiohttp  # loaded already: the error came from it
 
     if isinstance(error, TimeoutError):

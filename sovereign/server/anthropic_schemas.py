@@ -55,7 +55,10 @@ class ToolResultBlock(_Open):
 
 
 class ThinkingBlock(_Open):
-    """Reasoning an earlier answer carried, handed back by SDKs: it reaches the template as the message's reasoning_content."""
+    """Reasoning an earlier answer carried, handed back by SDKs.
+
+    It reaches the template as the message's reasoning_content.
+    """
 
     type: Literal["thinking", "redacted_thinking"]
 

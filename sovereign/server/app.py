@@ -8,7 +8,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -98,7 +98,7 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         loading = bool(engine.loading_names) or state.starting
-        body = {
+        body: dict[str, Any] = {
             "status": "loading" if loading else "ok",
             "models": engine.loaded_names,
             "loading": engine.loading_names,
@@ -121,7 +121,7 @@ async def _preload(state: ServerState, names: tuple[str, ...]) -> None:
     for name in names:
         try:
             await state.engine.preload(name)
-        except Exception as exc:  # the server stays up; requests will report the same error
+        except Exception as exc:  # noqa: BLE001 - the server stays up; requests will report the same error
             state.startup_error = f"{name}: {exc}"
             log.error("could not load %s: %s", name, exc)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from sovereign.errors import InvalidRequest
 
@@ -28,7 +28,15 @@ COMPACT = "compact_20260112"
 # Anthropic does not document its placeholder's wording; this one tells the model what happened.
 CLEARED_TOOL_RESULT = "[tool result cleared to save context]"
 
-DEFAULT_TRIGGER = {"type": "input_tokens", "value": 100_000}
+
+class _TypedValue(TypedDict):
+    """Anthropic's `{"type": T, "value": N}` shape, as in a trigger."""
+
+    type: str
+    value: int
+
+
+DEFAULT_TRIGGER: _TypedValue = {"type": "input_tokens", "value": 100_000}
 DEFAULT_KEEP_TOOL_USES = 3
 DEFAULT_KEEP_THINKING_TURNS = 1
 

@@ -99,7 +99,10 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, ContextLengthExceeded):
         return APIError(
             400,
-            f"This model's maximum context length is {exc.n_ctx} tokens. However, your messages resulted in {exc.prompt_tokens} tokens. Please reduce the length of the messages.",
+            (
+                f"This model's maximum context length is {exc.n_ctx} tokens. However, your messages resulted "
+                f"in {exc.prompt_tokens} tokens. Please reduce the length of the messages."
+            ),
             param="messages",
             code="context_length_exceeded",
             # Claude Code reads these numbers to compact its conversation and retry.
@@ -110,7 +113,10 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, ServerBusy):
         return APIError(
             503,
-            f"The server is overloaded: every slot is busy and {exc.queued} requests are waiting. Retry after {exc.retry_after} seconds.",
+            (
+                f"The server is overloaded: every slot is busy and {exc.queued} requests are waiting. Retry "
+                f"after {exc.retry_after} seconds."
+            ),
             type="server_error",
             code="server_overloaded",
             headers={"Retry-After": str(exc.retry_after)},
@@ -125,7 +131,10 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, ModelCrashed):
         return APIError(
             500,
-            f"The model {exc.model} crashed ({exc.signal}) while serving this request; send it again to reload the model.",
+            (
+                f"The model {exc.model} crashed ({exc.signal}) while serving this request; send it again to "
+                "reload the model."
+            ),
             type="server_error",
             code="model_crashed",
         )

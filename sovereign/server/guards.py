@@ -79,7 +79,10 @@ def _local_address(name: str, *, loopback_only: bool) -> bool | None:
 
 
 def is_local_host(name: str) -> bool:
-    """Whether a Host name can only mean this machine: a local or private IP literal, localhost, our hostname, *.localhost, *.local, *.internal."""
+    """Whether a Host name can only mean this machine.
+
+    A local or private IP literal, localhost, our hostname, *.localhost, *.local, *.internal.
+    """
     if (local := _local_address(name, loopback_only=False)) is not None:
         return local
     return name in ("", "localhost", socket.gethostname().lower()) or name.endswith(_LOCAL_SUFFIXES)
@@ -106,7 +109,10 @@ def _header(scope: Scope, key: bytes) -> str | None:
 
 
 class HostGuard:
-    """Refuse (403) a Host that is not this machine's or allowed, and a browser Origin that is neither loopback nor a --cors-origin."""
+    """Refuse (403) a Host that is not this machine's or allowed.
+
+    Also a browser Origin that is neither loopback nor a --cors-origin.
+    """
 
     def __init__(
         self, app: ASGIApp, *, allowed_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = ()
@@ -125,8 +131,9 @@ class HostGuard:
         if not (is_local_host(name) or _matches(name, self.allowed_hosts)):
             error = APIError(
                 403,
-                f"Host '{host}' is not allowed: this server answers only requests addressed to this machine, as a guard "
-                f"against DNS rebinding. Start it with --allowed-hosts {name or 'NAME'} to accept that name.",
+                f"Host '{host}' is not allowed: this server answers only requests addressed to this machine, "
+                "as a guard against DNS rebinding. "
+                f"Start it with --allowed-hosts {name or 'NAME'} to accept that name.",
                 code="host_not_allowed",
             )
             await error.response_for(scope["path"])(scope, receive, send)
@@ -164,7 +171,10 @@ class HostGuard:
 
 def _too_large_message(limit: int) -> str:
     size = f"{limit / 1024 / 1024:g} MiB" if limit >= 1024 * 1024 else f"{limit} bytes"
-    return f"The request body is larger than this server's limit of {size}. Send less, or start the server with a larger --max-body."
+    return (
+        f"The request body is larger than this server's limit of {size}. Send less, or start the server with "
+        "a larger --max-body."
+    )
 
 
 class BodyLimit:

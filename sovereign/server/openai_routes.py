@@ -8,7 +8,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -54,7 +54,7 @@ async def _interleave(generations: list[Generation]) -> AsyncIterator[tuple[int,
             async for event in generation:
                 await queue.put((index, event))
             await queue.put((index, None))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it in the request's task
             await queue.put((index, exc))
 
     tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
@@ -340,10 +340,12 @@ async def _completion_chunks(
 
 @router.post("/v1/embeddings")
 async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
-    inputs = (
+    # One text or one token list, else a list of them (which kind a list holds is told by its first item).
+    inputs = cast(
+        "list[str | list[int]]",
         [body.input]
         if isinstance(body.input, str) or (body.input and isinstance(body.input[0], int))
-        else list(body.input)
+        else list(body.input),
     )
     if not inputs:
         raise APIError(400, "input must not be empty.", param="input", code="invalid_value")
@@ -351,7 +353,10 @@ async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
     if body.dimensions is not None and body.dimensions != len(vectors[0]):
         raise APIError(
             400,
-            f"This model's embeddings have {len(vectors[0])} dimensions; dimensions={body.dimensions} is not supported.",
+            (
+                f"This model's embeddings have {len(vectors[0])} dimensions; dimensions={body.dimensions} is "
+                "not supported."
+            ),
             param="dimensions",
             code="invalid_value",
         )

@@ -49,7 +49,10 @@ def chat_request_from(body: ResponsesBody) -> ChatRequest:
         param = "previous_response_id" if body.previous_response_id else "conversation"
         raise APIError(
             400,
-            f"This server stores no responses or conversations, so '{param}' cannot be used: send the whole conversation in 'input'.",
+            (
+                f"This server stores no responses or conversations, so '{param}' cannot be used: send the "
+                "whole conversation in 'input'."
+            ),
             param=param,
             code="unsupported_parameter",
         )
@@ -288,7 +291,10 @@ def _tool_choice(body: ResponsesBody, plan: ToolPlan) -> ToolChoice:
         kind = choice.get("type")
         raise APIError(
             400,
-            f"tool_choice forces a tool of type {kind!r}, which this server does not run: only function tools are available here.",
+            (
+                f"tool_choice forces a tool of type {kind!r}, which this server does not run: only function "
+                "tools are available here."
+            ),
             param="tool_choice",
             code="invalid_value",
         )
@@ -298,7 +304,10 @@ def _tool_choice(body: ResponsesBody, plan: ToolPlan) -> ToolChoice:
         if plan.dropped:
             raise APIError(
                 400,
-                f"tool_choice is {_choice_label(choice)!r} but no function tools are left: {', '.join(plan.dropped)} cannot run here.",
+                (
+                    f"tool_choice is {_choice_label(choice)!r} but no function tools are left: "
+                    f"{', '.join(plan.dropped)} cannot run here."
+                ),
                 param="tool_choice",
                 code="invalid_value",
             )
@@ -451,8 +460,9 @@ def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
 def output_items(
     text: str, calls: list[ToolCall], reasoning: str = "", plan: ToolPlan | None = None, cut: bool = False
 ) -> list[dict[str, Any]]:
-    """A finished answer's output: its reasoning, the message (when there is text, or nothing else), then the function calls.
+    """A finished answer's output: its reasoning, the message, then the function calls.
 
+    The message comes when there is text, or nothing else.
     cut: the answer ran into max_output_tokens, so its message is "incomplete", as OpenAI marks it."""
     items = [reasoning_item(new_id("rs"), reasoning)] if reasoning else []
     items += [message_item(new_id("msg"), text, "incomplete" if cut else "completed")] if text or not calls else []

@@ -43,7 +43,10 @@ async def cancel_on_disconnect(request: Request, generations: list[Generation]) 
 
 
 async def with_heartbeat(events: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
-    """The events, and None each time `interval` seconds pass without one (for keep-alive frames during a long prefill)."""
+    """The events, and None each time `interval` seconds pass without one.
+
+    For keep-alive frames during a long prefill.
+    """
     iterator = aiter(events)
     pending: asyncio.Future[T] = asyncio.ensure_future(anext(iterator))
     try:

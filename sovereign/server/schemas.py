@@ -17,7 +17,10 @@ def _has_surrogate(text: str) -> bool:
 
 
 def find_lone_surrogate(data: Any) -> str | None:
-    """The dotted location ('messages.0.content') of the first string in parsed JSON that holds a lone surrogate, or None."""
+    """The dotted location of the first string in parsed JSON that holds a lone surrogate, or None.
+
+    For example 'messages.0.content'.
+    """
     stack: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
     while stack:  # iterative: JSON nested deeper than Python's recursion limit must not crash the check
         value, path = stack.pop()

@@ -150,7 +150,7 @@ def quant_tag(filename: str) -> str:
 def _tags(files: list[str]) -> list[str]:
     """A tag for each model file of one repository: its quantization, or its stem where two share one."""
     tags = [quant_tag(f) for f in files]
-    return [tag if tags.count(tag) == 1 else sanitize_tag(_stem(f)) for f, tag in zip(files, tags)]
+    return [tag if tags.count(tag) == 1 else sanitize_tag(_stem(f)) for f, tag in zip(files, tags, strict=True)]
 
 
 def _part(text: str) -> str:
@@ -174,7 +174,7 @@ def _model_sets(files: Iterable[Path]) -> Iterator[tuple[Path, ...] | tuple[Path
         count = int(match["count"])
         wanted = [f"{match['prefix']}-{i:05d}-of-{match['count']}.gguf" for i in range(1, count + 1)]
         found = [by_name.get((path.parent, w)) for w in wanted]
-        missing = [w for w, f in zip(wanted, found) if f is None]
+        missing = [w for w, f in zip(wanted, found, strict=True) if f is None]
         if missing:
             yield (path, f"split files missing next to it: {', '.join(missing)}")
         else:
@@ -266,7 +266,7 @@ def scan_hf(root: Path) -> Iterator[Candidate]:
                     seen.add(relative)
                     found.append((model, snapshot.name, relative))
         tags = _tags([relative for _, _, relative in found])
-        for (model, revision, _), tag in zip(found, tags):
+        for (model, revision, _), tag in zip(found, tags, strict=True):
             yield _candidate("hf", f"hf.co/{_part(org)}/{_part(repo)}:{tag}", model, f"{org}/{repo}@{revision[:12]}")
 
 
@@ -288,7 +288,7 @@ def scan_lmstudio(root: Path) -> Iterator[Candidate]:
         models = list(_model_sets(repo_dir.rglob("*.gguf")))
         tags = _tags([m[0].relative_to(repo_dir).as_posix() for m in models])
         publisher, repo = repo_dir.parent.name, repo_dir.name
-        for model, tag in zip(models, tags):
+        for model, tag in zip(models, tags, strict=True):
             yield _candidate("lmstudio", f"{_part(publisher)}/{_part(repo)}:{tag}", model, f"{publisher}/{repo}")
 
 
@@ -303,7 +303,10 @@ def _llamacpp_repos(root: Path) -> list[tuple[str, str]]:
 
 
 def split_llamacpp_name(stem: str, known: list[tuple[str, str]]) -> tuple[str, str, str] | None:
-    """<org>_<repo>_<file> into its parts: by llama.cpp's manifests where they name it, else at '-GGUF_' or the first two '_'."""
+    """<org>_<repo>_<file> into its parts.
+
+    By llama.cpp's manifests where they name it, else at '-GGUF_' or the first two '_'.
+    """
     for org, repo in known:
         if stem.startswith(f"{org}_{repo}_"):
             return org, repo, stem[len(org) + len(repo) + 2 :]
@@ -333,7 +336,7 @@ def scan_llamacpp(root: Path) -> Iterator[Candidate]:
             by_repo.setdefault((parts[0], parts[1]), []).append((model, parts[2] + ".gguf"))
     for (org, repo), entries in sorted(by_repo.items()):
         tags = _tags([file for _, file in entries])
-        for (model, _file), tag in zip(entries, tags):
+        for (model, _file), tag in zip(entries, tags, strict=True):
             yield _candidate("llamacpp", f"hf.co/{_part(org)}/{_part(repo)}:{tag}", model, f"{org}/{repo}")
     for model in loose:
         yield _candidate("llamacpp", f"{sanitize_tag(_stem(model[0].name).lower())}:latest", model, model[0].name)
@@ -442,7 +445,7 @@ def _place_links(candidate: Candidate, store: Store, linked: list[tuple[Path, st
     """Move staged links into blobs/ (call with the gc lock held); a blob already there is kept."""
     store.blobs_dir.mkdir(parents=True, exist_ok=True)
     files = []
-    for (link, sha, size), path in zip(linked, candidate.files):
+    for (link, sha, size), path in zip(linked, candidate.files, strict=True):
         target = store.blob_path(f"sha256:{sha}")
         if target.exists() and target.stat().st_size == size:
             link.unlink()
@@ -499,7 +502,8 @@ def _check(
         and not (existing.source.kind == "adopt" and store.file_status(existing) != "ok")
     ):
         return skip(
-            f"{name} already names another model (register this one with `sovereign pull {candidate.files[0]} --name OTHER`)"
+            f"{name} already names another model "
+            f"(register this one with `sovereign pull {candidate.files[0]} --name OTHER`)"
         )
     for path in candidate.files:
         if not has_gguf_magic(path):

@@ -57,6 +57,7 @@ RUNTIME_JSON = "runtime.json"
 FAT32_MAX = 4 * 1024**3 - 1  # the largest file a FAT32 stick holds
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
+_QUIET = NullReporter()  # the default reporter (it holds no state, so one serves every call)
 
 
 def parse_split(text: str) -> int:
@@ -169,7 +170,7 @@ class _TarSink(_Sink):
     def add_stream(self, rel: str, reader: _HashingReader, size: int) -> None:
         info = tarfile.TarInfo(rel)
         info.size, info.mode, info.mtime, info.type = size, 0o644, self.mtime, tarfile.REGTYPE
-        self.tar.addfile(info, reader)  # type: ignore[arg-type]
+        self.tar.addfile(info, reader)
 
     def close(self) -> None:
         self.tar.close()
@@ -211,7 +212,10 @@ def _readme(models: list[Manifest], with_runtime: bool, split: bool) -> str:
     lines += [
         "  sovereign import .          (or: sovereign import BUNDLE.tar)",
         "",
-        "Every file is checked against SHA256SUMS before anything is registered (`sha256sum -c SHA256SUMS` checks it by hand).",
+        (
+            "Every file is checked against SHA256SUMS before anything is registered (`sha256sum -c "
+            "SHA256SUMS` checks it by hand)."
+        ),
     ]
     if split:
         lines.append("Large model files are cut into .partNNN pieces; `sovereign import` puts them back together.")
@@ -226,7 +230,7 @@ def export_bundle(
     *,
     split: int | None = None,
     with_runtime: bool = False,
-    reporter: PullReporter = NullReporter(),
+    reporter: PullReporter = _QUIET,
     stdout: IO[bytes] | None = None,
 ) -> ExportResult:
     """Write a bundle of the named models to a folder, a .tar, or a tar on stdout ('-')."""
@@ -250,7 +254,10 @@ def export_bundle(
             )
             if path.stat().st_size != expected:
                 raise StoreError(
-                    f"{path} changed since {manifest.name} was registered ({path.stat().st_size} bytes, not {expected})",
+                    (
+                        f"{path} changed since {manifest.name} was registered ({path.stat().st_size} bytes, "
+                        f"not {expected})"
+                    ),
                     f"pull {manifest.name} again before exporting it",
                 )
     runtime_dir = Path(tempfile.mkdtemp(prefix="sovereign-wheels-")) if with_runtime else None
@@ -306,7 +313,7 @@ def _write(
     entries = []
     for manifest in manifests:
         files = []
-        for model_file, path in zip(manifest.files, store.file_paths(manifest)):
+        for model_file, path in zip(manifest.files, store.file_paths(manifest), strict=True):
             origin = model_file.digest or f"path:{path}"
             if origin not in by_origin:
                 by_origin[origin] = _write_model_file(sink, model_file, path, split, used_names, sums, reporter)
@@ -592,7 +599,10 @@ def _plan(store: Store, bundle: dict[str, Any], sums: dict[str, str]) -> tuple[l
                 continue
             if here != [f.digest for f in manifest.files]:
                 raise BundleError(
-                    f"'{name}' already holds a different model (from {existing.source.reference}); nothing was imported",
+                    (
+                        f"'{name}' already holds a different model (from {existing.source.reference}); "
+                        "nothing was imported"
+                    ),
                     f"run `sovereign rm {name}` first to replace it",
                 )
         todo.append(_Planned(name, manifest, files))
@@ -600,7 +610,10 @@ def _plan(store: Store, bundle: dict[str, Any], sums: dict[str, str]) -> tuple[l
 
 
 def _stage_file(tree: _Tree, entry: dict[str, Any], staging: Path, reporter: PullReporter) -> Path:
-    """Assemble one model file from its pieces into staging, proving each piece and the whole; resumes a finished one."""
+    """Assemble one model file from its pieces into staging, proving each piece and the whole.
+
+    Resumes a finished one.
+    """
     sha, size = entry["sha256"], int(entry["size"])
     target = staging / f"sha256-{sha}"
     if target.is_file() and target.stat().st_size == size and _sha_file(target, reporter, "checking staged") == sha:
@@ -633,7 +646,10 @@ def _stage_file(tree: _Tree, entry: dict[str, Any], staging: Path, reporter: Pul
                     )
                 if path.stat().st_size != int(piece["size"]):
                     raise IntegrityError(
-                        f"{rel} is truncated or damaged: {path.stat().st_size} bytes, the bundle says {piece['size']}; nothing was imported",
+                        (
+                            f"{rel} is truncated or damaged: {path.stat().st_size} bytes, the bundle says "
+                            f"{piece['size']}; nothing was imported"
+                        ),
                         "copy the bundle again",
                     )
                 digest = hashlib.sha256()
@@ -698,7 +714,7 @@ def import_bundle(
     store: Store,
     source: str | Path,
     *,
-    reporter: PullReporter = NullReporter(),
+    reporter: PullReporter = _QUIET,
     stdin: IO[bytes] | None = None,
     min_free_bytes: int = 0,
 ) -> ImportResult:

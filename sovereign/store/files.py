@@ -80,7 +80,10 @@ def verify_file(
     if expected_sha256 and actual != expected_sha256:
         discard(path)
         raise IntegrityError(
-            f"sha256 mismatch for {origin}: expected {expected_sha256[:12]}…, got {actual[:12]}…; the file was discarded and nothing was registered",
+            (
+                f"sha256 mismatch for {origin}: expected {expected_sha256[:12]}…, got {actual[:12]}…; the "
+                "file was discarded and nothing was registered"
+            ),
             "the source served corrupt or different bytes; pull again or use another source",
         )
     if not has_gguf_magic(path):
@@ -103,6 +106,9 @@ def ensure_free_space(folder: Path, needed: int, reserve: int) -> None:
     free = shutil.disk_usage(folder).free
     if needed + reserve > free:
         raise InsufficientDisk(
-            f"not enough disk space: the download needs {human_bytes(needed)} but {folder} has {human_bytes(free)} free",
+            (
+                f"not enough disk space: the download needs {human_bytes(needed)} but {folder} has "
+                f"{human_bytes(free)} free"
+            ),
             "free some space, or set SOVEREIGN_HOME to a bigger disk",
         )

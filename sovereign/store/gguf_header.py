@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sovereign.errors import NotGGUF
 
@@ -44,11 +44,11 @@ def _gguf_constants() -> ModuleType:
 
 
 _constants = _gguf_constants()
-GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType = (
-    _constants.GGML_QUANT_SIZES,
-    _constants.GGMLQuantizationType,
-    _constants.GGUFValueType,
-)
+GGML_QUANT_SIZES, GGMLQuantizationType = _constants.GGML_QUANT_SIZES, _constants.GGMLQuantizationType
+if TYPE_CHECKING:  # the enum as a type; at run time it comes from the module loaded above
+    from gguf.constants import GGUFValueType
+else:
+    GGUFValueType = _constants.GGUFValueType
 Keys, LlamaFileType = _constants.Keys, _constants.LlamaFileType
 MAGIC_BYTES = struct.pack("<I", _constants.GGUF_MAGIC)  # b"GGUF"
 

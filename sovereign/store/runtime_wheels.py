@@ -54,7 +54,7 @@ def _requirement_closure(root: str) -> dict[str, str]:
     try:
         from packaging.requirements import Requirement
     except ImportError:
-        from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef,assignment]
+        from pip._vendor.packaging.requirements import Requirement  # type: ignore[assignment]
     pins: dict[str, str] = {}
     todo = [root]
     while todo:

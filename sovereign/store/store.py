@@ -10,6 +10,7 @@ $SOVEREIGN_HOME/
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -140,18 +141,20 @@ class Store:
                 continue
         return sorted(manifests, key=lambda m: m.name)
 
-    def file_paths(self, manifest: Manifest) -> list[Path]:
+    def file_paths(self, manifest: Manifest) -> builtins.list[Path]:
         """The on-disk paths of a model's files, in order."""
         return [Path(f.path) if f.path else self.blob_path(f.digest or "") for f in manifest.files]
 
     def file_status(self, manifest: Manifest) -> str:
-        """'ok', 'missing' (a file is gone) or 'changed' (a file's size, or an in-place file's mtime, is not as recorded).
+        """'ok', 'missing' or 'changed'.
+
+        'missing': a file is gone; 'changed': a file's size, or an in-place file's mtime, is not as recorded.
 
         Only stats the files: cheap enough for `list`. Files registered in place (pulled from a
         local path, or adopted from another tool's store) can be deleted or rewritten behind our back.
         """
         status = "ok"
-        for model_file, path in zip(manifest.files, self.file_paths(manifest)):
+        for model_file, path in zip(manifest.files, self.file_paths(manifest), strict=True):
             try:
                 stat = path.stat()
             except OSError:
@@ -192,7 +195,7 @@ class Store:
         # llama.cpp finds split 2..N next to split 1 by name, so give blobs their names back.
         folder = self.shards_dir / (manifest.files[0].digest or "local").replace(":", "-")
         folder.mkdir(parents=True, exist_ok=True)
-        for model_file, target in zip(manifest.files, paths):
+        for model_file, target in zip(manifest.files, paths, strict=True):
             link = folder / Path(model_file.filename).name
             if not link.exists():
                 link.symlink_to(target)
@@ -232,7 +235,7 @@ class Store:
             found.update(_ANY_DIGEST.findall(path.read_text(encoding="utf-8", errors="replace")))
         return found
 
-    def remove(self, name: ModelName) -> tuple[Manifest, list[str]]:
+    def remove(self, name: ModelName) -> tuple[Manifest, builtins.list[str]]:
         """Delete a name; free its blobs unless another name still uses them."""
         path = self.manifest_path(name)
         with self.gc_lock():

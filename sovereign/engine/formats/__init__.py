@@ -1,4 +1,6 @@
-"""Model families' output formats: detect one from a chat template, then parse its reasoning and tool calls as they stream.
+"""Model families' output formats.
+
+Detect one from a chat template, then parse its reasoning and tool calls as they stream:
 
 fmt = detect(chat_template)
 parser = fmt.parser(tools)          # tools: OpenAI-shaped, optional
@@ -48,7 +50,10 @@ class ChatFormat:
     opens_reasoning: bool = False  # the generation prompt ends inside the reasoning block
 
     def parser(self, tools: list[dict[str, Any]] | None = None, *, in_reasoning: bool | None = None) -> FormatParser:
-        """A fresh streaming parser for one answer; `in_reasoning` overrides `opens_reasoning` (e.g. per template kwargs)."""
+        """A fresh streaming parser for one answer.
+
+        `in_reasoning` overrides `opens_reasoning` (e.g. per template kwargs).
+        """
         if self.name == "gpt_oss":
             return HarmonyParser()
         opened = self.opens_reasoning if in_reasoning is None else in_reasoning

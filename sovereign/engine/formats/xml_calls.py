@@ -84,9 +84,9 @@ class QwenCoder(_XmlCalls):
         if not calls[-1].complete:
             return Section(calls)
         tail = text[pos:]
-        m = re.match(r"\s*</tool_call>", tail)
-        if m:
-            return Section(calls, end=pos + m.end())
+        closing = re.match(r"\s*</tool_call>", tail)
+        if closing:
+            return Section(calls, end=pos + closing.end())
         if not final and "</tool_call>".startswith(rest):
             return Section(calls)
         return Section(calls, end=pos)

@@ -16,7 +16,7 @@ import ctypes
 import functools
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, TypeAlias
@@ -48,7 +48,7 @@ _log_callback = None
 EMBEDDING_CTX = 2048
 
 if TYPE_CHECKING:
-    from llama_cpp._internals import LlamaSampler
+    from llama_cpp._internals import LlamaContext, LlamaSampler
 
 
 def route_llama_logs() -> None:
@@ -197,7 +197,7 @@ class LlamaBackend:
         self.n_ctx = self.ctx.n_ctx() // self.n_parallel
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
-        self._embedding_ctx: object | None = None
+        self._embedding_ctx: LlamaContext | None = None
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
@@ -273,7 +273,10 @@ class LlamaBackend:
 
     @functools.cached_property
     def control_tokens(self) -> list[str]:
-        """The text of every control token in the vocabulary (what client text must never become); one scan per model."""
+        """The text of every control token in the vocabulary; one scan per model.
+
+        That is what client text must never become.
+        """
         control, attributes = self._llama.LLAMA_TOKEN_ATTR_CONTROL, self._llama.llama_vocab_get_attr
         return [self.token_text(t) for t in range(self.n_vocab) if attributes(self.vocab, t) & control]
 
@@ -356,8 +359,9 @@ class LlamaBackend:
         )
 
     def sampler(self, params: SamplingParams, prompt: list[int]) -> Sampler:
-        """A request's own sampler chain, in llama-server's order: bias, penalties, grammar, truncation, temperature, draw.
+        """A request's own sampler chain, in llama-server's order.
 
+        The order: bias, penalties, grammar, truncation, temperature, draw.
         The caller owns it and must close() it.
         """
         from llama_cpp import _internals
@@ -395,7 +399,10 @@ class LlamaBackend:
         return sampler
 
     def _penalties(self, params: SamplingParams, prompt: list[int]) -> ctypes.c_void_p:
-        """llama.cpp's repetition penalties, having seen the prompt's last tokens (as llama-server does; a grammar must not)."""
+        """llama.cpp's repetition penalties, having seen the prompt's last tokens.
+
+        As llama-server does; a grammar must not.
+        """
         penalties = self._llama.llama_sampler_init_penalties(
             self.n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
         )
@@ -406,7 +413,10 @@ class LlamaBackend:
     def _grammar_sampler(
         self, params: SamplingParams, bias: dict[int, float], prompt: list[int] | None
     ) -> GrammarSampler:
-        """A GrammarSampler for params.grammar; InvalidRequest when it does not compile or the bias bans all it allows."""
+        """A GrammarSampler for params.grammar.
+
+        InvalidRequest when it does not compile or the bias bans all it allows.
+        """
         from llama_cpp import _internals
 
         assert params.grammar is not None
@@ -419,13 +429,13 @@ class LlamaBackend:
             _add_draw(tail, params)
         ends = sorted(self.end_of_generation_tokens, key=lambda t: t != self.eos)  # the model's own EOS first
         penalties = self._penalties(params, prompt) if prompt is not None else None
-        lazy = {}
+        trigger: TriggerWatch | None = None
+        spell: Callable[[int], bytes] | None = None
+        replay: Callable[[str], list[int] | None] | None = None
         if params.grammar_trigger is not None:  # free until a tool call opens
-            lazy = {
-                "trigger": TriggerWatch(params.grammar_trigger),
-                "spell": functools.partial(self.piece, special=True),
-                "replay": self._spelling,
-            }
+            trigger = TriggerWatch(params.grammar_trigger)
+            spell = functools.partial(self.piece, special=True)
+            replay = self._spelling
         sampler = GrammarSampler(
             self._llama,
             grammar,
@@ -436,7 +446,9 @@ class LlamaBackend:
             tail=tail,
             top_k=params.top_k,
             min_p=params.min_p,
-            **lazy,
+            trigger=trigger,
+            spell=spell,
+            replay=replay,
         )
         # A bias that bans everything the grammar allows at the start: a 400 now, not an error mid-stream.
         if any(value == float("-inf") for value in bias.values()) and not sampler.allows_anything(
@@ -496,7 +508,7 @@ class LlamaBackend:
         norm = float(np.linalg.norm(vector)) or 1.0
         return (vector / norm).tolist(), len(tokens)
 
-    def _embedding_context(self):  # -> _internals.LlamaContext
+    def _embedding_context(self) -> LlamaContext:
         """A second context for embeddings (mean pooling), made on first use."""
         if self._embedding_ctx is None:
             from llama_cpp import _internals
@@ -512,13 +524,13 @@ class LlamaBackend:
             params.pooling_type = self._llama.LLAMA_POOLING_TYPE_MEAN
             params.no_perf = True
             self._embedding_ctx = _internals.LlamaContext(model=self.model, params=params, verbose=True)
-        return self._embedding_ctx  # type: ignore[return-value]
+        return self._embedding_ctx
 
     def close(self) -> None:
         """Free the contexts and the model (in that order)."""
         for resource in (self._embedding_ctx, self._batch, self.ctx, self.model):
             if resource is not None:
-                resource.close()  # type: ignore[attr-defined]
+                resource.close()
         self._embedding_ctx = None
 
 

@@ -64,7 +64,7 @@ class GrammarSampler:
         replay: Callable[[str], list[int] | None] | None = None,  # tokens spelling exactly this text, or None
     ) -> None:
         self._llama = llama
-        self._grammar = grammar
+        self._grammar: ctypes.c_void_p | None = grammar  # None once closed
         self._penalties = penalties
         self._tail = tail
         self.n_vocab = n_vocab
@@ -144,14 +144,17 @@ class GrammarSampler:
         order = candidates[np.argpartition(-scores[candidates], [b - 1 for b in bounds])] if bounds else candidates
         valid: list[np.ndarray] = []
         found, floor = 0, -np.inf
-        for low, high in zip([0, *bounds], [*bounds, candidates.size]):
+        for low, high in zip([0, *bounds], [*bounds, candidates.size], strict=True):
             stage = order[low:high]
             stage = stage[scores[stage] >= floor]
             for start in range(0, stage.size, CHECK_CHUNK):
                 if valid and time.monotonic() - started > MAX_SAMPLE_SECONDS:
                     log.warning("a grammar check ran past %g s for one token; ending its request", MAX_SAMPLE_SECONDS)
                     raise InvalidRequest(
-                        f"the output format is too costly to enforce: checking one token took more than {MAX_SAMPLE_SECONDS:g} s",
+                        (
+                            "the output format is too costly to enforce: checking one token took more than "
+                            f"{MAX_SAMPLE_SECONDS:g} s"
+                        ),
                         "response_format",
                         "simplify the JSON schema (fewer alternatives, smaller enums)",
                     )

@@ -29,7 +29,10 @@ class TriggerWatch:
         self._settled = trigger.reasoning is None or trigger.in_reasoning  # whether a reasoning block can still open
 
     def feed(self, piece: bytes) -> str | None:
-        """Note one token's text; the constrained text (from the call's opening to here) the first time a trigger matches."""
+        """Note one token's text; the constrained text the first time a trigger matches.
+
+        The constrained text runs from the call's opening to here.
+        """
         self._text += self._decoder.decode(piece)
         if not self._find_answer():
             return None

@@ -1,4 +1,6 @@
-"""The kernel probe's child: load a model with llama.cpp's fast CPU kernels and decode, to see whether this CPU survives them.
+"""The kernel probe's child.
+
+It loads a model with llama.cpp's fast CPU kernels and decodes, to see whether this CPU survives them.
 
 Run by engine/kernels.py as `python -m sovereign.engine.runtime.kernel_probe MODEL_PATH`, which
 reads only how this process ends: exit 0 when the kernels ran, a signal when they crashed.

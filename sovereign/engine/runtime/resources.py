@@ -130,7 +130,10 @@ def default_context(trained: int, preferred: int | None, kv_bytes_per_token: int
 
 
 def default_parallel(ctx: int, kv_bytes_per_token: int, ceiling: int = DEFAULT_MAX_PARALLEL) -> int:
-    """How many requests to serve at once: as many ctx-sized KV caches as fit in the KV share of memory, 1 to ceiling."""
+    """How many requests to serve at once.
+
+    As many ctx-sized KV caches as fit in the KV share of memory, 1 to ceiling.
+    """
     free = available_memory()
     if not free or kv_bytes_per_token <= 0:
         return 1

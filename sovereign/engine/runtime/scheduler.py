@@ -114,7 +114,10 @@ class BatchScheduler:
     # --- other threads' side ------------------------------------------------------------
 
     def enqueue(self, prompt: list[int], params: SamplingParams, sink: TokenSink) -> None:
-        """Queue a generation whose tokens go to `sink`. Raises ServerBusy when the queue is full, InvalidRequest for bad rules."""
+        """Queue a generation whose tokens go to `sink`.
+
+        Raises ServerBusy when the queue is full, InvalidRequest for bad rules.
+        """
         self.backend.check_fits(len(prompt))
         with self._wake:
             if self._closing:
@@ -165,7 +168,10 @@ class BatchScheduler:
         return len(self._waiting)
 
     def decode_rate(self) -> float:
-        """Tokens generated per second of decoding, over the last few seconds (0 when idle); the scheduler's thread only."""
+        """Tokens generated per second of decoding, over the last few seconds (0 when idle).
+
+        The scheduler's thread only.
+        """
         self._forget_steps_before(time.monotonic() - RATE_WINDOW_SECONDS)
         return self._recent_tokens / self._recent_seconds if self._recent_seconds > 0 else 0.0
 
@@ -326,7 +332,8 @@ class BatchScheduler:
             row = self.backend.logprob_row(index) if params.logprobs is not None else None
             try:
                 if job.stream.forced and not self.backend.admits(job.sampler, job.stream.forced[0]):
-                    job.stream.forced.clear()  # the output format allows no such marker here (it closed the block itself)
+                    # the output format allows no such marker here (it closed the block itself)
+                    job.stream.forced.clear()
                 token = self._forced(job) if job.stream.forced else self.backend.sample(job.sampler, index)
             except (
                 InvalidRequest

@@ -63,7 +63,10 @@ class Cutter:
 
 
 def _run_end_claimed(length: int, lengths: tuple[int, ...]) -> bool:
-    """Whether a run's last byte ends up in a split-out token: each length, longest first, takes blocks from the left."""
+    """Whether a run's last byte ends up in a split-out token.
+
+    Each length, longest first, takes blocks from the left.
+    """
     for size in lengths:
         if length >= size:
             length %= size

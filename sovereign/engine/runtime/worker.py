@@ -101,7 +101,10 @@ class Worker:
         self._sinks.pop(request_id, None)
 
     def flush(self) -> None:
-        """Send what this step produced as one message, with the figures /metrics shows (also when only they changed)."""
+        """Send what this step produced as one message, with the figures /metrics shows.
+
+        Also when only they changed.
+        """
         try:
             with self._outbox_lock:
                 items, self._outbox = self._outbox, []
@@ -149,7 +152,7 @@ class Worker:
         sink = self._sinks.get(request_id) or _Sink(request_id, self)
         try:
             self.scheduler.enqueue(message["prompt"], wire.params_from_wire(message["params"]), sink)
-        except Exception as exc:  # a refusal, sent back as the typed error it is
+        except Exception as exc:  # noqa: BLE001 - a refusal, sent back as the typed error it is
             self._sinks.pop(request_id, None)
             self._reply(message, error=exc, op="refused")
         else:
@@ -158,7 +161,7 @@ class Worker:
     def _call(self, message: dict[str, Any]) -> None:
         try:
             result = self._vocabulary_call(message["method"], message.get("args", []))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is the call's answer; the worker serves on
             self._reply(message, error=exc)
         else:
             self._reply(message, result=result)
@@ -177,14 +180,14 @@ class Worker:
         def job() -> None:
             try:
                 result = self.backend.embed(message["args"][0])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure is the call's answer; the worker serves on
                 self._reply(message, error=exc)
             else:
                 self._reply(message, result=result)
 
         try:
             self.scheduler.run_between_steps(job)
-        except Exception as exc:  # closing
+        except Exception as exc:  # noqa: BLE001 - closing: the scheduler's refusal is the call's answer
             self._reply(message, error=exc)
 
     def _reply(
@@ -250,7 +253,7 @@ def serve(sock: socket.socket) -> int:
     started = time.monotonic()
     try:
         backend = LlamaBackend(Path(first["path"]), wire.load_options_from_wire(first["options"]))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever stops the load is reported to the server, then the process ends
         writer.send({"op": "failed", "error": wire.error_to_wire(exc)})
         return 1
     worker = Worker(backend, writer, max_queue=first["max_queue"], timeout=first.get("timeout"))

@@ -17,9 +17,7 @@ def _model_files(path: Path) -> list[Path]:
         names = [p.name for p in path.parent.iterdir()]
         return [path.parent / n for n in shard_siblings(names, path.name)]
     candidates = sorted(p for p in path.glob("*.gguf") if "mmproj" not in p.name.lower())
-    firsts = [
-        p for p in candidates if not SHARD_PATTERN.match(p.name) or SHARD_PATTERN.match(p.name)["index"] == "00001"
-    ]
+    firsts = [p for p in candidates if not (shard := SHARD_PATTERN.match(p.name)) or shard["index"] == "00001"]
     if len(firsts) != 1:
         found = ", ".join(p.name for p in firsts) or "no .gguf files"
         raise InvalidReference(f"{path} holds {len(firsts)} models ({found})", "name the .gguf file to use")

