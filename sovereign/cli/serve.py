@@ -325,8 +325,8 @@ def run(
 
 def _fallback_causes(disabled: list[str]) -> frozenset[str]:
     """The blocked-upstream causes that fall back, less those --no-fallback-on names."""
-    from sovereign.gateway import CAUSES
     from sovereign.errors import BadUpstream
+    from sovereign.gateway import CAUSES
 
     unknown = sorted(set(disabled) - set(CAUSES))
     if unknown:
