@@ -167,3 +167,31 @@ def test_the_default_context_has_room_for_an_agent(monkeypatch: pytest.MonkeyPat
     assert resources.default_context(131_072, None, 20_000) == 131_072
     monkeypatch.setattr(resources, "available_memory", lambda: 2**30)
     assert resources.default_context(32_768, 8_192, 100_000) < 32_768  # memory caps it
+
+
+def test_claude_codes_per_session_billing_line_is_not_part_of_the_prompt() -> None:
+    """Two sessions differ only in that line; dropped, their prompts share every token up to the first message."""
+    from sovereign.server.anthropic_convert import chat_request_from
+    from sovereign.server.anthropic_schemas import MessagesBody
+
+    def request(billing: str) -> list[dict[str, object]]:
+        body = MessagesBody.model_validate(
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 16,
+                "system": [
+                    {
+                        "type": "text",
+                        "text": f"x-anthropic-billing-header: cc_version=2.1.332.{billing}; cc_entrypoint=sdk-cli;",
+                    },
+                    {"type": "text", "text": "You are a Claude agent.", "cache_control": {"type": "ephemeral"}},
+                    {"type": "text", "text": "Be brief."},
+                ],
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+        )
+        return chat_request_from(body).messages
+
+    first, second = request("1c9"), request("93d")
+    assert first == second
+    assert first[0] == {"role": "system", "content": "You are a Claude agent.\nBe brief."}

@@ -42,6 +42,8 @@ from sovereign.server.streamed_calls import StreamedCalls
 # Seconds without an event before a `ping` goes out: Anthropic pings during long waits, and clients with an idle
 # timeout (Claude Code among them) would otherwise hang up while a long prompt is read.
 PING_SECONDS = 5.0
+# The per-session billing line Claude Code puts first in its system prompt (see _instructions).
+BILLING_HEADER = "x-anthropic-billing-header:"
 
 
 def new_id(prefix: str) -> str:
@@ -78,6 +80,21 @@ def chat_request_from(body: MessagesBody | CountTokensBody) -> ChatRequest:
     )
 
 
+def _instructions(system: str | list[TextBlock] | None) -> str:
+    """The system prompt's text, less Claude Code's billing line.
+
+    Claude Code opens its system prompt with `x-anthropic-billing-header: cc_version=…;` whose last
+    characters change with every session. It is metadata for Anthropic's billing, not an instruction.
+    Kept, it would sit before the ~20k tokens that sessions share and make each new session's prompt
+    differ from its first tokens on, so no cached prefix could serve it.
+    """
+    if not system:
+        return ""
+    texts = [system] if isinstance(system, str) else [block.text for block in system]
+    kept = [text for text in texts if not text.startswith(BILLING_HEADER)]
+    return "\n".join(kept)
+
+
 def _reasoning(body: _Conversation) -> ReasoningControl:
     """Anthropic's thinking setting: enabled (with its budget) or disabled; adaptive leaves the model to decide."""
     if body.thinking is None or body.thinking.type == "adaptive":
@@ -90,8 +107,8 @@ def _reasoning(body: _Conversation) -> ReasoningControl:
 def _messages(body: _Conversation) -> list[dict[str, Any]]:
     """Anthropic's system + messages as the engine's OpenAI-shaped messages."""
     out: list[dict[str, Any]] = []
-    if body.system:
-        system = body.system if isinstance(body.system, str) else "\n".join(block.text for block in body.system)
+    system = _instructions(body.system)
+    if system:
         out.append({"role": "system", "content": system})
     for index, message in enumerate(body.messages):
         if isinstance(message.content, str):
