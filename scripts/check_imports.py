@@ -19,7 +19,19 @@ PACKAGE = ROOT / "sovereign"
 # The code that only a model's own process (or a benchmark's) may load.
 DECODING = ("sovereign.engine.runtime", "llama_cpp")
 # Where the HTTP server's process starts: everything these reach, at import or later, must stay clear of DECODING.
-SERVER_ROOTS = ("sovereign.server", "sovereign.gateway", "sovereign.engine")
+# (Not all of sovereign.cli: `bench` and `fit` run llama.cpp in the CLI's own process, by design.)
+SERVER_ROOTS = (
+    "sovereign.server",
+    "sovereign.gateway",
+    "sovereign.engine",
+    "sovereign.cli.serve",
+    "sovereign.cli.launch",
+    "sovereign.cli.common",
+)
+# Modules allowed to load code by a computed name: their lazy tables (`_LAZY`) are read as imports below.
+DYNAMIC_LOADERS = {
+    "sovereign.engine.json_grammar": "reads llama-cpp-python's llama_grammar.py, plain Python, by its path",
+}
 
 
 def module_name(path: Path) -> str:
@@ -43,12 +55,46 @@ def _runtime_imports(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
         stack.extend(ast.iter_child_nodes(node))
 
 
+def _dynamic_imports(tree: ast.Module) -> tuple[set[str], int]:
+    """Modules named by `importlib.import_module("…")`, `__import__("…")` or a lazy table's values.
+
+    Also how many such calls name their module by a computed value (which this check cannot follow).
+    """
+    named: set[str] = set()
+    computed = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets):
+            if isinstance(node.value, ast.Dict):  # a PEP 562 table: name -> the module that defines it
+                named.update(
+                    v.value for v in node.value.values if isinstance(v, ast.Constant) and isinstance(v.value, str)
+                )
+        if not isinstance(node, ast.Call):
+            continue
+        function = node.func
+        called = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+        if called in ("import_module", "__import__", "spec_from_file_location") and node.args:
+            argument = node.args[0]
+            if (
+                isinstance(argument, ast.Constant)
+                and isinstance(argument.value, str)
+                and called != "spec_from_file_location"
+            ):
+                named.add(argument.value)
+            else:
+                computed += 1
+    return named, computed
+
+
 def imported_modules(path: Path, modules: set[str]) -> set[str]:
     """The modules a file imports: ours resolved to the module or package named, foreign ones by their top name."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in _runtime_imports(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    named, _ = _dynamic_imports(tree)
+    for target in named:
+        found.add(target if target.startswith("sovereign") else target.split(".")[0])
+    for node in _runtime_imports(tree):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         else:
@@ -134,10 +180,29 @@ def server_reaches_decoding(graph: dict[str, set[str]]) -> list[str]:
     return problems
 
 
+def computed_imports() -> list[str]:
+    """Modules on the server's side that load code by a computed name, outside DYNAMIC_LOADERS and lazy tables."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        on_server_side = any(name == r or name.startswith(r + ".") for r in SERVER_ROOTS) and not _is_decoding(name)
+        if not on_server_side or name in DYNAMIC_LOADERS:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        lazy_table = any(
+            isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets)
+            for node in tree.body
+        )
+        if _dynamic_imports(tree)[1] and not lazy_table:
+            found.append(name)
+    return found
+
+
 def main() -> int:
     """Print every problem and exit 1, or one line saying all is well."""
     graph = import_graph()
     problems = [f"import circle: {' <-> '.join(group)}" for group in cycles(graph)]
+    problems += [f"{name} imports a module by a computed name this check cannot follow" for name in computed_imports()]
     problems += [f"the server's process would load decoding code: {chain}" for chain in server_reaches_decoding(graph)]
     for problem in problems:
         print(problem)

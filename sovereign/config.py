@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -123,12 +124,15 @@ class Variable:
     secret: bool = False  # shown as set or unset, never its value
 
     def shown(self, environ: Mapping[str, str]) -> str | None:
-        """Its value as `sovereign env` prints it: None when unset, a secret hidden."""
+        """Its value as `sovereign env` prints it: None when unset, a secret hidden, a URL's credentials too."""
         value = environ.get(self.name)
         if value is None:
             return None
-        return "(set, hidden)" if self.secret else value
+        return "(set, hidden)" if self.secret else _URL_CREDENTIALS.sub("://***@", value)
 
+
+# user:password@ (or token@) in a URL, as a mirror's URL may carry it.
+_URL_CREDENTIALS = re.compile(r"://[^/@\s]+@")
 
 # Variables read where they are used rather than through Settings: the log level before anything else runs,
 # a server's own options, the downloader's tuning, the gateway's keys, and other tools' folders for `adopt`.

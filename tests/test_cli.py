@@ -126,11 +126,14 @@ def test_unusable_store_folder_and_bad_setting_are_one_line(tiny_gguf: Path, tmp
 
 
 def test_env_lists_every_variable_with_secrets_hidden() -> None:
-    result = run_cli("env", "--json", env={"HF_TOKEN": "hf_secret_value", "SOVEREIGN_LOG_LEVEL": "INFO"})
+    mirrors = "https://me:hunter2@mirror.example/hf,https://plain.example"
+    environment = {"HF_TOKEN": "hf_secret_value", "SOVEREIGN_LOG_LEVEL": "INFO", "SOVEREIGN_HF_MIRRORS": mirrors}
+    result = run_cli("env", "--json", env=environment)
     assert result.returncode == 0, result.stderr
     assert "hf_secret_value" not in result.stdout
     values = {v["name"]: v["value"] for v in json.loads(result.stdout)["variables"]}
     assert values["HF_TOKEN"] == "(set, hidden)" and values["SOVEREIGN_LOG_LEVEL"] == "INFO"
     assert values["SOVEREIGN_ALLOW_HTTP"] is None
+    assert values["SOVEREIGN_HF_MIRRORS"] == "https://***@mirror.example/hf,https://plain.example"
     assert {"SOVEREIGN_HOME", "SOVEREIGN_API_KEY", "SOVEREIGN_DOWNLOAD_CONNECTIONS", "OLLAMA_MODELS"} <= set(values)
     assert_clean_error(run_cli("env", env={"SOVEREIGN_MIN_FREE_BYTES": "lots"}), "SOVEREIGN_MIN_FREE_BYTES")

@@ -18,7 +18,10 @@ def loaded_after(statement: str) -> list[str]:
 
 
 def test_the_server_process_loads_neither_llama_cpp_nor_the_model_process_code() -> None:
-    modules = loaded_after("import sovereign.server.app, sovereign.engine.engine, sovereign.engine.pool")
+    modules = loaded_after(
+        "import sovereign.server.app, sovereign.engine.engine, sovereign.engine.pool, sovereign.engine.json_grammar,"
+        " sovereign.engine.call_grammar, sovereign.gateway.proxy, sovereign.cli.serve, sovereign.cli.launch"
+    )
     assert "sovereign.engine.engine" in modules  # the check itself saw the engine load
     assert [m for m in modules if m.startswith(("llama_cpp", "sovereign.engine.runtime"))] == []
 
@@ -38,6 +41,21 @@ def test_the_static_check_passes_on_the_code() -> None:
     assert "sovereign.engine.runtime.backend" in graph["sovereign.engine.runtime.worker"]
     assert check_imports.cycles(graph) == []
     assert check_imports.server_reaches_decoding(graph) == []
+
+
+def test_the_static_check_reads_lazy_tables_and_import_module() -> None:
+    import ast
+
+    tree = ast.parse(
+        "import importlib\n"
+        "_LAZY = {'Engine': 'sovereign.engine.engine'}\n"
+        "def f(name):\n"
+        "    importlib.import_module('llama_cpp')\n"
+        "    return importlib.import_module(name)\n"
+    )
+    named, computed = check_imports._dynamic_imports(tree)
+    assert named == {"sovereign.engine.engine", "llama_cpp"} and computed == 1
+    assert check_imports.computed_imports() == []
 
 
 def test_the_static_check_finds_circles_and_paths_to_llama_cpp() -> None:

@@ -91,13 +91,13 @@ class ModelPool:
     """Loaded models by store name, guarded so that one name is loaded once."""
 
     def __init__(
-        self, store: Store, catalog: Catalog, options: PoolOptions, start_process: StartProcess = ModelProcess.start
+        self, store: Store, catalog: Catalog, options: PoolOptions, start_process: StartProcess | None = None
     ) -> None:
         self.store = store
         self.catalog = catalog
         self.options = options
         # Injected (as Ollama's scheduler takes newServerFn) so eviction, keep-alive and crashes test in milliseconds.
-        self._start_process = start_process
+        self._start_process = start_process or ModelProcess.start
         self._loaded: dict[str, LoadedModel] = {}
         self._pinned_crashed: set[str] = set()  # pinned models that crashed: pinned again when reloaded
         self._closing: set[asyncio.Future[None]] = set()  # crashed processes' sockets being closed

@@ -16,18 +16,19 @@ if TYPE_CHECKING:
     from sovereign.gateway.proxy import Gateway, GatewayMiddleware
     from sovereign.gateway.upstream import CAUSES, Upstream, parse_upstream
 
-_HOMES = {
-    "Circuit": "circuit",
-    "Gateway": "proxy",
-    "GatewayMiddleware": "proxy",
-    "CAUSES": "upstream",
-    "Upstream": "upstream",
-    "parse_upstream": "upstream",
+_LAZY = {
+    "Circuit": "sovereign.gateway.circuit",
+    "Gateway": "sovereign.gateway.proxy",
+    "GatewayMiddleware": "sovereign.gateway.proxy",
+    "CAUSES": "sovereign.gateway.upstream",
+    "Upstream": "sovereign.gateway.upstream",
+    "parse_upstream": "sovereign.gateway.upstream",
 }
 __all__ = ["CAUSES", "Circuit", "Gateway", "GatewayMiddleware", "Upstream", "parse_upstream"]
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
+    """The gateway's names, imported when first asked for."""
+    if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"sovereign.gateway.{_HOMES[name]}"), name)
+    return getattr(importlib.import_module(_LAZY[name]), name)
