@@ -88,6 +88,11 @@ class Settings:
     )
 
     @property
+    def prompt_cache_dir(self) -> Path:
+        """Where the prompt cache's disk tier keeps its files (a folder per model and llama.cpp build)."""
+        return self.home / "cache" / "prompts"
+
+    @property
     def user_catalog(self) -> Path:
         """The user's own models.toml, which extends and overrides the built-in catalog."""
         return self.home / "models.toml"

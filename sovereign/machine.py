@@ -1,7 +1,13 @@
-"""What this machine has, as the operating system tells it (no llama.cpp): CPU, physical cores, free memory."""
+"""What this machine has, as the OS tells it: CPU, physical cores, free memory; and which llama.cpp build is installed.
+
+Nothing here loads llama.cpp: both the server's process and a model's process ask.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import importlib.util
 import os
 from pathlib import Path
 
@@ -54,3 +60,20 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def build_identity() -> str:
+    """llama-cpp-python's version and a hash of its shared libraries' names, sizes and times (a rebuild changes it)."""
+    try:
+        version = importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    spec = importlib.util.find_spec("llama_cpp")  # finds the package without loading its libraries
+    digest = hashlib.sha256()
+    if spec and spec.origin:
+        lib = Path(spec.origin).parent / "lib"
+        for library in sorted(lib.glob("*")) if lib.is_dir() else ():
+            if library.suffix in (".so", ".dylib", ".dll") or ".so." in library.name:
+                stat = library.stat()
+                digest.update(f"{library.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return f"llama-cpp-python {version}, libraries {digest.hexdigest()[:12]}"

@@ -36,6 +36,15 @@ def parse_keep_alive(text: str) -> float | None:
     return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
 
 
+def parse_cache_size(text: str | None, option: str) -> int | None:
+    """A prompt cache budget: a size such as 4GiB, 0 for off, or None (not given) for the default."""
+    from sovereign.server.guards import parse_size
+
+    if text is None:
+        return None
+    return 0 if text.strip() in ("0", "off") else parse_size(text, option)
+
+
 def ensure_pulled(name: str, settings: Settings, store: Store, catalog: Catalog, console: Console) -> str:
     """The store name for `name`, pulling it first (with progress) when the catalog knows it but the store lacks it."""
     model = parse_name(name)
@@ -82,6 +91,8 @@ class EngineOptions:
     parallel: int | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     timeout: float | None = DEFAULT_TIMEOUT
+    cache_ram: int | None = None  # bytes for the prompt cache in memory; None: the default, 0: off
+    cache_disk: int | None = None  # and on disk
 
     def validate(self) -> None:
         checks = (
@@ -106,7 +117,13 @@ def build_pool(
     """A model pool configured from the command line."""
     options.validate()
     load = LoadOptions(
-        n_ctx=options.ctx, n_gpu_layers=options.gpu_layers, n_threads=options.threads, n_parallel=options.parallel
+        n_ctx=options.ctx,
+        n_gpu_layers=options.gpu_layers,
+        n_threads=options.threads,
+        n_parallel=options.parallel,
+        cache_ram=options.cache_ram,
+        cache_disk=options.cache_disk,
+        cache_dir=str(settings.prompt_cache_dir),
     )
     pool_options = PoolOptions(
         load=load,

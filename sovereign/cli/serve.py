@@ -22,9 +22,15 @@ class ReasoningFormat(StrEnum):
 
 
 def _engine_options(
-    ctx: int | None, gpu_layers: int | None, threads: int | None, max_models: int, keep_alive: str, **serving: Any
+    ctx: int | None,
+    gpu_layers: int | None,
+    threads: int | None,
+    max_models: int,
+    keep_alive: str,
+    cache: tuple[str | None, str | None],
+    **serving: Any,
 ) -> Any:
-    from sovereign.cli.launch import EngineOptions, parse_keep_alive
+    from sovereign.cli.launch import EngineOptions, parse_cache_size, parse_keep_alive
 
     return EngineOptions(
         ctx=ctx,
@@ -32,6 +38,8 @@ def _engine_options(
         threads=threads,
         max_models=max_models,
         keep_alive=parse_keep_alive(keep_alive),
+        cache_ram=parse_cache_size(cache[0], "--cache-ram"),
+        cache_disk=parse_cache_size(cache[1], "--cache-disk"),
         **serving,
     )
 
@@ -48,6 +56,22 @@ GpuLayersOption = Annotated[
 ]
 ThreadsOption = Annotated[
     int | None, typer.Option("--threads", help="CPU threads (default: the number of physical cores).")
+]
+CacheRamOption = Annotated[
+    str | None,
+    typer.Option(
+        "--cache-ram",
+        help="Memory for the prompt cache beyond the slots: saved conversations a new prompt starts from"
+        " (e.g. 4GiB; default: the smaller of 8GiB and a quarter of free memory; 0: off).",
+    ),
+]
+CacheDiskOption = Annotated[
+    str | None,
+    typer.Option(
+        "--cache-disk",
+        help="Disk for the prompt cache, under $SOVEREIGN_HOME/cache/prompts: prompts of 1k+ tokens, kept across"
+        " restarts (default: the smaller of 16GiB and a quarter of free space; 0: off).",
+    ),
 ]
 
 
@@ -76,6 +100,8 @@ def serve(
     ctx: CtxOption = None,
     gpu_layers: GpuLayersOption = None,
     threads: ThreadsOption = None,
+    cache_ram: CacheRamOption = None,
+    cache_disk: CacheDiskOption = None,
     keep_alive: Annotated[
         str,
         typer.Option(
@@ -210,7 +236,9 @@ def serve(
         parse_size(max_body),
     )  # bad values fail before any loading
     serving = {"parallel": parallel, "max_queue": max_queue, "timeout": timeout or None}
-    options = _engine_options(ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive, **serving)
+    options = _engine_options(
+        ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive, (cache_ram, cache_disk), **serving
+    )
     check_port_free(host, port)
     rules = tuple(parse_route(text) for text in alias)  # malformed values fail before any loading
     upstreams = {up.kind: up for up in (parse_upstream(text) for text in upstream)}
@@ -300,6 +328,8 @@ def run(
     ctx: CtxOption = None,
     gpu_layers: GpuLayersOption = None,
     threads: ThreadsOption = None,
+    cache_ram: CacheRamOption = None,
+    cache_disk: CacheDiskOption = None,
 ) -> None:
     """Chat with a model in the terminal, or answer one prompt."""
     from sovereign.cli.launch import build_pool, ensure_pulled
@@ -311,7 +341,7 @@ def run(
     pool = build_pool(
         core.store,
         core.catalog,
-        _engine_options(ctx, gpu_layers, threads, 1, "-1", parallel=1, timeout=None),
+        _engine_options(ctx, gpu_layers, threads, 1, "-1", (cache_ram, cache_disk), parallel=1, timeout=None),
         core.settings,
     )
     sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)

@@ -104,11 +104,17 @@ def rm(names: Annotated[list[str], typer.Argument(help="Models to remove.")]) ->
 
 
 @friendly_errors
-def prune() -> None:
+def prune(
+    cache: Annotated[
+        bool,
+        typer.Option("--cache", help="Also delete the prompt cache's files (saved conversations, on disk)."),
+    ] = False,
+) -> None:
     """Delete partial downloads and model files that no name uses any more."""
     from sovereign.store.files import human_bytes
 
-    result = Core().store.prune()
+    core = Core()
+    result = core.store.prune()
     if result.kept_running:
         err.print("[yellow]a pull is running:[/] partial downloads were kept", highlight=False)
     elif result.partial_files:
@@ -125,6 +131,13 @@ def prune() -> None:
             highlight=False,
         )
     total = result.partial_bytes + result.blob_bytes
+    if cache:
+        from sovereign.engine.runtime.disk_cache import clear
+
+        files, freed = clear(core.settings.prompt_cache_dir)
+        if files:
+            err.print(f"[green]✓[/] deleted the prompt cache: {files} file(s), {human_bytes(freed)}", highlight=False)
+        total += freed
     err.print(f"freed {human_bytes(total)}" if total else "nothing to prune", highlight=False)
 
 

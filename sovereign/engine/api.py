@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sovereign.engine.requests import ChatRequest, CompletionRequest, Event
@@ -59,6 +59,7 @@ class ModelLoad:
     busy_slots: int
     queued: int
     decode_rate: float
+    cache: dict[str, int] = field(default_factory=dict)  # the prompt cache's counts and bytes by tier
 
 
 class EngineAPI(Protocol):

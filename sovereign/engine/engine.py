@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,6 +37,8 @@ from sovereign.errors import ContextLengthExceeded, InvalidRequest
 from sovereign.store.manifest import Manifest
 
 Request = ChatRequest | CompletionRequest
+# Prompts shorter than this (about 1.5k tokens) are read again quickly: no checkpoints are worth finding for them.
+SPLIT_MIN_CHARS = 6000
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class _Prepared:
     in_reasoning: bool = False  # the prompt ends inside the reasoning block (the template opened it)
     parallel_tool_calls: bool = True
     reasoning_budget: int | None = None  # reasoning tokens before the family's end marker is written for the model
+    checkpoints: tuple[int, ...] = ()  # prompt positions where another conversation would part from this one
 
 
 class Engine(EngineAPI):
@@ -63,7 +67,7 @@ class Engine(EngineAPI):
         """Queue a request and return its event stream; a bad request raises here, before any event."""
         prepared = await self._prepare(request)
         stats = RequestStats(prepared.model.name, len(prepared.prompt))
-        stream = await prepared.model.process.submit(prepared.prompt, prepared.sampling, stats)
+        stream = await prepared.model.process.submit(prepared.prompt, prepared.sampling, stats, prepared.checkpoints)
         observed = request_stats.get()
         if observed is not None:
             observed.append(stats)
@@ -167,7 +171,12 @@ class Engine(EngineAPI):
         """How busy each loaded model is."""
         return [
             ModelLoad(
-                name, model.process.n_slots, model.process.busy_slots, model.process.queued, model.process.decode_rate()
+                name,
+                model.process.n_slots,
+                model.process.busy_slots,
+                model.process.queued,
+                model.process.decode_rate(),
+                dict(model.process.cache_figures),
             )
             for name, model in self.pool.loaded.items()
         ]
@@ -231,13 +240,59 @@ class Engine(EngineAPI):
         return tokens
 
     async def _prepare_chat(self, model: LoadedModel, request: ChatRequest) -> _Prepared:
-        segments, sampling, tool_mode, active_tools, opened = await asyncio.to_thread(self._render_chat, model, request)
+        rendered, splits = await asyncio.to_thread(self._render_with_splits, model, request)
+        segments, sampling, tool_mode, active_tools, opened = rendered
         # Template text may hold control tokens; a control token a client typed is tokenized as plain text.
         pieces = await model.process.call("tokenize", [[segment.text, segment.trusted] for segment in segments])
         prompt = model.facts.with_bos([token for piece in pieces for token in piece])
         _check_fits(model, len(prompt))
         budget = request.reasoning.budget_tokens if model.format.reasoning and not self.raw_reasoning else None
-        return _Prepared(model, prompt, sampling, tool_mode, active_tools, opened, request.parallel_tool_calls, budget)
+        starts = list(
+            itertools.accumulate((len(piece) for piece in pieces), initial=len(prompt) - sum(map(len, pieces)))
+        )
+        checkpoints = tuple(starts[index] for index in splits)
+        return _Prepared(
+            model, prompt, sampling, tool_mode, active_tools, opened, request.parallel_tool_calls, budget, checkpoints
+        )
+
+    def _render_with_splits(
+        self, model: LoadedModel, request: ChatRequest
+    ) -> tuple[tuple[list[Segment], SamplingParams, str, list[dict[str, Any]], bool], list[int]]:
+        """The rendering (_render_chat), and where a long prompt's conversation could part from another's."""
+        rendered = self._render_chat(model, request)
+        segments = rendered[0]
+        if sum(len(segment.text) for segment in segments) < SPLIT_MIN_CHARS:
+            return rendered, []
+        return rendered, self._conversation_splits(model, request, segments)
+
+    def _conversation_splits(self, model: LoadedModel, request: ChatRequest, segments: list[Segment]) -> list[int]:
+        """The segments where the first and the last user message begin: where another conversation parts from this.
+
+        A new session of an agent shares its system prompt and tools and parts at its first message;
+        an edited or regenerated turn parts at the last one. The model's process keeps a checkpoint
+        there (runtime/slots.py), so that such a prompt can start from a saved state of this one.
+        Found by rendering again with that message changed and seeing which segment differs first.
+        """
+        template = model.template
+        active_tools = request.tools if request.tool_choice.mode != "none" else []
+        messages = tool_calls.as_template_messages(
+            conversation.normalize(request.messages), active_tools, native=template.supports_tools
+        )
+        tools = active_tools if template.supports_tools else None
+        kwargs = request.all_template_kwargs()
+        users = [i for i, m in enumerate(messages) if m.get("role") == "user" and isinstance(m.get("content"), str)]
+        splits = set()
+        for index in {users[0], users[-1]} if users else set():
+            changed = [dict(m) for m in messages]
+            changed[index]["content"] = "\u2063" + changed[index]["content"]  # invisible: no template trims it
+            try:
+                other = _render_as_allowed(template, changed, tools, kwargs)
+            except InvalidRequest:
+                continue
+            split = next((i for i, (a, b) in enumerate(zip(segments, other, strict=False)) if a != b), None)
+            if split:
+                splits.add(split)
+        return sorted(splits)
 
     def _render_chat(
         self, model: LoadedModel, request: ChatRequest

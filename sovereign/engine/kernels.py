@@ -14,8 +14,6 @@ sovereign.engine.runtime.kernel_probe MODEL_PATH`, which exits 0 when the kernel
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
@@ -28,7 +26,7 @@ from pathlib import Path
 
 from sovereign.engine.process import signal_name
 from sovereign.errors import SovereignError
-from sovereign.machine import cpuinfo
+from sovereign.machine import build_identity, cpuinfo
 
 log = logging.getLogger(__name__)
 
@@ -311,23 +309,6 @@ def current_machine() -> Machine:
     """This process's llama.cpp build and CPU."""
     cpu, flags = _cpu()
     return Machine(build=build_identity(), cpu=cpu, flags=flags)
-
-
-def build_identity() -> str:
-    """llama-cpp-python's version and a hash of its shared libraries' names, sizes and times (a rebuild changes it)."""
-    try:
-        version = importlib.metadata.version("llama_cpp_python")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    spec = importlib.util.find_spec("llama_cpp")  # finds the package without loading its libraries
-    digest = hashlib.sha256()
-    if spec and spec.origin:
-        lib = Path(spec.origin).parent / "lib"
-        for library in sorted(lib.glob("*")) if lib.is_dir() else ():
-            if library.suffix in (".so", ".dylib", ".dll") or ".so." in library.name:
-                stat = library.stat()
-                digest.update(f"{library.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return f"llama-cpp-python {version}, libraries {digest.hexdigest()[:12]}"
 
 
 def _cpu() -> tuple[str, frozenset[str]]:

@@ -192,6 +192,10 @@ class ModelPool:
         if options.n_ctx is None and spec and spec.context_length:
             options = replace(options, preferred_ctx=spec.context_length)
         path = self.store.model_path(manifest)
+        # The prompt cache's files are keyed to the model file's sha256: never read by another model.
+        # (An in-place file without a sha256 is named by its path, size and time instead.)
+        identity = [f.digest or f"{f.path}:{f.size}:{f.mtime_ns}" for f in manifest.files]
+        options = replace(options, model_id=",".join(identity))
         if spec and spec.chat_template:  # a catalog template that cannot compile fails before anything loads
             ChatTemplate(spec.chat_template, origin="catalog")
         if self.options.kernel_home is not None:  # fast kernels only once a child process has survived them

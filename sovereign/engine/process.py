@@ -99,6 +99,7 @@ class ModelProcess:
         self._queued = 0
         self._rate = 0.0
         self._rate_at = 0.0
+        self.cache_figures: dict[str, int] = {}  # the prompt cache's counts and sizes, as the process last said
 
     # --- starting -------------------------------------------------------------------
 
@@ -162,7 +163,9 @@ class ModelProcess:
 
     # --- requests -------------------------------------------------------------------
 
-    async def submit(self, prompt: list[int], params: SamplingParams, stats: RequestStats) -> TokenStream:
+    async def submit(
+        self, prompt: list[int], params: SamplingParams, stats: RequestStats, checkpoints: tuple[int, ...] = ()
+    ) -> TokenStream:
         """Queue a generation; its tokens arrive on the returned stream.
 
         The process's refusal (busy, bad grammar) raises here.
@@ -176,7 +179,10 @@ class ModelProcess:
         future = self._expect(request_id)
         self._streams[request_id] = stream
         try:
-            self._send({"op": "submit", "id": request_id, "prompt": prompt, "params": wire.params_to_wire(params)})
+            message = {"op": "submit", "id": request_id, "prompt": prompt, "params": wire.params_to_wire(params)}
+            if checkpoints:
+                message["checkpoints"] = list(checkpoints)
+            self._send(message)
             await future
         except BaseException:
             self._streams.pop(request_id, None)
@@ -271,6 +277,8 @@ class ModelProcess:
             self._busy, self._queued = message["busy"], message["queued"]
             if message["rate"]:
                 self._rate, self._rate_at = message["rate"], time.monotonic()
+            if "cache" in message:
+                self.cache_figures = message["cache"]
         elif op in ("accepted", "refused", "reply"):
             future = self._pending.pop(message["id"], None)
             if future is not None and not future.done():
@@ -290,10 +298,12 @@ class ModelProcess:
             elif kind == "a":
                 stream.stats.cached_tokens = item[2]
                 stream.stats.started = stream.stats.submitted + item[3]
+                stream.stats.cache_source = item[4]
             elif kind == "e":
                 del self._streams[request_id]
                 self.last_used = time.monotonic()
                 stream.stats.cached_tokens = item[3]
+                stream.stats.cache_source = item[5]
                 if stream.stats.started is None:
                     stream.stats.started = stream.stats.submitted + item[4]
                 stream.end(None if item[2] is None else wire.error_from_wire(item[2]))

@@ -21,6 +21,7 @@ class RequestStats:
     first_token: float | None = None
     finished: float | None = None
     cached_tokens: int = 0  # prompt tokens reused from the KV cache instead of recomputed
+    cache_source: str | None = None  # where they came from: slot, ram or disk (the prompt cache's tiers)
     generated_tokens: int = 0
     token_gaps: list[float] = field(default_factory=list)  # seconds between consecutive tokens
     finish_reason: str | None = None  # stop, length, tool_calls; None if cancelled or failed
@@ -46,7 +47,7 @@ class RequestStats:
         parts = [
             f"model={self.model}",
             f"prompt={self.prompt_tokens}",
-            f"cached={self.cached_tokens}",
+            f"cached={self.cached_tokens}" + (f" ({self.cache_source})" if self.cache_source else ""),
             f"generated={self.generated_tokens}",
         ]
         if self.queued_seconds is not None:

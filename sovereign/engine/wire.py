@@ -46,6 +46,13 @@ class LoadOptions:
     # llama.cpp's extra buffer types (weights repacked for AMX/AVX-512/NEON kernels); False is llama-bench's
     # --repack 0, for a CPU whose fast kernels crash (see engine/kernels.py).
     use_extra_bufts: bool = True
+    # The prompt cache beyond the slots (runtime/prompt_cache.py): bytes in memory and on disk (None: the
+    # defaults, 0: off), the folder its files go in (None: no disk tier), and the model file's identity
+    # (its sha256), which keys those files.
+    cache_ram: int | None = None
+    cache_disk: int | None = None
+    cache_dir: str | None = None
+    model_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sovereign.engine.api import EngineAPI
@@ -93,12 +93,48 @@ class _SchedulerGauges:
             "Tokens generated per second of decoding, last 10 s.",
             labels=["model"],
         )
+        cache = _CacheFamilies()
         for load in self._engine.loads():
             queued.add_metric([load.name], load.queued)
             busy.add_metric([load.name], load.busy_slots)
             slots.add_metric([load.name], load.slots)
             rate.add_metric([load.name], load.decode_rate)
+            cache.add(load.name, load.cache)
         yield from (queued, busy, slots, rate)
+        yield from cache.families()
+
+
+class _CacheFamilies:
+    """The prompt cache's figures, by model and tier (slot, ram, disk), as each model's process last reported."""
+
+    def __init__(self) -> None:
+        tier = ["model", "tier"]
+        self.hits = CounterMetricFamily(
+            "sovereign_prompt_cache_hits", "Requests whose prompt started from a cached prefix.", labels=tier
+        )
+        self.misses = CounterMetricFamily(
+            "sovereign_prompt_cache_misses", "Requests that found no cached prefix.", labels=["model"]
+        )
+        self.restored = CounterMetricFamily(
+            "sovereign_prompt_cache_restored_bytes", "Bytes of saved state put back.", labels=tier
+        )
+        self.saved = CounterMetricFamily("sovereign_prompt_cache_saved_bytes", "Bytes of state saved.", labels=tier)
+        self.held = GaugeMetricFamily("sovereign_prompt_cache_bytes", "Bytes the cache holds now.", labels=tier)
+
+    def add(self, model: str, figures: dict[str, int]) -> None:
+        """One model's figures."""
+        if not figures:
+            return
+        self.misses.add_metric([model], figures.get("misses", 0))
+        for tier in ("slot", "ram", "disk"):
+            self.hits.add_metric([model, tier], figures.get(f"{tier}_hits", 0))
+            self.restored.add_metric([model, tier], figures.get(f"{tier}_restored_bytes", 0))
+        for tier in ("ram", "disk"):
+            self.saved.add_metric([model, tier], figures.get(f"{tier}_saved_bytes", 0))
+            self.held.add_metric([model, tier], figures.get(f"{tier}_bytes", 0))
+
+    def families(self) -> Iterator[Metric]:
+        yield from (self.hits, self.misses, self.restored, self.saved, self.held)
 
 
 class RequestObserver:

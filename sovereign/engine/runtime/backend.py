@@ -27,6 +27,7 @@ from sovereign.engine.requests import SamplingParams, TokenLogprob
 from sovereign.engine.runtime import resources
 from sovereign.engine.runtime.grammar_sampler import GrammarSampler
 from sovereign.engine.runtime.grammar_trigger import TriggerWatch
+from sovereign.engine.runtime.kv_state import SequenceStates
 from sovereign.engine.runtime.tokenizer_cuts import PIECE_BYTES, TokenizerCuts
 from sovereign.engine.wire import LoadOptions, Step, with_bos
 from sovereign.errors import (
@@ -176,7 +177,7 @@ class LlamaBackend:
         ctx_params.n_ctx = self.n_ctx * self.n_parallel
         ctx_params.n_batch = self.n_batch
         ctx_params.n_ubatch = self.n_batch
-        ctx_params.n_seq_max = self.n_parallel
+        ctx_params.n_seq_max = self.n_parallel + 1  # one more than the slots: kv_state.py's scratch sequence
         # One KV buffer for all sequences: a mixed batch (new prompts + one token per running stream) is
         # decoded in a single pass, and a shared prefix can be copied between sequences without a copy of
         # the data. Per-sequence streams would split such a batch into one pass per sequence run.
@@ -196,6 +197,16 @@ class LlamaBackend:
             ) from None
         self.n_ctx = self.ctx.n_ctx() // self.n_parallel
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self.model.model))
+        # Saved states of a recurrent or hybrid model cannot be cut at all: such models get no prompt cache.
+        recurrent = llama_cpp.llama_model_is_recurrent(self.model.model) or llama_cpp.llama_model_is_hybrid(
+            self.model.model
+        )
+        self.states = (
+            None
+            if recurrent
+            else SequenceStates(llama_cpp, self.ctx.ctx, self.memory, scratch=self.n_parallel, windowed=self.n_swa > 0)
+        )
         self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._embedding_ctx: LlamaContext | None = None
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)

@@ -3,8 +3,9 @@
 Every decode step carries one token for each slot that is generating, plus a chunk of the
 prompt of slots still reading theirs; waiting requests take a free slot between steps. A slot
 keeps its KV cache after its request ends, and a new prompt that starts with the same tokens
-reuses them: the free slot sharing the longest prefix is chosen, and a longer prefix held by
-another slot is shared into it, so a chat's next turn reads only its new tokens.
+reuses them (slots.py: from the slot, another slot, or the prompt cache beyond the slots), so a
+chat's next turn reads only its new tokens. While nothing runs, long conversations still in the
+slots are saved to the prompt cache's disk tier.
 
 It runs inside a model's own process (worker.py) and knows nothing of asyncio: each generation's
 tokens go to a TokenSink, and the worker sends what a step produced as one message.
@@ -19,12 +20,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from sovereign.config import DEFAULT_MAX_QUEUE
 from sovereign.engine.requests import SamplingParams
 from sovereign.engine.runtime.backend import BatchEntry, LlamaBackend
+from sovereign.engine.runtime.prompt_cache import PromptCache
+from sovereign.engine.runtime.slots import Slot, SlotReuse
 from sovereign.engine.stats import RequestStats
 from sovereign.engine.wire import Step
 from sovereign.errors import EngineError, InvalidRequest, RequestTimedOut, ServerBusy
@@ -37,8 +40,6 @@ log = logging.getLogger(__name__)
 # While other slots are generating, a new prompt is read this many tokens per step, so their
 # streams keep flowing (a 512-token chunk costs a running stream about 1.3 s on two CPU cores).
 PREFILL_CHUNK_WHILE_DECODING = 256
-# Sharing another slot's prefix costs a cache walk: only worth it for a real head start.
-MIN_PREFIX_TO_SHARE = 16
 RATE_WINDOW_SECONDS = 10.0
 
 
@@ -67,20 +68,7 @@ class _Job:
     budget: int  # tokens it may generate: max_tokens, or what is left of the context
     deadline: float | None
     last_token_at: float = 0.0
-
-
-@dataclass(eq=False)
-class _Slot:
-    """One sequence of the shared KV cache and the request using it, if any."""
-
-    sequence: int
-    cached: list[int] = field(default_factory=list)  # tokens this sequence holds in the KV cache, by position
-    job: _Job | None = None
-    pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
-    next_token: int | None = None  # sampled, to be decoded in the next step
-    logits_index: int | None = None  # where this slot's logits sit in the batch just decoded
-    admitted: int = 0  # admission order: prompts are read first come, first served
-    last_used: float = 0.0
+    hints: tuple[int, ...] = ()  # prompt positions worth a checkpoint (where a shared system prompt ends)
 
 
 class BatchScheduler:
@@ -93,12 +81,15 @@ class BatchScheduler:
         max_queue: int = DEFAULT_MAX_QUEUE,
         timeout: float | None = None,
         after_step: Callable[[], None] | None = None,
+        cache: PromptCache | None = None,
     ) -> None:
         self.backend = backend
         self.max_queue = max_queue
         self.timeout = timeout
         self._after_step = after_step or (lambda: None)  # the worker sends one message per step from here
-        self._slots = [_Slot(i) for i in range(backend.n_parallel)]
+        self._slots = [Slot(i) for i in range(backend.n_parallel)]
+        self.cache = cache
+        self._reuse = SlotReuse(backend, backend.states if cache is not None else None, cache)
         self._waiting: deque[_Job] = deque()
         self._calls: list[Callable[[], None]] = []
         self._wake = threading.Condition()
@@ -113,7 +104,7 @@ class BatchScheduler:
 
     # --- other threads' side ------------------------------------------------------------
 
-    def enqueue(self, prompt: list[int], params: SamplingParams, sink: TokenSink) -> None:
+    def enqueue(self, prompt: list[int], params: SamplingParams, sink: TokenSink, hints: tuple[int, ...] = ()) -> None:
         """Queue a generation whose tokens go to `sink`.
 
         Raises ServerBusy when the queue is full, InvalidRequest for bad rules.
@@ -130,7 +121,7 @@ class BatchScheduler:
             budget = min(budget, params.max_tokens)
         deadline = sink.stats.submitted + self.timeout if self.timeout else None
         with self._wake:
-            self._waiting.append(_Job(prompt, params, sampler, sink, budget, deadline))
+            self._waiting.append(_Job(prompt, params, sampler, sink, budget, deadline, hints=hints))
             self._wake.notify()
 
     def run_between_steps(self, job: Callable[[], None]) -> None:
@@ -142,11 +133,16 @@ class BatchScheduler:
             self._wake.notify()
 
     def stop(self) -> None:
-        """Fail whatever is still queued or running and stop the thread (the model stays loaded)."""
+        """Fail whatever is still queued or running and stop the thread (the model stays loaded).
+
+        The prompt cache's disk writes under way are finished first.
+        """
         with self._wake:
             self._closing = True
             self._wake.notify()
         self._thread.join()
+        if self.cache is not None:
+            self.cache.close()
 
     def close(self) -> None:
         """Stop, then free the model."""
@@ -192,7 +188,10 @@ class BatchScheduler:
     def _run(self) -> None:
         while True:
             with self._wake:
+                idle: Slot | None = None
                 while not (self._closing or self._calls or self._waiting or self.busy_slots):
+                    if (idle := self._reuse.idle_slot(self._slots)) is not None:
+                        break
                     self._wake.wait()
                 calls, self._calls = self._calls, []
                 closing = self._closing
@@ -200,6 +199,10 @@ class BatchScheduler:
                 call()
             if closing:
                 break
+            if idle is not None and not calls:  # nothing to decode: save a long conversation for the disk tier
+                self._persist(idle)
+                self._after_step()  # the cache's new figures
+                continue
             try:
                 self._step()
             except Exception as exc:  # never lose the thread: fail the requests in flight and carry on
@@ -260,32 +263,24 @@ class BatchScheduler:
                 job = self._waiting.popleft()
             self._start(job, free, now)
 
-    def _start(self, job: _Job, free: list[_Slot], now: float) -> None:
-        """Put a job in the free slot whose cache serves it best, and work out what it must still read."""
-        prompt = job.prompt
-        shared_by = {s.sequence: _common_prefix(s.cached, prompt) for s in self._slots}
-        # Longest shared prefix first. Among equals, the slot that served it last: a repeated request then
-        # lands on the very KV cells it used before, so seeded sampling repeats (cell order changes rounding).
-        # With nothing to reuse, the least recently used slot, which keeps the warm caches warm.
-        slot = max(free, key=lambda s: (shared_by[s.sequence], s.last_used if shared_by[s.sequence] else -s.last_used))
-        shared = shared_by[slot.sequence]
-        donor = max((s for s in self._slots if s is not slot), key=lambda s: shared_by[s.sequence], default=None)
-        if donor is not None and shared_by[donor.sequence] >= shared + MIN_PREFIX_TO_SHARE:
-            shared = shared_by[donor.sequence]
-            self.backend.copy_prefix(donor.sequence, slot.sequence, shared)
-            slot.cached = donor.cached[:shared]
-        # At least the prompt's last token is decoded again: its logits give the first new token.
-        keep = min(shared, len(prompt) - 1)
-        if keep <= 0 or not self.backend.forget(slot.sequence, keep) or self.backend.first_position(slot.sequence) > 0:
-            self.backend.forget(slot.sequence)
-            keep = 0
-        slot.cached = slot.cached[:keep]
-        slot.pending = prompt[keep:]
+    def _start(self, job: _Job, free: list[Slot], now: float) -> None:
+        """Put a job in the free slot that holds most of its prompt already, and note what it must still read."""
+        slot, keep, source = self._reuse.take(job.prompt, job.hints, free, self._slots)
+        slot.pending = job.prompt[keep:]
         slot.job = job
         self._admissions += 1
         slot.admitted = self._admissions
         job.stream.stats.started = now
         job.stream.stats.cached_tokens = keep
+        job.stream.stats.cache_source = source
+
+    def _persist(self, slot: Slot) -> None:
+        """Save an idle slot's conversation to the prompt cache (and so to disk), never failing the thread."""
+        try:
+            self._reuse.persist(slot)
+        except Exception:
+            log.exception("prompt cache: saving an idle conversation failed")
+            slot.saved = len(slot.cached)
 
     def _gather(self) -> list[BatchEntry]:
         """This step's batch: each generating slot's next token, then prompt chunks, oldest request first."""
@@ -365,7 +360,7 @@ class BatchScheduler:
         self.backend.accept(job.sampler, token)
         return token
 
-    def _finish(self, slot: _Slot, now: float, error: BaseException | None = None) -> None:
+    def _finish(self, slot: Slot, now: float, error: BaseException | None = None) -> None:
         """End a slot's request; the slot keeps its KV cache for the next prompt that shares it."""
         job = slot.job
         slot.job = None
@@ -388,21 +383,10 @@ class BatchScheduler:
         for slot in self._slots:
             if slot.job is not None:
                 self._finish(slot, now, error)
-            slot.cached = []
+            slot.cut(0)
         with self._wake:
             waiting, self._waiting = self._waiting, deque()
         for job in waiting:
             self._end_job(job, now, error)
         with contextlib.suppress(Exception):
             self.backend.clear_memory()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two lists share."""
-    n = min(len(a), len(b))
-    i = 0
-    while i + 64 <= n and a[i : i + 64] == b[i : i + 64]:  # slices compare in C: whole chunks first
-        i += 64
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -25,6 +25,8 @@ from typing import Any
 
 from sovereign.engine import wire
 from sovereign.engine.runtime.backend import LlamaBackend
+from sovereign.engine.runtime.cache_setup import open_prompt_cache
+from sovereign.engine.runtime.prompt_cache import PromptCache
 from sovereign.engine.runtime.scheduler import BatchScheduler
 from sovereign.engine.stats import RequestStats
 from sovereign.engine.wire import Step
@@ -56,7 +58,8 @@ class _Sink:
     def push(self, step: Step) -> None:
         if not self._announced:  # the cache reuse and queue wait, known once a slot took the request
             self._announced = True
-            self._worker.post(["a", self.id, self.stats.cached_tokens, self.stats.queued_seconds or 0.0])
+            stats = self.stats
+            self._worker.post(["a", self.id, stats.cached_tokens, stats.queued_seconds or 0.0, stats.cache_source])
         self._worker.post(["t", self.id, wire.step_to_wire(step)])
 
     def end(self, error: BaseException | None = None) -> None:
@@ -68,6 +71,7 @@ class _Sink:
                 None if error is None else wire.error_to_wire(error),
                 self.stats.cached_tokens,
                 self.stats.queued_seconds or 0.0,
+                self.stats.cache_source,
             ]
         )
 
@@ -76,19 +80,27 @@ class Worker:
     """Serves one loaded model to the server at the other end of a socket."""
 
     def __init__(
-        self, backend: LlamaBackend, writer: wire.FrameWriter, *, max_queue: int, timeout: float | None
+        self,
+        backend: LlamaBackend,
+        writer: wire.FrameWriter,
+        *,
+        max_queue: int,
+        timeout: float | None,
+        cache: PromptCache | None = None,
     ) -> None:
         self.backend = backend
         self._writer = writer
         self._outbox: list[list[Any]] = []
         self._outbox_lock = threading.Lock()
-        self._reported = (0, 0)  # (busy, queued) as last sent
+        self._reported: tuple[int, int, dict[str, int] | None] = (0, 0, None)  # (busy, queued, cache) as last sent
         self._sinks: dict[int, _Sink] = {}
         # Submits are prepared (grammar compiled) one at a time, so they join the queue in arrival order;
         # tokenizing and detokenizing run beside them.
         self._admission = ThreadPoolExecutor(1, thread_name_prefix="admit")
         self._helpers = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="vocab")
-        self.scheduler = BatchScheduler(backend, max_queue=max_queue, timeout=timeout, after_step=self.flush)
+        self.scheduler = BatchScheduler(
+            backend, max_queue=max_queue, timeout=timeout, after_step=self.flush, cache=cache
+        )
 
     # --- the scheduler's side -------------------------------------------------------
 
@@ -109,18 +121,15 @@ class Worker:
             with self._outbox_lock:
                 items, self._outbox = self._outbox, []
             scheduler = self.scheduler
-            figures = (scheduler.busy_slots, scheduler.queued)
+            cache = scheduler.cache.figures() if scheduler.cache is not None else None
+            figures = (scheduler.busy_slots, scheduler.queued, cache)
             if items or figures != self._reported:
                 self._reported = figures
-                self._send(
-                    {
-                        "op": "steps",
-                        "items": items,
-                        "busy": figures[0],
-                        "queued": figures[1],
-                        "rate": scheduler.decode_rate(),
-                    }
-                )
+                message = {"op": "steps", "items": items, "busy": figures[0], "queued": figures[1]}
+                message["rate"] = scheduler.decode_rate()
+                if cache is not None:
+                    message["cache"] = cache
+                self._send(message)
         except Exception:  # the scheduler's thread must not die quietly: the server would wait forever
             log.exception("could not report a decode step")
             os._exit(70)
@@ -151,7 +160,8 @@ class Worker:
         request_id = message["id"]
         sink = self._sinks.get(request_id) or _Sink(request_id, self)
         try:
-            self.scheduler.enqueue(message["prompt"], wire.params_from_wire(message["params"]), sink)
+            hints = tuple(int(h) for h in message.get("checkpoints") or ())
+            self.scheduler.enqueue(message["prompt"], wire.params_from_wire(message["params"]), sink, hints)
         except Exception as exc:  # noqa: BLE001 - a refusal, sent back as the typed error it is
             self._sinks.pop(request_id, None)
             self._reply(message, error=exc, op="refused")
@@ -251,12 +261,18 @@ def serve(sock: socket.socket) -> int:
     if first is None or first.get("op") != "load":
         return 2
     started = time.monotonic()
+    options = wire.load_options_from_wire(first["options"])
     try:
-        backend = LlamaBackend(Path(first["path"]), wire.load_options_from_wire(first["options"]))
+        backend = LlamaBackend(Path(first["path"]), options)
     except Exception as exc:  # noqa: BLE001 - whatever stops the load is reported to the server, then the process ends
         writer.send({"op": "failed", "error": wire.error_to_wire(exc)})
         return 1
-    worker = Worker(backend, writer, max_queue=first["max_queue"], timeout=first.get("timeout"))
+    try:
+        cache = open_prompt_cache(backend, options)
+    except Exception:
+        log.exception("prompt cache: could not open it; serving without one")
+        cache = None
+    worker = Worker(backend, writer, max_queue=first["max_queue"], timeout=first.get("timeout"), cache=cache)
     writer.send({"op": "ready", "facts": facts(backend), "load_seconds": time.monotonic() - started})
     try:
         while (message := wire.read_frame(reader)) is not None:  # EOF: the server has unloaded this model, or died
