@@ -25,7 +25,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,7 @@ class DiskTier:
         self._queue: queue.Queue[CacheEntry | None] = queue.Queue(maxsize=PENDING_WRITES)
         self._writer: threading.Thread | None = None
         self.written_bytes = 0
+        self.on_written: Callable[[], None] | None = None  # told after each write (the figures /metrics shows)
 
     # --- the scheduler's side ---------------------------------------------------------
 
@@ -67,6 +68,9 @@ class DiskTier:
         """Make the folder, index the files in it (deleting bad ones), and start the writer."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".probe.{os.getpid()}.tmp"  # a read-only home says so now, not at the first write
+            probe.write_bytes(b"")
+            probe.unlink()
             paths = sorted(self.folder.iterdir())
         except OSError as exc:
             self._turn_off(exc)
@@ -186,7 +190,7 @@ class DiskTier:
                 file.write(MAGIC + _LENGTH.pack(len(header)) + header)
                 for part in parts:
                     file.write(part)
-            os.replace(temporary, path)
+            _commit(temporary, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 temporary.unlink()
@@ -199,6 +203,8 @@ class DiskTier:
             self._index[name] = indexed
         log.debug("prompt cache: wrote %s (%d tokens, %d bytes)", name, len(tokens), size)
         self._evict_over_budget()
+        if self.on_written is not None:
+            self.on_written()
 
     def _evict_over_budget(self) -> None:
         """Delete the least recently used files of every model under the root until the budget holds."""
@@ -310,6 +316,11 @@ def _parse(data: bytearray, key: str) -> CacheEntry:
         checkpoints.append(Checkpoint(position, state_from(data, offset, size)))
         offset += size
     return CacheEntry(tokens, state, tuple(checkpoints), len(data))
+
+
+def _commit(temporary: Path, path: Path) -> None:
+    """Give a whole file its name (atomic: a reader sees all of it or nothing)."""
+    os.replace(temporary, path)
 
 
 def _cache_files(root: Path) -> Iterable[Path]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,6 +79,7 @@ class DiskTierLike(Protocol):
     def bytes(self) -> int: ...
 
     written_bytes: int
+    on_written: Callable[[], None] | None
 
     def entries(self) -> list[CacheEntry]: ...
 

@@ -90,6 +90,8 @@ class BatchScheduler:
         self._slots = [Slot(i) for i in range(backend.n_parallel)]
         self.cache = cache
         self._reuse = SlotReuse(backend, backend.states if cache is not None else None, cache)
+        if cache is not None and cache.disk is not None:
+            cache.disk.on_written = self._refresh  # a write done in the background changes what /metrics shows
         self._waiting: deque[_Job] = deque()
         self._calls: list[Callable[[], None]] = []
         self._wake = threading.Condition()
@@ -131,6 +133,11 @@ class BatchScheduler:
                 raise EngineError("this model was unloaded; ask again to reload it")
             self._calls.append(job)
             self._wake.notify()
+
+    def _refresh(self) -> None:
+        """Have the thread go round once, so the worker reports the figures again (from any thread)."""
+        with contextlib.suppress(EngineError):
+            self.run_between_steps(lambda: None)
 
     def stop(self) -> None:
         """Fail whatever is still queued or running and stop the thread (the model stays loaded).

@@ -227,6 +227,14 @@ class SlotReuse:
         }
         slot.hints = set()
         slot.saved = served if served == length else 0
+        log.debug(
+            "prompt cache: put back %d of %d tokens from %s into slot %d (floor %d)",
+            served,
+            length,
+            loaded.tier,
+            slot.sequence,
+            slot.floor,
+        )
         counts = self.cache.counts[loaded.tier]
         counts.hits += 1
         counts.restored_bytes += loaded.size
