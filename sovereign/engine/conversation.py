@@ -7,7 +7,10 @@ all of these, so sovereign does too:
 - `developer` is the system role by another name;
 - the leading system messages become one;
 - a later system message is joined to the neighbouring user turn (the next one if it follows
-  directly, else the one before; a user turn of its own when neither is a user turn);
+  directly, else the one before; a user turn of its own when neither is a user turn), in front
+  of that turn's own text: what a user typed comes last, so the context before it stays the same
+  from one session to the next (Claude Code sends its environment note after the first message,
+  and a prompt cache can reuse only what comes before the first difference);
 - consecutive user turns (and consecutive assistant turns without tool calls) are joined.
 Tool turns and assistant tool calls are kept as they are: templates place them themselves.
 """
@@ -39,7 +42,7 @@ def _fold_late_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Notes wait for the next user turn while tool results or more notes come first (a note must not
     come between a call and its result); before an assistant turn, or at the end, they join the
-    user turn before them, or become one.
+    user turn before them (in front of its text), or become one.
     """
     out: list[dict[str, Any]] = []
     pending: list[str] = []  # system notes waiting for the next user turn
@@ -56,7 +59,7 @@ def _fold_late_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if following is not None and following.get("role") in ("user", "tool", *SYSTEM_ROLES):
             continue  # joined to the user turn that comes, after any tool results
         if out and out[-1].get("role") == "user" and isinstance(out[-1].get("content"), str):
-            out[-1]["content"] = _join(out[-1]["content"], *pending)
+            out[-1]["content"] = _join(*pending, out[-1]["content"])
         else:
             out.append({"role": "user", "content": _join(*pending)})
         pending = []

@@ -46,6 +46,9 @@ class LoadOptions:
     # llama.cpp's extra buffer types (weights repacked for AMX/AVX-512/NEON kernels); False is llama-bench's
     # --repack 0, for a CPU whose fast kernels crash (see engine/kernels.py).
     use_extra_bufts: bool = True
+    # Keep the sliding-window layers' whole cache, so a slot's prompt can be cut anywhere and reused
+    # (scripts/bench_swa.py measures what it costs; off only for that measurement).
+    swa_full: bool = True
     # The prompt cache beyond the slots (runtime/prompt_cache.py): bytes in memory and on disk (None: the
     # defaults, 0: off), the folder its files go in (None: no disk tier), and the model file's identity
     # (its sha256), which keys those files.

@@ -183,7 +183,7 @@ class LlamaBackend:
         # the data. Per-sequence streams would split such a batch into one pass per sequence run.
         ctx_params.kv_unified = True
         # Keep the sliding-window layers' cache whole, so a cached prefix can be cut anywhere and reused.
-        ctx_params.swa_full = True
+        ctx_params.swa_full = options.swa_full
         ctx_params.n_threads = self.n_threads
         ctx_params.n_threads_batch = self.n_threads
         ctx_params.no_perf = True
