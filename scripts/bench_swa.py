@@ -3,8 +3,10 @@
     python scripts/bench_swa.py --model gemma3:270m --depth 20480 [--llama-bench /path/to/llama-bench]
 
 sovereign loads models with llama.cpp's `swa_full` on: the sliding-window layers (5 of Gemma 3's 6)
-keep every token's keys and values, not only the last window, so a slot's cached prompt can be cut
-anywhere and reused. The cost is memory and some attention work at depth. This reads DEPTH tokens
+keep room for every token's keys and values, not only the last window. A prefix held by one slot can
+then be shared into another (`llama_memory_seq_cp`): with a windowed cache, shared cells cannot be
+handed to new tokens and decoding soon fails for want of cells. The cost is memory and some attention
+work at depth. This reads DEPTH tokens
 of text, then times TOKENS single-token decode steps, with swa_full on and off, in turns (--rounds),
 through sovereign's own backend; with --llama-bench, llama.cpp's llama-bench on the same GGUF at the
 same depth (it keeps the window only; give --repack 0 on a CPU whose repacked kernels crash).

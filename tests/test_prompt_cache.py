@@ -24,6 +24,7 @@ import pytest
 
 from sovereign.engine.runtime import disk_cache
 from sovereign.engine.runtime.disk_cache import DiskTier
+from sovereign.engine.runtime.kv_state import State
 from sovereign.engine.runtime.prompt_cache import CacheEntry, Checkpoint, PromptCache, usable
 from sovereign.refs import parse_name
 from sovereign.store import PullOptions, Store
@@ -324,7 +325,9 @@ def test_a_checkpoint_makes_a_cut_sliding_window_state_exact(real_model_home: Pa
 
     A state saved after 2,848 tokens holds only the last window of those layers; cut back to 2,048
     tokens (where another conversation parts from it) it has none of the window there. With the
-    checkpoint put back, the next tokens' logits are exactly those of the slot cut in place.
+    checkpoint taken when the first 2,048 tokens had been read put back, the next tokens' logits are
+    exactly those of the slot cut in place; the slot itself can be cut there only while it still holds
+    the window's cells, which llama.cpp hands to new tokens once they fall out of the window.
     """
     from sovereign.engine.runtime.backend import BatchEntry, LlamaBackend
     from sovereign.engine.wire import LoadOptions
@@ -346,22 +349,28 @@ def test_a_checkpoint_makes_a_cut_sliding_window_state_exact(real_model_home: Pa
             )
         return backend.logprob_row((len(tokens) - 1) % 512).copy()
 
-    def fresh() -> None:
+    def fresh() -> State | None:
+        """Read the conversation afresh; the checkpoint after its first 2,048 tokens."""
         backend.clear_memory()
-        read(conversation)
+        read(conversation[:2048])
+        checkpoint = states.save(0, partial=True)
+        read(conversation[2048:], 2048)
+        return checkpoint
 
     try:
         fresh()
+        assert states.window_kept(0, 2048), "the cells are all still here: the slot itself can be cut"
         states.cut(0, 2048)
         in_place = read(question, 2048)
-        fresh()
-        whole, checkpoint = states.save(0), states.checkpoint(0, 2048)
+        checkpoint = fresh()
+        whole = states.save(0)
         assert whole is not None and checkpoint is not None
         backend.forget(0)
         assert states.restore(0, whole) and states.cut(0, 2048) and states.restore(0, checkpoint, partial=True)
         assert np.array_equal(read(question, 2048), in_place)
         backend.forget(0)
-        assert states.restore(0, whole) and states.cut(0, 2048)
+        assert states.restore(0, whole) and not states.window_kept(0, 2048), "a saved state keeps the last window only"
+        assert states.cut(0, 2048)
         without = read(question, 2048)
         assert np.max(np.abs(without - in_place)) > 1.0, "without the checkpoint the window is missing"
     finally:

@@ -258,20 +258,36 @@ class Engine(EngineAPI):
     def _render_with_splits(
         self, model: LoadedModel, request: ChatRequest
     ) -> tuple[tuple[list[Segment], SamplingParams, str, list[dict[str, Any]], bool], list[int]]:
-        """The rendering (_render_chat), and where a long prompt's conversation could part from another's."""
+        """The rendering (_render_chat), cut into more segments where another conversation could part from this.
+
+        Also the indexes of the segments that start there. Tokenized apart, the text before a cut is the
+        same tokens in every conversation that shares it (a token never spans the cut).
+        """
         rendered = self._render_chat(model, request)
         segments = rendered[0]
         if sum(len(segment.text) for segment in segments) < SPLIT_MIN_CHARS:
             return rendered, []
-        return rendered, self._conversation_splits(model, request, segments)
+        cuts = self._conversation_splits(model, request, segments)
+        pieces: list[Segment] = []
+        starts: list[int] = []
+        for index, segment in enumerate(segments):
+            here = {offset for at, offset in cuts if at == index}
+            bounds = sorted({0, len(segment.text), *here})
+            for begin, end in zip(bounds, bounds[1:], strict=False):
+                if begin in here:
+                    starts.append(len(pieces))
+                pieces.append(Segment(segment.text[begin:end], segment.trusted))
+        return (pieces, rendered[1], rendered[2], rendered[3], rendered[4]), starts
 
-    def _conversation_splits(self, model: LoadedModel, request: ChatRequest, segments: list[Segment]) -> list[int]:
-        """The segments where the first and the last user message begin: where another conversation parts from this.
+    def _conversation_splits(
+        self, model: LoadedModel, request: ChatRequest, segments: list[Segment]
+    ) -> list[tuple[int, int]]:
+        """Where the first and the last user message begin: (segment, offset in it), where another conversation parts.
 
         A new session of an agent shares its system prompt and tools and parts at its first message;
         an edited or regenerated turn parts at the last one. The model's process keeps a checkpoint
         there (runtime/slots.py), so that such a prompt can start from a saved state of this one.
-        Found by rendering again with that message changed and seeing which segment differs first.
+        Found by rendering again with that message changed and seeing where the text first differs.
         """
         template = model.template
         active_tools = request.tools if request.tool_choice.mode != "none" else []
@@ -281,7 +297,7 @@ class Engine(EngineAPI):
         tools = active_tools if template.supports_tools else None
         kwargs = request.all_template_kwargs()
         users = [i for i, m in enumerate(messages) if m.get("role") == "user" and isinstance(m.get("content"), str)]
-        splits = set()
+        cuts = set()
         for index in {users[0], users[-1]} if users else set():
             changed = [dict(m) for m in messages]
             changed[index]["content"] = "\u2063" + changed[index]["content"]  # invisible: no template trims it
@@ -289,10 +305,13 @@ class Engine(EngineAPI):
                 other = _render_as_allowed(template, changed, tools, kwargs)
             except InvalidRequest:
                 continue
-            split = next((i for i, (a, b) in enumerate(zip(segments, other, strict=False)) if a != b), None)
-            if split:
-                splits.add(split)
-        return sorted(splits)
+            for at, (a, b) in enumerate(zip(segments, other, strict=False)):
+                if a != b:
+                    offset = next((i for i, (x, y) in enumerate(zip(a.text, b.text, strict=False)) if x != y), 0)
+                    if at or offset:
+                        cuts.add((at, offset))
+                    break
+        return sorted(cuts)
 
     def _render_chat(
         self, model: LoadedModel, request: ChatRequest

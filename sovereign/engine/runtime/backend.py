@@ -177,7 +177,7 @@ class LlamaBackend:
         ctx_params.n_ctx = self.n_ctx * self.n_parallel
         ctx_params.n_batch = self.n_batch
         ctx_params.n_ubatch = self.n_batch
-        ctx_params.n_seq_max = self.n_parallel + 1  # one more than the slots: kv_state.py's scratch sequence
+        ctx_params.n_seq_max = self.n_parallel
         # One KV buffer for all sequences: a mixed batch (new prompts + one token per running stream) is
         # decoded in a single pass, and a shared prefix can be copied between sequences without a copy of
         # the data. Per-sequence streams would split such a batch into one pass per sequence run.
@@ -202,11 +202,7 @@ class LlamaBackend:
         recurrent = llama_cpp.llama_model_is_recurrent(self.model.model) or llama_cpp.llama_model_is_hybrid(
             self.model.model
         )
-        self.states = (
-            None
-            if recurrent
-            else SequenceStates(llama_cpp, self.ctx.ctx, self.memory, scratch=self.n_parallel, windowed=self.n_swa > 0)
-        )
+        self.states = None if recurrent else SequenceStates(llama_cpp, self.ctx.ctx, self.memory, window=self.n_swa)
         self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._embedding_ctx: LlamaContext | None = None
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)

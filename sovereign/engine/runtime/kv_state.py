@@ -6,11 +6,10 @@ those tokens again. Two kinds:
 - **whole**: every layer. Of a sliding-window model (Gemma 3) llama.cpp keeps only the last window
   of the sliding-window layers in a saved state, so a whole state can be continued but not cut
   short: the window before the cut is not in it.
-- **checkpoint**: only the sliding-window layers, as they were after the first `position` tokens.
-  Put back over a whole state cut to `position`, it makes that prefix usable (as llama-server's
-  context checkpoints do). It is taken from a scratch sequence that shares the live one's cells
-  (`llama_memory_seq_cp` copies no data), which works because the slots keep their sliding-window
-  layers whole (`swa_full`).
+- **checkpoint**: only the sliding-window layers, as they were after the first `position` tokens,
+  taken right after those tokens were read (llama.cpp reuses the cells of tokens outside a
+  sequence's window, so later they may be gone). Put back over a whole state cut to `position`, it
+  makes that prefix usable, as llama-server's context checkpoints do.
 """
 
 from __future__ import annotations
@@ -28,12 +27,26 @@ State = ctypes.Array[ctypes.c_uint8]
 class SequenceStates:
     """Save and restore sequences of one llama.cpp context; called on the scheduler's thread only."""
 
-    def __init__(self, llama: ModuleType, context: Any, memory: Any, *, scratch: int, windowed: bool) -> None:
+    def __init__(self, llama: ModuleType, context: Any, memory: Any, *, window: int) -> None:
         self._llama = llama
         self._context = context
         self._memory = memory
-        self.scratch = scratch  # a sequence id no slot uses, for taking checkpoints
-        self.windowed = windowed  # a whole state can only be continued: cutting it needs a checkpoint
+        self.window = window  # the sliding window, in tokens (0: the model has none)
+
+    @property
+    def windowed(self) -> bool:
+        """Whether cutting a sequence short needs its sliding window there (a checkpoint, or the cells)."""
+        return self.window > 0
+
+    def window_kept(self, sequence: int, position: int) -> bool:
+        """Whether a sequence cut to `position` tokens still holds the sliding window before that position.
+
+        llama.cpp hands the cells of tokens outside a sequence's window to new tokens, lowest position
+        first, so the lowest position still held says it.
+        """
+        lowest = self._llama.llama_memory_seq_pos_min(self._memory, sequence)
+        # The token at `position` attends to the window's other positions: position - window + 1 onward.
+        return not self.windowed or 0 <= lowest <= max(0, position - self.window + 1)
 
     def save(self, sequence: int, *, partial: bool = False) -> State | None:
         """The sequence's state (None if llama.cpp could not write it)."""
@@ -56,16 +69,6 @@ class SequenceStates:
             self._llama.llama_memory_seq_rm(self._memory, sequence, -1, -1)
             return False
         return True
-
-    def checkpoint(self, sequence: int, position: int) -> State | None:
-        """The sliding-window layers as they were after the sequence's first `position` tokens."""
-        scratch = self.scratch
-        self._llama.llama_memory_seq_rm(self._memory, scratch, -1, -1)
-        self._llama.llama_memory_seq_cp(self._memory, sequence, scratch, 0, position)
-        try:
-            return self.save(scratch, partial=True)
-        finally:
-            self._llama.llama_memory_seq_rm(self._memory, scratch, -1, -1)
 
     def cut(self, sequence: int, position: int) -> bool:
         """Keep the sequence's first `position` tokens (False where this memory cannot cut, e.g. recurrent)."""

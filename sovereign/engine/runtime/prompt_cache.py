@@ -79,6 +79,7 @@ class DiskTierLike(Protocol):
     def bytes(self) -> int: ...
 
     written_bytes: int
+    enabled: bool
     on_written: Callable[[], None] | None
 
     def entries(self) -> list[CacheEntry]: ...

@@ -89,7 +89,7 @@ class BatchScheduler:
         self._after_step = after_step or (lambda: None)  # the worker sends one message per step from here
         self._slots = [Slot(i) for i in range(backend.n_parallel)]
         self.cache = cache
-        self._reuse = SlotReuse(backend, backend.states if cache is not None else None, cache)
+        self._reuse = SlotReuse(backend, cache)
         if cache is not None and cache.disk is not None:
             cache.disk.on_written = self._refresh  # a write done in the background changes what /metrics shows
         self._waiting: deque[_Job] = deque()
@@ -228,6 +228,7 @@ class BatchScheduler:
             return
         started = time.monotonic()
         self.backend.decode(entries)
+        self._reuse.take_checkpoints(self._slots)
         ended = time.monotonic()
         sampled = self._sample(ended)
         if sampled:
@@ -259,16 +260,27 @@ class BatchScheduler:
         return RequestTimedOut(self.timeout or 0.0)
 
     def _admit(self, now: float) -> None:
-        """Give waiting requests the free slots, in arrival order."""
+        """Give waiting requests the free slots, in arrival order.
+
+        A request whose prompt starts with much of what another slot is still reading waits for that
+        slot to have read it, then shares it: agents start sessions together with the same long prompt.
+        """
+        deferred: list[_Job] = []
         while True:
             free = [slot for slot in self._slots if slot.job is None]
             if not free:
-                return
+                break
             with self._wake:
                 if not self._waiting:
-                    return
+                    break
                 job = self._waiting.popleft()
+            if not job.stream.cancelled and self._reuse.worth_waiting(job.prompt, self._slots):
+                deferred.append(job)
+                continue
             self._start(job, free, now)
+        if deferred:
+            with self._wake:
+                self._waiting.extendleft(reversed(deferred))
 
     def _start(self, job: _Job, free: list[Slot], now: float) -> None:
         """Put a job in the free slot that holds most of its prompt already, and note what it must still read."""
@@ -277,7 +289,7 @@ class BatchScheduler:
         slot.job = job
         self._admissions += 1
         slot.admitted = self._admissions
-        job.stream.stats.started = now
+        job.stream.stats.started = max(now, job.stream.stats.submitted)  # (a request may arrive mid-step)
         job.stream.stats.cached_tokens = keep
         job.stream.stats.cache_source = source
 
@@ -290,7 +302,12 @@ class BatchScheduler:
             slot.saved = len(slot.cached)
 
     def _gather(self) -> list[BatchEntry]:
-        """This step's batch: each generating slot's next token, then prompt chunks, oldest request first."""
+        """This step's batch: each generating slot's next token, then prompt chunks.
+
+        Prompts with little left to read go first (a next turn whose prefix was cached is a few
+        steps from its first token, and must not wait behind a long prompt read from scratch); then
+        the others, oldest request first.
+        """
         entries: list[BatchEntry] = []
         for slot in self._slots:
             if slot.job is not None and slot.next_token is not None:
@@ -301,10 +318,12 @@ class BatchScheduler:
         room = self.backend.n_batch - len(entries)
         if entries:
             room = min(room, PREFILL_CHUNK_WHILE_DECODING)
-        for slot in sorted((s for s in self._slots if s.job is not None and s.pending), key=lambda s: s.admitted):
+        reading = [s for s in self._slots if s.job is not None and s.pending]
+        for slot in sorted(reading, key=lambda s: (len(s.pending) > PREFILL_CHUNK_WHILE_DECODING, s.admitted)):
             if room <= 0:
                 break
-            chunk = slot.pending[:room]
+            size = room if not slot.due else min(room, slot.due[0] - len(slot.cached))  # stop at a checkpoint
+            chunk = slot.pending[: max(1, size)]
             last = len(chunk) == len(slot.pending)
             base = len(slot.cached)
             # Only the prompt's very last token needs logits: they give the first generated token.

@@ -6,7 +6,12 @@ Three places may hold a prompt's beginning, tried in this order of cost:
 - **the prompt cache** (prompt_cache.py): a saved state put back, from memory or from disk.
 
 Before a slot's content is dropped for another conversation, it is saved to the cache; a slot idle
-with a long unsaved conversation is saved too, so that the disk tier has it should the process end.
+with a long conversation the disk tier lacks is saved too, should the process end.
+
+Sliding-window models (Gemma 3): llama.cpp gives the cells of tokens outside a sequence's window to
+new tokens, so a sequence can be cut short only where it still holds the window before the cut, or
+at a checkpoint (kv_state.py). Checkpoints are taken as a prompt is read, at the positions the
+engine names (where a conversation may part from this one) and at the prompt's last token.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -29,18 +34,18 @@ log = logging.getLogger(__name__)
 
 # Sharing another slot's prefix costs a cache walk: only worth it for a real head start.
 MIN_PREFIX_TO_SHARE = 16
-# Putting a saved state back costs a copy of all of it: it must beat the slot's own reuse by this much.
+# Putting a saved state back costs a copy of all of it: it must beat the slots' own reuse by this much.
 MIN_CACHE_GAIN = 64
 # A slot's content is saved when at least this much of it would be lost (and it has at least SAVE_MIN_TOKENS).
 SAVE_MIN_LOSS = 64
 SAVE_MIN_TOKENS = 256
 # An idle slot already saved is saved again once its conversation has grown by this share.
 PERSIST_GROWTH = 0.25
-# Checkpoints kept per saved conversation: the earliest (a shared system prompt) and the latest matter most.
-MAX_CHECKPOINTS = 8
-# Besides the positions a request names, a checkpoint this many tokens before a conversation's end: a
-# next turn whose template writes the last answer a little differently still finds one close by.
-TAIL_CHECKPOINT = 64
+# A request waits for another slot still reading the same prompt when that would spare it this many tokens.
+WAIT_MIN_GAIN = 1024
+# Checkpoints kept per slot (and so per saved conversation): the earliest (a shared system prompt) and the
+# latest (this turn) matter most. Each is one window of the sliding-window layers.
+MAX_CHECKPOINTS = 6
 
 
 @dataclass(eq=False)
@@ -55,53 +60,57 @@ class Slot:
     logits_index: int | None = None  # where this slot's logits sit in the batch just decoded
     admitted: int = 0  # admission order: prompts are read first come, first served
     last_used: float = 0.0
-    # Put back from a sliding-window state: the sequence cannot be cut below this position.
-    floor: int = 0
-    checkpoints: dict[int, State] = field(default_factory=dict)  # inherited from the entry it was put back from
-    hints: set[int] = field(default_factory=set)  # positions worth a checkpoint when it is saved
+    checkpoints: dict[int, State] = field(default_factory=dict)  # sliding-window states by position
+    due: list[int] = field(default_factory=list)  # positions to take a checkpoint at as the prompt is read
     saved: int = 0  # how many of its tokens the cache holds as an entry already
 
     def cut(self, keep: int) -> None:
         """Forget what lies past `keep` tokens (the caller cuts the KV cache)."""
         del self.cached[keep:]
-        self.hints = {h for h in self.hints if h <= keep}
         self.checkpoints = {p: s for p, s in self.checkpoints.items() if p <= keep}
         self.saved = min(self.saved, keep)  # the cache's entry still starts with what is left
-        if keep == 0:
-            self.floor = 0
+
+
+class Plan(NamedTuple):
+    """How a slot can serve a prompt: keep this many tokens, through the checkpoint at `checkpoint` if not None."""
+
+    keep: int
+    checkpoint: int | None = None
 
 
 class SlotReuse:
     """Places prompts in slots with the most of them already decoded, and saves what slots drop."""
 
-    def __init__(self, backend: LlamaBackend, states: SequenceStates | None, cache: PromptCache | None) -> None:
+    def __init__(self, backend: LlamaBackend, cache: PromptCache | None) -> None:
         self.backend = backend
-        self.states = states
-        self.cache = cache if states is not None else None
-        self._last_tier = "ram"
+        self.states: SequenceStates | None = backend.states
+        self.cache = cache if self.states is not None else None
+
+    # --- placing a prompt ---------------------------------------------------------------
 
     def take(
         self, prompt: list[int], hints: Sequence[int], free: list[Slot], slots: list[Slot]
     ) -> tuple[Slot, int, str | None]:
         """The slot for a prompt, how many of its tokens that slot now holds, and where they came from."""
-        shared_by = {s.sequence: self._reusable(s, prompt) for s in slots}
-        # Longest shared prefix first. Among equals, the slot that served it last: a repeated request then
+        plans = {s.sequence: self._plan(s, prompt) for s in slots}
+        # Longest reusable prefix first. Among equals, the slot that served it last: a repeated request then
         # lands on the very KV cells it used before, so seeded sampling repeats (cell order changes rounding).
         # With nothing to reuse, the least recently used slot, which keeps the warm caches warm.
-        slot = max(free, key=lambda s: (shared_by[s.sequence], s.last_used if shared_by[s.sequence] else -s.last_used))
-        donor = max((s for s in slots if s is not slot), key=lambda s: shared_by[s.sequence], default=None)
-        if donor is not None and shared_by[donor.sequence] < shared_by[slot.sequence] + MIN_PREFIX_TO_SHARE:
+        slot = max(
+            free, key=lambda s: (plans[s.sequence].keep, s.last_used if plans[s.sequence].keep else -s.last_used)
+        )
+        donor = max((s for s in slots if s is not slot), key=lambda s: plans[s.sequence].keep, default=None)
+        if donor is not None and plans[donor.sequence].keep < plans[slot.sequence].keep + MIN_PREFIX_TO_SHARE:
             donor = None
-        best = shared_by[donor.sequence] if donor is not None else shared_by[slot.sequence]
-        placed = self._from_cache(prompt, free, min(best, len(prompt) - 1))
+        best = plans[donor.sequence if donor is not None else slot.sequence].keep
+        placed = self._from_cache(prompt, free, best)
+        source: str | None
         if placed is not None:
-            slot, keep = placed
-            source: str | None = self._last_tier
+            slot, keep, source = placed
         else:
             keep = self._from_slots(slot, donor, prompt)
             source = "slot" if keep else None
-        slot.hints.update(h for h in hints if keep < h < len(prompt))
-        slot.hints.add(len(prompt) - 1)
+        slot.due = self._due(prompt, hints, keep)
         if self.cache is not None:
             if source == "slot":
                 self.cache.counts["slot"].hits += 1
@@ -109,8 +118,31 @@ class SlotReuse:
                 self.cache.misses += 1
         return slot, keep, source
 
-    def _from_cache(self, prompt: list[int], free: list[Slot], in_slots: int) -> tuple[Slot, int] | None:
-        """A free slot given the cache's best entry for the prompt, if it beats what the slots hold."""
+    def worth_waiting(self, prompt: list[int], slots: list[Slot]) -> bool:
+        """Whether a slot still reading a prompt will soon hold much more of this one than any place does now."""
+        reading = [s for s in slots if s.job is not None and s.pending]
+        if not reading or len(prompt) < WAIT_MIN_GAIN:
+            return False
+        coming = max(_common_prefix(s.cached + s.pending, prompt) for s in reading)
+        now = max(self._plan(s, prompt).keep for s in slots)
+        if coming - now < WAIT_MIN_GAIN:
+            return False
+        if self.cache is not None:
+            now = max(now, self.cache.best(prompt)[1])
+        return coming - now >= WAIT_MIN_GAIN
+
+    def _plan(self, slot: Slot, prompt: list[int]) -> Plan:
+        """How much of the prompt a slot can serve (at least its last token is read again: it gives the logits)."""
+        keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+        if keep <= 0:
+            return Plan(0)
+        if self.states is None or self.states.window_kept(slot.sequence, keep):
+            return Plan(keep)
+        below = [p for p in slot.checkpoints if p <= keep]
+        return Plan(max(below), max(below)) if below else Plan(0)
+
+    def _from_cache(self, prompt: list[int], free: list[Slot], in_slots: int) -> tuple[Slot, int, str] | None:
+        """A free slot given the cache's best entry for the prompt, if it beats what the slots hold, and its tier."""
         if self.cache is None:
             return None
         entry, served = self.cache.best(prompt)
@@ -119,30 +151,69 @@ class SlotReuse:
         target = min(free, key=lambda s: s.last_used)
         self.save(target)  # what it held goes to the cache, not away
         kept = self._restore(target, entry, served)
-        self._last_tier = entry.tier
-        return (target, kept) if kept else None
+        return (target, kept, entry.tier) if kept else None
 
     def _from_slots(self, slot: Slot, donor: Slot | None, prompt: list[int]) -> int:
-        """Cut a slot to what it shares with the prompt (first sharing a longer prefix another slot holds)."""
-        shared = self._reusable(slot, prompt)  # (again: a failed restore from the cache may have emptied it)
-        if donor is not None and self._reusable(donor, prompt) >= shared + MIN_PREFIX_TO_SHARE:
-            shared = self._reusable(donor, prompt)
+        """Cut a slot to what it can serve of the prompt (first sharing a longer prefix another slot holds)."""
+        plan = self._plan(slot, prompt)  # (again: a failed restore from the cache may have emptied it)
+        if donor is not None and (shared := self._plan(donor, prompt)).keep >= plan.keep + MIN_PREFIX_TO_SHARE:
             self.save(slot)
-            self.backend.copy_prefix(donor.sequence, slot.sequence, shared)
-            slot.cached = donor.cached[:shared]
-            slot.floor = donor.floor
-            slot.hints = {h for h in donor.hints if h <= shared}
-            slot.checkpoints = {p: s for p, s in donor.checkpoints.items() if p <= shared}
+            length = shared.checkpoint if shared.checkpoint is not None else shared.keep
+            self.backend.copy_prefix(donor.sequence, slot.sequence, length)
+            slot.cached = donor.cached[:length]
+            slot.checkpoints = {p: s for p, s in donor.checkpoints.items() if p <= length}
             slot.saved = 0
-        # At least the prompt's last token is decoded again: its logits give the first new token.
-        keep = min(shared, len(prompt) - 1)
-        if len(slot.cached) - keep >= SAVE_MIN_LOSS:
+            plan = shared
+        elif len(slot.cached) - plan.keep >= SAVE_MIN_LOSS:
             self.save(slot)
-        if keep <= 0 or not self.backend.forget(slot.sequence, keep) or self._start_lost(slot):
-            self.backend.forget(slot.sequence)
-            keep = 0
+        keep = self._cut(slot, plan)
         slot.cut(keep)
         return keep
+
+    def _cut(self, slot: Slot, plan: Plan) -> int:
+        """Cut a slot's sequence as planned; how many tokens it then holds (0 when it could not)."""
+        keep, checkpoint = plan
+        if keep > 0 and checkpoint is not None and self.states is not None:
+            state = slot.checkpoints.get(checkpoint)
+            if state is not None and self.states.cut(slot.sequence, keep):
+                if self.states.restore(slot.sequence, state, partial=True):
+                    return keep
+        elif keep > 0 and self.backend.forget(slot.sequence, keep) and not self._start_lost(slot, keep):
+            return keep
+        self.backend.forget(slot.sequence)
+        return 0
+
+    def _start_lost(self, slot: Slot, keep: int) -> bool:
+        """Whether the sequence's start (or, with a sliding window, the window before `keep`) is gone."""
+        if self.states is not None:
+            return not self.states.window_kept(slot.sequence, keep)
+        return self.backend.first_position(slot.sequence) > 0
+
+    def _due(self, prompt: list[int], hints: Sequence[int], keep: int) -> list[int]:
+        """Where to take checkpoints as the prompt is read: the positions the engine named, and its last token."""
+        if self.states is None or not self.states.windowed or len(prompt) < SAVE_MIN_TOKENS:
+            return []
+        return sorted({h for h in hints if keep < h < len(prompt)} | {len(prompt) - 1} - {keep})
+
+    # --- checkpoints as prompts are read ---------------------------------------------------
+
+    def take_checkpoints(self, slots: list[Slot]) -> None:
+        """After a decode step: the sliding-window state of each slot that has just read up to a due position."""
+        if self.states is None:
+            return
+        for slot in slots:
+            while slot.due and slot.due[0] < len(slot.cached):
+                slot.due.pop(0)  # passed without a stop there (the chunk was cut short for another reason)
+            if slot.due and slot.due[0] == len(slot.cached):
+                position = slot.due.pop(0)
+                state = self.states.save(slot.sequence, partial=True)
+                if state is not None:
+                    slot.checkpoints[position] = state
+                    if len(slot.checkpoints) > MAX_CHECKPOINTS:
+                        positions = sorted(slot.checkpoints)
+                        del slot.checkpoints[positions[len(positions) // 2]]  # keep the first and the latest
+
+    # --- saving -------------------------------------------------------------------------
 
     def save(self, slot: Slot) -> None:
         """Put what a slot holds into the cache (and so, if long, on disk), unless the cache has it already."""
@@ -155,7 +226,7 @@ class SlotReuse:
         state = self.states.save(slot.sequence)
         if state is None:
             return
-        checkpoints = self._checkpoints(slot) if self.states.windowed else ()
+        checkpoints = tuple(Checkpoint(p, s) for p, s in sorted(slot.checkpoints.items()) if p < len(tokens))
         size = len(state) + sum(len(c.state) for c in checkpoints if c.state is not None)
         self.cache.save(CacheEntry(np.asarray(tokens, dtype=np.int32), state, checkpoints, size))
         slot.saved = len(tokens)
@@ -164,7 +235,7 @@ class SlotReuse:
     def idle_slot(self, slots: list[Slot]) -> Slot | None:
         """A slot whose long conversation the disk tier lacks, to save while nothing else runs."""
         cache = self.cache
-        if cache is None or cache.disk is None or not getattr(cache.disk, "enabled", True):
+        if cache is None or cache.disk is None or not cache.disk.enabled:
             return None
         for slot in slots:
             grown = len(slot.cached) >= slot.saved * (1 + PERSIST_GROWTH) + 1
@@ -178,84 +249,31 @@ class SlotReuse:
         self.save(slot)
         slot.saved = len(slot.cached)  # tried: not again until it grows
 
-    def _reusable(self, slot: Slot, prompt: list[int]) -> int:
-        """How many of the prompt's tokens a slot holds and can be cut to."""
-        shared = _common_prefix(slot.cached, prompt)
-        return shared if min(shared, len(prompt) - 1) >= slot.floor else 0
-
-    def _start_lost(self, slot: Slot) -> bool:
-        """Whether the sequence's start is gone when it should not be (so its cells cannot be reused)."""
-        return slot.floor == 0 and self.backend.first_position(slot.sequence) > 0
-
     def _restore(self, slot: Slot, entry: CacheEntry, served: int) -> int:
         """Put an entry's state into a slot, cut to `served` tokens; how many it holds then (0: it failed)."""
         assert self.cache is not None and self.states is not None
         loaded = self.cache.load(entry)
-        if loaded is None or loaded.state is None:
+        if loaded is None or loaded.state is None or not self.states.restore(slot.sequence, loaded.state):
+            if loaded is not None and loaded.state is not None:
+                log.warning("prompt cache: a saved state of %d tokens did not restore; dropping it", len(loaded))
+                self.cache.discard(loaded)
             self.backend.forget(slot.sequence)
             slot.cut(0)
             return 0
-        if not self.states.restore(slot.sequence, loaded.state):
-            log.warning("prompt cache: a saved state of %d tokens did not restore; dropping it", len(loaded))
-            self.cache.discard(loaded)
-            slot.cut(0)
-            return 0
-        length = len(loaded)
-        windowed = self.states.windowed
-        floor = length - 1 if windowed else 0
-        if served < length:
-            checkpoint = next((c for c in loaded.checkpoints if c.position == served), None)
-            if windowed and served < length - 1:
-                if checkpoint is None or checkpoint.state is None:
-                    self.backend.forget(slot.sequence)
-                    slot.cut(0)
-                    return 0
-                cut_ok = self.states.cut(slot.sequence, served)
-                if not cut_ok or not self.states.restore(slot.sequence, checkpoint.state, partial=True):
-                    self.backend.forget(slot.sequence)
-                    slot.cut(0)
-                    return 0
-                floor = served
-            elif not self.states.cut(slot.sequence, served):
-                self.backend.forget(slot.sequence)
-                slot.cut(0)
-                return 0
-        slot.cached = [int(t) for t in loaded.tokens[:served]]
-        slot.floor = min(floor, served)
-        slot.checkpoints = {
-            c.position: c.state for c in loaded.checkpoints if c.state is not None and c.position <= served
-        }
-        slot.hints = set()
-        slot.saved = served if served == length else 0
+        slot.cached = [int(t) for t in loaded.tokens]
+        slot.checkpoints = {c.position: c.state for c in loaded.checkpoints if c.state is not None}
+        slot.saved = len(loaded)
+        checkpoint = served if self.states.windowed and served < len(loaded) - 1 else None
+        kept = self._cut(slot, Plan(served, checkpoint)) if served < len(loaded) else served
+        slot.cut(kept)
         log.debug(
-            "prompt cache: put back %d of %d tokens from %s into slot %d (floor %d)",
-            served,
-            length,
-            loaded.tier,
-            slot.sequence,
-            slot.floor,
+            "prompt cache: put back %d of %d tokens from %s into slot %d", kept, len(loaded), loaded.tier, slot.sequence
         )
-        counts = self.cache.counts[loaded.tier]
-        counts.hits += 1
-        counts.restored_bytes += loaded.size
-        return served
-
-    def _checkpoints(self, slot: Slot) -> tuple[Checkpoint, ...]:
-        """Checkpoints of a slot's conversation: those it inherited, and new ones where its requests suggest."""
-        assert self.states is not None
-        length = len(slot.cached)
-        wanted = {h for h in slot.hints if slot.floor < h < length}
-        if length - TAIL_CHECKPOINT > slot.floor:
-            wanted.add(length - TAIL_CHECKPOINT)
-        positions = sorted(wanted | {p for p in slot.checkpoints if p < length})
-        if len(positions) > MAX_CHECKPOINTS:
-            positions = positions[:2] + positions[-(MAX_CHECKPOINTS - 2) :]
-        checkpoints = []
-        for position in positions:
-            state = slot.checkpoints.get(position) or self.states.checkpoint(slot.sequence, position)
-            if state is not None:
-                checkpoints.append(Checkpoint(position, state))
-        return tuple(checkpoints)
+        if kept:
+            counts = self.cache.counts[loaded.tier]
+            counts.hits += 1
+            counts.restored_bytes += loaded.size
+        return kept
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
