@@ -16,6 +16,10 @@ Then a restart: sovereign is stopped and started again on the same home, and the
 a session that shares the prefix is timed against the replay's very first (cold) request.
 llama-server is restarted too, for comparison (it keeps no cache across restarts).
 
+With --cache-ram SIZE, sovereign's memory tier gets that budget (small enough and the replay
+overflows it); the model process's resident memory is sampled throughout and its peak reported, to
+show the tier stays within its budget.
+
 Targets (TARGETS below): sovereign's TTFT p50 at most half of llama-server's, its total time at
 most 0.7 of it, and the first request after a restart at most 0.1 of a cold one.
 """
@@ -71,6 +75,8 @@ class Run:
     total_seconds: float = 0.0
     cold_ttft: float = 0.0
     restart_ttft: float | None = None
+    peak_rss: int | None = None  # bytes: the model process's (sovereign only)
+    start_rss: int | None = None
 
     def ttft_p50(self) -> float:
         return statistics.median(t.ttft for t in self.turns)
@@ -169,6 +175,37 @@ def sovereign_home(model: str) -> Path:
     return home
 
 
+class RssSampler:
+    """The resident memory of sovereign's model process (found by its command line), sampled twice a second."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    if b"sovereign.engine.runtime.worker" not in (proc / "cmdline").read_bytes():
+                        continue
+                    for line in (proc / "status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            self.samples.append(int(line.split()[1]) * 1024)
+                except OSError:
+                    continue
+
+
 def measure(
     name: str, command: list[str], args: argparse.Namespace, system: str, logs: Path, env: dict[str, str] | None = None
 ) -> Run:
@@ -178,8 +215,14 @@ def measure(
     saved = dict(os.environ)
     os.environ.update(env or {})
     try:
-        with running(name, command, logs) as url:
+        with running(name, command, logs) as url, RssSampler() as rss:
+            deadline = time.monotonic() + 10
+            while not rss.samples and time.monotonic() < deadline:
+                time.sleep(0.2)
+            start = rss.samples[0] if rss.samples else None
             run = asyncio.run(replay(url, name, args, system))
+        if rss.samples:
+            run.start_rss, run.peak_rss = start, max(rss.samples)
         with running(f"{name}-restarted", command, logs) as url:
             run.restart_ttft = asyncio.run(restarted(url, args, system))
         print(f"  {name} after a restart: TTFT {run.restart_ttft:.2f}s (cold was {run.cold_ttft:.2f}s)", flush=True)
@@ -187,6 +230,11 @@ def measure(
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def extra_args(command: list[str], extra: list[str]) -> list[str]:
+    """A server command with more options."""
+    return [*command, *extra]
 
 
 def report(runs: dict[str, Run]) -> dict[str, Any]:
@@ -197,6 +245,12 @@ def report(runs: dict[str, Run]) -> dict[str, Any]:
         print(
             f"{run.server:14}{run.ttft_p50():9.2f}s{run.ttft_p90():9.2f}s{run.total_seconds:8.1f}s{run.cold_ttft:10.2f}s{restart:>14}"
         )
+    for run in runs.values():
+        if run.peak_rss is not None:
+            print(
+                f"{run.server}: model process resident memory {(run.start_rss or 0) >> 20} MiB at start, "
+                f"{run.peak_rss >> 20} MiB at its peak"
+            )
     verdicts: dict[str, Any] = {}
     ours = runs.get("sovereign")
     peer = runs.get("llama-server")
@@ -226,6 +280,7 @@ def main() -> int:
     parser.add_argument(
         "--repack", type=int, choices=(0, 1), default=1, help="0: llama.cpp's safe kernels (some Xeons)"
     )
+    parser.add_argument("--cache-ram", help="sovereign's --cache-ram (e.g. 256MiB, to watch it stay within it)")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
     system = shared_prefix(args.prefix_tokens)
@@ -239,9 +294,11 @@ def main() -> int:
     with ExitStack():
         if not args.skip_sovereign:
             home = sovereign_home(args.model)
+            extra = ["--cache-ram", args.cache_ram] if args.cache_ram else []
             command = sovereign_command(
                 args.model, args.threads, args.ctx, args.parallel, extra_buffers="auto" if args.repack else "off"
             )
+            command = extra_args(command, extra)
             runs["sovereign"] = measure("sovereign", command, args, system, logs, {"SOVEREIGN_HOME": str(home)})
         if args.llama_server:
             command = llama_server_command(

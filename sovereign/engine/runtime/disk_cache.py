@@ -41,6 +41,7 @@ SUFFIX = ".kv"
 MIN_TOKENS = 1024  # shorter prompts are read again quickly enough: not worth a file
 PENDING_WRITES = 2  # entries waiting for the writer; more are not written (their memory is the RAM tier's)
 STALE_TEMPORARY_SECONDS = 3600.0  # a temporary file this old was left by a process that died mid-write
+WRITER_NICENESS = 10  # the writer's checksums and copies yield the CPU to llama.cpp's threads
 _LENGTH = struct.Struct("<I")
 # The OS errors that mean "this home cannot take cache files": the tier is turned off rather than retried.
 _UNWRITABLE = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
@@ -148,6 +149,8 @@ class DiskTier:
     # --- the writer's side ------------------------------------------------------------
 
     def _write_forever(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # (Linux: a thread's own priority) decoding comes first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
         while (entry := self._queue.get()) is not None:
             if not self.enabled:
                 continue

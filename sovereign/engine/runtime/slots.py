@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 
 # Sharing another slot's prefix costs a cache walk: only worth it for a real head start.
 MIN_PREFIX_TO_SHARE = 16
-# Putting a saved state back costs a copy of all of it: it must beat the slots' own reuse by this much.
-MIN_CACHE_GAIN = 64
-# A slot's content is saved when at least this much of it would be lost (and it has at least SAVE_MIN_TOKENS).
-SAVE_MIN_LOSS = 64
+# Putting a saved state back costs a copy of all of it (tens of milliseconds for 20k tokens), less than
+# reading a few tokens again at such a depth: it must beat the slots' own reuse by this much.
+MIN_CACHE_GAIN = 16
+# A slot's content is saved when at least this much of it would be lost (and it has at least SAVE_MIN_TOKENS):
+# a conversation's next turn then starts from its own answer instead of reading it again.
+SAVE_MIN_LOSS = 16
 SAVE_MIN_TOKENS = 256
 # An idle slot already saved is saved again once its conversation has grown by this share.
 PERSIST_GROWTH = 0.25
