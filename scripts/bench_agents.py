@@ -77,6 +77,8 @@ class Run:
     restart_ttft: float | None = None
     peak_rss: int | None = None  # bytes: the model process's (sovereign only)
     start_rss: int | None = None
+    end_rss: int | None = None
+    cache_ram_bytes: int | None = None  # what the memory tier held at the end, as /metrics says
 
     def ttft_p50(self) -> float:
         return statistics.median(t.ttft for t in self.turns)
@@ -175,6 +177,14 @@ def sovereign_home(model: str) -> Path:
     return home
 
 
+def cache_bytes(url: str) -> int | None:
+    """What sovereign's prompt cache holds in memory now, from /metrics (None for a server without it)."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("sovereign_prompt_cache_bytes{") and 'tier="ram"' in line:
+            return int(float(line.split()[-1]))
+    return None
+
+
 class RssSampler:
     """The resident memory of sovereign's model process (found by its command line), sampled twice a second."""
 
@@ -221,8 +231,10 @@ def measure(
                 time.sleep(0.2)
             start = rss.samples[0] if rss.samples else None
             run = asyncio.run(replay(url, name, args, system))
+            time.sleep(1.0)
+            run.cache_ram_bytes = cache_bytes(url)
         if rss.samples:
-            run.start_rss, run.peak_rss = start, max(rss.samples)
+            run.start_rss, run.peak_rss, run.end_rss = start, max(rss.samples), rss.samples[-1]
         with running(f"{name}-restarted", command, logs) as url:
             run.restart_ttft = asyncio.run(restarted(url, args, system))
         print(f"  {name} after a restart: TTFT {run.restart_ttft:.2f}s (cold was {run.cold_ttft:.2f}s)", flush=True)
@@ -249,7 +261,8 @@ def report(runs: dict[str, Run]) -> dict[str, Any]:
         if run.peak_rss is not None:
             print(
                 f"{run.server}: model process resident memory {(run.start_rss or 0) >> 20} MiB at start, "
-                f"{run.peak_rss >> 20} MiB at its peak"
+                f"{run.peak_rss >> 20} MiB at its peak, {(run.end_rss or 0) >> 20} MiB at the end, when the "
+                f"memory tier held {(run.cache_ram_bytes or 0) >> 20} MiB"
             )
     verdicts: dict[str, Any] = {}
     ours = runs.get("sovereign")
