@@ -291,18 +291,20 @@ class Engine(EngineAPI):
         """
         template = model.template
         active_tools = request.tools if request.tool_choice.mode != "none" else []
-        messages = tool_calls.as_template_messages(
-            conversation.normalize(request.messages), active_tools, native=template.supports_tools
-        )
         tools = active_tools if template.supports_tools else None
         kwargs = request.all_template_kwargs()
-        users = [i for i, m in enumerate(messages) if m.get("role") == "user" and isinstance(m.get("content"), str)]
+        # The messages as the client sent them: a system note folded in front of a user turn is shared
+        # context, and the cut belongs where the user's own text begins.
+        users = [i for i, m in enumerate(request.messages) if m.get("role") == "user" and _marked(m) is not None]
         cuts = set()
         for index in {users[0], users[-1]} if users else set():
-            changed = [dict(m) for m in messages]
-            changed[index]["content"] = "\u2063" + changed[index]["content"]  # invisible: no template trims it
+            changed = [dict(m) for m in request.messages]
+            changed[index] = _marked(changed[index]) or changed[index]
+            messages = tool_calls.as_template_messages(
+                conversation.normalize(changed), active_tools, native=template.supports_tools
+            )
             try:
-                other = _render_as_allowed(template, changed, tools, kwargs)
+                other = _render_as_allowed(template, messages, tools, kwargs)
             except InvalidRequest:
                 continue
             for at, (a, b) in enumerate(zip(segments, other, strict=False)):
@@ -416,6 +418,19 @@ class Engine(EngineAPI):
             )
         finally:
             stream.cancel()
+
+
+def _marked(message: dict[str, Any]) -> dict[str, Any] | None:
+    """The message with an invisible mark in front of its text (no template trims it); None if it has no text."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": "\u2063" + content}
+    if isinstance(content, list) and content and isinstance(content[0], dict) and content[0].get("type") == "text":
+        return {
+            **message,
+            "content": [{**content[0], "text": "\u2063" + str(content[0].get("text", ""))}, *content[1:]],
+        }
+    return None
 
 
 def _render_as_allowed(
