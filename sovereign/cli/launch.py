@@ -11,7 +11,7 @@ from rich.console import Console
 from sovereign.catalog import Catalog
 from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT, Settings
 from sovereign.engine import ModelPool, PoolOptions
-from sovereign.engine.wire import LoadOptions
+from sovereign.engine.wire import LoadOptions, Speculate
 from sovereign.errors import ModelNotFound, SovereignError
 from sovereign.model_routes import ModelRoutes
 from sovereign.refs import parse_name
@@ -93,6 +93,7 @@ class EngineOptions:
     timeout: float | None = DEFAULT_TIMEOUT
     cache_ram: int | None = None  # bytes for the prompt cache in memory; None: the default, 0: off
     cache_disk: int | None = None  # and on disk
+    speculate: Speculate = Speculate.auto
 
     def validate(self) -> None:
         checks = (
@@ -124,6 +125,7 @@ def build_pool(
         cache_ram=options.cache_ram,
         cache_disk=options.cache_disk,
         cache_dir=str(settings.prompt_cache_dir),
+        speculate=options.speculate,
     )
     pool_options = PoolOptions(
         load=load,

@@ -12,6 +12,7 @@ import typer
 
 from sovereign.cli.common import Core, err, friendly_errors
 from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT
+from sovereign.engine.wire import Speculate
 
 
 class ReasoningFormat(StrEnum):
@@ -73,6 +74,15 @@ CacheDiskOption = Annotated[
         " restarts (default: the smaller of 16GiB and a quarter of free space; 0: off).",
     ),
 ]
+SpeculateOption = Annotated[
+    Speculate,
+    typer.Option(
+        "--speculate",
+        help="Speculative decoding: guess tokens by n-gram lookup in the context and check them in one batch"
+        " (same output, faster when an answer repeats its prompt). auto: while few requests run at once;"
+        " ngram: always; off: never.",
+    ),
+]
 
 
 @friendly_errors
@@ -102,6 +112,7 @@ def serve(
     threads: ThreadsOption = None,
     cache_ram: CacheRamOption = None,
     cache_disk: CacheDiskOption = None,
+    speculate: SpeculateOption = Speculate.auto,
     keep_alive: Annotated[
         str,
         typer.Option(
@@ -235,7 +246,7 @@ def serve(
         allowed_hosts_for(host, allowed_hosts),
         parse_size(max_body),
     )  # bad values fail before any loading
-    serving = {"parallel": parallel, "max_queue": max_queue, "timeout": timeout or None}
+    serving = {"parallel": parallel, "max_queue": max_queue, "timeout": timeout or None, "speculate": speculate}
     options = _engine_options(
         ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive, (cache_ram, cache_disk), **serving
     )
@@ -330,6 +341,7 @@ def run(
     threads: ThreadsOption = None,
     cache_ram: CacheRamOption = None,
     cache_disk: CacheDiskOption = None,
+    speculate: SpeculateOption = Speculate.auto,
 ) -> None:
     """Chat with a model in the terminal, or answer one prompt."""
     from sovereign.cli.launch import build_pool, ensure_pulled
@@ -341,7 +353,9 @@ def run(
     pool = build_pool(
         core.store,
         core.catalog,
-        _engine_options(ctx, gpu_layers, threads, 1, "-1", (cache_ram, cache_disk), parallel=1, timeout=None),
+        _engine_options(
+            ctx, gpu_layers, threads, 1, "-1", (cache_ram, cache_disk), parallel=1, timeout=None, speculate=speculate
+        ),
         core.settings,
     )
     sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)

@@ -304,6 +304,7 @@ class ModelProcess:
                 self.last_used = time.monotonic()
                 stream.stats.cached_tokens = item[3]
                 stream.stats.cache_source = item[5]
+                stream.stats.drafted_tokens, stream.stats.accepted_tokens = item[6], item[7]
                 if stream.stats.started is None:
                     stream.stats.started = stream.stats.submitted + item[4]
                 stream.end(None if item[2] is None else wire.error_from_wire(item[2]))

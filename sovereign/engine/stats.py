@@ -23,6 +23,8 @@ class RequestStats:
     cached_tokens: int = 0  # prompt tokens reused from the KV cache instead of recomputed
     cache_source: str | None = None  # where they came from: slot, ram or disk (the prompt cache's tiers)
     generated_tokens: int = 0
+    drafted_tokens: int = 0  # speculative decoding: tokens guessed by n-gram lookup, and how many the model kept
+    accepted_tokens: int = 0
     token_gaps: list[float] = field(default_factory=list)  # seconds between consecutive tokens
     finish_reason: str | None = None  # stop, length, tool_calls; None if cancelled or failed
 
@@ -56,6 +58,9 @@ class RequestStats:
             parts.append(f"ttft={self.ttft_seconds:.3f}s")
         if (speed := self.decode_tokens_per_second) is not None:
             parts.append(f"decode={speed:.1f}tok/s")
+        if self.drafted_tokens:
+            rate = self.accepted_tokens / self.drafted_tokens
+            parts.append(f"drafted={self.drafted_tokens} accepted={self.accepted_tokens} ({rate:.0%})")
         parts.append(f"finish={self.finish_reason or 'cancelled'}")
         return " ".join(parts)
 

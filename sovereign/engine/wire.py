@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 from sovereign.engine.requests import GrammarTrigger, SamplingParams, TokenLogprob
@@ -31,6 +32,14 @@ MAX_FRAME_BYTES = 1 << 30
 
 
 # --- shared values ------------------------------------------------------------------------
+
+
+class Speculate(StrEnum):
+    """When a model's process drafts tokens to verify in one batch (runtime/speculation.py)."""
+
+    auto = "auto"  # n-gram drafts while the batch is small (at high concurrency verifying drafts costs throughput)
+    ngram = "ngram"  # n-gram drafts whatever the load
+    off = "off"
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class LoadOptions:
     cache_disk: int | None = None
     cache_dir: str | None = None
     model_id: str = ""
+    speculate: Speculate = Speculate.auto
 
 
 @dataclass(frozen=True)

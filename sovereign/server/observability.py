@@ -44,6 +44,15 @@ class Metrics:
             "sovereign_prompt_tokens_cached", "Prompt tokens reused from the KV cache.", ["model"], registry=r
         )
         self.generated_tokens = Counter("sovereign_generated_tokens", "Tokens generated.", ["model"], registry=r)
+        self.drafted_tokens = Counter(
+            "sovereign_speculative_drafted_tokens", "Tokens guessed by speculative decoding.", ["model"], registry=r
+        )
+        self.accepted_tokens = Counter(
+            "sovereign_speculative_accepted_tokens",
+            "Guessed tokens the model drew itself (kept: each saved a decode step).",
+            ["model"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "sovereign_time_to_first_token_seconds",
             "From submission to the first token.",
@@ -68,6 +77,8 @@ class Metrics:
             self.prompt_tokens.labels(stats.model).inc(stats.prompt_tokens)
             self.cached_tokens.labels(stats.model).inc(stats.cached_tokens)
             self.generated_tokens.labels(stats.model).inc(stats.generated_tokens)
+            self.drafted_tokens.labels(stats.model).inc(stats.drafted_tokens)
+            self.accepted_tokens.labels(stats.model).inc(stats.accepted_tokens)
             if (ttft := stats.ttft_seconds) is not None:
                 self.ttft.labels(stats.model).observe(ttft)
             itl = self.itl.labels(stats.model)

@@ -203,6 +203,7 @@ class LlamaBackend:
             self.model.model
         )
         self.states = None if recurrent else SequenceStates(llama_cpp, self.ctx.ctx, self.memory, window=self.n_swa)
+        self.can_drop_tail = not recurrent  # speculation removes a rejected draft's cells (llama.cpp #20039)
         self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._embedding_ctx: LlamaContext | None = None
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)

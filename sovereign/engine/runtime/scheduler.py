@@ -7,6 +7,10 @@ reuses them (slots.py: from the slot, another slot, or the prompt cache beyond t
 chat's next turn reads only its new tokens. While nothing runs, long conversations still in the
 slots are saved to the prompt cache's disk tier.
 
+While few slots generate, each one's next token travels with a draft: the tokens that followed the
+same few tokens earlier in its context (speculation.py). The step's logits check the whole draft at
+once, the slot keeps as much of it as its own draws agree with, and the rest leaves the KV cache.
+
 It runs inside a model's own process (worker.py) and knows nothing of asyncio: each generation's
 tokens go to a TokenSink, and the worker sends what a step produced as one message.
 """
@@ -28,8 +32,9 @@ from sovereign.engine.requests import SamplingParams
 from sovereign.engine.runtime.backend import BatchEntry, LlamaBackend
 from sovereign.engine.runtime.prompt_cache import PromptCache
 from sovereign.engine.runtime.slots import Slot, SlotReuse
+from sovereign.engine.runtime.speculation import AUTO_MAX_GENERATING, DRAFT_MAX, StepCosts, expected_kept
 from sovereign.engine.stats import RequestStats
-from sovereign.engine.wire import Step
+from sovereign.engine.wire import Speculate, Step
 from sovereign.errors import EngineError, InvalidRequest, RequestTimedOut, ServerBusy
 
 if TYPE_CHECKING:
@@ -82,8 +87,13 @@ class BatchScheduler:
         timeout: float | None = None,
         after_step: Callable[[], None] | None = None,
         cache: PromptCache | None = None,
+        speculate: Speculate = Speculate.off,
+        costs: StepCosts | None = None,
     ) -> None:
         self.backend = backend
+        # drafts need a tail of the KV cache dropped when rejected, which recurrent models cannot do
+        self.speculate = speculate if backend.can_drop_tail else Speculate.off
+        self.costs = costs or StepCosts()  # what steps of each width take: whether a draft pays
         self.max_queue = max_queue
         self.timeout = timeout
         self._after_step = after_step or (lambda: None)  # the worker sends one message per step from here
@@ -228,6 +238,7 @@ class BatchScheduler:
             return
         started = time.monotonic()
         self.backend.decode(entries)
+        self.costs.record(len(entries), time.monotonic() - started)
         self._reuse.take_checkpoints(self._slots)
         ended = time.monotonic()
         sampled = self._sample(ended)
@@ -287,6 +298,7 @@ class BatchScheduler:
         slot, keep, source = self._reuse.take(job.prompt, job.hints, free, self._slots)
         slot.pending = job.prompt[keep:]
         slot.job = job
+        slot.drafter.reset()
         self._admissions += 1
         slot.admitted = self._admissions
         job.stream.stats.started = max(now, job.stream.stats.submitted)  # (a request may arrive mid-step)
@@ -309,12 +321,13 @@ class BatchScheduler:
         the others, oldest request first.
         """
         entries: list[BatchEntry] = []
-        for slot in self._slots:
-            if slot.job is not None and slot.next_token is not None:
-                slot.logits_index = len(entries)
-                entries.append(BatchEntry(slot.next_token, len(slot.cached), slot.sequence, True))
-                slot.cached.append(slot.next_token)
-                slot.next_token = None
+        generating = [slot for slot in self._slots if slot.job is not None and slot.next_token is not None]
+        for slot in generating:
+            assert slot.next_token is not None
+            slot.logits_index = len(entries)
+            entries.append(BatchEntry(slot.next_token, len(slot.cached), slot.sequence, True))
+            slot.cached.append(slot.next_token)
+            slot.next_token = None
         room = self.backend.n_batch - len(entries)
         if entries:
             room = min(room, PREFILL_CHUNK_WHILE_DECODING)
@@ -336,49 +349,118 @@ class BatchScheduler:
             slot.cached.extend(chunk)
             del slot.pending[: len(chunk)]
             room -= len(chunk)
+        if self._drafting(len(generating)):
+            self._add_drafts(generating, entries)
         return entries
 
+    def _drafting(self, generating: int) -> bool:
+        """Whether this step carries drafts."""
+        if self.speculate is Speculate.off:
+            return False
+        return self.speculate is Speculate.ngram or generating <= AUTO_MAX_GENERATING
+
+    def _add_drafts(self, generating: list[Slot], entries: list[BatchEntry]) -> None:
+        """Append each generating slot's guess at what follows its next token, with logits to check it by.
+
+        A guess goes in as far as the tokens it is expected to save outweigh the time it adds to the step
+        (StepCosts); one left out is kept as the drafter's shadow, to learn how good its guesses are.
+        A draft never runs past the request's budget, so its positions stay within the slot's context:
+        the KV cache has room for them as it has for the tokens they guess.
+        """
+        tokens = float(len(generating))  # the step's expected yield so far
+        for slot in generating:
+            job, drafter = slot.job, slot.drafter
+            if job is None or job.stream.forced:
+                continue
+            # every accepted draft token is also a generated one: stay within the request's budget
+            limit = min(
+                DRAFT_MAX, self.backend.n_batch - len(entries), job.budget - job.stream.stats.generated_tokens - 1
+            )
+            guess = drafter.guess(slot.cached, limit)
+            length = self.costs.best_draft(len(entries), tokens, drafter.acceptance, len(guess)) if guess else 0
+            if length == 0:
+                drafter.shadow(guess)
+                continue
+            drafter.drop_shadow()
+            slot.draft = guess[:length]
+            slot.draft_index = len(entries)
+            base = len(slot.cached)
+            entries.extend(BatchEntry(token, base + i, slot.sequence, True) for i, token in enumerate(slot.draft))
+            slot.cached.extend(slot.draft)
+            tokens += expected_kept(drafter.acceptance, length)
+
     def _sample(self, now: float) -> int:
-        """Draw each ready slot's next token and hand it to its stream; returns how many were drawn."""
+        """Draw each ready slot's next tokens and hand them to its stream; returns how many were drawn."""
         drawn = 0
         for slot in self._slots:
             index, slot.logits_index = slot.logits_index, None
+            draft, slot.draft = slot.draft, []
+            if index is None or slot.job is None:
+                continue
             job = slot.job
-            if index is None or job is None:
-                continue
-            if job.stream.cancelled:
-                self._finish(slot, now)
-                continue
-            params = job.params
-            row = self.backend.logprob_row(index) if params.logprobs is not None else None
-            try:
-                if job.stream.forced and not self.backend.admits(job.sampler, job.stream.forced[0]):
-                    # the output format allows no such marker here (it closed the block itself)
-                    job.stream.forced.clear()
-                token = self._forced(job) if job.stream.forced else self.backend.sample(job.sampler, index)
-            except (
-                InvalidRequest
-            ) as exc:  # its output format can go no further (bias against grammar, time budget): it alone ends
-                self._finish(slot, now, exc)
-                continue
-            step = self.backend.step(token, row, params.logprobs, special=params.special_pieces)
-            stats = job.stream.stats
-            if stats.first_token is None:
-                stats.first_token = now
-            else:
-                stats.token_gaps.append(now - job.last_token_at)
-            job.last_token_at = now
-            job.stream.push(step)
-            drawn += 1
-            if step.end_of_generation:
-                self._finish(slot, now)
-                continue
-            stats.generated_tokens += 1
-            if stats.generated_tokens >= job.budget:
-                self._finish(slot, now)
-            else:
+            # the token after next_token, then one after each draft token while the draws agree with the draft
+            rows = [index, *range(slot.draft_index, slot.draft_index + len(draft))]
+            accepted = 0
+            for offset, row in enumerate(rows):
+                token = self._draw(slot, job, row, now)
+                drawn += token is not None
+                if token is None or token < 0:
+                    break
+                if offset < len(draft) and token == draft[offset]:
+                    accepted += 1  # already in the KV cache at its position: draw the one after it
+                    continue
                 slot.next_token = token
+                break
+            if draft:
+                self._settle_draft(slot, job, len(draft), accepted)
+            elif token is not None and token >= 0:
+                slot.drafter.observe(token)
         return drawn
+
+    def _settle_draft(self, slot: Slot, job: _Job, drafted: int, accepted: int) -> None:
+        """Drop a draft's rejected tail from the slot and the KV cache, and count how it fared."""
+        keep = len(slot.cached) - drafted + accepted
+        if keep < len(slot.cached):
+            del slot.cached[keep:]
+            self.backend.forget(slot.sequence, keep)
+        slot.drafter.record(drafted, accepted)
+        job.stream.stats.drafted_tokens += drafted
+        job.stream.stats.accepted_tokens += accepted
+
+    def _draw(self, slot: Slot, job: _Job, index: int, now: float) -> int | None:
+        """Draw one token from the logits at `index` and push it.
+
+        Returns it while the request goes on, -1 once the request ended with it, None if none was drawn.
+        """
+        if job.stream.cancelled:
+            self._finish(slot, now)
+            return None
+        params = job.params
+        row = self.backend.logprob_row(index) if params.logprobs is not None else None
+        try:
+            if job.stream.forced and not self.backend.admits(job.sampler, job.stream.forced[0]):
+                # the output format allows no such marker here (it closed the block itself)
+                job.stream.forced.clear()
+            token = self._forced(job) if job.stream.forced else self.backend.sample(job.sampler, index)
+        except InvalidRequest as exc:  # its output format can go no further (bias against grammar, time budget)
+            self._finish(slot, now, exc)
+            return None
+        step = self.backend.step(token, row, params.logprobs, special=params.special_pieces)
+        stats = job.stream.stats
+        if stats.first_token is None:
+            stats.first_token = now
+        else:
+            stats.token_gaps.append(now - job.last_token_at)
+        job.last_token_at = now
+        job.stream.push(step)
+        if step.end_of_generation:
+            self._finish(slot, now)
+            return -1
+        stats.generated_tokens += 1
+        if stats.generated_tokens >= job.budget:
+            self._finish(slot, now)
+            return -1
+        return token
 
     def _forced(self, job: _Job) -> int:
         """The next forced token, recorded by the sampler as if drawn (penalties see it)."""
@@ -393,6 +475,7 @@ class BatchScheduler:
         slot.pending = []
         slot.next_token = None
         slot.logits_index = None
+        slot.draft = []
         slot.last_used = now
         if job is not None:
             self._recent_durations.append(now - job.stream.stats.submitted)

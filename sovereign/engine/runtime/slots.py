@@ -26,6 +26,7 @@ import numpy as np
 from sovereign.engine.runtime.disk_cache import MIN_TOKENS as DISK_MIN_TOKENS
 from sovereign.engine.runtime.kv_state import SequenceStates, State
 from sovereign.engine.runtime.prompt_cache import CacheEntry, Checkpoint, PromptCache
+from sovereign.engine.runtime.speculation import NgramDrafter
 
 if TYPE_CHECKING:
     from sovereign.engine.runtime.backend import LlamaBackend
@@ -65,6 +66,9 @@ class Slot:
     checkpoints: dict[int, State] = field(default_factory=dict)  # sliding-window states by position
     due: list[int] = field(default_factory=list)  # positions to take a checkpoint at as the prompt is read
     saved: int = 0  # how many of its tokens the cache holds as an entry already
+    drafter: NgramDrafter = field(default_factory=NgramDrafter)  # speculation's n-gram index over `cached`
+    draft: list[int] = field(default_factory=list)  # tokens guessed after next_token, in this step's batch
+    draft_index: int = 0  # where the draft's first token sits in that batch
 
     def cut(self, keep: int) -> None:
         """Forget what lies past `keep` tokens (the caller cuts the KV cache)."""

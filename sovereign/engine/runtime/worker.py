@@ -29,7 +29,7 @@ from sovereign.engine.runtime.cache_setup import open_prompt_cache
 from sovereign.engine.runtime.prompt_cache import PromptCache
 from sovereign.engine.runtime.scheduler import BatchScheduler
 from sovereign.engine.stats import RequestStats
-from sovereign.engine.wire import Step
+from sovereign.engine.wire import Speculate, Step
 from sovereign.errors import InvalidRequest, SovereignError
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class _Sink:
                 self.stats.cached_tokens,
                 self.stats.queued_seconds or 0.0,
                 self.stats.cache_source,
+                self.stats.drafted_tokens,
+                self.stats.accepted_tokens,
             ]
         )
 
@@ -87,6 +89,7 @@ class Worker:
         max_queue: int,
         timeout: float | None,
         cache: PromptCache | None = None,
+        speculate: Speculate = Speculate.off,
     ) -> None:
         self.backend = backend
         self._writer = writer
@@ -99,7 +102,7 @@ class Worker:
         self._admission = ThreadPoolExecutor(1, thread_name_prefix="admit")
         self._helpers = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="vocab")
         self.scheduler = BatchScheduler(
-            backend, max_queue=max_queue, timeout=timeout, after_step=self.flush, cache=cache
+            backend, max_queue=max_queue, timeout=timeout, after_step=self.flush, cache=cache, speculate=speculate
         )
 
     # --- the scheduler's side -------------------------------------------------------
@@ -272,7 +275,14 @@ def serve(sock: socket.socket) -> int:
     except Exception:
         log.exception("prompt cache: could not open it; serving without one")
         cache = None
-    worker = Worker(backend, writer, max_queue=first["max_queue"], timeout=first.get("timeout"), cache=cache)
+    worker = Worker(
+        backend,
+        writer,
+        max_queue=first["max_queue"],
+        timeout=first.get("timeout"),
+        cache=cache,
+        speculate=Speculate(options.speculate),
+    )
     writer.send({"op": "ready", "facts": facts(backend), "load_seconds": time.monotonic() - started})
     try:
         while (message := wire.read_frame(reader)) is not None:  # EOF: the server has unloaded this model, or died
