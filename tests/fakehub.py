@@ -31,7 +31,13 @@ class FakeRepo:
     corrupt: bool = False  # serve bytes that do not match the advertised sha256
     cut_after: int | None = None  # first `cuts` GETs stop after this many body bytes
     cuts: int = 0
-    bytes_per_second: float | None = None  # throttle, for interrupt tests
+    bytes_per_second: float | None = None  # throttle
+    # Interrupt tests: once this many body bytes of the repo's files went out (over all connections), every
+    # transfer stops, sets `held` and waits for `release`, so a client cannot finish before it is interrupted.
+    hold_after: int | None = None
+    held: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    sent_bytes: int = 0
     accept_ranges: bool = True  # False: ignore Range headers and send no Accept-Ranges (always 200)
     advertise_ranges: bool | None = None  # send Accept-Ranges regardless of accept_ranges (a server that lies)
 
@@ -204,6 +210,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send_body(repo, memoryview(served)[start:end], request)
 
+    def _hold(self, repo: FakeRepo, sent: int) -> None:
+        """Count bytes sent from the repo; past hold_after, wait for the test to release it (two minutes at most)."""
+        with self.hub.lock:
+            repo.sent_bytes += sent
+            holding = repo.hold_after is not None and repo.sent_bytes >= repo.hold_after
+        if holding:
+            repo.held.set()
+            repo.release.wait(120)
+
     def _send_body(self, repo: FakeRepo, body: bytes | memoryview, request: Request) -> None:
         limit = len(body)
         with self.hub.lock:
@@ -219,6 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = view[offset : min(offset + step, limit)]
                 self.wfile.write(chunk)
                 request.body_bytes += len(chunk)
+                self._hold(repo, len(chunk))
                 if repo.bytes_per_second:
                     time.sleep(len(chunk) / repo.bytes_per_second)
                 if cap:

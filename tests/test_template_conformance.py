@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from sovereign.engine.chat_template import ChatTemplate, Segment
+from sovereign.engine.tools import template_tools
 from sovereign.errors import InvalidRequest
 from tests.conftest import GEMMA
 from tests.servers import ServerProcess
@@ -50,6 +51,30 @@ TOOLS = [
             "description": "The local time in a city.",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
         },
+    },
+]
+
+
+# Tools as clients send them: the OpenAI SDK passes a user's dicts through in their own order (strict included),
+# and sovereign's Anthropic and Responses routes write name, description, parameters. The engine must hand them
+# to the template untouched (tools.template_tools), as Hugging Face's renderer receives them.
+CLIENT_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "strict": True,
+        },
+    },
+    {
+        "function": {
+            "parameters": {"properties": {"tz": {"type": "string"}}, "type": "object"},
+            "description": "The local time.",
+            "name": "get_time",
+        },
+        "type": "function",
     },
 ]
 
@@ -97,6 +122,7 @@ CONVERSATIONS: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]] | None
         {},
     ),
     "tools_list": ([SYSTEM, ASK], TOOLS, True, {}),
+    "tools_as_clients_send_them": ([SYSTEM, ASK], CLIENT_TOOLS, True, {}),
     "tool_call_and_result": ([ASK, ONE_CALL, RESULT_1], TOOLS, True, {}),
     "parallel_tool_calls": (
         [
@@ -187,8 +213,9 @@ def _ours(
     add_generation_prompt: bool,
     kwargs: dict[str, Any],
 ) -> list[Segment]:
+    prepared = template_tools(copy.deepcopy(tools)) if tools else None  # as the engine prepares a request's tools
     return template.render(
-        copy.deepcopy(messages), tools=copy.deepcopy(tools), add_generation_prompt=add_generation_prompt, **kwargs
+        copy.deepcopy(messages), tools=prepared, add_generation_prompt=add_generation_prompt, **kwargs
     )
 
 

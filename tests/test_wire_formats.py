@@ -446,3 +446,27 @@ def test_a_message_cut_off_while_reasoning_has_no_empty_text_block() -> None:
     message = message_json("msg_1", "m", "", [], Finished("length", Usage(3, 8)), None, "still thinking")
     assert message["content"] == [{"type": "thinking", "thinking": "still thinking", "signature": ""}]
     assert message["stop_reason"] == "max_tokens"
+
+
+def test_tools_reach_the_engine_as_the_client_wrote_them(
+    openai_client: OpenAI, anthropic_client: anthropic.Anthropic, fake: FakeEngine
+) -> None:
+    """Key order kept and nothing added: templates render tools as JSON, and models learnt their clients' order."""
+    schema = {"properties": {"city": {"type": "string"}}, "type": "object", "required": ["city"]}
+    sent = [
+        {
+            "type": "function",
+            "function": {"name": "weather", "description": "Now.", "parameters": schema, "strict": True},
+        },
+        {"function": {"parameters": schema, "name": "time"}, "type": "function"},  # an odd order, no description
+    ]
+    openai_client.chat.completions.create(model="fake:model", messages=HELLO, tools=sent)  # type: ignore[arg-type]
+    assert json.dumps(fake.requests[-1].tools) == json.dumps(sent)
+    anthropic_client.messages.create(
+        model="fake:model",
+        max_tokens=16,
+        messages=[{"role": "user", "content": "hello"}],
+        tools=[{"name": "weather", "description": "Now.", "input_schema": schema}],
+    )
+    expected = [{"type": "function", "function": {"name": "weather", "description": "Now.", "parameters": schema}}]
+    assert json.dumps(fake.requests[-1].tools) == json.dumps(expected), "OpenAI's order: name, description, parameters"

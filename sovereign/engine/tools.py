@@ -19,9 +19,10 @@ CALL_OPENINGS = ("{", "[", "<tool_call>", "```")
 
 def function_tool(name: str, description: str | None, parameters: dict[str, Any]) -> dict[str, Any]:
     """A tool in the engine's (OpenAI chat) shape, from the parts every API's tool definition has."""
-    function: dict[str, Any] = {"name": name, "parameters": parameters}
+    function: dict[str, Any] = {"name": name}  # in the order OpenAI's clients write them
     if description:
         function["description"] = description
+    function["parameters"] = parameters
     return {"type": "function", "function": function}
 
 
@@ -43,14 +44,22 @@ def functions_of(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def template_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tools as templates read them: every function with a description and parameters.
+    """Tools as templates read them: as the client wrote them, but every function with a description and parameters.
 
-    Many templates read both unguarded.
+    Templates render tools as JSON, and a model was trained on its clients' key order: the keys a client
+    sent keep their order. Many templates read both fields unguarded, so one that is missing is added
+    after the others.
     """
-    return [
-        {**tool, "function": {"description": "", "parameters": {"type": "object", "properties": {}}, **function}}
-        for tool, function in zip(tools, functions_of(tools), strict=True)
-    ]
+    prepared = []
+    for tool, function in zip(tools, functions_of(tools), strict=True):
+        if "description" in function and "parameters" in function:
+            prepared.append(tool)
+            continue
+        filled = dict(function)
+        filled.setdefault("description", "")
+        filled.setdefault("parameters", {"type": "object", "properties": {}})
+        prepared.append({**tool, "function": filled})
+    return prepared
 
 
 def instructions(tools: list[dict[str, Any]]) -> str:

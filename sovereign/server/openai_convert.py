@@ -104,7 +104,7 @@ def chat_request_from(body: ChatCompletionBody, choice_index: int = 0) -> ChatRe
     )
     if body.seed is not None:
         sampling = replace(sampling, seed=body.seed + choice_index)
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+    tools = body.tools_as_sent
     choice = _tool_choice(body, bool(tools))
     json_schema = None
     json_object = False

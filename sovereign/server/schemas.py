@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # A lone UTF-16 surrogate: valid in JSON's \uXXXX escapes, not in Unicode, so no tokenizer can take it.
@@ -163,12 +172,33 @@ class ChatCompletionBody(_SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
+    # The tools exactly as the client wrote them: templates render them as JSON, and a model was trained on
+    # its clients' key order (name, description, parameters), not on this schema's.
+    _tools_as_sent: list[dict[str, Any]] = PrivateAttr(default_factory=list)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = (
         None  # llama-server's and vLLM's name: extra variables for the chat template
     )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_tools_as_sent(
+        cls, data: Any, handler: ModelWrapValidatorHandler[ChatCompletionBody]
+    ) -> ChatCompletionBody:
+        body = handler(data)
+        raw = data.get("tools") if isinstance(data, dict) else None
+        if body.tools and isinstance(raw, list):
+            body._tools_as_sent = copy.deepcopy(raw)
+        elif body.tools:
+            body._tools_as_sent = [tool.model_dump(exclude_unset=True) for tool in body.tools]
+        return body
+
+    @property
+    def tools_as_sent(self) -> list[dict[str, Any]]:
+        """The validated tools, in the client's own JSON (key order included; no defaults added)."""
+        return self._tools_as_sent
 
 
 class CompletionBody(_SamplingFields):
