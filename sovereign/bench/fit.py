@@ -8,9 +8,13 @@ earlier `sovereign bench` runs when there are any.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from sovereign.bench import history
+from sovereign.bench.hardware import detect
 from sovereign.catalog import Catalog, ModelSpec
 from sovereign.config import Settings
 from sovereign.errors import SovereignError
@@ -27,10 +31,13 @@ BITS_PER_WEIGHT = {
     "Q6_K": 6.56,
     "Q5_K_M": 5.69,
     "Q5_K_S": 5.54,
+    "Q5_1": 6.0,
     "Q5_0": 5.5,
     "Q4_K_M": 4.89,
     "Q4_K_S": 4.58,
+    "Q4_1": 5.0,
     "Q4_0": 4.55,
+    "MXFP4": 4.25,
     "IQ4_XS": 4.25,
     "Q3_K_M": 3.91,
     "Q3_K_S": 3.5,
@@ -84,6 +91,37 @@ class Verdict:
     def interactive(self) -> bool:
         """Fast enough to chat with: on a GPU, or expected at reading speed or better on the CPU."""
         return self.where == "GPU" or (self.expected_tok_s or 0.0) >= INTERACTIVE_TOK_S
+
+
+def machine_budget(
+    home: Path,
+    *,
+    memory: int | None = None,
+    gpu_memory: int | None = None,
+    bandwidth: float | None = None,
+    measuring: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> tuple[Budget, bool]:
+    """What this machine offers (each figure overridable), and whether its efficiency was measured here.
+
+    Memory bandwidth comes from this machine's earlier measurement, else it is measured now (about two
+    seconds, inside `measuring()`) and kept for next time.
+    """
+    hardware = detect(measure=False)
+    runs = history.load(home)
+    measured = history.latest_hardware(runs, hardware.fingerprint)
+    if bandwidth is None and measured is None:
+        with measuring():
+            hardware = detect()
+        history.save(home, "hardware", hardware, [])
+    speed = bandwidth or (measured.bandwidth if measured else hardware.bandwidth)
+    efficiency = history.measured_efficiency(runs, hardware.fingerprint)
+    budget = Budget(
+        memory=memory or hardware.memory_available or hardware.memory_total,
+        gpu_memory=gpu_memory if gpu_memory is not None else sum(g.memory_free for g in hardware.gpus),
+        bandwidth=speed,
+        efficiency=efficiency or DEFAULT_EFFICIENCY,
+    )
+    return budget, efficiency is not None
 
 
 def assess(candidate: Candidate, budget: Budget) -> Verdict:

@@ -205,20 +205,12 @@ def fit(
     as_json: bool,
 ) -> None:
     """Place every catalog model on this machine (or the one described) and recommend one."""
-    hardware = detect(measure=False)
-    runs = history.load(settings.home)
-    measured = history.latest_hardware(runs, hardware.fingerprint)
-    if bandwidth is None and measured is None:
-        with err.status("measuring memory bandwidth"):
-            hardware = detect()
-        history.save(settings.home, "hardware", hardware, [])
-    speed = bandwidth * 1e9 if bandwidth else (measured.bandwidth if measured else hardware.bandwidth)
-    efficiency = history.measured_efficiency(runs, hardware.fingerprint)
-    budget = fitting.Budget(
-        memory=parse_bytes(memory, "--memory") if memory else (hardware.memory_available or hardware.memory_total),
-        gpu_memory=parse_bytes(gpu_memory, "--gpu-memory") if gpu_memory else sum(g.memory_free for g in hardware.gpus),
-        bandwidth=speed,
-        efficiency=efficiency or fitting.DEFAULT_EFFICIENCY,
+    budget, measured_here = fitting.machine_budget(
+        settings.home,
+        memory=parse_bytes(memory, "--memory") if memory else None,
+        gpu_memory=parse_bytes(gpu_memory, "--gpu-memory") if gpu_memory else None,
+        bandwidth=bandwidth * 1e9 if bandwidth else None,
+        measuring=lambda: err.status("measuring memory bandwidth"),
     )
     found, unknown = fitting.candidates(catalog, store, ctx, settings=settings, remote=remote)
     verdicts = [fitting.assess(c, budget) for c in found]
@@ -239,7 +231,7 @@ def fit(
         )
         return
     out.print(fit_table(verdicts, budget, best))
-    source = "measured on this machine" if efficiency else "typical; run `sovereign bench MODEL` to measure it"
+    source = "measured on this machine" if measured_here else "typical; run `sovereign bench MODEL` to measure it"
     out.print(
         (
             f"[dim]expected tok/s = bandwidth / weights x {budget.efficiency:.0%} ({source}); ≈ marks sizes "

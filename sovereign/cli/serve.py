@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -234,6 +235,7 @@ def serve(
         check_port_free,
         ensure_pulled,
     )
+    from sovereign.cli.upgrade_hint import hint_in_background
     from sovereign.engine import Engine
     from sovereign.gateway import parse_upstream
     from sovereign.model_routes import ModelRoutes, parse_route
@@ -263,6 +265,7 @@ def serve(
         (pattern, ensure_pulled(target, core.settings, core.store, core.catalog, err)) for pattern, target in rules
     )
     default = ensure_pulled(fallback, core.settings, core.store, core.catalog, err) if fallback else names[0]
+    hint_in_background(names, str(core.catalog.default), _show_tip)
     routes = ModelRoutes(rules, fallback=default)
     pool = build_pool(core.store, core.catalog, options, core.settings, routes)
     gateway = None
@@ -346,6 +349,7 @@ def run(
     """Chat with a model in the terminal, or answer one prompt."""
     from sovereign.cli.launch import build_pool, ensure_pulled
     from sovereign.cli.repl import run_interactive, run_once
+    from sovereign.cli.upgrade_hint import hint_in_background
     from sovereign.engine import SamplingParams
 
     core = Core()
@@ -359,12 +363,33 @@ def run(
         core.settings,
     )
     sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    tips: list[str] = []
+    hinting = hint_in_background([name], str(core.catalog.default), tips.append)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     if prompt is not None:
         run_once(pool, name, prompt, sampling, system)
+        _show_tips(hinting, tips)  # after the answer, not inside it
     else:
+        _show_tips(hinting, tips)
         run_interactive(pool, name, sampling, system, err)
+
+
+# `run` waits this long for the tip once its answer is out (measuring the memory bandwidth, once per machine).
+TIP_WAIT_SECONDS = 5.0
+
+
+def _show_tip(line: str) -> None:
+    """One line on stderr, apart from the answers."""
+    err.print(f"[yellow]tip:[/] {line}", highlight=False, soft_wrap=True)
+
+
+def _show_tips(hinting: threading.Thread | None, tips: list[str]) -> None:
+    """Wait a little for the hint's thread, then show what it found."""
+    if hinting is not None:
+        hinting.join(TIP_WAIT_SECONDS)
+    for tip in tips:
+        _show_tip(tip)
 
 
 def _fallback_causes(disabled: list[str]) -> frozenset[str]:
