@@ -132,18 +132,32 @@ def _copy_prompts() -> list[str]:
 
 
 class AlwaysDraft(StepCosts):
-    """Draft all that is guessed, whatever it costs: the output must not change, even where drafts do not pay."""
+    """Draft all that is guessed (up to `most`), whatever it costs: the output must not change, paying or not."""
 
-    def best_draft(self, width: int, tokens: float, acceptance: float, longest: int) -> int:
-        return longest
+    def __init__(self, most: int = 16) -> None:
+        super().__init__()
+        self.most = most
+
+    def best_draft(self, width: int, tokens: float, acceptance: float, longest: int, guess_seconds: float = 0.0) -> int:
+        return min(longest, self.most)
 
 
 def _generate(
-    real_model_home: Path, use_extra_bufts: bool, speculate: str, prompts: list[str]
+    real_model_home: Path,
+    use_extra_bufts: bool,
+    speculate: str,
+    prompts: list[str],
+    *,
+    draft_model: bool = False,
+    max_tokens: int = 120,
 ) -> list[tuple[list[int], list[float], int, int]]:
-    """Each prompt's greedy tokens, the gap between the top two log-probabilities at each, and drafted/accepted."""
+    """Each prompt's greedy tokens, the gap between the top two log-probabilities at each, and drafted/accepted.
+
+    With `draft_model`, the model itself is loaded a second time as the draft model.
+    """
     from sovereign.engine.requests import SamplingParams
     from sovereign.engine.runtime.backend import LlamaBackend
+    from sovereign.engine.runtime.draft_model import DraftModel
     from sovereign.engine.runtime.scheduler import BatchScheduler
     from sovereign.engine.stats import RequestStats
     from sovereign.engine.wire import LoadOptions, Speculate, Step
@@ -171,13 +185,16 @@ def _generate(
     path = store.model_path(store.require(parse_name(GEMMA)))
     options = LoadOptions(n_ctx=1024, n_threads=2, n_parallel=len(prompts), use_extra_bufts=use_extra_bufts)
     backend = LlamaBackend(path, options)
-    scheduler = BatchScheduler(backend, speculate=Speculate(speculate), costs=AlwaysDraft())
+    draft = DraftModel(backend, path, options) if draft_model else None
+    # a draft model guesses one token at a time: shorter drafts keep the test quick
+    costs = AlwaysDraft(4 if draft_model else 16)
+    scheduler = BatchScheduler(backend, speculate=Speculate(speculate), costs=costs, draft_model=draft)
     try:
         gate = threading.Event()
         scheduler.run_between_steps(gate.wait)  # admit them all in one step
         tokenized = [backend.with_bos(backend.tokenize(p, special=False)) for p in prompts]
         sinks = [Collect(p) for p in tokenized]
-        greedy = SamplingParams(temperature=0.0, max_tokens=120, logprobs=2)
+        greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=2)
         for prompt, sink in zip(tokenized, sinks, strict=True):
             scheduler.enqueue(prompt, greedy, sink)
         gate.set()
@@ -211,6 +228,31 @@ def test_greedy_answers_are_the_same_with_speculation(real_model_home: Path, use
             )
     assert sum(run[3] for run in drafted) >= 60 * batch, "the copied file is guessed and kept"
     assert all(run[2] == 0 for run in plain)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_answers_are_the_same_with_a_draft_model(
+    real_model_home: Path, use_extra_bufts: bool, batch: int
+) -> None:
+    """A draft model's guesses, checked the same way, change nothing either (the model drafts for itself here)."""
+    prompts = [f"Question {i}: why is the sky blue? Answer:" for i in range(batch)]
+    plain = _generate(real_model_home, use_extra_bufts, "off", prompts, max_tokens=48)
+    drafted = _generate(real_model_home, use_extra_bufts, "draft", prompts, draft_model=True, max_tokens=48)
+    for (expected, gaps, *_), (tokens, _gaps, proposed, kept) in zip(plain, drafted, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(expected, tokens, strict=False)) if a != b), None)
+        assert same is None or gaps[same] < NEAR_TIE, f"parted at {same}, top two {gaps[same]:.3f} apart"
+        assert proposed > 0 and kept >= proposed * 0.8, "a model guessing for itself is almost always right"
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused_in_one_line(real_model_home: Path, tmp_path: Path) -> None:
+    from tests.conftest import assert_clean_error, run_cli, write_gguf
+
+    home = {"SOVEREIGN_HOME": str(real_model_home)}
+    draft = write_gguf(tmp_path / "no-vocabulary.gguf", megabytes=0.1)
+    assert run_cli("pull", str(draft), "--name", "novocab:draft", env=home).returncode == 0
+    refused = run_cli("run", GEMMA, "hi", "--draft", "novocab:draft", env=home)
+    assert_clean_error(refused, "--draft novocab:draft cannot guess tokens for gemma3:270m", "no vocabulary")
+    assert_clean_error(run_cli("run", GEMMA, "hi", "--speculate", "draft", env=home), "needs a draft model")
 
 
 def test_the_server_counts_drafted_and_kept_tokens(server: ServerProcess) -> None:

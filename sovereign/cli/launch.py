@@ -65,6 +65,34 @@ def ensure_pulled(name: str, settings: Settings, store: Store, catalog: Catalog,
     return result.manifest.name
 
 
+def draft_model_path(
+    draft: str | None,
+    speculate: Speculate,
+    served: list[str],
+    settings: Settings,
+    store: Store,
+    catalog: Catalog,
+    console: Console,
+) -> str | None:
+    """The file of the --draft model (pulled first if needed), refused in one line if it cannot guess for `served`."""
+    if draft is None:
+        if speculate is Speculate.draft:
+            raise SovereignError("--speculate draft needs a draft model", "add --draft MODEL")
+        return None
+    from sovereign.store.gguf_header import vocabulary_mismatch
+
+    name = ensure_pulled(draft, settings, store, catalog, console)
+    path = store.model_path(store.require(parse_name(name)))
+    for model in served:
+        reason = vocabulary_mismatch(store.model_path(store.require(parse_name(model))), path)
+        if reason is not None:
+            raise SovereignError(
+                f"--draft {name} cannot guess tokens for {model}: {reason}",
+                "pick a draft model of the same family (the same tokenizer), e.g. a smaller size of it",
+            )
+    return str(path)
+
+
 def check_port_free(host: str, port: int) -> None:
     """Fail with one clear line, before loading anything, if the address is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -94,6 +122,7 @@ class EngineOptions:
     cache_ram: int | None = None  # bytes for the prompt cache in memory; None: the default, 0: off
     cache_disk: int | None = None  # and on disk
     speculate: Speculate = Speculate.auto
+    draft_path: str | None = None  # a draft model's file (--draft), checked against the served models' vocabularies
 
     def validate(self) -> None:
         checks = (
@@ -126,6 +155,7 @@ def build_pool(
         cache_disk=options.cache_disk,
         cache_dir=str(settings.prompt_cache_dir),
         speculate=options.speculate,
+        draft_path=options.draft_path,
     )
     pool_options = PoolOptions(
         load=load,

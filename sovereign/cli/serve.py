@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import replace
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -84,6 +85,14 @@ SpeculateOption = Annotated[
         " ngram: always; off: never.",
     ),
 ]
+DraftOption = Annotated[
+    str | None,
+    typer.Option(
+        "--draft",
+        help="A small model of the same family (the same vocabulary) that guesses tokens for speculative decoding"
+        " (pulled first if missing); --speculate auto then uses it instead of n-gram lookup.",
+    ),
+]
 
 
 @friendly_errors
@@ -114,6 +123,7 @@ def serve(
     cache_ram: CacheRamOption = None,
     cache_disk: CacheDiskOption = None,
     speculate: SpeculateOption = Speculate.auto,
+    draft: DraftOption = None,
     keep_alive: Annotated[
         str,
         typer.Option(
@@ -233,6 +243,7 @@ def serve(
         DEFAULT_PORT,
         build_pool,
         check_port_free,
+        draft_model_path,
         ensure_pulled,
     )
     from sovereign.cli.upgrade_hint import hint_in_background
@@ -265,6 +276,8 @@ def serve(
         (pattern, ensure_pulled(target, core.settings, core.store, core.catalog, err)) for pattern, target in rules
     )
     default = ensure_pulled(fallback, core.settings, core.store, core.catalog, err) if fallback else names[0]
+    draft_path = draft_model_path(draft, speculate, names, core.settings, core.store, core.catalog, err)
+    options = replace(options, draft_path=draft_path)
     hint_in_background(names, str(core.catalog.default), _show_tip)
     routes = ModelRoutes(rules, fallback=default)
     pool = build_pool(core.store, core.catalog, options, core.settings, routes)
@@ -345,20 +358,23 @@ def run(
     cache_ram: CacheRamOption = None,
     cache_disk: CacheDiskOption = None,
     speculate: SpeculateOption = Speculate.auto,
+    draft: DraftOption = None,
 ) -> None:
     """Chat with a model in the terminal, or answer one prompt."""
-    from sovereign.cli.launch import build_pool, ensure_pulled
+    from sovereign.cli.launch import build_pool, draft_model_path, ensure_pulled
     from sovereign.cli.repl import run_interactive, run_once
     from sovereign.cli.upgrade_hint import hint_in_background
     from sovereign.engine import SamplingParams
 
     core = Core()
     name = ensure_pulled(model, core.settings, core.store, core.catalog, err)
+    draft_path = draft_model_path(draft, speculate, [name], core.settings, core.store, core.catalog, err)
+    speculation = {"speculate": speculate, "draft_path": draft_path}
     pool = build_pool(
         core.store,
         core.catalog,
         _engine_options(
-            ctx, gpu_layers, threads, 1, "-1", (cache_ram, cache_disk), parallel=1, timeout=None, speculate=speculate
+            ctx, gpu_layers, threads, 1, "-1", (cache_ram, cache_disk), parallel=1, timeout=None, **speculation
         ),
         core.settings,
     )

@@ -39,6 +39,7 @@ class Speculate(StrEnum):
 
     auto = "auto"  # n-gram drafts while the batch is small (at high concurrency verifying drafts costs throughput)
     ngram = "ngram"  # n-gram drafts whatever the load
+    draft = "draft"  # a draft model's guesses (--draft), whatever the load
     off = "off"
 
 
@@ -66,6 +67,7 @@ class LoadOptions:
     cache_dir: str | None = None
     model_id: str = ""
     speculate: Speculate = Speculate.auto
+    draft_path: str | None = None  # a small model of the same vocabulary that guesses tokens (--draft)
 
 
 @dataclass(frozen=True)

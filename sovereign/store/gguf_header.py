@@ -289,3 +289,48 @@ def kv_bytes_per_token(metadata: dict[str, Any]) -> int:
     key_length = number("attention.key_length", embd // heads if embd else 128)
     value_length = number("attention.value_length", key_length)
     return n_layers * kv_heads * (key_length + value_length) * 2
+
+
+def read_vocabulary(path: Path) -> list[bytes]:
+    """A GGUF's token texts, in id order ([] when it has none): what a draft model must share with its target."""
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+        if bytes(buffer[:4]) != MAGIC_BYTES:
+            raise NotGGUF(f"{path.name} is not a GGUF file (bad magic bytes)", "pull a .gguf model file")
+        endian = "<" if struct.unpack_from("<I", buffer, 4)[0] < 0x10000 else ">"
+        stream = _Stream(buffer, endian, 8)
+        try:
+            _tensors, kv_count = stream.unpack("Q"), stream.unpack("Q")
+            for _ in range(kv_count):
+                key = stream.string()
+                vtype = GGUFValueType(stream.unpack("I"))
+                if key != Keys.Tokenizer.LIST or vtype != GGUFValueType.ARRAY:
+                    stream.value(vtype, False)
+                    continue
+                stream.unpack("I")  # the item type: strings
+                tokens = []
+                for _ in range(stream.unpack("Q")):
+                    length = stream.unpack("Q")
+                    tokens.append(bytes(buffer[stream.position : stream.position + length]))
+                    stream.position += length
+                return tokens
+        except (EOFError, struct.error, ValueError):
+            raise NotGGUF(f"{path.name} has a corrupt GGUF header", "pull the model again") from None
+    return []
+
+
+# As llama.cpp's speculative decoding allows: vocabularies may differ in size by padding tokens at the end.
+VOCABULARY_SIZE_SLACK = 128
+FIRST_COMPARED_TOKEN = 5  # the first few (special) ids may be laid out differently
+
+
+def vocabulary_mismatch(target: Path, draft: Path) -> str | None:
+    """Why `draft` cannot propose tokens for `target` (their vocabularies differ), or None when it can."""
+    ours, theirs = read_vocabulary(target), read_vocabulary(draft)
+    if not ours or not theirs:
+        return "one of them has no vocabulary in its GGUF"
+    if abs(len(ours) - len(theirs)) > VOCABULARY_SIZE_SLACK:
+        return f"their vocabularies have {len(ours):,} and {len(theirs):,} tokens"
+    for token in range(FIRST_COMPARED_TOKEN, min(len(ours), len(theirs))):
+        if ours[token] != theirs[token]:
+            return f"token {token} is {ours[token]!r} in one and {theirs[token]!r} in the other"
+    return None

@@ -337,6 +337,10 @@ class LlamaBackend:
         """Whether a forced token may be written next (a grammar may refuse it; nothing else does)."""
         return sampler.admits(token) if isinstance(sampler, GrammarSampler) else True
 
+    def argmax(self, index: int) -> int:
+        """The most likely token at batch index `index` (a draft model's greedy guess)."""
+        return int(np.argmax(self._logits(index)))
+
     def _logits(self, index: int) -> np.ndarray:
         """The logits at batch index `index`, as a view of llama.cpp's buffer (valid until the next decode)."""
         pointer = self._llama.llama_get_logits_ith(self.ctx.ctx, index)

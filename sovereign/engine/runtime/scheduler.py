@@ -39,9 +39,12 @@ from sovereign.errors import EngineError, InvalidRequest, RequestTimedOut, Serve
 
 if TYPE_CHECKING:
     from sovereign.engine.runtime.backend import Sampler
+    from sovereign.engine.runtime.draft_model import DraftModel
 
 log = logging.getLogger(__name__)
 
+# Until the draft model has run, a guessed token is assumed to cost this share of one of the target's steps.
+DRAFT_MODEL_COST_SHARE = 0.1
 # While other slots are generating, a new prompt is read this many tokens per step, so their
 # streams keep flowing (a 512-token chunk costs a running stream about 1.3 s on two CPU cores).
 PREFILL_CHUNK_WHILE_DECODING = 256
@@ -89,10 +92,16 @@ class BatchScheduler:
         cache: PromptCache | None = None,
         speculate: Speculate = Speculate.off,
         costs: StepCosts | None = None,
+        draft_model: DraftModel | None = None,
     ) -> None:
         self.backend = backend
         # drafts need a tail of the KV cache dropped when rejected, which recurrent models cannot do
         self.speculate = speculate if backend.can_drop_tail else Speculate.off
+        self.draft_model = draft_model  # the scheduler owns it (closes it)
+        if self.speculate is Speculate.draft and draft_model is None:
+            self.speculate = Speculate.off
+        # guesses come from the draft model when there is one (and n-gram lookup was not asked for)
+        self._model_guesses = draft_model is not None and self.speculate in (Speculate.auto, Speculate.draft)
         self.costs = costs or StepCosts()  # what steps of each width take: whether a draft pays
         self.max_queue = max_queue
         self.timeout = timeout
@@ -162,8 +171,10 @@ class BatchScheduler:
             self.cache.close()
 
     def close(self) -> None:
-        """Stop, then free the model."""
+        """Stop, then free the model (and the draft model)."""
         self.stop()
+        if self.draft_model is not None:
+            self.draft_model.close()
         self.backend.close()
 
     # --- figures for metrics ----------------------------------------------------------
@@ -357,7 +368,7 @@ class BatchScheduler:
         """Whether this step carries drafts."""
         if self.speculate is Speculate.off:
             return False
-        return self.speculate is Speculate.ngram or generating <= AUTO_MAX_GENERATING
+        return self.speculate is not Speculate.auto or generating <= AUTO_MAX_GENERATING
 
     def _add_drafts(self, generating: list[Slot], entries: list[BatchEntry]) -> None:
         """Append each generating slot's guess at what follows its next token, with logits to check it by.
@@ -376,8 +387,12 @@ class BatchScheduler:
             limit = min(
                 DRAFT_MAX, self.backend.n_batch - len(entries), job.budget - job.stream.stats.generated_tokens - 1
             )
-            guess = drafter.guess(slot.cached, limit)
-            length = self.costs.best_draft(len(entries), tokens, drafter.acceptance, len(guess)) if guess else 0
+            if self._model_guesses:
+                guess = self._model_guess(slot, len(entries), tokens, limit)
+                length = len(guess)
+            else:
+                guess = drafter.guess(slot.cached, limit)
+                length = self.costs.best_draft(len(entries), tokens, drafter.acceptance, len(guess)) if guess else 0
             if length == 0:
                 drafter.shadow(guess)
                 continue
@@ -388,6 +403,13 @@ class BatchScheduler:
             entries.extend(BatchEntry(token, base + i, slot.sequence, True) for i, token in enumerate(slot.draft))
             slot.cached.extend(slot.draft)
             tokens += expected_kept(drafter.acceptance, length)
+
+    def _model_guess(self, slot: Slot, width: int, tokens: float, limit: int) -> list[int]:
+        """The draft model's guess for a slot, as long as the step's costs say it pays (the guessing included)."""
+        assert self.draft_model is not None
+        per_token = self.draft_model.seconds_per_token or (self.costs.estimate(1) or 0.0) * DRAFT_MODEL_COST_SHARE
+        length = self.costs.best_draft(width, tokens, slot.drafter.acceptance, limit, per_token)
+        return self.draft_model.guess(slot.sequence, slot.cached, length) if length else []
 
     def _sample(self, now: float) -> int:
         """Draw each ready slot's next tokens and hand them to its stream; returns how many were drawn."""

@@ -155,10 +155,11 @@ class StepCosts:
         single = self._seconds.get(1, self._seconds[low] / low)
         return self._seconds[low] + UNSEEN_TOKEN_SHARE * single * (width - low)
 
-    def best_draft(self, width: int, tokens: float, acceptance: float, longest: int) -> int:
+    def best_draft(self, width: int, tokens: float, acceptance: float, longest: int, guess_seconds: float = 0.0) -> int:
         """How many guessed tokens to add to a step of `width` tokens that yields `tokens`: 0 when none pays.
 
         The best length maximises the step's expected tokens per second; a draft must beat the step without it.
+        `guess_seconds` is what guessing each token costs beforehand (a draft model's step; n-gram lookup: 0).
         """
         base = self.estimate(width)
         if base is None or longest <= 0:
@@ -168,6 +169,7 @@ class StepCosts:
             cost = self.estimate(width + length)
             if cost is None:
                 break
+            cost += guess_seconds * length
             rate = (tokens + expected_kept(acceptance, length)) / cost
             if rate > best_rate:
                 best, best_rate = length, rate

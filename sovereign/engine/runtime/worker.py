@@ -26,6 +26,7 @@ from typing import Any
 from sovereign.engine import wire
 from sovereign.engine.runtime.backend import LlamaBackend
 from sovereign.engine.runtime.cache_setup import open_prompt_cache
+from sovereign.engine.runtime.draft_model import DraftModel
 from sovereign.engine.runtime.prompt_cache import PromptCache
 from sovereign.engine.runtime.scheduler import BatchScheduler
 from sovereign.engine.stats import RequestStats
@@ -90,6 +91,7 @@ class Worker:
         timeout: float | None,
         cache: PromptCache | None = None,
         speculate: Speculate = Speculate.off,
+        draft_model: DraftModel | None = None,
     ) -> None:
         self.backend = backend
         self._writer = writer
@@ -102,7 +104,13 @@ class Worker:
         self._admission = ThreadPoolExecutor(1, thread_name_prefix="admit")
         self._helpers = ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="vocab")
         self.scheduler = BatchScheduler(
-            backend, max_queue=max_queue, timeout=timeout, after_step=self.flush, cache=cache, speculate=speculate
+            backend,
+            max_queue=max_queue,
+            timeout=timeout,
+            after_step=self.flush,
+            cache=cache,
+            speculate=speculate,
+            draft_model=draft_model,
         )
 
     # --- the scheduler's side -------------------------------------------------------
@@ -224,7 +232,20 @@ class Worker:
         self.scheduler.stop()
         self._admission.shutdown(wait=True, cancel_futures=True)
         self._helpers.shutdown(wait=True, cancel_futures=True)
+        if self.scheduler.draft_model is not None:
+            self.scheduler.draft_model.close()
         self.backend.close()
+
+
+def open_draft_model(backend: LlamaBackend, options: wire.LoadOptions) -> DraftModel | None:
+    """The draft model --draft names, when speculation may use it; None (one warning) when it cannot guess here."""
+    if not options.draft_path or options.speculate not in (Speculate.auto, Speculate.draft):
+        return None
+    try:
+        return DraftModel(backend, Path(options.draft_path), options)
+    except SovereignError as exc:  # another family's vocabulary (a model loaded on demand), or no memory for it
+        log.warning("%s; speculation goes on without it", exc)
+        return None
 
 
 def facts(backend: LlamaBackend) -> dict[str, Any]:
@@ -282,6 +303,7 @@ def serve(sock: socket.socket) -> int:
         timeout=first.get("timeout"),
         cache=cache,
         speculate=Speculate(options.speculate),
+        draft_model=open_draft_model(backend, options),
     )
     writer.send({"op": "ready", "facts": facts(backend), "load_seconds": time.monotonic() - started})
     try:
