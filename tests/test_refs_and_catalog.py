@@ -74,6 +74,11 @@ def test_builtin_catalog_has_the_default_and_popular_families(settings: Settings
     assert "<end_of_turn>" in gemma.stop
     families = {name.parts[0] for name in catalog.specs}
     assert {"qwen2.5", "qwen3", "llama3.2", "gemma3", "smollm2", "phi3", "mistral"} <= families
+    today = ["qwen3:30b-a3b", "gemma3:12b", "llama3.1:8b-instruct", "mistral-small:24b", "ministral:8b", "gpt-oss:20b"]
+    today += ["deepseek-r1:1.5b-qwen-distill", "deepseek-r1:7b-qwen-distill", "smollm3:3b"]
+    for name in today:  # the models people run today: each with several routes, a license and a shape for `fit`
+        spec = catalog.get(parse_name(name))
+        assert spec is not None and len(spec.sources) >= 2 and spec.license and spec.shape, name
 
 
 def test_user_catalog_extends_and_overrides(settings: Settings, isolated_home: Path) -> None:
