@@ -8,8 +8,9 @@ chat's next turn reads only its new tokens. While nothing runs, long conversatio
 slots are saved to the prompt cache's disk tier.
 
 While few slots generate, each one's next token travels with a draft: the tokens that followed the
-same few tokens earlier in its context (speculation.py). The step's logits check the whole draft at
-once, the slot keeps as much of it as its own draws agree with, and the rest leaves the KV cache.
+same few tokens earlier in its context (speculation.py), or a draft model's guess (draft_model.py),
+as long as it pays for the time it adds. The step's logits check the whole draft at once, the slot
+keeps as much of it as its own draws agree with, and the rest leaves the KV cache.
 
 It runs inside a model's own process (worker.py) and knows nothing of asyncio: each generation's
 tokens go to a TokenSink, and the worker sends what a step produced as one message.
