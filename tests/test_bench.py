@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,11 @@ def test_model_bench_sweeps_threads_and_reports_pp_and_tg(gemma_file: Path) -> N
     assert [(r["test"], r["threads"]) for r in rows] == [("pp32", 1), ("tg8", 1), ("pp32", 2), ("tg8", 2)]
     for row in rows:
         assert row["model"] == gemma_file.name
-        assert sane(row["tokens_per_second"]) and 0 <= row["stddev"] < row["tokens_per_second"]
         assert len(row["samples"]) == 2 and row["n_batch"] == 2048 and row["n_gpu_layers"] == 0
+        assert all(sane(rate) for rate in row["samples"])
+        # llama-bench's summary of its repetitions. (Not stddev < mean: two runs on a busy machine can differ more.)
+        assert row["tokens_per_second"] == pytest.approx(statistics.mean(row["samples"]))
+        assert row["stddev"] == pytest.approx(statistics.stdev(row["samples"]))
         assert row["model_bytes"] > 200e6 and row["model_params"] > 250e6
         assert sane(row["load_seconds"]) and row["peak_memory"] > row["model_bytes"] / 2
     for row in rows:

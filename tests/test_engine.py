@@ -147,24 +147,31 @@ def test_pool_evicts_least_recently_used_and_unloads_idle_models(real_model_home
 
 
 def test_cancel_frees_the_model_at_once(real_model_home: Path) -> None:
-    async def main() -> float:
+    async def main() -> str:
         pool = make_pool(real_model_home)
         engine = Engine(pool)
         try:
             long = await engine.submit(
-                CompletionRequest(GEMMA, "Once", SamplingParams(max_tokens=2000, ignore_eos=True))
+                CompletionRequest(GEMMA, "Once", SamplingParams(max_tokens=4000, ignore_eos=True))
             )
             async for event in long:
                 if isinstance(event, TextDelta):
                     break
+            (load,) = engine.loads()
+            assert load.busy_slots == 1
             await long.cancel()
-            start = time.monotonic()
-            await collect(engine, CompletionRequest(GEMMA, "Hi", SamplingParams(max_tokens=2)))
-            return time.monotonic() - start
+            # The slot reads free within milliseconds (a second or two on a saturated machine); a generation that
+            # went on would hold it for its 4,000 tokens: 40 s or more at this model's ~100 tokens/s.
+            deadline = time.monotonic() + 10
+            while engine.loads()[0].busy_slots:
+                assert time.monotonic() < deadline, "the cancelled generation still holds its slot"
+                await asyncio.sleep(0.02)
+            text, _ = await collect(engine, CompletionRequest(GEMMA, "Hi", SamplingParams(max_tokens=2)))
+            return text
         finally:
             await pool.close()
 
-    assert asyncio.run(main()) < 5
+    assert asyncio.run(main())
 
 
 def test_bad_logit_bias_and_schema_are_invalid_requests(real_model_home: Path) -> None:

@@ -19,6 +19,7 @@ from sovereign.errors import ModelCrashed
 from sovereign.machine import proc_kib
 from tests.conftest import GEMMA
 from tests.servers import ServerProcess
+from tests.test_batching import metric
 from tests.test_engine import collect, make_pool, register_copy
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
@@ -64,7 +65,12 @@ def test_a_killed_model_fails_only_its_requests_and_comes_back(server: ServerPro
 
     other = threading.Thread(target=plain)
     other.start()
-    time.sleep(0.5)
+    # The kill must find both requests in the model's process: wait until the second holds a slot too (a fixed
+    # sleep raced a loaded machine, where the request could reach the server after the crash and run in full).
+    deadline = time.monotonic() + 60
+    while metric(server, "sovereign_slots_busy", model=GEMMA) < 2:
+        assert time.monotonic() < deadline, "the second request never started"
+        time.sleep(0.02)
     os.kill(child, signal.SIGSEGV)
     reader.join(30)
     other.join(30)

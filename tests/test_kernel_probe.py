@@ -67,7 +67,8 @@ def test_a_real_probe_runs_once_and_its_verdict_is_kept(
 ) -> None:
     assert kernel_status(isolated_home) == "not yet probed"
     first = kernel_choice(isolated_home, gemma_file)
-    assert first.probed_seconds is not None and 0 < first.probed_seconds < 60
+    # A probe still running at its timeout is killed and stores no verdict (checked below), so this one took less.
+    assert first.probed_seconds is not None and 0 < first.probed_seconds < kernels.PROBE_TIMEOUT
     (verdict,) = stored_verdicts(isolated_home)
     assert verdict["model"] == gemma_file.name
     # On a machine whose fast kernels crash, the real probe says so; everywhere else they are verified.
@@ -77,9 +78,12 @@ def test_a_real_probe_runs_once_and_its_verdict_is_kept(
     else:
         assert first.note == expected_note() and verdict["signal"]
     monkeypatch.setattr(kernels, "run_probe", no_probe)
-    started = time.perf_counter()
+    monkeypatch.setattr(kernels, "_probe_locked", no_probe)  # nor waits on the probe's lock
+    started = time.thread_time()
     second = kernel_choice(isolated_home, gemma_file)
-    assert time.perf_counter() - started < 0.5
+    # Against the probe it saves, timed on this machine in this test: reading the kept verdict costs this thread
+    # about a millisecond of CPU (no stall of a busy machine counts), the probe's child process 0.7 s or more.
+    assert time.thread_time() - started < first.probed_seconds / 10
     assert second == KernelChoice(first.use_extra_bufts, first.note, None)
 
 
