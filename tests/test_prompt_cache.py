@@ -438,8 +438,15 @@ def test_conversations_put_back_from_memory_and_disk_predict_as_in_their_slot(
         return sink.steps[0].token, {text: value for text, _, value in first.top}, sink.stats.cache_source
 
     def same(a: Answer, b: Answer) -> None:
-        assert a[0] == b[0] and a[1].keys() == b[1].keys(), (a, b)
-        assert max(abs(a[1][t] - b[1][t]) for t in a[1]) < 0.3, (a[1], b[1])
+        """The same token, and top-5 log-probabilities within rounding; near the fifth, two may trade places."""
+        assert a[0] == b[0], (a, b)
+        for ours, theirs in ((a[1], b[1]), (b[1], a[1])):
+            edge = min(theirs.values())
+            for text, value in ours.items():
+                if text in theirs:
+                    assert abs(value - theirs[text]) < 0.3, (a[1], b[1])
+                else:  # in one top five only: it was at the other's edge
+                    assert value < edge + 0.3, (a[1], b[1])
 
     first = scheduler()
     backend = first.backend
