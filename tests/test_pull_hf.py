@@ -210,6 +210,9 @@ def test_ctrl_c_during_a_pull_leaves_state_the_next_pull_resumes(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell runs a background job with SIGINT ignored, and the pull would inherit that (a suite started
+        # with `&` saw the pull finish through its Ctrl-C): the pull gets Ctrl-C as a terminal would give it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert repo.held.wait(120), "the pull never got 13 MiB in"
     process.send_signal(signal.SIGINT)
