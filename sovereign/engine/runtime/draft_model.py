@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from sovereign.engine.runtime.backend import BatchEntry, LlamaBackend
+from sovereign.engine.runtime.slots import common_prefix_length
 from sovereign.engine.wire import LoadOptions
 from sovereign.errors import ModelLoadError
 from sovereign.store.gguf_header import vocabulary_mismatch
@@ -50,12 +51,8 @@ class DraftModel:
     def guess(self, sequence: int, context: list[int], length: int) -> list[int]:
         """Up to `length` tokens the draft model expects after `context`; [] while it is still catching up."""
         held = self._held.setdefault(sequence, [])
-        common = 0
-        for ours, theirs in zip(held, context, strict=False):
-            if ours != theirs:
-                break
-            common += 1
-        common = min(common, len(context) - 1)  # the last token is read again: its logits give the first guess
+        # the last token is read again: its logits give the first guess
+        common = min(common_prefix_length(held, context), len(context) - 1)
         self.backend.forget(sequence, common)
         del held[common:]
         missing = context[common:]

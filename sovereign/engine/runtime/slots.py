@@ -129,7 +129,7 @@ class SlotReuse:
         reading = [s for s in slots if s.job is not None and s.pending]
         if not reading or len(prompt) < WAIT_MIN_GAIN:
             return False
-        coming = max(_common_prefix(s.cached + s.pending, prompt) for s in reading)
+        coming = max(common_prefix_length(s.cached + s.pending, prompt) for s in reading)
         now = max(self._plan(s, prompt).keep for s in slots)
         if coming - now < WAIT_MIN_GAIN:
             return False
@@ -139,7 +139,7 @@ class SlotReuse:
 
     def _plan(self, slot: Slot, prompt: list[int]) -> Plan:
         """How much of the prompt a slot can serve (at least its last token is read again: it gives the logits)."""
-        keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+        keep = min(common_prefix_length(slot.cached, prompt), len(prompt) - 1)
         if keep <= 0:
             return Plan(0)
         if self.states is None or self.states.window_kept(slot.sequence, keep):
@@ -282,7 +282,7 @@ class SlotReuse:
         return kept
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: list[int], b: list[int]) -> int:
     """How many leading tokens two lists share."""
     n = min(len(a), len(b))
     i = 0
