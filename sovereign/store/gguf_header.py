@@ -139,6 +139,14 @@ class _Stream:
         return self.unpack(_SCALARS[vtype])
 
 
+def _header_stream(buffer: Any, name: str) -> _Stream:
+    """A stream just past a GGUF's magic and version, in the file's byte order (at least 8 bytes given)."""
+    if bytes(buffer[:4]) != MAGIC_BYTES:
+        raise NotGGUF(f"{name} is not a GGUF file (bad magic bytes)", "pull a .gguf model file")
+    endian = "<" if struct.unpack_from("<I", buffer, 4)[0] < 0x10000 else ">"
+    return _Stream(buffer, endian, 8)
+
+
 class NeedMoreBytes(Exception):
     """The buffer ends inside the header: read further into the file and parse again."""
 
@@ -151,10 +159,7 @@ def parse_header(buffer: Any, name: str) -> tuple[dict[str, Any], list[tuple[int
     """
     if len(buffer) < 8:
         raise NeedMoreBytes
-    if bytes(buffer[:4]) != MAGIC_BYTES:
-        raise NotGGUF(f"{name} is not a GGUF file (bad magic bytes)", "pull a .gguf model file")
-    endian = "<" if struct.unpack_from("<I", buffer, 4)[0] < 0x10000 else ">"
-    stream = _Stream(buffer, endian, 8)
+    stream = _header_stream(buffer, name)
     try:
         tensor_count, kv_count = stream.unpack("Q"), stream.unpack("Q")
         metadata: dict[str, Any] = {}
@@ -294,11 +299,8 @@ def kv_bytes_per_token(metadata: dict[str, Any]) -> int:
 def read_vocabulary(path: Path) -> list[bytes]:
     """A GGUF's token texts, in id order ([] when it has none): what a draft model must share with its target."""
     with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-        if bytes(buffer[:4]) != MAGIC_BYTES:
-            raise NotGGUF(f"{path.name} is not a GGUF file (bad magic bytes)", "pull a .gguf model file")
-        endian = "<" if struct.unpack_from("<I", buffer, 4)[0] < 0x10000 else ">"
-        stream = _Stream(buffer, endian, 8)
         try:
+            stream = _header_stream(buffer, path.name)
             _tensors, kv_count = stream.unpack("Q"), stream.unpack("Q")
             for _ in range(kv_count):
                 key = stream.string()
