@@ -608,15 +608,13 @@ def test_oversized_schemas_are_400s_naming_the_field(server: ServerProcess) -> N
         {"type": "string", "pattern": "^a{1000000000}$"},
         {"enum": [f"v{i}" for i in range(100_000)]},
     ):
-        assert (
-            post(
-                server,
-                "/v1/chat/completions",
-                {"model": GEMMA, "messages": user, "max_tokens": 5, "response_format": chat_format(schema)},
-                400,
-            )["error"]["param"]
-            == "response_format"
-        )
+        # (The 100,000-value enum is refused as the body is read, by the list cap, naming the enum itself.)
+        assert post(
+            server,
+            "/v1/chat/completions",
+            {"model": GEMMA, "messages": user, "max_tokens": 5, "response_format": chat_format(schema)},
+            400,
+        )["error"]["param"].startswith("response_format")
     deep_tool = {
         "type": "function",
         "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": nested_arrays(200)}}},

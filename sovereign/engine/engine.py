@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -480,13 +481,35 @@ def _grammar_for_schema(schema: dict[str, Any], param: str) -> str:
 
     Schemas beyond json_grammar's budget are refused before anything is built from them.
     """
-    from sovereign.engine.json_grammar import SchemaTooComplex, json_schema_to_gbnf
+    from sovereign.engine.json_grammar import (
+        SchemaInvalid,
+        SchemaTooComplex,
+        check_budget,
+        check_valid,
+        json_schema_to_gbnf,
+    )
 
     try:
+        check_budget(schema)  # first: the metaschema's walk is bounded by it
+        check_valid(schema)
         return json_schema_to_gbnf(schema)
+    except SchemaInvalid as exc:
+        raise InvalidRequest(f"the JSON schema is not valid: {exc}", param) from None
     except SchemaTooComplex as exc:
         raise InvalidRequest(f"the JSON schema is too complex to enforce: {exc}", param) from None
     except RecursionError:
         raise InvalidRequest("the JSON schema cannot be enforced: it nests too deeply", param) from None
     except Exception as exc:  # noqa: BLE001 - the converter raises bare Exceptions and asserts on what it cannot handle
-        raise InvalidRequest(f"the JSON schema cannot be enforced: {str(exc) or type(exc).__name__}", param) from None
+        raise InvalidRequest(f"the JSON schema cannot be enforced: {_converter_reason(exc)}", param) from None
+
+
+def _converter_reason(exc: Exception) -> str:
+    """The converter's complaint in the client's terms (its own mentions internal names and whole schemas)."""
+    text = str(exc)
+    if unresolved := re.match(r"Error resolving ref input(#\S*):", text):
+        return f"the $ref '{unresolved[1]}' points at nothing in this schema"
+    if isinstance(exc, KeyError) and str(exc.args[0] if exc.args else "").startswith("#"):
+        return f"the $ref '{exc.args[0]}' cannot be resolved (does it refer to itself?)"
+    if text.startswith("Unsupported ref"):
+        return f"{text} (only refs within the schema, such as #/$defs/name, are supported)"
+    return text if text and len(text) <= 200 else type(exc).__name__

@@ -83,6 +83,25 @@ class SchemaTooComplex(ValueError):
     """A schema beyond the budget; the message says where and which limit."""
 
 
+class SchemaInvalid(ValueError):
+    """Not a JSON Schema at all (`multipleOf: 0`, `minimum: "a"`); the message says what and where."""
+
+
+def check_valid(schema: Any) -> None:
+    """Refuse a schema its own draft's metaschema refuses ($schema's draft, else 2020-12), naming the place.
+
+    The converter would otherwise accept some (`multipleOf: 0`) and trip over others with Python's own words.
+    """
+    from jsonschema.exceptions import best_match
+    from jsonschema.validators import Draft202012Validator, validator_for
+
+    checker = validator_for(schema, default=Draft202012Validator)
+    error = best_match(checker(checker.META_SCHEMA, format_checker=checker.FORMAT_CHECKER).iter_errors(schema))
+    if error is not None:
+        message = error.message if len(error.message) <= 200 else error.message[:200] + "…"
+        raise SchemaInvalid(f"{message} at /{'/'.join(str(part) for part in error.absolute_path)}")
+
+
 def check_budget(schema: Any) -> None:
     """Refuse, before anything is built from it, a schema beyond the limits above (walked without recursion)."""
     size = len(json.dumps(schema))

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
+from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,6 +32,7 @@ from sovereign.engine.api import EngineAPI
 from sovereign.gateway.circuit import Circuit
 from sovereign.gateway.upstream import CAUSES, Upstream, blocked_cause, kind_of
 from sovereign.model_routes import ModelRoutes
+from sovereign.server.body import decode_in_thread
 from sovereign.server.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -199,7 +202,7 @@ class GatewayMiddleware:
         body = await _read_body(receive)
         if body is None:  # the client left before its request was whole: nothing to answer
             return
-        payload = _json_object(body)
+        payload = await _json_object(body)
         model = payload.get("model") if isinstance(payload, dict) else None
         if isinstance(model, str) and self._is_local(model):  # a local model by name never goes upstream
             await self._local(scope, receive, body, send, model, None)
@@ -322,7 +325,7 @@ class GatewayMiddleware:
             log.info("upstream blocked (%s): answering locally", cause)
             if isinstance(model, str):
                 local = self.gateway.routes.mapped(model) or self.gateway.routes.fallback or model
-                body = _with_model(body, local)
+                body = await _with_model(body, local)
         served = f"local:{local}" if local else "local"
         self.gateway.served.labels("local").inc()
         replay = _replay(body, receive)
@@ -377,20 +380,21 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _json_object(body: bytes) -> dict[str, Any] | None:
+async def _json_object(body: bytes) -> dict[str, Any] | None:
+    """The body's JSON object, decoded off the event loop under the local routes' bounds; None if it is not one."""
     try:
-        value = json.loads(body) if body else None
-    except ValueError:
+        value = await decode_in_thread(body)
+    except (APIError, RequestValidationError):
         return None
     return value if isinstance(value, dict) else None
 
 
-def _with_model(body: bytes, model: str) -> bytes:
+async def _with_model(body: bytes, model: str) -> bytes:
     """The request body with another model named."""
-    payload = _json_object(body)
+    payload = await _json_object(body)
     if payload is None:
         return body
-    return json.dumps({**payload, "model": model}).encode()
+    return await asyncio.to_thread(orjson.dumps, {**payload, "model": model})
 
 
 def _error_frame(kind: str, path: str) -> bytes:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sovereign.engine import Finished
 from sovereign.server import anthropic_convert as convert
 from sovereign.server.anthropic_schemas import CountTokensBody, MessageParam, MessagesBody
+from sovereign.server.body import json_body
 from sovereign.server.context_editing import apply_context_edits, parse_context_management
 from sovereign.server.running import collect, event_stream
 from sovereign.server.sse import named_event
@@ -23,7 +24,9 @@ _EDITING_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="context
 
 
 @router.post("/v1/messages", response_model=None)
-async def create_message(request: Request, body: MessagesBody) -> JSONResponse | StreamingResponse:
+async def create_message(
+    request: Request, body: Annotated[MessagesBody, Depends(json_body(MessagesBody))]
+) -> JSONResponse | StreamingResponse:
     body, applied = await _edit_context(request, body)
     chat = convert.chat_request_from(body)
     generation = await engine(request).submit(chat)
@@ -55,7 +58,9 @@ async def create_message(request: Request, body: MessagesBody) -> JSONResponse |
 
 
 @router.post("/v1/messages/count_tokens")
-async def count_tokens(request: Request, body: CountTokensBody) -> dict[str, Any]:
+async def count_tokens(
+    request: Request, body: Annotated[CountTokensBody, Depends(json_body(CountTokensBody))]
+) -> dict[str, Any]:
     if body.context_management is None:
         return {"input_tokens": await engine(request).count_tokens(convert.chat_request_from(body))}
     original = await engine(request).count_tokens(convert.chat_request_from(body))

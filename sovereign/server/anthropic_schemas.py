@@ -12,11 +12,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sovereign.server.schemas import ValidText
+from sovereign.server.schemas import InChunks
 
 
-class _Strict(ValidText):
-    """Unknown fields refused; lone surrogates refused anywhere inside, the open blocks it holds included."""
+class _Strict(BaseModel):
+    """Unknown fields refused (lone surrogates, anywhere inside, are refused by the body decoder)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -75,7 +75,7 @@ class ThinkingConfig(_Open):
 
 class MessageParam(_Strict):
     role: Literal["user", "assistant", "system"]
-    content: str | list[ContentBlock]
+    content: str | Annotated[list[ContentBlock], InChunks]
     # Claude Code's per-turn-control beta sets an effort per message; accepted and ignored, as the
     # request-level effort is (a local model has one way of answering).
     output_config: dict[str, Any] | None = None
@@ -98,9 +98,9 @@ class _Conversation(_Strict):
     """What count_tokens and create share."""
 
     model: str
-    messages: list[MessageParam] = Field(min_length=1)
+    messages: Annotated[list[MessageParam], InChunks] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
-    tools: list[ToolParam] | None = None
+    tools: Annotated[list[ToolParam], InChunks] | None = None
     tool_choice: ToolChoiceParam | None = None
     output_config: dict[str, Any] | None = (
         None  # {"format": {"type": "json_schema", "schema": ...}} is enforced; effort is ignored

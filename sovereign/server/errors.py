@@ -160,10 +160,37 @@ def from_exception(exc: BaseException) -> APIError:
     return APIError(500, "The server had an error while processing your request.", type="server_error")
 
 
+def field_path(loc: tuple[Any, ...], body: Any) -> list[str]:
+    """An error's location in the client's own field names, found by following it through the request body.
+
+    Pydantic also names the member of a union it tried (`str`, `list[...]`, a validator, the `type` of a tagged
+    union's block) which is no field of the request: such parts are left out. A last part that is not in the
+    body is kept: it names a missing or unknown field.
+    """
+    parts: list[str] = []
+    value = body
+    for position, part in enumerate(loc):
+        last = position == len(loc) - 1
+        if part == "body" and position == 0:
+            continue
+        if isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        elif isinstance(value, dict) and part in value and not (part == value.get("type") and not last):
+            value = value[part]
+        elif not last and isinstance(value, (dict, list)):
+            continue  # a union member's tag
+        parts.append(str(part))
+    return parts
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
-    """FastAPI's 422 list, as OpenAI's 400 naming the first offending field."""
-    first = exc.errors()[0] if exc.errors() else {}
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    """FastAPI's 422 list, as OpenAI's 400 naming the offending field (the most precise, when a union failed)."""
+    body = getattr(exc, "body", None)
+    located: list[tuple[dict[str, Any], list[str]]] = [
+        (error, field_path(tuple(error.get("loc", ())), body)) for error in exc.errors()
+    ]
+    # A union reports one error per member: the member that got furthest into the value says what is wrong.
+    first, location = max(located, key=lambda pair: len(pair[1]), default=({}, []))
     param = ".".join(location) or None
     kind = first.get("type", "")
     if kind == "json_invalid":

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
-from pydantic import Field
+from fastapi import APIRouter, Depends, Request
+from pydantic import Field, field_validator
 
-from sovereign.server.schemas import _Strict
+from sovereign.server.body import json_body
+from sovereign.server.schemas import _Strict, bounded_template_kwargs
 from sovereign.server.state import engine, model_name
 
 router = APIRouter()
@@ -28,6 +29,8 @@ class ApplyTemplateBody(_Strict):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
+    _bounded_kwargs = field_validator("chat_template_kwargs")(bounded_template_kwargs)
+
 
 class DetokenizeBody(_Strict):
     tokens: list[int] = Field(default_factory=list)
@@ -35,7 +38,7 @@ class DetokenizeBody(_Strict):
 
 
 @router.post("/tokenize")
-async def tokenize(request: Request, body: TokenizeBody) -> dict[str, Any]:
+async def tokenize(request: Request, body: Annotated[TokenizeBody, Depends(json_body(TokenizeBody))]) -> dict[str, Any]:
     model = model_name(request, body.model)
     tokens = await engine(request).tokenize(model, body.content, special=body.parse_special, add_bos=body.add_special)
     if body.with_pieces:
@@ -45,12 +48,16 @@ async def tokenize(request: Request, body: TokenizeBody) -> dict[str, Any]:
 
 
 @router.post("/detokenize")
-async def detokenize(request: Request, body: DetokenizeBody) -> dict[str, Any]:
+async def detokenize(
+    request: Request, body: Annotated[DetokenizeBody, Depends(json_body(DetokenizeBody))]
+) -> dict[str, Any]:
     return {"content": await engine(request).detokenize(model_name(request, body.model), body.tokens)}
 
 
 @router.post("/apply-template")
-async def apply_template(request: Request, body: ApplyTemplateBody) -> dict[str, Any]:
+async def apply_template(
+    request: Request, body: Annotated[ApplyTemplateBody, Depends(json_body(ApplyTemplateBody))]
+) -> dict[str, Any]:
     model = model_name(request, body.model)
     prompt = await engine(request).apply_template(
         model, body.messages, body.tools, body.chat_template_kwargs, body.add_generation_prompt

@@ -61,12 +61,20 @@ def _message_text(message: Message, index: int) -> str | None:
         return message.content
     texts = []
     for part_index, part in enumerate(message.content):
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+        where = f"messages.{index}.content.{part_index}"
+        if part.get("type") != "text":
             raise APIError(
                 400,
                 f"Only text content parts are supported; got type {part.get('type')!r}.",
-                param=f"messages.{index}.content.{part_index}",
+                param=where,
                 code="invalid_value",
+            )
+        if not isinstance(part.get("text"), str):
+            raise APIError(
+                400,
+                f"Invalid value for '{where}.text': a text part's text must be a string.",
+                param=f"{where}.text",
+                code="invalid_type",
             )
         texts.append(part["text"])
     return "\n".join(texts)
@@ -154,6 +162,9 @@ def completion_requests_from(body: CompletionBody) -> list[tuple[str | list[int]
         prompts = [list(body.prompt)]  # type: ignore[arg-type]
     else:
         prompts = list(body.prompt)  # type: ignore[arg-type]
+        for index, prompt in enumerate(prompts):
+            if not prompt:  # as the whole prompt may not be: an empty one has nothing to continue
+                raise APIError(400, f"prompt.{index} must not be empty.", param=f"prompt.{index}", code="invalid_value")
     base = sampling_from(body, body.max_tokens, body.logprobs)
     requests = []
     for prompt in prompts:

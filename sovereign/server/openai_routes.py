@@ -8,9 +8,9 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sovereign.engine import Finished, Generation, ReasoningDelta, TextDelta, ToolCallDelta, ToolCallsEvent, Usage
@@ -18,6 +18,7 @@ from sovereign.engine.api import EngineAPI, ModelInfo
 from sovereign.engine.requests import Event
 from sovereign.errors import ModelNotFound
 from sovereign.server import openai_convert as convert
+from sovereign.server.body import json_body
 from sovereign.server.errors import APIError
 from sovereign.server.running import collect, event_stream
 from sovereign.server.schemas import ChatCompletionBody, CompletionBody, EmbeddingBody
@@ -144,7 +145,9 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(request: Request, body: ChatCompletionBody) -> JSONResponse | StreamingResponse:
+async def chat_completions(
+    request: Request, body: Annotated[ChatCompletionBody, Depends(json_body(ChatCompletionBody))]
+) -> JSONResponse | StreamingResponse:
     engine = _engine(request)
     requests = [convert.chat_request_from(body, i) for i in range(body.n)]
     generations = await _start_all(engine, requests)
@@ -235,7 +238,9 @@ def _call_arguments(call_index: int, arguments: str) -> dict[str, Any]:
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(request: Request, body: CompletionBody) -> JSONResponse | StreamingResponse:
+async def completions(
+    request: Request, body: Annotated[CompletionBody, Depends(json_body(CompletionBody))]
+) -> JSONResponse | StreamingResponse:
     engine = _engine(request)
     pairs = convert.completion_requests_from(body)
     generations = await _start_all(engine, [r for _p, r in pairs])
@@ -339,7 +344,9 @@ async def _completion_chunks(
 
 
 @router.post("/v1/embeddings")
-async def embeddings(request: Request, body: EmbeddingBody) -> dict[str, Any]:
+async def embeddings(
+    request: Request, body: Annotated[EmbeddingBody, Depends(json_body(EmbeddingBody))]
+) -> dict[str, Any]:
     # One text or one token list, else a list of them (which kind a list holds is told by its first item).
     inputs = cast(
         "list[str | list[int]]",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sovereign.engine import Finished
 from sovereign.server import responses_convert as convert
+from sovereign.server.body import json_body
 from sovereign.server.running import collect, event_stream
 from sovereign.server.schemas import ResponsesBody
 from sovereign.server.state import engine
@@ -15,7 +18,9 @@ router = APIRouter()
 
 
 @router.post("/v1/responses", response_model=None)
-async def create_response(request: Request, body: ResponsesBody) -> JSONResponse | StreamingResponse:
+async def create_response(
+    request: Request, body: Annotated[ResponsesBody, Depends(json_body(ResponsesBody))]
+) -> JSONResponse | StreamingResponse:
     generation = await engine(request).submit(convert.chat_request_from(body))
     shell = convert.ResponseShell(body, generation.model)
     if not body.stream:

@@ -3,68 +3,90 @@
 from __future__ import annotations
 
 import copy
-import re
-from typing import Any, Literal
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, cast
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
     PrivateAttr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails
 
-# A lone UTF-16 surrogate: valid in JSON's \uXXXX escapes, not in Unicode, so no tokenizer can take it.
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _has_surrogate(text: str) -> bool:
-    return not text.isascii() and _SURROGATE.search(text) is not None
+# A template's variables are flags and short settings (enable_thinking, reasoning_effort): this is far above them,
+# and keeps a body from handing the template renderer a huge value to walk on every request.
+MAX_TEMPLATE_KWARGS_BYTES = 64 * 1024
 
 
-def find_lone_surrogate(data: Any) -> str | None:
-    """The dotted location of the first string in parsed JSON that holds a lone surrogate, or None.
+def bounded_template_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """chat_template_kwargs, refused when their JSON is over MAX_TEMPLATE_KWARGS_BYTES."""
+    if value is not None and len(orjson.dumps(value)) > MAX_TEMPLATE_KWARGS_BYTES:
+        raise ValueError(f"at most {MAX_TEMPLATE_KWARGS_BYTES // 1024} KiB of JSON (template variables are settings)")
+    return value
 
-    For example 'messages.0.content'.
+
+VALIDATION_CHUNK = 64  # items of a long list validated in the first call; later calls are sized to CHUNK_SECONDS
+CHUNK_SECONDS = 0.005  # pydantic holds the GIL for one call: the event loop waits at most about this long
+
+
+def _validate_in_chunks(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Validate a long list a chunk at a time, letting other threads (the event loop) run in between.
+
+    Bodies are validated in worker threads, but pydantic holds the GIL for as long as one call takes:
+    150,000 typed content blocks in one call held every other request for over a second.
     """
-    stack: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
-    while stack:  # iterative: JSON nested deeper than Python's recursion limit must not crash the check
-        value, path = stack.pop()
-        if isinstance(value, str):
-            if _has_surrogate(value):
-                return ".".join(path)
-        elif isinstance(value, dict):
-            for key, item in reversed(list(value.items())):
-                # A key is named escaped: the error message must itself be valid UTF-8.
-                shown = key.encode("utf-8", "backslashreplace").decode() if isinstance(key, str) else str(key)
-                if isinstance(key, str) and _has_surrogate(key):
-                    return ".".join((*path, shown))
-                stack.append((item, (*path, shown)))
-        elif isinstance(value, list):
-            stack.extend((item, (*path, str(index))) for index, item in reversed(list(enumerate(value))))
-    return None
+    if not isinstance(value, list) or len(value) <= VALIDATION_CHUNK:
+        return handler(value)
+    items: list[Any] = []
+    start, size = 0, VALIDATION_CHUNK
+    while start < len(value):
+        time.sleep(0)  # lets the event loop take the GIL
+        began = time.perf_counter()
+        try:
+            items.extend(handler(value[start : start + size]))
+        except ValidationError as exc:
+            raise _shifted(exc, start, lambda: handler(value)) from None
+        took = time.perf_counter() - began
+        start += size
+        size = max(1, min(4096, int(size * CHUNK_SECONDS / max(took, 1e-5))))
+    return items
 
 
-class ValidText(BaseModel):
-    """Refuses, at parse time and naming the field, text that is not valid Unicode."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_lone_surrogates(cls, data: Any) -> Any:
-        where = find_lone_surrogate(data)
-        if where is not None:
-            raise PydanticCustomError(
-                "lone_surrogate",
-                "the text holds a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode",
-                {"where": where},
+def _shifted(exc: ValidationError, start: int, whole: Callable[[], Any]) -> ValidationError:
+    """A chunk's errors at their places in the whole list (or the whole list's, if pydantic cannot rebuild them)."""
+    try:
+        line_errors = [
+            cast(
+                "InitErrorDetails",
+                {"type": e["type"], "loc": (start + int(e["loc"][0]), *e["loc"][1:]), "input": e["input"]}
+                | ({"ctx": e["ctx"]} if "ctx" in e else {}),
             )
-        return data
+            for e in exc.errors()
+        ]
+        return ValidationError.from_exception_data(exc.title, line_errors)
+    except Exception:  # noqa: BLE001 - an error type pydantic cannot rebuild: validate the whole list for its errors
+        try:
+            whole()
+        except ValidationError as full:
+            return full
+        return exc
 
 
-class _Strict(ValidText):
+InChunks = WrapValidator(_validate_in_chunks)
+
+
+class _Strict(BaseModel):
+    """Unknown fields refused. (Lone surrogates never get this far: the body decoder refuses them.)"""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -166,12 +188,12 @@ class _SamplingFields(_Strict):
 
 
 class ChatCompletionBody(_SamplingFields):
-    messages: list[Message] = Field(min_length=1)
+    messages: Annotated[list[Message], InChunks] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], InChunks] | None = None
     # The tools exactly as the client wrote them: templates render them as JSON, and a model was trained on
     # its clients' key order (name, description, parameters), not on this schema's.
     _tools_as_sent: list[dict[str, Any]] = PrivateAttr(default_factory=list)
@@ -181,6 +203,8 @@ class ChatCompletionBody(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = (
         None  # llama-server's and vLLM's name: extra variables for the chat template
     )
+
+    _bounded_kwargs = field_validator("chat_template_kwargs")(bounded_template_kwargs)
 
     @model_validator(mode="wrap")
     @classmethod
