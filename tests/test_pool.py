@@ -20,7 +20,7 @@ import pytest
 from sovereign.catalog import load_catalog
 from sovereign.config import Settings
 from sovereign.engine.kernels import Verdict, current_machine, read_verdict, verdict_path, write_verdict
-from sovereign.engine.pool import ModelPool, PoolOptions
+from sovereign.engine.pool import LoadedModel, ModelPool, PoolOptions
 from sovereign.engine.process import ModelFacts, ModelProcess
 from sovereign.engine.wire import LoadOptions
 from sovereign.errors import BadChatTemplate, ModelLoadError
@@ -78,16 +78,31 @@ class Starter:
         self.started: list[FakeProcess] = []
         self.delay = 0.0
         self.error: Exception | None = None
+        self.fail: set[str] = set()  # names whose start fails with ModelLoadError
+        self.in_flight = 0
+        self.peak = 0  # the most processes resident at once: starts under way (memory being filled) and alive ones
 
     async def __call__(
         self, name: str, path: Path, options: LoadOptions, *, max_queue: int, timeout: float | None
     ) -> ModelProcess:
-        await asyncio.sleep(self.delay)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight + self.resident())
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
         if self.error is not None:
             raise self.error
+        if name in self.fail:
+            raise ModelLoadError(f"llama.cpp could not load {name}")
         process = FakeProcess(name, path, options, self.template)
         self.started.append(process)
+        self.peak = max(self.peak, self.in_flight + self.resident())
         return cast(ModelProcess, process)
+
+    def resident(self) -> int:
+        """Processes started and not yet ended."""
+        return sum(p.alive for p in self.started)
 
     def names(self) -> list[str]:
         return [p.name for p in self.started]
@@ -260,3 +275,109 @@ async def test_closing_the_pool_stops_a_load_under_way(store: Store) -> None:
         await load
     assert starter.started == [] and pool.loading == []
     assert pool.loaded == {}
+
+
+@in_loop
+async def test_concurrent_first_requests_for_different_models_never_exceed_max_models(store: Store) -> None:
+    starter = Starter()
+    starter.delay = 0.05  # long enough for all three loads to overlap if the pool let them
+    pool = make_pool(store, starter, max_models=1)
+    models = await asyncio.gather(pool.get("a:1"), pool.get("b:1"), pool.get("c:1"))
+    assert [m.name for m in models] == ["a:1", "b:1", "c:1"]  # every request answered, with its own model
+    assert starter.peak == 1
+    assert sorted(starter.names()) == ["a:1", "b:1", "c:1"]
+    assert len(pool.loaded) == 1 and pool.loading == []
+    await pool.close()
+
+
+async def hold_for(pool: ModelPool, name: str, seconds: float) -> str:
+    """A request as the engine makes one: it takes hold of the model as soon as get() returns, and works a while."""
+    process = fake_of(await pool.get(name))
+    assert process.alive, f"{name} was unloaded before its request could use it"
+    process.active += 1
+    await asyncio.sleep(seconds)
+    process.active -= 1
+    return name
+
+
+def fake_of(model: Any) -> FakeProcess:
+    return cast(FakeProcess, model.process)
+
+
+@in_loop
+async def test_a_model_just_loaded_reaches_its_request_before_a_queued_load_may_evict_it(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    starter = Starter()
+    starter.delay = 0.05
+    pool = make_pool(store, starter, max_models=1)
+    assert await asyncio.gather(hold_for(pool, "a:1", 0.1), hold_for(pool, "b:1", 0.1)) == ["a:1", "b:1"]
+    assert starter.peak == 2  # a was busy by the time b had room to look: one more, as the warning says
+    assert "busy: loading b:1, one more than --max-models" in caplog.text
+    await pool.close()
+
+
+@in_loop
+async def test_with_every_model_busy_only_one_more_loads_and_the_rest_wait(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sovereign.engine.pool.ROOM_RECHECK_SECONDS", 0.02)
+    starter = Starter()
+    pool = make_pool(store, starter, max_models=1)
+    await pool.get("a:1")
+    fake(pool, "a:1").active = 1  # a long generation
+    await asyncio.gather(hold_for(pool, "b:1", 0.2), hold_for(pool, "c:1", 0.01))
+    assert starter.names() == ["a:1", "b:1", "c:1"]
+    assert starter.peak == 2  # c waited for b to finish, then took its place
+    assert sorted(pool.loaded) == ["a:1", "c:1"]
+    await pool.close()
+
+
+@in_loop
+async def test_a_request_that_leaves_while_queued_for_room_loads_nothing(store: Store) -> None:
+    starter = Starter()
+    starter.delay = 0.1
+    pool = make_pool(store, starter, max_models=1)
+    a = asyncio.ensure_future(pool.get("a:1"))
+    await asyncio.sleep(0.01)
+    b = asyncio.ensure_future(pool.get("b:1"))
+    await asyncio.sleep(0.01)
+    assert sorted(pool.loading) == ["a:1", "b:1"]
+    b.cancel()  # its client hung up
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    assert (await a).name == "a:1"
+    await asyncio.sleep(0.2)  # time enough for b to have loaded, had its load gone on
+    assert starter.names() == ["a:1"] and pool.loading == [] and sorted(pool.loaded) == ["a:1"]
+    assert (await pool.get("b:1")).name == "b:1"  # the queue moves on
+    assert starter.peak == 1
+    await pool.close()
+
+
+@in_loop
+async def test_a_failed_load_frees_its_place(store: Store) -> None:
+    starter = Starter()
+    starter.delay = 0.05
+    starter.fail = {"a:1"}
+    pool = make_pool(store, starter, max_models=1)
+    a, b = await asyncio.gather(pool.get("a:1"), pool.get("b:1"), return_exceptions=True)
+    assert isinstance(a, ModelLoadError)
+    assert isinstance(b, LoadedModel) and b.name == "b:1"
+    assert (await pool.get("c:1")).name == "c:1"
+    assert sorted(pool.loaded) == ["c:1"] and pool.loading == [] and starter.peak == 1
+    await pool.close()
+
+
+@in_loop
+async def test_closing_the_pool_stops_loads_waiting_for_room(store: Store) -> None:
+    starter = Starter()
+    starter.delay = 3600.0
+    pool = make_pool(store, starter, max_models=1)
+    loads = [asyncio.ensure_future(pool.get(name)) for name in ("a:1", "b:1", "c:1")]
+    await asyncio.sleep(0.05)
+    assert sorted(pool.loading) == ["a:1", "b:1", "c:1"]
+    await asyncio.wait_for(pool.close(), timeout=30)  # a hang guard, as above
+    for load in loads:
+        with pytest.raises(asyncio.CancelledError):
+            await load
+    assert starter.started == [] and pool.loading == [] and pool.loaded == {}

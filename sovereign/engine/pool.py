@@ -7,6 +7,7 @@ and a crashed one is dropped from the pool so that the next request loads it afr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,8 @@ from sovereign.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
 serving_log = logging.getLogger("sovereign.serving")  # what `serve` tells its user as models load (shown at INFO)
+# A loaded model turning idle is not signalled to the pool: a load queued behind busy models looks again this often.
+ROOM_RECHECK_SECONDS = 0.5
 
 
 @dataclass
@@ -103,6 +106,13 @@ class ModelPool:
         self._closing: set[asyncio.Future[None]] = set()  # crashed processes' sockets being closed
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._reaper: asyncio.Task[None] | None = None
+        # Loads queue here, one at a time making room and taking a place, so that loaded + starting stays
+        # within --max-models (a burst naming N models must not start N processes at once).
+        self._room = asyncio.Lock()
+        self._room_changed = asyncio.Event()  # replaced each time it is set: wakes every load waiting for room
+        self._starting = 0  # places taken by loads under way: they count against --max-models as loaded models do
+        self._queued: set[str] = set()  # names whose load still waits for a place (nothing started yet)
+        self._awaiting: dict[str, int] = {}  # requests waiting on each name's load: its model is theirs, not a victim
 
     # --- names ----------------------------------------------------------------------
 
@@ -174,19 +184,44 @@ class ModelPool:
 
     async def _load_once(self, manifest: Manifest, pin: bool) -> LoadedModel:
         """Load a model, joining a load of the same name already under way."""
-        task = self._loading.get(manifest.name)
+        name = manifest.name
+        task = self._loading.get(name)
         if task is None:
             task = asyncio.create_task(self._load(manifest, pin))
-            self._loading[manifest.name] = task
+            self._loading[name] = task
 
-            def forget(_task: asyncio.Task[LoadedModel], key: str = manifest.name) -> None:
+            def forget(_task: asyncio.Task[LoadedModel], key: str = name) -> None:
                 self._loading.pop(key, None)
 
             task.add_done_callback(forget)
-        return await asyncio.shield(task)
+        self._awaiting[name] = self._awaiting.get(name, 0) + 1
+        try:
+            # Shielded: a load that has started goes on for the next request even if this one's client leaves.
+            return await asyncio.shield(task)
+        finally:
+            # This runs as the request resumes, before its caller takes hold of the model (no await in between),
+            # so a load waiting for room never evicts a model on its way to the requests that loaded it.
+            self._awaiting[name] -= 1
+            if not self._awaiting[name]:
+                del self._awaiting[name]
+                if name in self._queued:  # every client left while the load waited for room: nobody wants it
+                    task.cancel()
+            self._signal_room()
 
     async def _load(self, manifest: Manifest, pin: bool) -> LoadedModel:
-        await self._make_room()
+        self._queued.add(manifest.name)
+        try:
+            await self._take_place(manifest.name)
+        finally:
+            self._queued.discard(manifest.name)
+        try:
+            return await self._start(manifest, pin)
+        finally:
+            self._starting -= 1  # loaded (and counted in _loaded now) or failed: either way its place is free
+            self._signal_room()
+
+    async def _start(self, manifest: Manifest, pin: bool) -> LoadedModel:
+        """Start the model's process in the place taken for it, and add it to the pool."""
         spec = self.spec_for(manifest)
         options = self.options.load
         if options.n_ctx is None and spec and spec.context_length:
@@ -232,6 +267,7 @@ class ModelPool:
             self._loaded.pop(process.name, None)
             if model.pinned:
                 self._pinned_crashed.add(model.name)
+            self._signal_room()
         if self.options.kernel_home is not None and process.options.use_extra_bufts:
             record_crash(self.options.kernel_home, crash, process.path, self.options.extra_buffers)
 
@@ -252,22 +288,49 @@ class ModelPool:
         log.warning("%s has no chat template: using a plain transcript format", path.name)
         return ChatTemplate(FALLBACK_TEMPLATE, bos_token=bos, eos_token=eos, origin="fallback"), stops + FALLBACK_STOPS
 
-    async def _make_room(self) -> None:
-        """Unload least recently used idle models until one more fits under max_models."""
-        while len(self._loaded) >= max(1, self.options.max_models):
-            idle = [m for m in self._loaded.values() if m.process.active == 0]
-            if not idle:
-                log.warning("all %d loaded models are busy: loading one more than --max-models", len(self._loaded))
-                return
-            victim = min(idle, key=lambda m: m.process.last_used)
-            await self.unload(victim.name)
+    async def _take_place(self, name: str) -> None:
+        """Wait until one more model fits under max_models, unloading idle ones (least recently used first)."""
+        limit = max(1, self.options.max_models)
+        told = False
+        async with self._room:
+            while (held := len(self._loaded) + self._starting) >= limit:
+                changed = self._room_changed  # taken before looking, so that no change goes unheard
+                idle = [m for m in self._loaded.values() if self._evictable(m)]
+                if idle:
+                    victim = min(idle, key=lambda m: m.process.last_used)
+                    await asyncio.shield(self.unload(victim.name))  # a cancelled wait must not half-close a victim
+                    continue
+                if held == limit and not self._starting and not self._awaiting.keys() & self._loaded.keys():
+                    # Every loaded model is generating: one more may load rather than fail, but only one more.
+                    log.warning("all %d loaded models are busy: loading %s, one more than --max-models", held, name)
+                    break
+                if not told:
+                    log.info("%s waits for room: %d models loaded or loading (--max-models %d)", name, held, limit)
+                    told = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), ROOM_RECHECK_SECONDS)
+            self._starting += 1
+
+    def _evictable(self, model: LoadedModel) -> bool:
+        """Dead, or idle and not on its way to the requests that loaded it."""
+        if not model.process.alive:  # a dead predecessor of a model being loaded again holds no requests
+            return True
+        return model.process.active == 0 and model.name not in self._awaiting
+
+    def _signal_room(self) -> None:
+        """Wake the loads waiting for room: a place was freed, or a model reached its requests."""
+        self._room_changed.set()
+        self._room_changed = asyncio.Event()
 
     async def unload(self, name: str) -> None:
         """Free a loaded model: its process ends (failing what it still runs), and with it all its memory."""
         model = self._loaded.pop(name, None)
         if model is not None:
             log.info("unloading %s", name)
-            await model.process.close()
+            try:
+                await model.process.close()
+            finally:
+                self._signal_room()  # after the process has ended: its memory is free for the next load
 
     # --- keep-alive -------------------------------------------------------------------
 
@@ -286,7 +349,7 @@ class ModelPool:
                     await self.unload(model.name)
 
     async def close(self) -> None:
-        """Unload everything, stopping loads under way."""
+        """Unload everything, stopping loads under way and those waiting for room."""
         if self._reaper is not None:
             self._reaper.cancel()
         loads = list(self._loading.values())
