@@ -196,6 +196,9 @@ class FakeEngine(EngineAPI):
     def loads(self) -> list[ModelLoad]:
         return [ModelLoad(name, 4, 0, 0, 0.0) for name in sorted(self.loaded)]
 
+    def missing_files(self, name: str) -> str | None:
+        return None if name in FAKE_MODELS else "removed from the store"
+
     @property
     def loaded_names(self) -> list[str]:
         return sorted(self.loaded)

@@ -381,3 +381,15 @@ async def test_closing_the_pool_stops_loads_waiting_for_room(store: Store) -> No
         with pytest.raises(asyncio.CancelledError):
             await load
     assert starter.started == [] and pool.loading == [] and pool.loaded == {}
+
+
+@in_loop
+async def test_on_change_hears_every_load_unload_and_crash(store: Store) -> None:
+    starter = Starter()
+    pool = make_pool(store, starter, max_models=1)
+    heard: list[list[str]] = []
+    pool.on_change = heard.append
+    await pool.get("a:1")
+    await pool.get("b:1")  # a makes room for b
+    fake(pool, "b:1").crash("SIGSEGV")
+    assert heard == [["a:1"], [], ["b:1"], []]

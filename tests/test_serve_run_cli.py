@@ -7,14 +7,16 @@ import pty
 import select
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 
 from sovereign.refs import parse_name
-from sovereign.store import Store
-from tests.conftest import GEMMA, assert_clean_error, run_cli
+from sovereign.store import PullOptions, Store
+from sovereign.store.serving import ServingRecord, servers_serving
+from tests.conftest import GEMMA, assert_clean_error, pull_in_process, run_cli
 from tests.servers import ServerProcess, sovereign_command
 
 
@@ -123,3 +125,44 @@ def test_serve_without_a_model_pulls_the_default_first(real_model_home: Path, is
             timeout=60,
         )
         assert reply.status_code == 200
+
+
+def test_rm_warns_while_a_server_serves_the_model_and_health_lists_it_unavailable(
+    real_model_home: Path, isolated_home: Path
+) -> None:
+    real = Store(real_model_home)
+    source = real.model_path(real.require(parse_name(GEMMA)))
+    pull_in_process(str(source), options=PullOptions(name="mine:1"))  # in place: rm leaves the file itself alone
+    with ServerProcess(isolated_home, "mine:1") as running:
+        assert httpx.get(f"{running.url}/health").json()["unavailable"] == []
+        removed = run_cli("rm", "mine:1")
+        assert removed.returncode == 0 and "removed mine:1" in removed.stderr, removed.stderr
+        warnings = [line for line in removed.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and "mine:1" in warnings[0] and running.url in warnings[0], removed.stderr
+        health = httpx.get(f"{running.url}/health")
+        assert health.status_code == 200  # still answering: a load balancer keeps it
+        assert health.json()["status"] == "degraded"
+        assert health.json()["unavailable"] == [{"model": "mine:1", "reason": "removed from the store"}]
+        reply = httpx.post(  # the loaded copy still answers, as the warning says
+            f"{running.base_url}/chat/completions",
+            json={"model": "mine:1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            timeout=60,
+        )
+        assert reply.status_code == 200
+    assert list((isolated_home / "servers").iterdir()) == []  # the server took its record with it
+
+
+def test_a_server_record_counts_while_its_process_runs(isolated_home: Path) -> None:
+    record = ServingRecord(isolated_home, "http://127.0.0.1:1")
+    record.write(["a:1", "b:1"])
+    assert [s.url for s in servers_serving(isolated_home, "a:1")] == ["http://127.0.0.1:1"]
+    assert servers_serving(isolated_home, "c:1") == []
+    record.close()
+    assert servers_serving(isolated_home, "a:1") == []
+    # A server killed without cleaning up leaves its record; its lock died with it, so the record is ignored.
+    killed = "import os, sys, pathlib; from sovereign.store.serving import ServingRecord as R; "
+    killed += "R(pathlib.Path(sys.argv[1]), 'http://127.0.0.1:2').write(['a:1']); os._exit(9)"
+    subprocess.run([sys.executable, "-c", killed, str(isolated_home)], check=False)
+    assert len(list((isolated_home / "servers").iterdir())) == 2
+    assert servers_serving(isolated_home, "a:1") == []
+    assert list((isolated_home / "servers").iterdir()) == []  # and deleted

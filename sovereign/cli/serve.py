@@ -8,13 +8,19 @@ import sys
 import threading
 from dataclasses import replace
 from enum import StrEnum
-from typing import Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sovereign.cli.common import Core, err, friendly_errors
 from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT
 from sovereign.engine.wire import Speculate
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from sovereign.engine.pool import ModelPool
 
 
 class ReasoningFormat(StrEnum):
@@ -330,6 +336,7 @@ def serve(
             highlight=False,
         )
     _log_requests()
+    _record_serving(core.store.home, pool, names, f"http://{shown}:{port}")
     uvicorn.run(
         server_app,
         host=host,
@@ -419,6 +426,31 @@ def _fallback_causes(disabled: list[str]) -> frozenset[str]:
             f"--no-fallback-on {', '.join(unknown)} is not a cause of falling back", f"choose from {', '.join(CAUSES)}"
         )
     return frozenset(CAUSES) - set(disabled)
+
+
+def _record_serving(home: Path, pool: ModelPool, names: list[str], url: str) -> None:
+    """Let `sovereign rm` on this machine see which models this server serves, until it exits."""
+    import atexit
+    import signal
+
+    from sovereign.store.serving import ServingRecord
+
+    record = ServingRecord(home, url)
+    pool.on_change = lambda loaded: record.write([*names, *loaded])
+    record.write(names)
+    atexit.register(record.close)  # Ctrl-C: uvicorn returns and KeyboardInterrupt unwinds to exit
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM) or signal.SIG_DFL  # None: a handler not set from Python
+
+    def close_then_die(signum: int, frame: FrameType | None) -> None:
+        # uvicorn shuts down on SIGTERM, restores this handler and raises SIGTERM again: the process ends by
+        # the signal, before atexit. A harder death (SIGKILL) leaves the record, which `rm` finds stale.
+        record.close()
+        signal.signal(signum, previous)
+        signal.raise_signal(signum)
+
+    signal.signal(signal.SIGTERM, close_then_die)
 
 
 def _log_requests() -> None:

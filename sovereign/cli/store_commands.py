@@ -94,6 +94,7 @@ def show(
 def rm(names: Annotated[list[str], typer.Argument(help="Models to remove.")]) -> None:
     """Remove models; a file is freed only when no other name uses it."""
     from sovereign.store.files import human_bytes
+    from sovereign.store.serving import servers_serving
 
     core = Core()
     for text in names:
@@ -101,6 +102,12 @@ def rm(names: Annotated[list[str], typer.Argument(help="Models to remove.")]) ->
         kept = "" if freed or not manifest.digests else " (its file is still used by another name)"
         freed_bytes = sum(f.size for f in manifest.files if f.digest in freed)
         err.print(f"[green]✓[/] removed {manifest.name}, freed {human_bytes(freed_bytes)}{kept}", highlight=False)
+        for server in servers_serving(core.store.home, manifest.name):
+            err.print(
+                f"[yellow]warning:[/] `sovereign serve` at {server.url} (pid {server.pid}) is serving {manifest.name}: "
+                "it answers from memory until the model unloads, then answers 404",
+                highlight=False,
+            )
 
 
 @friendly_errors

@@ -96,6 +96,10 @@ class EngineAPI(Protocol):
 
     def loads(self) -> list[ModelLoad]: ...
 
+    def missing_files(self, name: str) -> str | None:
+        """Why a store name can no longer load (removed, or its file gone or changed), or None while it can."""
+        ...
+
     @property
     def loaded_names(self) -> list[str]: ...
 

@@ -34,12 +34,14 @@ from sovereign.engine.requests import (
 )
 from sovereign.engine.stats import RequestStats, request_stats
 from sovereign.engine.stream import TokenStream
-from sovereign.errors import ContextLengthExceeded, InvalidRequest
+from sovereign.errors import ContextLengthExceeded, InvalidRequest, SovereignError
+from sovereign.refs import parse_name
 from sovereign.store.manifest import Manifest
 
 Request = ChatRequest | CompletionRequest
 # Prompts shorter than this (about 1.5k tokens) are read again quickly: no checkpoints are worth finding for them.
 SPLIT_MIN_CHARS = 6000
+_FILE_STATUS = {"missing": "its file is gone", "changed": "its file changed since it was registered"}
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,18 @@ class Engine(EngineAPI):
             )
             for name, model in self.pool.loaded.items()
         ]
+
+    def missing_files(self, name: str) -> str | None:
+        """Why a store name can no longer load (removed, or its file gone or changed), or None while it can."""
+        store = self.pool.store
+        try:
+            manifest = store.get(parse_name(name))
+        except SovereignError as exc:  # a damaged manifest
+            return exc.message
+        if manifest is None:
+            return "removed from the store"
+        status = store.file_status(manifest)  # stats only: cheap enough for every /health
+        return None if status == "ok" else _FILE_STATUS[status]
 
     @property
     def loaded_names(self) -> list[str]:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -113,6 +114,8 @@ class ModelPool:
         self._starting = 0  # places taken by loads under way: they count against --max-models as loaded models do
         self._queued: set[str] = set()  # names whose load still waits for a place (nothing started yet)
         self._awaiting: dict[str, int] = {}  # requests waiting on each name's load: its model is theirs, not a victim
+        # Told the loaded models' names whenever they change (`serve` records them so that `rm` can warn).
+        self.on_change: Callable[[list[str]], None] | None = None
 
     # --- names ----------------------------------------------------------------------
 
@@ -251,6 +254,7 @@ class ModelPool:
         self._pinned_crashed.discard(manifest.name)
         process.on_exit = self._forget_crashed
         self._loaded[manifest.name] = model
+        self._changed()
         self._start_reaper()
         serving_log.info("%s loaded: %s", manifest.name, _context_note(process.facts, options.n_ctx is not None))
         return model
@@ -268,6 +272,7 @@ class ModelPool:
             if model.pinned:
                 self._pinned_crashed.add(model.name)
             self._signal_room()
+            self._changed()
         if self.options.kernel_home is not None and process.options.use_extra_bufts:
             record_crash(self.options.kernel_home, crash, process.path, self.options.extra_buffers)
 
@@ -317,6 +322,11 @@ class ModelPool:
             return True
         return model.process.active == 0 and model.name not in self._awaiting
 
+    def _changed(self) -> None:
+        """Tell on_change which models are loaded now."""
+        if self.on_change is not None:
+            self.on_change(sorted(self._loaded))
+
     def _signal_room(self) -> None:
         """Wake the loads waiting for room: a place was freed, or a model reached its requests."""
         self._room_changed.set()
@@ -327,6 +337,7 @@ class ModelPool:
         model = self._loaded.pop(name, None)
         if model is not None:
             log.info("unloading %s", name)
+            self._changed()
             try:
                 await model.process.close()
             finally:

@@ -98,10 +98,12 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         loading = bool(engine.loading_names) or state.starting
+        unavailable = _unavailable(engine, options.preload)
         body: dict[str, Any] = {
-            "status": "loading" if loading else "ok",
+            "status": "loading" if loading else "degraded" if unavailable else "ok",
             "models": engine.loaded_names,
             "loading": engine.loading_names,
+            "unavailable": unavailable,
         }
         if state.startup_error:
             body["error"] = state.startup_error
@@ -114,6 +116,16 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
     app.include_router(responses_routes.router)
     app.include_router(extra_routes.router)
     return app
+
+
+def _unavailable(engine: EngineAPI, preload: tuple[str, ...]) -> list[dict[str, str]]:
+    """The models started with or loaded whose files left the store (`sovereign rm` while serving, say).
+
+    /health still answers 200 for them, as "degraded": the server still answers, its other models and the
+    loaded copy included; taking it out of a load balancer would not bring a deleted file back.
+    """
+    names = dict.fromkeys([*preload, *engine.loaded_names])  # in order, once each
+    return [{"model": name, "reason": reason} for name in names if (reason := engine.missing_files(name)) is not None]
 
 
 async def _preload(state: ServerState, names: tuple[str, ...]) -> None:
