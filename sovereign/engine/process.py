@@ -199,6 +199,10 @@ class ModelProcess:
             try:
                 self._send({"op": "call", "id": call_id, "method": method, "args": list(args)})
                 return await future
+            except asyncio.CancelledError:
+                # The caller left (an embeddings client hung up): the worker drops what it has not done yet.
+                self._send_quietly({"op": "cancel", "id": call_id})
+                raise
             finally:
                 self._pending.pop(call_id, None)
 

@@ -20,7 +20,7 @@ from sovereign.errors import ModelNotFound
 from sovereign.server import openai_convert as convert
 from sovereign.server.body import json_body
 from sovereign.server.errors import APIError
-from sovereign.server.running import collect, event_stream
+from sovereign.server.running import collect, event_stream, until_disconnect
 from sovereign.server.schemas import ChatCompletionBody, CompletionBody, EmbeddingBody
 from sovereign.server.sse import data_event as _sse
 from sovereign.server.state import engine as _engine
@@ -356,7 +356,8 @@ async def embeddings(
     )
     if not inputs:
         raise APIError(400, "input must not be empty.", param="input", code="invalid_value")
-    model_name, vectors, tokens = await _engine(request).embed(body.model, inputs)
+    # A client that hangs up stops the inputs not yet embedded (and the one under way, between chunks).
+    model_name, vectors, tokens = await until_disconnect(request, _engine(request).embed(body.model, inputs))
     if body.dimensions is not None and body.dimensions != len(vectors[0]):
         raise APIError(
             400,

@@ -233,12 +233,23 @@ class CompletionBody(_SamplingFields):
     best_of: int | None = Field(default=None, ge=1, le=1)
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
+
+
 class EmbeddingBody(_Strict):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _few_inputs(cls, value: Any) -> Any:
+        # A list of lists or of strings is that many inputs (a flat list of numbers is one input's token ids).
+        if isinstance(value, list) and value and not isinstance(value[0], int) and len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, not {len(value)}")
+        return value
 
 
 # --- the Responses API (stateless) ------------------------------------------------------

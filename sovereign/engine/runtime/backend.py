@@ -46,7 +46,8 @@ llama_log = logging.getLogger("sovereign.llama_cpp")
 # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line
 _GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _log_callback = None
-EMBEDDING_CTX = 2048
+EMBEDDING_CTX = 2048  # tokens of one embedding input, at most
+EMBEDDING_CHUNK = 128  # tokens per embedding decode call: its output buffer is this many x the vocabulary
 
 if TYPE_CHECKING:
     from llama_cpp._internals import LlamaContext, LlamaSampler
@@ -494,46 +495,94 @@ class LlamaBackend:
         return TokenLogprob(raw.decode("utf-8", "replace"), list(raw), float(row[token]), top)
 
     # --- embeddings -----------------------------------------------------------------
+    # A chat model's context computes logits for every token it outputs: one 1,500-token input, decoded whole
+    # with llama.cpp's mean pooling, held the scheduler's thread for 4.7 s and grew the process by 2 GB (an output
+    # buffer of 2,048 tokens x a 262k vocabulary). So an input is decoded EMBEDDING_CHUNK tokens at a time, each
+    # token's hidden state read out (no pooling) and the mean taken here: the scheduler runs one chunk between
+    # decode steps, and the context, bounded to chunks, is freed once embeddings stop (free_embedding_context).
+    # A dedicated embedding model (whose GGUF names its pooling) may attend both ways: it gets one whole chunk.
 
-    def embed(self, text: str) -> tuple[list[float], int]:
-        """A mean-pooled, L2-normalised embedding of text, and its token count."""
-        context = self._embedding_context()
+    def embedding_tokens(self, text: str) -> list[int]:
+        """The tokens an embedding of text reads; ContextLengthExceeded or InvalidRequest when it cannot."""
         tokens = self.with_bos(self.tokenize(text, special=False))
-        if len(tokens) > context.n_ctx():
-            raise ContextLengthExceeded(len(tokens), context.n_ctx())
+        limit = min(self.n_ctx, EMBEDDING_CTX)
+        if len(tokens) > limit:
+            raise ContextLengthExceeded(len(tokens), limit)
         if not tokens:
             raise InvalidRequest("cannot embed an empty string", "input")
-        context.kv_cache_clear()
+        return tokens
+
+    @property
+    def embedding_chunk(self) -> int:
+        """Tokens one embedding decode call may take (a whole input for a model that attends both ways)."""
+        return min(self.n_ctx, EMBEDDING_CTX) if self._pools_itself else EMBEDDING_CHUNK
+
+    def embed_chunk(self, tokens: list[int], position: int, count: int) -> np.ndarray:
+        """Decode tokens[position:position + count] (count <= embedding_chunk); their hidden states' sum.
+
+        For a model that pools itself, its pooled vector of the whole input, scaled by its length, instead.
+        """
+        context = self._embedding_context()
+        if position == 0:
+            context.kv_cache_clear()
+        chunk = tokens[position : position + min(count, self.embedding_chunk)]
         from llama_cpp import _internals
 
-        batch = _internals.LlamaBatch(n_tokens=len(tokens), embd=0, n_seq_max=1, verbose=False)
+        batch = _internals.LlamaBatch(n_tokens=len(chunk), embd=0, n_seq_max=1, verbose=False)
         try:
-            batch.set_batch(tokens, 0, logits_all=True)
+            batch.set_batch(chunk, position, logits_all=True)
             if self._llama.llama_decode(context.ctx, batch.batch) != 0:
                 raise ModelLoadError("llama.cpp failed to compute the embedding", None)
-            pointer = self._llama.llama_get_embeddings_seq(context.ctx, 0)
-            vector = np.ctypeslib.as_array(pointer, shape=(self._llama.llama_model_n_embd(self.model.model),)).astype(
-                np.float64
-            )
+            width = self._llama.llama_model_n_embd(self.model.model)
+            if self._pools_itself:
+                pooled = self._llama.llama_get_embeddings_seq(context.ctx, 0)
+                return np.ctypeslib.as_array(pooled, shape=(width,)).astype(np.float64) * len(tokens)
+            rows = np.ctypeslib.as_array(self._llama.llama_get_embeddings(context.ctx), shape=(len(chunk), width))
+            return rows.sum(axis=0, dtype=np.float64)
         finally:
             batch.close()
-        norm = float(np.linalg.norm(vector)) or 1.0
-        return (vector / norm).tolist(), len(tokens)
+
+    def embed(self, text: str) -> tuple[list[float], int]:
+        """A mean-pooled, L2-normalised embedding of text, and its token count (all chunks at once)."""
+        tokens = self.embedding_tokens(text)
+        total = np.zeros(self._llama.llama_model_n_embd(self.model.model), dtype=np.float64)
+        for position in range(0, len(tokens), self.embedding_chunk):
+            total += self.embed_chunk(tokens, position, self.embedding_chunk)
+        return normalised(total), len(tokens)
+
+    @property
+    def embeds_whole(self) -> bool:
+        """Whether inputs are decoded whole: a dedicated embedding model (its GGUF names its pooling)."""
+        return self._pools_itself
+
+    @property
+    def _pools_itself(self) -> bool:
+        return any(key.endswith(".pooling_type") for key in self.metadata)
+
+    @property
+    def has_embedding_context(self) -> bool:
+        """Whether the embedding context is allocated (the scheduler frees it when embeddings stop)."""
+        return self._embedding_ctx is not None
+
+    def free_embedding_context(self) -> None:
+        """Give back the embedding context's memory; the next embedding makes it again."""
+        if self._embedding_ctx is not None:
+            self._embedding_ctx.close()
+            self._embedding_ctx = None
 
     def _embedding_context(self) -> LlamaContext:
-        """A second context for embeddings (mean pooling), made on first use."""
+        """A second context for embeddings, made on first use, sized to one chunk's outputs."""
         if self._embedding_ctx is None:
             from llama_cpp import _internals
 
             params = self._llama.llama_context_default_params()
-            # The output buffer is n_ubatch x vocabulary floats: keep it small (262k-token vocabularies exist).
             params.n_ctx = min(self.n_ctx, EMBEDDING_CTX)
-            params.n_batch = params.n_ctx
-            params.n_ubatch = min(params.n_ctx, 512)
+            params.n_batch = params.n_ubatch = self.embedding_chunk
             params.n_seq_max = 1
             params.n_threads = params.n_threads_batch = self.n_threads
             params.embeddings = True
-            params.pooling_type = self._llama.LLAMA_POOLING_TYPE_MEAN
+            pooled = self._llama.LLAMA_POOLING_TYPE_MEAN if self._pools_itself else self._llama.LLAMA_POOLING_TYPE_NONE
+            params.pooling_type = pooled
             params.no_perf = True
             self._embedding_ctx = _internals.LlamaContext(model=self.model, params=params, verbose=True)
         return self._embedding_ctx
@@ -552,3 +601,9 @@ def _model_files(path: Path) -> list[Path]:
         stem = path.name.split("-00001-of-")[0]
         return sorted(path.parent.glob(f"{stem}-*-of-*.gguf"))
     return [path]
+
+
+def normalised(total: np.ndarray) -> list[float]:
+    """A summed (or mean) vector scaled to unit length: its direction is the embedding."""
+    norm = float(np.linalg.norm(total)) or 1.0
+    return (total / norm).tolist()

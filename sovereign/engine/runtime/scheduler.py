@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 from sovereign.config import DEFAULT_MAX_QUEUE
 from sovereign.engine.requests import SamplingParams
 from sovereign.engine.runtime.backend import BatchEntry, LlamaBackend
+from sovereign.engine.runtime.embedding_queue import EmbeddingQueue, EmbeddingTask, Reply
 from sovereign.engine.runtime.prompt_cache import PromptCache
 from sovereign.engine.runtime.slots import Slot, SlotReuse
 from sovereign.engine.runtime.speculation import AUTO_MAX_GENERATING, DRAFT_MAX, StepCosts, expected_kept
@@ -114,6 +115,8 @@ class BatchScheduler:
             cache.disk.on_written = self._refresh  # a write done in the background changes what /metrics shows
         self._waiting: deque[_Job] = deque()
         self._calls: list[Callable[[], None]] = []
+        self.embeddings = EmbeddingQueue(backend)  # inputs decoded a chunk at a time between steps
+        self._last_step_seconds = 0.0
         self._wake = threading.Condition()
         self._closing = False
         self._admissions = 0
@@ -153,6 +156,18 @@ class BatchScheduler:
                 raise EngineError("this model was unloaded; ask again to reload it")
             self._calls.append(job)
             self._wake.notify()
+
+    def embed(self, key: int, text: str, reply: Reply) -> None:
+        """Queue one embedding input; reply(result, error) is called on the scheduler's thread."""
+        with self._wake:
+            if self._closing:
+                raise EngineError("this model was unloaded; ask again to reload it")
+            self.embeddings.add(EmbeddingTask(key, text, reply))
+            self._wake.notify()
+
+    def cancel_embedding(self, key: int) -> bool:
+        """Drop an input whose caller left (queued, or between two of its chunks)."""
+        return self.embeddings.cancel(key)
 
     def _refresh(self) -> None:
         """Have the thread go round once, so the worker reports the figures again (from any thread)."""
@@ -218,16 +233,22 @@ class BatchScheduler:
         while True:
             with self._wake:
                 idle: Slot | None = None
-                while not (self._closing or self._calls or self._waiting or self.busy_slots):
+                while not (self._closing or self._calls or self._waiting or self.busy_slots or self.embeddings.pending):
                     if (idle := self._reuse.idle_slot(self._slots)) is not None:
                         break
-                    self._wake.wait()
+                    self.embeddings.release_if_idle()
+                    self._wake.wait(self.embeddings.seconds_until_idle())
                 calls, self._calls = self._calls, []
                 closing = self._closing
             for call in calls:
                 call()
             if closing:
                 break
+            generating = bool(self.busy_slots or self._waiting)
+            if self.embeddings.may_run(generating):
+                self.embeddings.run_chunk(generating, self._last_step_seconds)
+                if not generating:
+                    continue
             if idle is not None and not calls:  # nothing to decode: save a long conversation for the disk tier
                 self._persist(idle)
                 self._after_step()  # the cache's new figures
@@ -239,6 +260,7 @@ class BatchScheduler:
                 self._fail_everything(exc)
             self._after_step()
         self._fail_everything(EngineError("the model was unloaded while this request waited"))
+        self.embeddings.fail_all(EngineError("the model was unloaded while this embedding waited"))
         self._after_step()
 
     def _step(self) -> None:
@@ -250,7 +272,9 @@ class BatchScheduler:
             return
         started = time.monotonic()
         self.backend.decode(entries)
-        self.costs.record(len(entries), time.monotonic() - started)
+        self._last_step_seconds = time.monotonic() - started
+        self.costs.record(len(entries), self._last_step_seconds)
+        self.embeddings.after_step(self._last_step_seconds)
         self._reuse.take_checkpoints(self._slots)
         ended = time.monotonic()
         sampled = self._sample(ended)

@@ -154,6 +154,8 @@ class Worker:
             sink = self._sinks.get(message["id"])
             if sink is not None:
                 sink.cancel()
+            else:  # an embedding call whose caller left (its future is gone: no reply is wanted)
+                self.scheduler.cancel_embedding(message["id"])
         elif op == "submit":
             # Known at once, so that a cancel arriving while it is being prepared still finds it.
             self._sinks[message["id"]] = _Sink(message["id"], self)
@@ -196,18 +198,13 @@ class Worker:
         raise InvalidRequest(f"unknown call {method!r}")
 
     def _embed(self, message: dict[str, Any]) -> None:
-        """Embeddings need the scheduler's thread (it owns the contexts); the reply is sent from there."""
+        """Embeddings need the scheduler's thread (it owns the contexts): queued there, a chunk per step."""
 
-        def job() -> None:
-            try:
-                result = self.backend.embed(message["args"][0])
-            except Exception as exc:  # noqa: BLE001 - any failure is the call's answer; the worker serves on
-                self._reply(message, error=exc)
-            else:
-                self._reply(message, result=result)
+        def reply(result: Any, error: BaseException | None) -> None:
+            self._reply(message, result=result, error=error)
 
         try:
-            self.scheduler.run_between_steps(job)
+            self.scheduler.embed(message["id"], message["args"][0], reply)
         except Exception as exc:  # noqa: BLE001 - closing: the scheduler's refusal is the call's answer
             self._reply(message, error=exc)
 
