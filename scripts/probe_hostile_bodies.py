@@ -94,9 +94,7 @@ def probe(url: str, pid: int | None, name: str, path: str, body: bytes) -> None:
     poller = threading.Thread(target=poll)
     poller.start()
     started = time.perf_counter()
-    response = httpx.post(
-        f"{url}{path}", content=body, headers={"Content-Type": "application/json"}, timeout=600
-    )
+    response = httpx.post(f"{url}{path}", content=body, headers={"Content-Type": "application/json"}, timeout=600)
     took = time.perf_counter() - started
     time.sleep(0.2)
     done.set()
