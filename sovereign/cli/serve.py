@@ -244,6 +244,7 @@ def serve(
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API."""
     import uvicorn
+    from rich.markup import escape
 
     from sovereign.cli.launch import (
         DEFAULT_PORT,
@@ -257,6 +258,7 @@ def serve(
     from sovereign.gateway import parse_upstream
     from sovereign.model_routes import ModelRoutes, parse_route
     from sovereign.server.app import ServerOptions, create_app
+    from sovereign.server.connections import server_protocol
     from sovereign.server.guards import allowed_hosts_for, parse_size
 
     core = Core()
@@ -321,7 +323,7 @@ def serve(
         highlight=False,
     )
     for pattern, target in rules:
-        err.print(f"  requests for {pattern} are answered by {target}", highlight=False)
+        err.print(f"  requests for {escape(pattern)} are answered by {target}", highlight=False)
     for up in upstreams.values():
         whose = (
             "its key from SOVEREIGN_UPSTREAM_KEY_" + up.kind.upper()
@@ -343,6 +345,7 @@ def serve(
         port=port,
         log_level=os.environ.get("SOVEREIGN_LOG_LEVEL", "warning").lower(),
         access_log=False,
+        http=server_protocol(),  # deadlines for a request's head and body, and a cap on connections (issue 24)
     )
 
 

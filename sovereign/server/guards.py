@@ -5,11 +5,14 @@ whose name is made to resolve to 127.0.0.1 reaches a loopback server with `Host:
 so a server bound to loopback answers only names of this machine (Ollama's rules). The Origin check
 stops any web page from driving the server from a browser unless `--cors-origin` names it. The body
 limit answers 413 from Content-Length before a byte is read, and counts chunked bodies as they come,
-so an oversized body never reaches the JSON parser.
+so an oversized body never reaches the JSON parser. It also times the body: one that stops coming, or
+comes a byte every few seconds, is answered 408 (issue 24; the head's own deadline is the protocol's,
+in server/connections.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import socket
@@ -22,6 +25,8 @@ from sovereign.errors import SovereignError
 from sovereign.server.errors import APIError
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024  # far above any prompt a local model's context holds (1M tokens ≈ 4 MiB)
+BODY_TIMEOUT = 30.0  # seconds a request body may pause, and the grace before its pace counts
+BODY_MIN_RATE = 500.0  # bytes a second a body must average past that grace (Apache mod_reqtimeout's default)
 # Names that always mean this machine: no one outside can make them resolve elsewhere (Ollama's list).
 _LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 # Desktop apps and editor webviews on this machine send these origins (as Ollama allows them).
@@ -177,12 +182,68 @@ def _too_large_message(limit: int) -> str:
     )
 
 
-class BodyLimit:
-    """Answer 413 to a body over `limit` bytes: at once from Content-Length, or as soon as a streamed body passes it."""
+def _too_slow() -> APIError:
+    return APIError(
+        408,
+        "The request body stopped arriving, or came too slowly, before it was complete. Send the whole body "
+        "without long pauses.",
+        code="request_timeout",
+        headers={"Connection": "close"},  # the rest of the body is not waited for: this connection is done
+    )
 
-    def __init__(self, app: ASGIApp, *, limit: int = DEFAULT_MAX_BODY) -> None:
+
+class _Pace:
+    """One body's clock: pauses of at most `timeout`, and past that an average of `rate` bytes a second.
+
+    Only time spent waiting for the client counts, not time the app spends between two reads.
+    """
+
+    def __init__(self, timeout: float, rate: float) -> None:
+        self.timeout = timeout
+        self.rate = rate
+        self.waited = 0.0
+        self.received = 0
+        self.done = False
+
+    async def next(self, receive: Receive) -> Message | None:
+        """The next message, or None when the client took too long to send it."""
+        if self.done:
+            return await receive()  # the body is in: what comes next is the disconnect, whenever it comes
+        budget = min(self.timeout, self.timeout + self.received / self.rate - self.waited)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            # Never zero: wait_for(..., 0) would give up without looking at bytes that are already here.
+            message = await asyncio.wait_for(receive(), max(budget, 0.01))
+        except TimeoutError:
+            return None
+        finally:
+            self.waited += loop.time() - began
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.done = not message.get("more_body", False)
+        return message
+
+
+class BodyLimit:
+    """Answer 413 to a body over `limit` bytes, and 408 to one that comes too slowly.
+
+    413 at once from Content-Length, or as soon as a streamed body passes the limit; 408 when the body
+    pauses over `body_timeout` seconds, or after that long averages under `body_min_rate` bytes a second.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limit: int = DEFAULT_MAX_BODY,
+        body_timeout: float = BODY_TIMEOUT,
+        body_min_rate: float = BODY_MIN_RATE,
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -191,28 +252,30 @@ class BodyLimit:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self.limit:
             # Answered before reading: uvicorn then skips the body (and never sends `100 Continue`).
-            await self._refuse(scope, receive, send)
+            await self._too_large().response_for(scope["path"])(scope, receive, send)
             return
-        received = 0
+        pace = _Pace(self.body_timeout, self.body_min_rate)
         started = over = answered = False
 
         async def counted() -> Message:
-            nonlocal received, over, answered
+            nonlocal over, answered
             if over:
                 return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    # Answer here rather than raise: an exception from receive() reaches FastAPI wrapped
-                    # (by BaseHTTPMiddleware's task group) and would come out as a 400. The app is then
-                    # told the client left, and whatever it still sends is dropped.
-                    over = True
-                    if not started:
-                        answered = True
-                        await self._refuse(scope, receive, send)
-                    return {"type": "http.disconnect"}
-            return message
+            message = await pace.next(receive)
+            if message is None:
+                refusal = _too_slow()
+            elif pace.received > self.limit:
+                refusal = self._too_large()
+            else:
+                return message
+            # Answer here rather than raise: an exception from receive() reaches FastAPI wrapped
+            # (by BaseHTTPMiddleware's task group) and would come out as a 400. The app is then
+            # told the client left, and whatever it still sends is dropped.
+            over = True
+            if not started:
+                answered = True
+                await refusal.response_for(scope["path"])(scope, receive, send)
+            return {"type": "http.disconnect"}
 
         async def noting(message: Message) -> None:
             nonlocal started
@@ -223,6 +286,5 @@ class BodyLimit:
 
         await self.app(scope, counted, noting)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = APIError(413, _too_large_message(self.limit), code="request_too_large")
-        await error.response_for(scope["path"])(scope, receive, send)
+    def _too_large(self) -> APIError:
+        return APIError(413, _too_large_message(self.limit), code="request_too_large")

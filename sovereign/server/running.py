@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -62,9 +62,25 @@ async def with_heartbeat(events: AsyncIterator[T], interval: float) -> AsyncIter
             yield event
             pending = asyncio.ensure_future(anext(iterator))
     finally:
+        await _close(iterator, pending)
+
+
+async def _close(iterator: AsyncIterator[T], pending: asyncio.Future[T]) -> None:
+    """Close the events, first stopping the step in flight: a client that left is not an error."""
+    pending.add_done_callback(_retrieve)  # however it ends, no one else will read it
+    if not pending.done():
+        # The generator is running inside `pending` (a long prefill): aclose() now would raise "already
+        # running". Cancelling the step ends the generator where it waits, its own clean-up included.
         pending.cancel()
-        if hasattr(iterator, "aclose"):  # its own clean-up now, not when it is collected
-            await iterator.aclose()
+        await asyncio.wait({pending})
+    if hasattr(iterator, "aclose"):  # its own clean-up now, not when it is collected
+        await iterator.aclose()
+
+
+def _retrieve(step: asyncio.Future[Any]) -> None:
+    """Read a finished step's outcome, so asyncio does not log it as never retrieved."""
+    if not step.cancelled():
+        step.exception()
 
 
 def event_stream(
