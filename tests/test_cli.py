@@ -169,3 +169,10 @@ def test_env_lists_every_variable_with_secrets_hidden() -> None:
     assert values["SOVEREIGN_HF_MIRRORS"] == "https://***@mirror.example/hf,https://plain.example"
     assert {"SOVEREIGN_HOME", "SOVEREIGN_API_KEY", "SOVEREIGN_DOWNLOAD_CONNECTIONS", "OLLAMA_MODELS"} <= set(values)
     assert_clean_error(run_cli("env", env={"SOVEREIGN_MIN_FREE_BYTES": "lots"}), "SOVEREIGN_MIN_FREE_BYTES")
+
+
+@pytest.mark.parametrize("name", ["a:b:c", "a[/b]", "x[red]y:z"])
+def test_a_name_is_printed_as_typed_in_its_error(name: str) -> None:
+    # Rich read ':b:' as an emoji code (issue 24 printed 'a🅱c'), '[red]' as a style and '[/b]' as a tag that
+    # crashed it with a traceback.
+    assert_clean_error(run_cli("pull", name), f"'{name}'")

@@ -8,14 +8,16 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sovereign.catalog import Catalog, load_catalog
 from sovereign.config import Settings
 from sovereign.errors import SovereignError
 from sovereign.refs import ModelName, parse_name
 
-out = Console()
-err = Console(stderr=True)
+# No emoji codes: a name such as a:b:c must print as typed, not as "a🅱c".
+out = Console(emoji=False)
+err = Console(stderr=True, emoji=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,15 +30,16 @@ def friendly_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except SovereignError as exc:
-            hint = f" [dim]— {exc.hint}[/]" if exc.hint else ""
-            err.print(f"[bold red]error:[/] {exc.message}{hint}", highlight=False, soft_wrap=True)
+            # Messages quote what the user typed: '[' there is text, not markup (and '[/x]' would crash rich).
+            hint = f" [dim]— {escape(exc.hint)}[/]" if exc.hint else ""
+            err.print(f"[bold red]error:[/] {escape(exc.message)}{hint}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except OSError as exc:
             # The file system said no (permissions, a full disk, a read-only home): say where.
             where = f" ({exc.filename})" if exc.filename else ""
             err.print(
                 (
-                    f"[bold red]error:[/] {exc.strerror or exc}{where} [dim]— check permissions and free "
+                    f"[bold red]error:[/] {escape(str(exc.strerror or exc) + where)} [dim]— check permissions and free "
                     "space, or set SOVEREIGN_HOME[/]"
                 ),
                 highlight=False,

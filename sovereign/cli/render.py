@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -55,11 +56,12 @@ class RichPullReporter:
 
     def status(self, message: str) -> None:
         """Print a line above the bars."""
-        self._started().console.print(f"[dim]•[/] {message}", highlight=False)
+        self._started().console.print(f"[dim]•[/] {escape(message)}", highlight=False)
 
     def begin(self, label: str, total: int | None, completed: int = 0) -> None:
         """Start a new bar."""
-        self.task = self._started().add_task(label, total=total, completed=completed)
+        # The label names a file: its '[' is text, not markup for the description column.
+        self.task = self._started().add_task(escape(label), total=total, completed=completed)
 
     def advance(self, nbytes: int) -> None:
         """Move the current bar."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from sovereign.cli.common import Core, err, friendly_errors, out
 from sovereign.refs import parse_name
@@ -48,7 +49,8 @@ def pull(
         err.print(f"[green]✓[/] {result.manifest.name} is already pulled (use --force to pull again)")
         return
     verified = "sha256 verified" if result.manifest.sha256_verified else "no published sha256 to check"
-    err.print(f"[green]✓[/] pulled [bold]{result.manifest.name}[/] from {result.source} ({verified})", highlight=False)
+    source = escape(str(result.source))  # a path or URL as typed: its '[' is text
+    err.print(f"[green]✓[/] pulled [bold]{result.manifest.name}[/] from {source} ({verified})", highlight=False)
 
 
 @friendly_errors
