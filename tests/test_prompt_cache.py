@@ -216,9 +216,17 @@ def chat(server: ServerProcess, system: str, question: str) -> tuple[str, int]:
     return answer["choices"][0]["message"]["content"], answer["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
-def sources(server: ServerProcess) -> list[str]:
-    """Where each logged request's cached prefix came from ('-' for none), in order."""
-    return [m.group(2) or "-" for m in re.finditer(r"cached=(\d+)(?: \((\w+)\))?", server.log())]
+def sources(server: ServerProcess, at_least: int = 1) -> list[str]:
+    """Where each logged request's cached prefix came from ('-' for none), in order.
+
+    A request's line is logged as it ends, which may be just after its client has the answer: wait for it.
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        found = [m.group(2) or "-" for m in re.finditer(r"cached=(\d+)(?: \((\w+)\))?", server.log())]
+        if len(found) >= at_least or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
 
 
 def metric(server: ServerProcess, name: str, **labels: str) -> float:
@@ -235,7 +243,7 @@ def test_a_conversation_comes_back_from_memory_after_its_slot_was_taken(cache_ho
         answer, cached = chat(server, SYSTEM, "How do I pull a model?")
         assert cold == 0 and answer
         assert cached > 2000, "the system prompt came back from the RAM tier (to the checkpoint where they part)"
-        assert sources(server)[-1] == "ram"
+        assert sources(server, at_least=3)[-1] == "ram"
         assert metric(server, "sovereign_prompt_cache_hits_total", tier="ram") >= 1
         assert metric(server, "sovereign_prompt_cache_bytes", tier="ram") > 0
 
