@@ -34,10 +34,15 @@ async def collect(request: Request, generations: list[Generation]) -> list[conve
             await generation.cancel()
 
 
-async def cancel_on_disconnect(request: Request, generations: list[Generation]) -> None:
-    """Wait for the client to go away (the body is already read, so the next message is the disconnect)."""
+async def client_gone(request: Request) -> None:
+    """Return once the client goes away (the body is already read, so the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def cancel_on_disconnect(request: Request, generations: list[Generation]) -> None:
+    """Stop the generations once the client goes away."""
+    await client_gone(request)
     for generation in generations:
         generation.stop()
 
@@ -123,8 +128,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        await client_gone(request)
         task.cancel()
 
     watcher = asyncio.create_task(watch())

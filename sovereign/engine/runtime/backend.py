@@ -515,7 +515,7 @@ class LlamaBackend:
     @property
     def embedding_chunk(self) -> int:
         """Tokens one embedding decode call may take (a whole input for a model that attends both ways)."""
-        return min(self.n_ctx, EMBEDDING_CTX) if self._pools_itself else EMBEDDING_CHUNK
+        return min(self.n_ctx, EMBEDDING_CTX) if self.embeds_whole else EMBEDDING_CHUNK
 
     def embed_chunk(self, tokens: list[int], position: int, count: int) -> np.ndarray:
         """Decode tokens[position:position + count] (count <= embedding_chunk); their hidden states' sum.
@@ -534,7 +534,7 @@ class LlamaBackend:
             if self._llama.llama_decode(context.ctx, batch.batch) != 0:
                 raise ModelLoadError("llama.cpp failed to compute the embedding", None)
             width = self._llama.llama_model_n_embd(self.model.model)
-            if self._pools_itself:
+            if self.embeds_whole:
                 pooled = self._llama.llama_get_embeddings_seq(context.ctx, 0)
                 return np.ctypeslib.as_array(pooled, shape=(width,)).astype(np.float64) * len(tokens)
             rows = np.ctypeslib.as_array(self._llama.llama_get_embeddings(context.ctx), shape=(len(chunk), width))
@@ -542,21 +542,9 @@ class LlamaBackend:
         finally:
             batch.close()
 
-    def embed(self, text: str) -> tuple[list[float], int]:
-        """A mean-pooled, L2-normalised embedding of text, and its token count (all chunks at once)."""
-        tokens = self.embedding_tokens(text)
-        total = np.zeros(self._llama.llama_model_n_embd(self.model.model), dtype=np.float64)
-        for position in range(0, len(tokens), self.embedding_chunk):
-            total += self.embed_chunk(tokens, position, self.embedding_chunk)
-        return normalised(total), len(tokens)
-
     @property
     def embeds_whole(self) -> bool:
         """Whether inputs are decoded whole: a dedicated embedding model (its GGUF names its pooling)."""
-        return self._pools_itself
-
-    @property
-    def _pools_itself(self) -> bool:
         return any(key.endswith(".pooling_type") for key in self.metadata)
 
     @property
@@ -581,7 +569,7 @@ class LlamaBackend:
             params.n_seq_max = 1
             params.n_threads = params.n_threads_batch = self.n_threads
             params.embeddings = True
-            pooled = self._llama.LLAMA_POOLING_TYPE_MEAN if self._pools_itself else self._llama.LLAMA_POOLING_TYPE_NONE
+            pooled = self._llama.LLAMA_POOLING_TYPE_MEAN if self.embeds_whole else self._llama.LLAMA_POOLING_TYPE_NONE
             params.pooling_type = pooled
             params.no_perf = True
             self._embedding_ctx = _internals.LlamaContext(model=self.model, params=params, verbose=True)
@@ -601,9 +589,3 @@ def _model_files(path: Path) -> list[Path]:
         stem = path.name.split("-00001-of-")[0]
         return sorted(path.parent.glob(f"{stem}-*-of-*.gguf"))
     return [path]
-
-
-def normalised(total: np.ndarray) -> list[float]:
-    """A summed (or mean) vector scaled to unit length: its direction is the embedding."""
-    norm = float(np.linalg.norm(total)) or 1.0
-    return (total / norm).tolist()

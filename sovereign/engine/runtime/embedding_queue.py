@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sovereign.engine.runtime.backend import normalised
-
 if TYPE_CHECKING:
     from sovereign.engine.runtime.backend import LlamaBackend
 
@@ -149,3 +147,9 @@ class EmbeddingQueue:
         with self._lock:
             if self._tasks and self._tasks[0] is task:
                 self._tasks.popleft()
+
+
+def normalised(total: np.ndarray) -> list[float]:
+    """A summed (or mean) vector scaled to unit length: its direction is the embedding."""
+    norm = float(np.linalg.norm(total)) or 1.0
+    return (total / norm).tolist()
