@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sovereign.engine.runtime.llama_bench import BenchModel, TestSpec, mean_and_stddev
+from sovereign.engine.wire import GpuSplit
 from sovereign.machine import proc_kib
 
 DEFAULT_REPETITIONS = 3
@@ -33,6 +34,7 @@ class Sweep:
     n_batch: tuple[int, ...] = DEFAULT_N_BATCH
     n_gpu_layers: tuple[int, ...] = (0,)
     repetitions: int = DEFAULT_REPETITIONS
+    gpu_split: GpuSplit = GpuSplit()  # --split-mode, --main-gpu, --tensor-split: the same for every load
 
     def specs(self) -> list[TestSpec]:
         """The tests for one model load, in llama-bench's order."""
@@ -99,7 +101,7 @@ def run_sweep(
         reset_peak_memory()
         if on_start:
             on_start(f"loading {label} (-ngl {n_gpu_layers})")
-        model = BenchModel(path, n_gpu_layers, use_extra_bufts)
+        model = BenchModel(path, n_gpu_layers, use_extra_bufts, sweep.gpu_split)
         on_gpu = gpu_offload and n_gpu_layers != 0
         try:
             for spec in sweep.specs():

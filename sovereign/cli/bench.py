@@ -39,6 +39,7 @@ from sovereign.catalog import Catalog
 from sovereign.cli.render import dump_json, format_params
 from sovereign.config import Settings
 from sovereign.engine.kernels import kernel_choice, kernel_status
+from sovereign.engine.wire import GpuSplit
 from sovereign.errors import BenchError, ModelNotFound
 from sovereign.machine import physical_cores
 from sovereign.refs import parse_name
@@ -71,6 +72,7 @@ class BenchOptions:
     show_history: bool
     save: bool
     plot: Path | None
+    gpu_split: GpuSplit = GpuSplit()  # parsed by cli.device_options, as serve and run parse it
 
 
 def bench(
@@ -122,6 +124,7 @@ def bench(
             **sweep_lists,
             n_gpu_layers=int_list(options.gpu_layers or default_ngl, "-ngl"),
             repetitions=options.repetitions,
+            gpu_split=options.gpu_split,
         )
         if not sweep.specs():
             raise BenchError("nothing to run: -p and -n are both 0", "give -p 512 and/or -n 128")

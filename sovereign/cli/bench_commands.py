@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from sovereign.cli.common import Core, err, friendly_errors, out
+from sovereign.cli.device_options import MainGpuOption, SplitModeOption, TensorSplitOption, gpu_split
+from sovereign.engine.wire import SplitMode
 
 
 @friendly_errors
@@ -39,6 +41,9 @@ def bench(
             "-ngl", "--gpu-layers", help="GPU layer counts, comma-separated (default: all on a GPU build, else 0)."
         ),
     ] = None,
+    tensor_split: TensorSplitOption = None,
+    main_gpu: MainGpuOption = 0,
+    split_mode: SplitModeOption = SplitMode.layer,
     repetitions: Annotated[
         int, typer.Option("-r", "--repetitions", min=1, help="Runs of each test; t/s is their mean ± sd.")
     ] = 3,
@@ -102,6 +107,7 @@ def bench(
         show_history=show_history,
         save=save,
         plot=plot,
+        gpu_split=gpu_split(tensor_split, main_gpu, split_mode),
     )
     core = Core()
     cli_bench.bench(options, core.settings, core.store, core.catalog, out, err)

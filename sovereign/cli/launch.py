@@ -11,7 +11,7 @@ from rich.console import Console
 from sovereign.catalog import Catalog
 from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT, Settings
 from sovereign.engine import ModelPool, PoolOptions
-from sovereign.engine.wire import LoadOptions, Speculate
+from sovereign.engine.wire import GpuSplit, LoadOptions, Speculate
 from sovereign.errors import ModelNotFound, SovereignError
 from sovereign.model_routes import ModelRoutes
 from sovereign.refs import parse_name
@@ -123,6 +123,7 @@ class EngineOptions:
     cache_disk: int | None = None  # and on disk
     speculate: Speculate = Speculate.auto
     draft_path: str | None = None  # a draft model's file (--draft), checked against the served models' vocabularies
+    gpu_split: GpuSplit = GpuSplit()  # --split-mode, --main-gpu, --tensor-split
 
     def validate(self) -> None:
         checks = (
@@ -156,6 +157,7 @@ def build_pool(
         cache_dir=str(settings.prompt_cache_dir),
         speculate=options.speculate,
         draft_path=options.draft_path,
+        gpu_split=options.gpu_split,
     )
     pool_options = PoolOptions(
         load=load,

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sovereign.cli.common import Core, err, friendly_errors
+from sovereign.cli.device_options import MainGpuOption, SplitModeOption, TensorSplitOption, gpu_split
 from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT
-from sovereign.engine.wire import Speculate
+from sovereign.engine.wire import Speculate, SplitMode
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -125,6 +126,9 @@ def serve(
     ] = [],  # noqa: B006
     ctx: CtxOption = None,
     gpu_layers: GpuLayersOption = None,
+    tensor_split: TensorSplitOption = None,
+    main_gpu: MainGpuOption = 0,
+    split_mode: SplitModeOption = SplitMode.layer,
     threads: ThreadsOption = None,
     cache_ram: CacheRamOption = None,
     cache_disk: CacheDiskOption = None,
@@ -267,7 +271,13 @@ def serve(
         allowed_hosts_for(host, allowed_hosts),
         parse_size(max_body),
     )  # bad values fail before any loading
-    serving = {"parallel": parallel, "max_queue": max_queue, "timeout": timeout or None, "speculate": speculate}
+    serving = {
+        "parallel": parallel,
+        "max_queue": max_queue,
+        "timeout": timeout or None,
+        "speculate": speculate,
+        "gpu_split": gpu_split(tensor_split, main_gpu, split_mode),
+    }
     options = _engine_options(
         ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive, (cache_ram, cache_disk), **serving
     )
@@ -364,6 +374,9 @@ def run(
     seed: Annotated[int | None, typer.Option(help="Sampling seed, for repeatable answers.")] = None,
     ctx: CtxOption = None,
     gpu_layers: GpuLayersOption = None,
+    tensor_split: TensorSplitOption = None,
+    main_gpu: MainGpuOption = 0,
+    split_mode: SplitModeOption = SplitMode.layer,
     threads: ThreadsOption = None,
     cache_ram: CacheRamOption = None,
     cache_disk: CacheDiskOption = None,
@@ -377,9 +390,10 @@ def run(
     from sovereign.engine import SamplingParams
 
     core = Core()
+    split = gpu_split(tensor_split, main_gpu, split_mode)  # a bad value fails before any pulling or loading
     name = ensure_pulled(model, core.settings, core.store, core.catalog, err)
     draft_path = draft_model_path(draft, speculate, [name], core.settings, core.store, core.catalog, err)
-    speculation = {"speculate": speculate, "draft_path": draft_path}
+    speculation = {"speculate": speculate, "draft_path": draft_path, "gpu_split": split}
     pool = build_pool(
         core.store,
         core.catalog,

@@ -43,6 +43,27 @@ class Speculate(StrEnum):
     off = "off"
 
 
+class SplitMode(StrEnum):
+    """How llama.cpp spreads a model over several GPUs (enum llama_split_mode)."""
+
+    layer = "layer"  # whole layers (and their KV) per GPU: llama.cpp's default
+    row = "row"  # each weight matrix's rows across the GPUs (tensor parallelism where the backend has it)
+    none = "none"  # one GPU only: --main-gpu
+
+
+# llama.cpp's llama_max_devices(): the length of the tensor_split array it reads.
+MAX_DEVICES = 16
+
+
+@dataclass(frozen=True)
+class GpuSplit:
+    """Where a model's offloaded layers go when there are several GPUs (llama_model_params' three fields)."""
+
+    mode: SplitMode = SplitMode.layer
+    main_gpu: int = 0  # the GPU for the whole model with mode none (and for intermediate results with row)
+    tensor_split: tuple[float, ...] = ()  # each GPU's proportion, e.g. (3.0, 1.0); (): by free memory
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How to load a model; None means choose automatically."""
@@ -68,6 +89,7 @@ class LoadOptions:
     model_id: str = ""
     speculate: Speculate = Speculate.auto
     draft_path: str | None = None  # a small model of the same vocabulary that guesses tokens (--draft)
+    gpu_split: GpuSplit = GpuSplit()  # --split-mode, --main-gpu, --tensor-split (a CPU-only build ignores them)
 
 
 @dataclass(frozen=True)
@@ -194,7 +216,14 @@ def load_options_to_wire(options: LoadOptions) -> dict[str, Any]:
 
 def load_options_from_wire(data: dict[str, Any]) -> LoadOptions:
     """The inverse of load_options_to_wire."""
-    return LoadOptions(**data)
+    split = data.get("gpu_split") or {}
+    # JSON turns the nested dataclass into an object and its tuple into a list: give them their types back.
+    gpu_split = GpuSplit(
+        mode=SplitMode(split.get("mode", SplitMode.layer)),
+        main_gpu=int(split.get("main_gpu", 0)),
+        tensor_split=tuple(float(value) for value in split.get("tensor_split", ())),
+    )
+    return LoadOptions(**{**data, "gpu_split": gpu_split})
 
 
 def _bytes_to_wire(raw: bytes) -> str:

@@ -156,6 +156,8 @@ class LlamaBackend:
         if n_gpu_layers is None:
             n_gpu_layers = resources.auto_gpu_layers(model_bytes, n_layers, kv_per_token * self.n_ctx * self.n_parallel)
         model_params.n_gpu_layers = n_gpu_layers
+        # Kept on self: llama_model_params points at it, and it must outlive the load.
+        self._tensor_split = resources.apply_gpu_split(llama_cpp, model_params, options.gpu_split)
         # What llama.cpp will really offload: nothing on a CPU-only build; -1 means every layer.
         if not llama_cpp.llama_supports_gpu_offload():
             self.n_gpu_layers = 0

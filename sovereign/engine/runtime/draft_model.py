@@ -42,6 +42,7 @@ class DraftModel:
                 n_parallel=target.n_parallel,
                 n_threads=options.n_threads,
                 n_gpu_layers=options.n_gpu_layers,
+                gpu_split=options.gpu_split,  # on the same GPUs as the model it guesses for
                 use_extra_bufts=options.use_extra_bufts,
             ),
         )

@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sovereign.engine.runtime import resources
 from sovereign.engine.runtime.backend import route_llama_logs
+from sovereign.engine.wire import GpuSplit
 from sovereign.errors import EngineError, ModelLoadError
 
 RANDOM_SEED = 1  # llama-bench never seeds rand(): the token ids do not change the speed anyway
@@ -45,7 +47,9 @@ class BenchModel:
     `use_extra_bufts` is llama-bench's --repack: the caller passes what engine.kernels.kernel_choice decided.
     """
 
-    def __init__(self, path: Path, n_gpu_layers: int, use_extra_bufts: bool = True) -> None:
+    def __init__(
+        self, path: Path, n_gpu_layers: int, use_extra_bufts: bool = True, gpu_split: GpuSplit | None = None
+    ) -> None:
         import llama_cpp
 
         route_llama_logs()
@@ -54,6 +58,9 @@ class BenchModel:
         self.n_gpu_layers = n_gpu_layers
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        self._tensor_split = resources.apply_gpu_split(
+            llama_cpp, params, gpu_split or GpuSplit()
+        )  # alive through the load
         params.use_mmap = True
         params.use_extra_bufts = use_extra_bufts
         self.use_extra_bufts = use_extra_bufts

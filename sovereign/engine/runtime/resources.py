@@ -5,8 +5,11 @@ from __future__ import annotations
 import ctypes
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from sovereign.config import AGENT_CONTEXT
+from sovereign.engine.wire import GpuSplit, SplitMode
+from sovereign.errors import ModelLoadError
 from sovereign.machine import available_memory
 
 log = logging.getLogger(__name__)
@@ -138,3 +141,39 @@ def default_parallel(ctx: int, kv_bytes_per_token: int, ceiling: int = DEFAULT_M
     if not free or kv_bytes_per_token <= 0:
         return 1
     return max(1, min(ceiling, int(free * KV_MEMORY_SHARE // (ctx * kv_bytes_per_token))))
+
+
+# enum llama_split_mode
+_SPLIT_MODES = {SplitMode.none: 0, SplitMode.layer: 1, SplitMode.row: 2}
+
+
+def apply_gpu_split(llama_cpp: Any, params: Any, split: GpuSplit) -> ctypes.Array[ctypes.c_float] | None:
+    """Set llama_model_params' split_mode, main_gpu and tensor_split; returns the array the caller must keep alive.
+
+    Without GPUs the params keep llama.cpp's defaults: there --split-mode none would name a GPU that is not
+    there and fail the load, and the options are meant to be harmless on a CPU-only build.
+    """
+    if not gpu_offload_supported():
+        return None
+    gpus = sum(1 for device in devices() if device.is_gpu)
+    if gpus == 0:
+        return None
+    if split.mode is SplitMode.none and split.main_gpu >= gpus:
+        raise ModelLoadError(
+            f"--main-gpu {split.main_gpu} names no GPU: llama.cpp sees {gpus}",
+            f"pick one from 0 to {gpus - 1}",
+        )
+    params.split_mode = _SPLIT_MODES[split.mode]
+    params.main_gpu = split.main_gpu
+    if not split.tensor_split:
+        return None  # a NULL tensor_split: llama.cpp splits by each GPU's free memory
+    if len(split.tensor_split) > llama_cpp.LLAMA_MAX_DEVICES:
+        raise ModelLoadError(
+            f"--tensor-split lists {len(split.tensor_split)} GPUs; this llama.cpp build takes at most "
+            f"{llama_cpp.LLAMA_MAX_DEVICES}",
+            None,
+        )
+    # llama.cpp reads llama_max_devices() floats from this pointer during the load: pad with zeros.
+    proportions = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*split.tensor_split)
+    params.tensor_split = proportions
+    return proportions
