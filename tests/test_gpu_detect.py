@@ -183,3 +183,178 @@ def test_a_main_gpu_that_is_not_there_fails_the_load_clearly(monkeypatch: pytest
     _gpus(monkeypatch, 2)
     with pytest.raises(ModelLoadError, match="--main-gpu 2"):
         resources.apply_gpu_split(_fake_llama(), _params(), GpuSplit(SplitMode.none, 2))
+
+
+# --- finding a GPU the build cannot use ------------------------------------------------------
+
+CPU_BUILD = ("libggml-base.so", "libggml-cpu.so", "libggml.so", "libllama.so", "libmtmd.so.0")
+LINUX = ("Linux", "x86_64")
+PYTHON = "/venv/bin/python"
+REBUILD_TAIL = "-m pip install --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36"
+
+
+def _lib(tmp_path: Path, *names: str) -> Path:
+    lib = tmp_path / "llama_cpp" / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (lib / name).write_bytes(b"")
+    return lib
+
+
+def _nvidia_proc(root: Path, model: str = "NVIDIA GeForce RTX 3090") -> None:
+    gpu = root / "proc/driver/nvidia/gpus/0000:01:00.0"
+    gpu.mkdir(parents=True)
+    (gpu / "information").write_text(f"Model: \t\t {model}\nIRQ:   \t\t 150\nBus Type: \t PCIe\n")
+
+
+def _script(folder: Path, name: str, body: str) -> str:
+    """An executable `name` in `folder`; returns folder as a PATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / name
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return str(folder)
+
+
+def test_the_build_backends_come_from_its_library_names(tmp_path: Path) -> None:
+    from sovereign.gpu_detect import build_backends
+
+    assert build_backends(_lib(tmp_path, *CPU_BUILD)) == frozenset({"base", "cpu"})
+    assert (build_backends(_lib(tmp_path, "libggml-cuda.so", "libggml-vulkan.so.0.9")) or frozenset()) >= {
+        "cpu",
+        "cuda",
+        "vulkan",
+    }
+    assert build_backends(_lib(tmp_path / "mac", "libggml-cpu.dylib", "libggml-metal.dylib")) == frozenset(
+        {"cpu", "metal"}
+    )
+    # No per-backend libraries (one static library), or no package at all: unknown, so no hint.
+    assert build_backends(_lib(tmp_path / "static", "libllama.so")) is None
+    assert build_backends(tmp_path / "missing") is None and build_backends(None) is None
+
+
+def test_nvidia_from_proc(tmp_path: Path) -> None:
+    from sovereign.gpu_detect import Gpu, present_gpus
+
+    _nvidia_proc(tmp_path)
+    assert present_gpus(tmp_path, str(tmp_path / "empty"), LINUX) == [Gpu("nvidia", "NVIDIA GeForce RTX 3090")]
+    assert present_gpus(tmp_path / "nothing", str(tmp_path / "empty"), LINUX) == []
+
+
+def test_nvidia_smi_on_path_names_each_gpu_with_its_memory(tmp_path: Path) -> None:
+    from sovereign.gpu_detect import Gpu, present_gpus
+
+    args = tmp_path / "args"
+    path = _script(
+        tmp_path / "bin",
+        "nvidia-smi",
+        f'echo "$@" > {args}\necho "NVIDIA H100 80GB HBM3, 81559 MiB"\necho "NVIDIA H100 80GB HBM3, 81559 MiB"',
+    )
+    found = present_gpus(tmp_path, path, LINUX)  # no /proc entry under this root, as in WSL
+    assert found == [Gpu("nvidia", "NVIDIA H100 80GB HBM3, 81559 MiB")] * 2
+    assert args.read_text().split() == ["--query-gpu=name,memory.total", "--format=csv,noheader"]
+
+
+def test_a_failing_or_hanging_nvidia_smi_falls_back_to_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sovereign import gpu_detect
+
+    _nvidia_proc(tmp_path, "Tesla T4")
+    failing = _script(tmp_path / "failing", "nvidia-smi", "echo 'NVIDIA-SMI has failed' >&2; exit 9")
+    assert gpu_detect.present_gpus(tmp_path, failing, LINUX) == [gpu_detect.Gpu("nvidia", "Tesla T4")]
+    monkeypatch.setattr(gpu_detect, "NVIDIA_SMI_TIMEOUT_SECONDS", 0.3)
+    hanging = _script(tmp_path / "hanging", "nvidia-smi", "exec sleep 30")
+    assert gpu_detect.present_gpus(tmp_path, hanging, LINUX) == [gpu_detect.Gpu("nvidia", "Tesla T4")]
+
+
+def test_amd_from_dev_kfd_with_its_gfx_target(tmp_path: Path) -> None:
+    from sovereign.gpu_detect import Gpu, amd_target, present_gpus
+
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev/kfd").write_bytes(b"")
+    assert present_gpus(tmp_path, str(tmp_path / "empty"), LINUX) == [Gpu("amd", "AMD GPU")]
+    nodes = tmp_path / "sys/class/kfd/kfd/topology/nodes"
+    for node, version in (("0", 0), ("1", 110000)):  # node 0 is the CPU
+        (nodes / node).mkdir(parents=True)
+        (nodes / node / "properties").write_text(f"cpu_cores_count 8\ngfx_target_version {version}\n")
+    assert present_gpus(tmp_path, str(tmp_path / "empty"), LINUX) == [Gpu("amd", "AMD GPU (gfx1100)")]
+    (nodes / "1" / "properties").write_text("gfx_target_version 90010\n")
+    assert amd_target(tmp_path) == "gfx90a"
+
+
+def test_apple_silicon_is_its_platform(tmp_path: Path) -> None:
+    from sovereign.gpu_detect import Gpu, present_gpus
+
+    assert present_gpus(tmp_path, str(tmp_path), ("Darwin", "arm64")) == [Gpu("apple", "Apple Silicon GPU")]
+    assert present_gpus(tmp_path, str(tmp_path), ("Darwin", "x86_64")) == []
+
+
+def test_the_hint_line_for_nvidia_on_a_cpu_build(tmp_path: Path) -> None:
+    from sovereign.gpu_detect import gpu_hint
+
+    path = _script(tmp_path / "bin", "nvidia-smi", 'echo "NVIDIA GeForce RTX 4090, 24564 MiB"')
+    line = gpu_hint(tmp_path, path, _lib(tmp_path, *CPU_BUILD), LINUX, PYTHON)
+    assert line == (
+        "this llama.cpp build cannot use this machine's GPU (NVIDIA GeForce RTX 4090, 24564 MiB); rebuild it for"
+        ' the GPU (5-30 minutes): CMAKE_ARGS="-DGGML_CUDA=on -DGGML_RPC=on" /venv/bin/python ' + REBUILD_TAIL
+    )
+    # A CUDA or a Vulkan build uses it: nothing to say.
+    assert gpu_hint(tmp_path, path, _lib(tmp_path / "cuda", *CPU_BUILD, "libggml-cuda.so"), LINUX) is None
+    assert gpu_hint(tmp_path, path, _lib(tmp_path / "vk", *CPU_BUILD, "libggml-vulkan.so"), LINUX) is None
+
+
+def test_the_hint_names_how_many_gpus_and_the_amd_and_apple_commands(tmp_path: Path) -> None:
+    from sovereign.gpu_detect import gpu_hint
+
+    cpu = _lib(tmp_path, *CPU_BUILD)
+    path = _script(tmp_path / "bin", "nvidia-smi", 'echo "Tesla T4, 15360 MiB"; echo "Tesla T4, 15360 MiB"')
+    assert "(Tesla T4, 15360 MiB, and 1 more)" in (gpu_hint(tmp_path, path, cpu, LINUX) or "")
+    amd = tmp_path / "amd"
+    (amd / "dev").mkdir(parents=True)
+    (amd / "dev/kfd").write_bytes(b"")
+    line = gpu_hint(amd, str(tmp_path / "empty"), cpu, LINUX, PYTHON) or ""
+    assert line.startswith("this llama.cpp build cannot use this machine's GPU (AMD GPU);")
+    assert 'HIPCXX="$(hipconfig -l)/clang"' in line and "-DGGML_HIP=on -DAMDGPU_TARGETS=gfx1100 -DGGML_RPC=on" in line
+    mac = ("Darwin", "arm64")
+    assert '"-DGGML_METAL=on -DGGML_RPC=on" /venv/bin/python ' + REBUILD_TAIL in (
+        gpu_hint(tmp_path, "", _lib(tmp_path / "m", "libggml-cpu.dylib"), mac, PYTHON) or ""
+    )
+    assert gpu_hint(tmp_path, "", _lib(tmp_path / "m2", "libggml-cpu.dylib", "libggml-metal.dylib"), mac) is None
+
+
+def test_no_gpu_or_an_unknown_build_says_nothing(tmp_path: Path) -> None:
+    from sovereign.gpu_detect import gpu_hint
+
+    assert gpu_hint(tmp_path, str(tmp_path), _lib(tmp_path, *CPU_BUILD), LINUX) is None
+    _nvidia_proc(tmp_path)
+    assert gpu_hint(tmp_path, str(tmp_path), _lib(tmp_path / "static", "libllama.so"), LINUX) is None
+
+
+def test_this_machine_is_checked_without_loading_llama_cpp() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; from sovereign.gpu_detect import gpu_hint; gpu_hint(); print('llama_cpp' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_the_hint_is_shown_on_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sovereign.cli.gpu_hint import gpu_hint_in_background
+
+    monkeypatch.setattr("sovereign.gpu_detect.gpu_hint", lambda: "a line")
+    shown: list[str] = []
+    gpu_hint_in_background(shown.append).join(5)
+    assert shown == ["a line"]
+    monkeypatch.setattr("sovereign.gpu_detect.gpu_hint", lambda: None)
+    gpu_hint_in_background(shown.append).join(5)
+    assert shown == ["a line"]
+
+
+def test_bench_prints_the_hint_once_before_it_measures(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sovereign.cli import bench as cli_bench
+
+    monkeypatch.setattr("sovereign.gpu_detect.gpu_hint", lambda: "this llama.cpp build cannot use [the GPU]")
+    monkeypatch.setattr(cli_bench, "bench", lambda *args: None)
+    result = CliRunner().invoke(app, ["bench", "m"])
+    assert result.output.count("tip: this llama.cpp build cannot use [the GPU]") == 1, result.output
+    assert "tip:" not in CliRunner().invoke(app, ["bench", "--url", "http://127.0.0.1:1"]).output

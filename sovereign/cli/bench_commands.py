@@ -110,7 +110,19 @@ def bench(
         gpu_split=gpu_split(tensor_split, main_gpu, split_mode),
     )
     core = Core()
+    if not (url or show_history):  # a benchmark of this machine: say first when it leaves a GPU unused
+        _show_gpu_hint()
     cli_bench.bench(options, core.settings, core.store, core.catalog, out, err)
+
+
+def _show_gpu_hint() -> None:
+    """The unused-GPU line, before a benchmark that would otherwise measure the CPU in silence."""
+    from rich.markup import escape
+
+    from sovereign.gpu_detect import gpu_hint
+
+    if line := gpu_hint():
+        err.print(f"[yellow]tip:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @friendly_errors

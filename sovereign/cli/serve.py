@@ -250,6 +250,7 @@ def serve(
     import uvicorn
     from rich.markup import escape
 
+    from sovereign.cli.gpu_hint import gpu_hint_in_background
     from sovereign.cli.launch import (
         DEFAULT_PORT,
         build_pool,
@@ -297,6 +298,7 @@ def serve(
     draft_path = draft_model_path(draft, speculate, names, core.settings, core.store, core.catalog, err)
     options = replace(options, draft_path=draft_path)
     hint_in_background(names, str(core.catalog.default), _show_tip)
+    gpu_hint_in_background(_show_tip)
     routes = ModelRoutes(rules, fallback=default)
     pool = build_pool(core.store, core.catalog, options, core.settings, routes)
     gateway = None
@@ -384,6 +386,7 @@ def run(
     draft: DraftOption = None,
 ) -> None:
     """Chat with a model in the terminal, or answer one prompt."""
+    from sovereign.cli.gpu_hint import gpu_hint_in_background
     from sovereign.cli.launch import build_pool, draft_model_path, ensure_pulled
     from sovereign.cli.repl import run_interactive, run_once
     from sovereign.cli.upgrade_hint import hint_in_background
@@ -404,7 +407,10 @@ def run(
     )
     sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
     tips: list[str] = []
-    hinting = hint_in_background([name], str(core.catalog.default), tips.append)
+    hinting = (
+        hint_in_background([name], str(core.catalog.default), tips.append),
+        gpu_hint_in_background(tips.append),
+    )
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     if prompt is not None:
@@ -421,14 +427,21 @@ TIP_WAIT_SECONDS = 5.0
 
 def _show_tip(line: str) -> None:
     """One line on stderr, apart from the answers."""
-    err.print(f"[yellow]tip:[/] {line}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: a GPU's or a model's name with '[' in it is text, not markup
+    err.print(f"[yellow]tip:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
-def _show_tips(hinting: threading.Thread | None, tips: list[str]) -> None:
-    """Wait a little for the hint's thread, then show what it found."""
-    if hinting is not None:
-        hinting.join(TIP_WAIT_SECONDS)
-    for tip in tips:
+def _show_tips(hinting: tuple[threading.Thread | None, ...], tips: list[str]) -> None:
+    """Wait a little for the hints' threads (TIP_WAIT_SECONDS in all), then show what they found."""
+    import time
+
+    deadline = time.monotonic() + TIP_WAIT_SECONDS
+    for thread in hinting:
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    for tip in list(tips):
         _show_tip(tip)
 
 
