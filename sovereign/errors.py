@@ -25,6 +25,7 @@ class to a status code and OpenAI's error envelope.
         ├── ModelLoadError        a model file llama.cpp cannot load (corrupt, too big for memory)
         │   └── BadChatTemplate   a model whose chat template (its own or the catalog's) does not compile
         ├── ModelCrashed          a model's process died (a signal) while serving
+        ├── WorkerUnavailable     an RPC worker holding part of a model is unreachable or of another build
         ├── InvalidRequest        a request the engine cannot honour (bad schema, bad parameter)
         ├── ContextLengthExceeded a prompt longer than the model's context
         ├── ServerBusy            every slot busy and the queue full (HTTP 503 with Retry-After)
@@ -146,6 +147,18 @@ class ModelCrashed(EngineError):
         if signal in ("SIGKILL", "exit status -9"):
             return "It was killed, often by the out-of-memory killer: try a smaller --ctx or --parallel."
         return "If it happens again, try a smaller --ctx or --parallel and report it with the model and request."
+
+
+class WorkerUnavailable(EngineError):
+    """An RPC worker (`serve --rpc`) that holds part of the model is unreachable, or runs another llama.cpp build."""
+
+    def __init__(self, worker: str, reason: str, hint: str | None = None) -> None:
+        super().__init__(
+            f"the RPC worker {worker} {reason}",
+            hint or "start `sovereign worker` there again: the next request reloads the model",
+        )
+        self.worker = worker
+        self.reason = reason
 
 
 class InvalidRequest(EngineError):
