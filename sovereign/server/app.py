@@ -15,8 +15,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from sovereign import __version__
+from sovereign.engine import SamplingParams
 from sovereign.engine.api import EngineAPI
-from sovereign.server import anthropic_routes, errors, extra_routes, openai_routes, responses_routes
+from sovereign.server import anthropic_routes, chat_page, errors, extra_routes, openai_routes, responses_routes
 from sovereign.server.errors import APIError
 from sovereign.server.guards import DEFAULT_MAX_BODY, BodyLimit, HostGuard
 from sovereign.server.observability import METRICS_CONTENT_TYPE, Metrics, RequestObserver
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from sovereign.gateway import Gateway
 
 log = logging.getLogger(__name__)
-PUBLIC_PATHS = frozenset({"/", "/health"})
+PUBLIC_PATHS = frozenset({"/", "/health"})  # and the chat page's files: the page asks for the key itself
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,26 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
+    page_files = chat_page.load_files()
+
     @app.api_route("/", methods=["GET", "HEAD"])
-    async def root() -> JSONResponse:
-        """What answers here (Claude Code checks that its base URL is up with HEAD /)."""
+    async def root(request: Request) -> Response:
+        """The chat page for a browser; for API clients, what answers here (Claude Code checks HEAD /)."""
+        if chat_page.wants_page(request):
+            return chat_page.respond(request, page_files["index.html"])
+        defaults = SamplingParams()
         return JSONResponse(
             {
                 "name": "sovereign",
                 "version": __version__,
                 "apis": ["/v1/chat/completions", "/v1/messages", "/v1/responses"],
+                "chat_page": "/",
+                # What a request that leaves these out gets (the chat page shows them as its defaults).
+                "sampling_defaults": {
+                    "temperature": defaults.temperature,
+                    "top_p": defaults.top_p,
+                    "max_tokens": defaults.max_tokens,
+                },
             }
         )
 
@@ -115,6 +128,7 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
     app.include_router(anthropic_routes.router)
     app.include_router(responses_routes.router)
     app.include_router(extra_routes.router)
+    app.include_router(chat_page.router(page_files))
     return app
 
 
@@ -144,7 +158,8 @@ def _require_api_key(app: FastAPI, keys: tuple[str, ...]) -> None:
 
     @app.middleware("http")
     async def check_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if request.url.path in PUBLIC_PATHS or request.method == "OPTIONS":
+        path = request.url.path
+        if path in PUBLIC_PATHS or path.startswith(chat_page.PREFIX) or request.method == "OPTIONS":
             return await call_next(request)
         given = request.headers.get("x-api-key", "")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")

@@ -116,7 +116,7 @@ def _header(scope: Scope, key: bytes) -> str | None:
 class HostGuard:
     """Refuse (403) a Host that is not this machine's or allowed.
 
-    Also a browser Origin that is neither loopback nor a --cors-origin.
+    Also a browser Origin that is neither this server's own page, loopback, nor a --cors-origin.
     """
 
     def __init__(
@@ -144,7 +144,7 @@ class HostGuard:
             await error.response_for(scope["path"])(scope, receive, send)
             return
         origin = _header(scope, b"origin")
-        if origin is not None and not self._origin_allowed(origin):
+        if origin is not None and not (_same_origin(origin, host) or self._origin_allowed(origin)):
             error = APIError(
                 403,
                 f"Origin '{origin}' is not allowed: web pages may call this server only from this machine or from an "
@@ -172,6 +172,19 @@ class HostGuard:
             return False
         local = _local_address(hostname, loopback_only=True)
         return local if local is not None else hostname == "localhost" or hostname.endswith(".localhost")
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether a page served by this server calls it (the chat page on a LAN address, say).
+
+    Safe because the Host has already passed the check above: a page can only claim this origin if it was
+    loaded from a name this server answers to, and DNS rebinding cannot produce one.
+    """
+    try:
+        parts = urlsplit(origin.strip().lower())
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(host) and parts.netloc == host.strip().lower()
 
 
 def _too_large_message(limit: int) -> str:

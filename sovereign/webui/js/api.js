@@ -1,0 +1,139 @@
+// Talking to this server: the API key, the model list, and one streamed chat completion.
+
+const KEY_STORAGE = "sovereign.apiKey";
+
+/** An error the page can put in words: `code` is the server's (or ours), `status` the HTTP status. */
+export class ApiError extends Error {
+  constructor(message, { status = 0, code = null, retryable = true } = {}) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.retryable = retryable;
+  }
+}
+
+export function apiKey() {
+  return localStorage.getItem(KEY_STORAGE) || "";
+}
+
+export function setApiKey(key) {
+  if (key) localStorage.setItem(KEY_STORAGE, key);
+  else localStorage.removeItem(KEY_STORAGE);
+}
+
+function headers(extra = {}) {
+  const key = apiKey();
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+/** The error a non-2xx answer carries, in words (the server's own message when it sent one). */
+async function errorFrom(response) {
+  let message = `The server answered ${response.status} ${response.statusText}.`;
+  let code = null;
+  try {
+    const body = await response.json();
+    if (body && body.error) {
+      message = body.error.message || message;
+      code = body.error.code || body.error.type || null;
+    }
+  } catch {
+    // not JSON: keep the status line
+  }
+  if (response.status === 401) code = "invalid_api_key";
+  return new ApiError(message, { status: response.status, code });
+}
+
+/** The server's self-description: version and the sampling defaults a request gets. */
+export async function serverInfo() {
+  const response = await fetch("/", { headers: { Accept: "application/json" } });
+  if (!response.ok) throw await errorFrom(response);
+  return response.json();
+}
+
+/** The models this server can answer with, as /v1/models lists them. */
+export async function listModels() {
+  const response = await fetch("/v1/models", { headers: headers() });
+  if (!response.ok) throw await errorFrom(response);
+  return (await response.json()).data;
+}
+
+/** /health: which models are loading right now. */
+export async function health() {
+  const response = await fetch("/health");
+  return response.json();
+}
+
+/** Split a server-sent-event stream into its `data:` payloads. */
+async function* sseData(body, signal) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
+        const frame = buffer.slice(0, end);
+        buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
+        const data = frame
+          .split(/\r?\n/)
+          .filter((line) => line.startsWith("data:"))
+          .map((line) => line.slice(5).replace(/^ /, ""))
+          .join("\n");
+        if (data) yield data;
+      }
+    }
+  } finally {
+    if (signal.aborted) reader.cancel().catch(() => {});
+    reader.releaseLock();
+  }
+}
+
+/**
+ * Stream one chat completion. `on` gets { headers(), content(text), reasoning(text), usage(usage) };
+ * aborting `signal` closes the connection, which the server takes as a cancel and frees the slot.
+ * Resolves to the finish reason ("stop", "length", or "cancelled").
+ */
+export async function streamChat(request, on, signal) {
+  let response;
+  try {
+    response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: headers({ "Content-Type": "application/json" }),
+      body: JSON.stringify({ ...request, stream: true, stream_options: { include_usage: true } }),
+      signal,
+    });
+  } catch (error) {
+    if (signal.aborted) return "cancelled";
+    throw new ApiError(`The server cannot be reached (${error.message}). Is sovereign serve still running?`, {
+      code: "unreachable",
+    });
+  }
+  if (!response.ok) throw await errorFrom(response);
+  on.headers();
+  let finish = null;
+  try {
+    for await (const data of sseData(response.body, signal)) {
+      if (data === "[DONE]") break;
+      const chunk = JSON.parse(data);
+      if (chunk.error) {
+        throw new ApiError(chunk.error.message || "The server failed while answering.", {
+          code: chunk.error.code || chunk.error.type,
+        });
+      }
+      if (chunk.usage) on.usage(chunk.usage);
+      const choice = chunk.choices && chunk.choices[0];
+      if (!choice) continue;
+      const delta = choice.delta || {};
+      if (delta.reasoning_content) on.reasoning(delta.reasoning_content);
+      if (delta.content) on.content(delta.content);
+      if (choice.finish_reason) finish = choice.finish_reason;
+    }
+  } catch (error) {
+    if (signal.aborted) return "cancelled";
+    if (error instanceof ApiError) throw error;
+    throw new ApiError(`The answer was cut off (${error.message}).`, { code: "stream_broken" });
+  }
+  return finish || (signal.aborted ? "cancelled" : "stop");
+}

@@ -1,0 +1,518 @@
+// The chat page's controller: the current conversation, sending and stopping, models, settings, files.
+
+import { ApiError, health, listModels, serverInfo, setApiKey, streamChat } from "./api.js";
+import { messageText, readAttachment } from "./attachments.js";
+import { StreamView, editInPlace, messageElement } from "./messages.js";
+import { renderList } from "./sidebar.js";
+import * as store from "./store.js";
+
+const $ = (id) => document.getElementById(id);
+const MODEL_STORAGE = "sovereign.model";
+const SETTINGS = ["temperature", "top_p", "max_tokens"];
+
+const state = {
+  conversations: [],
+  current: null,
+  models: [],
+  defaults: {},
+  pending: [], // attachments for the next message
+  controller: null, // the AbortController of the answer streaming now
+};
+
+// --- conversations -----------------------------------------------------------------------------
+
+async function refreshList() {
+  state.conversations = await store.allConversations();
+  drawList();
+}
+
+function drawList() {
+  renderList($("conversation-list"), state.conversations, {
+    currentId: state.current && state.current.id,
+    query: $("search").value,
+    open: openConversation,
+    rename: renameConversation,
+    remove: removeConversation,
+  });
+}
+
+function openConversation(id) {
+  if (state.controller) return; // switching mid-answer would leave the answer nowhere to go
+  const found = state.conversations.find((c) => c.id === id);
+  if (!found) return;
+  state.current = found;
+  showConversation();
+  closeSidebarOnPhone();
+}
+
+function startNewConversation() {
+  if (state.controller) return;
+  state.current = store.newConversation(selectedModel());
+  showConversation();
+  closeSidebarOnPhone();
+  $("input").focus();
+}
+
+async function renameConversation(id, title) {
+  const conversation = state.conversations.find((c) => c.id === id);
+  if (conversation && title) {
+    conversation.title = title.slice(0, 200);
+    await store.saveConversation(conversation);
+  }
+  drawList();
+}
+
+async function removeConversation(id) {
+  const conversation = state.conversations.find((c) => c.id === id);
+  if (!conversation || !confirm(`Delete "${conversation.title}"? This cannot be undone.`)) return;
+  await store.deleteConversation(id);
+  if (state.current && state.current.id === id) startNewConversation();
+  await refreshList();
+}
+
+async function save() {
+  const conversation = state.current;
+  if (!conversation.messages.length) return;
+  conversation.updated = Date.now();
+  await store.saveConversation(conversation);
+  await refreshList();
+}
+
+function showConversation() {
+  const conversation = state.current;
+  if (conversation.model && state.models.some((m) => m.id === conversation.model)) $("model").value = conversation.model;
+  $("system").value = conversation.system || "";
+  for (const name of SETTINGS) $(name).value = conversation.settings[name] ?? "";
+  drawMessages();
+  drawList();
+}
+
+function drawMessages() {
+  const list = $("messages");
+  const messages = state.current.messages;
+  list.replaceChildren(
+    ...messages.map((message, index) =>
+      messageElement(message, {
+        isLast: index === messages.length - 1 && !state.controller,
+        actions: { regenerate, retry: regenerate, edit: (item, m) => editInPlace(item, m, (text) => resendEdited(index, text)) },
+      }),
+    ),
+  );
+  if (!messages.length) list.append(emptyHint());
+  list.scrollTop = list.scrollHeight;
+}
+
+function emptyHint() {
+  const hint = document.createElement("p");
+  hint.className = "empty-hint";
+  hint.textContent = "Ask anything. The model runs on this machine: nothing you type leaves it.";
+  return hint;
+}
+
+// --- sending -------------------------------------------------------------------------------------
+
+async function send() {
+  if (state.controller) return; // Enter while an answer streams does nothing: no double send
+  const text = $("input").value.trim();
+  if (!text && !state.pending.length) return;
+  if (!selectedModel()) return showComposerError("No model to answer: pull one with `sovereign pull`, then reload.");
+  const conversation = state.current;
+  if (!conversation.messages.length) conversation.title = (text || state.pending[0].name).slice(0, 60);
+  conversation.messages.push({ role: "user", content: text, attachments: state.pending });
+  state.pending = [];
+  drawAttachments();
+  $("input").value = "";
+  await generate();
+}
+
+async function regenerate() {
+  if (state.controller) return;
+  const messages = state.current.messages;
+  if (messages.length && messages[messages.length - 1].role === "assistant") messages.pop();
+  await generate();
+}
+
+async function resendEdited(index, text) {
+  if (state.controller || !text.trim()) return;
+  const messages = state.current.messages;
+  messages.splice(index, messages.length - index, { ...messages[index], content: text.trim() });
+  await generate();
+}
+
+function requestFor(conversation) {
+  const messages = [];
+  if (conversation.system.trim()) messages.push({ role: "system", content: conversation.system });
+  for (const message of conversation.messages) {
+    if (message.role === "assistant" && (message.error || !message.content)) continue;
+    messages.push({ role: message.role, content: messageText(message) });
+  }
+  const request = { model: conversation.model, messages };
+  for (const name of SETTINGS) {
+    if (conversation.settings[name] != null) request[name] = conversation.settings[name];
+  }
+  return request;
+}
+
+async function generate() {
+  const conversation = state.current;
+  conversation.model = selectedModel();
+  readSettings();
+  const answer = { role: "assistant", content: "", reasoning: "", stats: null, error: null };
+  const request = requestFor(conversation);
+  conversation.messages.push(answer);
+  const controller = new AbortController();
+  state.controller = controller;
+  setStreaming(true);
+  drawMessages();
+  const view = new StreamView($("messages").lastElementChild, $("messages"));
+  view.setStatus("Waiting for the model…");
+  const started = performance.now();
+  let firstToken = null;
+  let gotHeaders = false;
+  let usage = null;
+  const loadingWatch = watchLoading(conversation.model, view, () => gotHeaders || controller.signal.aborted);
+  const first = () => (firstToken ??= performance.now());
+  try {
+    const finish = await streamChat(
+      request,
+      {
+        headers: () => {
+          gotHeaders = true;
+          view.setStatus("Reading the prompt…");
+        },
+        content: (text) => {
+          first();
+          answer.content += text;
+          view.addContent(text);
+        },
+        reasoning: (text) => {
+          first();
+          answer.reasoning += text;
+          view.addReasoning(text);
+        },
+        usage: (value) => (usage = value),
+      },
+      controller.signal,
+    );
+    answer.stats = statsFor(usage, started, firstToken, finish);
+  } catch (error) {
+    answer.error = { message: error.message, code: error.code || null };
+    if (error instanceof ApiError && error.status === 401) {
+      conversation.messages.pop();
+      state.controller = null;
+      setStreaming(false);
+      drawMessages();
+      if (await askForKey(error.message)) return generate();
+      conversation.messages.push(answer);
+    }
+  } finally {
+    clearInterval(loadingWatch);
+  }
+  state.controller = null;
+  setStreaming(false);
+  drawMessages();
+  await save();
+  refreshModels();
+  $("input").focus();
+}
+
+function statsFor(usage, started, firstToken, finish) {
+  const ended = performance.now();
+  const tokens = usage ? usage.completion_tokens : 0;
+  const decodeSeconds = firstToken != null ? (ended - firstToken) / 1000 : 0;
+  return {
+    completion_tokens: tokens,
+    prompt_tokens: usage ? usage.prompt_tokens : null,
+    cached_tokens: usage && usage.prompt_tokens_details ? usage.prompt_tokens_details.cached_tokens : 0,
+    ttft_ms: firstToken != null ? firstToken - started : null,
+    // The first token ends the prompt's reading: the rate counts the tokens after it.
+    tokens_per_second: tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : null,
+    finish_reason: finish,
+    stopped: finish === "cancelled",
+  };
+}
+
+/** While no byte of the answer has come, say whether the model is still loading (it can take a while). */
+function watchLoading(model, view, answered) {
+  return setInterval(async () => {
+    if (answered()) return;
+    try {
+      const status = await health();
+      if (answered()) return;
+      const loading = (status.loading || []).includes(model);
+      view.setStatus(loading ? `Loading ${model} into memory… (the first answer from a model waits for this)` : "Waiting for the model…");
+    } catch {
+      // the request itself will report an unreachable server
+    }
+  }, 700);
+}
+
+function stop() {
+  if (state.controller) state.controller.abort(); // closing the stream cancels the request: the server frees the slot
+}
+
+function setStreaming(on) {
+  $("send").hidden = on;
+  $("stop").hidden = !on;
+  $("model").disabled = on;
+  if (!on) $("send").disabled = false;
+}
+
+// --- the API key ---------------------------------------------------------------------------------
+
+function askForKey(reason) {
+  const dialog = $("key-dialog");
+  $("key-reason").textContent = reason;
+  $("key-input").value = "";
+  return new Promise((resolve) => {
+    const done = (ok) => {
+      $("key-form").onsubmit = null;
+      $("key-cancel").onclick = null;
+      dialog.onclose = null;
+      if (dialog.open) dialog.close();
+      resolve(ok);
+    };
+    $("key-form").onsubmit = (event) => {
+      event.preventDefault();
+      const key = $("key-input").value.trim();
+      if (!key) return;
+      setApiKey(key);
+      done(true);
+    };
+    $("key-cancel").onclick = () => done(false);
+    dialog.onclose = () => done(false);
+    dialog.showModal();
+  });
+}
+
+// --- models and settings -----------------------------------------------------------------------
+
+function selectedModel() {
+  return $("model").value || null;
+}
+
+function humanSize(bytes) {
+  if (!bytes) return "";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return `${value.toFixed(value < 10 && unit > 0 ? 1 : 0)} ${units[unit]}`;
+}
+
+async function refreshModels() {
+  let models;
+  try {
+    models = await listModels();
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401 && (await askForKey(error.message))) return refreshModels();
+    $("model-status").textContent = error.message;
+    return;
+  }
+  state.models = models;
+  const select = $("model");
+  const wanted = (state.current && state.current.model) || select.value || localStorage.getItem(MODEL_STORAGE);
+  select.replaceChildren(
+    ...models.map((model) => {
+      const option = document.createElement("option");
+      option.value = model.id;
+      const facts = [humanSize(model.size), model.loaded ? "loaded" : "not loaded"].filter(Boolean);
+      option.textContent = `${model.id} (${facts.join(", ")})`;
+      return option;
+    }),
+  );
+  if (models.some((m) => m.id === wanted)) select.value = wanted;
+  describeModel();
+  if (!models.length) $("model-status").textContent = "No models: pull one with `sovereign pull`.";
+}
+
+function describeModel() {
+  const model = state.models.find((m) => m.id === selectedModel());
+  $("model-status").textContent = model
+    ? model.loaded
+      ? "loaded"
+      : "loads on the first message"
+    : "";
+}
+
+function readSettings() {
+  const conversation = state.current;
+  conversation.system = $("system").value;
+  for (const name of SETTINGS) {
+    const value = $(name).value.trim();
+    const number = name === "max_tokens" ? parseInt(value, 10) : parseFloat(value);
+    conversation.settings[name] = value === "" || Number.isNaN(number) ? null : number;
+  }
+}
+
+function showDefaults() {
+  const defaults = state.defaults;
+  for (const name of SETTINGS) {
+    const value = defaults[name];
+    $(name).placeholder = value == null ? "server default: until the answer ends" : `server default: ${value}`;
+  }
+}
+
+// --- files, export, import -------------------------------------------------------------------------
+
+async function attach(files) {
+  hideComposerError();
+  for (const file of files) {
+    try {
+      state.pending.push(await readAttachment(file));
+    } catch (error) {
+      showComposerError(error.message);
+    }
+  }
+  drawAttachments();
+}
+
+function drawAttachments() {
+  const list = $("attachment-list");
+  list.replaceChildren(
+    ...state.pending.map((file, index) => {
+      const item = document.createElement("li");
+      item.className = "attachment";
+      item.textContent = `${file.name} `;
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "icon-button";
+      remove.textContent = "✕";
+      remove.setAttribute("aria-label", `Remove ${file.name}`);
+      remove.addEventListener("click", () => {
+        state.pending.splice(index, 1);
+        drawAttachments();
+      });
+      item.append(remove);
+      return item;
+    }),
+  );
+}
+
+function showComposerError(message, { info = false } = {}) {
+  $("composer-error").textContent = message;
+  $("composer-error").classList.toggle("info", info);
+  $("composer-error").hidden = false;
+}
+
+function hideComposerError() {
+  $("composer-error").hidden = true;
+}
+
+function download(name, text) {
+  const url = URL.createObjectURL(new Blob([text], { type: "application/json" }));
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = name;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+async function importFile(file) {
+  hideComposerError();
+  try {
+    const conversations = store.parseExport(await file.text());
+    for (const conversation of conversations) await store.saveConversation(conversation);
+    await refreshList();
+    const count = conversations.length;
+    showComposerError(`Imported ${count} conversation${count === 1 ? "" : "s"}.`, { info: true });
+  } catch (error) {
+    showComposerError(error.message);
+  }
+}
+
+// --- layout --------------------------------------------------------------------------------------
+
+function toggleSidebar(open) {
+  const sidebar = $("sidebar");
+  const show = open ?? !sidebar.classList.contains("open");
+  sidebar.classList.toggle("open", show);
+  $("toggle-sidebar").setAttribute("aria-expanded", String(show));
+}
+
+function closeSidebarOnPhone() {
+  if (matchMedia("(max-width: 760px)").matches) toggleSidebar(false);
+}
+
+function wire() {
+  $("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    send();
+  });
+  $("input").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      send();
+    }
+  });
+  $("stop").addEventListener("click", stop);
+  $("new-chat").addEventListener("click", startNewConversation);
+  $("search").addEventListener("input", drawList);
+  $("model").addEventListener("change", () => {
+    localStorage.setItem(MODEL_STORAGE, selectedModel());
+    state.current.model = selectedModel();
+    describeModel();
+  });
+  $("model").addEventListener("focus", refreshModels);
+  $("toggle-settings").addEventListener("click", () => {
+    const panel = $("settings");
+    panel.hidden = !panel.hidden;
+    $("toggle-settings").setAttribute("aria-expanded", String(!panel.hidden));
+  });
+  for (const id of ["system", ...SETTINGS]) {
+    $(id).addEventListener("change", () => {
+      readSettings();
+      save();
+    });
+  }
+  $("attach").addEventListener("click", () => $("attach-file").click());
+  $("attach-file").addEventListener("change", (event) => {
+    attach([...event.target.files]);
+    event.target.value = "";
+  });
+  const main = document.querySelector(".main");
+  main.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    main.classList.add("dropping");
+  });
+  main.addEventListener("dragleave", () => main.classList.remove("dropping"));
+  main.addEventListener("drop", (event) => {
+    event.preventDefault();
+    main.classList.remove("dropping");
+    attach([...event.dataTransfer.files]);
+  });
+  $("export-all").addEventListener("click", () => download("sovereign-chats.json", store.exportJson(state.conversations)));
+  $("export-one").addEventListener("click", () => {
+    if (state.current.messages.length) download(`sovereign-chat-${state.current.id}.json`, store.exportJson([state.current]));
+  });
+  $("import").addEventListener("click", () => $("import-file").click());
+  $("import-file").addEventListener("change", (event) => {
+    if (event.target.files[0]) importFile(event.target.files[0]);
+    event.target.value = "";
+  });
+  $("toggle-sidebar").addEventListener("click", () => toggleSidebar());
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") toggleSidebar(false);
+  });
+}
+
+async function start() {
+  wire();
+  try {
+    state.defaults = (await serverInfo()).sampling_defaults || {};
+  } catch {
+    state.defaults = {};
+  }
+  showDefaults();
+  await refreshModels();
+  await refreshList();
+  state.current = state.conversations[0] || store.newConversation(selectedModel());
+  showConversation();
+  document.body.dataset.ready = "true"; // for tests and scripts: the page has drawn what it stores
+  $("input").focus();
+}
+
+start();

@@ -1,0 +1,118 @@
+// Conversations, kept in this browser's IndexedDB (nothing is stored on the server), and their JSON export.
+
+const DB_NAME = "sovereign-chat";
+const STORE = "conversations";
+export const EXPORT_FORMAT = "sovereign-chat";
+
+let opened = null;
+
+function database() {
+  opened ??= new Promise((resolve, reject) => {
+    const request = indexedDB.open(DB_NAME, 1);
+    request.onupgradeneeded = () => {
+      request.result.createObjectStore(STORE, { keyPath: "id" });
+    };
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+  return opened;
+}
+
+async function transaction(mode, work) {
+  const db = await database();
+  return new Promise((resolve, reject) => {
+    const tx = db.transaction(STORE, mode);
+    const result = work(tx.objectStore(STORE));
+    tx.oncomplete = () => resolve(result.result);
+    tx.onerror = () => reject(tx.error);
+  });
+}
+
+/** A new, empty conversation (not saved until it has a message). */
+export function newConversation(model) {
+  const now = Date.now();
+  return {
+    id: crypto.randomUUID(),
+    title: "New chat",
+    created: now,
+    updated: now,
+    model,
+    system: "",
+    settings: { temperature: null, top_p: null, max_tokens: null },
+    messages: [],
+  };
+}
+
+/** Every conversation, the most recently changed first. */
+export async function allConversations() {
+  const list = await transaction("readonly", (store) => store.getAll());
+  return list.sort((a, b) => b.updated - a.updated);
+}
+
+export function saveConversation(conversation) {
+  return transaction("readwrite", (store) => store.put(conversation));
+}
+
+export function deleteConversation(id) {
+  return transaction("readwrite", (store) => store.delete(id));
+}
+
+/** The export file's contents for these conversations. */
+export function exportJson(conversations) {
+  return JSON.stringify({ format: EXPORT_FORMAT, version: 1, exported: new Date().toISOString(), conversations }, null, 2);
+}
+
+function validMessage(message) {
+  return (
+    message &&
+    ["user", "assistant"].includes(message.role) &&
+    typeof message.content === "string" &&
+    (message.reasoning === undefined || typeof message.reasoning === "string")
+  );
+}
+
+/** The conversations in an export file, checked; throws an Error in words for anything else. */
+export function parseExport(text) {
+  let data;
+  try {
+    data = JSON.parse(text);
+  } catch {
+    throw new Error("This file is not JSON: import takes a file that this page exported.");
+  }
+  const list = data && data.format === EXPORT_FORMAT ? data.conversations : null;
+  if (!Array.isArray(list)) throw new Error("This JSON is not a sovereign chat export (its format is not 'sovereign-chat').");
+  return list.map((c, index) => {
+    if (!c || typeof c.id !== "string" || !Array.isArray(c.messages) || !c.messages.every(validMessage)) {
+      throw new Error(`Conversation ${index + 1} in this file is damaged: it has no id or a message is not text.`);
+    }
+    const settings = c.settings && typeof c.settings === "object" ? c.settings : {};
+    return {
+      id: c.id,
+      title: typeof c.title === "string" && c.title ? c.title : "Imported chat",
+      created: Number(c.created) || Date.now(),
+      updated: Number(c.updated) || Date.now(),
+      model: typeof c.model === "string" ? c.model : null,
+      system: typeof c.system === "string" ? c.system : "",
+      settings: {
+        temperature: numberOrNull(settings.temperature),
+        top_p: numberOrNull(settings.top_p),
+        max_tokens: numberOrNull(settings.max_tokens),
+      },
+      messages: c.messages.map((m) => ({
+        role: m.role,
+        content: m.content,
+        reasoning: m.reasoning || "",
+        attachments: Array.isArray(m.attachments) ? m.attachments.filter(validAttachment) : [],
+        stats: m.stats && typeof m.stats === "object" ? m.stats : null,
+      })),
+    };
+  });
+}
+
+function numberOrNull(value) {
+  return typeof value === "number" && Number.isFinite(value) ? value : null;
+}
+
+function validAttachment(a) {
+  return a && typeof a.name === "string" && typeof a.text === "string";
+}

@@ -1,0 +1,419 @@
+"""The chat page at /, in a real headless Chromium: chat, stop, models, storage, export/import, keys, safety.
+
+Most tests run the page against the fake engine (its answers echo the message, which makes XSS payloads
+into model output); the Stop test runs the real model, to see its slot free.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sovereign.server.app import ServerOptions, create_app
+from sovereign.server.chat_page import load_files
+from tests.browser import chromium_path, leaves_loopback
+from tests.conftest import GEMMA, skip_or_fail
+from tests.fake_engine import FakeEngine
+from tests.servers import InProcessServer, ServerProcess
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+READY = "body[data-ready=true]"
+ANSWERED = ".message.assistant .stats:not(:empty)"
+
+
+class Recorder:
+    """What a page did: every URL it asked for, every dialog it opened, every error it threw."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+        self.dialogs: list[str] = []
+        self.errors: list[str] = []
+        self.confirm = True  # how the page's confirm() dialogs are answered
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    path = chromium_path()
+    if path is None:
+        skip_or_fail("no Chromium here (Debian: apt-get install chromium)")
+    with playwright_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=path)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def fake_server(engine: FakeEngine) -> Iterator[InProcessServer]:
+    with InProcessServer(create_app(engine, ServerOptions())) as running:
+        yield running
+
+
+def open_page(browser: Any, recorder: Recorder, **context: Any) -> Any:
+    """A fresh browser profile (its own IndexedDB and localStorage) whose page records what it does."""
+    ctx = browser.new_context(accept_downloads=True, **context)
+    # Anything but loopback is refused at the browser, and recorded: the page must never ask.
+    ctx.route(lambda url: leaves_loopback(url), lambda route: route.abort())
+    page = ctx.new_page()
+    page.on("request", lambda request: recorder.urls.append(request.url))
+    page.on("pageerror", lambda error: recorder.errors.append(str(error)))
+
+    def on_dialog(dialog: Any) -> None:
+        recorder.dialogs.append(f"{dialog.type}: {dialog.message}")
+        if dialog.type == "confirm" and recorder.confirm:
+            dialog.accept()
+        else:
+            dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    return page
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    seen = Recorder()
+    yield seen
+    assert [url for url in seen.urls if leaves_loopback(url)] == [], "the page asked for something off this machine"
+    assert seen.errors == [], seen.errors
+
+
+@pytest.fixture
+def page(browser: Any, recorder: Recorder, fake_server: InProcessServer) -> Iterator[Any]:
+    opened = open_page(browser, recorder)
+    opened.goto(fake_server.url + "/")
+    opened.wait_for_selector(READY)
+    yield opened
+    opened.context.close()
+
+
+def wait_until(page: Any, expression: str, timeout: float = 15) -> None:
+    """Poll a JavaScript expression until it is true (the page's CSP forbids the eval wait_for_function uses)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"still false after {timeout} s: {expression}"
+        time.sleep(0.05)
+
+
+def send(page: Any, text: str) -> None:
+    """Type a message and press Enter, then wait until its answer is complete."""
+    answered = page.locator(ANSWERED).count()
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    wait_until(
+        page,
+        f"document.querySelectorAll({ANSWERED!r}).length > {answered} || "
+        "document.querySelector('.message.assistant:last-child .message-error') !== null",
+    )
+
+
+def last_answer(page: Any) -> Any:
+    return page.locator(".message.assistant").last
+
+
+# --- HTTP: what the server answers at / and under /ui/ ----------------------------------------
+
+
+def test_browsers_get_the_page_and_api_clients_keep_their_answer(fake_server: InProcessServer) -> None:
+    page = httpx.get(fake_server.url + "/", headers={"Accept": "text/html,*/*", "Accept-Encoding": "gzip"})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-encoding"] == "gzip"
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert '<textarea id="input"' in page.text
+    api = httpx.get(fake_server.url + "/")  # an SDK or curl: no text/html in Accept
+    assert api.json()["name"] == "sovereign" and api.json()["sampling_defaults"]["temperature"] == 0.8
+    assert httpx.head(fake_server.url + "/").status_code == 200  # Claude Code's check that its base URL is up
+
+
+def test_assets_are_cached_by_etag(fake_server: InProcessServer) -> None:
+    first = httpx.get(fake_server.url + "/ui/js/main.js")
+    assert first.status_code == 200 and first.headers["content-type"].startswith("text/javascript")
+    assert first.headers["cache-control"] == "no-cache" and first.headers["x-content-type-options"] == "nosniff"
+    again = httpx.get(fake_server.url + "/ui/js/main.js", headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+    assert httpx.get(fake_server.url + "/ui/../app.py").status_code == 404
+    assert httpx.get(fake_server.url + "/ui/nothing.js").status_code == 404
+
+
+def test_the_page_fits_its_transfer_budget() -> None:
+    """Everything the page can load, gzipped as served: at most 300 KB on a first visit."""
+    total = sum(len(file.gzipped) for file in load_files().values())
+    assert total <= 300_000, f"{total} bytes gzipped"
+
+
+def test_an_api_key_guards_the_api_but_not_the_page(engine: FakeEngine) -> None:
+    with InProcessServer(create_app(engine, ServerOptions(api_keys=("k-123",)))) as server:
+        assert httpx.get(server.url + "/", headers={"Accept": "text/html"}).status_code == 200
+        assert httpx.get(server.url + "/ui/js/api.js").status_code == 200
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        keyed = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer k-123"})
+        assert keyed.status_code == 200
+
+
+def test_a_page_served_by_this_server_may_call_it_from_any_name_it_answers(engine: FakeEngine) -> None:
+    """Bound beyond loopback, the page's origin is the LAN address: the same origin as the Host, so allowed."""
+    with InProcessServer(create_app(engine, ServerOptions(allowed_hosts=("*",)))) as server:
+        same = {"Host": "192.168.1.20:11800", "Origin": "http://192.168.1.20:11800"}
+        assert httpx.get(server.url + "/v1/models", headers=same).status_code == 200
+        other = {"Host": "192.168.1.20:11800", "Origin": "http://192.168.1.99:8080"}
+        assert httpx.get(server.url + "/v1/models", headers=other).status_code == 403
+
+
+# --- the browser ----------------------------------------------------------------------------
+
+
+def test_a_message_is_answered_in_markdown(page: Any, engine: FakeEngine) -> None:
+    send(page, "Hello **bold** and `code`")
+    answer = last_answer(page)
+    assert answer.locator(".message-content").inner_text() == "You said: Hello bold and code"
+    assert answer.locator(".message-content strong").inner_text() == "bold"
+    assert "tokens" in answer.locator(".stats").inner_text()
+    assert "prompt tokens" in answer.locator(".stats").inner_text()
+    assert engine.requests[-1].messages[-1]["content"] == "Hello **bold** and `code`"
+    assert page.locator(".conversation-title").first.inner_text() == "Hello **bold** and `code`"
+
+
+def test_shift_enter_makes_a_new_line_and_enter_sends_once(page: Any, engine: FakeEngine) -> None:
+    page.fill("#input", "line one")
+    page.press("#input", "Shift+Enter")
+    page.keyboard.type("line two")
+    assert page.input_value("#input") == "line one\nline two"
+    page.press("#input", "Enter")
+    page.wait_for_selector(ANSWERED)
+    assert len(engine.requests) == 1
+    assert engine.requests[0].messages[-1]["content"] == "line one\nline two"
+
+
+def test_reasoning_shows_as_a_thinking_block(page: Any) -> None:
+    send(page, "think about tides")
+    answer = last_answer(page)
+    thinking = answer.locator("details.thinking")
+    assert thinking.locator("summary").inner_text() == "Thinking"
+    assert thinking.locator(".thinking-body").text_content() == "Thinking about think about tides."
+    assert thinking.get_attribute("open") is None  # folded once the answer is in
+    assert answer.locator(".message-content").inner_text() == "You said: think about tides"
+
+
+def test_a_reload_keeps_the_conversations(page: Any) -> None:
+    send(page, "first chat")
+    page.click("#new-chat")
+    send(page, "second chat")
+    page.reload()
+    page.wait_for_selector(READY)
+    titles = page.locator(".conversation-title").all_inner_texts()
+    assert titles == ["second chat", "first chat"]
+    assert last_answer(page).locator(".message-content").inner_text() == "You said: second chat"
+    page.locator(".conversation-title", has_text="first chat").click()
+    assert last_answer(page).locator(".message-content").inner_text() == "You said: first chat"
+
+
+def test_rename_search_and_delete(page: Any, recorder: Recorder) -> None:
+    send(page, "about cats")
+    page.click("#new-chat")
+    send(page, "about dogs")
+    page.get_by_label("Rename about dogs").click()
+    page.fill(".rename-input", "Dog questions")
+    page.press(".rename-input", "Enter")
+    page.wait_for_selector(".conversation-title:text-is('Dog questions')")
+    page.fill("#search", "dog")
+    assert page.locator(".conversation-title").all_inner_texts() == ["Dog questions"]
+    page.fill("#search", "")
+    page.get_by_label("Delete about cats").click()
+    page.wait_for_selector(".conversation-title:text-is('about cats')", state="detached")
+    assert recorder.dialogs == ['confirm: Delete "about cats"? This cannot be undone.']
+    assert page.locator(".conversation-title").all_inner_texts() == ["Dog questions"]
+    page.reload()
+    page.wait_for_selector(READY)
+    assert page.locator(".conversation-title").all_inner_texts() == ["Dog questions"]
+
+
+def test_switching_models_and_errors_in_words_with_a_retry(page: Any, engine: FakeEngine) -> None:
+    options = page.locator("#model option").all_inner_texts()
+    assert any(text.startswith("busy:model (") for text in options)
+    page.select_option("#model", "busy:model")
+    send(page, "hello")
+    error = last_answer(page).locator(".message-error")
+    assert "overloaded" in error.inner_text()
+    page.select_option("#model", "crashing:model")
+    error.get_by_role("button", name="Retry").click()
+    wait_until(page, "document.querySelector('.message.assistant:last-child .message-error') !== null")
+    assert "crashed" in last_answer(page).locator(".message-error").inner_text()
+    page.select_option("#model", "fake:model")
+    last_answer(page).get_by_role("button", name="Retry").click()
+    page.wait_for_selector(ANSWERED)
+    assert last_answer(page).locator(".message-content").inner_text() == "You said: hello"
+    assert [r.model for r in engine.requests] == ["crashing:model", "fake:model"]  # busy:model refuses up front
+    assert "fake:model (" in page.locator("#model option:checked").inner_text()
+    assert "loaded" in page.locator("#model option:checked").inner_text()
+
+
+def test_regenerate_and_edit_resend(page: Any, engine: FakeEngine) -> None:
+    send(page, "one")
+    send(page, "two")
+    last_answer(page).get_by_role("button", name="Regenerate this answer").click()
+    page.wait_for_selector(ANSWERED)
+    assert len(engine.requests) == 3 and len(engine.requests[-1].messages) == 3
+    page.locator(".message.user").first.get_by_role("button", name="Edit this message and send it again").click()
+    page.fill(".edit-area", "uno")
+    page.get_by_role("button", name="Save & send").click()
+    wait_until(page, "document.querySelectorAll('.message').length === 2")
+    page.wait_for_selector(ANSWERED)
+    assert last_answer(page).locator(".message-content").inner_text() == "You said: uno"
+    assert [m["content"] for m in engine.requests[-1].messages] == ["uno"]
+
+
+def test_settings_and_system_prompt_reach_the_request(page: Any, engine: FakeEngine) -> None:
+    page.click("#toggle-settings")
+    assert page.get_attribute("#temperature", "placeholder") == "server default: 0.8"
+    assert page.get_attribute("#top_p", "placeholder") == "server default: 0.95"
+    page.fill("#system", "Be brief.")
+    page.fill("#temperature", "0.2")
+    page.fill("#max_tokens", "3")
+    send(page, "one two three four")
+    request = engine.requests[-1]
+    assert request.messages[0] == {"role": "system", "content": "Be brief."}
+    assert request.sampling.temperature == 0.2 and request.sampling.top_p == 0.95
+    assert request.sampling.max_tokens == 3
+    assert "cut at max tokens" in last_answer(page).locator(".stats").inner_text()
+
+
+def test_text_files_are_attached_and_others_refused(page: Any, engine: FakeEngine) -> None:
+    page.set_input_files(
+        "#attach-file", files=[{"name": "tool.py", "mimeType": "text/x-python", "buffer": b"print('hi')\n"}]
+    )
+    assert page.locator(".attachment-list.pending .attachment").inner_text().startswith("tool.py")
+    page.set_input_files("#attach-file", files=[{"name": "photo.png", "mimeType": "image/png", "buffer": b"\x89PNG"}])
+    assert "photo.png is not a text file: these models read text" in page.inner_text("#composer-error")
+    send(page, "review this")
+    content = engine.requests[-1].messages[-1]["content"]
+    assert content == "review this\n\ntool.py:\n```py\nprint('hi')\n\n```"
+    assert page.locator(".message.user .attachment").inner_text() == "tool.py"
+
+
+def test_export_then_import(page: Any, tmp_path: Path) -> None:
+    send(page, "keep me")
+    with page.expect_download() as download:
+        page.click("#export-all")
+    exported = tmp_path / "chats.json"
+    download.value.save_as(exported)
+    data = json.loads(exported.read_text())
+    assert data["format"] == "sovereign-chat" and data["conversations"][0]["messages"][1]["role"] == "assistant"
+    page.get_by_label("Delete keep me").click()
+    page.wait_for_selector(".conversation-title", state="detached")
+    page.set_input_files("#import-file", str(exported))
+    page.wait_for_selector(".conversation-title")
+    assert page.locator(".conversation-title").all_inner_texts() == ["keep me"]
+    page.wait_for_selector("#composer-error.info:has-text('Imported 1 conversation.')")
+    page.set_input_files("#import-file", files=[{"name": "x.json", "mimeType": "application/json", "buffer": b"[1]"}])
+    page.wait_for_selector("#composer-error:has-text('not a sovereign chat export')")
+
+
+XSS_PAYLOADS = [
+    "<img src=x onerror=alert(1)>",
+    "<script>alert(2)</script>",
+    "<svg onload=alert(3)></svg>",
+    "[click](javascript:alert(4))",
+    '<a href="javascript:alert(5)">x</a>',
+    "![pixel](http://203.0.113.7/track.png)",
+    "<iframe src=http://203.0.113.7/></iframe>",
+]
+
+
+def test_model_output_never_runs_as_html(page: Any, recorder: Recorder) -> None:
+    send(page, "See [the docs](http://203.0.113.7/docs) " + " ".join(XSS_PAYLOADS))
+    content = last_answer(page).locator(".message-content")
+    text = content.inner_text()
+    for payload in ("<img src=x onerror=alert(1)>", "<script>alert(2)</script>", "<svg onload=alert(3)></svg>"):
+        assert payload in text
+    assert content.locator("img, script, svg, iframe").count() == 0
+    hrefs = content.locator("a").evaluate_all("links => links.map(a => [a.getAttribute('href'), a.rel, a.target])")
+    assert ["http://203.0.113.7/docs", "noopener noreferrer", "_blank"] in hrefs
+    for href, rel, target in hrefs:  # an image becomes a link (never loaded); no javascript: link survives
+        assert href.startswith("http://203.0.113.7/") and rel == "noopener noreferrer" and target == "_blank"
+    page.wait_for_timeout(300)  # an onerror or onload would have fired by now
+    assert recorder.dialogs == []
+
+
+def test_the_api_key_is_asked_for_after_a_401(browser: Any, recorder: Recorder, engine: FakeEngine) -> None:
+    with InProcessServer(create_app(engine, ServerOptions(api_keys=("k-123",)))) as server:
+        page = open_page(browser, recorder)
+        page.goto(server.url + "/")
+        page.wait_for_selector("#key-dialog[open]")
+        assert "API key" in page.inner_text("#key-reason")
+        page.fill("#key-input", "k-123")
+        page.click("#key-ok")
+        page.wait_for_selector(READY)
+        assert page.locator("#model option").count() == 3
+        send(page, "with a key")
+        assert last_answer(page).locator(".message-content").inner_text() == "You said: with a key"
+        assert page.evaluate("localStorage.getItem('sovereign.apiKey')") == "k-123"
+        page.evaluate("localStorage.setItem('sovereign.apiKey', 'wrong')")  # the key changed on the server
+        page.fill("#input", "again")
+        page.press("#input", "Enter")
+        page.wait_for_selector("#key-dialog[open]")
+        assert "Incorrect API key" in page.inner_text("#key-reason")
+        page.fill("#key-input", "k-123")
+        page.click("#key-ok")
+        wait_until(page, "document.querySelectorAll('.message.assistant .stats:not(:empty)').length === 2")
+        assert last_answer(page).locator(".message-content").inner_text() == "You said: again"
+        page.context.close()
+
+
+def test_a_phone_sized_screen_gets_a_drawer(browser: Any, recorder: Recorder, fake_server: InProcessServer) -> None:
+    page = open_page(browser, recorder, viewport={"width": 390, "height": 844}, color_scheme="dark")
+    page.goto(fake_server.url + "/")
+    page.wait_for_selector(READY)
+    assert not page.locator(".sidebar").evaluate("e => e.getBoundingClientRect().right > 0")
+    page.get_by_role("button", name="Conversations").click()
+    wait_until(page, "document.querySelector('.sidebar').getBoundingClientRect().left >= 0")
+    assert page.get_by_role("button", name="New chat").is_visible()
+    page.keyboard.press("Escape")
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(22, 26, 24)"  # the dark theme, following the system
+    page.context.close()
+
+
+# --- the real model: Stop frees its slot ------------------------------------------------------
+
+
+def _busy_slots(server: ServerProcess) -> float:
+    metrics = httpx.get(server.url + "/metrics").text
+    lines = [line for line in metrics.splitlines() if line.startswith("sovereign_slots_busy{")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_stop_cancels_the_answer_and_frees_the_slot(browser: Any, recorder: Recorder, server: ServerProcess) -> None:
+    page = open_page(browser, recorder)
+    page.goto(server.url + "/")
+    page.wait_for_selector(READY)
+    page.select_option("#model", GEMMA)
+    page.fill("#input", "Count from 1 to 1000: 1, 2, 3, 4,")
+    page.press("#input", "Enter")
+    wait_until(
+        page,
+        "document.querySelector('.message.assistant:last-child .message-content').textContent.length > 20",
+        timeout=120,  # the first request loads the model
+    )
+    assert _busy_slots(server) == 1
+    page.fill("#input", "sent twice?")
+    page.press("#input", "Enter")  # ignored while the answer streams
+    assert page.input_value("#input") == "sent twice?"
+    page.click("#stop")
+    page.wait_for_selector(ANSWERED)
+    assert "stopped" in last_answer(page).locator(".stats").inner_text()
+    assert page.locator(".message.user").count() == 1
+    deadline = time.monotonic() + 5
+    while _busy_slots(server) != 0:
+        assert time.monotonic() < deadline, "the slot was still busy 5 s after Stop"
+        time.sleep(0.1)
+    page.context.close()
