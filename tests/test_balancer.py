@@ -7,6 +7,7 @@ talk to nginx with retries off, so any error nginx lets through would fail the t
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import os
 import pwd
@@ -14,8 +15,9 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -23,7 +25,8 @@ import anthropic
 import openai
 import pytest
 
-from sovereign.engine import ChatRequest, CompletionRequest, Generation
+from sovereign.engine import ChatRequest, CompletionRequest, Generation, TextDelta
+from sovereign.engine.requests import Event
 from sovereign.errors import ServerBusy
 from sovereign.server.app import ServerOptions, create_app
 from tests.conftest import skip_or_fail
@@ -48,6 +51,64 @@ class BusyEngine(FakeEngine):
     async def submit(self, request: ChatRequest | CompletionRequest) -> Generation:
         self.refused += 1
         raise ServerBusy(8, 2)
+
+
+class GatedEngine(FakeEngine):
+    """The scripted engine that, after its first word, waits for the test to open its gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    async def submit(self, request: ChatRequest | CompletionRequest) -> Generation:
+        generation = await super().submit(request)
+        return Generation(generation.model, self._gated(aiter(generation)), generation.stop, generation.prompt_tokens)
+
+    async def _gated(self, events: AsyncGenerator[Event, None]) -> AsyncGenerator[Event, None]:
+        first = True
+        async for event in events:
+            yield event
+            if first and isinstance(event, TextDelta):
+                first = False
+                self.waiting.set()
+                await asyncio.to_thread(self.gate.wait, 30)  # the bound only ends a failed test sooner
+                self.waiting.clear()
+
+
+class DyingServer:
+    """A machine that dies with the request: it accepts the connection, reads, and closes without answering."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port = self._listener.getsockname()[1]
+        self.accepted = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self._done.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                self.accepted += 1
+                connection.settimeout(5)
+                try:
+                    connection.recv(65536)
+                except OSError:
+                    pass
+
+    def __enter__(self) -> DyingServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._done.set()
+        self._thread.join(10)
+        self._listener.close()
 
 
 def nginx_binary() -> str | None:
@@ -247,6 +308,71 @@ def test_a_busy_server_passes_its_requests_on(binary: str, tmp_path: Path) -> No
                 assert ask_openai(balancer, stream=True) == ANSWER
     assert len(idle.requests) == 8
     assert busy.refused > 0  # the busy server was asked, and its 503 never reached the client
+
+
+def test_a_server_that_dies_with_the_request_is_passed_over(binary: str, tmp_path: Path) -> None:
+    """The request reached a server that closed without answering: nginx sends it to the next (non_idempotent)."""
+    alive = FakeEngine()
+    with DyingServer() as dying, _server(alive) as server:
+        directory = tmp_path / "nginx"
+        directory.mkdir()
+        with Nginx(binary, directory, [f"127.0.0.1:{dying.port}", f"127.0.0.1:{server.port}"]) as balancer:
+            for ask in ASKS:
+                assert ask(balancer) == ANSWER
+    assert len(alive.requests) == len(ASKS)
+    assert dying.accepted > 0  # nginx did send a request there first
+
+
+def test_streams_are_not_held_back(binary: str, tmp_path: Path) -> None:
+    """The first words of both APIs' streams reach the client while the server is still generating."""
+    engines = GatedEngine(), GatedEngine()
+    try:
+        with _server(engines[0]) as first, _server(engines[1]) as second:
+            directory = tmp_path / "nginx"
+            directory.mkdir()
+            with Nginx(binary, directory, [f"127.0.0.1:{s.port}" for s in (first, second)]) as balancer:
+                for _ in range(2):  # one on each server
+                    _gated_openai_stream(balancer, engines)
+                    _gated_anthropic_stream(balancer, engines)
+    finally:
+        for engine in engines:
+            engine.gate.set()
+
+
+def _open_gates(engines: tuple[GatedEngine, GatedEngine]) -> None:
+    """Assert that a server is still mid-generation, then let both finish."""
+    assert any(engine.waiting.is_set() for engine in engines), "the first words came only after the whole answer"
+    for engine in engines:
+        engine.gate.set()
+
+
+def _gated_openai_stream(balancer: Nginx, engines: tuple[GatedEngine, GatedEngine]) -> None:
+    for engine in engines:
+        engine.gate.clear()
+    stream = _openai(balancer).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": ASK}],
+        stream=True,  # type: ignore[arg-type]
+    )
+    text = ""
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and not text:
+            _open_gates(engines)
+        text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+    assert text == ANSWER
+
+
+def _gated_anthropic_stream(balancer: Nginx, engines: tuple[GatedEngine, GatedEngine]) -> None:
+    for engine in engines:
+        engine.gate.clear()
+    messages = [{"role": "user", "content": ASK}]
+    text = ""
+    with _anthropic(balancer).messages.stream(model=MODEL, max_tokens=64, messages=messages) as events:  # type: ignore[arg-type]
+        for piece in events.text_stream:
+            if piece and not text:
+                _open_gates(engines)
+            text += piece
+    assert text == ANSWER
 
 
 def test_the_readme_shows_the_recipe_as_it_is() -> None:
