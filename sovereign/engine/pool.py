@@ -83,6 +83,13 @@ def _context_note(facts: ModelFacts, chosen: bool) -> str:
     )
 
 
+def _gpu_note(facts: ModelFacts) -> str:
+    """Where the layers are: the line a GPU user checks to see that the GPU build took (README, "GPUs")."""
+    if facts.n_gpu_layers <= 0:
+        return "all layers on the CPU"
+    return f"{facts.n_gpu_layers}/{facts.n_layers + 1} layers on the GPU"  # llama.cpp counts the output layer too
+
+
 class StartProcess(Protocol):
     """Starts a model's process and returns once it has loaded: `ModelProcess.start`, or a test's stand-in."""
 
@@ -256,7 +263,10 @@ class ModelPool:
         self._loaded[manifest.name] = model
         self._changed()
         self._start_reaper()
-        serving_log.info("%s loaded: %s", manifest.name, _context_note(process.facts, options.n_ctx is not None))
+        facts = process.facts
+        serving_log.info(
+            "%s loaded: %s; %s", manifest.name, _context_note(facts, options.n_ctx is not None), _gpu_note(facts)
+        )
         return model
 
     def _forget_crashed(self, process: ModelProcess, crash: str | None) -> None:
