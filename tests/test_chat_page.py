@@ -417,3 +417,19 @@ def test_stop_cancels_the_answer_and_frees_the_slot(browser: Any, recorder: Reco
         assert time.monotonic() < deadline, "the slot was still busy 5 s after Stop"
         time.sleep(0.1)
     page.context.close()
+
+
+def test_a_streamed_answer_settles_only_outside_code_fences(page: Any) -> None:
+    """The streaming view re-renders only the text after the last blank line that is not inside a fence."""
+    cuts = page.evaluate(
+        """async () => {
+            const { settledEnd } = await import('/ui/js/messages.js');
+            return [
+                settledEnd('one\\n\\ntwo', 0),
+                settledEnd('a\\n\\n```py\\nx = 1\\n\\ny = 2', 0),
+                settledEnd('a\\n\\n```py\\nx\\n\\n```\\n\\nb', 0),
+                settledEnd('a\\n\\nb\\n\\nc', 3),
+            ];
+        }"""
+    )
+    assert cuts == [5, 3, 17, 6]

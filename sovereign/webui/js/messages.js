@@ -98,16 +98,40 @@ export function editInPlace(item, message, onSave) {
   area.focus();
 }
 
-/** The answer being streamed: text arrives in pieces, the DOM is updated once per animation frame. */
+/**
+ * Where the streamed text can be cut for good: after the last blank line outside a code fence, at or after
+ * `from`. Markdown before such a cut renders the same whatever follows (near enough while streaming: the
+ * finished answer is rendered again whole).
+ */
+export function settledEnd(text, from) {
+  let cut = from;
+  let inFence = false;
+  const lines = /^(```|~~~)|\n\n/gm;
+  lines.lastIndex = from;
+  for (let match; (match = lines.exec(text)); ) {
+    if (match[1]) inFence = !inFence;
+    else if (!inFence) cut = match.index + 2;
+  }
+  return cut;
+}
+
+/**
+ * The answer being streamed: text arrives in pieces, the DOM is updated once per animation frame, and
+ * only the unsettled tail is rendered again: the cost of a frame does not grow with the answer.
+ */
 export class StreamView {
   constructor(item, scroller) {
     this.item = item;
     this.scroller = scroller;
     this.content = item.querySelector(".message-content");
+    this.settled = element("div", "settled");
+    this.tail = element("div", "tail");
+    this.content.replaceChildren(this.settled, this.tail);
     this.status = element("p", "stream-status");
     this.status.setAttribute("role", "status");
     this.content.before(this.status);
     this.text = "";
+    this.settledLength = 0;
     this.reasoning = "";
     this.thinking = null;
     this.scheduled = false;
@@ -146,7 +170,14 @@ export class StreamView {
     }
     if (this.text) {
       this.setStatus("");
-      renderInto(this.content, this.text, { final: false });
+      const end = settledEnd(this.text, this.settledLength);
+      if (end > this.settledLength) {
+        const block = element("div");
+        renderInto(block, this.text.slice(this.settledLength, end), { final: false });
+        this.settled.append(...block.childNodes);
+        this.settledLength = end;
+      }
+      renderInto(this.tail, this.text.slice(this.settledLength), { final: false });
     }
     if (pinned) this.scroller.scrollTop = this.scroller.scrollHeight;
   }
