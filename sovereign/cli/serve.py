@@ -334,6 +334,9 @@ def serve(
         f"[green]✓[/] serving {', '.join(names)} at [bold]http://{shown}:{port}/v1[/] (OpenAI base_url; Ctrl-C stops)",
         highlight=False,
     )
+    # A wildcard bind is not an address a browser can open: this machine's own name for it is loopback.
+    page_host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, shown)
+    err.print(f"  chat in a browser: [bold]http://{page_host}:{port}/[/]", highlight=False)
     for pattern, target in rules:
         err.print(f"  requests for {escape(pattern)} are answered by {target}", highlight=False)
     for up in upstreams.values():

@@ -81,6 +81,7 @@ async function save() {
 function showConversation() {
   const conversation = state.current;
   if (conversation.model && state.models.some((m) => m.id === conversation.model)) $("model").value = conversation.model;
+  describeModel();
   $("system").value = conversation.system || "";
   for (const name of SETTINGS) $(name).value = conversation.settings[name] ?? "";
   drawMessages();
