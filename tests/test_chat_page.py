@@ -6,7 +6,9 @@ into model output); the Stop test runs the real model, to see its slot free.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from sovereign.engine import ChatRequest, CompletionRequest, Generation
+from sovereign.errors import ContextLengthExceeded
 from sovereign.server.app import ServerOptions, create_app
 from sovereign.server.chat_page import load_files
 from tests.browser import chromium_path, leaves_loopback
@@ -433,3 +437,55 @@ def test_a_streamed_answer_settles_only_outside_code_fences(page: Any) -> None:
         }"""
     )
     assert cuts == [5, 3, 17, 6]
+
+
+class SlowLoadingEngine(FakeEngine):
+    """The fake engine, whose fake:model is 'loading' (as /health shows it) until the test lets it finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded_now = threading.Event()
+
+    @property
+    def loading_names(self) -> list[str]:
+        return [] if self.loaded_now.is_set() else ["fake:model"]
+
+    async def submit(self, request: ChatRequest | CompletionRequest) -> Generation:
+        while not self.loaded_now.is_set():
+            await asyncio.sleep(0.05)
+        return await super().submit(request)
+
+
+def test_a_model_still_loading_says_so(browser: Any, recorder: Recorder) -> None:
+    engine = SlowLoadingEngine()
+    with InProcessServer(create_app(engine, ServerOptions())) as server:
+        page = open_page(browser, recorder)
+        page.goto(server.url + "/")
+        page.wait_for_selector(READY)
+        page.fill("#input", "hello")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".stream-status:has-text('Loading fake:model into memory')")
+        engine.loaded_now.set()
+        page.wait_for_selector(ANSWERED)
+        assert last_answer(page).locator(".message-content").inner_text() == "You said: hello"
+        assert last_answer(page).locator(".stream-status").count() == 0
+        page.context.close()
+
+
+class TooLongEngine(FakeEngine):
+    """The fake engine with a 4,096-token context that every prompt overflows."""
+
+    async def submit(self, request: ChatRequest | CompletionRequest) -> Generation:
+        raise ContextLengthExceeded(5000, 4096)
+
+
+def test_a_prompt_too_long_is_explained_with_both_counts(browser: Any, recorder: Recorder) -> None:
+    with InProcessServer(create_app(TooLongEngine(), ServerOptions())) as server:
+        page = open_page(browser, recorder)
+        page.goto(server.url + "/")
+        page.wait_for_selector(READY)
+        send(page, "a long paste")
+        error = last_answer(page).locator(".message-error").inner_text()
+        assert "maximum context length is 4096 tokens" in error and "resulted in 5000 tokens" in error
+        assert last_answer(page).get_by_role("button", name="Retry").is_visible()
+        page.context.close()
