@@ -87,6 +87,15 @@ class Settings:
         ),
     )
 
+    rpc_timeout: int = field(
+        default=120,
+        metadata=_describe(
+            "Seconds a model split over RPC workers (serve --rpc) waits on a silent worker before failing its"
+            " requests; raise it for slow workers on long prompts.",
+            "SOVEREIGN_RPC_TIMEOUT",
+        ),
+    )
+
     @property
     def prompt_cache_dir(self) -> Path:
         """Where the prompt cache's disk tier keeps its files (a folder per model and llama.cpp build)."""
@@ -111,6 +120,7 @@ class Settings:
             allow_http=env.get("SOVEREIGN_ALLOW_HTTP", "").lower() in {"1", "true", "yes"},
             min_free_bytes=_int_setting(env, "SOVEREIGN_MIN_FREE_BYTES", 256 * 1024 * 1024),
             extra_buffers=_extra_buffers(env),
+            rpc_timeout=max(1, _int_setting(env, "SOVEREIGN_RPC_TIMEOUT", 120)),
         )
 
     @classmethod

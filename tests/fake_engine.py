@@ -207,6 +207,9 @@ class FakeEngine(EngineAPI):
     def loading_names(self) -> list[str]:
         return []
 
+    async def workers(self) -> list[dict[str, str]]:
+        return []
+
     async def preload(self, name: str) -> None:
         self._check(name)
         self.loaded.add(name)

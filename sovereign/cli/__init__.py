@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from sovereign.cli import adopt, bench_commands, bundle, env, serve, store_commands
+from sovereign.cli import adopt, bench_commands, bundle, env, serve, store_commands, worker
 
 # The command modules import only sovereign.cli.common (and, when a command runs, what it needs), never this module.
 # In the order `sovereign --help` lists them.
@@ -24,6 +24,7 @@ COMMANDS: tuple[tuple[str, Callable[..., Any]], ...] = (
     ("catalog", store_commands.catalog),
     ("serve", serve.serve),
     ("run", serve.run),
+    ("worker", worker.worker),
     ("bench", bench_commands.bench),
     ("fit", bench_commands.fit),
     ("adopt", adopt.adopt),

@@ -2,7 +2,7 @@
 
 Each option is one Annotated type (same name, same help in every command) and `gpu_split` turns
 their values into the engine's GpuSplit, so a bad value gives the same one line wherever it is typed.
-More device options (e.g. workers over RPC) belong here, next to these.
+`--rpc` adds other machines' devices (`sovereign worker`) to the GPUs these options split over.
 """
 
 from __future__ import annotations
@@ -42,6 +42,31 @@ SplitModeOption = Annotated[
         ),
     ),
 ]
+
+
+RpcOption = Annotated[
+    str | None,
+    typer.Option(
+        "--rpc",
+        help=(
+            "Spread the model over other machines running `sovereign worker`: HOST:PORT, comma-separated. Every"
+            " layer goes to the workers, split by their free memory (--tensor-split to choose; --gpu-layers N sends"
+            " only the last N and keeps the rest here)."
+        ),
+    ),
+]
+
+
+def rpc_servers(text: str | None) -> tuple[str, ...]:
+    """The --rpc workers as host:port strings; one line when the value or this llama.cpp build cannot serve them."""
+    from sovereign.engine.rpc_workers import build_supports_rpc, no_rpc_error, parse_endpoints
+
+    if text is None:
+        return ()
+    endpoints = parse_endpoints(text)
+    if not build_supports_rpc():
+        raise no_rpc_error()
+    return tuple(str(endpoint) for endpoint in endpoints)
 
 
 def parse_tensor_split(text: str | None) -> tuple[float, ...]:

@@ -124,6 +124,7 @@ class EngineOptions:
     speculate: Speculate = Speculate.auto
     draft_path: str | None = None  # a draft model's file (--draft), checked against the served models' vocabularies
     gpu_split: GpuSplit = GpuSplit()  # --split-mode, --main-gpu, --tensor-split
+    rpc_servers: tuple[str, ...] = ()  # --rpc: workers (host:port) that hold the model's layers
 
     def validate(self) -> None:
         checks = (
@@ -138,6 +139,11 @@ class EngineOptions:
                 raise SovereignError(f"{flag} must be at least {low}, got {value}", None)
         if self.parallel is not None and self.parallel > MAX_PARALLEL:
             raise SovereignError(f"--parallel must be at most {MAX_PARALLEL}, got {self.parallel}", None)
+        if self.rpc_servers and self.max_models > 1:
+            raise SovereignError(
+                "--rpc serves one model at a time (a worker serves one head's model at a time)",
+                "name one model and leave --max-models at 1",
+            )
         if self.timeout is not None and self.timeout <= 0:
             raise SovereignError(f"--timeout must be positive (or 0 for none), got {self.timeout:g}", None)
 
@@ -158,6 +164,8 @@ def build_pool(
         speculate=options.speculate,
         draft_path=options.draft_path,
         gpu_split=options.gpu_split,
+        rpc_servers=options.rpc_servers,
+        rpc_timeout=settings.rpc_timeout,
     )
     pool_options = PoolOptions(
         load=load,

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sovereign.cli.common import Core, err, friendly_errors
-from sovereign.cli.device_options import MainGpuOption, SplitModeOption, TensorSplitOption, gpu_split
+from sovereign.cli.device_options import (
+    MainGpuOption,
+    RpcOption,
+    SplitModeOption,
+    TensorSplitOption,
+    gpu_split,
+    rpc_servers,
+)
 from sovereign.config import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT
 from sovereign.engine.wire import Speculate, SplitMode
 
@@ -129,6 +136,7 @@ def serve(
     tensor_split: TensorSplitOption = None,
     main_gpu: MainGpuOption = 0,
     split_mode: SplitModeOption = SplitMode.layer,
+    rpc: RpcOption = None,
     threads: ThreadsOption = None,
     cache_ram: CacheRamOption = None,
     cache_disk: CacheDiskOption = None,
@@ -278,6 +286,7 @@ def serve(
         "timeout": timeout or None,
         "speculate": speculate,
         "gpu_split": gpu_split(tensor_split, main_gpu, split_mode),
+        "rpc_servers": rpc_servers(rpc),
     }
     options = _engine_options(
         ctx, gpu_layers, threads, max(max_models, len(models or [])), keep_alive, (cache_ram, cache_disk), **serving
@@ -382,6 +391,7 @@ def run(
     tensor_split: TensorSplitOption = None,
     main_gpu: MainGpuOption = 0,
     split_mode: SplitModeOption = SplitMode.layer,
+    rpc: RpcOption = None,
     threads: ThreadsOption = None,
     cache_ram: CacheRamOption = None,
     cache_disk: CacheDiskOption = None,
@@ -397,9 +407,10 @@ def run(
 
     core = Core()
     split = gpu_split(tensor_split, main_gpu, split_mode)  # a bad value fails before any pulling or loading
+    workers = rpc_servers(rpc)
     name = ensure_pulled(model, core.settings, core.store, core.catalog, err)
     draft_path = draft_model_path(draft, speculate, [name], core.settings, core.store, core.catalog, err)
-    speculation = {"speculate": speculate, "draft_path": draft_path, "gpu_split": split}
+    speculation = {"speculate": speculate, "draft_path": draft_path, "gpu_split": split, "rpc_servers": workers}
     pool = build_pool(
         core.store,
         core.catalog,

@@ -12,11 +12,12 @@ import asyncio
 import functools
 import itertools
 import re
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sovereign.engine import conversation, formats, output, wire
+from sovereign.engine import conversation, formats, output, rpc_workers, wire
 from sovereign.engine import tools as tool_calls
 from sovereign.engine.api import EngineAPI, Generation, ModelInfo, ModelLoad
 from sovereign.engine.call_grammar import call_grammar
@@ -41,6 +42,7 @@ from sovereign.store.manifest import Manifest
 Request = ChatRequest | CompletionRequest
 # Prompts shorter than this (about 1.5k tokens) are read again quickly: no checkpoints are worth finding for them.
 SPLIT_MIN_CHARS = 6000
+WORKER_PROBE_SECONDS = 5.0  # /health probes idle RPC workers at most this often
 _FILE_STATUS = {"missing": "its file is gone", "changed": "its file changed since it was registered"}
 
 
@@ -65,6 +67,7 @@ class Engine(EngineAPI):
     def __init__(self, pool: ModelPool, *, reasoning_format: str = "auto") -> None:
         self.pool = pool
         self.raw_reasoning = reasoning_format == "none"  # --reasoning-format none: leave the model's text as it is
+        self._worker_probe: tuple[float, list[dict[str, str]]] | None = None  # (when, states) of the last probe
 
     async def submit(self, request: Request) -> Generation:
         """Queue a request and return its event stream; a bad request raises here, before any event."""
@@ -203,6 +206,21 @@ class Engine(EngineAPI):
     @property
     def loading_names(self) -> list[str]:
         return self.pool.loading
+
+    async def workers(self) -> list[dict[str, str]]:
+        """Each RPC worker and its state: its connection from the loaded model, else a probe (at most every few s)."""
+        endpoints = list(self.pool.options.load.rpc_servers)
+        if not endpoints:
+            return []
+        if self.pool.loading:  # the loading process holds the workers: a probe would only queue behind it
+            return [{"worker": endpoint, "state": "loading"} for endpoint in endpoints]
+        held = next((m.process.worker_states() for m in self.pool.loaded.values() if m.process.alive), None)
+        if held is None and (cached := self._worker_probe) and time.monotonic() - cached[0] < WORKER_PROBE_SECONDS:
+            return cached[1]  # a worker serves one head at a time: probes queue on it, so not one per /health
+        states = await asyncio.to_thread(rpc_workers.health, endpoints, held)
+        if held is None:
+            self._worker_probe = (time.monotonic(), states)
+        return states
 
     async def preload(self, name: str) -> None:
         """Load a model now and keep it loaded."""

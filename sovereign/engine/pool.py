@@ -87,7 +87,24 @@ def _gpu_note(facts: ModelFacts) -> str:
     """Where the layers are: the line a GPU user checks to see that the GPU build took (README, "GPUs")."""
     if facts.n_gpu_layers <= 0:
         return "all layers on the CPU"
-    return f"{facts.n_gpu_layers}/{facts.n_layers + 1} layers on the GPU"  # llama.cpp counts the output layer too
+    where = "the RPC workers" if facts.workers else "the GPU"
+    return f"{facts.n_gpu_layers}/{facts.n_layers + 1} layers on {where}"  # llama.cpp counts the output layer too
+
+
+def _worker_notes(facts: ModelFacts) -> list[str]:
+    """One line per RPC worker device: where it is, its memory, and the layers it holds."""
+    notes = []
+    gib = 1024**3
+    for worker in facts.workers:
+        layers = worker["layers"]
+        held = f"layers {layers[0]}-{layers[-1]} of {facts.n_layers + 1}" if layers else "no layers"
+        if layers and layers[-1] == facts.n_layers:  # llama.cpp counts the output layer as the last
+            held += " (the output layer included)"
+        notes.append(
+            f"worker {worker['worker']} ({worker['device']}, {worker['free'] / gib:.1f} GiB free of "
+            f"{worker['total'] / gib:.1f} GiB) holds {held}"
+        )
+    return notes
 
 
 class StartProcess(Protocol):
@@ -177,14 +194,27 @@ class ModelPool:
     async def get(self, text: str, *, pin: bool = False) -> LoadedModel:
         """The loaded model for a name, loading it (once, however many requests ask) if needed."""
         # A loaded model asked for by its own name needs no trip to the store.
-        model = self._alive(text)
+        model = await self._usable(text)
         if model is None:
             manifest = self.resolve(text)
-            model = self._alive(manifest.name)
+            model = await self._usable(manifest.name)
             if model is None:
                 return await self._load_once(manifest, pin)
         model.process.last_used = time.monotonic()
         model.pinned = model.pinned or pin
+        return model
+
+    async def _usable(self, name: str) -> LoadedModel | None:
+        """A loaded, living model; one whose RPC worker has dropped its connection is unloaded first.
+
+        Its process would abort at its next step: the request that finds it so reloads it instead
+        (and fails fast, naming the worker, while the worker is still away).
+        """
+        model = self._alive(name)
+        if model is not None and model.process.active == 0 and model.process.workers_lost():
+            serving_log.warning("%s: an RPC worker closed its connection: reloading the model", model.name)
+            await self.unload(model.name)
+            return None
         return model
 
     def _alive(self, name: str) -> LoadedModel | None:
@@ -249,6 +279,8 @@ class ModelPool:
         process = await self._start_process(
             manifest.name, path, options, max_queue=self.options.max_queue, timeout=self.options.request_timeout
         )
+        for line in _worker_notes(process.facts):
+            serving_log.info("%s: %s", manifest.name, line)
         try:
             template, stops = self._template_for(process.facts, path, spec)
         except BaseException:

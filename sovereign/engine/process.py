@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -25,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sovereign.engine import wire
+from sovereign.engine import rpc_workers, wire
 from sovereign.engine.requests import SamplingParams
 from sovereign.engine.stats import RequestStats
 from sovereign.engine.stream import TokenStream
 from sovereign.engine.wire import LoadOptions, with_bos
-from sovereign.errors import EngineError, ModelCrashed, ModelLoadError
+from sovereign.errors import EngineError, ModelCrashed, ModelLoadError, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 RATE_WINDOW_SECONDS = 10.0  # a decode rate older than this is stale: the model is idle
@@ -56,6 +57,8 @@ class ModelFacts:
     eos_text: str
     metadata: dict[str, str] = field(default_factory=dict)
     control_tokens: list[str] = field(default_factory=list)  # the vocabulary's, as text
+    # `serve --rpc`: each worker device, its memory and the layers it holds (runtime/rpc.py's report)
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
     def with_bos(self, tokens: list[int]) -> list[int]:
         """Prepend BOS when the model wants one and the prompt lacks it."""
@@ -109,14 +112,19 @@ class ModelProcess:
     ) -> ModelProcess:
         """Start a process that loads the model; returns once it is ready, raises ModelLoadError if it cannot load.
 
-        Cancelled (the server shutting down mid-load), it kills the half-loaded process.
+        Cancelled (the server shutting down mid-load), it kills the half-loaded process. With RPC workers, each
+        is probed first: ggml aborts a process whose worker is missing or of another build.
         """
+        if options.rpc_servers:
+            await asyncio.to_thread(rpc_workers.check_workers, list(options.rpc_servers))
         ours, theirs = socket.socketpair()
         try:
             child = subprocess.Popen(
                 [sys.executable, "-m", "sovereign.engine.runtime.worker", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
+                # ggml aborts when a worker goes away, an expected end here: its message, not a debugger's backtrace.
+                env={**os.environ, "GGML_NO_BACKTRACE": "1"} if options.rpc_servers else None,
             )
         except OSError as exc:
             ours.close()
@@ -142,6 +150,8 @@ class ModelProcess:
             await asyncio.to_thread(child.wait)
             if answer is not None and answer.get("op") == "failed":
                 raise wire.error_from_wire(answer["error"])
+            if lost := await asyncio.to_thread(rpc_workers.first_unreachable, list(options.rpc_servers)):
+                raise lost
             raise ModelLoadError(
                 f"llama.cpp crashed ({signal_name(child.returncode)}) while loading {path.name}",
                 (
@@ -268,6 +278,17 @@ class ModelProcess:
     def alive(self) -> bool:
         return self._dead is None
 
+    def worker_states(self) -> dict[str, str] | None:
+        """Each RPC worker's connection from this process (connected, lost, absent); None where that cannot be read."""
+        return rpc_workers.connection_states(self.facts.pid, list(self.options.rpc_servers))
+
+    def workers_lost(self) -> bool:
+        """Whether a worker has closed its connection: the process would abort at its next step, so reload first."""
+        if not self.options.rpc_servers or not self.alive:
+            return False
+        states = self.worker_states()
+        return states is not None and any(state != "connected" for state in states.values())
+
     def decode_rate(self) -> float:
         """Tokens generated per second of decoding, as the process last reported (0 once idle)."""
         return self._rate if time.monotonic() - self._rate_at < RATE_WINDOW_SECONDS else 0.0
@@ -327,6 +348,11 @@ class ModelProcess:
             if crash
             else EngineError("the model was unloaded while this request ran", "ask again to reload it")
         )
+        if crash and self.options.rpc_servers:  # ggml aborts the process when a worker goes: name the worker
+            lost: WorkerUnavailable | None = await asyncio.to_thread(
+                rpc_workers.first_unreachable, list(self.options.rpc_servers)
+            )
+            error = lost or error
         self._dead = error
         streams, self._streams = self._streams, {}
         pending, self._pending = self._pending, {}
@@ -335,7 +361,14 @@ class ModelProcess:
         for future in pending.values():
             if not future.done():
                 future.set_exception(error)
-        if crash:
+        if isinstance(error, WorkerUnavailable):
+            log.error(
+                "%s: %s: %d requests failed; the next request reloads it once the worker answers",
+                self.name,
+                error.message,
+                len(streams) + len(pending),
+            )
+        elif crash:
             log.error(
                 "%s's process died (%s): %d requests failed; the next request reloads it. %s",
                 self.name,

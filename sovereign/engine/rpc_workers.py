@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import re
 import socket
 import struct
@@ -175,15 +176,13 @@ def check_workers(endpoints: tuple[Endpoint, ...] | list[str]) -> None:
         hello(endpoint if isinstance(endpoint, Endpoint) else parse_endpoints(endpoint)[0])
 
 
-def first_unreachable(endpoints: list[str], timeout: float = 1.0) -> WorkerUnavailable | None:
-    """After a crash: the first worker that no longer accepts connections, if any (no HELLO: it may be busy)."""
+def first_unreachable(endpoints: list[str]) -> WorkerUnavailable | None:
+    """After a crash: the first worker that is gone, hangs or changed build, if any (the crash was its doing)."""
     for text in endpoints:
-        endpoint = parse_endpoints(text)[0]
         try:
-            socket.create_connection((endpoint.host, endpoint.port), timeout=timeout).close()
-        except OSError as exc:
-            reason = "stopped answering while serving" if isinstance(exc, TimeoutError) else "went away while serving"
-            return WorkerUnavailable(text, reason)
+            hello(parse_endpoints(text)[0], connect_timeout=1.0, timeout=3.0)
+        except WorkerUnavailable as exc:
+            return WorkerUnavailable(text, exc.reason)  # with the default hint: restart it, the model reloads
     return None
 
 
@@ -192,15 +191,16 @@ def first_unreachable(endpoints: list[str], timeout: float = 1.0) -> WorkerUnava
 _TCP_STATES = {"01": "connected", "08": "lost"}  # ESTABLISHED; CLOSE_WAIT: the worker closed its end
 
 
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
+def _socket_inodes(pid: int) -> dict[str, int]:
+    """The process's sockets: inode -> file descriptor."""
+    inodes = {}
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
             target = fd.readlink().name
         except OSError:
             continue
         if target.startswith("socket:["):
-            inodes.add(target[8:-1])
+            inodes[target[8:-1]] = int(fd.name)
     return inodes
 
 
@@ -211,27 +211,44 @@ def _peer(hex_address: str) -> tuple[str, int]:
     return "", int(port, 16)
 
 
-def connection_states(pid: int, endpoints: list[str]) -> dict[str, str] | None:
-    """Each worker's connection from a model's process: connected, lost, or absent; None where /proc cannot say."""
+def _address(endpoint: Endpoint) -> tuple[str, int]:
+    try:
+        return socket.gethostbyname(endpoint.host), endpoint.port
+    except OSError:
+        return endpoint.host, endpoint.port
+
+
+def _worker_connections(pid: int, endpoints: list[str]) -> dict[str, list[tuple[int, str]]] | None:
+    """Each worker's TCP connections from a process: (file descriptor, state); None where /proc cannot say."""
     try:
         inodes = _socket_inodes(pid)
         rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
     except OSError:
         return None
-    peers: dict[tuple[str, int], str] = {}
+    wanted = {_address(parse_endpoints(text)[0]): text for text in endpoints}
+    found: dict[str, list[tuple[int, str]]] = {text: [] for text in endpoints}
     for row in rows:
         fields = row.split()
-        if len(fields) > 9 and fields[9] in inodes:
-            peers[_peer(fields[2])] = _TCP_STATES.get(fields[3], "lost")
-    states = {}
-    for text in endpoints:
-        endpoint = parse_endpoints(text)[0]
-        try:
-            address = socket.gethostbyname(endpoint.host)
-        except OSError:
-            address = endpoint.host
-        states[text] = peers.get((address, endpoint.port), "absent")
-    return states
+        if len(fields) > 9 and fields[9] in inodes and (text := wanted.get(_peer(fields[2]))) is not None:
+            found[text].append((inodes[fields[9]], _TCP_STATES.get(fields[3], "lost")))
+    return found
+
+
+def connection_states(pid: int, endpoints: list[str]) -> dict[str, str] | None:
+    """Each worker's connection from a model's process: connected, lost, or absent; None where /proc cannot say."""
+    found = _worker_connections(pid, endpoints)
+    if found is None:
+        return None
+    return {
+        text: "connected" if any(s == "connected" for _, s in held) else "lost" if held else "absent"
+        for text, held in found.items()
+    }
+
+
+def worker_sockets(endpoints: list[str]) -> list[int]:
+    """This process's open connections to its workers, as file descriptors (to give them timeouts)."""
+    found = _worker_connections(os.getpid(), endpoints) or {}
+    return [fd for held in found.values() for fd, state in held if state == "connected"]
 
 
 def health(endpoints: list[str], held: dict[str, str] | None) -> list[dict[str, str]]:

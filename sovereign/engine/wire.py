@@ -25,6 +25,7 @@ from sovereign.errors import (
     RequestTimedOut,
     ServerBusy,
     SovereignError,
+    WorkerUnavailable,
 )
 
 _LENGTH = struct.Struct("!I")
@@ -89,6 +90,8 @@ class LoadOptions:
     model_id: str = ""
     speculate: Speculate = Speculate.auto
     draft_path: str | None = None  # a small model of the same vocabulary that guesses tokens (--draft)
+    rpc_servers: tuple[str, ...] = ()  # `serve --rpc`: the workers (host:port) that lend their devices
+    rpc_timeout: float = 120.0  # seconds a worker may stay silent (SOVEREIGN_RPC_TIMEOUT) before the model fails
     gpu_split: GpuSplit = GpuSplit()  # --split-mode, --main-gpu, --tensor-split (a CPU-only build ignores them)
 
 
@@ -223,7 +226,7 @@ def load_options_from_wire(data: dict[str, Any]) -> LoadOptions:
         main_gpu=int(split.get("main_gpu", 0)),
         tensor_split=tuple(float(value) for value in split.get("tensor_split", ())),
     )
-    return LoadOptions(**{**data, "gpu_split": gpu_split})
+    return LoadOptions(**{**data, "gpu_split": gpu_split, "rpc_servers": tuple(data.get("rpc_servers", ()))})
 
 
 def _bytes_to_wire(raw: bytes) -> str:
@@ -273,7 +276,7 @@ def error_to_wire(exc: BaseException) -> dict[str, Any]:
         "message": getattr(exc, "message", str(exc) or type(exc).__name__),
         "hint": getattr(exc, "hint", None),
     }
-    for name in ("param", "prompt_tokens", "n_ctx", "queued", "retry_after", "limit"):
+    for name in ("param", "prompt_tokens", "n_ctx", "queued", "retry_after", "limit", "worker", "reason"):
         if hasattr(exc, name):
             data[name] = getattr(exc, name)
     if not isinstance(exc, SovereignError):
@@ -294,4 +297,6 @@ def error_from_wire(data: dict[str, Any]) -> SovereignError:
         return RequestTimedOut(data["limit"])
     if kind == "ModelLoadError":
         return ModelLoadError(data["message"], data.get("hint"))
+    if kind == "WorkerUnavailable":
+        return WorkerUnavailable(data["worker"], data["reason"], data.get("hint"))
     return EngineError(data["message"], data.get("hint"))

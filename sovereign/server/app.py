@@ -122,6 +122,10 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
             body["error"] = state.startup_error
         if options.gateway is not None:
             body["upstreams"] = options.gateway.health()
+        if workers := await engine.workers():  # serve --rpc: a worker that is away degrades the server, not /health
+            body["workers"] = workers
+            if body["status"] == "ok" and any(w["state"] not in ("connected", "reachable") for w in workers):
+                body["status"] = "degraded"
         return JSONResponse(body, status_code=503 if loading else 200)
 
     app.include_router(openai_routes.router)

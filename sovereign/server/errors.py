@@ -20,6 +20,7 @@ from sovereign.errors import (
     RequestTimedOut,
     ServerBusy,
     SovereignError,
+    WorkerUnavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,13 @@ def from_exception(exc: BaseException) -> APIError:
             type="server_error",
             code="server_overloaded",
             headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, WorkerUnavailable):
+        return APIError(
+            503,
+            f"The model's RPC worker {exc.worker} {exc.reason}" + (f" ({exc.hint})" if exc.hint else "") + ".",
+            type="server_error",
+            code="worker_unavailable",
         )
     if isinstance(exc, RequestTimedOut):
         return APIError(

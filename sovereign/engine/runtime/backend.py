@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 import numpy as np
 
 from sovereign.engine.requests import SamplingParams, TokenLogprob
-from sovereign.engine.runtime import resources
+from sovereign.engine.runtime import resources, rpc
 from sovereign.engine.runtime.grammar_sampler import GrammarSampler
 from sovereign.engine.runtime.grammar_trigger import TriggerWatch
 from sovereign.engine.runtime.kv_state import SequenceStates
@@ -153,17 +153,27 @@ class LlamaBackend:
         self.n_ctx = options.n_ctx or resources.default_context(self.n_ctx_train, options.preferred_ctx, kv_per_token)
         self.n_parallel = options.n_parallel or resources.default_parallel(self.n_ctx, kv_per_token)
         model_bytes = sum(p.stat().st_size for p in _model_files(path))
+        # `serve --rpc`: the workers' devices take the offloaded layers, every layer unless --gpu-layers says.
+        self.workers = rpc.WorkerDevices(list(options.rpc_servers)) if options.rpc_servers else None
+        if self.workers is not None and n_gpu_layers is None:
+            n_gpu_layers = n_layers + 1
         if n_gpu_layers is None:
             n_gpu_layers = resources.auto_gpu_layers(model_bytes, n_layers, kv_per_token * self.n_ctx * self.n_parallel)
         model_params.n_gpu_layers = n_gpu_layers
         # Kept on self: llama_model_params points at it, and it must outlive the load.
         self._tensor_split = resources.apply_gpu_split(llama_cpp, model_params, options.gpu_split)
-        # What llama.cpp will really offload: nothing on a CPU-only build; -1 means every layer.
-        if not llama_cpp.llama_supports_gpu_offload():
+        if self.workers is not None:
+            model_params.devices = self.workers.address
+            self._tensor_split = self.workers.apply_tensor_split(model_params, options.gpu_split.tensor_split)
+        # What llama.cpp will really offload: nothing without a GPU or workers; -1 means every layer.
+        if not resources.gpu_offload_supported() and self.workers is None:
             self.n_gpu_layers = 0
         else:
             self.n_gpu_layers = n_layers + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layers + 1)
         self.n_layers = n_layers
+        self.worker_report = (
+            self.workers.report(n_layers, self.n_gpu_layers, options.gpu_split.tensor_split) if self.workers else []
+        )
         try:
             self.model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=True)
         except (ValueError, OSError) as exc:
@@ -200,6 +210,8 @@ class LlamaBackend:
             ) from None
         self.n_ctx = self.ctx.n_ctx() // self.n_parallel
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        if self.workers is not None:
+            self.workers.set_timeouts(options.rpc_timeout)
         self.n_swa = int(llama_cpp.llama_model_n_swa(self.model.model))
         # Saved states of a recurrent or hybrid model cannot be cut at all: such models get no prompt cache.
         recurrent = llama_cpp.llama_model_is_recurrent(self.model.model) or llama_cpp.llama_model_is_hybrid(
@@ -213,7 +225,7 @@ class LlamaBackend:
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         log.info(
-            "loaded %s: ctx %d x %d slots (trained %d), %d threads, %d/%d layers on GPU",
+            "loaded %s: ctx %d x %d slots (trained %d), %d threads, %d/%d layers on %s",
             path.name,
             self.n_ctx,
             self.n_parallel,
@@ -221,6 +233,7 @@ class LlamaBackend:
             self.n_threads,
             self.n_gpu_layers,
             n_layers + 1,
+            "RPC workers" if self.workers else "GPU",
         )
 
     # --- vocabulary -----------------------------------------------------------------

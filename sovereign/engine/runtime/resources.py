@@ -90,13 +90,11 @@ def devices() -> list[Device]:
 
 
 def gpu_offload_supported() -> bool:
-    """Whether this llama.cpp build can put layers on a GPU."""
-    try:
-        import llama_cpp
+    """Whether this llama.cpp build sees a GPU to put layers on.
 
-        return bool(llama_cpp.llama_supports_gpu_offload())
-    except (ImportError, AttributeError, OSError):
-        return False
+    Not llama_supports_gpu_offload(): that also says yes for any build with RPC, which lends no local GPU.
+    """
+    return any(device.is_gpu for device in devices())
 
 
 def gpu_memory() -> GpuMemory | None:

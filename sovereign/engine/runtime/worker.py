@@ -263,6 +263,7 @@ def facts(backend: LlamaBackend) -> dict[str, Any]:
         "eos_text": backend.token_text(backend.eos) if backend.eos >= 0 else "",
         "metadata": {key: value for key, value in backend.metadata.items() if isinstance(value, str)},
         "control_tokens": backend.control_tokens,
+        "workers": backend.worker_report,
     }
 
 
