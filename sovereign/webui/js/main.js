@@ -171,6 +171,7 @@ async function generate() {
   let firstToken = null;
   let gotHeaders = false;
   let usage = null;
+  let pieces = 0; // streamed pieces: about one a token, the count shown when a stop leaves no usage
   const loadingWatch = watchLoading(conversation.model, view, () => gotHeaders || controller.signal.aborted);
   const first = () => (firstToken ??= performance.now());
   try {
@@ -183,11 +184,13 @@ async function generate() {
         },
         content: (text) => {
           first();
+          pieces += 1;
           answer.content += text;
           view.addContent(text);
         },
         reasoning: (text) => {
           first();
+          pieces += 1;
           answer.reasoning += text;
           view.addReasoning(text);
         },
@@ -195,7 +198,7 @@ async function generate() {
       },
       controller.signal,
     );
-    answer.stats = statsFor(usage, started, firstToken, finish);
+    answer.stats = statsFor(usage || { completion_tokens: pieces, prompt_tokens: null }, started, firstToken, finish);
   } catch (error) {
     answer.error = { message: error.message, code: error.code || null };
     if (error instanceof ApiError && error.status === 401) {
@@ -219,12 +222,12 @@ async function generate() {
 
 function statsFor(usage, started, firstToken, finish) {
   const ended = performance.now();
-  const tokens = usage ? usage.completion_tokens : 0;
+  const tokens = usage.completion_tokens;
   const decodeSeconds = firstToken != null ? (ended - firstToken) / 1000 : 0;
   return {
     completion_tokens: tokens,
-    prompt_tokens: usage ? usage.prompt_tokens : null,
-    cached_tokens: usage && usage.prompt_tokens_details ? usage.prompt_tokens_details.cached_tokens : 0,
+    prompt_tokens: usage.prompt_tokens,
+    cached_tokens: usage.prompt_tokens_details ? usage.prompt_tokens_details.cached_tokens : 0,
     ttft_ms: firstToken != null ? firstToken - started : null,
     // The first token ends the prompt's reading: the rate counts the tokens after it.
     tokens_per_second: tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : null,
@@ -457,7 +460,10 @@ function wire() {
     state.current.model = selectedModel();
     describeModel();
   });
-  $("model").addEventListener("focus", refreshModels);
+  // Which models are loaded changes as others use the server: refresh now and then, never under the user's hand.
+  setInterval(() => {
+    if (document.activeElement !== $("model") && !state.controller) refreshModels();
+  }, 15000);
   $("toggle-settings").addEventListener("click", () => {
     const panel = $("settings");
     panel.hidden = !panel.hidden;
