@@ -2,8 +2,8 @@
 
     python scripts/ci_serve_check.py sovereign serve [ARGS...]
 
-Exits 0 once /health is ok and the default model answered a question and stopped by itself;
-non-zero (with the server's output) if it never gets there.
+Exits 0 once /health is ok, the default model answered a question and stopped by itself, and a
+browser's GET / gets the chat page; non-zero (with the server's output) if it never gets there.
 """
 
 from __future__ import annotations
@@ -28,6 +28,18 @@ def _get(path: str, body: dict | None = None) -> tuple[int, dict]:
         return error.code, {}
 
 
+def _chat_page_served() -> bool:
+    """The address serve prints for a browser gives the page, and the page's script comes from the package."""
+    page = urllib.request.Request(URL + "/", headers={"accept": "text/html"})
+    with urllib.request.urlopen(page, timeout=60) as response:
+        html = response.read().decode()
+    with urllib.request.urlopen(URL + "/ui/js/main.js", timeout=60) as response:
+        script_ok = response.status == 200
+    served = '<textarea id="input"' in html and script_ok
+    print(f"ci_serve_check: the chat page at {URL}/ was {'served' if served else 'NOT served'}")
+    return served
+
+
 def main() -> int:
     server = subprocess.Popen(sys.argv[1:])
     try:
@@ -50,7 +62,8 @@ def main() -> int:
                 print(f"ci_serve_check: {model} answered {status}: {json.dumps(reply)[:300]}")
                 # the default is a chat model: it answers and stops by itself, well before 128 tokens
                 choices = reply.get("choices") or [{}]
-                return 0 if status == 200 and choices[0].get("finish_reason") == "stop" else 1
+                answered = status == 200 and choices[0].get("finish_reason") == "stop"
+                return 0 if answered and _chat_page_served() else 1
             time.sleep(0.5)
         print("ci_serve_check: the server never became ready", file=sys.stderr)
         return 1
