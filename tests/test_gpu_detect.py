@@ -132,7 +132,9 @@ def test_bench_passes_the_split_to_every_model_load(monkeypatch: pytest.MonkeyPa
     loads: list[tuple[int, GpuSplit]] = []
 
     class FakeBenchModel:
-        def __init__(self, path: Path, n_gpu_layers: int, use_extra_bufts: bool, gpu_split: GpuSplit) -> None:
+        def __init__(
+            self, path: Path, n_gpu_layers: int, use_extra_bufts: bool, gpu_split: GpuSplit, rpc: tuple[str, ...]
+        ) -> None:
             loads.append((n_gpu_layers, gpu_split))
             raise _Stop("loaded", None)
 

@@ -72,7 +72,7 @@ class Worker:
 def workers() -> Iterator[list[Worker]]:
     started = [Worker().start(), Worker().start()]
     yield started
-    for worker in started:
+    for worker in started:  # the two, and any a test started again
         worker.kill()
 
 
@@ -137,7 +137,7 @@ def test_a_model_split_over_two_workers_answers_as_the_whole_model_and_survives_
         assert status == 503 and reply["error"]["code"] == "worker_unavailable"  # type: ignore[index]
         assert time.monotonic() - started < 5
 
-        Worker(second.port).start()
+        workers.append(Worker(second.port).start())
         status, reply = greedy(head.url)  # the next request reloads the model over both workers
         assert status == 200, reply
         assert tokens_of(reply) == expected
@@ -160,6 +160,20 @@ def test_a_worker_that_dies_mid_stream_ends_the_stream_with_the_error(
         assert any("worker_unavailable" in line and first.address in line for line in events), events[-3:]
         assert [line for line in events if line][-1] == "data: [DONE]"
         assert f"the RPC worker {first.address}" in head.log() and "1 requests failed" in head.log()
+
+
+def test_bench_measures_the_split_model(real_model_home: Path, workers: list[Worker]) -> None:
+    import json
+
+    from tests.conftest import run_cli
+
+    rpc = ",".join(worker.address for worker in workers)
+    args = ("bench", GEMMA, "--rpc", rpc, "-p", "16", "-n", "4", "-r", "1", "-t", "1", "--json")
+    result = run_cli(*args, env={"SOVEREIGN_HOME": str(real_model_home), **PLAIN_KERNELS})
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [row["test"] for row in rows] == ["pp16", "tg4"] and all(row["n_gpu_layers"] == 99 for row in rows)
+    assert all(row["tokens_per_second"] > 0 for row in rows)
 
 
 def test_worker_on_a_non_loopback_address_warns_and_stops_cleanly_on_ctrl_c() -> None:

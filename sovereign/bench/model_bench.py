@@ -35,6 +35,7 @@ class Sweep:
     n_gpu_layers: tuple[int, ...] = (0,)
     repetitions: int = DEFAULT_REPETITIONS
     gpu_split: GpuSplit = GpuSplit()  # --split-mode, --main-gpu, --tensor-split: the same for every load
+    rpc_servers: tuple[str, ...] = ()  # --rpc: the workers that take the offloaded layers
 
     def specs(self) -> list[TestSpec]:
         """The tests for one model load, in llama-bench's order."""
@@ -101,8 +102,8 @@ def run_sweep(
         reset_peak_memory()
         if on_start:
             on_start(f"loading {label} (-ngl {n_gpu_layers})")
-        model = BenchModel(path, n_gpu_layers, use_extra_bufts, sweep.gpu_split)
-        on_gpu = gpu_offload and n_gpu_layers != 0
+        model = BenchModel(path, n_gpu_layers, use_extra_bufts, sweep.gpu_split, sweep.rpc_servers)
+        on_gpu = (gpu_offload or bool(sweep.rpc_servers)) and n_gpu_layers != 0  # not the CPU's bandwidth, then
         try:
             for spec in sweep.specs():
                 if on_start:

@@ -73,6 +73,7 @@ class BenchOptions:
     save: bool
     plot: Path | None
     gpu_split: GpuSplit = GpuSplit()  # parsed by cli.device_options, as serve and run parse it
+    rpc_servers: tuple[str, ...] = ()  # --rpc: workers that hold the layers offloaded (all by default)
 
 
 def bench(
@@ -119,13 +120,18 @@ def bench(
         kernels = kernel_choice(settings.home, path, settings.extra_buffers)
         with err.status("measuring memory bandwidth"):
             hardware = detect(home=settings.home, extra_buffers=settings.extra_buffers)
-        default_ngl = "99" if hardware.gpu_offload else "0"
+        default_ngl = "99" if hardware.gpu_offload or options.rpc_servers else "0"
         sweep = Sweep(
             **sweep_lists,
             n_gpu_layers=int_list(options.gpu_layers or default_ngl, "-ngl"),
             repetitions=options.repetitions,
             gpu_split=options.gpu_split,
+            rpc_servers=options.rpc_servers,
         )
+        if options.rpc_servers:  # ggml aborts this very process on a missing worker: check them first
+            from sovereign.engine.rpc_workers import check_workers
+
+            check_workers(list(options.rpc_servers))
         if not sweep.specs():
             raise BenchError("nothing to run: -p and -n are both 0", "give -p 512 and/or -n 128")
         results = run_model_bench(path, label, sweep, hardware, err, kernels.use_extra_bufts)

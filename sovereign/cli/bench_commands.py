@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 
 from sovereign.cli.common import Core, err, friendly_errors, out
-from sovereign.cli.device_options import MainGpuOption, SplitModeOption, TensorSplitOption, gpu_split
+from sovereign.cli.device_options import (
+    MainGpuOption,
+    RpcOption,
+    SplitModeOption,
+    TensorSplitOption,
+    gpu_split,
+    rpc_servers,
+)
 from sovereign.engine.wire import SplitMode
 
 
@@ -44,6 +51,7 @@ def bench(
     tensor_split: TensorSplitOption = None,
     main_gpu: MainGpuOption = 0,
     split_mode: SplitModeOption = SplitMode.layer,
+    rpc: RpcOption = None,
     repetitions: Annotated[
         int, typer.Option("-r", "--repetitions", min=1, help="Runs of each test; t/s is their mean ± sd.")
     ] = 3,
@@ -108,6 +116,7 @@ def bench(
         save=save,
         plot=plot,
         gpu_split=gpu_split(tensor_split, main_gpu, split_mode),
+        rpc_servers=rpc_servers(rpc),
     )
     core = Core()
     if not (url or show_history):  # a benchmark of this machine: say first when it leaves a GPU unused

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovereign.engine.runtime import resources
+from sovereign.engine.runtime import resources, rpc
 from sovereign.engine.runtime.backend import route_llama_logs
 from sovereign.engine.wire import GpuSplit
 from sovereign.errors import EngineError, ModelLoadError
@@ -48,7 +48,12 @@ class BenchModel:
     """
 
     def __init__(
-        self, path: Path, n_gpu_layers: int, use_extra_bufts: bool = True, gpu_split: GpuSplit | None = None
+        self,
+        path: Path,
+        n_gpu_layers: int,
+        use_extra_bufts: bool = True,
+        gpu_split: GpuSplit | None = None,
+        rpc_servers: tuple[str, ...] = (),
     ) -> None:
         import llama_cpp
 
@@ -61,6 +66,11 @@ class BenchModel:
         self._tensor_split = resources.apply_gpu_split(
             llama_cpp, params, gpu_split or GpuSplit()
         )  # alive through the load
+        # --rpc: the workers' devices take the offloaded layers (kept on self: the params point at their array).
+        self._workers = rpc.WorkerDevices(list(rpc_servers)) if rpc_servers else None
+        if self._workers is not None:
+            params.devices = self._workers.address
+            self._tensor_split = self._workers.apply_tensor_split(params, (gpu_split or GpuSplit()).tensor_split)
         params.use_mmap = True
         params.use_extra_bufts = use_extra_bufts
         self.use_extra_bufts = use_extra_bufts

@@ -19,6 +19,7 @@ def main(argv: list[str]) -> int:
     """Serve until stopped; 1 (with one line on stderr) when the server cannot start."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _end_with_parent()
     endpoint, threads, cache, *devices = argv
     try:
         start_server(endpoint, None if cache == "-" else cache, int(threads), devices)
@@ -27,6 +28,17 @@ def main(argv: list[str]) -> int:
         return 1
     # ggml returns only when it could not listen (it has printed why).
     return 1
+
+
+def _end_with_parent() -> None:
+    """On Linux, be terminated when `sovereign worker` dies, however it dies: no orphan keeps the port and memory."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before the call: nobody would stop this process
+            sys.exit(1)
 
 
 if __name__ == "__main__":
