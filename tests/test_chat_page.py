@@ -10,7 +10,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from sovereign.engine import ChatRequest, CompletionRequest, Generation
+from sovereign.engine.requests import Event
 from sovereign.errors import ContextLengthExceeded
 from sovereign.server.app import ServerOptions, create_app
 from sovereign.server.chat_page import load_files
@@ -147,6 +148,9 @@ def test_assets_are_cached_by_etag(fake_server: InProcessServer) -> None:
     assert again.status_code == 304 and again.content == b""
     assert httpx.get(fake_server.url + "/ui/../app.py").status_code == 404
     assert httpx.get(fake_server.url + "/ui/nothing.js").status_code == 404
+    for path in ("/ui/", "/ui/index.html"):  # the page's relative paths work at / only
+        moved = httpx.get(fake_server.url + path)
+        assert moved.status_code == 307 and moved.headers["location"] == "/"
 
 
 def test_the_page_fits_its_transfer_budget() -> None:
@@ -171,6 +175,21 @@ def test_a_page_served_by_this_server_may_call_it_from_any_name_it_answers(engin
         assert httpx.get(server.url + "/v1/models", headers=same).status_code == 200
         other = {"Host": "192.168.1.20:11800", "Origin": "http://192.168.1.99:8080"}
         assert httpx.get(server.url + "/v1/models", headers=other).status_code == 403
+        for host in ("[fe80::1]:11800", "203.0.113.5:11800", "203.0.113.5", "mybox.local:11800"):  # no DNS to rebind
+            assert httpx.get(server.url + "/v1/models", headers={"Host": host, "Origin": "http://" + host}).is_success
+
+
+def test_dns_rebinding_is_not_the_page_s_own_origin(engine: FakeEngine) -> None:
+    """attacker.example rebound to a server that takes any Host: its page is "same-origin", and still refused."""
+    rebound = {"Host": "attacker.example:11800", "Origin": "http://attacker.example:11800"}
+    chat = {"model": "fake:model", "messages": [{"role": "user", "content": "hi"}]}
+    with InProcessServer(create_app(engine, ServerOptions(allowed_hosts=("*",)))) as server:
+        refused = httpx.post(server.url + "/v1/chat/completions", headers=rebound, json=chat)
+        assert refused.status_code == 403 and "--allowed-hosts attacker.example" in refused.text
+        assert engine.requests == []
+    with InProcessServer(create_app(engine, ServerOptions(allowed_hosts=("*.example",)))) as server:
+        named = httpx.post(server.url + "/v1/chat/completions", headers=rebound, json=chat)
+        assert named.status_code == 200  # a name the server was told to answer is its own
 
 
 # --- the browser ----------------------------------------------------------------------------
@@ -488,4 +507,196 @@ def test_a_prompt_too_long_is_explained_with_both_counts(browser: Any, recorder:
         error = last_answer(page).locator(".message-error").inner_text()
         assert "maximum context length is 4096 tokens" in error and "resulted in 5000 tokens" in error
         assert last_answer(page).get_by_role("button", name="Retry").is_visible()
+        page.context.close()
+
+
+# --- what must not lose a conversation ------------------------------------------------------------
+
+
+class SlowEngine(FakeEngine):
+    """The fake engine, one word every 0.15 s: an answer that is still coming while the test acts."""
+
+    async def _events(self, request: ChatRequest | CompletionRequest, stopped: asyncio.Event) -> AsyncGenerator[Event]:
+        async for event in super()._events(request, stopped):
+            await asyncio.sleep(0.15)
+            yield event
+
+
+SLOW_QUESTION = " ".join(f"w{n}" for n in range(40))
+STREAMING = "document.querySelector('.message.assistant:last-child .message-content').textContent"
+
+
+def test_a_reload_mid_answer_keeps_the_question_and_what_came(browser: Any, recorder: Recorder) -> None:
+    with InProcessServer(create_app(SlowEngine(), ServerOptions())) as server:
+        page = open_page(browser, recorder)
+        page.goto(server.url + "/")
+        page.wait_for_selector(READY)
+        page.fill("#input", SLOW_QUESTION)
+        page.press("#input", "Enter")
+        wait_until(page, f"{STREAMING}.includes('w16')")  # past the first save during the answer (2 s)
+        page.reload()
+        page.wait_for_selector(READY)
+        assert page.locator(".conversation-title").all_inner_texts() == [SLOW_QUESTION[:60]]
+        assert page.locator(".message.user .message-content").inner_text() == SLOW_QUESTION
+        answer = last_answer(page)
+        assert answer.locator(".message-content").inner_text().startswith("You said: w0 w1 w2 w3 w4 w5 w6 w7 w8")
+        assert "cut off" in answer.locator(".message-error").inner_text()
+        answer.get_by_role("button", name="Retry").click()  # asks again, without the cut-off answer
+        wait_until(page, f"{STREAMING}.includes('w3')")
+        page.click("#stop")
+        page.wait_for_selector(ANSWERED)
+        page.context.close()
+
+
+def test_deleting_the_conversation_mid_answer_stops_it_for_good(browser: Any, recorder: Recorder) -> None:
+    with InProcessServer(create_app(SlowEngine(), ServerOptions())) as server:
+        page = open_page(browser, recorder)
+        page.goto(server.url + "/")
+        page.wait_for_selector(READY)
+        page.fill("#input", SLOW_QUESTION)
+        page.press("#input", "Enter")
+        wait_until(page, f"{STREAMING}.includes('w2')")
+        page.get_by_label("Delete w0 w1").click()  # the list shows the conversation as soon as it is asked
+        page.wait_for_selector("#stop", state="hidden")
+        wait_until(page, "document.querySelectorAll('.message').length === 0")
+        page.wait_for_timeout(300)
+        page.reload()
+        page.wait_for_selector(READY)
+        assert page.locator(".conversation-title").count() == 0  # the ended answer did not save it back
+        page.context.close()
+
+
+def test_switching_mid_answer_says_why_it_waits(browser: Any, recorder: Recorder) -> None:
+    with InProcessServer(create_app(SlowEngine(), ServerOptions())) as server:
+        page = open_page(browser, recorder)
+        page.goto(server.url + "/")
+        page.wait_for_selector(READY)
+        page.fill("#input", "w0 w1 w2 w3 w4 w5 w6 w7 w8 w9")
+        page.press("#input", "Enter")
+        wait_until(page, f"{STREAMING}.includes('w1')")
+        page.click("#new-chat")
+        assert "still coming" in page.inner_text("#composer-error")
+        page.wait_for_selector(ANSWERED)
+        assert page.locator("#composer-error").is_hidden()
+        page.context.close()
+
+
+def test_renaming_the_open_conversation_survives_its_next_message(page: Any) -> None:
+    send(page, "first")
+    send(page, "second")  # the list now holds a copy of the open conversation, read back after the save
+    page.get_by_label("Rename first").click()
+    page.fill(".rename-input", "Renamed")
+    page.press(".rename-input", "Enter")
+    page.wait_for_selector(".conversation-title:text-is('Renamed')")
+    send(page, "third")
+    assert page.locator(".conversation-title").all_inner_texts() == ["Renamed"]
+    page.reload()
+    page.wait_for_selector(READY)
+    assert page.locator(".conversation-title").all_inner_texts() == ["Renamed"]
+    assert page.locator(".message.user").count() == 3
+
+
+def _export(*conversations: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "chats.json",
+        "mimeType": "application/json",
+        "buffer": json.dumps({"format": "sovereign-chat", "version": 1, "conversations": list(conversations)}).encode(),
+    }
+
+
+def test_import_keeps_what_is_here_and_checks_what_it_draws(page: Any) -> None:
+    send(page, "mine")
+    mine_id = page.evaluate(
+        "new Promise(r => indexedDB.open('sovereign-chat').onsuccess = e => e.target.result"
+        ".transaction('conversations').objectStore('conversations')"
+        ".getAllKeys().onsuccess = k => r(k.target.result[0]))"
+    )
+    older = {"id": mine_id, "title": "older copy", "messages": [{"role": "user", "content": "before"}]}
+    odd = {
+        "id": "odd",
+        "title": "odd stats",
+        "updated": 9e15,  # drawn first after a reload
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a", "stats": {"completion_tokens": "many", "tokens_per_second": "fast"}},
+        ],
+    }
+    page.set_input_files("#import-file", files=[_export(older, odd)])
+    page.wait_for_selector("#composer-error.info:has-text('Imported 2 conversations.')")
+    assert sorted(page.locator(".conversation-title").all_inner_texts()) == ["mine", "odd stats", "older copy"]
+    page.set_input_files("#import-file", files=[_export(odd)])
+    page.wait_for_selector("#composer-error.info:has-text('Imported 0 conversations (1 already here, unchanged).')")
+    page.reload()
+    page.wait_for_selector(READY)  # the odd stats draw as nothing, not as an error that stops the page
+    assert last_answer(page).locator(".message-content").inner_text() == "a"
+    page.locator(".conversation-title", has_text="mine").click()
+    assert last_answer(page).locator(".message-content").inner_text() == "You said: mine"
+
+
+def test_a_stream_cut_off_before_its_end_says_so(page: Any) -> None:
+    cut = 'data: {"choices":[{"index":0,"delta":{"content":"Half an"}}]}\n\n'
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(body=cut, content_type="text/event-stream"))
+    send(page, "hello")
+    answer = last_answer(page)
+    assert answer.locator(".message-content").inner_text() == "Half an"
+    assert "cut off" in answer.locator(".message-error").inner_text()
+
+
+def test_server_sent_events_split_as_the_spec_says(page: Any) -> None:
+    events = page.evaluate(
+        r"""async () => {
+            const { sseData } = await import('/ui/js/api.js');
+            const pieces = ['data: a\r', '\ndata: b\r\n\r\n', 'data: c\r\rdata: {"x"\ndata: :1}\n\n',
+                            ': hi\n\nevent: e\n', 'data: [DONE]\n\ndata: never ended'];
+            const bytes = new TextEncoder();
+            const body = new ReadableStream({
+                start(c) { for (const p of pieces) c.enqueue(bytes.encode(p)); c.close(); },
+            });
+            const seen = [];
+            for await (const data of sseData(body, new AbortController().signal)) seen.push(data);
+            return seen;
+        }"""
+    )
+    assert events == ["a\nb", "c", '{"x"\n:1}', "[DONE]"]
+
+
+def test_a_streamed_answer_settles_only_outside_whole_fences(page: Any) -> None:
+    cuts = page.evaluate(
+        r"""async () => {
+            const { settledEnd } = await import('/ui/js/messages.js');
+            return [
+                settledEnd('a\n\n````md\n```py\nx\n```\n\nstill in\n````\n\nout', 0),
+                settledEnd('a\n\n~~~\nx\n```\n\ny', 0),
+                settledEnd('a\n\n  ```\nx\n\ny', 0),
+                settledEnd('use ```x``` here\n\nb', 0),
+                settledEnd('```py\nx\n```python\n\ny', 0),
+            ];
+        }"""
+    )
+    assert cuts == [38, 3, 3, 18, 0]
+
+
+def test_two_401s_at_once_share_one_key_prompt(browser: Any, recorder: Recorder, engine: FakeEngine) -> None:
+    """The model list's refresh and a message both meet a changed key: one dialog answers both."""
+    with InProcessServer(create_app(engine, ServerOptions(api_keys=("k-123",)))) as server:
+        page = open_page(browser, recorder)
+        page.clock.install()
+        page.goto(server.url + "/")
+        page.evaluate("localStorage.setItem('sovereign.apiKey', 'k-123')")
+        page.reload()
+        page.wait_for_selector(READY)
+        page.evaluate("localStorage.setItem('sovereign.apiKey', 'wrong')")
+        page.fill("#input", "hello")
+        page.press("#input", "Enter")
+        page.wait_for_selector("#key-dialog[open]")
+        page.clock.fast_forward(16_000)  # the model list's refresh comes round while the dialog is open
+        deadline = time.monotonic() + 10
+        while sum(url.endswith("/v1/models") for url in recorder.urls) < 3:  # at start, after the reload, now
+            assert time.monotonic() < deadline, recorder.urls
+            page.wait_for_timeout(50)
+        page.fill("#key-input", "k-123")
+        page.click("#key-ok")
+        page.wait_for_selector(ANSWERED)
+        assert last_answer(page).locator(".message-content").inner_text() == "You said: hello"
+        assert page.locator("#key-dialog[open]").count() == 0
         page.context.close()

@@ -144,16 +144,34 @@ class HostGuard:
             await error.response_for(scope["path"])(scope, receive, send)
             return
         origin = _header(scope, b"origin")
-        if origin is not None and not (_same_origin(origin, host) or self._origin_allowed(origin)):
+        if origin is not None and not (
+            (_same_origin(origin, host) and self._names_this_server(name)) or self._origin_allowed(origin)
+        ):
+            hint = (
+                f" A page served here at '{host}' may call it once the server is started with --allowed-hosts {name}."
+                if _same_origin(origin, host)
+                else ""
+            )
             error = APIError(
                 403,
                 f"Origin '{origin}' is not allowed: web pages may call this server only from this machine or from an "
-                "origin the server was started with (--cors-origin ORIGIN).",
+                "origin the server was started with (--cors-origin ORIGIN)." + hint,
                 code="origin_not_allowed",
             )
             await error.response_for(scope["path"])(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    def _names_this_server(self, name: str) -> bool:
+        """Whether a Host name that passed is one no web page can borrow through DNS rebinding.
+
+        An IP address, a name of this machine, or one --allowed-hosts names; not a name let in only by the
+        wildcard (the default when bound beyond loopback): attacker.example resolved to this server would
+        otherwise be its own page's "same origin".
+        """
+        if _local_address(name, loopback_only=False) is not None:
+            return True  # an IP literal: the page was loaded from this very address
+        return is_local_host(name) or _matches(name, (entry for entry in self.allowed_hosts if entry != "*"))
 
     def _origin_allowed(self, origin: str) -> bool:
         normalized = origin.strip().lower().rstrip("/")
@@ -175,10 +193,10 @@ class HostGuard:
 
 
 def _same_origin(origin: str, host: str) -> bool:
-    """Whether a page served by this server calls it (the chat page on a LAN address, say).
+    """Whether a page calls the server from the origin the request is addressed to (the chat page on a LAN address).
 
-    Safe because the Host has already passed the check above: a page can only claim this origin if it was
-    loaded from a name this server answers to, and DNS rebinding cannot produce one.
+    Not enough alone: a page on attacker.example whose name is rebound to this server is same-origin too, so
+    the caller also requires a Host name that cannot be rebound (HostGuard._names_this_server).
     """
     try:
         parts = urlsplit(origin.strip().lower())
