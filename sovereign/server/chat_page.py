@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import RedirectResponse
 
 WEBUI_DIR = Path(__file__).resolve().parent.parent / "webui"
 PREFIX = "/ui/"
@@ -85,7 +86,9 @@ def router(files: dict[str, StaticFile]) -> APIRouter:
 
     @routes.api_route(PREFIX + "{name:path}", methods=["GET", "HEAD"], include_in_schema=False)
     async def asset(request: Request, name: str) -> Response:
-        file = files.get(name or "index.html")
+        if name in ("", "index.html"):  # the page's paths are relative to /: here they would all miss
+            return RedirectResponse("/", status_code=307)
+        file = files.get(name)
         if file is None:
             return Response("Not found", status_code=404, media_type="text/plain")
         return respond(request, file)

@@ -63,26 +63,34 @@ export async function health() {
   return response.json();
 }
 
-/** Split a server-sent-event stream into its `data:` payloads. */
-async function* sseData(body, signal) {
+/**
+ * Split a server-sent-event stream into its events' data (a multi-line `data:` joins with "\n"), as the
+ * EventSource spec reads it: lines end with CRLF, LF or CR, a blank line ends an event, other fields are
+ * ignored. Exported for the tests.
+ */
+export async function* sseData(body, signal) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
+  let data = [];
   try {
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
       buffer += value;
-      let end;
-      while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
-        const frame = buffer.slice(0, end);
-        buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
-        const data = frame
-          .split(/\r?\n/)
-          .filter((line) => line.startsWith("data:"))
-          .map((line) => line.slice(5).replace(/^ /, ""))
-          .join("\n");
-        if (data) yield data;
+      const endings = /\r\n|\r|\n/g;
+      let start = 0;
+      for (let match; (match = endings.exec(buffer)); ) {
+        if (match[0] === "\r" && match.index === buffer.length - 1) break; // maybe the first half of a CRLF
+        const line = buffer.slice(start, match.index);
+        start = endings.lastIndex;
+        if (line === "") {
+          if (data.length) yield data.join("\n");
+          data = [];
+        } else if (line.startsWith("data:")) {
+          data.push(line.slice(5).replace(/^ /, ""));
+        }
       }
+      buffer = buffer.slice(start);
     }
   } finally {
     if (signal.aborted) reader.cancel().catch(() => {});
@@ -113,9 +121,13 @@ export async function streamChat(request, on, signal) {
   if (!response.ok) throw await errorFrom(response);
   on.headers();
   let finish = null;
+  let ended = false; // whether [DONE] came: a stream that stops without it was cut off (a proxy, a dropped line)
   try {
     for await (const data of sseData(response.body, signal)) {
-      if (data === "[DONE]") break;
+      if (data === "[DONE]") {
+        ended = true;
+        break;
+      }
       const chunk = JSON.parse(data);
       if (chunk.error) {
         throw new ApiError(chunk.error.message || "The server failed while answering.", {
@@ -135,5 +147,7 @@ export async function streamChat(request, on, signal) {
     if (error instanceof ApiError) throw error;
     throw new ApiError(`The answer was cut off (${error.message}).`, { code: "stream_broken" });
   }
-  return finish || (signal.aborted ? "cancelled" : "stop");
+  if (signal.aborted) return "cancelled";
+  if (!ended) throw new ApiError("The answer was cut off: the stream ended before the server finished it.", { code: "stream_broken" });
+  return finish || "stop";
 }

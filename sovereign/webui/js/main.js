@@ -17,7 +17,11 @@ const state = {
   defaults: {},
   pending: [], // attachments for the next message
   controller: null, // the AbortController of the answer streaming now
+  running: null, // that answer's generate(), to wait for
+  keyPrompt: null, // the API key dialog's answer while it is open: every 401 meanwhile waits for the same one
 };
+const BUSY_NOTICE = "An answer is still coming: Stop it, or wait for it to end, first.";
+const SAVE_EVERY_MS = 2000; // a streaming answer is saved this often, so a reload or a crash keeps most of it
 
 // --- conversations -----------------------------------------------------------------------------
 
@@ -36,8 +40,15 @@ function drawList() {
   });
 }
 
+function busy() {
+  if (!state.controller) return false;
+  // Switching mid-answer would leave the answer nowhere to go.
+  showComposerError(BUSY_NOTICE, { info: true });
+  return true;
+}
+
 function openConversation(id) {
-  if (state.controller) return; // switching mid-answer would leave the answer nowhere to go
+  if (busy()) return;
   const found = state.conversations.find((c) => c.id === id);
   if (!found) return;
   state.current = found;
@@ -46,7 +57,7 @@ function openConversation(id) {
 }
 
 function startNewConversation() {
-  if (state.controller) return;
+  if (busy()) return;
   state.current = store.newConversation(selectedModel());
   showConversation();
   closeSidebarOnPhone();
@@ -54,10 +65,15 @@ function startNewConversation() {
 }
 
 async function renameConversation(id, title) {
-  const conversation = state.conversations.find((c) => c.id === id);
+  // The open conversation is state.current, not the list's copy (the list is read again after each save):
+  // renaming the copy would be undone by the next save of state.current.
+  const current = state.current && state.current.id === id ? state.current : null;
+  const conversation = current || state.conversations.find((c) => c.id === id);
   if (conversation && title) {
     conversation.title = title.slice(0, 200);
-    await store.saveConversation(conversation);
+    if (conversation.messages.length) await store.saveConversation(conversation);
+    const listed = state.conversations.find((c) => c.id === id);
+    if (listed) listed.title = conversation.title;
   }
   drawList();
 }
@@ -65,8 +81,13 @@ async function renameConversation(id, title) {
 async function removeConversation(id) {
   const conversation = state.conversations.find((c) => c.id === id);
   if (!conversation || !confirm(`Delete "${conversation.title}"? This cannot be undone.`)) return;
+  const isCurrent = state.current && state.current.id === id;
+  if (isCurrent && state.running) {
+    stop(); // its answer would otherwise be saved when it ends, bringing the conversation back
+    await state.running;
+  }
   await store.deleteConversation(id);
-  if (state.current && state.current.id === id) startNewConversation();
+  if (isCurrent) startNewConversation();
   await refreshList();
 }
 
@@ -134,7 +155,7 @@ async function regenerate() {
 }
 
 async function resendEdited(index, text) {
-  if (state.controller || !text.trim()) return;
+  if (busy() || !text.trim()) return;
   const messages = state.current.messages;
   messages.splice(index, messages.length - index, { ...messages[index], content: text.trim() });
   await generate();
@@ -154,7 +175,15 @@ function requestFor(conversation) {
   return request;
 }
 
-async function generate() {
+function generate() {
+  const running = answerOnce();
+  state.running = running;
+  return running.finally(() => {
+    if (state.running === running) state.running = null;
+  });
+}
+
+async function answerOnce() {
   const conversation = state.current;
   conversation.model = selectedModel();
   readSettings();
@@ -174,6 +203,9 @@ async function generate() {
   let pieces = 0; // streamed pieces: about one a token, the count shown when a stop leaves no usage
   const loadingWatch = watchLoading(conversation.model, view, () => gotHeaders || controller.signal.aborted);
   const first = () => (firstToken ??= performance.now());
+  // Kept as it comes: the question at once, the answer every few seconds (a reload mid-answer loses neither).
+  saveSnapshot(conversation, answer).then(refreshList);
+  const snapshots = setInterval(() => saveSnapshot(conversation, answer), SAVE_EVERY_MS);
   try {
     const finish = await streamChat(
       request,
@@ -202,15 +234,18 @@ async function generate() {
   } catch (error) {
     answer.error = { message: error.message, code: error.code || null };
     if (error instanceof ApiError && error.status === 401) {
+      clearInterval(loadingWatch);
+      clearInterval(snapshots);
       conversation.messages.pop();
       state.controller = null;
       setStreaming(false);
       drawMessages();
-      if (await askForKey(error.message)) return generate();
+      if (await askForKey(error.message)) return answerOnce();
       conversation.messages.push(answer);
     }
   } finally {
     clearInterval(loadingWatch);
+    clearInterval(snapshots);
   }
   state.controller = null;
   setStreaming(false);
@@ -218,6 +253,13 @@ async function generate() {
   await save();
   refreshModels();
   $("input").focus();
+}
+
+/** Save the conversation as it stands mid-answer: should the page go away now, the answer says it was cut off. */
+function saveSnapshot(conversation, answer) {
+  const cut = { message: "This answer was cut off: the page was closed or reloaded while it came.", code: "interrupted" };
+  const messages = conversation.messages.map((m) => (m === answer ? { ...answer, error: cut } : m));
+  return store.saveConversation({ ...conversation, messages, updated: Date.now() }).catch(() => {});
 }
 
 function statsFor(usage, started, firstToken, finish) {
@@ -260,11 +302,19 @@ function setStreaming(on) {
   $("stop").hidden = !on;
   $("model").disabled = on;
   if (!on) $("send").disabled = false;
+  if (!on && $("composer-error").textContent === BUSY_NOTICE) hideComposerError();
 }
 
 // --- the API key ---------------------------------------------------------------------------------
 
 function askForKey(reason) {
+  // A second 401 while the dialog is open (the model list's refresh and a message, say) waits for the same
+  // answer: a second prompt would take over the dialog and leave the first caller waiting for ever.
+  state.keyPrompt ??= promptForKey(reason).finally(() => (state.keyPrompt = null));
+  return state.keyPrompt;
+}
+
+function promptForKey(reason) {
   const dialog = $("key-dialog");
   $("key-reason").textContent = reason;
   $("key-input").value = "";
@@ -419,10 +469,11 @@ async function importFile(file) {
   hideComposerError();
   try {
     const conversations = store.parseExport(await file.text());
-    for (const conversation of conversations) await store.saveConversation(conversation);
+    const count = await store.importConversations(conversations);
     await refreshList();
-    const count = conversations.length;
-    showComposerError(`Imported ${count} conversation${count === 1 ? "" : "s"}.`, { info: true });
+    const same = conversations.length - count;
+    const note = same ? ` (${same} already here, unchanged)` : "";
+    showComposerError(`Imported ${count} conversation${count === 1 ? "" : "s"}${note}.`, { info: true });
   } catch (error) {
     showComposerError(error.message);
   }
@@ -472,7 +523,7 @@ function wire() {
   for (const id of ["system", ...SETTINGS]) {
     $(id).addEventListener("change", () => {
       readSettings();
-      save();
+      if (!state.controller) save(); // mid-answer, the answer's own saves carry it (marked cut off until it ends)
     });
   }
   $("attach").addEventListener("click", () => $("attach-file").click());

@@ -21,7 +21,7 @@ function button(label, onClick, aria) {
 /** "212 tokens · first token 0.41 s · 23.5 tokens/s · 180 prompt tokens reused" */
 export function statsText(stats) {
   if (!stats) return "";
-  const parts = [`${stats.completion_tokens} tokens`];
+  const parts = stats.completion_tokens != null ? [`${stats.completion_tokens} tokens`] : [];
   if (stats.ttft_ms != null) parts.push(`first token ${(stats.ttft_ms / 1000).toFixed(2)} s`);
   if (stats.tokens_per_second != null) parts.push(`${stats.tokens_per_second.toFixed(1)} tokens/s`);
   if (stats.prompt_tokens != null) parts.push(`${stats.prompt_tokens} prompt tokens, ${stats.cached_tokens || 0} reused`);
@@ -100,17 +100,25 @@ export function editInPlace(item, message, onSave) {
 
 /**
  * Where the streamed text can be cut for good: after the last blank line outside a code fence, at or after
- * `from`. Markdown before such a cut renders the same whatever follows (near enough while streaming: the
- * finished answer is rendered again whole).
+ * `from` (itself such a cut). Markdown before such a cut renders the same whatever follows (near enough while
+ * streaming: the finished answer is rendered again whole). A fence is CommonMark's: up to three spaces, then
+ * three or more backticks or tildes; only a run of the same character, at least as long and with nothing
+ * after it, closes it (so a ```` block may hold ``` lines).
  */
 export function settledEnd(text, from) {
   let cut = from;
-  let inFence = false;
-  const lines = /^(```|~~~)|\n\n/gm;
+  let fence = null; // the open fence's marker ("```", "~~~~", ...)
+  const lines = /^ {0,3}(`{3,}|~{3,})(.*)$|\n\n/gm;
   lines.lastIndex = from;
   for (let match; (match = lines.exec(text)); ) {
-    if (match[1]) inFence = !inFence;
-    else if (!inFence) cut = match.index + 2;
+    const [, marker, rest] = match;
+    if (marker === undefined) {
+      if (!fence) cut = match.index + 2;
+    } else if (!fence) {
+      if (!(marker[0] === "`" && rest.includes("`"))) fence = marker; // an info string holds no backtick
+    } else if (marker[0] === fence[0] && marker.length >= fence.length && rest.trim() === "") {
+      fence = null;
+    }
   }
   return cut;
 }

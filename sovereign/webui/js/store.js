@@ -57,6 +57,32 @@ export function deleteConversation(id) {
   return transaction("readwrite", (store) => store.delete(id));
 }
 
+function getConversation(id) {
+  return transaction("readonly", (store) => store.get(id));
+}
+
+/**
+ * Save imported conversations without losing any kept here: one whose id is taken by a different conversation
+ * (an older export of a chat that went on, say) comes in beside it under a new id; the very same one is skipped.
+ * Resolves to how many were added.
+ */
+export async function importConversations(conversations) {
+  let added = 0;
+  for (const conversation of conversations) {
+    const kept = await getConversation(conversation.id);
+    if (kept && sameContent(kept, conversation)) continue;
+    if (kept) conversation.id = crypto.randomUUID();
+    await saveConversation(conversation);
+    added += 1;
+  }
+  return added;
+}
+
+function sameContent(a, b) {
+  const content = (c) => JSON.stringify([c.title, c.system, c.messages.map((m) => [m.role, m.content])]);
+  return content(a) === content(b);
+}
+
 /** The export file's contents for these conversations. */
 export function exportJson(conversations) {
   return JSON.stringify({ format: EXPORT_FORMAT, version: 1, exported: new Date().toISOString(), conversations }, null, 2);
@@ -88,7 +114,7 @@ export function parseExport(text) {
     const settings = c.settings && typeof c.settings === "object" ? c.settings : {};
     return {
       id: c.id,
-      title: typeof c.title === "string" && c.title ? c.title : "Imported chat",
+      title: typeof c.title === "string" && c.title ? c.title.slice(0, 200) : "Imported chat",
       created: Number(c.created) || Date.now(),
       updated: Number(c.updated) || Date.now(),
       model: typeof c.model === "string" ? c.model : null,
@@ -102,8 +128,11 @@ export function parseExport(text) {
         role: m.role,
         content: m.content,
         reasoning: m.reasoning || "",
-        attachments: Array.isArray(m.attachments) ? m.attachments.filter(validAttachment) : [],
-        stats: m.stats && typeof m.stats === "object" ? m.stats : null,
+        attachments: Array.isArray(m.attachments)
+          ? m.attachments.filter(validAttachment).map((a) => ({ name: a.name, text: a.text }))
+          : [],
+        stats: validStats(m.stats),
+        error: m.error && typeof m.error.message === "string" ? { message: m.error.message, code: stringOrNull(m.error.code) } : null,
       })),
     };
   });
@@ -111,6 +140,24 @@ export function parseExport(text) {
 
 function numberOrNull(value) {
   return typeof value === "number" && Number.isFinite(value) ? value : null;
+}
+
+function stringOrNull(value) {
+  return typeof value === "string" ? value : null;
+}
+
+/** An answer's stats, each field of the type the page draws (a file could hold anything: "fast".toFixed throws). */
+function validStats(stats) {
+  if (!stats || typeof stats !== "object") return null;
+  return {
+    completion_tokens: numberOrNull(stats.completion_tokens),
+    prompt_tokens: numberOrNull(stats.prompt_tokens),
+    cached_tokens: numberOrNull(stats.cached_tokens),
+    ttft_ms: numberOrNull(stats.ttft_ms),
+    tokens_per_second: numberOrNull(stats.tokens_per_second),
+    finish_reason: stringOrNull(stats.finish_reason),
+    stopped: stats.stopped === true,
+  };
 }
 
 function validAttachment(a) {
