@@ -21,6 +21,16 @@ function renderer(highlight) {
   });
   // No images: an image URL in an answer would make the browser fetch it (the CSP would block it, noisily).
   md.disable("image");
+  // A table column's alignment as a class, not the style attribute markdown-it writes: the CSP refuses inline
+  // styles, even while DOMPurify parses them (a console error per cell, every frame while streaming).
+  md.core.ruler.push("align_classes", (state) => {
+    for (const token of state.tokens) {
+      const align = /^text-align:(left|right|center)$/.exec(token.attrGet("style") || "");
+      if (!align) continue;
+      token.attrs = token.attrs.filter(([name]) => name !== "style");
+      token.attrJoin("class", `align-${align[1]}`);
+    }
+  });
   return md;
 }
 
@@ -34,7 +44,11 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
-const PURIFY = { ADD_ATTR: ["target"], FORBID_TAGS: ["img", "style", "form", "input", "button", "iframe"] };
+const PURIFY = {
+  ADD_ATTR: ["target"],
+  FORBID_TAGS: ["img", "style", "form", "input", "button", "iframe"],
+  FORBID_ATTR: ["style"], // the CSP would refuse it anyway
+};
 
 /** Markdown text -> sanitized HTML string (highlighted when the text is final). */
 export function toHtml(text, { final = true } = {}) {
