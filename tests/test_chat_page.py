@@ -715,3 +715,13 @@ def test_a_table_keeps_its_alignment_under_the_csp(page: Any) -> None:
     assert cell.get_attribute("style") is None and cell.get_attribute("class") == "align-right"
     assert cell.evaluate("td => getComputedStyle(td).textAlign") == "right"
     assert refused == []
+
+
+def test_an_attached_file_s_fence_outlasts_its_backticks(page: Any) -> None:
+    text = page.evaluate(
+        r"""async () => {
+            const { messageText } = await import('/ui/js/attachments.js');
+            return messageText({ content: "see", attachments: [{ name: "notes.md", text: "````\nx\n````" }] });
+        }"""
+    )
+    assert text == "see\n\nnotes.md:\n`````md\n````\nx\n````\n`````"

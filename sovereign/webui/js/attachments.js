@@ -37,7 +37,9 @@ export async function readAttachment(file) {
 /** The text the model reads for a message: what was typed, then each attached file in a fenced block. */
 export function messageText(message) {
   const files = (message.attachments || []).map((a) => {
-    const fence = a.text.includes("```") ? "````" : "```";
+    // Longer than any run of backticks in the file, which could otherwise close it early.
+    const longest = (a.text.match(/`+/g) || []).reduce((most, run) => Math.max(most, run.length), 2);
+    const fence = "`".repeat(longest + 1);
     return `${a.name}:\n${fence}${extension(a.name)}\n${a.text}\n${fence}`;
   });
   return [message.content, ...files].filter(Boolean).join("\n\n");

@@ -95,7 +95,13 @@ async function save() {
   const conversation = state.current;
   if (!conversation.messages.length) return;
   conversation.updated = Date.now();
-  await store.saveConversation(conversation);
+  try {
+    await store.saveConversation(conversation);
+  } catch (error) {
+    // The conversation stays on screen; say why a reload would lose it (a full disk, a private window).
+    showComposerError(`This browser did not save the conversation (${error && error.message}): export it to keep it.`);
+    return;
+  }
   await refreshList();
 }
 
@@ -566,7 +572,11 @@ async function start() {
   }
   showDefaults();
   await refreshModels();
-  await refreshList();
+  try {
+    await refreshList();
+  } catch (error) {
+    showComposerError(`This browser does not keep conversations here (IndexedDB: ${error && error.message}).`);
+  }
   state.current = state.conversations[0] || store.newConversation(selectedModel());
   showConversation();
   document.body.dataset.ready = "true"; // for tests and scripts: the page has drawn what it stores

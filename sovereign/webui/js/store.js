@@ -25,6 +25,7 @@ async function transaction(mode, work) {
     const result = work(tx.objectStore(STORE));
     tx.oncomplete = () => resolve(result.result);
     tx.onerror = () => reject(tx.error);
+    tx.onabort = () => reject(tx.error || new Error("the transaction was aborted")); // a full disk aborts
   });
 }
 
