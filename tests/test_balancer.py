@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -279,6 +280,15 @@ def test_openai_chat_through_the_balancer(balancer: Nginx, stream: bool) -> None
 def test_anthropic_messages_through_the_balancer(balancer: Nginx, stream: bool) -> None:
     for _ in range(2):
         assert ask_anthropic(balancer, stream=stream) == ANSWER
+
+
+def test_the_chat_page_works_through_the_balancer_by_its_name(balancer: Nginx) -> None:
+    """The page, opened as http://NAME:PORT/, calls the API with that Origin: nginx must pass the port on."""
+    name = f"box.local:{balancer.port}"  # a name of this machine, behind the balancer's port
+    page = httpx.get(balancer.url + "/", headers={"Host": name, "Accept": "text/html"})
+    assert page.status_code == 200 and '<textarea id="input"' in page.text
+    headers = {"Host": name, "Origin": f"http://{name}", "Authorization": f"Bearer {KEY}"}
+    assert httpx.get(balancer.url + "/v1/models", headers=headers).status_code == 200
 
 
 def test_a_stopped_server_is_passed_over(
