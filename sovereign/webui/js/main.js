@@ -1,8 +1,11 @@
 // The chat page's controller: the current conversation, sending and stopping, models, settings, files.
 
-import { ApiError, health, listModels, serverInfo, setApiKey, streamChat } from "./api.js";
+import { ApiError, health, listModels, serverInfo, streamChat } from "./api.js";
 import { messageText, readAttachment } from "./attachments.js";
-import { StreamView, editInPlace, messageElement } from "./messages.js";
+import { download, drawAttachments, hideComposerError, showComposerError } from "./composer.js";
+import { askForKey } from "./key_prompt.js";
+import { StreamView, editInPlace, messageElement, statsFor } from "./messages.js";
+import { drawModelOptions, modelStatus } from "./models.js";
 import { renderList } from "./sidebar.js";
 import * as store from "./store.js";
 
@@ -18,7 +21,6 @@ const state = {
   pending: [], // attachments for the next message
   controller: null, // the AbortController of the answer streaming now
   running: null, // that answer's generate(), to wait for
-  keyPrompt: null, // the API key dialog's answer while it is open: every 401 meanwhile waits for the same one
 };
 const BUSY_NOTICE = "An answer is still coming: Stop it, or wait for it to end, first.";
 const SAVE_EVERY_MS = 2000; // a streaming answer is saved this often, so a reload or a crash keeps most of it
@@ -148,7 +150,7 @@ async function send() {
   if (!conversation.messages.length) conversation.title = (text || state.pending[0].name).slice(0, 60);
   conversation.messages.push({ role: "user", content: text, attachments: state.pending });
   state.pending = [];
-  drawAttachments();
+  drawAttachments(state.pending);
   $("input").value = "";
   await generate();
 }
@@ -268,22 +270,6 @@ function saveSnapshot(conversation, answer) {
   return store.saveConversation({ ...conversation, messages, updated: Date.now() }).catch(() => {});
 }
 
-function statsFor(usage, started, firstToken, finish) {
-  const ended = performance.now();
-  const tokens = usage.completion_tokens;
-  const decodeSeconds = firstToken != null ? (ended - firstToken) / 1000 : 0;
-  return {
-    completion_tokens: tokens,
-    prompt_tokens: usage.prompt_tokens,
-    cached_tokens: usage.prompt_tokens_details ? usage.prompt_tokens_details.cached_tokens : 0,
-    ttft_ms: firstToken != null ? firstToken - started : null,
-    // The first token ends the prompt's reading: the rate counts the tokens after it.
-    tokens_per_second: tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : null,
-    finish_reason: finish,
-    stopped: finish === "cancelled",
-  };
-}
-
 /** While no byte of the answer has come, say whether the model is still loading (it can take a while). */
 function watchLoading(model, view, answered) {
   return setInterval(async () => {
@@ -311,56 +297,10 @@ function setStreaming(on) {
   if (!on && $("composer-error").textContent === BUSY_NOTICE) hideComposerError();
 }
 
-// --- the API key ---------------------------------------------------------------------------------
-
-function askForKey(reason) {
-  // A second 401 while the dialog is open (the model list's refresh and a message, say) waits for the same
-  // answer: a second prompt would take over the dialog and leave the first caller waiting for ever.
-  state.keyPrompt ??= promptForKey(reason).finally(() => (state.keyPrompt = null));
-  return state.keyPrompt;
-}
-
-function promptForKey(reason) {
-  const dialog = $("key-dialog");
-  $("key-reason").textContent = reason;
-  $("key-input").value = "";
-  return new Promise((resolve) => {
-    const done = (ok) => {
-      $("key-form").onsubmit = null;
-      $("key-cancel").onclick = null;
-      dialog.onclose = null;
-      if (dialog.open) dialog.close();
-      resolve(ok);
-    };
-    $("key-form").onsubmit = (event) => {
-      event.preventDefault();
-      const key = $("key-input").value.trim();
-      if (!key) return;
-      setApiKey(key);
-      done(true);
-    };
-    $("key-cancel").onclick = () => done(false);
-    dialog.onclose = () => done(false);
-    dialog.showModal();
-  });
-}
-
 // --- models and settings -----------------------------------------------------------------------
 
 function selectedModel() {
   return $("model").value || null;
-}
-
-function humanSize(bytes) {
-  if (!bytes) return "";
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit += 1;
-  }
-  return `${value.toFixed(value < 10 && unit > 0 ? 1 : 0)} ${units[unit]}`;
 }
 
 async function refreshModels() {
@@ -375,27 +315,14 @@ async function refreshModels() {
   state.models = models;
   const select = $("model");
   const wanted = (state.current && state.current.model) || select.value || localStorage.getItem(MODEL_STORAGE);
-  select.replaceChildren(
-    ...models.map((model) => {
-      const option = document.createElement("option");
-      option.value = model.id;
-      const facts = [humanSize(model.size), model.loaded ? "loaded" : "not loaded"].filter(Boolean);
-      option.textContent = `${model.id} (${facts.join(", ")})`;
-      return option;
-    }),
-  );
-  if (models.some((m) => m.id === wanted)) select.value = wanted;
+  drawModelOptions(select, models, wanted);
   describeModel();
   if (!models.length) $("model-status").textContent = "No models: pull one with `sovereign pull`.";
 }
 
 function describeModel() {
   const model = state.models.find((m) => m.id === selectedModel());
-  $("model-status").textContent = model
-    ? model.loaded
-      ? "loaded"
-      : "loads on the first message"
-    : "";
+  $("model-status").textContent = modelStatus(model);
 }
 
 function readSettings() {
@@ -427,48 +354,7 @@ async function attach(files) {
       showComposerError(error.message);
     }
   }
-  drawAttachments();
-}
-
-function drawAttachments() {
-  const list = $("attachment-list");
-  list.replaceChildren(
-    ...state.pending.map((file, index) => {
-      const item = document.createElement("li");
-      item.className = "attachment";
-      item.textContent = `${file.name} `;
-      const remove = document.createElement("button");
-      remove.type = "button";
-      remove.className = "icon-button";
-      remove.textContent = "✕";
-      remove.setAttribute("aria-label", `Remove ${file.name}`);
-      remove.addEventListener("click", () => {
-        state.pending.splice(index, 1);
-        drawAttachments();
-      });
-      item.append(remove);
-      return item;
-    }),
-  );
-}
-
-function showComposerError(message, { info = false } = {}) {
-  $("composer-error").textContent = message;
-  $("composer-error").classList.toggle("info", info);
-  $("composer-error").hidden = false;
-}
-
-function hideComposerError() {
-  $("composer-error").hidden = true;
-}
-
-function download(name, text) {
-  const url = URL.createObjectURL(new Blob([text], { type: "application/json" }));
-  const link = document.createElement("a");
-  link.href = url;
-  link.download = name;
-  link.click();
-  setTimeout(() => URL.revokeObjectURL(url), 1000);
+  drawAttachments(state.pending);
 }
 
 async function importFile(file) {

@@ -18,6 +18,23 @@ function button(label, onClick, aria) {
   return node;
 }
 
+/** What to show under an answer, from the server's usage and the page's clock (performance.now() times). */
+export function statsFor(usage, started, firstToken, finish) {
+  const ended = performance.now();
+  const tokens = usage.completion_tokens;
+  const decodeSeconds = firstToken != null ? (ended - firstToken) / 1000 : 0;
+  return {
+    completion_tokens: tokens,
+    prompt_tokens: usage.prompt_tokens,
+    cached_tokens: usage.prompt_tokens_details ? usage.prompt_tokens_details.cached_tokens : 0,
+    ttft_ms: firstToken != null ? firstToken - started : null,
+    // The first token ends the prompt's reading: the rate counts the tokens after it.
+    tokens_per_second: tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : null,
+    finish_reason: finish,
+    stopped: finish === "cancelled",
+  };
+}
+
 /** "212 tokens · first token 0.41 s · 23.5 tokens/s · 180 prompt tokens reused" */
 export function statsText(stats) {
   if (!stats) return "";
