@@ -725,3 +725,21 @@ def test_an_attached_file_s_fence_outlasts_its_backticks(page: Any) -> None:
         }"""
     )
     assert text == "see\n\nnotes.md:\n`````md\n````\nx\n````\n`````"
+
+
+def test_every_control_is_labelled_and_reachable_by_keyboard(page: Any) -> None:
+    """Buttons, fields and the model picker have names a screen reader reads; Tab reaches Send from the box."""
+    unnamed = page.evaluate(
+        """() => [...document.querySelectorAll('button, input:not([type=file]), select, textarea')]
+            .filter((e) => e.offsetParent !== null)
+            .filter((e) => !(e.getAttribute('aria-label') || (e.labels && e.labels.length) || e.textContent.trim()
+                             || e.title))
+            .map((e) => e.outerHTML)"""
+    )
+    assert unnamed == []
+    page.focus("#input")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "send"
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "attach"
