@@ -743,3 +743,39 @@ def test_every_control_is_labelled_and_reachable_by_keyboard(page: Any) -> None:
     page.keyboard.press("Shift+Tab")
     page.keyboard.press("Shift+Tab")
     assert page.evaluate("document.activeElement.id") == "attach"
+
+
+def test_the_server_times_each_answer_as_llama_server_does(server: ServerProcess) -> None:
+    """The usage chunk of a stream carries `timings` (llama-server's names), which the page shows."""
+    body = {
+        "model": GEMMA,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=body, timeout=120) as response:
+        frames = [line[6:] for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    last = json.loads(frames[-1])
+    usage, timings = last["usage"], last["timings"]
+    assert timings["predicted_n"] == usage["completion_tokens"]
+    assert timings["cache_n"] == usage["prompt_tokens_details"]["cached_tokens"]
+    assert timings["prompt_n"] + timings["cache_n"] == usage["prompt_tokens"]
+    assert timings["prompt_ms"] > 0 and timings["predicted_ms"] >= 0
+    if usage["completion_tokens"] > 1:
+        assert timings["predicted_per_second"] > 0
+
+
+def test_the_page_shows_the_servers_timings(browser: Any, recorder: Recorder, server: ServerProcess) -> None:
+    page = open_page(browser, recorder)
+    page.goto(server.url + "/")
+    page.wait_for_selector(READY)
+    page.select_option("#model", GEMMA)
+    page.click("#toggle-settings")
+    page.fill("#max_tokens", "6")
+    send(page, "Say hello.")
+    stats = last_answer(page).locator(".stats")
+    assert stats.get_attribute("title") == "Times measured by the server"
+    assert "first token" in stats.inner_text() and "prompt tokens" in stats.inner_text()
+    page.context.close()

@@ -7,16 +7,23 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sovereign.engine.requests import ChatRequest, CompletionRequest, Event
+from sovereign.engine.stats import RequestStats
 
 
 class Generation:
     """One submitted request: iterate it for events; `cancel()` stops it and frees its model."""
 
     def __init__(
-        self, model: str, events: AsyncGenerator[Event, None], stop: Callable[[], None], prompt_tokens: int = 0
+        self,
+        model: str,
+        events: AsyncGenerator[Event, None],
+        stop: Callable[[], None],
+        prompt_tokens: int = 0,
+        stats: RequestStats | None = None,
     ) -> None:
         self.model = model  # the store name of the model serving it (aliases resolved)
         self.prompt_tokens = prompt_tokens
+        self.stats = stats  # its timings as the engine measures them (None from a test double)
         self._events = events
         self._stop = stop
 

@@ -77,7 +77,8 @@ class Engine(EngineAPI):
         observed = request_stats.get()
         if observed is not None:
             observed.append(stats)
-        return Generation(prepared.model.name, self._events(prepared, stream), stream.cancel, len(prepared.prompt))
+        events = self._events(prepared, stream)
+        return Generation(prepared.model.name, events, stream.cancel, len(prepared.prompt), stats)
 
     async def count_tokens(self, request: ChatRequest) -> int:
         """The prompt tokens a chat request reads (template, tools and all), without generating."""

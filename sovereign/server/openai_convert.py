@@ -22,6 +22,7 @@ from sovereign.engine import (
     Usage,
 )
 from sovereign.engine.requests import Event
+from sovereign.engine.stats import RequestStats
 from sovereign.server.errors import APIError
 from sovereign.server.schemas import ChatCompletionBody, CompletionBody, Message, NamedToolChoice, _SamplingFields
 
@@ -201,6 +202,26 @@ class ChoiceResult:
             self.finish_reason = event.reason
             self.usage = event.usage
             self.finished = event
+
+
+def timings_json(stats: RequestStats) -> dict[str, Any]:
+    """One generation's timings in llama-server's shape (its `timings` object), measured by the engine.
+
+    prompt: the tokens read (those reused from the cache are cache_n) and the time to the first token;
+    predicted: the tokens generated after it, and how fast.
+    """
+    finished = stats.finished if stats.finished is not None else time.monotonic()
+    first = stats.first_token if stats.first_token is not None else finished
+    predicted_ms = (finished - first) * 1000
+    predicted = max(stats.generated_tokens - 1, 0)  # the first token ends the prompt's reading
+    return {
+        "cache_n": stats.cached_tokens,
+        "prompt_n": stats.prompt_tokens - stats.cached_tokens,
+        "prompt_ms": round((first - stats.submitted) * 1000, 3),
+        "predicted_n": stats.generated_tokens,
+        "predicted_ms": round(predicted_ms, 3),
+        "predicted_per_second": round(predicted / predicted_ms * 1000, 3) if predicted and predicted_ms > 0 else None,
+    }
 
 
 def usage_json(usages: list[Usage | None], choices_per_prompt: int) -> dict[str, Any]:

@@ -210,17 +210,18 @@ async def _chat_chunks(
             usage[index] = event.usage
             yield chunk(index, {}, event.reason)
     if include_usage:
-        yield _sse(
-            {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": "sovereign",
-                "choices": [],
-                "usage": convert.usage_json(usage, len(usage)),
-            }
-        )
+        payload = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "sovereign",
+            "choices": [],
+            "usage": convert.usage_json(usage, len(usage)),
+        }
+        if len(generations) == 1 and generations[0].stats is not None:
+            payload["timings"] = convert.timings_json(generations[0].stats)  # as llama-server's last chunk has them
+        yield _sse(payload)
 
 
 def _call_opened(call_index: int, call_id: str, name: str | None) -> dict[str, Any]:

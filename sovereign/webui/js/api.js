@@ -99,7 +99,8 @@ export async function* sseData(body, signal) {
 }
 
 /**
- * Stream one chat completion. `on` gets { headers(), content(text), reasoning(text), usage(usage) };
+ * Stream one chat completion. `on` gets { headers(), content(text), reasoning(text), usage(usage, timings) }
+ * (timings: the server's own measure, llama-server's shape, when it sends them);
  * aborting `signal` closes the connection, which the server takes as a cancel and frees the slot.
  * Resolves to the finish reason ("stop", "length", or "cancelled").
  */
@@ -134,7 +135,7 @@ export async function streamChat(request, on, signal) {
           code: chunk.error.code || chunk.error.type,
         });
       }
-      if (chunk.usage) on.usage(chunk.usage);
+      if (chunk.usage) on.usage(chunk.usage, chunk.timings || null);
       const choice = chunk.choices && chunk.choices[0];
       if (!choice) continue;
       const delta = choice.delta || {};

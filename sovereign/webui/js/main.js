@@ -208,6 +208,7 @@ async function answerOnce() {
   let firstToken = null;
   let gotHeaders = false;
   let usage = null;
+  let timings = null;
   let pieces = 0; // streamed pieces: about one a token, the count shown when a stop leaves no usage
   const loadingWatch = watchLoading(conversation.model, view, () => gotHeaders || controller.signal.aborted);
   const first = () => (firstToken ??= performance.now());
@@ -234,11 +235,15 @@ async function answerOnce() {
           answer.reasoning += text;
           view.addReasoning(text);
         },
-        usage: (value) => (usage = value),
+        usage: (value, measured) => {
+          usage = value;
+          timings = measured;
+        },
       },
       controller.signal,
     );
-    answer.stats = statsFor(usage || { completion_tokens: pieces, prompt_tokens: null }, started, firstToken, finish);
+    const counted = usage || { completion_tokens: pieces, prompt_tokens: null };
+    answer.stats = statsFor(counted, timings, started, firstToken, finish);
   } catch (error) {
     answer.error = { message: error.message, code: error.code || null };
     if (error instanceof ApiError && error.status === 401) {

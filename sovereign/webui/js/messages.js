@@ -18,18 +18,27 @@ function button(label, onClick, aria) {
   return node;
 }
 
-/** What to show under an answer, from the server's usage and the page's clock (performance.now() times). */
-export function statsFor(usage, started, firstToken, finish) {
+/**
+ * What to show under an answer: token counts from the server's usage; times from the server's own timings
+ * when it sent them (they leave out the network and the page), else from the page's clock.
+ */
+export function statsFor(usage, timings, started, firstToken, finish) {
   const ended = performance.now();
   const tokens = usage.completion_tokens;
   const decodeSeconds = firstToken != null ? (ended - firstToken) / 1000 : 0;
+  const server = timings && typeof timings.prompt_ms === "number";
   return {
     completion_tokens: tokens,
     prompt_tokens: usage.prompt_tokens,
     cached_tokens: usage.prompt_tokens_details ? usage.prompt_tokens_details.cached_tokens : 0,
-    ttft_ms: firstToken != null ? firstToken - started : null,
+    ttft_ms: server ? timings.prompt_ms : firstToken != null ? firstToken - started : null,
     // The first token ends the prompt's reading: the rate counts the tokens after it.
-    tokens_per_second: tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : null,
+    tokens_per_second: server
+      ? timings.predicted_per_second
+      : tokens > 1 && decodeSeconds > 0
+        ? (tokens - 1) / decodeSeconds
+        : null,
+    timed_by: server ? "server" : "page",
     finish_reason: finish,
     stopped: finish === "cancelled",
   };
@@ -86,7 +95,9 @@ export function messageElement(message, { isLast, actions }) {
   if (message.error) item.append(errorBlock(message.error, isLast ? actions.retry : null));
   const footer = element("div", "message-footer");
   if (message.role === "assistant") {
-    footer.append(element("span", "stats", statsText(message.stats)));
+    const stats = element("span", "stats", statsText(message.stats));
+    if (message.stats && message.stats.timed_by === "server") stats.title = "Times measured by the server";
+    footer.append(stats);
     footer.append(button("Copy", () => copyText(message.content), "Copy this answer"));
     if (isLast) footer.append(button("Regenerate", actions.regenerate, "Regenerate this answer"));
   } else {

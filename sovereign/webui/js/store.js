@@ -156,6 +156,7 @@ function validStats(stats) {
     cached_tokens: numberOrNull(stats.cached_tokens),
     ttft_ms: numberOrNull(stats.ttft_ms),
     tokens_per_second: numberOrNull(stats.tokens_per_second),
+    timed_by: stringOrNull(stats.timed_by),
     finish_reason: stringOrNull(stats.finish_reason),
     stopped: stats.stopped === true,
   };
