@@ -3,7 +3,8 @@
 While anything generates, chunks are sized to about one decode step and run only while embedding has
 taken no more time than decoding: a chat's tokens keep coming at least about half as fast as alone,
 however many inputs are queued (60 inputs of 450 tokens used to hold an 8-token chat for 13-16 s).
-With nothing generating, inputs run back to back in whole chunks. The embedding context is freed once
+With nothing generating, inputs run back to back in chunks of about IDLE_CHUNK_SECONDS; a request waiting
+for a slot is admitted before the next chunk. The embedding context is freed once
 no input has come for IDLE_SECONDS. Each input is one call from the server, which may cancel it.
 """
 
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from sovereign.engine.runtime.backend import LlamaBackend
 
 MIN_CHUNK = 8  # tokens: below this, a decode call's fixed cost outweighs its work
+# With nothing generating, a chunk still takes only about this long: a chat that arrives meanwhile waits for
+# the chunk under way before it is admitted. Whole 128-token chunks of Gemma 3 took 0.7-2 s each on a
+# 2-core machine that was also running other work.
+IDLE_CHUNK_SECONDS = 0.25
 IDLE_SECONDS = 30.0  # without an embedding for this long, the embedding context's memory is given back
 
 Reply = Callable[[Any, BaseException | None], None]
@@ -78,9 +83,10 @@ class EmbeddingQueue:
 
     # --- the scheduler's thread -----------------------------------------------------------
 
-    def may_run(self, generating: bool) -> bool:
-        """Whether a chunk may run now: always when nothing generates, else while embedding owes no time."""
-        return self.pending and (not generating or self._credit >= 0)
+    def may_run(self, generating: bool, admitting: bool = False) -> bool:
+        """Whether a chunk may run now: not before a waiting request's admission; with nothing generating,
+        always; else while embedding owes no time."""
+        return self.pending and not admitting and (not generating or self._credit >= 0)
 
     def after_step(self, seconds: float) -> None:
         """A decode step took `seconds`: embedding may take as long (credit is kept to one step's worth)."""
@@ -137,11 +143,12 @@ class EmbeddingQueue:
         return task.position >= len(task.tokens)
 
     def _chunk_size(self, generating: bool, step_seconds: float) -> int:
-        """Tokens for the next chunk: a whole chunk when nothing generates, else about one decode step's time."""
+        """Tokens for the next chunk: about one decode step's time while generating, else IDLE_CHUNK_SECONDS'."""
         largest = self.backend.embedding_chunk
-        if not generating or self._seconds_per_token is None or step_seconds <= 0:
-            return largest if not generating else MIN_CHUNK
-        return max(MIN_CHUNK, min(largest, int(step_seconds / self._seconds_per_token)))
+        budget = step_seconds if generating else IDLE_CHUNK_SECONDS
+        if self._seconds_per_token is None or budget <= 0:
+            return MIN_CHUNK if generating else largest  # the first chunk measures what a token costs
+        return max(MIN_CHUNK, min(largest, int(budget / self._seconds_per_token)))
 
     def _finish(self, task: EmbeddingTask) -> None:
         with self._lock:

@@ -245,7 +245,8 @@ class BatchScheduler:
             if closing:
                 break
             generating = bool(self.busy_slots or self._waiting)
-            if self.embeddings.may_run(generating):
+            # A request waiting for a slot is admitted (by the step below) before another chunk runs.
+            if self.embeddings.may_run(generating, admitting=bool(self._waiting) and self._has_free_slot()):
                 self.embeddings.run_chunk(generating, self._last_step_seconds)
                 if not generating:
                     continue
@@ -262,6 +263,9 @@ class BatchScheduler:
         self._fail_everything(EngineError("the model was unloaded while this request waited"))
         self.embeddings.fail_all(EngineError("the model was unloaded while this embedding waited"))
         self._after_step()
+
+    def _has_free_slot(self) -> bool:
+        return any(slot.job is None for slot in self._slots)
 
     def _step(self) -> None:
         now = time.monotonic()
