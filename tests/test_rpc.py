@@ -270,3 +270,35 @@ def test_layers_split_as_llama_cpp_assigns_them() -> None:
     assert split_layers(18, 19, [1.0, 1.0]) == [list(range(10)), list(range(10, 19))]
     assert split_layers(18, 19, [3.0, 1.0]) == [list(range(15)), list(range(15, 19))]
     assert split_layers(18, 4, [1.0, 1.0]) == [[15, 16], [17, 18]]  # --gpu-layers 4: the last four only
+
+
+def test_the_bench_table_says_where_offloaded_generation_ran() -> None:
+    """A generation test with no bandwidth ceiling ran off the CPU: the table names where."""
+    from rich.console import Console
+
+    from sovereign.bench.model_bench import ModelBenchResult
+    from sovereign.cli.bench import model_table
+
+    result = ModelBenchResult(
+        "gemma3:270m",
+        "gemma3 270M",
+        "tg4",
+        0,
+        4,
+        1,
+        512,
+        512,
+        99,
+        75.0,
+        0.0,
+        [75.0],
+        250_000_000,
+        270_000_000,
+        1.0,
+        None,
+    )
+    console = Console(width=200, record=True)
+    console.print(model_table([result], offloaded_to="RPC workers"))
+    assert "RPC workers (not measured)" in console.export_text()
+    console.print(model_table([result]))
+    assert "GPU (not measured)" in console.export_text()

@@ -147,7 +147,7 @@ def bench(
             options,
             rows,
             [{k: v for k, v in row.items() if k != "samples"} for row in rows],
-            lambda: model_table(results),
+            lambda: model_table(results, offloaded_to="RPC workers" if options.rpc_servers else "GPU"),
         )
         if not (options.as_json or options.as_csv):
             for result in results:
@@ -375,7 +375,7 @@ def run_model_bench(
     return results
 
 
-def model_table(results: list[ModelBenchResult]) -> Table:
+def model_table(results: list[ModelBenchResult], offloaded_to: str = "GPU") -> Table:
     table = Table(
         title=(
             f"{results[0].model}: {results[0].description}, {human_bytes(results[0].model_bytes)}, "
@@ -390,7 +390,7 @@ def model_table(results: list[ModelBenchResult]) -> Table:
         if r.bandwidth_ceiling:
             versus = f"{r.share_of_ceiling:.0%} of the {r.bandwidth_ceiling:.0f} tok/s ceiling"
         else:
-            versus = "compute-bound" if r.n_prompt else "GPU (not measured)"
+            versus = "compute-bound" if r.n_prompt else f"{offloaded_to} (not measured)"
         table.add_row(
             r.test,
             str(r.threads),
