@@ -85,6 +85,14 @@ def open_page(browser: Any, recorder: Recorder, **context: Any) -> Any:
     return page
 
 
+def open_chat(browser: Any, recorder: Recorder, url: str, **context: Any) -> Any:
+    """open_page at the server's /, once the page has drawn what it stores."""
+    page = open_page(browser, recorder, **context)
+    page.goto(url + "/")
+    page.wait_for_selector(READY)
+    return page
+
+
 @pytest.fixture
 def recorder() -> Iterator[Recorder]:
     seen = Recorder()
@@ -95,9 +103,7 @@ def recorder() -> Iterator[Recorder]:
 
 @pytest.fixture
 def page(browser: Any, recorder: Recorder, fake_server: InProcessServer) -> Iterator[Any]:
-    opened = open_page(browser, recorder)
-    opened.goto(fake_server.url + "/")
-    opened.wait_for_selector(READY)
+    opened = open_chat(browser, recorder, fake_server.url)
     yield opened
     opened.context.close()
 
@@ -393,9 +399,7 @@ def test_the_api_key_is_asked_for_after_a_401(browser: Any, recorder: Recorder, 
 
 
 def test_a_phone_sized_screen_gets_a_drawer(browser: Any, recorder: Recorder, fake_server: InProcessServer) -> None:
-    page = open_page(browser, recorder, viewport={"width": 390, "height": 844}, color_scheme="dark")
-    page.goto(fake_server.url + "/")
-    page.wait_for_selector(READY)
+    page = open_chat(browser, recorder, fake_server.url, viewport={"width": 390, "height": 844}, color_scheme="dark")
     assert not page.locator(".sidebar").evaluate("e => e.getBoundingClientRect().right > 0")
     page.get_by_role("button", name="Conversations").click()
     wait_until(page, "document.querySelector('.sidebar').getBoundingClientRect().left >= 0")
@@ -416,9 +420,7 @@ def _busy_slots(server: ServerProcess) -> float:
 
 
 def test_stop_cancels_the_answer_and_frees_the_slot(browser: Any, recorder: Recorder, server: ServerProcess) -> None:
-    page = open_page(browser, recorder)
-    page.goto(server.url + "/")
-    page.wait_for_selector(READY)
+    page = open_chat(browser, recorder, server.url)
     page.select_option("#model", GEMMA)
     page.fill("#input", "Count from 1 to 1000: 1, 2, 3, 4,")
     page.press("#input", "Enter")
@@ -478,9 +480,7 @@ class SlowLoadingEngine(FakeEngine):
 def test_a_model_still_loading_says_so(browser: Any, recorder: Recorder) -> None:
     engine = SlowLoadingEngine()
     with InProcessServer(create_app(engine, ServerOptions())) as server:
-        page = open_page(browser, recorder)
-        page.goto(server.url + "/")
-        page.wait_for_selector(READY)
+        page = open_chat(browser, recorder, server.url)
         page.fill("#input", "hello")
         page.press("#input", "Enter")
         page.wait_for_selector(".stream-status:has-text('Loading fake:model into memory')")
@@ -500,9 +500,7 @@ class TooLongEngine(FakeEngine):
 
 def test_a_prompt_too_long_is_explained_with_both_counts(browser: Any, recorder: Recorder) -> None:
     with InProcessServer(create_app(TooLongEngine(), ServerOptions())) as server:
-        page = open_page(browser, recorder)
-        page.goto(server.url + "/")
-        page.wait_for_selector(READY)
+        page = open_chat(browser, recorder, server.url)
         send(page, "a long paste")
         error = last_answer(page).locator(".message-error").inner_text()
         assert "maximum context length is 4096 tokens" in error and "resulted in 5000 tokens" in error
@@ -528,9 +526,7 @@ STREAMING = "document.querySelector('.message.assistant:last-child .message-cont
 
 def test_a_reload_mid_answer_keeps_the_question_and_what_came(browser: Any, recorder: Recorder) -> None:
     with InProcessServer(create_app(SlowEngine(), ServerOptions())) as server:
-        page = open_page(browser, recorder)
-        page.goto(server.url + "/")
-        page.wait_for_selector(READY)
+        page = open_chat(browser, recorder, server.url)
         page.fill("#input", SLOW_QUESTION)
         page.press("#input", "Enter")
         wait_until(page, f"{STREAMING}.includes('w16')")  # past the first save during the answer (2 s)
@@ -550,9 +546,7 @@ def test_a_reload_mid_answer_keeps_the_question_and_what_came(browser: Any, reco
 
 def test_deleting_the_conversation_mid_answer_stops_it_for_good(browser: Any, recorder: Recorder) -> None:
     with InProcessServer(create_app(SlowEngine(), ServerOptions())) as server:
-        page = open_page(browser, recorder)
-        page.goto(server.url + "/")
-        page.wait_for_selector(READY)
+        page = open_chat(browser, recorder, server.url)
         page.fill("#input", SLOW_QUESTION)
         page.press("#input", "Enter")
         wait_until(page, f"{STREAMING}.includes('w2')")
@@ -568,9 +562,7 @@ def test_deleting_the_conversation_mid_answer_stops_it_for_good(browser: Any, re
 
 def test_switching_mid_answer_says_why_it_waits(browser: Any, recorder: Recorder) -> None:
     with InProcessServer(create_app(SlowEngine(), ServerOptions())) as server:
-        page = open_page(browser, recorder)
-        page.goto(server.url + "/")
-        page.wait_for_selector(READY)
+        page = open_chat(browser, recorder, server.url)
         page.fill("#input", "w0 w1 w2 w3 w4 w5 w6 w7 w8 w9")
         page.press("#input", "Enter")
         wait_until(page, f"{STREAMING}.includes('w1')")
@@ -768,9 +760,7 @@ def test_the_server_times_each_answer_as_llama_server_does(server: ServerProcess
 
 
 def test_the_page_shows_the_servers_timings(browser: Any, recorder: Recorder, server: ServerProcess) -> None:
-    page = open_page(browser, recorder)
-    page.goto(server.url + "/")
-    page.wait_for_selector(READY)
+    page = open_chat(browser, recorder, server.url)
     page.select_option("#model", GEMMA)
     page.click("#toggle-settings")
     page.fill("#max_tokens", "6")
