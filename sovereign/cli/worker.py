@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from sovereign.cli.common import err, friendly_errors, out
-from sovereign.engine.rpc_workers import DEFAULT_PORT, build_name, build_supports_rpc, is_loopback, no_rpc_error
+from sovereign.engine.rpc_workers import DEFAULT_PORT, build_name, build_supports_rpc, no_rpc_error
 from sovereign.errors import SovereignError
 
 STOP_GRACE_SECONDS = 5.0
@@ -43,13 +43,14 @@ def worker(
     """Lend this machine's CPU (or GPUs) to a head running `sovereign serve MODEL --rpc HOST:PORT`."""
     from sovereign.cli.launch import check_port_free
     from sovereign.machine import physical_cores
+    from sovereign.server.guards import is_loopback_bind  # the rule serve's --host follows
 
     if not build_supports_rpc():
         raise no_rpc_error()
     if threads is not None and threads < 1:
         raise SovereignError(f"--threads must be at least 1, got {threads}", None)
     address = f"{host}:{port}"
-    if not is_loopback(host):
+    if not is_loopback_bind(host):
         err.print(EXPOSED_WARNING.format(address=address), style="bold yellow", highlight=False, soft_wrap=True)
     check_port_free(host, port)
     if cache is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sovereign.errors import SovereignError, WorkerUnavailable
+from sovereign.gpu_detect import llama_cpp_lib_dir
 
 DEFAULT_PORT = 50052  # llama.cpp's rpc-server default
 CONNECT_TIMEOUT = 3.0  # seconds to open a worker's TCP connection
@@ -29,7 +30,6 @@ FALLBACK_PROTOCOL = (7, 0, 0)
 _HELLO = 14  # RPC_CMD_HELLO, fixed in every protocol version
 _CAPS = 24  # RPC_CONN_CAPS_SIZE: the HELLO request's transport capabilities (zeros: plain TCP)
 _U64 = struct.Struct("<Q")
-_LOOPBACK = ("127.", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -59,25 +59,13 @@ def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
     return tuple(endpoints)
 
 
-def is_loopback(host: str) -> bool:
-    """Whether an address stays on this machine."""
-    return host.startswith(_LOOPBACK)
-
-
 # --- this build -------------------------------------------------------------------------------
-
-
-def _package_dir() -> Path | None:
-    spec = importlib.util.find_spec("llama_cpp")  # finds the package without importing (loading) it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def build_supports_rpc() -> bool:
     """Whether the installed llama.cpp was built with its RPC backend (its library is there), without loading it."""
-    package = _package_dir()
-    return package is not None and any((package / "lib").glob("libggml-rpc.*"))
+    lib = llama_cpp_lib_dir()
+    return lib is not None and any(lib.glob("libggml-rpc.*"))
 
 
 def llama_cpp_version() -> str:
@@ -103,9 +91,9 @@ def no_rpc_error() -> SovereignError:
 
 def protocol_version() -> tuple[int, int, int]:
     """The RPC protocol this build speaks, from its installed ggml-rpc.h."""
-    package = _package_dir()
+    lib = llama_cpp_lib_dir()  # site-packages/llama_cpp/lib; the headers are in site-packages/include
     try:
-        header = (package.parent / "include" / "ggml-rpc.h").read_text() if package else ""
+        header = (lib.parent.parent / "include" / "ggml-rpc.h").read_text() if lib else ""
     except OSError:
         header = ""
     found = [re.search(rf"#define\s+RPC_PROTO_{part}_VERSION\s+(\d+)", header) for part in ("MAJOR", "MINOR", "PATCH")]
