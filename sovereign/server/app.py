@@ -85,7 +85,7 @@ def create_app(engine: EngineAPI, options: ServerOptions) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    page_files = chat_page.load_files()
+    page_files = chat_page.packaged_files()
 
     @app.api_route("/", methods=["GET", "HEAD"])
     async def root(request: Request) -> Response:

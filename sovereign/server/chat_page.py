@@ -2,12 +2,13 @@
 
 Nothing on the page comes from elsewhere: every script, style and icon is one of these files, and the
 Content-Security-Policy sent with each of them lets the browser load or connect to this server only.
-The files are read and gzipped once, when the app is built, and answered from memory with an ETag,
+The files are read and gzipped once per process, when the first app is built, and answered from memory with an ETag,
 so a reload costs a 304 per file and no disk read.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import mimetypes
@@ -53,6 +54,12 @@ def load_files(root: Path = WEBUI_DIR) -> dict[str, StaticFile]:
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
         files[path.relative_to(root).as_posix()] = StaticFile(body, gzipped, media_type, etag)
     return files
+
+
+@functools.cache
+def packaged_files() -> dict[str, StaticFile]:
+    """The package's own page files, read and gzipped once per process (every app built here serves the same)."""
+    return load_files(WEBUI_DIR)
 
 
 def wants_page(request: Request) -> bool:
