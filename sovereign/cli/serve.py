@@ -410,12 +410,13 @@ def run(
     workers = rpc_servers(rpc)
     name = ensure_pulled(model, core.settings, core.store, core.catalog, err)
     draft_path = draft_model_path(draft, speculate, [name], core.settings, core.store, core.catalog, err)
-    speculation = {"speculate": speculate, "draft_path": draft_path, "gpu_split": split, "rpc_servers": workers}
+    # what speculates, and where the layers go
+    placement = {"speculate": speculate, "draft_path": draft_path, "gpu_split": split, "rpc_servers": workers}
     pool = build_pool(
         core.store,
         core.catalog,
         _engine_options(
-            ctx, gpu_layers, threads, 1, "-1", (cache_ram, cache_disk), parallel=1, timeout=None, **speculation
+            ctx, gpu_layers, threads, 1, "-1", (cache_ram, cache_disk), parallel=1, timeout=None, **placement
         ),
         core.settings,
     )
